@@ -1,0 +1,111 @@
+"""Which atoms get a chunk this iteration (SPEC §1, selection and selection by fraction)."""
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable
+
+import numpy as np
+from ase import Atoms
+from ase.geometry import get_distances
+
+
+def select_chunk_centers(
+    uncertainties: np.ndarray,
+    atoms: Atoms,
+    threshold: float | None,
+    max_count: int,
+    min_separation_angstrom: float,
+    exclude: Iterable[int] = (),
+    select_fraction: float | None = None,
+) -> list[int]:
+    """Indices of the atoms to carve chunks around, most uncertain first.
+
+    Candidates are the atoms whose δ_i (eV/Å) exceeds `threshold`, or, when `select_fraction` is
+    given (it then replaces the threshold), that fraction of all atoms, the most uncertain ones
+    (at least one). Atoms in `exclude` (their chunk is already in the database) are skipped, and so
+    is any atom closer than `min_separation_angstrom` (minimum image when periodic) to one already
+    picked; at most `max_count` are returned. Equal δ_i are taken in increasing atom index.
+    """
+    delta = _validated_uncertainties(uncertainties, len(atoms))
+    count_limit = _validated_count(max_count)
+    min_separation = float(min_separation_angstrom)
+    if not np.isfinite(min_separation) or min_separation < 0.0:
+        raise ValueError(f"min_separation_angstrom must be a non-negative number of Å, got {min_separation}")
+    excluded = _validated_exclude(exclude, len(atoms))
+
+    by_uncertainty = np.argsort(-delta, kind="stable")
+    if select_fraction is not None:
+        candidates = by_uncertainty[: _fraction_count(select_fraction, len(atoms))]
+    elif threshold is not None:
+        candidates = by_uncertainty[delta[by_uncertainty] > _validated_threshold(threshold)]
+    else:
+        raise ValueError("give either threshold or select_fraction")
+
+    picked: list[int] = []
+    for index in (int(i) for i in candidates):
+        if len(picked) == count_limit:
+            break
+        if index in excluded or _too_close(atoms, index, picked, min_separation):
+            continue
+        picked.append(index)
+    return picked
+
+
+def _too_close(atoms: Atoms, index: int, picked: list[int], min_separation: float) -> bool:
+    """Whether atom `index` lies closer than `min_separation` Å to any picked atom."""
+    if not picked or min_separation == 0.0:
+        return False
+    _, distances = get_distances(
+        atoms.positions[index], atoms.positions[picked], cell=atoms.cell, pbc=atoms.pbc
+    )
+    return bool(np.any(distances < min_separation))
+
+
+def _validated_uncertainties(uncertainties: np.ndarray, n_atoms: int) -> np.ndarray:
+    delta = np.asarray(uncertainties, dtype=float)
+    if delta.shape != (n_atoms,):
+        raise ValueError(f"uncertainties must have shape ({n_atoms},) to match the atoms, got {delta.shape}")
+    if not np.all(np.isfinite(delta)):
+        raise ValueError("uncertainties must be finite")
+    return delta
+
+
+def _validated_count(max_count: int) -> int:
+    try:
+        count = operator.index(max_count)
+    except TypeError:
+        raise ValueError(f"max_count must be an integer, got {max_count!r}") from None
+    if count < 1:
+        raise ValueError(f"max_count must be at least 1, got {count}")
+    return count
+
+
+def _validated_threshold(threshold: float) -> float:
+    value = float(threshold)
+    if not np.isfinite(value) or value < 0.0:
+        raise ValueError(
+            f"threshold must be a non-negative number of eV/Å, got {value} (use select_fraction to select by fraction)"
+        )
+    return value
+
+
+def _fraction_count(select_fraction: float, n_atoms: int) -> int:
+    """How many atoms `select_fraction` of `n_atoms` means: rounded down, at least one."""
+    fraction = float(select_fraction)
+    if not np.isfinite(fraction) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"select_fraction must lie in (0, 1], got {fraction}")
+    return max(1, math.floor(fraction * n_atoms + 1e-9))
+
+
+def _validated_exclude(exclude: Iterable[int], n_atoms: int) -> set[int]:
+    excluded = set()
+    for item in exclude:
+        try:
+            index = operator.index(item)
+        except TypeError:
+            raise ValueError(f"exclude must hold atom indices, got {item!r}") from None
+        if not 0 <= index < n_atoms:
+            raise ValueError(f"exclude index {index} is out of range for {n_atoms} atoms")
+        excluded.add(index)
+    return excluded
