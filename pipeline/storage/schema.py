@@ -1,0 +1,220 @@
+"""Tables of the campaign database (SQLAlchemy 2.x ORM) and the compact codecs for arrays in them.
+
+The schema carries `SCHEMA_VERSION` in the `nft_metadata` table; bump it with any change to the
+tables below, since a database of another version is refused rather than silently misread.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+import numpy as np
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_VERSION = 1
+APPLICATION = "nft"
+
+STRUCTURE_KINDS = ("target", "initial", "chunk")
+JOB_STATUSES = ("pending", "running", "done", "failed")
+
+POSITION_DECIMALS = 6
+"""Positions and cell are rounded to 1e-6 Å before hashing: equal geometries hash equal."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def pack_array(array: np.ndarray) -> bytes:
+    """An array as `.npy` bytes: dtype, shape and values, bit-exact and self-describing."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def unpack_array(blob: bytes) -> np.ndarray:
+    """Inverse of `pack_array`."""
+    return np.load(io.BytesIO(blob), allow_pickle=False)
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace, numpy scalars and arrays as plain numbers/lists."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def params_hash(params: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of calculator parameters (key order does not matter)."""
+    return hashlib.sha256(canonical_json(params).encode()).hexdigest()
+
+
+def geometry_hash(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> str:
+    """sha256 of atomic numbers, positions and cell rounded to 1e-6 Å, and periodicity."""
+    scale = 10.0**POSITION_DECIMALS
+    digest = hashlib.sha256()
+    for array in (
+        np.asarray(numbers, dtype=np.int64),
+        np.rint(np.asarray(positions, dtype=float) * scale).astype(np.int64),
+        np.rint(np.asarray(cell, dtype=float) * scale).astype(np.int64),
+        np.asarray(pbc, dtype=np.int64),
+    ):
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array, dtype="<i8").tobytes())
+    return digest.hexdigest()
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class MetadataRow(Base):
+    """Key/value facts about the database itself: `application` = nft, `schema_version`."""
+
+    __tablename__ = "nft_metadata"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class CampaignRow(Base):
+    __tablename__ = "campaigns"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class StructureRow(Base):
+    """A target, an initial training structure, or a chunk carved from a parent structure.
+
+    Non-chunks are unique by (kind, geometry hash); chunks by (parent, central index in parent,
+    radius Å) — `identity` holds that key so one unique index covers both on every backend.
+    """
+
+    __tablename__ = "structures"
+    __table_args__ = (
+        CheckConstraint(_in("kind", STRUCTURE_KINDS), name="ck_structure_kind"),
+        CheckConstraint(
+            "(kind = 'chunk') = (parent_id IS NOT NULL AND center_in_parent IS NOT NULL"
+            " AND center_in_chunk IS NOT NULL AND radius IS NOT NULL)",
+            name="ck_chunk_fields",
+        ),
+        UniqueConstraint("parent_id", "center_in_parent", "radius", name="uq_chunk"),
+        Index("ix_structures_kind", "kind"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    identity: Mapped[str] = mapped_column(String(128), unique=True)
+    geometry_hash: Mapped[str] = mapped_column(String(64), index=True)
+    n_atoms: Mapped[int] = mapped_column(Integer)
+    numbers: Mapped[bytes] = mapped_column(LargeBinary)
+    positions: Mapped[bytes] = mapped_column(LargeBinary)
+    cell: Mapped[bytes] = mapped_column(LargeBinary)
+    pbc: Mapped[bytes] = mapped_column(LargeBinary)
+    parent_id: Mapped[Optional[int]] = mapped_column(ForeignKey("structures.id"))
+    center_in_parent: Mapped[Optional[int]] = mapped_column(Integer)
+    center_in_chunk: Mapped[Optional[int]] = mapped_column(Integer)
+    radius: Mapped[Optional[float]] = mapped_column(Float)
+    vacuum: Mapped[Optional[float]] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class ReferenceJobRow(Base):
+    """One parent-calculator calculation of one structure; unique by (structure, calculator, params)."""
+
+    __tablename__ = "reference_jobs"
+    __table_args__ = (
+        CheckConstraint(_in("status", JOB_STATUSES), name="ck_job_status"),
+        UniqueConstraint("structure_id", "calculator", "params_hash", name="uq_job"),
+        Index("ix_reference_jobs_status", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    structure_id: Mapped[int] = mapped_column(ForeignKey("structures.id"))
+    calculator: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    params_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    host: Mapped[Optional[str]] = mapped_column(String(255))
+    wall_time_s: Mapped[Optional[float]] = mapped_column(Float)
+    external_id: Mapped[Optional[str]] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+
+
+class ReferenceResultRow(Base):
+    """Energy (eV) and forces (eV/Å, `.npy` bytes) of a finished reference job."""
+
+    __tablename__ = "reference_results"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("reference_jobs.id"), primary_key=True)
+    energy: Mapped[float] = mapped_column(Float)
+    forces: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class ModelRow(Base):
+    """A trained ensemble file of one iteration, with its sha256 and training metrics."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("campaign_id", "iteration", name="uq_model_iteration"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"))
+    iteration: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class IterationRow(Base):
+    """One NFT iteration: δ per target (eV/Å), chunks added, training force MAE, wall-time split (s)."""
+
+    __tablename__ = "iterations"
+    __table_args__ = (UniqueConstraint("campaign_id", "iteration", name="uq_iteration"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"))
+    iteration: Mapped[int] = mapped_column(Integer)
+    delta_per_target: Mapped[dict[str, float]] = mapped_column(JSON)
+    max_delta: Mapped[float] = mapped_column(Float)
+    chunks_added: Mapped[int] = mapped_column(Integer)
+    train_force_mae: Mapped[Optional[float]] = mapped_column(Float)
+    wall_time: Mapped[dict[str, float]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
