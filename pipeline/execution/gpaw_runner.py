@@ -1,0 +1,46 @@
+"""One GPAW reference calculation as an MPI program: ``python -m pipeline.execution.gpaw_runner IN OUT``.
+
+IN is the JSON written by `parents.compute_reference` (payload, complete options, log name); rank 0
+writes OUT with energy (eV, the free energy that the forces derive from) and forces (eV/Å), or
+``{"error": reason}`` and exit code 3 when GPAW raised (SCF not converged, bad input).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m pipeline.execution.gpaw_runner IN.json OUT.json", file=sys.stderr)
+        return 2
+    input_file, result_file = argv
+    with open(input_file) as stream:
+        job = json.load(stream)
+
+    from gpaw import GPAW
+    from gpaw.mpi import world
+
+    from pipeline.execution.parents import gpaw_setup
+
+    try:
+        atoms, kwargs = gpaw_setup(job["payload"], job["params"], txt=job["txt"])
+        atoms.calc = GPAW(**kwargs)
+        forces = atoms.get_forces()
+        energy = atoms.get_potential_energy(force_consistent=True)
+        result = {"energy": float(energy), "forces": forces.tolist(), "ranks": world.size}
+        exit_code = 0
+    except Exception as error:
+        result = {"error": f"{type(error).__name__}: {error}".strip()}
+        exit_code = 3
+    if world.rank == 0:
+        partial = result_file + ".partial"
+        with open(partial, "w") as stream:
+            json.dump(result, stream)
+        os.replace(partial, result_file)
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,46 @@
+"""This machine: one HighThroughputExecutor on a LocalProvider, one worker per core.
+
+Options: `workers` (default: the machine's cores), `worker_init` (extra shell lines).
+GPAW jobs started here use `mpiexec` directly (no batch scheduler to share nodes).
+"""
+import os
+
+from parsl.config import Config
+from parsl.executors import HighThroughputExecutor
+from parsl.providers import LocalProvider
+
+from pipeline.execution.sites import worker_environment
+
+OPTIONS = {"workers": None, "worker_init": None}
+
+
+def make_config(run_dir, options):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = int(options["workers"] or cores)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    return Config(
+        executors=[
+            HighThroughputExecutor(
+                label="local",
+                address="127.0.0.1",
+                max_workers_per_node=workers,
+                cores_per_worker=1,
+                encrypted=False,  # workers are on this host
+                heartbeat_period=5,
+                heartbeat_threshold=60,
+                poll_period=10,
+                provider=LocalProvider(
+                    init_blocks=1,
+                    min_blocks=1,
+                    max_blocks=1,
+                    worker_init=worker_environment(options),
+                ),
+            )
+        ],
+        run_dir=str(run_dir),
+        retries=0,
+        strategy="none",
+        usage_tracking=0,
+        initialize_logging=True,
+    )
