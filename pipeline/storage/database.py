@@ -15,7 +15,7 @@ import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -282,6 +282,8 @@ class CampaignStore:
         if kind != "chunk" and any(value is not None for value in (*chunk_fields, vacuum)):
             raise ValueError(f"a {kind} structure has no parent, centre, radius or vacuum")
         n_atoms = len(atoms)
+        if kind == "chunk" and not float(radius) > 0:  # type: ignore[arg-type]
+            raise ValueError(f"chunk radius must be positive, not {radius}")
         if kind == "chunk" and not 0 <= int(center_in_chunk) < n_atoms:  # type: ignore[arg-type]
             raise ValueError(f"center_in_chunk {center_in_chunk} is outside a chunk of {n_atoms} atoms")
         digest = atoms_geometry_hash(atoms)
@@ -773,6 +775,13 @@ class CampaignStore:
         return ids[0]
 
 
+def _utc(moment: datetime | None) -> datetime | None:
+    """Timestamps as aware UTC datetimes (SQLite hands them back naive)."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=timezone.utc)
+
+
 def _reason(exc: sa_exc.SQLAlchemyError) -> str:
     """The driver's one-line message of a SQLAlchemy error (no SQL, no parameters)."""
     return str(getattr(exc, "orig", None) or exc).splitlines()[0]
@@ -816,7 +825,7 @@ def _structure_record(row: StructureRow) -> StructureRecord:
         center_in_chunk=row.center_in_chunk,
         radius=row.radius,
         vacuum=row.vacuum,
-        created_at=row.created_at,
+        created_at=_utc(row.created_at),
     )
 
 
@@ -833,9 +842,9 @@ def _job_record(row: ReferenceJobRow) -> JobRecord:
         host=row.host,
         wall_time_s=row.wall_time_s,
         external_id=row.external_id,
-        created_at=row.created_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
+        created_at=_utc(row.created_at),
+        started_at=_utc(row.started_at),
+        finished_at=_utc(row.finished_at),
     )
 
 
@@ -846,7 +855,7 @@ def _model_record(row: ModelRow) -> ModelRecord:
         path=row.path,
         sha256=row.sha256,
         metrics=dict(row.metrics),
-        created_at=row.created_at,
+        created_at=_utc(row.created_at),
     )
 
 
@@ -858,5 +867,5 @@ def _iteration_record(row: IterationRow) -> IterationRecord:
         chunks_added=row.chunks_added,
         train_force_mae=row.train_force_mae,
         wall_time=dict(row.wall_time),
-        created_at=row.created_at,
+        created_at=_utc(row.created_at),
     )
