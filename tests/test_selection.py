@@ -1,0 +1,129 @@
+"""Selection of chunk centres (SPEC §1): threshold, fraction, separation, exclusion, order, limit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+
+from pipeline.science.examples import rattled_cuboctahedron
+from pipeline.science.selection import select_chunk_centers
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _line(n_atoms: int, spacing: float = 10.0) -> Atoms:
+    """Atoms far apart on a line, so separation never matters unless a test wants it to."""
+    return Atoms(f"Pt{n_atoms}", positions=[[spacing * i, 0.0, 0.0] for i in range(n_atoms)])
+
+
+def test_threshold_picks_atoms_above_it_most_uncertain_first():
+    delta = np.array([0.05, 0.4, 0.1, 0.9, 0.2, 0.1000001])
+    picked = select_chunk_centers(delta, _line(6), threshold=0.1, max_count=10, min_separation_angstrom=6.5)
+    assert picked == [3, 1, 4, 5]  # 0.1 itself is not above the threshold
+    assert all(type(i) is int for i in picked)
+
+
+def test_nothing_above_threshold_selects_nothing():
+    assert select_chunk_centers(np.full(4, 0.05), _line(4), 0.1, 10, 6.5) == []
+
+
+def test_equal_uncertainties_are_taken_in_index_order():
+    delta = np.array([0.3, 0.5, 0.3, 0.5, 0.3])
+    assert select_chunk_centers(delta, _line(5), 0.1, 10, 0.0) == [1, 3, 0, 2, 4]
+
+
+def test_at_most_max_count():
+    delta = np.linspace(1.0, 2.0, 8)
+    assert select_chunk_centers(delta, _line(8), 0.1, 3, 6.5) == [7, 6, 5]
+
+
+def test_fraction_takes_that_share_of_the_most_uncertain_atoms():
+    cluster = rattled_cuboctahedron()
+    delta = np.random.default_rng(0).uniform(0.0, 1.0, len(cluster))
+    picked = select_chunk_centers(delta, cluster, None, 1000, 0.0, select_fraction=0.1)
+    assert picked == np.argsort(-delta)[:26].tolist()
+
+
+def test_fraction_replaces_the_threshold_and_picks_at_least_one():
+    delta = np.array([0.01, 0.03, 0.02])
+    assert select_chunk_centers(delta, _line(3), 0.1, 10, 6.5, select_fraction=0.01) == [1]
+    assert select_chunk_centers(delta, _line(3), 0.1, 10, 6.5, select_fraction=1.0) == [1, 2, 0]
+
+
+def test_close_atoms_are_skipped_in_favour_of_the_more_uncertain():
+    atoms = Atoms("Pt4", positions=[[0, 0, 0], [2.8, 0, 0], [20, 0, 0], [26, 0, 0]])
+    delta = np.array([0.5, 0.9, 0.8, 0.7])
+    # 0 lies 2.8 Å from 1 (picked first); 3 lies 6 Å from 2: both closer than 6.5 Å.
+    assert select_chunk_centers(delta, atoms, 0.1, 10, 6.5) == [1, 2]
+    assert select_chunk_centers(delta, atoms, 0.1, 10, 5.0) == [1, 2, 3]
+    assert select_chunk_centers(delta, atoms, 0.1, 10, 0.0) == [1, 2, 3, 0]
+
+
+def test_separation_uses_the_minimum_image_across_the_cell_boundary():
+    positions = [[0.5, 5.0, 5.0], [9.5, 5.0, 5.0]]  # 9 Å apart directly, 1 Å through the x face
+    periodic = Atoms("Pt2", positions=positions, cell=[10.0, 10.0, 10.0], pbc=True)
+    isolated = Atoms("Pt2", positions=positions)
+    delta = np.array([0.9, 0.8])
+    assert select_chunk_centers(delta, periodic, 0.1, 10, 6.5) == [0]
+    assert select_chunk_centers(delta, isolated, 0.1, 10, 6.5) == [0, 1]
+
+
+def test_separation_in_a_triclinic_cell():
+    parent = bulk("Pt", "fcc", a=3.92).repeat((3, 3, 3))  # 60° cell angles, 8.3 Å edges, 27 atoms
+    parent.positions += np.random.default_rng(5).normal(0.0, 0.05, size=parent.positions.shape)
+    delta = np.random.default_rng(6).uniform(0.2, 1.0, len(parent))
+    shifts = np.array(np.meshgrid(*[np.arange(-2, 3)] * 3, indexing="ij")).reshape(3, -1).T @ parent.cell.array
+
+    def nearest_image(first: int, second: int) -> float:
+        return float(np.linalg.norm(parent.positions[second] + shifts - parent.positions[first], axis=1).min())
+
+    expected: list[int] = []
+    for index in np.argsort(-delta):
+        if all(nearest_image(int(index), other) >= 4.5 for other in expected):
+            expected.append(int(index))
+    picked = select_chunk_centers(delta, parent, 0.1, 100, 4.5)
+    assert picked == expected
+    # Without periodic images the same atoms lie up to 16 Å apart and far more would be picked.
+    assert len(picked) < len(select_chunk_centers(delta, Atoms(parent.numbers, parent.positions), 0.1, 100, 4.5))
+
+
+def test_excluded_atoms_are_skipped_and_do_not_block_neighbours():
+    atoms = Atoms("Pt3", positions=[[0, 0, 0], [2.8, 0, 0], [30, 0, 0]])
+    delta = np.array([0.5, 0.9, 0.3])
+    # Atom 1's chunk is already stored: skip it; atom 0 (2.8 Å away) is now free to be picked.
+    assert select_chunk_centers(delta, atoms, 0.1, 10, 6.5, exclude=[1]) == [0, 2]
+    assert select_chunk_centers(delta, atoms, 0.1, 10, 6.5, exclude=np.array([1, 0])) == [2]
+
+
+def test_exclusion_applies_within_the_fraction():
+    delta = np.array([0.9, 0.8, 0.7, 0.6])
+    assert select_chunk_centers(delta, _line(4), None, 10, 6.5, exclude=[0], select_fraction=0.5) == [1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"uncertainties": np.zeros(3)}, "shape"),
+        ({"uncertainties": np.array([0.1, np.nan, 0.2, 0.3])}, "finite"),
+        ({"threshold": None}, "threshold or select_fraction"),
+        ({"threshold": -0.1}, "threshold"),
+        ({"select_fraction": 0.0}, "select_fraction"),
+        ({"select_fraction": 1.5}, "select_fraction"),
+        ({"max_count": 0}, "max_count"),
+        ({"max_count": 2.5}, "max_count"),
+        ({"min_separation_angstrom": -1.0}, "min_separation"),
+        ({"exclude": [4]}, "out of range"),
+    ],
+)
+def test_bad_arguments_are_value_errors(kwargs, message):
+    arguments = {
+        "uncertainties": np.array([0.1, 0.2, 0.3, 0.4]),
+        "atoms": _line(4),
+        "threshold": 0.1,
+        "max_count": 10,
+        "min_separation_angstrom": 6.5,
+    }
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        select_chunk_centers(**arguments)
