@@ -259,6 +259,8 @@ def _run_emt(params: dict[str, Any], payload: dict[str, Any], job_dir: str | Non
 
 
 def _run_gpaw(params: dict[str, Any], payload: dict[str, Any], job_dir: str | None):
+    if payload_to_atoms(payload).cell.rank < 3:
+        raise ReferenceFailed("gpaw: the structure needs a full cell (a box with vacuum for a chunk)")
     if job_dir is None:
         with tempfile.TemporaryDirectory(prefix="nft-gpaw-") as scratch:
             energy, forces, _ = _run_gpaw_in(params, payload, Path(scratch))
@@ -276,7 +278,7 @@ def _run_gpaw_in(params: dict[str, Any], payload: dict[str, Any], job_dir: Path)
     ]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env["OMP_NUM_THREADS"] = "1"  # GPAW parallelises over MPI ranks; threads would oversubscribe
     try:
         completed = subprocess.run(
             command, cwd=job_dir, env=env, capture_output=True, text=True, timeout=params["timeout_s"]
