@@ -17,7 +17,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from parsl.app.app import python_app
@@ -54,26 +54,23 @@ def training_job(
 
     `world_size` > 1 shards the members over that many torch.distributed processes; None takes
     ``$PARSL_NUM_RANKS`` where an MPIExecutor set it, else the number of visible GPUs, else 1.
-    Returns metrics: training force MAE (eV/Å, trained rows), energy MAE per atom (eV), wall time.
+    Returns the training metrics (force MAE eV/Å, energy RMSE eV/atom, epochs) and wall time.
     """
-    from pipeline.execution.payloads import payload_to_labelled
-    from pipeline.science.training import TrainingSettings
-
     start = time.perf_counter()
-    structures = [payload_to_labelled(dict(item)) for item in structures_payload]
-    settings = TrainingSettings(**dict(settings_dict))
     world_size = world_size or _default_world_size()
     if world_size > 1:
         from pipeline.execution.distributed_training import train_distributed
 
-        model = train_distributed(structures_payload, settings_dict, model_path, world_size)
+        metrics = train_distributed(structures_payload, settings_dict, model_path, world_size)
     else:
-        from pipeline.science.training import train_ensemble
+        from pipeline.execution.payloads import payload_to_labelled
+        from pipeline.science.training import TrainingSettings, train_ensemble
         from pipeline.storage.model_file import save_model
 
-        model = train_ensemble(structures, settings)
+        structures = [payload_to_labelled(dict(item)) for item in structures_payload]
+        model, report = train_ensemble(structures, TrainingSettings(**dict(settings_dict)))
         save_model(model, model_path)
-    metrics = training_metrics(model, structures)
+        metrics = asdict(report)
     metrics.update(
         wall_time_s=time.perf_counter() - start,
         world_size=world_size,
@@ -81,26 +78,6 @@ def training_job(
         model_path=str(model_path),
     )
     return metrics
-
-
-def training_metrics(model: Any, structures: Sequence[Any]) -> dict[str, Any]:
-    """Errors of the ensemble mean on its training data: force MAE over trained rows, energy MAE/atom."""
-    import numpy as np
-
-    force_errors, energy_errors = [], []
-    for structure in structures:
-        prediction = model.predict(structure.atoms)
-        rows = np.asarray(structure.force_mask, dtype=bool)
-        force_errors.append(np.abs(np.asarray(prediction.forces)[rows] - structure.forces[rows]).ravel())
-        if structure.energy is not None:
-            energy_errors.append(abs(float(prediction.energy) - structure.energy) / len(structure.atoms))
-    forces = np.concatenate(force_errors) if force_errors else np.zeros(0)
-    return {
-        "train_force_mae": float(forces.mean()) if forces.size else float("nan"),
-        "train_energy_mae_per_atom": float(np.mean(energy_errors)) if energy_errors else None,
-        "n_structures": len(structures),
-        "n_force_rows": int(forces.size // 3),
-    }
 
 
 def prediction_job(model_path: str, payloads: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

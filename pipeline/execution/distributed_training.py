@@ -1,0 +1,172 @@
+"""Ensemble training spread over torch.distributed processes: members sharded over ranks.
+
+Each rank trains its contiguous block of member seeds in one batched pass (the science core's
+`train_ensemble` with `member_seeds`); rank 0 gathers the members, in order, into one model file.
+Members are independent (own seed, own loss, element-wise Adam), so the result equals one process
+training all members, up to float round-off (not with `bootstrap` or `validation_fraction`, whose
+draws and early stopping the science core shares between members).
+
+`train_distributed` launches ``python -m torch.distributed.run --standalone --nproc-per-node W``;
+the ranks run `main` here. gloo on CPU, NCCL where CUDA is available.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def member_shards(seeds: Sequence[int], world_size: int) -> list[list[int]]:
+    """Contiguous blocks of member seeds, one per rank, that concatenate back to `seeds`."""
+    return [[int(seed) for seed in block] for block in np.array_split(np.asarray(seeds, dtype=np.int64), world_size)]
+
+
+def merge_member_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One ensemble state from shard states: member-stacked network tensors concatenated in rank
+    order; everything else (feature scaling, energy offsets) taken from the first shard."""
+    import torch
+
+    merged: dict[str, Any] = {}
+    for name, first in states[0].items():
+        if name.startswith("networks."):
+            merged[name] = torch.cat([state[name] for state in states], dim=0)
+        else:
+            merged[name] = first
+    return merged
+
+
+def train_distributed(
+    structures_payload: Sequence[Mapping[str, Any]],
+    settings_dict: Mapping[str, Any],
+    model_path: str | os.PathLike,
+    world_size: int,
+    backend: str = "auto",
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """Train with `world_size` processes (at most one per member); write `model_path`; return metrics.
+
+    Raises RuntimeError with the tail of the ranks' output when the launch fails.
+    """
+    from pipeline.science.training import TrainingSettings
+
+    settings = TrainingSettings(**dict(settings_dict))
+    world_size = max(1, min(int(world_size), len(settings.seeds())))
+    if backend == "auto":
+        backend = _default_backend()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="nft-ddp-") as scratch:
+        spec_file, report_file = Path(scratch) / "spec.json", Path(scratch) / "report.json"
+        spec_file.write_text(
+            json.dumps(
+                {
+                    "structures": list(structures_payload),
+                    "settings": dict(settings_dict),
+                    "model_path": str(Path(model_path).resolve()),
+                    "backend": backend,
+                    "report_path": str(report_file),
+                }
+            )
+        )
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+            "--nproc-per-node", str(world_size), "-m", "pipeline.execution.distributed_training", str(spec_file),
+        ]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env["OMP_NUM_THREADS"] = str(max(1, _cores() // world_size))
+        try:
+            completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"distributed training timed out after {timeout_s} s") from None
+        if completed.returncode != 0 or not report_file.exists():
+            output = (completed.stdout + "\n" + completed.stderr).strip().splitlines()
+            raise RuntimeError(
+                f"distributed training ({world_size} x {backend}) exited with code {completed.returncode}:\n"
+                + "\n".join(output[-30:])
+            )
+        metrics = json.loads(report_file.read_text())
+    metrics.update(world_size=world_size, backend=backend, launch_wall_time_s=time.perf_counter() - start)
+    return metrics
+
+
+def main(argv: Sequence[str]) -> int:
+    """One rank: train this rank's members; rank 0 gathers, writes the model and the metrics."""
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.execution.payloads import payload_to_labelled
+    from pipeline.science.model import EnsembleModel
+    from pipeline.science.training import TrainingSettings, train_ensemble
+    from pipeline.storage.model_file import save_model
+
+    spec = json.loads(Path(argv[0]).read_text())
+    backend = spec["backend"]
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend)
+    try:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        structures = [payload_to_labelled(item) for item in spec["structures"]]
+        settings = TrainingSettings(**spec["settings"])
+        shard = member_shards(settings.seeds(), world_size)[rank]
+        start = time.perf_counter()
+        model, report = train_ensemble(structures, replace(settings, member_seeds=tuple(shard)))
+        state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+        shard_summary = {"rank": rank, "members": len(shard), "epochs_run": report.epochs_run,
+                         "final_loss": report.final_loss, "wall_time_s": time.perf_counter() - start}
+        gathered: list[Any] | None = [None] * world_size if rank == 0 else None
+        dist.gather_object((state, shard_summary), gathered, dst=0)
+        if rank == 0:
+            merged = EnsembleModel(model.params, hidden=settings.hidden, member_seeds=settings.seeds())
+            merged.load_state_dict(merge_member_states([item[0] for item in gathered]))
+            merged.eval()
+            save_model(merged, spec["model_path"])
+            metrics = ensemble_metrics(merged, structures)
+            metrics["shards"] = [item[1] for item in gathered]
+            metrics["epochs_run"] = max(item[1]["epochs_run"] for item in gathered)
+            metrics["final_loss"] = float(sum(item[1]["final_loss"] for item in gathered))
+            partial = spec["report_path"] + ".partial"
+            Path(partial).write_text(json.dumps(metrics))
+            os.replace(partial, spec["report_path"])
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def ensemble_metrics(model: Any, structures: Sequence[Any]) -> dict[str, Any]:
+    """Training errors of the ensemble mean over all structures: force MAE (eV/Å), energy RMSE (eV/atom)."""
+    from pipeline.science.training import force_mae, predict_labels, prepare_training_data
+
+    data = prepare_training_data(structures, model.descriptor)
+    every = np.ones(len(structures), dtype=bool)
+    energies, _ = predict_labels(model, data, create_graph=False)
+    rmse = float("nan")
+    if len(data.energies):
+        rmse = float((((energies.mean(0) - data.energies) / data.energy_atoms) ** 2).mean().sqrt())
+    return {"train_force_mae": force_mae(model, data, every), "train_energy_rmse_per_atom": rmse}
+
+
+def _default_backend() -> str:
+    import torch
+
+    return "nccl" if torch.cuda.is_available() and torch.distributed.is_nccl_available() else "gloo"
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
