@@ -90,10 +90,11 @@ def train_distributed(
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"distributed training timed out after {timeout_s} s") from None
         if completed.returncode != 0 or not report_file.exists():
+            rank_errors = [path.read_text() for path in sorted(Path(scratch).glob("rank*.error"))]
             output = (completed.stdout + "\n" + completed.stderr).strip().splitlines()
             raise RuntimeError(
                 f"distributed training ({world_size} x {backend}) exited with code {completed.returncode}:\n"
-                + "\n".join(output[-30:])
+                + ("\n".join(rank_errors) if rank_errors else "\n".join(output[-30:]))
             )
         metrics = json.loads(report_file.read_text())
     metrics.update(world_size=world_size, backend=backend, launch_wall_time_s=time.perf_counter() - start)
@@ -101,16 +102,28 @@ def train_distributed(
 
 
 def main(argv: Sequence[str]) -> int:
-    """One rank: train this rank's members; rank 0 gathers, writes the model and the metrics."""
+    """One rank: train this rank's members; rank 0 gathers, writes the model and the metrics.
+
+    An exception is also written to ``rank<R>.error`` beside the spec, for the launcher's message.
+    """
+    try:
+        return _rank_main(Path(argv[0]))
+    except BaseException as error:
+        rank = os.environ.get("RANK", "?")
+        error_file = Path(argv[0]).parent / f"rank{rank}.error"
+        error_file.write_text(f"rank {rank}: {type(error).__name__}: {error}")
+        raise
+
+
+def _rank_main(spec_file: Path) -> int:
     import torch
     import torch.distributed as dist
 
     from pipeline.execution.payloads import payload_to_labelled
     from pipeline.science.model import EnsembleModel
     from pipeline.science.training import TrainingSettings, train_ensemble
-    from pipeline.storage.model_file import save_model
 
-    spec = json.loads(Path(argv[0]).read_text())
+    spec = json.loads(spec_file.read_text())
     backend = spec["backend"]
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -128,6 +141,8 @@ def main(argv: Sequence[str]) -> int:
         gathered: list[Any] | None = [None] * world_size if rank == 0 else None
         dist.gather_object((state, shard_summary), gathered, dst=0)
         if rank == 0:
+            from pipeline.storage.model_file import save_model
+
             merged = EnsembleModel(model.params, hidden=settings.hidden, member_seeds=settings.seeds())
             merged.load_state_dict(merge_member_states([item[0] for item in gathered]))
             merged.eval()

@@ -1,4 +1,4 @@
-"""One GPAW reference calculation as an MPI program: ``python -m pipeline.execution.gpaw_runner IN OUT``.
+"""One GPAW reference calculation as an MPI program: ``gpaw python -m pipeline.execution.gpaw_runner IN OUT``.
 
 IN is the JSON written by `parents.compute_reference` (payload, complete options, log name); rank 0
 writes OUT with energy (eV, the free energy that the forces derive from) and forces (eV/Å), or
@@ -13,7 +13,7 @@ import sys
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m pipeline.execution.gpaw_runner IN.json OUT.json", file=sys.stderr)
+        print("usage: gpaw python -m pipeline.execution.gpaw_runner IN.json OUT.json", file=sys.stderr)
         return 2
     input_file, result_file = argv
     with open(input_file) as stream:
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
         result = {"energy": float(energy), "forces": forces.tolist(), "ranks": world.size}
         exit_code = 0
     except Exception as error:
-        result = {"error": f"{type(error).__name__}: {error}".strip()}
+        result = {"error": describe_failure(error, job["params"])}
         exit_code = 3
     if world.rank == 0:
         partial = result_file + ".partial"
@@ -40,6 +40,14 @@ def main(argv: list[str]) -> int:
             json.dump(result, stream)
         os.replace(partial, result_file)
     return exit_code
+
+
+def describe_failure(error: Exception, params: dict) -> str:
+    """One line for the database: the exception, and for SCF trouble what limit was hit."""
+    text = f"{type(error).__name__}: {error}".strip().rstrip(":")
+    if "ConvergenceError" in type(error).__name__:
+        text += f" (SCF did not converge within maxiter={params.get('maxiter')} iterations)"
+    return text
 
 
 if __name__ == "__main__":

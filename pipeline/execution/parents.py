@@ -1,7 +1,7 @@
 """Parent calculators: the reference method whose energies (eV) and forces (eV/Å) the model learns.
 
 A registry by name. `emt` runs in-process (ASE EMT). `gpaw` runs one MPI job per structure,
-`LAUNCHER python -m pipeline.execution.gpaw_runner IN.json OUT.json`, in a job directory that keeps
+`LAUNCHER gpaw python -m pipeline.execution.gpaw_runner IN.json OUT.json`, in a job directory that keeps
 GPAW's text output. `compute_reference` is what a Parsl app calls; `validate_parent_params` is what
 the config loader calls.
 """
@@ -274,7 +274,7 @@ def _run_gpaw_in(params: dict[str, Any], payload: dict[str, Any], job_dir: Path)
     result_file.unlink(missing_ok=True)
     input_file.write_text(json.dumps({"payload": payload, "params": params, "txt": GPAW_LOG_NAME}))
     command = mpi_launch_prefix(params) + [
-        sys.executable, "-m", "pipeline.execution.gpaw_runner", input_file.name, result_file.name
+        gpaw_command(), "python", "-m", "pipeline.execution.gpaw_runner", input_file.name, result_file.name
     ]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -301,6 +301,12 @@ def _run_gpaw_in(params: dict[str, Any], payload: dict[str, Any], job_dir: Path)
     else:
         reason = f"gpaw: {shlex.join(command)} exited with code {returncode} and no result"
     raise ReferenceFailed(_with_tails(reason, log_file, stderr))
+
+
+def gpaw_command() -> str:
+    """GPAW's launcher (`gpaw python` turns on its MPI), beside this interpreter if installed there."""
+    beside = Path(sys.executable).parent / "gpaw"
+    return str(beside) if beside.exists() else shutil.which("gpaw") or "gpaw"
 
 
 def mpi_launch_prefix(params: Mapping[str, Any]) -> list[str]:

@@ -1,0 +1,117 @@
+"""Distributed ensemble training: two gloo processes give the model one process gives with the same
+seeds; members are sharded in order; the training app writes a model file the driver can load."""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+from ase.calculators.emt import EMT
+
+from pipeline.execution.distributed_training import member_shards, merge_member_states, train_distributed
+from pipeline.execution.payloads import labelled_to_payload
+from pipeline.science.structures import LabelledStructure
+
+HAVE_MODEL_FILE = importlib.util.find_spec("pipeline.storage.model_file") is not None
+needs_model_file = pytest.mark.skipif(not HAVE_MODEL_FILE, reason="pipeline.storage.model_file (save_model/load_ensemble) not present yet")
+
+pytestmark = pytest.mark.timeout(300)
+
+SETTINGS = {"ensemble": 4, "hidden": [5, 5], "cutoff": 5.0, "epochs": 40, "seed": 11}
+
+
+def labelled_platinum_cells():
+    structures = []
+    for k, (scale, cells) in enumerate([(1.00, (1, 1, 1)), (1.02, (2, 1, 1)), (0.98, (1, 1, 1)), (1.01, (1, 2, 1))]):
+        atoms = bulk("Pt", "fcc", a=3.92 * scale, cubic=True) * cells
+        atoms.rattle(0.08, seed=k)
+        atoms.calc = EMT()
+        structures.append(LabelledStructure(atoms, atoms.get_potential_energy(), atoms.get_forces()))
+    # a chunk-like structure: only the central force is trained, no energy
+    chunk = bulk("Pt", "fcc", a=3.92, cubic=True) * (2, 2, 2)
+    chunk.rattle(0.1, seed=9)
+    chunk.calc = EMT()
+    mask = np.zeros(len(chunk), dtype=bool)
+    mask[0] = True
+    structures.append(LabelledStructure(chunk, None, chunk.get_forces(), mask))
+    return structures
+
+
+def test_member_shards_are_contiguous_blocks_in_order():
+    seeds = list(range(10, 20))
+    shards = member_shards(seeds, 3)
+    assert [len(shard) for shard in shards] == [4, 3, 3]
+    assert sum(shards, []) == seeds
+
+
+def test_merging_shard_states_concatenates_members_only():
+    states = [
+        {"networks.weights.0": torch.zeros(2, 3, 5), "feature_mean": torch.ones(1, 3)},
+        {"networks.weights.0": torch.ones(1, 3, 5), "feature_mean": torch.ones(1, 3)},
+    ]
+    merged = merge_member_states(states)
+    assert merged["networks.weights.0"].shape == (3, 3, 5)
+    assert merged["networks.weights.0"][2].eq(1).all() and merged["feature_mean"].shape == (1, 3)
+
+
+@needs_model_file
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_single_process_model(tmp_path):
+    from pipeline.science.training import TrainingSettings, train_ensemble
+    from pipeline.storage.model_file import load_ensemble
+
+    structures = labelled_platinum_cells()
+    single, _ = train_ensemble(structures, TrainingSettings(**SETTINGS))
+    metrics = train_distributed(
+        [labelled_to_payload(s) for s in structures], SETTINGS, tmp_path / "ddp.nft", world_size=2, backend="gloo"
+    )
+    assert metrics["world_size"] == 2 and metrics["backend"] == "gloo"
+    assert [shard["members"] for shard in metrics["shards"]] == [2, 2]
+    distributed = load_ensemble(tmp_path / "ddp.nft")
+    assert distributed.n_members == single.n_members == 4
+    for name, tensor in single.state_dict().items():
+        np.testing.assert_allclose(distributed.state_dict()[name].numpy(), tensor.numpy(), rtol=1e-9, atol=1e-10, err_msg=name)
+    probe = bulk("Pt", "fcc", a=3.95, cubic=True) * (2, 1, 1)
+    probe.rattle(0.1, seed=5)
+    expected, got = single.predict(probe), distributed.predict(probe)
+    np.testing.assert_allclose(got.forces, expected.forces, atol=1e-8)
+    np.testing.assert_allclose(got.uncertainties, expected.uncertainties, atol=1e-8)
+    assert metrics["train_force_mae"] > 0
+
+
+def test_a_failing_rank_reports_its_output(tmp_path):
+    bad_settings = {**SETTINGS, "descriptor": {"no_such_descriptor_option": 1}}
+    structures = labelled_platinum_cells()[:2]
+    with pytest.raises(RuntimeError, match="distributed training .* exited with code") as raised:
+        train_distributed([labelled_to_payload(s) for s in structures], bad_settings, tmp_path / "bad.nft", 2, backend="gloo")
+    assert "no_such_descriptor_option" in str(raised.value)
+
+
+@needs_model_file
+@pytest.mark.slow
+def test_training_app_through_parsl_writes_a_loadable_model(tmp_path):
+    from pipeline.execution.apps import make_apps
+    from pipeline.execution.sites import load_site, parsl_session
+    from pipeline.storage.model_file import load_ensemble
+
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    structures = labelled_platinum_cells()
+    payloads = [labelled_to_payload(s) for s in structures]
+    config = load_site("local", tmp_path / "runinfo", {"workers": 1})
+    with parsl_session(config):
+        apps = make_apps(config)
+        one = apps.training_app(payloads, SETTINGS, str(tmp_path / "one.nft"), world_size=1).result(timeout=240)
+        two = apps.training_app(payloads, SETTINGS, str(tmp_path / "two.nft"), world_size=2).result(timeout=240)
+        predicted = apps.prediction_app(str(tmp_path / "two.nft"), [s.atoms for s in []] or [
+            {"numbers": [78] * 4, "positions": (structures[0].atoms.positions).tolist(),
+             "cell": structures[0].atoms.cell.array.tolist(), "pbc": [True] * 3}]).result(timeout=120)
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert one["train_force_mae"] == pytest.approx(two["train_force_mae"], rel=1e-6)
+    model = load_ensemble(tmp_path / "one.nft")
+    expected = model.predict(structures[0].atoms)
+    assert len(predicted) == 1 and len(predicted[0]["uncertainties"]) == 4
+    np.testing.assert_allclose(predicted[0]["forces"], expected.forces, atol=1e-8)
+    assert predicted[0]["uncertainty"] == pytest.approx(max(expected.uncertainties), abs=1e-8)

@@ -1,0 +1,105 @@
+"""GPAW chunk jobs as MPI runs: 2 ranks through Parsl equal 1 rank run directly; SCF failure and a
+crashed launch come back as `ReferenceFailed` with the reason; GPAW's text output stays in the job
+directory."""
+import importlib.util
+import re
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase.build import molecule
+
+from pipeline.execution.apps import make_apps
+from pipeline.execution.parents import ReferenceFailed, compute_reference
+from pipeline.execution.sites import load_site, parsl_session
+from pipeline.science.structures import atoms_to_payload
+
+HAVE_GPAW = importlib.util.find_spec("gpaw") is not None
+HAVE_MPIEXEC = shutil.which("mpiexec") is not None
+
+needs_gpaw = pytest.mark.skipif(not HAVE_GPAW, reason="GPAW is not installed in this environment (scripts/setup.sh builds it)")
+needs_mpiexec = pytest.mark.skipif(not HAVE_MPIEXEC, reason="no mpiexec on PATH (OpenMPI from scripts/setup.sh)")
+
+pytestmark = [pytest.mark.gpaw, pytest.mark.timeout(300)]
+
+TINY_JOBS = {
+    "lcao": {"mode": "lcao", "basis": "dzp", "h": 0.2, "convergence": {"energy": 1e-6, "density": 1e-6}},
+    "pw": {"mode": "pw", "ecut": 300, "convergence": {"energy": 1e-6, "density": 1e-6}},
+}
+
+
+@pytest.fixture(autouse=True)
+def mpi_environment(monkeypatch):
+    """What scripts/env.sh sets for OpenMPI in a container run as root."""
+    for name, value in {
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMPI_MCA_rmaps_base_oversubscribe": "1",
+        "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
+        "GPAW_SETUP_PATH": os.environ.get("GPAW_SETUP_PATH", "/usr/share/gpaw-setups"),
+    }.items():
+        monkeypatch.setenv(name, os.environ.get(name, value))
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("PARSL_MPI_PREFIX", raising=False)
+
+
+def distorted_water_chunk():
+    """A three-atom 'chunk': non-periodic, in a box of vacuum, with forces far from zero."""
+    water = molecule("H2O")
+    water.positions[1] += (0.15, 0.0, 0.05)
+    water.center(vacuum=3.0)
+    return water
+
+
+@needs_gpaw
+@needs_mpiexec
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["lcao", "pw"])
+def test_two_ranks_through_parsl_equal_one_rank_run_directly(tmp_path, mode):
+    payload = atoms_to_payload(distorted_water_chunk())
+    serial = compute_reference("gpaw", {**TINY_JOBS[mode], "ranks": 1}, payload, str(tmp_path / "serial"))
+    config = load_site("local", tmp_path / "runinfo", {"workers": 1})
+    with parsl_session(config):
+        apps = make_apps(config)
+        parallel = apps.reference_app("gpaw", {**TINY_JOBS[mode], "ranks": 2}, payload, str(tmp_path / "parallel")).result(timeout=240)
+    assert abs(parallel["energy"] - serial["energy"]) < 1e-3
+    np.testing.assert_allclose(parallel["forces"], serial["forces"], atol=1e-3)
+    assert np.abs(serial["forces"]).max() > 0.5  # a real test: the forces are not all zero
+    log = Path(parallel["log_file"])
+    assert log.parent == tmp_path / "parallel" and log.name == "gpaw.txt"
+    text = log.read_text()
+    assert "Free energy" in text
+    assert re.search(r"(domain|band|kpt):\s+2\b", text), "GPAW did not run on 2 ranks"
+    assert "mpiexec -n 2" in (tmp_path / "parallel" / "launcher.log").read_text()
+
+
+@needs_gpaw
+def test_scf_that_cannot_converge_fails_with_the_reason(tmp_path):
+    payload = atoms_to_payload(distorted_water_chunk())
+    with pytest.raises(ReferenceFailed) as raised:
+        compute_reference("gpaw", {**TINY_JOBS["lcao"], "maxiter": 1}, payload, str(tmp_path))
+    reason = raised.value.reason
+    assert "KohnShamConvergenceError" in reason and "did not converge within maxiter=1" in reason
+    assert "last lines of" in reason and "gpaw.txt" in reason
+    assert (tmp_path / "gpaw.txt").exists() and not (tmp_path / "gpaw-result.json").read_text().startswith('{"energy"')
+
+
+@needs_mpiexec
+def test_a_launch_that_crashes_fails_with_the_launchers_message(tmp_path):
+    payload = atoms_to_payload(distorted_water_chunk())
+    params = {**TINY_JOBS["lcao"], "ranks": 2, "launcher": "mpiexec", "launcher_args": ["--no-such-mpiexec-option"]}
+    with pytest.raises(ReferenceFailed, match="exited with code") as raised:
+        compute_reference("gpaw", params, payload, str(tmp_path))
+    assert "no-such-mpiexec-option" in raised.value.reason
+    assert (tmp_path / "launcher.log").exists()
+
+
+@needs_gpaw
+@needs_mpiexec
+def test_a_job_past_its_time_limit_fails(tmp_path):
+    payload = atoms_to_payload(distorted_water_chunk())
+    with pytest.raises(ReferenceFailed, match="timed out after 0.5 s"):
+        compute_reference("gpaw", {**TINY_JOBS["pw"], "timeout_s": 0.5}, payload, str(tmp_path))
