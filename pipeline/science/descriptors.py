@@ -1,0 +1,257 @@
+"""Gaussian symmetry functions with a cosine cutoff, angular terms through per-atom moment tensors.
+
+Every feature of atom i is a function of *pair sums* S_i,c = Σ_j ρ_c(r_ij) u_c(r̂_ij), one per
+channel c and neighbour element:
+  - radial G2:   ρ = exp(−η (r − Rs)²) fc(r),            u = 1
+  - self terms:  ρ = w_η(r)² with w_η = exp(−η r²) fc(r), u = 1
+  - moments:     ρ = w_η(r),                              u = x^a y^b z^c of r̂, a + b + c ≤ max ζ
+Angular G5 features with integer ζ follow from the moments because
+  Σ_{j≠k} w_j w_k cos^p θ_jk = Σ_{a+b+c=p} p!/(a!b!c!) M_abc² − Σ_j w_j²,
+which costs O(k) per atom instead of O(k²) over neighbour pairs. Since S is linear in the pair
+basis, forces need only ∂E/∂S (cheap, per atom) pushed through the per-pair basis derivatives.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from itertools import combinations_with_replacement
+
+import numpy as np
+import torch
+
+DEFAULT_RADIAL_CENTERS = (0.0, 2.4, 3.0, 3.6, 4.2, 4.8, 5.4, 6.0)
+DEFAULT_RADIAL_ETAS = (0.1, 1.4, 1.4, 1.4, 1.4, 1.4, 1.4, 1.4)
+DEFAULT_ANGULAR_ETAS = (0.005, 0.03, 0.1)
+
+
+@dataclass(frozen=True)
+class SymmetryFunctionParams:
+    """Descriptor parameters: cutoff Å, radial (Rs Å, η Å⁻²) pairs, angular η Å⁻², ζ, λ.
+
+    Defaults give 20 features per element for one-element systems: 8 radial + 3 η × 2 ζ × 2 λ.
+    """
+
+    elements: tuple[int, ...]
+    cutoff: float = 6.5
+    radial_centers: tuple[float, ...] = DEFAULT_RADIAL_CENTERS
+    radial_etas: tuple[float, ...] = DEFAULT_RADIAL_ETAS
+    angular_etas: tuple[float, ...] = DEFAULT_ANGULAR_ETAS
+    angular_zetas: tuple[int, ...] = (1, 2)
+    angular_lambdas: tuple[int, ...] = (1, -1)
+    kind: str = "g5-moments"
+
+    def __post_init__(self) -> None:
+        if self.cutoff <= 0:
+            raise ValueError(f"cutoff must be > 0 Å, got {self.cutoff}")
+        if len(self.radial_centers) != len(self.radial_etas):
+            raise ValueError("radial_centers and radial_etas must have the same length")
+        if any(int(z) != z or z < 1 for z in self.angular_zetas):
+            raise ValueError("angular_zetas must be positive integers")
+        if any(lam not in (1, -1) for lam in self.angular_lambdas):
+            raise ValueError("angular_lambdas must be +1 or −1")
+        if self.kind not in ("g5-moments", "g4"):
+            raise ValueError(f"descriptor kind must be 'g5-moments' or 'g4', got {self.kind!r}")
+
+    @property
+    def n_elements(self) -> int:
+        return len(self.elements)
+
+    @property
+    def n_features(self) -> int:
+        n = self.n_elements
+        radial = len(self.radial_centers) * n
+        angular = len(self.angular_etas) * len(self.angular_zetas) * len(self.angular_lambdas)
+        return radial + angular * n * (n + 1) // 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SymmetryFunctionParams":
+        tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**tuples)
+
+
+def monomial_exponents(max_degree: int) -> list[tuple[int, int, int]]:
+    """Exponents (a, b, c) of x^a y^b z^c with a + b + c ≤ max_degree, ordered by degree."""
+    return [
+        (a, b, degree - a - b)
+        for degree in range(max_degree + 1)
+        for a in range(degree, -1, -1)
+        for b in range(degree - a, -1, -1)
+    ]
+
+
+def cosine_cutoff(r: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc(r) = ½(cos(πr/Rc) + 1) inside the cutoff, 0 outside; returns (fc, dfc/dr)."""
+    inside = r < cutoff
+    phase = math.pi * r / cutoff
+    fc = torch.where(inside, 0.5 * (torch.cos(phase) + 1.0), torch.zeros_like(r))
+    dfc = torch.where(inside, -0.5 * math.pi / cutoff * torch.sin(phase), torch.zeros_like(r))
+    return fc, dfc
+
+
+@dataclass
+class PairBasis:
+    """Per-pair basis of the pair sums: values B (…, C), radial derivative ∂B/∂r (…, C), and the
+    values of the moment channels one degree lower, needed for the tangential force part."""
+
+    values: torch.Tensor
+    radial_derivatives: torch.Tensor
+    lowered: torch.Tensor
+    distances: torch.Tensor
+    unit_vectors: torch.Tensor
+
+
+@dataclass
+class ChannelLayout:
+    """How the C channels per neighbour element map to radial functions and monomials."""
+
+    radial_index: np.ndarray  # (C,) which radial function ρ
+    monomial_index: np.ndarray  # (C,) which monomial u
+    n_radial_g2: int
+    n_etas: int
+    exponents: list[tuple[int, int, int]]
+    lowered_channels: np.ndarray  # channels that are the target of a lowering (degree < max)
+    lowering: np.ndarray = field(repr=False)  # (3, C, C_low): A_low[x] = A @ lowering[x]
+
+
+class MomentDescriptor:
+    """G2 + G5-type features from per-atom moment tensors; see the module docstring."""
+
+    def __init__(self, params: SymmetryFunctionParams):
+        self.params = params
+        self.max_degree = max(params.angular_zetas)
+        self.layout = self._channel_layout()
+        self._feature_weights = self._angular_weights()
+
+    # ----- layout -------------------------------------------------------------------------
+    def _channel_layout(self) -> ChannelLayout:
+        p = self.params
+        exponents = monomial_exponents(self.max_degree)
+        n_g2, n_eta = len(p.radial_centers), len(p.angular_etas)
+        radial_index = list(range(n_g2)) + [n_g2 + e for e in range(n_eta)]
+        monomial_index = [0] * (n_g2 + n_eta)
+        moment_channel = {}
+        for e in range(n_eta):
+            for m, exps in enumerate(exponents):
+                moment_channel[(e, exps)] = len(radial_index)
+                radial_index.append(n_g2 + n_eta + e)
+                monomial_index.append(m)
+        n_channels = len(radial_index)
+        lowered = sorted(
+            ch for (e, exps), ch in moment_channel.items() if sum(exps) < self.max_degree
+        )
+        position_in_lowered = {ch: k for k, ch in enumerate(lowered)}
+        lowering = np.zeros((3, n_channels, len(lowered)))
+        for (e, exps), ch in moment_channel.items():
+            for axis in range(3):
+                if exps[axis] == 0:
+                    continue
+                lower = list(exps)
+                lower[axis] -= 1
+                target = moment_channel[(e, tuple(lower))]
+                lowering[axis, ch, position_in_lowered[target]] = exps[axis]
+        return ChannelLayout(
+            radial_index=np.array(radial_index),
+            monomial_index=np.array(monomial_index),
+            n_radial_g2=n_g2,
+            n_etas=n_eta,
+            exponents=exponents,
+            lowered_channels=np.array(lowered, dtype=np.int64),
+            lowering=lowering,
+        )
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.layout.radial_index)
+
+    def _angular_weights(self) -> dict[str, np.ndarray]:
+        """Weights turning moment products into G5 features: G = Σ_n W[n, f] M_n M'_n − D[f] Q."""
+        p, lay = self.params, self.layout
+        n_eta = lay.n_etas
+        combos = [(z, lam) for z in p.angular_zetas for lam in p.angular_lambdas]
+        n_mono = len(lay.exponents)
+        quad = np.zeros((n_eta, n_mono, n_eta * len(combos)))
+        diag = np.zeros((n_eta, n_eta * len(combos)))
+        for e in range(n_eta):
+            for k, (zeta, lam) in enumerate(combos):
+                f = e * len(combos) + k
+                norm = 2.0 ** (1 - zeta)
+                for m, exps in enumerate(lay.exponents):
+                    degree = sum(exps)
+                    if degree > zeta:
+                        continue
+                    multinomial = math.factorial(degree) / np.prod([math.factorial(x) for x in exps])
+                    quad[e, m, f] = norm * math.comb(zeta, degree) * lam**degree * multinomial
+                diag[e, f] = norm * (1 + lam) ** zeta
+        return {"quad": quad, "diag": diag}
+
+    # ----- per-pair basis -----------------------------------------------------------------
+    def pair_basis(self, vectors: torch.Tensor) -> PairBasis:
+        """Basis values and derivatives for pair vectors (…, 3) in Å."""
+        p, lay = self.params, self.layout
+        dtype = vectors.dtype
+        r = torch.linalg.vector_norm(vectors, dim=-1)
+        unit = vectors / r.clamp_min(1e-12).unsqueeze(-1)
+        fc, dfc = cosine_cutoff(r, p.cutoff)
+        rs = torch.tensor(p.radial_centers, dtype=dtype)
+        eta_r = torch.tensor(p.radial_etas, dtype=dtype)
+        eta_a = torch.tensor(p.angular_etas, dtype=dtype)
+        rr = r.unsqueeze(-1)
+        g2 = torch.exp(-eta_r * (rr - rs) ** 2)
+        g2_value = g2 * fc.unsqueeze(-1)
+        g2_deriv = g2 * (dfc.unsqueeze(-1) - 2 * eta_r * (rr - rs) * fc.unsqueeze(-1))
+        gauss = torch.exp(-eta_a * rr**2)
+        w = gauss * fc.unsqueeze(-1)
+        dw = gauss * (dfc.unsqueeze(-1) - 2 * eta_a * rr * fc.unsqueeze(-1))
+        radial = torch.cat([g2_value, w * w, w], dim=-1)
+        radial_deriv = torch.cat([g2_deriv, 2 * w * dw, dw], dim=-1)
+        mono = self._monomials(unit)
+        radial_index = torch.from_numpy(lay.radial_index)
+        monomial_index = torch.from_numpy(lay.monomial_index)
+        rho = radial[..., radial_index]
+        drho = radial_deriv[..., radial_index]
+        u = mono[..., monomial_index]
+        values = rho * u
+        low = torch.from_numpy(lay.lowered_channels)
+        return PairBasis(
+            values=values,
+            radial_derivatives=drho * u,
+            lowered=values[..., low],
+            distances=r,
+            unit_vectors=unit,
+        )
+
+    def _monomials(self, unit: torch.Tensor) -> torch.Tensor:
+        """x^a y^b z^c of the unit vector for every exponent triple of the layout."""
+        powers = [torch.ones_like(unit)]
+        for _ in range(self.max_degree):
+            powers.append(powers[-1] * unit)
+        columns = [
+            powers[a][..., 0] * powers[b][..., 1] * powers[c][..., 2]
+            for a, b, c in self.layout.exponents
+        ]
+        return torch.stack(columns, dim=-1)
+
+    # ----- features -----------------------------------------------------------------------
+    def features(self, pair_sums: torch.Tensor) -> torch.Tensor:
+        """Features (…, F) from pair sums (…, n_elements, C); differentiable."""
+        p, lay = self.params, self.layout
+        n_g2, n_eta = lay.n_radial_g2, lay.n_etas
+        n_el = p.n_elements
+        radial = pair_sums[..., :n_g2].flatten(-2)
+        self_terms = pair_sums[..., n_g2 : n_g2 + n_eta]
+        moments = pair_sums[..., n_g2 + n_eta :].unflatten(-1, (n_eta, len(lay.exponents)))
+        quad = torch.as_tensor(self._feature_weights["quad"], dtype=pair_sums.dtype)
+        diag = torch.as_tensor(self._feature_weights["diag"], dtype=pair_sums.dtype)
+        blocks = [radial]
+        for a, b in combinations_with_replacement(range(n_el), 2):
+            products = moments[..., a, :, :] * moments[..., b, :, :]
+            angular = torch.einsum("...em,emf->...f", products, quad)
+            if a == b:
+                angular = angular - self_terms[..., a, :] @ diag
+            else:
+                angular = 2.0 * angular
+            blocks.append(angular)
+        return torch.cat(blocks, dim=-1)

@@ -1,0 +1,207 @@
+"""The Behler-Parrinello ensemble: M members of per-element MLPs evaluated in one batched pass.
+
+Energy E^m = Σ_i e^m(G_i); forces −∂E^m/∂R for all members at once by pushing each member's
+∂E^m/∂S (per atom, cheap) through the shared per-pair basis derivatives (see descriptors.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ase import Atoms
+from torch import nn
+
+from pipeline.science.descriptors import MomentDescriptor, SymmetryFunctionParams
+from pipeline.science.neighbours import neighbour_pairs, pad_pairs
+from pipeline.science.uncertainty import atomic_uncertainty
+
+
+class EnsembleNetworks(nn.Module):
+    """Per-element tanh MLPs for M members; weights of a layer stacked as (M, fan_in, fan_out)."""
+
+    def __init__(self, n_elements: int, n_features: int, hidden: tuple[int, ...], member_seeds: list[int]):
+        super().__init__()
+        self.n_members = len(member_seeds)
+        self.hidden = tuple(hidden)
+        widths = [n_features, *hidden, 1]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        per_member = [self._member_init(widths, n_elements, seed) for seed in member_seeds]
+        for element in range(n_elements):
+            for layer in range(len(widths) - 1):
+                self.weights.append(nn.Parameter(torch.stack([m[element][layer][0] for m in per_member])))
+                self.biases.append(nn.Parameter(torch.stack([m[element][layer][1] for m in per_member])))
+        self.n_layers = len(widths) - 1
+
+    @staticmethod
+    def _member_init(widths: list[int], n_elements: int, seed: int) -> list:
+        """Xavier-uniform weights and zero biases for one member, from its own seed."""
+        generator = torch.Generator().manual_seed(int(seed))
+        member = []
+        for _ in range(n_elements):
+            layers = []
+            for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+                bound = float(np.sqrt(6.0 / (fan_in + fan_out)))
+                weight = (torch.rand(fan_in, fan_out, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+                layers.append((weight, torch.zeros(1, fan_out, dtype=torch.float64)))
+            member.append(layers)
+        return member
+
+    def forward(self, features: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
+        """Atomic outputs (M, B) from scaled features (M, B, F) and element indices (B,)."""
+        out = features.new_zeros(features.shape[0], features.shape[1])
+        for element in torch.unique(element_index).tolist():
+            rows = (element_index == element).nonzero(as_tuple=True)[0]
+            h = features[:, rows]
+            for layer in range(self.n_layers):
+                k = element * self.n_layers + layer
+                h = torch.baddbmm(self.biases[k], h, self.weights[k])
+                if layer < self.n_layers - 1:
+                    h = torch.tanh(h)
+            out = out.index_copy(1, rows, h.squeeze(-1))
+        return out
+
+
+@dataclass
+class Prediction:
+    """Ensemble prediction for one structure: mean energy (eV) and forces (eV/Å), δ_i (eV/Å)."""
+
+    energy: float
+    forces: np.ndarray
+    uncertainties: np.ndarray
+    member_energies: np.ndarray
+    member_forces: np.ndarray
+
+    @property
+    def max_uncertainty(self) -> float:
+        return float(self.uncertainties.max(initial=0.0))
+
+
+class EnsembleModel(nn.Module):
+    """Descriptor + per-element feature scaling + batched ensemble of per-element networks."""
+
+    def __init__(
+        self,
+        params: SymmetryFunctionParams,
+        hidden: tuple[int, ...] = (5, 5),
+        member_seeds: list[int] | None = None,
+    ):
+        super().__init__()
+        self.params = params
+        self.descriptor = MomentDescriptor(params)
+        member_seeds = list(member_seeds) if member_seeds is not None else list(range(10))
+        self.member_seeds = member_seeds
+        n_el, n_feat = params.n_elements, params.n_features
+        self.networks = EnsembleNetworks(n_el, n_feat, tuple(hidden), member_seeds)
+        self.register_buffer("feature_mean", torch.zeros(n_el, n_feat, dtype=torch.float64))
+        self.register_buffer("feature_std", torch.ones(n_el, n_feat, dtype=torch.float64))
+        self.register_buffer("energy_offset", torch.zeros(n_el, dtype=torch.float64))
+        self.register_buffer("energy_scale", torch.ones((), dtype=torch.float64))
+        self.register_buffer("lowering", torch.from_numpy(self.descriptor.layout.lowering))
+        self._element_lookup = {z: k for k, z in enumerate(params.elements)}
+
+    @property
+    def n_members(self) -> int:
+        return self.networks.n_members
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.feature_mean.dtype
+
+    def element_indices(self, numbers: np.ndarray) -> np.ndarray:
+        """Model element index per atom; ValueError naming any element the model was not trained on."""
+        unknown = sorted(set(int(z) for z in numbers) - set(self._element_lookup))
+        if unknown:
+            from ase.data import chemical_symbols
+
+            known = ", ".join(chemical_symbols[z] for z in self.params.elements)
+            missing = ", ".join(chemical_symbols[z] for z in unknown)
+            raise ValueError(f"element(s) {missing} not in the model (trained on {known})")
+        lookup = np.zeros(max(self._element_lookup) + 1, dtype=np.int64)
+        for z, k in self._element_lookup.items():
+            lookup[z] = k
+        return lookup[np.asarray(numbers, dtype=np.int64)]
+
+    # ----- per-atom energies and their gradients w.r.t. pair sums --------------------------
+    def atomic_energies(self, pair_sums: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
+        """Atomic energies (M, B) in eV from pair sums (M, B, n_elements, C)."""
+        features = self.descriptor.features(pair_sums)
+        scaled = (features - self.feature_mean[element_index]) / self.feature_std[element_index]
+        outputs = self.networks(scaled, element_index)
+        return outputs * self.energy_scale + self.energy_offset[element_index]
+
+    def energies_and_pair_sum_gradients(
+        self, pair_sums: torch.Tensor, element_index: torch.Tensor, create_graph: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Atomic energies (M, B) and ∂E^m/∂S_i (M, B, n_elements, C), each member its own."""
+        shape = (self.n_members, *pair_sums.shape)
+        per_member = pair_sums.detach().unsqueeze(0).expand(shape).clone().requires_grad_(True)
+        with torch.enable_grad():
+            energies = self.atomic_energies(per_member, element_index)
+            (gradients,) = torch.autograd.grad(energies.sum(), per_member, create_graph=create_graph)
+        return energies, gradients
+
+    # ----- inference ----------------------------------------------------------------------
+    def predict(self, atoms: Atoms, block_size: int = 2048) -> Prediction:
+        """Energy, forces and per-atom uncertainty δ_i for a structure, in blocks of centre atoms."""
+        energies, forces = self.member_energies_and_forces(atoms, block_size)
+        member_forces = forces.detach().cpu().numpy().astype(np.float64)
+        member_energies = energies.detach().cpu().numpy().astype(np.float64)
+        return Prediction(
+            energy=float(member_energies.mean()),
+            forces=member_forces.mean(axis=0),
+            uncertainties=atomic_uncertainty(member_forces),
+            member_energies=member_energies,
+            member_forces=member_forces,
+        )
+
+    def member_energies_and_forces(self, atoms: Atoms, block_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies (M,) eV and forces (M, N, 3) eV/Å of every member."""
+        n_atoms = len(atoms)
+        dtype, device = self.dtype, self.feature_mean.device
+        element_index = torch.from_numpy(self.element_indices(atoms.numbers)).to(device)
+        pairs = neighbour_pairs(atoms, self.params.cutoff)
+        padded = pad_pairs(pairs, n_atoms, far_angstrom=self.params.cutoff + 1.0)
+        neighbours = torch.from_numpy(padded.neighbours).to(device)
+        vectors = torch.from_numpy(padded.vectors).to(device=device, dtype=dtype)
+        energies = torch.zeros(self.n_members, dtype=dtype, device=device)
+        forces = torch.zeros(self.n_members, n_atoms, 3, dtype=dtype, device=device)
+        with torch.no_grad():
+            for start in range(0, n_atoms, block_size):
+                block = slice(start, min(start + block_size, n_atoms))
+                block_energies, pair_vectors = self._block_pair_gradients(
+                    vectors[block], element_index[block], element_index[neighbours[block]]
+                )
+                energies += block_energies.sum(dim=1)
+                forces[:, block] += pair_vectors.sum(dim=2)
+                forces.index_add_(1, neighbours[block].reshape(-1), -pair_vectors.flatten(1, 2))
+        return energies, forces
+
+    def _block_pair_gradients(
+        self, vectors: torch.Tensor, center_elements: torch.Tensor, neighbour_elements: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Atomic energies (M, B) and ∂E^m/∂r_ij (M, B, K, 3) for padded pair vectors (B, K, 3)."""
+        basis = self.descriptor.pair_basis(vectors)
+        n_el = self.params.n_elements
+        if n_el == 1:
+            pair_sums = basis.values.sum(dim=1).unsqueeze(1)
+        else:
+            one_hot = torch.nn.functional.one_hot(neighbour_elements, n_el).to(vectors.dtype)
+            pair_sums = torch.einsum("bks,bkc->bsc", one_hot, basis.values)
+        energies, grads = self.energies_and_pair_sum_gradients(pair_sums, center_elements)
+        lowered_grads = torch.einsum("mbsc,xcl->mbsxl", grads, self.lowering.to(grads.dtype))
+        if n_el == 1:
+            radial = torch.einsum("mbc,bkc->mbk", grads[:, :, 0], basis.radial_derivatives)
+            tangential = torch.einsum("mbxl,bkl->mbkx", lowered_grads[:, :, 0], basis.lowered)
+        else:
+            radial_all = torch.einsum("mbsc,bkc->mbks", grads, basis.radial_derivatives)
+            tangential_all = torch.einsum("mbsxl,bkl->mbksx", lowered_grads, basis.lowered)
+            pick = neighbour_elements.unsqueeze(0).unsqueeze(-1).expand(self.n_members, -1, -1, 1)
+            radial = radial_all.gather(3, pick).squeeze(3)
+            pick3 = pick.unsqueeze(-1).expand(-1, -1, -1, 1, 3)
+            tangential = tangential_all.gather(3, pick3).squeeze(3)
+        unit = basis.unit_vectors
+        along = (tangential * unit).sum(-1, keepdim=True)
+        pair_vectors = radial.unsqueeze(-1) * unit + (tangential - along * unit) / basis.distances.unsqueeze(-1)
+        return energies, pair_vectors

@@ -1,0 +1,397 @@
+"""Training the ensemble on energies and masked force rows, all members in one batched pass.
+
+Pair sums S and their Jacobians ∂S/∂R do not depend on the weights, so they are computed once
+per structure; every epoch then costs one pass through the small networks plus one sparse
+product F^m = −(∂S/∂R)ᵀ ∂E^m/∂S. A chunk keeps only the rows its central atom's force needs.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.science.descriptors import MomentDescriptor, SymmetryFunctionParams
+from pipeline.science.model import EnsembleModel
+from pipeline.science.neighbours import neighbour_pairs
+from pipeline.science.structures import LabelledStructure
+
+ProgressCallback = Callable[[int, int, float], None]
+
+
+@dataclass
+class TrainingSettings:
+    """Everything that defines a training run; seeds are set from `seed` alone."""
+
+    ensemble: int = 10
+    hidden: tuple[int, ...] = (5, 5)
+    cutoff: float = 6.5
+    epochs: int = 1500
+    learning_rate: float = 1e-2
+    final_learning_rate: float = 5e-4
+    lbfgs_steps: int = 0
+    energy_weight: float = 1.0
+    force_weight: float = 1.0
+    validation_fraction: float = 0.0
+    patience_epochs: int = 300
+    bootstrap: bool = False
+    seed: int = 0
+    member_seeds: tuple[int, ...] | None = None
+    elements: tuple[int, ...] | None = None
+    descriptor: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if self.ensemble < 2 and self.member_seeds is None:
+            raise ValueError("ensemble must have at least 2 members for an uncertainty")
+        if self.epochs < 0 or self.lbfgs_steps < 0:
+            raise ValueError("epochs and lbfgs_steps must be ≥ 0")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError("validation_fraction must be in [0, 1)")
+        if any(h < 1 for h in self.hidden):
+            raise ValueError("hidden layer widths must be ≥ 1")
+
+    def seeds(self) -> list[int]:
+        """One initialisation seed per member."""
+        if self.member_seeds is not None:
+            return [int(s) for s in self.member_seeds]
+        return [self.seed * 1000 + m for m in range(self.ensemble)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainingData:
+    """Concatenated pair sums of the rows that matter, with energy segments and force Jacobians."""
+
+    pair_sums: torch.Tensor  # (R, n_elements, C)
+    element_index: torch.Tensor  # (R,)
+    energy_rows: torch.Tensor  # rows that belong to energy-labelled structures
+    energy_segment: torch.Tensor  # structure slot of each energy row
+    energies: torch.Tensor  # (S_E,) eV
+    energy_atoms: torch.Tensor  # (S_E,) atoms per energy-labelled structure
+    energy_structure: torch.Tensor  # (S_E,) index of the structure in the input list
+    force_jacobian: torch.Tensor  # sparse CSR (3·F, R·n_elements·C): ∂S/∂R for trained force rows
+    force_jacobian_t: torch.Tensor  # its transpose, CSR, for the backward pass
+    forces: torch.Tensor  # (F, 3) eV/Å reference
+    force_structure: torch.Tensor  # (F,) index of the structure in the input list
+
+
+def _element_index(numbers: np.ndarray, elements: tuple[int, ...]) -> np.ndarray:
+    lookup = {z: k for k, z in enumerate(elements)}
+    return np.array([lookup[int(z)] for z in numbers], dtype=np.int64)
+
+
+def _structure_terms(
+    item: LabelledStructure, descriptor: MomentDescriptor, dtype: torch.dtype
+) -> tuple[np.ndarray, torch.Tensor, np.ndarray, torch.Tensor]:
+    """Rows needed by one structure, their pair sums, the trained force rows and a dense ∂S/∂R.
+
+    Returns (rows, pair_sums (len(rows), n_el, C), force_atoms, jacobian (F, 3, len(rows), n_el·C)).
+    """
+    params = descriptor.params
+    atoms = item.atoms
+    n_el, n_ch = params.n_elements, descriptor.n_channels
+    pairs = neighbour_pairs(atoms, params.cutoff)
+    force_atoms = np.flatnonzero(item.force_mask)
+    if item.energy is not None:
+        rows = np.arange(len(atoms))
+    else:
+        touching = pairs.centers[np.isin(pairs.neighbours, force_atoms)]
+        rows = np.union1d(force_atoms, touching)
+    row_of = np.full(len(atoms), -1, dtype=np.int64)
+    row_of[rows] = np.arange(len(rows))
+    keep = row_of[pairs.centers] >= 0
+    centers, neighbours = pairs.centers[keep], pairs.neighbours[keep]
+    vectors = torch.from_numpy(pairs.vectors[keep]).to(dtype)
+    basis = descriptor.pair_basis(vectors)
+    neighbour_el = _element_index(atoms.numbers[neighbours], params.elements)
+    pair_sums = torch.zeros(len(rows), n_el, n_ch, dtype=dtype)
+    pair_sums.index_put_(
+        (torch.from_numpy(row_of[centers]), torch.from_numpy(neighbour_el)), basis.values, accumulate=True
+    )
+    force_of = np.full(len(atoms), -1, dtype=np.int64)
+    force_of[force_atoms] = np.arange(len(force_atoms))
+    jacobian = torch.zeros(len(force_atoms), 3, len(rows), n_el * n_ch, dtype=dtype)
+    involved = (force_of[neighbours] >= 0) | (force_of[centers] >= 0)
+    if involved.any():
+        sel = torch.from_numpy(np.flatnonzero(involved))
+        grads = _pair_basis_gradients(descriptor, basis, sel)  # (P, C, 3)
+        grads = grads.transpose(1, 2)  # (P, 3, C)
+        columns = torch.from_numpy(neighbour_el[sel.numpy()])[:, None] * n_ch + torch.arange(n_ch)
+        row_idx = torch.from_numpy(row_of[centers[sel.numpy()]])
+        for atom_of_force, sign in ((neighbours, 1.0), (centers, -1.0)):
+            f = force_of[atom_of_force[sel.numpy()]]
+            hit = torch.from_numpy(f >= 0)
+            if not hit.any():
+                continue
+            f_t = torch.from_numpy(f)[hit]
+            target = jacobian.view(len(force_atoms), 3, -1)
+            flat_cols = row_idx[hit][:, None] * (n_el * n_ch) + columns[hit]  # (P', C)
+            for axis in range(3):
+                target[:, axis].index_put_(
+                    (f_t[:, None].expand_as(flat_cols), flat_cols), sign * grads[hit, axis], accumulate=True
+                )
+    return rows, pair_sums, force_atoms, jacobian
+
+
+def _pair_basis_gradients(descriptor: MomentDescriptor, basis, selection: torch.Tensor) -> torch.Tensor:
+    """∂B_c/∂r_ij (P, C, 3) for the selected pairs: radial part plus the tangential moment part."""
+    unit = basis.unit_vectors[selection]
+    r = basis.distances[selection].unsqueeze(-1).unsqueeze(-1)
+    lowering = torch.from_numpy(descriptor.layout.lowering).to(unit.dtype)
+    tangential = torch.einsum("xcl,pl->pcx", lowering, basis.lowered[selection])
+    along = (tangential * unit.unsqueeze(1)).sum(-1, keepdim=True)
+    radial = basis.radial_derivatives[selection].unsqueeze(-1) * unit.unsqueeze(1)
+    return radial + (tangential - along * unit.unsqueeze(1)) / r
+
+
+def prepare_training_data(
+    structures: Sequence[LabelledStructure], descriptor: MomentDescriptor, dtype: torch.dtype = torch.float64
+) -> TrainingData:
+    """Pair sums and force Jacobians of every structure, computed once and concatenated."""
+    params = descriptor.params
+    width = params.n_elements * descriptor.n_channels
+    sums, elements, jac_idx, jac_val, forces, force_struct = [], [], [], [], [], []
+    energy_rows, energy_segment, energies, energy_atoms, energy_struct = [], [], [], [], []
+    row_offset = force_offset = 0
+    for s, item in enumerate(structures):
+        rows, pair_sums, force_atoms, jacobian = _structure_terms(item, descriptor, dtype)
+        sums.append(pair_sums)
+        elements.append(_element_index(item.atoms.numbers[rows], params.elements))
+        if item.energy is not None:
+            energy_rows.append(np.arange(row_offset, row_offset + len(rows)))
+            energy_segment.append(np.full(len(rows), len(energies)))
+            energies.append(float(item.energy))
+            energy_atoms.append(len(item.atoms))
+            energy_struct.append(s)
+        if len(force_atoms):
+            dense = jacobian.reshape(len(force_atoms) * 3, len(rows) * width)
+            nz = dense.nonzero(as_tuple=True)
+            jac_idx.append(torch.stack([nz[0] + 3 * force_offset, nz[1] + row_offset * width]))
+            jac_val.append(dense[nz])
+            forces.append(item.forces[force_atoms])
+            force_struct.append(np.full(len(force_atoms), s))
+        row_offset += len(rows)
+        force_offset += len(force_atoms)
+    indices = torch.cat(jac_idx, dim=1) if jac_idx else torch.zeros(2, 0, dtype=torch.int64)
+    values = torch.cat(jac_val) if jac_val else torch.zeros(0, dtype=dtype)
+    shape = (3 * force_offset, row_offset * width)
+    jacobian = torch.sparse_coo_tensor(indices, values, shape, check_invariants=False).coalesce()
+    jacobian_t = torch.sparse_coo_tensor(indices.flip(0), values, shape[::-1], check_invariants=False).coalesce()
+
+    def cat(chunks, dtype_=torch.int64, empty_shape=(0,)):
+        return torch.from_numpy(np.concatenate(chunks)).to(dtype_) if chunks else torch.zeros(empty_shape, dtype=dtype_)
+
+    return TrainingData(
+        pair_sums=torch.cat(sums) if sums else torch.zeros(0, params.n_elements, descriptor.n_channels, dtype=dtype),
+        element_index=cat(elements),
+        energy_rows=cat(energy_rows),
+        energy_segment=cat(energy_segment),
+        energies=torch.tensor(energies, dtype=dtype),
+        energy_atoms=torch.tensor(energy_atoms, dtype=dtype),
+        energy_structure=torch.tensor(energy_struct, dtype=torch.int64),
+        force_jacobian=jacobian.to_sparse_csr(),
+        force_jacobian_t=jacobian_t.to_sparse_csr(),
+        forces=torch.from_numpy(np.concatenate(forces)).to(dtype) if forces else torch.zeros(0, 3, dtype=dtype),
+        force_structure=cat(force_struct),
+    )
+
+
+def elements_of(structures: Sequence[LabelledStructure]) -> tuple[int, ...]:
+    """Sorted atomic numbers present in a data set."""
+    return tuple(sorted({int(z) for item in structures for z in item.atoms.numbers}))
+
+
+def predict_labels(model: EnsembleModel, data: TrainingData, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Member energies (M, S_E) eV and trained force rows (M, F, 3) eV/Å for prepared data."""
+    atomic, grads = model.energies_and_pair_sum_gradients(data.pair_sums, data.element_index, create_graph)
+    n_members = atomic.shape[0]
+    energies = atomic.new_zeros(n_members, len(data.energies))
+    energies = energies.index_add(1, data.energy_segment, atomic[:, data.energy_rows])
+    flat_grads = grads.reshape(n_members, -1).T  # (R·width, M)
+    forces = -_SparseProduct.apply(data.force_jacobian, data.force_jacobian_t, flat_grads)  # (3F, M)
+    return energies, forces.T.reshape(n_members, -1, 3)
+
+
+class _SparseProduct(torch.autograd.Function):
+    """y = J x with a precomputed CSR transpose for the backward pass (no re-sorting per epoch)."""
+
+    @staticmethod
+    def forward(ctx, matrix, matrix_t, dense):
+        ctx.matrix_t = matrix_t
+        return matrix @ dense
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return None, None, ctx.matrix_t @ grad_output
+
+
+@dataclass
+class TrainingReport:
+    """Metrics of a finished training run (eV/Å for forces, eV/atom for energies)."""
+
+    train_force_mae: float
+    train_energy_rmse_per_atom: float
+    validation_force_mae: float | None
+    epochs_run: int
+    final_loss: float
+
+
+def _fit_scaling(model: EnsembleModel, data: TrainingData, structures: Sequence[LabelledStructure]) -> None:
+    """Per-element feature mean/std, per-element energy offsets (least squares), output scale."""
+    features = model.descriptor.features(data.pair_sums)
+    for k in range(model.params.n_elements):
+        rows = features[data.element_index == k]
+        if len(rows) == 0:
+            continue
+        model.feature_mean[k] = rows.mean(0)
+        std = rows.std(0, unbiased=False) if len(rows) > 1 else torch.ones_like(rows[0])
+        model.feature_std[k] = torch.where(std > 1e-8, std, torch.ones_like(std))
+    labelled = [item for item in structures if item.energy is not None]
+    if labelled:
+        counts = np.array([[np.sum(item.atoms.numbers == z) for z in model.params.elements] for item in labelled])
+        offsets, *_ = np.linalg.lstsq(counts.astype(float), np.array([item.energy for item in labelled]), rcond=None)
+        model.energy_offset.copy_(torch.from_numpy(offsets))
+    if len(data.forces):
+        model.energy_scale.fill_(max(float(data.forces.std()), 0.05))
+
+
+def _split(n_structures: int, fraction: float, generator: np.random.Generator) -> np.ndarray:
+    """Boolean mask of validation structures."""
+    mask = np.zeros(n_structures, dtype=bool)
+    n_val = int(round(fraction * n_structures))
+    if fraction > 0 and n_structures >= 5:
+        mask[generator.permutation(n_structures)[: max(n_val, 1)]] = True
+    return mask
+
+
+def _member_weights(n_members: int, n_structures: int, train: np.ndarray, bootstrap: bool, generator) -> torch.Tensor:
+    """(M, n_structures) sample weights: 1 on training structures, bootstrap counts if asked."""
+    weights = np.tile(train.astype(float), (n_members, 1))
+    if bootstrap and train.any():
+        idx = np.flatnonzero(train)
+        for m in range(n_members):
+            weights[m, idx] = np.bincount(generator.choice(idx, size=len(idx)), minlength=n_structures)[idx]
+    return torch.from_numpy(weights)
+
+
+def _member_losses(model, data, weights, settings, create_graph=True) -> torch.Tensor:
+    """SPEC loss per member: w_E Σ_s ((E−Ê)/N)² + w_F mean over trained force rows ‖F−F̂‖²."""
+    energies, forces = predict_labels(model, data, create_graph=create_graph)
+    loss = energies.new_zeros(energies.shape[0])
+    if len(data.energies):
+        w = weights[:, data.energy_structure]
+        per_atom = ((energies - data.energies) / data.energy_atoms) ** 2
+        loss = loss + settings.energy_weight * (w * per_atom).sum(1)
+    if len(data.forces):
+        w = weights[:, data.force_structure]
+        sq = ((forces - data.forces) ** 2).sum(-1)
+        loss = loss + settings.force_weight * (w * sq).sum(1) / w.sum(1).clamp_min(1.0)
+    return loss
+
+
+def force_mae(model: EnsembleModel, data: TrainingData, structure_mask: np.ndarray) -> float:
+    """Mean absolute error of the ensemble-mean force components over the selected structures."""
+    rows = torch.from_numpy(structure_mask)[data.force_structure]
+    if not rows.any():
+        return float("nan")
+    _, forces = predict_labels(model, data, create_graph=False)
+    return float((forces.mean(0)[rows] - data.forces[rows]).abs().mean())
+
+
+def train_ensemble(
+    structures: Sequence[LabelledStructure],
+    settings: TrainingSettings,
+    progress: ProgressCallback | None = None,
+) -> tuple[EnsembleModel, TrainingReport]:
+    """Train an ensemble on labelled structures; deterministic for given settings."""
+    if not structures:
+        raise ValueError("no training structures")
+    torch.manual_seed(settings.seed)
+    generator = np.random.default_rng(settings.seed)
+    elements = settings.elements or elements_of(structures)
+    params = SymmetryFunctionParams(elements=tuple(elements), cutoff=settings.cutoff, **settings.descriptor)
+    model = EnsembleModel(params, hidden=settings.hidden, member_seeds=settings.seeds())
+    data = prepare_training_data(structures, model.descriptor)
+    _fit_scaling(model, data, structures)
+    validation = _split(len(structures), settings.validation_fraction, generator)
+    weights = _member_weights(model.n_members, len(structures), ~validation, settings.bootstrap, generator)
+    val_weights = torch.from_numpy(np.tile(validation.astype(float), (model.n_members, 1)))
+    epochs_run, loss = _adam(model, data, weights, val_weights if validation.any() else None, settings, progress)
+    if settings.lbfgs_steps:
+        loss = _lbfgs(model, data, weights, settings)
+    model.eval()
+    energies, _ = predict_labels(model, data, create_graph=False)
+    train_e = torch.from_numpy(~validation)[data.energy_structure]
+    rmse = float("nan")
+    if train_e.any():
+        err = (energies.mean(0) - data.energies) / data.energy_atoms
+        rmse = float(err[train_e].pow(2).mean().sqrt())
+    report = TrainingReport(
+        train_force_mae=force_mae(model, data, ~validation),
+        train_energy_rmse_per_atom=rmse,
+        validation_force_mae=force_mae(model, data, validation) if validation.any() else None,
+        epochs_run=epochs_run,
+        final_loss=float(loss),
+    )
+    return model, report
+
+
+def _adam(model, data, weights, val_weights, settings, progress) -> tuple[int, float]:
+    """Adam with exponential learning-rate decay; early stopping per member on validation loss."""
+    parameters = list(model.networks.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate)
+    epochs = settings.epochs
+    decay = (settings.final_learning_rate / settings.learning_rate) ** (1.0 / max(epochs, 1))
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay)
+    best_val = torch.full((model.n_members,), float("inf"), dtype=torch.float64)
+    best_state = copy.deepcopy(model.networks.state_dict()) if val_weights is not None else None
+    since_best = 0
+    total = torch.tensor(0.0)
+    epoch = 0
+    for epoch in range(1, epochs + 1):
+        optimizer.zero_grad()
+        total = _member_losses(model, data, weights, settings).sum()
+        total.backward()
+        optimizer.step()
+        scheduler.step()
+        if val_weights is not None and (epoch % 10 == 0 or epoch == epochs):
+            since_best = _track_best(model, data, val_weights, settings, best_val, best_state, since_best + 10)
+            if since_best >= settings.patience_epochs:
+                break
+        if progress is not None:
+            progress(epoch, epochs, float(total))
+    if best_state is not None:
+        model.networks.load_state_dict(best_state)
+    return epoch, float(total.detach())
+
+
+def _track_best(model, data, val_weights, settings, best_val, best_state, since_best) -> int:
+    """Keep each member's weights at its lowest validation loss; return epochs since any improved."""
+    val = _member_losses(model, data, val_weights, settings, create_graph=False).detach()
+    improved = val < best_val
+    if improved.any():
+        best_val[improved] = val[improved]
+        for name, tensor in model.networks.state_dict().items():
+            best_state[name][improved] = tensor[improved]
+        return 0
+    return since_best
+
+
+def _lbfgs(model, data, weights, settings) -> float:
+    """Optional L-BFGS polish of all members at once (their losses are independent)."""
+    optimizer = torch.optim.LBFGS(
+        list(model.networks.parameters()), max_iter=settings.lbfgs_steps, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = _member_losses(model, data, weights, settings).sum()
+        loss.backward()
+        return loss
+
+    return float(optimizer.step(closure))

@@ -1,0 +1,22 @@
+"""Ensemble uncertainty (Zeng, Chen & Peterson 2022): δ_i = 2.58·σ of the members' force vectors."""
+from __future__ import annotations
+
+import numpy as np
+
+CONFIDENCE_FACTOR = 2.58
+
+
+def atomic_uncertainty(member_forces: np.ndarray) -> np.ndarray:
+    """δ_i = 2.58·sqrt(Σ_m ‖f_i^m − f̄_i‖² / (M − 1)) in eV/Å, from forces of shape (M, N, 3)."""
+    member_forces = np.asarray(member_forces, dtype=float)
+    n_members = member_forces.shape[0]
+    if n_members < 2:
+        raise ValueError("uncertainty needs an ensemble of at least 2 members")
+    deviations = member_forces - member_forces.mean(axis=0, keepdims=True)
+    variance = (deviations**2).sum(axis=(0, 2)) / (n_members - 1)
+    return CONFIDENCE_FACTOR * np.sqrt(variance)
+
+
+def structure_uncertainty(member_forces: np.ndarray) -> float:
+    """δ = max_i δ_i (eV/Å)."""
+    return float(atomic_uncertainty(member_forces).max(initial=0.0))
