@@ -1,0 +1,83 @@
+"""Model files: tensors in safetensors (no code is executed on load) plus JSON metadata in its header."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import BadInput
+from pipeline.science.descriptors import SymmetryFunctionParams
+from pipeline.science.model import EnsembleModel
+
+FORMAT_NAME = "nft-ensemble"
+FORMAT_VERSION = 1
+
+
+class ModelFileError(BadInput):
+    """A model file is missing, corrupt, foreign or of an unknown version."""
+
+
+def save_model(model: EnsembleModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write the ensemble atomically (temporary file, then rename) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": FORMAT_NAME,
+        "version": str(FORMAT_VERSION),
+        "descriptor": json.dumps(model.params.to_dict()),
+        "hidden": json.dumps(list(model.networks.hidden)),
+        "member_seeds": json.dumps(model.member_seeds),
+        "extra": json.dumps(extra or {}),
+    }
+    tensors = {name: t.detach().to(torch.float64).contiguous().clone() for name, t in model.state_dict().items()}
+    temporary = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(temporary), metadata=metadata)
+    temporary.replace(path)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a model file; ModelFileError if it is not an nft model."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    try:
+        with open(path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            if not 0 < header_size < 100_000_000:
+                raise ValueError("bad header size")
+            header = json.loads(handle.read(header_size))
+        raw = header.get("__metadata__") or {}
+        if raw.get("format") != FORMAT_NAME:
+            raise ModelFileError(f"{path}: not an nft model file (format {raw.get('format')!r})")
+        if raw.get("version") != str(FORMAT_VERSION):
+            raise ModelFileError(f"{path}: nft model format version {raw.get('version')}, this nft reads {FORMAT_VERSION}")
+        return {
+            "descriptor": json.loads(raw["descriptor"]),
+            "hidden": json.loads(raw["hidden"]),
+            "member_seeds": json.loads(raw["member_seeds"]),
+            "extra": json.loads(raw.get("extra", "{}")),
+        }
+    except ModelFileError:
+        raise
+    except (ValueError, KeyError, UnicodeDecodeError, OSError) as error:
+        raise ModelFileError(f"{path}: not a readable nft model file ({error.__class__.__name__})") from None
+
+
+def load_ensemble(path: str | Path, dtype: torch.dtype = torch.float64) -> EnsembleModel:
+    """Rebuild the ensemble from a model file; ModelFileError on anything malformed."""
+    meta = read_metadata(path)
+    try:
+        params = SymmetryFunctionParams.from_dict(meta["descriptor"])
+        model = EnsembleModel(params, hidden=tuple(meta["hidden"]), member_seeds=meta["member_seeds"])
+        state = load_file(str(path))
+        model.load_state_dict(state)
+    except (SafetensorError, RuntimeError, ValueError, TypeError, KeyError) as error:
+        message = str(error).splitlines()[0][:160]
+        raise ModelFileError(f"{path}: corrupt nft model file ({message})") from None
+    model.extra_metadata = meta["extra"]
+    return model.to(dtype).eval()
