@@ -1,0 +1,127 @@
+"""The single-node Slurm cluster runs real batch jobs, MPI under srun and mpiexec, and the driver
+template."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+
+MPI_HELLO = (
+    "from mpi4py import MPI; comm = MPI.COMM_WORLD; "
+    "print('rank', comm.rank, 'of', comm.size, 'sum', comm.allreduce(comm.rank + 1), flush=True)"
+)
+
+
+def submit(cluster, *args: str, cwd: Path, **env: str) -> str:
+    """sbatch with --parsable (the job gets this environment plus `env`); returns the job id."""
+    result = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=cluster.env(**env),
+                            capture_output=True, text=True, timeout=60, check=True)
+    return result.stdout.strip().split(";")[0]
+
+
+def completion_records(cluster) -> dict[str, tuple[str, str]]:
+    """Ended jobs from the job-completion log (`sacct -c`): job id -> (state, exit code)."""
+    out = subprocess.run(["sacct", "-c", "-n", "-P", "-o", "jobid,state,exitcode"],
+                         env=cluster.env(), capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    records = {}
+    for line in out.splitlines():
+        job_id, state, exit_code = line.split("|")
+        records[job_id] = (state, exit_code)
+    return records
+
+
+def require_mpi4py():
+    pytest.importorskip("mpi4py", reason="mpi4py is installed by scripts/setup.sh")
+
+
+def test_cluster_is_up_with_the_node_idle_or_in_use(slurm_cluster):
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %P %T %c"], env=slurm_cluster.env(),
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    node, partition, state, cpus = out.split()
+    assert node == slurm_cluster.node
+    assert partition.rstrip("*") == slurm_cluster.partition
+    assert state in {"idle", "mixed", "allocated", "completing"}
+    assert int(cpus) == slurm_cluster.cpus
+
+
+def test_batch_job_runs_and_is_recorded(slurm_cluster, tmp_path):
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\necho \"job $SLURM_JOB_ID on $(hostname -s) ntasks $SLURM_NTASKS\"\n")
+    job_id = submit(slurm_cluster, "-n", "1", "-o", str(tmp_path / "out-%j.txt"), str(script),
+                    cwd=tmp_path)
+    state = slurm_cluster.wait_for_job(job_id)
+    assert state["JobState"] == "COMPLETED", state
+    assert state["ExitCode"] == "0:0"
+    output = (tmp_path / f"out-{job_id}.txt").read_text()
+    assert f"job {job_id} on {slurm_cluster.node} ntasks 1" in output
+
+    deadline = time.monotonic() + 30
+    while job_id not in completion_records(slurm_cluster) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert completion_records(slurm_cluster)[job_id] == ("COMPLETED", "0:0")
+
+
+def test_failed_job_is_reported_failed(slurm_cluster, tmp_path):
+    job_id = submit(slurm_cluster, "-n", "1", "-o", "/dev/null", "--wrap", "exit 3", cwd=tmp_path)
+    state = slurm_cluster.wait_for_job(job_id)
+    assert state["JobState"] == "FAILED"
+    assert state["ExitCode"] == "3:0"
+
+
+def test_srun_starts_two_mpi_ranks(slurm_cluster, tmp_path):
+    """Two ranks through srun's MPI plugin (PMIx where Slurm has it) with mpi4py on OpenMPI."""
+    require_mpi4py()
+    if slurm_cluster.mpi_default != "pmix":
+        pytest.skip("this Slurm has no PMIx plugin; use mpiexec inside an allocation")
+    result = subprocess.run(
+        ["srun", "--mpi=pmix", "-n", "2", str(VENV_BIN / "python"), "-c", MPI_HELLO],
+        cwd=tmp_path, env=slurm_cluster.env(OMP_NUM_THREADS="1"),
+        capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank"))
+    assert lines == ["rank 0 of 2 sum 3", "rank 1 of 2 sum 3"]
+
+
+def test_mpiexec_inside_a_batch_allocation(slurm_cluster, tmp_path):
+    """OpenMPI's mpiexec picks up the Slurm allocation of a batch job."""
+    require_mpi4py()
+    mpiexec = shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.fail("mpiexec not found (openmpi-bin, installed by scripts/setup.sh)")
+    command = f"{mpiexec} -n 2 {VENV_BIN / 'python'} -c \"{MPI_HELLO}\""
+    job_id = submit(slurm_cluster, "-n", "2", "-o", str(tmp_path / "mpi-%j.txt"), "--wrap", command,
+                    cwd=tmp_path)
+    state = slurm_cluster.wait_for_job(job_id)
+    output = (tmp_path / f"mpi-{job_id}.txt").read_text()
+    assert state["JobState"] == "COMPLETED", output
+    lines = sorted(line for line in output.splitlines() if line.startswith("rank"))
+    assert lines == ["rank 0 of 2 sum 3", "rank 1 of 2 sum 3"]
+
+
+def test_driver_template_runs_nft_as_a_job(slurm_cluster, tmp_path):
+    """slurm/nft-driver.sbatch starts `nft run` inside the job; a missing config exits 2."""
+    nft = VENV_BIN / "nft"
+    has_run = subprocess.run([str(nft), "run", "--help"], capture_output=True, timeout=60,
+                             check=False).returncode == 0
+    if not has_run:
+        pytest.skip("`nft run` is not available in this checkout yet")
+    missing = tmp_path / "no-such-campaign.toml"
+    job_id = submit(slurm_cluster, "-o", str(tmp_path / "driver-%j.txt"),
+                    str(REPO / "slurm" / "nft-driver.sbatch"), str(missing), cwd=tmp_path,
+                    NFT_ROOT=str(REPO))
+    state = slurm_cluster.wait_for_job(job_id)
+    output = (tmp_path / f"driver-{job_id}.txt").read_text()
+    assert state["JobState"] == "FAILED", output
+    assert state["ExitCode"] == "2:0", output
+    assert "nft run" in output and "--site slurm" in output
+    assert "no-such-campaign.toml" in output
