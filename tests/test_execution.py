@@ -157,3 +157,21 @@ def test_a_worker_that_dies_fails_its_job_not_the_session(local_site):
         doomed.result(timeout=150)
     survivor = local_site.reference_app("emt", {}, atoms_to_payload(rattled_platinum(7)))
     assert np.isfinite(survivor.result(timeout=120)["energy"])
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+def test_slurm_site_runs_an_emt_job_as_a_slurm_job(slurm_cluster, tmp_path):
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    atoms = rattled_platinum(seed=21)
+    config = load_site("slurm", tmp_path / "runinfo", {"partition": slurm_cluster.partition, "walltime": "00:10:00"})
+    with parsl_session(config):
+        apps = make_apps(config)
+        assert apps.reference_is_mpi
+        result = apps.reference_app("emt", {}, atoms_to_payload(atoms)).result(timeout=240)
+    atoms.calc = EMT()
+    np.testing.assert_allclose(result["forces"], atoms.get_forces(), atol=1e-10)
+    assert result["external_id"], "the job saw no SLURM_JOB_ID"
+    job = slurm_cluster.job_state(result["external_id"])
+    assert job["JobName"].startswith("parsl.reference"), job
+    assert result["host"] == slurm_cluster.node or job.get("NodeList") == slurm_cluster.node

@@ -103,3 +103,20 @@ def test_a_job_past_its_time_limit_fails(tmp_path):
     payload = atoms_to_payload(distorted_water_chunk())
     with pytest.raises(ReferenceFailed, match="timed out after 0.5 s"):
         compute_reference("gpaw", {**TINY_JOBS["pw"], "timeout_s": 0.5}, payload, str(tmp_path))
+
+
+@needs_gpaw
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_rank_job_through_the_slurm_site_runs_under_srun(slurm_cluster, tmp_path):
+    payload = atoms_to_payload(distorted_water_chunk())
+    serial = compute_reference("gpaw", {**TINY_JOBS["pw"], "ranks": 1}, payload, str(tmp_path / "serial"))
+    config = load_site("slurm", tmp_path / "runinfo", {"partition": slurm_cluster.partition, "walltime": "00:10:00"})
+    with parsl_session(config):
+        apps = make_apps(config)
+        parallel = apps.reference_app("gpaw", {**TINY_JOBS["pw"], "ranks": 2}, payload, str(tmp_path / "slurm")).result(timeout=240)
+    assert abs(parallel["energy"] - serial["energy"]) < 1e-3
+    np.testing.assert_allclose(parallel["forces"], serial["forces"], atol=1e-3)
+    assert slurm_cluster.job_state(parallel["external_id"])["JobName"].startswith("parsl.reference")
+    assert "srun --ntasks 2" in (tmp_path / "slurm" / "launcher.log").read_text()
+    assert re.search(r"(domain|band|kpt):\s+2\b", Path(parallel["log_file"]).read_text())

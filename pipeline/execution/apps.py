@@ -37,8 +37,18 @@ ROUTES: dict[str, tuple[str, ...]] = {
 # ---------------------------------------------------------------------------------------------
 # Jobs: what runs on a worker.
 
-def reference_job(calculator: str, params: Mapping[str, Any] | None, payload: Mapping[str, Any], job_dir: str | None = None) -> dict[str, Any]:
-    """Energy and forces of one structure by the parent calculator (see `parents.compute_reference`)."""
+def reference_job(
+    calculator: str,
+    params: Mapping[str, Any] | None,
+    payload: Mapping[str, Any],
+    job_dir: str | None = None,
+    parsl_resource_specification: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Energy and forces of one structure by the parent calculator (see `parents.compute_reference`).
+
+    `parsl_resource_specification` is Parsl's (MPI ranks and nodes); the launch prefix it yields
+    reaches the job as ``$PARSL_MPI_PREFIX``.
+    """
     from pipeline.execution.parents import compute_reference
 
     return compute_reference(calculator, params, payload, job_dir)
