@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install what is missing (scripts/setup.sh), then run the whole test suite, slow tests included.
+# Tests that need Slurm start and stop the single-node cluster themselves (tests/plugins).
+#   bash scripts/run-tests.sh [pytest options]
+set -uo pipefail
+
+NFT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$NFT_ROOT"
+
+bash scripts/setup.sh || { echo "run-tests.sh: set-up failed" >&2; exit 1; }
+# shellcheck source=env.sh
+. scripts/env.sh
+
+python -m pytest "$@"
+status=$?
+if [ "$status" -eq 5 ]; then
+    echo "run-tests.sh: pytest collected no tests" >&2
+    exit 1
+fi
+exit "$status"
