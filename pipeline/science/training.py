@@ -7,6 +7,7 @@ product F^m = −(∂S/∂R)ᵀ ∂E^m/∂S. A chunk keeps only the rows its cen
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -364,7 +365,7 @@ def _adam(model, data, weights, val_weights, settings, progress) -> tuple[int, f
             if since_best >= settings.patience_epochs:
                 break
         if progress is not None:
-            progress(epoch, epochs, float(total))
+            progress(epoch, epochs, float(total.detach()))
     if best_state is not None:
         model.networks.load_state_dict(best_state)
     return epoch, float(total.detach())
