@@ -22,9 +22,10 @@ from pipeline.science.structures import atoms_to_payload
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def local_site(tmp_path_factory):
-    """A loaded `local` site (real HighThroughputExecutor, two workers) and its apps."""
+    """A loaded `local` site (real HighThroughputExecutor, two workers) and its apps, for one class
+    of tests (Parsl holds one loaded config at a time)."""
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     run_dir = tmp_path_factory.mktemp("parsl") / "runinfo"
     config = load_site("local", run_dir, {"workers": 2})
@@ -125,38 +126,39 @@ def test_parsl_session_cleans_up_even_when_the_block_raises(tmp_path):
         parsl.dfk()
 
 
-def test_emt_jobs_through_parsl_equal_direct_emt(local_site):
-    structures = [rattled_platinum(seed) for seed in range(4)]
-    futures = [local_site.reference_app("emt", {}, atoms_to_payload(atoms)) for atoms in structures]
-    for atoms, future in zip(structures, futures):
-        result = future.result(timeout=120)
-        atoms.calc = EMT()
-        assert result["energy"] == pytest.approx(atoms.get_potential_energy(), abs=1e-10)
-        np.testing.assert_allclose(result["forces"], atoms.get_forces(), atol=1e-10)
-        assert result["host"] and result["wall_time_s"] >= 0
-    assert isinstance(local_site.reference_app("emt", {}, atoms_to_payload(structures[0])), parsl.dataflow.futures.AppFuture)
+class TestLocalSite:
+    """Jobs through one loaded local site."""
 
+    def test_emt_jobs_through_parsl_equal_direct_emt(self, local_site):
+        structures = [rattled_platinum(seed) for seed in range(4)]
+        futures = [local_site.reference_app("emt", {}, atoms_to_payload(atoms)) for atoms in structures]
+        for atoms, future in zip(structures, futures):
+            result = future.result(timeout=120)
+            atoms.calc = EMT()
+            assert result["energy"] == pytest.approx(atoms.get_potential_energy(), abs=1e-10)
+            np.testing.assert_allclose(result["forces"], atoms.get_forces(), atol=1e-10)
+            assert result["host"] and result["wall_time_s"] >= 0
+        assert isinstance(local_site.reference_app("emt", {}, atoms_to_payload(structures[0])), parsl.dataflow.futures.AppFuture)
 
-def test_a_failed_job_comes_back_as_an_exception_with_its_reason(local_site):
-    silicon = bulk("Si", "diamond", a=5.43)
-    future = local_site.reference_app("emt", {}, atoms_to_payload(silicon))
-    with pytest.raises(ReferenceFailed, match="No EMT-potential for Si") as raised:
-        future.result(timeout=120)
-    assert "Si" in raised.value.reason
+    def test_a_failed_job_comes_back_as_an_exception_with_its_reason(self, local_site):
+        silicon = bulk("Si", "diamond", a=5.43)
+        future = local_site.reference_app("emt", {}, atoms_to_payload(silicon))
+        with pytest.raises(ReferenceFailed, match="No EMT-potential for Si") as raised:
+            future.result(timeout=120)
+        assert "Si" in raised.value.reason
 
+    def test_a_worker_that_dies_fails_its_job_not_the_session(self, local_site):
+        """Fault injected on purpose: the job kills its own worker process."""
+        from parsl import python_app
 
-def test_a_worker_that_dies_fails_its_job_not_the_session(local_site):
-    """Fault injected on purpose: the job kills its own worker process."""
-    from parsl import python_app
+        def killed_worker():
+            os._exit(9)
 
-    def killed_worker():
-        os._exit(9)
-
-    doomed = python_app(killed_worker, executors=local_site.reference_executors)()
-    with pytest.raises(WorkerLost, match="loss of worker"):
-        doomed.result(timeout=150)
-    survivor = local_site.reference_app("emt", {}, atoms_to_payload(rattled_platinum(7)))
-    assert np.isfinite(survivor.result(timeout=120)["energy"])
+        doomed = python_app(killed_worker, executors=local_site.reference_executors)()
+        with pytest.raises(WorkerLost, match="loss of worker"):
+            doomed.result(timeout=150)
+        survivor = local_site.reference_app("emt", {}, atoms_to_payload(rattled_platinum(7)))
+        assert np.isfinite(survivor.result(timeout=120)["energy"])
 
 
 @pytest.mark.slurm
