@@ -99,10 +99,24 @@ def test_a_launch_that_crashes_fails_with_the_launchers_message(tmp_path):
 
 @needs_gpaw
 @needs_mpiexec
-def test_a_job_past_its_time_limit_fails(tmp_path):
+def test_a_job_past_its_time_limit_fails_and_leaves_no_ranks_behind(tmp_path):
     payload = atoms_to_payload(distorted_water_chunk())
-    with pytest.raises(ReferenceFailed, match="timed out after 0.5 s"):
-        compute_reference("gpaw", {**TINY_JOBS["pw"], "timeout_s": 0.5}, payload, str(tmp_path))
+    with pytest.raises(ReferenceFailed, match="timed out after 2.0 s"):
+        compute_reference("gpaw", {**TINY_JOBS["pw"], "ranks": 2, "timeout_s": 2.0}, payload, str(tmp_path))
+    assert processes_working_in(tmp_path) == []
+
+
+def processes_working_in(directory):
+    """Process ids whose working directory is `directory` (a job's launcher or ranks)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if Path(os.readlink(entry / "cwd")) == Path(directory):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 @needs_gpaw

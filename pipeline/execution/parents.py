@@ -12,6 +12,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -280,12 +281,7 @@ def _run_gpaw_in(params: dict[str, Any], payload: dict[str, Any], job_dir: Path)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"  # GPAW parallelises over MPI ranks; threads would oversubscribe
     try:
-        completed = subprocess.run(
-            command, cwd=job_dir, env=env, capture_output=True, text=True, timeout=params["timeout_s"]
-        )
-        returncode, stdout, stderr = completed.returncode, completed.stdout, completed.stderr
-    except subprocess.TimeoutExpired as expired:
-        returncode, stdout, stderr = None, _text(expired.stdout), _text(expired.stderr)
+        returncode, stdout, stderr = run_process_group(command, job_dir, env, params["timeout_s"])
     except OSError as error:
         raise ReferenceFailed(f"gpaw: cannot start {shlex.join(command)}: {error}") from None
     (job_dir / "launcher.log").write_text(
@@ -301,6 +297,38 @@ def _run_gpaw_in(params: dict[str, Any], payload: dict[str, Any], job_dir: Path)
     else:
         reason = f"gpaw: {shlex.join(command)} exited with code {returncode} and no result"
     raise ReferenceFailed(_with_tails(reason, log_file, stderr))
+
+
+def run_process_group(
+    command: list[str], cwd: Path, env: dict[str, str], timeout_s: float | None
+) -> tuple[int | None, str, str]:
+    """Run `command` in its own process group; past `timeout_s` stop the whole group (launcher and
+    ranks: SIGTERM, then SIGKILL). Returns (exit code or None on timeout, stdout, stderr)."""
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+        return process.returncode, stdout, stderr
+    except subprocess.TimeoutExpired:
+        _signal_group(process.pid, signal.SIGTERM)
+        try:
+            stdout, stderr = process.communicate(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            _signal_group(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+        return None, stdout or "", stderr or ""
+    finally:
+        _signal_group(process.pid, signal.SIGKILL)  # ranks the launcher left behind
+        if process.poll() is None:
+            process.wait()
+
+
+def _signal_group(group_id: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(group_id, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def gpaw_command() -> str:
@@ -327,12 +355,6 @@ def mpi_launch_prefix(params: Mapping[str, Any]) -> list[str]:
     if launcher == "srun":
         return ["srun", "--ntasks", str(ranks), *extra]
     return ["mpiexec", "-n", str(ranks), *extra]
-
-
-def _text(output: bytes | str | None) -> str:
-    if output is None:
-        return ""
-    return output.decode(errors="replace") if isinstance(output, bytes) else output
 
 
 def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
