@@ -115,3 +115,22 @@ def test_training_app_through_parsl_writes_a_loadable_model(tmp_path):
     assert len(predicted) == 1 and len(predicted[0]["uncertainties"]) == 4
     np.testing.assert_allclose(predicted[0]["forces"], expected.forces, atol=1e-8)
     assert predicted[0]["uncertainty"] == pytest.approx(max(expected.uncertainties), abs=1e-8)
+
+
+@needs_model_file
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_training_on_a_slurm_mpi_block_takes_its_world_size_from_the_resource_specification(slurm_cluster, tmp_path):
+    from pipeline.execution.apps import make_apps
+    from pipeline.execution.sites import load_site, parsl_session
+
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    structures = labelled_platinum_cells()
+    options = {"partition": slurm_cluster.partition, "walltime": "00:10:00", "training_executor": "shared"}
+    config = load_site("slurm", tmp_path / "runinfo", options)
+    with parsl_session(config):
+        apps = make_apps(config)
+        metrics = apps.training_app([labelled_to_payload(s) for s in structures], SETTINGS, str(tmp_path / "m.nft"), 2).result(timeout=240)
+        predicted = apps.prediction_app(str(tmp_path / "m.nft"), [labelled_to_payload(structures[0])["atoms"]]).result(timeout=120)
+    assert metrics["world_size"] == 2 and [shard["members"] for shard in metrics["shards"]] == [2, 2]
+    assert len(predicted[0]["uncertainties"]) == len(structures[0].atoms)

@@ -110,6 +110,15 @@ def test_slurm_sites_put_reference_jobs_on_an_mpi_executor(tmp_path):
     assert "--gpus-per-node=4" in training.provider.scheduler_options
 
 
+def test_a_shared_slurm_site_gives_every_app_a_resource_specification(tmp_path):
+    config = load_site("slurm", tmp_path, {"training_executor": "shared"})
+    apps = make_apps(config)
+    assert [e.label for e in config.executors] == ["reference"]
+    assert apps.training_executors == "all" and apps.training_is_mpi and apps.prediction_is_mpi
+    with pytest.raises(SiteError, match="training_executor"):
+        load_site("slurm", tmp_path, {"training_executor": "gpu"})
+
+
 def test_mpi_resources_reserve_whole_nodes_for_the_ranks():
     assert mpi_resources("emt", {}) == {"num_nodes": 1, "num_ranks": 1, "ranks_per_node": 1, "launcher_options": ""}
     spec = mpi_resources("gpaw", {"ranks": 64, "ranks_per_node": 32, "launcher_args": ["--cpu-bind=cores"]})

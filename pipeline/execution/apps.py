@@ -13,7 +13,6 @@ ranks through `parsl_resource_specification`, and the job launches with ``$PARSL
 from __future__ import annotations
 
 import math
-import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -59,15 +58,17 @@ def training_job(
     settings_dict: Mapping[str, Any],
     model_path: str,
     world_size: int | None = None,
+    parsl_resource_specification: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train an ensemble on labelled structures (`payloads.labelled_to_payload` form), write `model_path`.
 
     `world_size` > 1 shards the members over that many torch.distributed processes; None takes
-    ``$PARSL_NUM_RANKS`` where an MPIExecutor set it, else the number of visible GPUs, else 1.
+    `num_ranks` of the Parsl resource specification where an MPIExecutor runs the job, else the
+    number of visible GPUs, else 1.
     Returns the training metrics (force MAE eV/Å, energy RMSE eV/atom, epochs) and wall time.
     """
     start = time.perf_counter()
-    world_size = world_size or _default_world_size()
+    world_size = world_size or int((parsl_resource_specification or {}).get("num_ranks") or 0) or _default_world_size()
     if world_size > 1:
         from pipeline.execution.distributed_training import train_distributed
 
@@ -90,7 +91,11 @@ def training_job(
     return metrics
 
 
-def prediction_job(model_path: str, payloads: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def prediction_job(
+    model_path: str,
+    payloads: Sequence[Mapping[str, Any]],
+    parsl_resource_specification: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """Ensemble prediction per structure: energy (eV), forces (eV/Å), per-atom δ_i (eV/Å), δ = max δ_i."""
     from pipeline.science.structures import payload_to_atoms
     from pipeline.storage.model_file import load_ensemble
@@ -112,8 +117,6 @@ def prediction_job(model_path: str, payloads: Sequence[Mapping[str, Any]]) -> li
 
 
 def _default_world_size() -> int:
-    if os.environ.get("PARSL_NUM_RANKS"):
-        return max(1, int(os.environ["PARSL_NUM_RANKS"]))
     try:
         import torch
 
@@ -140,42 +143,62 @@ def route(config: Config, role: str) -> list[str] | str:
 
 @dataclass(frozen=True)
 class SiteApps:
-    """Parsl apps of one loaded site. Each call returns an `AppFuture`."""
+    """Parsl apps of one loaded site. Each call returns an `AppFuture`.
+
+    On an `MPIExecutor` every app passes a resource specification (whole nodes): a reference job
+    its MPI ranks, a training job its world size, a prediction one rank.
+    """
 
     reference_executors: list[str] | str
     training_executors: list[str] | str
     prediction_executors: list[str] | str
-    reference_is_mpi: bool
+    reference_is_mpi: bool = False
+    training_is_mpi: bool = False
+    prediction_is_mpi: bool = False
 
     def reference_app(self, calculator: str, params: Mapping[str, Any] | None, payload: Mapping[str, Any], job_dir: str | None = None) -> AppFuture:
         """A reference calculation; on an MPIExecutor it reserves the job's ranks (and nodes)."""
         app = python_app(reference_job, executors=self.reference_executors)
-        if not self.reference_is_mpi:
-            return app(calculator, dict(params or {}), dict(payload), job_dir)
-        return app(
-            calculator, dict(params or {}), dict(payload), job_dir,
-            parsl_resource_specification=mpi_resources(calculator, params),
-        )
+        resources = mpi_resources(calculator, params) if self.reference_is_mpi else None
+        return app(calculator, dict(params or {}), dict(payload), job_dir, **_resource_kwargs(resources))
 
     def training_app(self, structures_payload: Sequence[Mapping[str, Any]], settings_dict: Mapping[str, Any], model_path: str, world_size: int | None = None) -> AppFuture:
+        """Ensemble training; `world_size` processes (None: the site's choice, see `training_job`)."""
         app = python_app(training_job, executors=self.training_executors)
-        return app(list(structures_payload), dict(settings_dict), str(model_path), world_size)
+        resources = _node_resources(world_size or 1) if self.training_is_mpi else None
+        return app(list(structures_payload), dict(settings_dict), str(model_path), world_size, **_resource_kwargs(resources))
 
     def prediction_app(self, model_path: str, payloads: Sequence[Mapping[str, Any]]) -> AppFuture:
+        """Ensemble prediction (energies, forces, δ_i) on plain-data structures."""
         app = python_app(prediction_job, executors=self.prediction_executors)
-        return app(str(model_path), [dict(payload) for payload in payloads])
+        resources = _node_resources(1) if self.prediction_is_mpi else None
+        return app(str(model_path), [dict(payload) for payload in payloads], **_resource_kwargs(resources))
 
 
 def make_apps(config: Config) -> SiteApps:
     """Bind the jobs to the executors of `config` (which must be the loaded one)."""
-    reference = route(config, "reference")
-    reference_executors = config.executors if reference == "all" else [e for e in config.executors if e.label in reference]
+    routes = {role: route(config, role) for role in ROUTES}
+
+    def on_mpi(labels: list[str] | str) -> bool:
+        chosen = [e for e in config.executors if labels == "all" or e.label in labels]
+        return all(isinstance(executor, MPIExecutor) for executor in chosen)
+
     return SiteApps(
-        reference_executors=reference,
-        training_executors=route(config, "training"),
-        prediction_executors=route(config, "prediction"),
-        reference_is_mpi=all(isinstance(executor, MPIExecutor) for executor in reference_executors),
+        reference_executors=routes["reference"],
+        training_executors=routes["training"],
+        prediction_executors=routes["prediction"],
+        reference_is_mpi=on_mpi(routes["reference"]),
+        training_is_mpi=on_mpi(routes["training"]),
+        prediction_is_mpi=on_mpi(routes["prediction"]),
     )
+
+
+def _resource_kwargs(resources: dict[str, Any] | None) -> dict[str, Any]:
+    return {} if resources is None else {"parsl_resource_specification": resources}
+
+
+def _node_resources(ranks: int) -> dict[str, Any]:
+    return {"num_nodes": 1, "num_ranks": int(ranks), "ranks_per_node": int(ranks)}
 
 
 def mpi_resources(calculator: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
