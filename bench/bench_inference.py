@@ -281,7 +281,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="rounds (default 2, quick 1)")
     parser.add_argument("--only", default=None, help="comma-separated groups: nft,one_by_one,torchani,emt,g4")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    common.add_common_arguments(parser)
     args = parser.parse_args()
+    common.set_threads(args.threads)
     if args.case:
         case = json.loads(args.case)
         common.emit(CASES[case["name"]](case))

@@ -51,6 +51,25 @@ def repeat_for(n_atoms: int) -> tuple[int, int, int]:
     return (a, b, c)
 
 
+# ----- threads --------------------------------------------------------------------------------
+def set_threads(n: int | None) -> int:
+    """Use `n` intra-op threads (None: the NFT_BENCH_THREADS variable, else torch's default, the
+    core count); children started by `run_case` inherit the choice through the environment."""
+    import torch
+
+    if n is None and os.environ.get("NFT_BENCH_THREADS"):
+        n = int(os.environ["NFT_BENCH_THREADS"])
+    if n:
+        torch.set_num_threads(int(n))
+        os.environ["NFT_BENCH_THREADS"] = str(int(n))
+    return torch.get_num_threads()
+
+
+def add_common_arguments(parser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's default, one per core)")
+
+
 # ----- measurement inside a case subprocess -------------------------------------------------
 def current_rss_mib() -> float:
     """Resident set size now (MiB), from /proc/self/status."""

@@ -1,0 +1,166 @@
+"""Training benchmark: one epoch (forward + backward + Adam step), 10 members batched vs one by one.
+
+    .venv/bin/python bench/bench_training.py            # 20 bulk EMT cells + 200 Pt260 chunks
+    .venv/bin/python bench/bench_training.py --quick    # 10 bulk cells + 30 chunks, fewer epochs
+
+Data: 20 strained/rattled bulk fcc Pt cells (2–16 atoms, energy + all forces) and chunks of 8 Å
+carved around 200 atoms of the rattled Pt260 cuboctahedron (`carve_chunk`), labelled with EMT,
+training only the central atom's force (force_mask, no energy) — what a campaign trains on.
+
+Both sides use the same precomputed pair sums and force Jacobians (`prepare_training_data`, timed
+separately as the one-off preparation): the batched side is one `EnsembleModel` of 10 members and
+`_member_losses(...).sum().backward()`; the one-by-one side is 10 1-member models with the same
+initial weights, each with its own Adam, stepped in a Python loop. Epoch times are interleaved
+(batched, one-by-one, batched, …) and the best round is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+TARGET_SPEEDUP = 5.0
+
+
+def training_set(n_bulk: int, n_chunks: int, seed: int = 0):
+    """Labelled bulk cells (energy + forces) and central-atom-only chunks of the rattled Pt260."""
+    from pipeline.science.chunks import carve_chunk
+    from pipeline.science.examples import bulk_training_cells, emt_label, rattled_cuboctahedron
+    from pipeline.science.structures import LabelledStructure
+
+    structures = []
+    for atoms in bulk_training_cells(n_bulk, seed=seed):
+        labelled = emt_label(atoms)
+        structures.append(LabelledStructure(labelled, labelled.get_potential_energy(), labelled.get_forces()))
+    parent = rattled_cuboctahedron()
+    centres = np.random.default_rng(seed).choice(len(parent), size=min(n_chunks, len(parent)), replace=False)
+    chunk_sizes = []
+    for centre in centres:
+        chunk = carve_chunk(parent, int(centre), radius_angstrom=8.0)
+        labelled = emt_label(chunk.atoms)
+        mask = np.zeros(len(chunk.atoms), dtype=bool)
+        mask[chunk.center_in_chunk] = True
+        structures.append(LabelledStructure(labelled, None, labelled.get_forces(), mask))
+        chunk_sizes.append(len(chunk.atoms))
+    return structures, chunk_sizes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 2)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per round and side (default 5, quick 2)")
+    common.add_common_arguments(parser)
+    args = parser.parse_args()
+    common.set_threads(args.threads)
+
+    import torch
+
+    from pipeline.science.model import EnsembleModel
+    from pipeline.science.training import TrainingSettings, _fit_scaling, _member_losses, prepare_training_data
+
+    n_bulk, n_chunks = (10, 30) if args.quick else (20, 200)
+    rounds = args.rounds or (2 if args.quick else 5)
+    epochs = args.epochs or (2 if args.quick else 5)
+    members = 10
+
+    t0 = time.perf_counter()
+    structures, chunk_sizes = training_set(n_bulk, n_chunks)
+    label_s = time.perf_counter() - t0
+    print(f"# Training epoch: {n_bulk} bulk EMT cells + {len(chunk_sizes)} Pt260 chunks (8 Å, "
+          f"{min(chunk_sizes)}–{max(chunk_sizes)} atoms, central force only); 10 members, [5,5], 20 features")
+    print(common.machine_line())
+    print(f"(data carved and EMT-labelled in {label_s:.1f} s, not part of any timing)", flush=True)
+
+    params = common.make_params()
+    model = EnsembleModel(params, hidden=(5, 5), member_seeds=list(range(members)))
+
+    prep_times = []
+    data = None
+    for _ in range(2 if not args.quick else 1):
+        times, data = common.timed(lambda: prepare_training_data(structures, model.descriptor))
+        prep_times.append(times)
+    prep = min(prep_times, key=lambda t: t["seconds"])
+    n_rows = int(data.pair_sums.shape[0])
+    n_force_rows = int(data.forces.shape[0])
+    nnz = int(data.force_jacobian.values().numel())
+    _fit_scaling(model, data, structures)
+
+    settings = TrainingSettings()
+    weights = torch.ones(members, len(structures), dtype=torch.float64)
+    singles = [common.single_member(model, m) for m in range(members)]
+    single_weights = torch.ones(1, len(structures), dtype=torch.float64)
+
+    # same losses before any step: the one-by-one models are the batched members
+    batched_losses = _member_losses(model, data, weights, settings, create_graph=False).detach()
+    single_losses = torch.cat([_member_losses(s, data, single_weights, settings, create_graph=False).detach()
+                               for s in singles])
+    loss_diff = float((batched_losses - single_losses).abs().max() / batched_losses.abs().max())
+
+    optimizer = torch.optim.Adam(model.networks.parameters(), lr=settings.learning_rate)
+    single_optimizers = [torch.optim.Adam(s.networks.parameters(), lr=settings.learning_rate) for s in singles]
+
+    def batched_epoch():
+        optimizer.zero_grad()
+        _member_losses(model, data, weights, settings).sum().backward()
+        optimizer.step()
+
+    def one_by_one_epoch():
+        for single, opt in zip(singles, single_optimizers):
+            opt.zero_grad()
+            _member_losses(single, data, single_weights, settings).sum().backward()
+            opt.step()
+
+    def run(epoch_fn):
+        for _ in range(epochs):
+            epoch_fn()
+
+    batched_epoch()  # warm-up (both sides take the same first step)
+    one_by_one_epoch()
+    batched, single = [], []
+    for _ in range(rounds):
+        times, _ = common.timed(lambda: run(batched_epoch))
+        batched.append({k: v / epochs for k, v in times.items()})
+        times, _ = common.timed(lambda: run(one_by_one_epoch))
+        single.append({k: v / epochs for k, v in times.items()})
+    # after identical steps the members must still agree
+    after_b = _member_losses(model, data, weights, settings, create_graph=False).detach()
+    after_s = torch.cat([_member_losses(s, data, single_weights, settings, create_graph=False).detach()
+                         for s in singles])
+    after_diff = float((after_b - after_s).abs().max() / after_b.abs().max())
+
+    b = min(batched, key=lambda t: t["seconds"])
+    s = min(single, key=lambda t: t["seconds"])
+    b_cpu = min(t["cpu_seconds"] for t in batched)
+    s_cpu = min(t["cpu_seconds"] for t in single)
+    rows = [
+        ["one epoch, 10 members batched (one EnsembleModel)", b["seconds"] * 1e3, b_cpu * 1e3,
+         np.median([t["seconds"] for t in batched]) * 1e3, "1.00×"],
+        ["one epoch, 10 members one by one (1-member models, 10 Adams)", s["seconds"] * 1e3, s_cpu * 1e3,
+         np.median([t["seconds"] for t in single]) * 1e3, f"{s['seconds'] / b['seconds']:.2f}×"],
+    ]
+    print()
+    print(common.markdown_table(["case", "best wall ms/epoch", "best CPU ms/epoch", "median wall ms/epoch",
+                                 "batched faster by"], rows))
+    print()
+    print(common.markdown_table(
+        ["one-off preparation (descriptors + Jacobians)", "wall s", "CPU s", "rows", "trained force rows",
+         "Jacobian non-zeros"],
+        [[f"{len(structures)} structures", prep["seconds"], prep["cpu_seconds"], n_rows, n_force_rows, nnz]]))
+    print()
+    ratio = s["seconds"] / b["seconds"]
+    print(f"{rounds} rounds × {epochs} epochs per side, interleaved; best round reported.")
+    print(f"batched vs one-by-one member losses: max relative difference {loss_diff:.1e} before training, "
+          f"{after_diff:.1e} after {1 + rounds * epochs} identical Adam steps")
+    print(f"target batched ≥ {TARGET_SPEEDUP:.0f}× one-by-one: {ratio:.2f}× (wall, best), "
+          f"{s_cpu / b_cpu:.2f}× (CPU) → {'MET' if ratio >= TARGET_SPEEDUP else 'NOT MET'}")
+
+
+if __name__ == "__main__":
+    main()
