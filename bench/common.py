@@ -188,10 +188,25 @@ def machine_line() -> str:
         pass
     load = os.getloadavg()
     return (
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {cpu}, {os.cpu_count()} cores · "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · code {code_version()} · {cpu}, {os.cpu_count()} cores · "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads) · Python {platform.python_version()} · "
         f"load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (shared machine: times are best of rounds)"
     )
+
+
+def code_version() -> str:
+    """The commit the measured `pipeline` comes from (NFT_BENCH_COMMIT for an exported tree),
+    flagged when pipeline/ has uncommitted changes."""
+    if os.environ.get("NFT_BENCH_COMMIT"):
+        return os.environ["NFT_BENCH_COMMIT"]
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "pipeline"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" + uncommitted pipeline/ changes" if dirty else "")
 
 
 # ----- models ---------------------------------------------------------------------------------
