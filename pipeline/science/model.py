@@ -72,6 +72,7 @@ class Prediction:
     uncertainties: np.ndarray
     member_energies: np.ndarray
     member_forces: np.ndarray
+    atomic_energies: np.ndarray
 
     @property
     def max_uncertainty(self) -> float:
@@ -145,19 +146,26 @@ class EnsembleModel(nn.Module):
     # ----- inference ----------------------------------------------------------------------
     def predict(self, atoms: Atoms, block_size: int = 2048) -> Prediction:
         """Energy, forces and per-atom uncertainty δ_i for a structure, in blocks of centre atoms."""
-        energies, forces = self.member_energies_and_forces(atoms, block_size)
-        member_forces = forces.detach().cpu().numpy().astype(np.float64)
-        member_energies = energies.detach().cpu().numpy().astype(np.float64)
+        atomic, forces = self.member_atomic_energies_and_forces(atoms, block_size)
+        member_forces = forces.cpu().numpy().astype(np.float64)
+        member_atomic = atomic.cpu().numpy().astype(np.float64)
+        member_energies = member_atomic.sum(axis=1)
         return Prediction(
             energy=float(member_energies.mean()),
             forces=member_forces.mean(axis=0),
             uncertainties=atomic_uncertainty(member_forces),
             member_energies=member_energies,
             member_forces=member_forces,
+            atomic_energies=member_atomic.mean(axis=0),
         )
 
     def member_energies_and_forces(self, atoms: Atoms, block_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
         """Energies (M,) eV and forces (M, N, 3) eV/Å of every member."""
+        atomic, forces = self.member_atomic_energies_and_forces(atoms, block_size)
+        return atomic.sum(dim=1), forces
+
+    def member_atomic_energies_and_forces(self, atoms: Atoms, block_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+        """Atomic energies (M, N) eV and forces (M, N, 3) eV/Å of every member."""
         n_atoms = len(atoms)
         dtype, device = self.dtype, self.feature_mean.device
         element_index = torch.from_numpy(self.element_indices(atoms.numbers)).to(device)
@@ -165,7 +173,7 @@ class EnsembleModel(nn.Module):
         padded = pad_pairs(pairs, n_atoms, far_angstrom=self.params.cutoff + 1.0)
         neighbours = torch.from_numpy(padded.neighbours).to(device)
         vectors = torch.from_numpy(padded.vectors).to(device=device, dtype=dtype)
-        energies = torch.zeros(self.n_members, dtype=dtype, device=device)
+        energies = torch.zeros(self.n_members, n_atoms, dtype=dtype, device=device)
         forces = torch.zeros(self.n_members, n_atoms, 3, dtype=dtype, device=device)
         with torch.no_grad():
             for start in range(0, n_atoms, block_size):
@@ -173,7 +181,7 @@ class EnsembleModel(nn.Module):
                 block_energies, pair_vectors = self._block_pair_gradients(
                     vectors[block], element_index[block], element_index[neighbours[block]]
                 )
-                energies += block_energies.sum(dim=1)
+                energies[:, block] = block_energies
                 forces[:, block] += pair_vectors.sum(dim=2)
                 forces.index_add_(1, neighbours[block].reshape(-1), -pair_vectors.flatten(1, 2))
         return energies, forces

@@ -327,6 +327,7 @@ def train_ensemble(
         loss = _lbfgs(model, data, weights, settings)
     model.eval()
     energies, _ = predict_labels(model, data, create_graph=False)
+    energies = energies.detach()
     train_e = torch.from_numpy(~validation)[data.energy_structure]
     rmse = float("nan")
     if train_e.any():

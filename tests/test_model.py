@@ -1,0 +1,126 @@
+"""The batched ensemble: exact forces, symmetry, periodic consistency, uncertainty, model files."""
+import numpy as np
+import pytest
+import torch
+
+import pipeline
+from pipeline.science.model import EnsembleModel
+from pipeline.storage.model_file import ModelFileError, load_ensemble, save_model
+from tests.core_helpers import finite_difference_forces, random_rotation, rattled_bulk, rattled_cluster, untrained_model
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.mark.parametrize("case", ["cluster", "mixed", "periodic"])
+def test_forces_equal_finite_differences(case):
+    atoms = {"cluster": rattled_cluster(), "mixed": rattled_cluster(mixed=True), "periodic": rattled_bulk()}[case]
+    model = untrained_model(elements=sorted(set(atoms.numbers)))
+    _, forces = model.member_energies_and_forces(atoms, block_size=5)
+    indices = [0, 3, len(atoms) - 1]
+    numeric = finite_difference_forces(model, atoms, indices)
+    analytic = forces.numpy()[:, indices]
+    scale = np.abs(analytic).max()
+    assert scale > 1e-2
+    assert np.abs(numeric - analytic).max() / scale < 1e-4
+
+
+def test_invariant_under_rotation_translation_and_permutation():
+    atoms = rattled_cluster(mixed=True)
+    model = untrained_model(elements=(29, 78))
+    base = model.predict(atoms)
+    rotation = random_rotation()
+    moved = atoms.copy()
+    moved.positions = atoms.positions @ rotation.T + np.array([1.3, -4.0, 2.2])
+    after = model.predict(moved)
+    assert after.energy == pytest.approx(base.energy, abs=1e-9)
+    np.testing.assert_allclose(after.forces, base.forces @ rotation.T, atol=1e-9)
+    np.testing.assert_allclose(after.uncertainties, base.uncertainties, atol=1e-9)
+    order = np.random.default_rng(0).permutation(len(atoms))
+    permuted = model.predict(atoms[order])
+    assert permuted.energy == pytest.approx(base.energy, abs=1e-9)
+    np.testing.assert_allclose(permuted.forces, base.forces[order], atol=1e-9)
+
+
+def test_periodic_cell_and_supercell_agree_per_atom():
+    cell = rattled_bulk()
+    model = untrained_model()
+    small = model.predict(cell)
+    large = model.predict(cell.repeat((2, 2, 2)))
+    np.testing.assert_allclose(large.atomic_energies, np.tile(small.atomic_energies, 8), atol=1e-9)
+    np.testing.assert_allclose(large.forces, np.tile(small.forces, (8, 1)), atol=1e-9)
+    assert large.energy == pytest.approx(8 * small.energy, rel=1e-12)
+
+
+def test_uncertainty_is_the_papers_definition():
+    atoms = rattled_cluster()
+    prediction = untrained_model(members=(0, 1, 2, 3, 4)).predict(atoms)
+    f = prediction.member_forces
+    expected = np.zeros(len(atoms))
+    for i in range(len(atoms)):
+        mean = sum(f[m, i] for m in range(len(f))) / len(f)
+        expected[i] = 2.58 * np.sqrt(sum(np.sum((f[m, i] - mean) ** 2) for m in range(len(f))) / (len(f) - 1))
+    np.testing.assert_allclose(prediction.uncertainties, expected, rtol=1e-12)
+    assert prediction.max_uncertainty == pytest.approx(expected.max())
+
+
+def test_batched_ensemble_equals_members_evaluated_one_by_one():
+    atoms = rattled_bulk(repeat=(2, 1, 1))
+    ensemble = untrained_model(members=(4, 5, 6))
+    batched = ensemble.predict(atoms)
+    for m, seed in enumerate((4, 5, 6)):
+        single = EnsembleModel(ensemble.params, member_seeds=[seed])
+        single.load_state_dict(
+            {name: (t[m : m + 1] if name.startswith("networks.") else t) for name, t in ensemble.state_dict().items()}
+        )
+        energy, forces = single.member_energies_and_forces(atoms)
+        assert float(energy[0]) == pytest.approx(batched.member_energies[m], abs=1e-10)
+        np.testing.assert_allclose(forces[0].numpy(), batched.member_forces[m], atol=1e-10)
+
+
+def test_blocks_do_not_change_results():
+    atoms = rattled_cluster()
+    model = untrained_model()
+    a = model.predict(atoms, block_size=3)
+    b = model.predict(atoms, block_size=4096)
+    np.testing.assert_allclose(a.member_forces, b.member_forces, atol=1e-11)
+
+
+def test_model_file_round_trip_and_calculator(tmp_path):
+    atoms = rattled_cluster(mixed=True)
+    model = untrained_model(elements=(29, 78))
+    path = save_model(model, tmp_path / "model.nft")
+    atoms.calc = pipeline.load_model(path)
+    direct = model.predict(atoms)
+    assert atoms.get_potential_energy() == pytest.approx(direct.energy, abs=1e-10)
+    np.testing.assert_allclose(atoms.get_forces(), direct.forces, atol=1e-10)
+    assert atoms.calc.results["uncertainties"].shape == (len(atoms),)
+    np.testing.assert_allclose(atoms.calc.results["uncertainties"], direct.uncertainties, atol=1e-10)
+
+
+def test_float32_inference_is_close_to_float64(tmp_path):
+    atoms = rattled_bulk(repeat=(2, 2, 2))
+    path = save_model(untrained_model(), tmp_path / "m.nft")
+    f64 = load_ensemble(path).predict(atoms)
+    f32 = load_ensemble(path, dtype=torch.float32).predict(atoms)
+    assert np.abs(f32.forces - f64.forces).max() < 1e-4 * max(1.0, np.abs(f64.forces).max())
+
+
+@pytest.mark.parametrize("content", [b"", b"not a model at all", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}      "])
+def test_corrupt_or_foreign_model_files_are_rejected(tmp_path, content):
+    path = tmp_path / "bad.nft"
+    path.write_bytes(content)
+    with pytest.raises(ModelFileError) as error:
+        load_ensemble(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_truncated_model_file_is_rejected(tmp_path):
+    path = save_model(untrained_model(), tmp_path / "m.nft")
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ModelFileError):
+        load_ensemble(path)
+
+
+def test_unknown_element_is_named():
+    with pytest.raises(ValueError, match="Cu"):
+        untrained_model().predict(rattled_cluster(mixed=True))
