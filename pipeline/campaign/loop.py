@@ -1,0 +1,458 @@
+"""The NFT loop (SPEC §1): train → predict δ on the targets → converged? → select → carve → reference
+jobs → store → repeat. The driver is the only writer of the database; it writes every reference
+result as its future completes, so a kill loses at most the jobs in flight, and running the same
+config again resumes from the database.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+
+from pipeline.campaign.config import CampaignConfig
+from pipeline.campaign.observer import CampaignObserver
+from pipeline.errors import RunFailed
+from pipeline.execution.apps import SiteApps, make_apps
+from pipeline.execution.payloads import labelled_to_payload
+from pipeline.execution.sites import load_site, parsl_session
+from pipeline.science.chunks import carve_chunk
+from pipeline.science.selection import select_chunk_centers
+from pipeline.science.structures import atoms_to_payload
+from pipeline.storage.database import CampaignStore, IterationRecord, JobRecord
+
+MODEL_NAME = "model.nft"
+SUMMARY_NAME = "summary.json"
+PARSL_DIR_NAME = "runinfo"
+WALL_TIME_PARTS = ("training", "prediction", "reference", "overhead")
+
+CONVERGED = "converged"
+MAX_ITERATIONS = "max_iterations"
+PATIENCE = "patience"
+NO_NEW_CHUNKS = "no_new_chunks"
+
+
+@dataclass
+class _Timer:
+    """Wall time of one iteration by part, seconds; overhead is what the parts leave of the total."""
+
+    started: float = field(default_factory=time.perf_counter)
+    parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(WALL_TIME_PARTS[:-1], 0.0))
+
+    def add(self, part: str, seconds: float) -> None:
+        self.parts[part] += seconds
+
+    def split(self) -> dict[str, float]:
+        total = time.perf_counter() - self.started
+        parts = dict(self.parts)
+        parts["overhead"] = max(0.0, total - sum(parts.values()))
+        parts["total"] = total
+        return parts
+
+
+def run_campaign(
+    config: CampaignConfig, site: str | None = None, observer: CampaignObserver | None = None
+) -> dict[str, Any]:
+    """Run or resume the campaign of `config` to its end; returns the summary (also in summary.json).
+
+    `site` (a name in site_configs/ or a path) replaces the config's `[site] name`. Bad input raises
+    `BadInput` before anything is written; a run that cannot go on raises `RunFailed`.
+    """
+    observer = observer or CampaignObserver()
+    site_name = site or config.site
+    site_options = dict(config.file.site.options)
+    with tempfile.TemporaryDirectory(prefix="nft-site-check-") as scratch:
+        load_site(site_name, Path(scratch) / PARSL_DIR_NAME, site_options)  # bad site or options: BadInput now
+    config.workdir.mkdir(parents=True, exist_ok=True)
+    with CampaignStore(config.database_url) as store:
+        driver = _Driver(config, store, observer)
+        driver.prepare()
+        if driver.finished_reason() is None or driver.pending_jobs():
+            parsl_config = load_site(site_name, config.workdir / PARSL_DIR_NAME, site_options)
+            with parsl_session(parsl_config):
+                driver.run(make_apps(parsl_config))
+        else:
+            observer.message(f"campaign already finished ({driver.finished_reason()}); nothing to run")
+        return driver.finish()
+
+
+class _Driver:
+    """One run of the loop over one store; all database writes of a campaign happen here."""
+
+    def __init__(self, config: CampaignConfig, store: CampaignStore, observer: CampaignObserver) -> None:
+        self.config = config
+        self.store = store
+        self.observer = observer
+        self.calculator = config.calculator
+        self.job_params = config.job_params
+        self.target_ids: list[int] = []
+        self.target_atoms: dict[int, Atoms] = {}
+        self.apps: SiteApps | None = None
+        self.stop_reason: str | None = None
+        self.predictions: dict[int, list[dict[str, Any]]] = {}  # iteration -> prediction per target
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Register the campaign, targets and initial set (labels from the file where present)."""
+        store, config = self.store, self.config
+        store.ensure_campaign(config.name, config.as_dict())
+        for atoms in config.targets:
+            target_id = store.add_structure("target", atoms)
+            if target_id not in self.target_atoms:
+                self.target_ids.append(target_id)
+                self.target_atoms[target_id] = store.atoms(target_id)
+        labelled = 0
+        for atoms in config.initial:
+            structure_id = store.add_structure("initial", atoms)
+            job_id = store.add_job(structure_id, self.calculator, self.job_params)
+            labels = _labels(atoms)
+            if labels is not None and store.job(job_id).status != "done":
+                store.store_result(job_id, labels[0], labels[1], wall_time_s=0.0, host="input file")
+                labelled += 1
+        reset = store.reset_unfinished()
+        history = store.iterations()
+        if history or reset:
+            done = sum(1 for job in store.jobs() if job.status == "done")
+            self.observer.message(
+                f"resuming: {len(history)} iteration(s) recorded, {done} reference job(s) done, "
+                f"{reset} interrupted job(s) back to pending"
+            )
+        if labelled:
+            self.observer.message(f"initial set: {labelled} structure(s) labelled in the input file")
+
+    def pending_jobs(self) -> list[JobRecord]:
+        return self.store.jobs(status="pending")
+
+    def finished_reason(self) -> str | None:
+        """Why the recorded history says the campaign is over, or None if it should go on."""
+        return stop_reason(self.store.iterations(), self.config)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, apps: SiteApps) -> None:
+        self.apps = apps
+        timer = _Timer()  # the first iteration also pays for Parsl's start and leftover jobs
+        pending = self.pending_jobs()
+        if pending:
+            self.observer.message(f"{len(pending)} pending reference job(s) from set-up or an earlier run")
+            started = time.perf_counter()
+            self.run_reference_jobs(pending)
+            timer.add("reference", time.perf_counter() - started)
+        self.stop_reason = self.finished_reason()
+        while self.stop_reason is None:
+            self.stop_reason = self.iteration(self._last_iteration() + 1, timer)
+            timer = _Timer()
+
+    def iteration(self, number: int, timer: _Timer) -> str | None:
+        """One NFT iteration; returns the stop reason when the campaign ends with it."""
+        config, store, observer = self.config, self.store, self.observer
+        training_set = store.training_set(self.calculator, self.job_params)
+        if not training_set:
+            raise RunFailed("no labelled structures to train on: every reference job of the initial set failed")
+        observer.phase(number, "training")
+        model_path = self.config.workdir / "models" / f"iteration-{number:03d}.nft"
+        started = time.perf_counter()
+        metrics = self._result(
+            self.apps.training_app(  # type: ignore[union-attr]
+                [labelled_to_payload(item) for item in training_set],
+                _settings_dict(config),
+                str(model_path),
+            ),
+            "training",
+        )
+        timer.add("training", time.perf_counter() - started)
+        observer.phase(number, "prediction")
+        started = time.perf_counter()
+        predictions = self._predict(model_path)
+        timer.add("prediction", time.perf_counter() - started)
+        self.predictions = {number: predictions}
+        deltas = {target_id: float(item["uncertainty"]) for target_id, item in zip(self.target_ids, predictions)}
+        train_mae = _finite_or_none(metrics.get("train_force_mae"))
+        store.record_model(number, model_path, {**_plain(metrics), "max_delta": max(deltas.values())})
+
+        draft = _history_with(store.iterations(), number, deltas, train_mae)
+        reason = stop_reason(draft, config)
+        chunks_added = 0
+        if reason is None:
+            observer.phase(number, "selection")
+            chunks_added = self.add_chunks(predictions)
+            if chunks_added == 0:
+                reason = NO_NEW_CHUNKS
+        store.record_iteration(number, deltas, chunks_added, train_mae, timer.split())
+        self._keep_best_model()
+        if reason is None:
+            observer.phase(number, "reference jobs")
+            started = time.perf_counter()
+            self.run_reference_jobs(self.pending_jobs())
+            timer.add("reference", time.perf_counter() - started)
+            store.record_iteration(number, deltas, chunks_added, train_mae, timer.split())
+        observer.iteration_done(_history_entry(store.iterations()[-1]))
+        return reason
+
+    def _predict(self, model_path: Path) -> list[dict[str, Any]]:
+        payloads = [atoms_to_payload(self.target_atoms[target_id]) for target_id in self.target_ids]
+        return self._result(self.apps.prediction_app(str(model_path), payloads), "prediction")  # type: ignore[union-attr]
+
+    def add_chunks(self, predictions: Sequence[Mapping[str, Any]]) -> int:
+        """Select chunk centres on every target (most uncertain first over all targets), carve and store
+        them with a pending reference job each; returns how many were added."""
+        config, store = self.config, self.store
+        chunks = config.file.chunks
+        limit = chunks.max_per_iteration
+        candidates: list[tuple[float, int, int]] = []  # (δ_i, target id, centre)
+        for target_id, prediction in zip(self.target_ids, predictions):
+            uncertainties = np.asarray(prediction["uncertainties"], dtype=float)
+            exclude = store.chunk_centers(target_id, chunks.radius)
+            centres = select_chunk_centers(
+                uncertainties,
+                self.target_atoms[target_id],
+                None if config.file.active.select_fraction is not None else config.threshold,
+                limit,
+                config.min_separation,
+                exclude=exclude,
+                select_fraction=config.file.active.select_fraction,
+            )
+            candidates.extend((float(uncertainties[centre]), target_id, centre) for centre in centres)
+        candidates.sort(key=lambda item: (-item[0], item[1], item[2]))
+        for _, target_id, centre in candidates[:limit]:
+            chunk = carve_chunk(self.target_atoms[target_id], centre, chunks.radius, chunks.vacuum)
+            structure_id = store.add_structure(
+                "chunk",
+                chunk.atoms,
+                parent_id=target_id,
+                center_in_parent=chunk.center_in_parent,
+                center_in_chunk=chunk.center_in_chunk,
+                radius=chunk.radius,
+                vacuum=chunk.vacuum,
+            )
+            store.add_job(structure_id, self.calculator, self.job_params)
+        return len(candidates[:limit])
+
+    def run_reference_jobs(self, jobs: Sequence[JobRecord]) -> None:
+        """Submit the jobs at once; store each result (or failure and its reason) as it completes."""
+        if not jobs:
+            return
+        store, observer = self.store, self.observer
+        futures = {}
+        for job in jobs:
+            structure = store.atoms(job.structure_id)
+            job_dir = None if self.calculator == "emt" else str(self.config.workdir / "jobs" / f"job-{job.id:06d}")
+            store.mark_running(job.id)
+            future = self.apps.reference_app(self.calculator, self.config.parent_params, atoms_to_payload(structure), job_dir)  # type: ignore[union-attr]
+            futures[future] = job
+        done = failed = 0
+        observer.jobs(done, len(jobs), failed, len(jobs))
+        for future in as_completed(futures):
+            job = futures[future]
+            try:
+                result = future.result()
+            except Exception as error:  # the job's own failure, or its worker's; recorded, the campaign goes on
+                store.mark_failed(job.id, _reason(error))
+                failed += 1
+                observer.message(f"reference job {job.id} failed: {_reason(error).splitlines()[0]}")
+            else:
+                store.store_result(
+                    job.id, result["energy"], np.asarray(result["forces"]), result.get("wall_time_s"), result.get("host")
+                )
+                done += 1
+            observer.jobs(done, len(jobs) - done - failed, failed, len(jobs))
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def finish(self) -> dict[str, Any]:
+        """Write summary.json (SPEC §2, plus the wall-time split and, for EMT, the MAE) and return it."""
+        config, store = self.config, self.store
+        history = store.iterations()
+        reason = self.stop_reason or stop_reason(history, config)
+        best = self._keep_best_model()
+        summary_counts = store.summary()
+        best_iteration = _best_iteration(history)
+        entries = [_history_entry(record) for record in history]
+        wall = {part: sum(entry["wall_time"].get(part, 0.0) for entry in entries) for part in (*WALL_TIME_PARTS, "total")}
+        summary: dict[str, Any] = {
+            "converged": reason == CONVERGED,
+            "iterations": len(history),
+            "final_uncertainty": best_iteration.max_delta if best_iteration else None,
+            "chunks": summary_counts.chunks,
+            "reference_atoms": summary_counts.reference_atoms,
+            "model": str(best) if best else None,
+            "history": entries,
+            "threshold": config.threshold,
+            "stop_reason": reason,
+            "best_iteration": best_iteration.iteration if best_iteration else None,
+            "jobs": summary_counts.jobs,
+            "wall_time": wall,
+        }
+        if self.calculator == "emt" and best_iteration is not None:
+            summary["force_mae_vs_parent"] = self._force_mae_vs_emt(best_iteration.iteration)
+        _write_json(config.workdir / SUMMARY_NAME, summary)
+        return summary
+
+    def _force_mae_vs_emt(self, iteration: int) -> dict[str, float]:
+        """Force MAE (eV/Å, over all components) of the kept model against EMT on every target."""
+        from pipeline.execution.apps import prediction_job
+        from pipeline.execution.parents import compute_reference
+
+        predictions = self.predictions.get(iteration)
+        if predictions is None:
+            model_path = self.config.workdir / MODEL_NAME
+            predictions = prediction_job(str(model_path), [atoms_to_payload(self.target_atoms[t]) for t in self.target_ids])
+        errors = {}
+        for k, (target_id, prediction) in enumerate(zip(self.target_ids, predictions)):
+            reference = compute_reference("emt", {}, atoms_to_payload(self.target_atoms[target_id]))
+            difference = np.asarray(prediction["forces"]) - np.asarray(reference["forces"])
+            errors[f"target {k}"] = float(np.abs(difference).mean())
+            self.observer.message(
+                f"final model vs EMT on target {k} ({len(self.target_atoms[target_id])} atoms): "
+                f"force MAE {errors[f'target {k}']:.4f} eV/Å"
+            )
+        return errors
+
+    def _keep_best_model(self) -> Path | None:
+        """Copy the model of the lowest-δ iteration to WORKDIR/model.nft (when it changed)."""
+        record = self.store.best_model()
+        if record is None or not Path(record.path).is_file():
+            return None
+        destination = self.config.workdir / MODEL_NAME
+        if not destination.is_file() or _sha256(destination) != record.sha256:
+            temporary = destination.with_name(destination.name + ".tmp")
+            shutil.copyfile(record.path, temporary)
+            temporary.replace(destination)
+        return destination
+
+    def _last_iteration(self) -> int:
+        history = self.store.iterations()
+        return history[-1].iteration if history else 0
+
+    @staticmethod
+    def _result(future: Any, what: str) -> Any:
+        try:
+            return future.result()
+        except Exception as error:
+            raise RunFailed(f"{what} job failed: {_reason(error).splitlines()[0]}") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping rules (SPEC §1), from the recorded history alone, so a resumed run decides the same way.
+
+def stop_reason(history: Sequence[IterationRecord], config: CampaignConfig) -> str | None:
+    """converged, max_iterations, patience or no_new_chunks, or None when the campaign goes on."""
+    if not history:
+        return None
+    last = history[-1]
+    if last.max_delta < config.threshold:
+        return CONVERGED
+    if last.iteration >= config.file.active.max_iterations:
+        return MAX_ITERATIONS
+    patience = config.file.active.patience
+    if patience is not None:
+        best = _best_iteration(history)
+        if best is not None and last.iteration - best.iteration >= patience:
+            return PATIENCE
+    if last.chunks_added == 0:  # recorded complete, with nothing left to carve
+        return NO_NEW_CHUNKS
+    return None
+
+
+def _best_iteration(history: Sequence[IterationRecord]) -> IterationRecord | None:
+    """The iteration with the lowest max δ (the later one on ties), as `CampaignStore.best_model`."""
+    if not history:
+        return None
+    return min(history, key=lambda record: (record.max_delta, -record.iteration))
+
+
+def _history_with(
+    history: Sequence[IterationRecord], number: int, deltas: Mapping[int, float], train_mae: float | None
+) -> list[IterationRecord]:
+    """The recorded history plus iteration `number` as it stands before selection."""
+    from datetime import datetime, timezone
+
+    draft = IterationRecord(
+        iteration=number,
+        delta_per_target=dict(deltas),
+        max_delta=max(deltas.values()),
+        chunks_added=-1,
+        train_force_mae=train_mae,
+        wall_time={},
+        created_at=datetime.now(timezone.utc),
+    )
+    return [record for record in history if record.iteration != number] + [draft]
+
+
+def _history_entry(record: IterationRecord) -> dict[str, Any]:
+    return {
+        "iteration": record.iteration,
+        "uncertainty": record.max_delta,
+        "chunks_added": record.chunks_added,
+        "train_force_mae": record.train_force_mae,
+        "uncertainty_per_target": {str(key): value for key, value in record.delta_per_target.items()},
+        "wall_time": dict(record.wall_time),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers.
+
+def _labels(atoms: Atoms) -> tuple[float, np.ndarray] | None:
+    """Energy (eV) and forces (eV/Å) stored with a structure in its file, or None."""
+    calc = atoms.calc
+    results = getattr(calc, "results", None) or {}
+    if "energy" not in results or "forces" not in results:
+        return None
+    forces = np.asarray(results["forces"], dtype=float)
+    if forces.shape != (len(atoms), 3) or not np.all(np.isfinite(forces)) or not math.isfinite(float(results["energy"])):
+        return None
+    return float(results["energy"]), forces
+
+
+def _settings_dict(config: CampaignConfig) -> dict[str, Any]:
+    settings = config.training_settings().to_dict()
+    settings["hidden"] = list(settings["hidden"])
+    settings["elements"] = list(settings["elements"]) if settings["elements"] is not None else None
+    return settings
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _plain(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics as plain JSON (NaN and infinities become null)."""
+    finite = {key: (None if isinstance(value, float) and not math.isfinite(value) else value) for key, value in metrics.items()}
+    return json.loads(json.dumps(finite, default=str))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)

@@ -1,0 +1,84 @@
+"""What `nft status` reports and `nft export` writes: read from the campaign database only."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from pipeline.campaign.config import CampaignConfig
+from pipeline.campaign.loop import CONVERGED, MODEL_NAME, _best_iteration, _history_entry, stop_reason
+from pipeline.errors import BadInput
+from pipeline.storage.database import CampaignStore, DatabaseError
+
+FAILED_JOBS_SHOWN = 20
+
+
+def open_existing_store(config: CampaignConfig) -> CampaignStore:
+    """The campaign's database, which must exist (nothing is created); BadInput naming it otherwise."""
+    try:
+        store = CampaignStore(config.database_url, create=False)
+    except DatabaseError as error:
+        raise BadInput(f"{config.path.name}: campaign.database: {error} (has `nft run` been started?)") from None
+    if store.campaign_id(config.name) is None:
+        store.close()
+        raise BadInput(f"{config.path.name}: campaign.name: no campaign {config.name!r} in {store.name}")
+    return store
+
+
+def campaign_status(config: CampaignConfig) -> dict[str, Any]:
+    """Iterations, uncertainty (eV/Å), chunks and reference jobs of a campaign, from its database."""
+    with open_existing_store(config) as store:
+        history = store.iterations()
+        counts = store.summary()
+        failed = store.jobs(status="failed")
+    best = _best_iteration(history)
+    reason = stop_reason(history, config)
+    pending = counts.jobs.get("pending", 0) + counts.jobs.get("running", 0)
+    model = config.workdir / MODEL_NAME
+    return {
+        "campaign": config.name,
+        "workdir": str(config.workdir),
+        "database": store.name,
+        "threshold": config.threshold,
+        "iterations": len(history),
+        "converged": reason == CONVERGED,
+        "finished": reason is not None and pending == 0,
+        "stop_reason": reason,
+        "latest_uncertainty": history[-1].max_delta if history else None,
+        "best_uncertainty": best.max_delta if best else None,
+        "best_iteration": best.iteration if best else None,
+        "model": str(model) if model.is_file() else None,
+        "chunks": counts.chunks,
+        "reference_atoms": counts.reference_atoms,
+        "jobs": counts.jobs,
+        "failed_jobs": [
+            {"id": job.id, "structure": job.structure_id, "error": (job.error or "").splitlines()[0] if job.error else ""}
+            for job in failed[:FAILED_JOBS_SHOWN]
+        ],
+        "history": [_history_entry(record) for record in history],
+    }
+
+
+def export_training_set(config: CampaignConfig, output: Path) -> int:
+    """Write the training set as extxyz: full structures with energy and forces, chunks with their
+    forces and a per-atom `force_mask` that flags the central atom. Returns the number of images."""
+    from ase.io import write
+
+    with open_existing_store(config) as store:
+        training_set = store.training_set(config.calculator, config.job_params)
+    images = []
+    for item in training_set:
+        atoms = item.atoms.copy()
+        atoms.arrays["force_mask"] = np.asarray(item.force_mask, dtype=bool)
+        results = {"forces": np.asarray(item.forces)}
+        if item.energy is not None:
+            results["energy"] = float(item.energy)
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        images.append(atoms)
+    try:
+        write(str(output), images, format="extxyz")
+    except OSError as error:
+        raise BadInput(f"-o: cannot write {output} ({error.strerror or error})") from None
+    return len(images)

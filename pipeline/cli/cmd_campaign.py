@@ -1,0 +1,226 @@
+"""`nft run`, `nft status` and `nft export`: the NFT campaign from the command line."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.campaign.observer import CampaignObserver
+from pipeline.cli import app
+from pipeline.cli.common import exit_codes
+from pipeline.errors import RunFailed
+
+INTERRUPTED_EXIT_CODE = 130
+
+
+@app.command()
+@exit_codes
+def run(
+    config: Path = typer.Argument(..., help="Campaign config (TOML, SPEC §2)."),
+    site: Optional[str] = typer.Option(None, "--site", help="A site in site_configs/ (local, slurm, …) or a path to a site file."),
+) -> None:
+    """Run or resume a campaign; writes WORKDIR/summary.json and WORKDIR/model.nft.
+
+    Exits 0 when the campaign ends (converged or not: see summary.json), 1 when it fails, 2 on bad
+    input. Run it again on the same config to resume after a kill or Ctrl-C.
+    """
+    from pipeline.campaign.config import load_config
+    from pipeline.campaign.loop import run_campaign
+
+    campaign = load_config(config)
+    console = Console()
+    display = LiveDisplay(console, campaign.threshold) if console.is_terminal else PlainDisplay(console)
+    try:
+        with display:
+            summary = run_campaign(campaign, site=site, observer=display)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
+    except RunFailed:
+        raise
+    state = "converged" if summary["converged"] else f"not converged ({summary['stop_reason']})"
+    console.print(
+        f"{campaign.name}: {state} after {summary['iterations']} iteration(s); "
+        f"δ = {summary['final_uncertainty']:.4f} eV/Å (threshold {summary['threshold']:g}); "
+        f"{summary['chunks']} chunks; model {summary['model']}",
+        highlight=False,
+    )
+
+
+@app.command()
+@exit_codes
+def status(
+    config: Path = typer.Argument(..., help="Campaign config (TOML)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Iterations, uncertainty, chunks and reference jobs of a campaign (reads its database only)."""
+    from pipeline.campaign.config import load_config
+    from pipeline.campaign.status import campaign_status
+
+    report = campaign_status(load_config(config))
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    print_status(Console(), report)
+
+
+@app.command()
+@exit_codes
+def export(
+    config: Path = typer.Argument(..., help="Campaign config (TOML)."),
+    output: Path = typer.Option(..., "-o", "--output", help="extxyz file to write."),
+) -> None:
+    """Write the campaign's training set as extxyz (chunks carry a per-atom force_mask)."""
+    from pipeline.campaign.config import load_config
+    from pipeline.campaign.status import export_training_set
+
+    count = export_training_set(load_config(config), output)
+    print(f"{count} structures written to {output}")
+
+
+def print_status(console: Console, report: Mapping[str, Any]) -> None:
+    if report["converged"]:
+        state = "converged"
+    elif report["finished"]:
+        state = f"stopped ({report['stop_reason']})"
+    elif report["iterations"]:
+        state = "in progress or interrupted (run again to resume)"
+    else:
+        state = "not started"
+    jobs = report["jobs"]
+    console.print(f"campaign {report['campaign']}: {state}", highlight=False)
+    console.print(
+        f"iterations {report['iterations']}, best δ {_number(report['best_uncertainty'])} eV/Å "
+        f"(threshold {report['threshold']:g}), chunks {report['chunks']}, reference atoms {report['reference_atoms']}",
+        highlight=False,
+    )
+    console.print(
+        f"reference jobs: {jobs.get('done', 0)} done, {jobs.get('pending', 0)} pending, "
+        f"{jobs.get('running', 0)} running, {jobs.get('failed', 0)} failed",
+        highlight=False,
+    )
+    if report["history"]:
+        table = Table("iteration", "δ (eV/Å)", "chunks added", "train MAE (eV/Å)", "wall (s)")
+        for entry in report["history"]:
+            table.add_row(
+                str(entry["iteration"]),
+                _number(entry["uncertainty"]),
+                str(entry["chunks_added"]),
+                _number(entry["train_force_mae"]),
+                f"{entry['wall_time'].get('total', 0.0):.1f}",
+            )
+        console.print(table)
+    for job in report["failed_jobs"]:
+        console.print(f"failed job {job['id']}: {job['error']}", highlight=False)
+    if report["model"]:
+        console.print(f"model: {report['model']}", highlight=False)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress displays: a live table on a terminal, plain lines otherwise.
+
+class PlainDisplay(CampaignObserver):
+    """One line per event, for logs and pipes."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.started = time.perf_counter()
+        self._last_jobs_line = 0.0
+
+    def __enter__(self) -> PlainDisplay:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    def _line(self, text: str) -> None:
+        self.console.print(f"[{time.perf_counter() - self.started:7.1f}s] {text}", highlight=False, markup=False)
+
+    def message(self, text: str) -> None:
+        self._line(text)
+
+    def phase(self, iteration: int, name: str) -> None:
+        self._line(f"iteration {iteration}: {name}")
+
+    def jobs(self, done: int, running: int, failed: int, total: int) -> None:
+        now = time.perf_counter()
+        if running == 0 or now - self._last_jobs_line > 5.0:
+            self._last_jobs_line = now
+            self._line(f"reference jobs: {done} done, {running} running, {failed} failed of {total}")
+
+    def iteration_done(self, entry: Mapping[str, Any]) -> None:
+        wall = entry["wall_time"]
+        self._line(
+            f"iteration {entry['iteration']}: δ = {entry['uncertainty']:.4f} eV/Å, "
+            f"{entry['chunks_added']} chunks added, train MAE {_number(entry['train_force_mae'])} eV/Å, "
+            f"{wall.get('total', 0.0):.1f} s (training {wall.get('training', 0.0):.1f}, "
+            f"prediction {wall.get('prediction', 0.0):.1f}, reference {wall.get('reference', 0.0):.1f})"
+        )
+
+
+class LiveDisplay(CampaignObserver):
+    """A live table: iterations so far, the current phase and the reference jobs in flight."""
+
+    def __init__(self, console: Console, threshold: float) -> None:
+        self.console = console
+        self.threshold = threshold
+        self.started = time.perf_counter()
+        self.history: list[Mapping[str, Any]] = []
+        self.status = "starting"
+        self.job_counts = (0, 0, 0, 0)
+        self.messages: list[str] = []
+        self.live = Live(console=console, refresh_per_second=4, get_renderable=self._render, transient=False)
+
+    def __enter__(self) -> LiveDisplay:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.live.__exit__(*exc_info)
+
+    def _render(self) -> Group:
+        table = Table("iteration", "δ (eV/Å)", "chunks added", "train MAE", "wall (s)", title=f"NFT campaign (δ threshold {self.threshold:g} eV/Å)")
+        for entry in self.history:
+            delta = entry["uncertainty"]
+            style = "green" if delta < self.threshold else ""
+            table.add_row(
+                str(entry["iteration"]),
+                Text(f"{delta:.4f}", style=style),
+                str(entry["chunks_added"]),
+                _number(entry["train_force_mae"]),
+                f"{entry['wall_time'].get('total', 0.0):.1f}",
+            )
+        done, running, failed, total = self.job_counts
+        lines = [Text(line) for line in self.messages[-5:]]
+        lines.append(Text(f"{self.status}   [{time.perf_counter() - self.started:.0f} s]", style="bold"))
+        if total:
+            lines.append(Text(f"reference jobs: {done} done, {running} running, {failed} failed of {total}"))
+        return Group(table, *lines)
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
+
+    def phase(self, iteration: int, name: str) -> None:
+        self.status = f"iteration {iteration}: {name}"
+        if name != "reference jobs":
+            self.job_counts = (0, 0, 0, 0)
+
+    def jobs(self, done: int, running: int, failed: int, total: int) -> None:
+        self.job_counts = (done, running, failed, total)
+
+    def iteration_done(self, entry: Mapping[str, Any]) -> None:
+        self.history.append(entry)
+        self.job_counts = (0, 0, 0, 0)
