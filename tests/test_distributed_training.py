@@ -1,6 +1,5 @@
 """Distributed ensemble training: two gloo processes give the model one process gives with the same
 seeds; members are sharded in order; the training app writes a model file the driver can load."""
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -11,12 +10,13 @@ import torch
 from ase.build import bulk
 from ase.calculators.emt import EMT
 
+from pipeline.execution.apps import make_apps
 from pipeline.execution.distributed_training import member_shards, merge_member_states, train_distributed
 from pipeline.execution.payloads import labelled_to_payload
-from pipeline.science.structures import LabelledStructure
-
-HAVE_MODEL_FILE = importlib.util.find_spec("pipeline.storage.model_file") is not None
-needs_model_file = pytest.mark.skipif(not HAVE_MODEL_FILE, reason="pipeline.storage.model_file (save_model/load_ensemble) not present yet")
+from pipeline.execution.sites import load_site, parsl_session
+from pipeline.science.structures import LabelledStructure, atoms_to_payload
+from pipeline.science.training import TrainingSettings, train_ensemble
+from pipeline.storage.model_file import load_ensemble
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -57,12 +57,8 @@ def test_merging_shard_states_concatenates_members_only():
     assert merged["networks.weights.0"][2].eq(1).all() and merged["feature_mean"].shape == (1, 3)
 
 
-@needs_model_file
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_single_process_model(tmp_path):
-    from pipeline.science.training import TrainingSettings, train_ensemble
-    from pipeline.storage.model_file import load_ensemble
-
     structures = labelled_platinum_cells()
     single, _ = train_ensemble(structures, TrainingSettings(**SETTINGS))
     metrics = train_distributed(
@@ -90,13 +86,8 @@ def test_a_failing_rank_reports_its_output(tmp_path):
     assert "no_such_descriptor_option" in str(raised.value)
 
 
-@needs_model_file
 @pytest.mark.slow
 def test_training_app_through_parsl_writes_a_loadable_model(tmp_path):
-    from pipeline.execution.apps import make_apps
-    from pipeline.execution.sites import load_site, parsl_session
-    from pipeline.storage.model_file import load_ensemble
-
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     structures = labelled_platinum_cells()
     payloads = [labelled_to_payload(s) for s in structures]
@@ -105,9 +96,7 @@ def test_training_app_through_parsl_writes_a_loadable_model(tmp_path):
         apps = make_apps(config)
         one = apps.training_app(payloads, SETTINGS, str(tmp_path / "one.nft"), world_size=1).result(timeout=240)
         two = apps.training_app(payloads, SETTINGS, str(tmp_path / "two.nft"), world_size=2).result(timeout=240)
-        predicted = apps.prediction_app(str(tmp_path / "two.nft"), [s.atoms for s in []] or [
-            {"numbers": [78] * 4, "positions": (structures[0].atoms.positions).tolist(),
-             "cell": structures[0].atoms.cell.array.tolist(), "pbc": [True] * 3}]).result(timeout=120)
+        predicted = apps.prediction_app(str(tmp_path / "one.nft"), [atoms_to_payload(structures[0].atoms)]).result(timeout=120)
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert one["train_force_mae"] == pytest.approx(two["train_force_mae"], rel=1e-6)
     model = load_ensemble(tmp_path / "one.nft")
@@ -117,13 +106,9 @@ def test_training_app_through_parsl_writes_a_loadable_model(tmp_path):
     assert predicted[0]["uncertainty"] == pytest.approx(max(expected.uncertainties), abs=1e-8)
 
 
-@needs_model_file
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_training_on_a_slurm_mpi_block_takes_its_world_size_from_the_resource_specification(slurm_cluster, tmp_path):
-    from pipeline.execution.apps import make_apps
-    from pipeline.execution.sites import load_site, parsl_session
-
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     structures = labelled_platinum_cells()
     options = {"partition": slurm_cluster.partition, "walltime": "00:10:00", "training_executor": "shared"}
@@ -131,6 +116,6 @@ def test_training_on_a_slurm_mpi_block_takes_its_world_size_from_the_resource_sp
     with parsl_session(config):
         apps = make_apps(config)
         metrics = apps.training_app([labelled_to_payload(s) for s in structures], SETTINGS, str(tmp_path / "m.nft"), 2).result(timeout=240)
-        predicted = apps.prediction_app(str(tmp_path / "m.nft"), [labelled_to_payload(structures[0])["atoms"]]).result(timeout=120)
+        predicted = apps.prediction_app(str(tmp_path / "m.nft"), [atoms_to_payload(structures[0].atoms)]).result(timeout=120)
     assert metrics["world_size"] == 2 and [shard["members"] for shard in metrics["shards"]] == [2, 2]
     assert len(predicted[0]["uncertainties"]) == len(structures[0].atoms)
