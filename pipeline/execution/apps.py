@@ -7,8 +7,9 @@ as Parsl `python_app`s routed by executor label:
     training   -> executor labelled "training"
     prediction -> "prediction", else "training"
 
-A site with one executor runs everything there. On an `MPIExecutor` a reference job asks for its MPI
-ranks through `parsl_resource_specification`, and the job launches with ``$PARSL_MPI_PREFIX``.
+A site with one executor runs everything there. On an `MPIExecutor` every app passes
+`parsl_resource_specification` (whole nodes): a reference job its MPI ranks, which it launches with
+``$PARSL_MPI_PREFIX``; a training job its torch.distributed world size.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from parsl.app.app import python_app
-from parsl.dataflow.futures import AppFuture
 from parsl.config import Config
+from parsl.dataflow.futures import AppFuture
 from parsl.executors import MPIExecutor
 
 from pipeline.execution.sites import SiteError
@@ -97,6 +98,8 @@ def prediction_job(
     parsl_resource_specification: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Ensemble prediction per structure: energy (eV), forces (eV/Å), per-atom δ_i (eV/Å), δ = max δ_i."""
+    import numpy as np
+
     from pipeline.science.structures import payload_to_atoms
     from pipeline.storage.model_file import load_ensemble
 
@@ -108,7 +111,7 @@ def prediction_job(
         results.append(
             {
                 "energy": float(prediction.energy),
-                "forces": [[float(v) for v in row] for row in prediction.forces],
+                "forces": np.asarray(prediction.forces, dtype=float).tolist(),
                 "uncertainties": uncertainties,
                 "uncertainty": max(uncertainties, default=0.0),
             }

@@ -3,8 +3,9 @@
 Each rank trains its contiguous block of member seeds in one batched pass (the science core's
 `train_ensemble` with `member_seeds`); rank 0 gathers the members, in order, into one model file.
 Members are independent (own seed, own loss, element-wise Adam), so the result equals one process
-training all members, up to float round-off (not with `bootstrap` or `validation_fraction`, whose
-draws and early stopping the science core shares between members).
+training all members, up to float round-off. Not exactly so with `bootstrap`, `validation_fraction`
+or `lbfgs_steps`: the science core draws bootstrap samples from one stream, stops early and line-
+searches L-BFGS over all members together; the sharded ensemble is then as valid, not identical.
 
 `train_distributed` launches ``python -m torch.distributed.run --standalone --nproc-per-node W``;
 the ranks run `main` here. gloo on CPU, NCCL where CUDA is available.
@@ -170,7 +171,8 @@ def ensemble_metrics(model: Any, structures: Sequence[Any]) -> dict[str, Any]:
     rmse = float("nan")
     if len(data.energies):
         rmse = float((((energies.mean(0) - data.energies) / data.energy_atoms) ** 2).mean().sqrt())
-    return {"train_force_mae": force_mae(model, data, every), "train_energy_rmse_per_atom": rmse}
+    return {"train_force_mae": force_mae(model, data, every), "train_energy_rmse_per_atom": rmse,
+            "validation_force_mae": None}
 
 
 def _default_backend() -> str:
