@@ -24,7 +24,7 @@ log() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 # ---- Debian packages -------------------------------------------------------------------------
 APT_PACKAGES=(
-    build-essential pkg-config git procps
+    build-essential pkg-config procps
     libxc-dev libopenblas-dev libopenmpi-dev openmpi-bin libscalapack-openmpi-dev libfftw3-dev
     gpaw-data
     slurm-wlm munge libpmix-dev
@@ -54,8 +54,8 @@ if [ "${#MISSING[@]}" -gt 0 ]; then
         exit 1
     fi
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${MISSING[@]}" >/dev/null
+    apt-get update -qq -o DPkg::Lock::Timeout=300
+    apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends "${MISSING[@]}" >/dev/null
 fi
 
 # ---- virtual environment ---------------------------------------------------------------------

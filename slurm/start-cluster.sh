@@ -31,11 +31,17 @@ for exe in munged slurmctld slurmd sinfo scontrol; do
     command -v "$exe" >/dev/null 2>&1 || die "$exe not found (install slurm-wlm and munge: scripts/setup.sh)"
 done
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file names a live daemon of ours only if that process still has the daemon's name.
+alive() {  # pidfile name
+    local pid
+    pid="$(cat "$1" 2>/dev/null)" || return 1
+    [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
+}
 
 node_state() { sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n 1; }
 
-if alive "$STATE/run/munged.pid" && alive "$STATE/run/slurmctld.pid" && alive "$STATE/run/slurmd.pid" \
+if alive "$STATE/run/munged.pid" munged && alive "$STATE/run/slurmctld.pid" slurmctld \
+        && alive "$STATE/run/slurmd.pid" slurmd \
         && [ -n "$(node_state)" ]; then
     log "already running ($STATE, node $NODE: $(node_state))"
     echo "export SLURM_CONF=$CONF"

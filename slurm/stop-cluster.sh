@@ -9,10 +9,15 @@ STATE="${NFT_SLURM_DIR:-/tmp/nft-slurm}"
 export SLURM_CONF="$STATE/slurm.conf"
 PATH="$PATH:/usr/sbin:/sbin"
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file names a live daemon of ours only if that process still has the daemon's name.
+alive() {  # pidfile name
+    local pid
+    pid="$(cat "$1" 2>/dev/null)" || return 1
+    [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
+}
 
 # Jobs first, while the controller is still there to end them cleanly.
-if alive "$STATE/run/slurmctld.pid" && [ -f "$SLURM_CONF" ]; then
+if alive "$STATE/run/slurmctld.pid" slurmctld && [ -f "$SLURM_CONF" ]; then
     jobs="$(squeue -h -o '%A' 2>/dev/null | tr '\n' ' ')"
     if [ -n "${jobs// /}" ]; then
         # shellcheck disable=SC2086
@@ -26,14 +31,14 @@ fi
 
 stop_daemon() {  # name pidfile
     local name="$1" pidfile="$2" pid
-    alive "$pidfile" || { rm -f "$pidfile"; return 0; }
+    alive "$pidfile" "$name" || { rm -f "$pidfile"; return 0; }
     pid="$(cat "$pidfile")"
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 40); do
-        kill -0 "$pid" 2>/dev/null || break
+        alive "$pidfile" "$name" || break
         sleep 0.25
     done
-    if kill -0 "$pid" 2>/dev/null; then
+    if alive "$pidfile" "$name"; then
         kill -KILL "$pid" 2>/dev/null || true
     fi
     rm -f "$pidfile"

@@ -78,10 +78,12 @@ def _missing_binaries() -> list[str]:
 
 
 def _daemons_alive(state_dir: Path) -> bool:
+    """True when every daemon's pid file names a live process of that name."""
     for name in ("munged", "slurmctld", "slurmd"):
-        pid_file = state_dir / "run" / f"{name}.pid"
         try:
-            os.kill(int(pid_file.read_text().strip()), 0)
+            pid = int((state_dir / "run" / f"{name}.pid").read_text().strip())
+            if Path(f"/proc/{pid}/comm").read_text().strip() != name:
+                return False
         except (OSError, ValueError):
             return False
     return True
