@@ -154,3 +154,13 @@ def test_two_rank_job_through_the_slurm_site_runs_under_srun(slurm_cluster, tmp_
     assert slurm_cluster.job_state(parallel["external_id"])["JobName"].startswith("parsl.reference")
     assert "srun --ntasks 2" in (tmp_path / "slurm" / "launcher.log").read_text()
     assert re.search(r"(domain|band|kpt):\s+2\b", Path(parallel["log_file"]).read_text())
+
+
+@needs_gpaw
+def test_a_periodic_cell_runs_with_the_kpoint_density(tmp_path):
+    from ase.build import bulk
+
+    sodium = bulk("Na", "bcc", a=4.23)  # primitive vectors 3.66 Å: 12/3.66 -> 4 k-points each
+    result = compute_reference("gpaw", {"mode": "pw", "ecut": 250, "kpt_density": 12}, atoms_to_payload(sodium), str(tmp_path))
+    assert "Monkhorst-Pack size: [4, 4, 4]" in (tmp_path / "gpaw.txt").read_text()
+    assert np.abs(result["forces"]).max() < 1e-3  # every atom is a centre of symmetry
