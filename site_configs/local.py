@@ -1,7 +1,8 @@
 """This machine: one HighThroughputExecutor on a LocalProvider, one worker per core.
 
 Options: `workers` (default: the machine's cores), `worker_init` (extra shell lines).
-GPAW jobs started here use `mpiexec` directly (no batch scheduler to share nodes).
+GPAW jobs started here use `mpiexec` directly (no batch scheduler to share nodes); with R ranks per
+job, `workers` ≈ cores / R keeps the machine from being oversubscribed.
 """
 import os
 

@@ -3,7 +3,8 @@
 Options (all optional): partition, account, qos (``$NFT_SLURM_PARTITION``, ``$NFT_SLURM_ACCOUNT``
 as fallbacks), walltime, nodes_per_block, max_blocks, ranks_per_node (sbatch ``--ntasks-per-node``),
 exclusive, scheduler_options, worker_init (else ``$NFT_WORKER_INIT``), srun_mpi (``SLURM_MPI_TYPE``
-for every srun, e.g. "pmix"), mpi_launcher ("srun" or "mpiexec"), reference_executor ("mpi": an
+for every srun, e.g. "pmix"), mpi_launcher ("srun"; Parsl's "mpiexec" prefix uses MPICH/Hydra
+flags that OpenMPI's mpiexec rejects), reference_executor ("mpi": an
 MPIExecutor where GPAW jobs share a block of nodes; "htex": one worker per core, for cheap
 parents), address (the driver's address as workers see it).
 """
