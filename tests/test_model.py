@@ -124,3 +124,20 @@ def test_truncated_model_file_is_rejected(tmp_path):
 def test_unknown_element_is_named():
     with pytest.raises(ValueError, match="Cu"):
         untrained_model().predict(rattled_cluster(mixed=True))
+
+
+def test_g4_option_forces_and_training_path_are_exact():
+    """The paper's G4 descriptor: autograd forces equal finite differences and the trainer's Jacobians."""
+    from pipeline.science.structures import LabelledStructure
+    from pipeline.science.training import predict_labels, prepare_training_data
+
+    atoms = rattled_cluster(mixed=True)
+    model = untrained_model(elements=(29, 78), kind="g4")
+    _, forces = model.member_energies_and_forces(atoms)
+    numeric = finite_difference_forces(model, atoms, [0, 11])
+    assert np.abs(numeric - forces.numpy()[:, [0, 11]]).max() / np.abs(forces.numpy()).max() < 1e-4
+    mask = np.zeros(len(atoms), dtype=bool)
+    mask[[5, 11]] = True
+    data = prepare_training_data([LabelledStructure(atoms, None, np.zeros((len(atoms), 3)), mask)], model.descriptor)
+    _, trained_rows = predict_labels(model, data, create_graph=False)
+    np.testing.assert_allclose(trained_rows.detach().numpy(), forces.numpy()[:, [5, 11]], atol=1e-10)

@@ -166,6 +166,11 @@ class MomentDescriptor:
     def n_channels(self) -> int:
         return len(self.layout.radial_index)
 
+    @property
+    def pair_sum_shape(self) -> tuple[int, int]:
+        """Per-atom pair sums: (neighbour elements, channels)."""
+        return (self.params.n_elements, self.n_channels)
+
     def _angular_weights(self) -> dict[str, np.ndarray]:
         """Weights turning moment products into G5 features: G = Σ_n W[n, f] M_n M'_n − D[f] Q."""
         p, lay = self.params, self.layout

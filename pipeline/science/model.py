@@ -17,6 +17,15 @@ from pipeline.science.neighbours import neighbour_pairs, pad_pairs
 from pipeline.science.uncertainty import atomic_uncertainty
 
 
+def make_descriptor(params: SymmetryFunctionParams):
+    """The descriptor of the configured kind: G5 through moments (default) or explicit G4."""
+    if params.kind == "g4":
+        from pipeline.science.g4 import G4Descriptor
+
+        return G4Descriptor(params)
+    return MomentDescriptor(params)
+
+
 class EnsembleNetworks(nn.Module):
     """Per-element tanh MLPs for M members; weights of a layer stacked as (M, fan_in, fan_out)."""
 
@@ -90,7 +99,7 @@ class EnsembleModel(nn.Module):
     ):
         super().__init__()
         self.params = params
-        self.descriptor = MomentDescriptor(params)
+        self.descriptor = make_descriptor(params)
         member_seeds = list(member_seeds) if member_seeds is not None else list(range(10))
         self.member_seeds = member_seeds
         n_el, n_feat = params.n_elements, params.n_features
@@ -99,7 +108,8 @@ class EnsembleModel(nn.Module):
         self.register_buffer("feature_std", torch.ones(n_el, n_feat, dtype=torch.float64))
         self.register_buffer("energy_offset", torch.zeros(n_el, dtype=torch.float64))
         self.register_buffer("energy_scale", torch.ones((), dtype=torch.float64))
-        self.register_buffer("lowering", torch.from_numpy(self.descriptor.layout.lowering))
+        lowering = self.descriptor.layout.lowering if params.kind == "g5-moments" else np.zeros((3, 1, 1))
+        self.register_buffer("lowering", torch.from_numpy(lowering))
         self._element_lookup = {z: k for k, z in enumerate(params.elements)}
 
     @property
@@ -166,6 +176,8 @@ class EnsembleModel(nn.Module):
 
     def member_atomic_energies_and_forces(self, atoms: Atoms, block_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
         """Atomic energies (M, N) eV and forces (M, N, 3) eV/Å of every member."""
+        if self.params.kind == "g4":
+            return self._g4_atomic_energies_and_forces(atoms, min(block_size, 64))
         n_atoms = len(atoms)
         dtype, device = self.dtype, self.feature_mean.device
         element_index = torch.from_numpy(self.element_indices(atoms.numbers)).to(device)
@@ -184,6 +196,30 @@ class EnsembleModel(nn.Module):
                 energies[:, block] = block_energies
                 forces[:, block] += pair_vectors.sum(dim=2)
                 forces.index_add_(1, neighbours[block].reshape(-1), -pair_vectors.flatten(1, 2))
+        return energies, forces
+
+    def _g4_atomic_energies_and_forces(self, atoms: Atoms, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """G4 path: features with autograd, all members' force VJPs batched in one backward pass."""
+        n_atoms = len(atoms)
+        element_index = torch.from_numpy(self.element_indices(atoms.numbers))
+        lookup = np.zeros(max(self.params.elements) + 1, dtype=np.int64)
+        lookup[list(self.params.elements)] = np.arange(self.params.n_elements)
+        pairs = neighbour_pairs(atoms, self.params.cutoff)
+        positions = torch.from_numpy(atoms.positions).to(self.dtype).requires_grad_(True)
+        energies = torch.zeros(self.n_members, n_atoms, dtype=self.dtype)
+        forces = torch.zeros(self.n_members, n_atoms, 3, dtype=self.dtype)
+        for start in range(0, n_atoms, block_size):
+            centers = np.arange(start, min(start + block_size, n_atoms))
+            with torch.enable_grad():
+                features = self.descriptor.structure_features(atoms, positions, centers, lookup, pairs)
+            block_energies, grads = self.energies_and_pair_sum_gradients(
+                features.detach().unsqueeze(1), element_index[centers]
+            )
+            (position_grads,) = torch.autograd.grad(
+                features, positions, grad_outputs=grads[:, :, 0, :], is_grads_batched=True
+            )
+            energies[:, centers] = block_energies.detach()
+            forces -= position_grads
         return energies, forces
 
     def _block_pair_gradients(

@@ -139,6 +139,35 @@ def _structure_terms(
     return rows, pair_sums, force_atoms, jacobian
 
 
+def _g4_structure_terms(
+    item: LabelledStructure, descriptor, dtype: torch.dtype
+) -> tuple[np.ndarray, torch.Tensor, np.ndarray, torch.Tensor]:
+    """G4 variant of `_structure_terms`: features and their Jacobian by forward-mode autograd."""
+    params = descriptor.params
+    atoms = item.atoms
+    pairs = neighbour_pairs(atoms, params.cutoff)
+    force_atoms = np.flatnonzero(item.force_mask)
+    if item.energy is not None:
+        rows = np.arange(len(atoms))
+    else:
+        rows = np.union1d(force_atoms, pairs.centers[np.isin(pairs.neighbours, force_atoms)])
+    lookup = np.zeros(max(params.elements) + 1, dtype=np.int64)
+    lookup[list(params.elements)] = np.arange(params.n_elements)
+    base = torch.from_numpy(atoms.positions).to(dtype)
+    moved = torch.from_numpy(force_atoms)
+
+    def features_of(force_positions: torch.Tensor) -> torch.Tensor:
+        return descriptor.structure_features(atoms, base.index_copy(0, moved, force_positions), rows, lookup, pairs)
+
+    features = features_of(base[moved]).detach()
+    if len(force_atoms):
+        jac = torch.autograd.functional.jacobian(features_of, base[moved], vectorize=True, strategy="forward-mode")
+        jacobian = jac.permute(2, 3, 0, 1).contiguous()  # (F_atoms, 3, rows, features)
+    else:
+        jacobian = torch.zeros(0, 3, len(rows), params.n_features, dtype=dtype)
+    return rows, features.unsqueeze(1), force_atoms, jacobian
+
+
 def _pair_basis_gradients(descriptor: MomentDescriptor, basis, selection: torch.Tensor) -> torch.Tensor:
     """∂B_c/∂r_ij (P, C, 3) for the selected pairs: radial part plus the tangential moment part."""
     unit = basis.unit_vectors[selection]
@@ -151,16 +180,18 @@ def _pair_basis_gradients(descriptor: MomentDescriptor, basis, selection: torch.
 
 
 def prepare_training_data(
-    structures: Sequence[LabelledStructure], descriptor: MomentDescriptor, dtype: torch.dtype = torch.float64
+    structures: Sequence[LabelledStructure], descriptor, dtype: torch.dtype = torch.float64
 ) -> TrainingData:
     """Pair sums and force Jacobians of every structure, computed once and concatenated."""
     params = descriptor.params
-    width = params.n_elements * descriptor.n_channels
+    sum_shape = descriptor.pair_sum_shape
+    width = sum_shape[0] * sum_shape[1]
+    terms_of = _g4_structure_terms if params.kind == "g4" else _structure_terms
     sums, elements, jac_idx, jac_val, forces, force_struct = [], [], [], [], [], []
     energy_rows, energy_segment, energies, energy_atoms, energy_struct = [], [], [], [], []
     row_offset = force_offset = 0
     for s, item in enumerate(structures):
-        rows, pair_sums, force_atoms, jacobian = _structure_terms(item, descriptor, dtype)
+        rows, pair_sums, force_atoms, jacobian = terms_of(item, descriptor, dtype)
         sums.append(pair_sums)
         elements.append(_element_index(item.atoms.numbers[rows], params.elements))
         if item.energy is not None:
@@ -188,18 +219,25 @@ def prepare_training_data(
         return torch.from_numpy(np.concatenate(chunks)).to(dtype_) if chunks else torch.zeros(empty_shape, dtype=dtype_)
 
     return TrainingData(
-        pair_sums=torch.cat(sums) if sums else torch.zeros(0, params.n_elements, descriptor.n_channels, dtype=dtype),
+        pair_sums=torch.cat(sums) if sums else torch.zeros(0, *sum_shape, dtype=dtype),
         element_index=cat(elements),
         energy_rows=cat(energy_rows),
         energy_segment=cat(energy_segment),
         energies=torch.tensor(energies, dtype=dtype),
         energy_atoms=torch.tensor(energy_atoms, dtype=dtype),
         energy_structure=torch.tensor(energy_struct, dtype=torch.int64),
-        force_jacobian=jacobian.to_sparse_csr(),
-        force_jacobian_t=jacobian_t.to_sparse_csr(),
+        force_jacobian=_csr(jacobian),
+        force_jacobian_t=_csr(jacobian_t),
         forces=torch.from_numpy(np.concatenate(forces)).to(dtype) if forces else torch.zeros(0, 3, dtype=dtype),
         force_structure=cat(force_struct),
     )
+
+
+def _csr(matrix: torch.Tensor) -> torch.Tensor:
+    """COO → CSR, without torch's 'beta' warning for CSR tensors."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return matrix.to_sparse_csr()
 
 
 def elements_of(structures: Sequence[LabelledStructure]) -> tuple[int, ...]:
