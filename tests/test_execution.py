@@ -110,6 +110,23 @@ def test_slurm_sites_put_reference_jobs_on_an_mpi_executor(tmp_path):
     assert "--gpus-per-node=4" in training.provider.scheduler_options
 
 
+def test_slurm_settings_come_from_options_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("NFT_SLURM_PARTITION", "from-env")
+    monkeypatch.setenv("NFT_SLURM_ACCOUNT", "project42")
+    monkeypatch.setenv("NFT_WORKER_INIT", "module load gpaw/26")
+    by_env = {e.label: e for e in load_site("slurm", tmp_path / "a", {}).executors}["reference"].provider
+    assert "--partition=from-env" in by_env.scheduler_options and "--account=project42" in by_env.scheduler_options
+    assert "module load gpaw/26" in by_env.worker_init and "PYTHONPATH=" in by_env.worker_init
+    by_option = {e.label: e for e in load_site("slurm", tmp_path / "b", {
+        "partition": "big", "worker_init": "source /opt/site.sh", "walltime": "02:00:00", "max_blocks": 4,
+        "srun_mpi": "pmix", "ranks_per_node": 64,
+    }).executors}["reference"].provider
+    assert "--partition=big" in by_option.scheduler_options and "--ntasks-per-node=64" in by_option.scheduler_options
+    assert "source /opt/site.sh" in by_option.worker_init and "module load" not in by_option.worker_init
+    assert "export SLURM_MPI_TYPE=pmix" in by_option.worker_init
+    assert by_option.walltime == "02:00:00" and by_option.max_blocks == 4
+
+
 def test_a_shared_slurm_site_gives_every_app_a_resource_specification(tmp_path):
     config = load_site("slurm", tmp_path, {"training_executor": "shared"})
     apps = make_apps(config)
