@@ -22,6 +22,10 @@ STAMPS="$VENV/.nft-stamps"
 
 log() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
+# One set-up at a time per checkout (test runs started side by side share the .venv).
+exec 9> "/tmp/nft-setup-$(printf '%s' "$NFT_ROOT" | sha256sum | cut -c1-12).lock"
+flock 9
+
 # ---- Debian packages -------------------------------------------------------------------------
 APT_PACKAGES=(
     build-essential pkg-config procps
@@ -65,7 +69,16 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 mkdir -p "$STAMPS"
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+PIP_LOG="$STAMPS/pip.log"
+: > "$PIP_LOG"
+# pip install, its chatter in $PIP_LOG (shown when it fails).
+pip_install() {
+    if ! "$PY" -m pip install --disable-pip-version-check "$@" >> "$PIP_LOG" 2>&1; then
+        tail -n 40 "$PIP_LOG" >&2
+        echo "setup.sh: pip install $* failed (log: $PIP_LOG)" >&2
+        exit 1
+    fi
+}
 
 # A stamp holds a fingerprint of the inputs of one step; the step reruns when they change.
 stamp_ok() { [ -f "$STAMPS/$1" ] && [ "$(cat "$STAMPS/$1")" = "$2" ]; }
@@ -77,14 +90,14 @@ PYVER="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 # CPU torch: the exact pin takes the local CPU wheel (a bare `torch` pulls a multi-GB CUDA build).
 if ! "$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' >/dev/null 2>&1; then
     log "pip: $TORCH_SPEC"
-    "${PIP[@]}" "$TORCH_SPEC"
+    pip_install "$TORCH_SPEC"
 fi
 
 # The project with its dev extras (editable).
 KEY="$(fingerprint pyproject.toml)"
 if ! stamp_ok project "$KEY" || ! "$PY" -c 'import pipeline' >/dev/null 2>&1; then
     log "pip: -e .[dev]"
-    "${PIP[@]}" "$TORCH_SPEC" -e ".[dev]"
+    pip_install "$TORCH_SPEC" -e ".[dev]"
     stamp_set project "$KEY"
 fi
 
@@ -92,7 +105,7 @@ fi
 # they compile against the numpy in the venv).
 if ! "$PY" -c 'import pybind11, setuptools, wheel, Cython; assert int(setuptools.__version__.split(".")[0]) >= 77' >/dev/null 2>&1; then
     log "pip: build tools"
-    "${PIP[@]}" "pybind11>=2.6.2" "setuptools>=77" wheel "cython>=3.0.1"
+    pip_install "pybind11>=2.6.2" "setuptools>=77" wheel "cython>=3.0.1"
 fi
 
 # Build a wheel once per (spec, python, inputs) and keep it, so a fresh clone installs in seconds.
@@ -117,7 +130,7 @@ build_wheel() {  # name spec key [env...]
 MPI_KEY="$(printf '%s %s' "$MPI4PY_SPEC" "$(mpicc -showme 2>/dev/null)" | sha256sum | cut -c1-16)"
 if ! stamp_ok mpi4py "$MPI_KEY"; then
     WHEEL="$(build_wheel mpi4py "$MPI4PY_SPEC" "$MPI_KEY" MPICC=mpicc)"
-    "${PIP[@]}" --force-reinstall --no-deps "$WHEEL"
+    pip_install --force-reinstall --no-deps "$WHEEL"
     stamp_set mpi4py "$MPI_KEY"
 fi
 
@@ -126,8 +139,8 @@ GPAW_KEY="$( (printf '%s' "$GPAW_SPEC"; cat scripts/gpaw-siteconfig.py) | sha256
 if ! stamp_ok gpaw "$GPAW_KEY" || ! "$PY" -c 'import _gpaw' >/dev/null 2>&1; then
     WHEEL="$(build_wheel gpaw "$GPAW_SPEC" "$GPAW_KEY" \
         GPAW_CONFIG="$NFT_ROOT/scripts/gpaw-siteconfig.py")"
-    "${PIP[@]}" --force-reinstall --no-deps "$WHEEL"
-    "${PIP[@]}" "$WHEEL"
+    pip_install --force-reinstall --no-deps "$WHEEL"
+    pip_install "$WHEEL"
     "$VENV/bin/gpaw" info > "$STAMPS/gpaw-info.txt" 2>&1 || { cat "$STAMPS/gpaw-info.txt" >&2; exit 1; }
     for feature in "MPI enabled" scalapack FFTW; do
         if ! grep -E -q "^$feature +yes" "$STAMPS/gpaw-info.txt"; then
