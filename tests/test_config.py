@@ -1,0 +1,115 @@
+"""The campaign config loader: defaults, path resolution, and one-line errors naming file and field."""
+from pathlib import Path
+
+import pytest
+from ase.build import bulk
+from ase.io import write
+
+from pipeline.campaign.config import load_config
+from pipeline.errors import BadInput
+from tests.plugins.campaign_fixtures import SMALL_CAMPAIGN, merged, toml_text
+
+pytestmark = pytest.mark.timeout(60)
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pt260-emt" / "config.toml"
+
+
+def test_the_example_config_loads_with_spec_defaults():
+    config = load_config(EXAMPLE)
+    assert config.name == "pt260-emt"
+    assert config.workdir == EXAMPLE.parent / "runs" / "pt260-emt"
+    assert config.database_url == f"sqlite:///{config.workdir / 'nft.db'}"
+    assert len(config.targets) == 1 and len(config.targets[0]) == 260
+    assert len(config.initial) == 20
+    assert config.calculator == "emt" and config.threshold == 0.1
+    assert config.min_separation == config.file.model.cutoff == 6.5
+    assert config.file.chunks.radius == 8.0 and config.file.chunks.vacuum == 6.0
+
+
+def test_defaults_fill_everything_but_name_and_data(small_campaign, tmp_path):
+    config_path = small_campaign()
+    config_path.write_text(
+        '[campaign]\nname = "minimal"\n[data]\ntargets = "target.traj"\ninitial = ["initial.traj"]\n'
+    )
+    config = load_config(config_path)
+    assert config.workdir == config_path.parent / "runs" / "minimal"
+    assert config.file.model.ensemble == 10 and config.file.model.hidden == [5, 5]
+    assert config.file.active.max_iterations == 20 and config.file.active.patience is None
+    assert config.threshold == 0.1  # EMT parent
+    settings = config.training_settings()
+    assert settings.elements == (78,) and settings.cutoff == 6.5
+    assert not config.workdir.exists()  # loading writes nothing
+
+
+def test_absolute_database_paths_and_other_urls_are_kept(small_campaign, tmp_path):
+    database = tmp_path / "elsewhere" / "shared.db"
+    config = load_config(small_campaign({"campaign": {"database": f"sqlite:///{database}"}}))
+    assert config.database_url == f"sqlite:///{database}"
+
+
+def test_a_gpaw_parent_gets_complete_options_and_the_dft_threshold(small_campaign):
+    config = load_config(small_campaign({"parent": {"calculator": "gpaw", "gpaw": {"ecut": 350.0, "ranks": 2}}, "active": {"threshold": None}}))
+    assert config.parent_params["ecut"] == 350.0 and config.parent_params["xc"] == "PBE"
+    assert "ranks" not in config.job_params  # execution options do not identify a job
+    assert config.threshold == 0.3
+
+
+def _bad(tmp_path, small_campaign, change):
+    config_path = small_campaign()
+    sections = merged(SMALL_CAMPAIGN, None)
+    text = change(config_path, sections)
+    config_path.write_text(text if isinstance(text, str) else toml_text(sections))
+    return config_path
+
+
+BAD_CONFIGS = {
+    "malformed TOML": (lambda path, s: "[campaign\nname = 'x'\n", "malformed TOML"),
+    "unknown key": (lambda path, s: s["chunks"].update(radious=8.0), "chunks.radious: unknown key"),
+    "unknown section": (lambda path, s: s.update(extra={"a": 1}), "extra: unknown key"),
+    "wrong type": (lambda path, s: s["chunks"].update(radius="8"), "chunks.radius: must be a number"),
+    "wrong list item type": (lambda path, s: s["model"].update(hidden=[5, "5"]), "model.hidden.1: must be an integer"),
+    "missing section": (lambda path, s: s.pop("data"), "data: required"),
+    "missing structure file": (lambda path, s: s["data"].update(targets=["nowhere.traj"]), "data.targets[0]: no such file"),
+    "unreadable structure": (
+        lambda path, s: ((path.parent / "garbage.traj").write_bytes(b"not a trajectory"), s["data"].update(initial="garbage.traj")),
+        "data.initial[0]",
+    ),
+    "negative radius": (lambda path, s: s["chunks"].update(radius=-1.0), "chunks.radius: must be > 0"),
+    "zero threshold": (lambda path, s: s["active"].update(threshold=0.0), "active.threshold: must be > 0"),
+    "negative threshold": (lambda path, s: s["active"].update(threshold=-0.1), "active.threshold: must be > 0"),
+    "unknown calculator": (lambda path, s: s["parent"].update(calculator="vasp"), "parent.calculator: unknown calculator"),
+    "bad parent option": (
+        lambda path, s: s["parent"].update(calculator="gpaw", gpaw={"ecut": -5.0}), "parent.gpaw.ecut"
+    ),
+    "element the initial set lacks": (
+        lambda path, s: (write(path.parent / "copper.traj", bulk("Cu", cubic=True)), s["data"].update(targets=["copper.traj"])),
+        "data.targets: target structure 0 has element(s) Cu",
+    ),
+    "workdir not writable": (lambda path, s: s["campaign"].update(workdir="target.traj/run"), "campaign.workdir"),
+    "ensemble of one": (lambda path, s: s["model"].update(ensemble=1), "model.ensemble: must be >= 2"),
+    "select_fraction above one": (lambda path, s: s["active"].update(select_fraction=1.5), "active.select_fraction"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_is_one_line_naming_file_and_field(case, small_campaign, tmp_path):
+    change, expected = BAD_CONFIGS[case]
+    config_path = _bad(tmp_path, small_campaign, change)
+    with pytest.raises(BadInput) as raised:
+        load_config(config_path)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"{config_path}: ")
+    assert expected in message
+    assert not (config_path.parent / "run").exists()
+
+
+def test_a_read_only_workdir_is_refused(small_campaign, tmp_path):
+    config_path = small_campaign({"campaign": {"workdir": "/proc/nft-campaign"}})
+    with pytest.raises(BadInput, match=r"campaign\.workdir: .* not writable"):
+        load_config(config_path)
+
+
+def test_a_missing_config_file_is_bad_input(tmp_path):
+    with pytest.raises(BadInput, match="no such config file"):
+        load_config(tmp_path / "absent.toml")
