@@ -210,20 +210,18 @@ class MomentDescriptor:
         gauss = torch.exp(-eta_a * rr**2)
         w = gauss * fc.unsqueeze(-1)
         dw = gauss * (dfc.unsqueeze(-1) - 2 * eta_a * rr * fc.unsqueeze(-1))
-        radial = torch.cat([g2_value, w * w, w], dim=-1)
-        radial_deriv = torch.cat([g2_deriv, 2 * w * dw, dw], dim=-1)
         mono = self._monomials(unit)
-        radial_index = torch.from_numpy(lay.radial_index)
-        monomial_index = torch.from_numpy(lay.monomial_index)
-        rho = radial[..., radial_index]
-        drho = radial_deriv[..., radial_index]
-        u = mono[..., monomial_index]
-        values = rho * u
-        low = torch.from_numpy(lay.lowered_channels)
+        n_low = len(monomial_exponents(self.max_degree - 1))
+        outer = (w.unsqueeze(-1) * mono.unsqueeze(-2)).flatten(-2)
+        outer_deriv = (dw.unsqueeze(-1) * mono.unsqueeze(-2)).flatten(-2)
+        # channel order: G2 | w² per η | w_η·u_n (η-major, monomials by degree), as in _channel_layout
+        values = torch.cat([g2_value, w * w, outer], dim=-1)
+        derivatives = torch.cat([g2_deriv, 2 * w * dw, outer_deriv], dim=-1)
+        lowered = (w.unsqueeze(-1) * mono[..., :n_low].unsqueeze(-2)).flatten(-2)
         return PairBasis(
             values=values,
-            radial_derivatives=drho * u,
-            lowered=values[..., low],
+            radial_derivatives=derivatives,
+            lowered=lowered,
             distances=r,
             unit_vectors=unit,
         )
