@@ -200,9 +200,9 @@ class MomentDescriptor:
         r = torch.linalg.vector_norm(vectors, dim=-1)
         unit = vectors / r.clamp_min(1e-12).unsqueeze(-1)
         fc, dfc = cosine_cutoff(r, p.cutoff)
-        rs = torch.tensor(p.radial_centers, dtype=dtype)
-        eta_r = torch.tensor(p.radial_etas, dtype=dtype)
-        eta_a = torch.tensor(p.angular_etas, dtype=dtype)
+        rs = torch.tensor(p.radial_centers, dtype=dtype, device=vectors.device)
+        eta_r = torch.tensor(p.radial_etas, dtype=dtype, device=vectors.device)
+        eta_a = torch.tensor(p.angular_etas, dtype=dtype, device=vectors.device)
         rr = r.unsqueeze(-1)
         g2 = torch.exp(-eta_r * (rr - rs) ** 2)
         g2_value = g2 * fc.unsqueeze(-1)
@@ -246,8 +246,8 @@ class MomentDescriptor:
         radial = pair_sums[..., :n_g2].flatten(-2)
         self_terms = pair_sums[..., n_g2 : n_g2 + n_eta]
         moments = pair_sums[..., n_g2 + n_eta :].unflatten(-1, (n_eta, len(lay.exponents)))
-        quad = torch.as_tensor(self._feature_weights["quad"], dtype=pair_sums.dtype)
-        diag = torch.as_tensor(self._feature_weights["diag"], dtype=pair_sums.dtype)
+        quad = torch.as_tensor(self._feature_weights["quad"], dtype=pair_sums.dtype, device=pair_sums.device)
+        diag = torch.as_tensor(self._feature_weights["diag"], dtype=pair_sums.dtype, device=pair_sums.device)
         blocks = [radial]
         for a, b in combinations_with_replacement(range(n_el), 2):
             products = moments[..., a, :, :] * moments[..., b, :, :]

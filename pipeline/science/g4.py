@@ -43,12 +43,12 @@ class G4Descriptor:
         one_hot = torch.nn.functional.one_hot(neighbour_elements, n_el).to(dtype)
         r = torch.linalg.vector_norm(vectors, dim=-1)
         fc, _ = cosine_cutoff(r, p.cutoff)
-        rs = torch.tensor(p.radial_centers, dtype=dtype)
-        eta_r = torch.tensor(p.radial_etas, dtype=dtype)
+        rs = torch.tensor(p.radial_centers, dtype=dtype, device=vectors.device)
+        eta_r = torch.tensor(p.radial_etas, dtype=dtype, device=vectors.device)
         g2 = torch.exp(-eta_r * (r.unsqueeze(-1) - rs) ** 2) * fc.unsqueeze(-1)
         blocks = [torch.einsum("bks,bkf->bsf", one_hot, g2).flatten(1)]
         diff = vectors.unsqueeze(1) - vectors.unsqueeze(2)
-        not_self = ~torch.eye(vectors.shape[1], dtype=torch.bool)
+        not_self = ~torch.eye(vectors.shape[1], dtype=torch.bool, device=vectors.device)
         squared = (diff**2).sum(-1)
         r_jk = torch.sqrt(torch.where(squared > 0, squared, torch.ones_like(squared)))  # j = k and padding: masked
         fc_jk, _ = cosine_cutoff(r_jk, p.cutoff)
@@ -91,13 +91,13 @@ class G4Descriptor:
         )
         slot_pairs = np.flatnonzero(padded.valid.ravel())
         order = np.argsort(sub_centers, kind="stable")
-        far = torch.zeros(len(centers) * padded.valid.shape[1], 3, dtype=positions.dtype)
+        far = torch.zeros(len(centers) * padded.valid.shape[1], 3, dtype=positions.dtype, device=positions.device)
         far[:, 0] = self.params.cutoff + 1.0
         pair_vectors = (
             positions[pairs.neighbours[keep][order]]
             - positions[pairs.centers[keep][order]]
-            + torch.from_numpy(shifts[keep][order]).to(positions.dtype)
+            + torch.from_numpy(shifts[keep][order]).to(positions)
         )
-        vectors = far.index_copy(0, torch.from_numpy(slot_pairs), pair_vectors).view(len(centers), -1, 3)
-        neighbour_el = torch.from_numpy(element_lookup[atoms.numbers[padded.neighbours]])
+        vectors = far.index_copy(0, torch.from_numpy(slot_pairs).to(positions.device), pair_vectors).view(len(centers), -1, 3)
+        neighbour_el = torch.from_numpy(element_lookup[atoms.numbers[padded.neighbours]]).to(positions.device)
         return self.block_features(vectors, neighbour_el)

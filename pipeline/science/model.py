@@ -201,24 +201,25 @@ class EnsembleModel(nn.Module):
     def _g4_atomic_energies_and_forces(self, atoms: Atoms, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """G4 path: features with autograd, all members' force VJPs batched in one backward pass."""
         n_atoms = len(atoms)
-        element_index = torch.from_numpy(self.element_indices(atoms.numbers))
+        device = self.feature_mean.device
+        element_index = torch.from_numpy(self.element_indices(atoms.numbers)).to(device)
         lookup = np.zeros(max(self.params.elements) + 1, dtype=np.int64)
         lookup[list(self.params.elements)] = np.arange(self.params.n_elements)
         pairs = neighbour_pairs(atoms, self.params.cutoff)
-        positions = torch.from_numpy(atoms.positions).to(self.dtype).requires_grad_(True)
-        energies = torch.zeros(self.n_members, n_atoms, dtype=self.dtype)
-        forces = torch.zeros(self.n_members, n_atoms, 3, dtype=self.dtype)
+        positions = torch.from_numpy(atoms.positions).to(device=device, dtype=self.dtype).requires_grad_(True)
+        energies = torch.zeros(self.n_members, n_atoms, dtype=self.dtype, device=device)
+        forces = torch.zeros(self.n_members, n_atoms, 3, dtype=self.dtype, device=device)
         for start in range(0, n_atoms, block_size):
             centers = np.arange(start, min(start + block_size, n_atoms))
             with torch.enable_grad():
                 features = self.descriptor.structure_features(atoms, positions, centers, lookup, pairs)
             block_energies, grads = self.energies_and_pair_sum_gradients(
-                features.detach().unsqueeze(1), element_index[centers]
+                features.detach().unsqueeze(1), element_index[start : start + len(centers)]
             )
             (position_grads,) = torch.autograd.grad(
                 features, positions, grad_outputs=grads[:, :, 0, :], is_grads_batched=True
             )
-            energies[:, centers] = block_energies.detach()
+            energies[:, start : start + len(centers)] = block_energies.detach()
             forces -= position_grads
         return energies, forces
 

@@ -42,6 +42,7 @@ class TrainingSettings:
     member_seeds: tuple[int, ...] | None = None
     elements: tuple[int, ...] | None = None
     descriptor: dict = field(default_factory=dict)
+    device: str = "cpu"  # "cuda" trains on a GPU; the returned model is always on the CPU
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -79,6 +80,10 @@ class TrainingData:
     force_jacobian_t: torch.Tensor  # its transpose, CSR, for the backward pass
     forces: torch.Tensor  # (F, 3) eV/Å reference
     force_structure: torch.Tensor  # (F,) index of the structure in the input list
+
+    def to(self, device: str | torch.device) -> "TrainingData":
+        """The same data on another device (CUDA training)."""
+        return TrainingData(**{name: value.to(device) for name, value in vars(self).items()})
 
 
 def _element_index(numbers: np.ndarray, elements: tuple[int, ...]) -> np.ndarray:
@@ -357,20 +362,24 @@ def train_ensemble(
     model = EnsembleModel(params, hidden=settings.hidden, member_seeds=settings.seeds())
     data = prepare_training_data(structures, model.descriptor)
     _fit_scaling(model, data, structures)
+    device = torch.device(settings.device)
+    model, data = model.to(device), data.to(device)
     validation = _split(len(structures), settings.validation_fraction, generator)
-    weights = _member_weights(model.n_members, len(structures), ~validation, settings.bootstrap, generator)
-    val_weights = torch.from_numpy(np.tile(validation.astype(float), (model.n_members, 1)))
+    weights = _member_weights(model.n_members, len(structures), ~validation, settings.bootstrap, generator).to(device)
+    val_weights = torch.from_numpy(np.tile(validation.astype(float), (model.n_members, 1))).to(device)
     epochs_run, loss = _adam(model, data, weights, val_weights if validation.any() else None, settings, progress)
     if settings.lbfgs_steps:
         loss = _lbfgs(model, data, weights, settings)
     model.eval()
     energies, _ = predict_labels(model, data, create_graph=False)
     energies = energies.detach()
-    train_e = torch.from_numpy(~validation)[data.energy_structure]
+    train_e = torch.from_numpy(~validation).to(device)[data.energy_structure]
     rmse = float("nan")
     if train_e.any():
         err = (energies.mean(0) - data.energies) / data.energy_atoms
         rmse = float(err[train_e].pow(2).mean().sqrt())
+    model = model.to("cpu")
+    data = data.to("cpu")
     report = TrainingReport(
         train_force_mae=force_mae(model, data, ~validation),
         train_energy_rmse_per_atom=rmse,
@@ -388,7 +397,7 @@ def _adam(model, data, weights, val_weights, settings, progress) -> tuple[int, f
     epochs = settings.epochs
     decay = (settings.final_learning_rate / settings.learning_rate) ** (1.0 / max(epochs, 1))
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay)
-    best_val = torch.full((model.n_members,), float("inf"), dtype=torch.float64)
+    best_val = torch.full((model.n_members,), float("inf"), dtype=torch.float64, device=weights.device)
     best_state = copy.deepcopy(model.networks.state_dict()) if val_weights is not None else None
     since_best = 0
     total = torch.tensor(0.0)
