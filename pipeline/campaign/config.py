@@ -76,6 +76,7 @@ class ModelSection(_Section):
     patience_epochs: int = Field(300, ge=1)
     bootstrap: bool = False
     seed: int = Field(0, ge=0)
+    training_processes: int | None = Field(None, ge=1)  # members sharded over processes; default: the site decides
 
     @field_validator("hidden")
     @classmethod

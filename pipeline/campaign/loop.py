@@ -168,6 +168,7 @@ class _Driver:
                 [labelled_to_payload(item) for item in training_set],
                 _settings_dict(config),
                 str(model_path),
+                config.file.model.training_processes,
             ),
             "training",
         )
@@ -302,7 +303,7 @@ class _Driver:
     def _force_mae_vs_emt(self, iteration: int) -> dict[str, float]:
         """Force MAE (eV/Å, over all components) of the kept model against EMT on every target."""
         from pipeline.execution.apps import prediction_job
-        from pipeline.execution.parents import compute_reference
+        from pipeline.execution.parents import ReferenceFailed, compute_reference
 
         predictions = self.predictions.get(iteration)
         if predictions is None:
@@ -310,7 +311,11 @@ class _Driver:
             predictions = prediction_job(str(model_path), [atoms_to_payload(self.target_atoms[t]) for t in self.target_ids])
         errors = {}
         for k, (target_id, prediction) in enumerate(zip(self.target_ids, predictions)):
-            reference = compute_reference("emt", {}, atoms_to_payload(self.target_atoms[target_id]))
+            try:
+                reference = compute_reference("emt", {}, atoms_to_payload(self.target_atoms[target_id]))
+            except ReferenceFailed as error:
+                self.observer.message(f"no force MAE for target {k}: {error.reason}")
+                continue
             difference = np.asarray(prediction["forces"]) - np.asarray(reference["forces"])
             errors[f"target {k}"] = float(np.abs(difference).mean())
             self.observer.message(

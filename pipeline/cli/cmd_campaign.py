@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -37,6 +38,7 @@ def run(
     from pipeline.campaign.loop import run_campaign
 
     campaign = load_config(config)
+    signal.signal(signal.SIGTERM, _interrupt)  # a kill cleans up Parsl like Ctrl-C does
     console = Console()
     display = LiveDisplay(console, campaign.threshold) if console.is_terminal else PlainDisplay(console)
     try:
@@ -85,6 +87,10 @@ def export(
 
     count = export_training_set(load_config(config), output)
     print(f"{count} structures written to {output}")
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def print_status(console: Console, report: Mapping[str, Any]) -> None:

@@ -117,13 +117,16 @@ def small_campaign(tmp_path):
 # Observation hook (test-only, named as such): a sitecustomize that logs every EMT calculation.
 
 PARENT_CALL_LOG_VARIABLE = "NFT_TEST_EMT_CALL_LOG"
+EMT_DELAY_VARIABLE = "NFT_TEST_EMT_DELAY_S"
 
 _COUNTING_SITECUSTOMIZE = f'''
-"""Test-only observation hook: log one line per EMT calculation when ${PARENT_CALL_LOG_VARIABLE} is set."""
+"""Test-only hooks: log one line per EMT calculation when ${PARENT_CALL_LOG_VARIABLE} is set; fault
+injection: make every EMT calculation of a non-periodic structure (a chunk) take ${EMT_DELAY_VARIABLE} s longer."""
 import os
 
 if os.environ.get("{PARENT_CALL_LOG_VARIABLE}"):
     import hashlib
+    import time
 
     import numpy as np
     from ase.calculators import emt
@@ -131,6 +134,8 @@ if os.environ.get("{PARENT_CALL_LOG_VARIABLE}"):
     _original_calculate = emt.EMT.calculate
 
     def _logged_calculate(self, atoms=None, *args, **kwargs):
+        if atoms is not None and not atoms.pbc.any():
+            time.sleep(float(os.environ.get("{EMT_DELAY_VARIABLE}") or 0))
         result = _original_calculate(self, atoms, *args, **kwargs)
         digest = hashlib.sha256(np.ascontiguousarray(self.atoms.positions, dtype=float).tobytes()).hexdigest()
         with open(os.environ["{PARENT_CALL_LOG_VARIABLE}"], "a") as log:

@@ -1,0 +1,171 @@
+"""Whole campaigns with real parts: a local Parsl executor, an SQLite file and EMT.
+
+A rattled Pt55 learned from six bulk cells, with a small ensemble trained briefly and a threshold
+such a model reaches in a few iterations; summary.json must agree with the database.
+"""
+import json
+
+import numpy as np
+import pytest
+from ase.calculators.emt import EMT
+
+from pipeline import load_model
+from pipeline.campaign.config import load_config
+from pipeline.storage.database import CampaignStore
+from tests.plugins.campaign_fixtures import rattled_cluster, run_nft
+
+pytestmark = pytest.mark.timeout(240)
+
+CONVERGING = {"active": {"threshold": 3.0, "max_iterations": 6}}
+
+
+@pytest.fixture(scope="module")
+def converged_campaign(tmp_path_factory):
+    """A small campaign run once to convergence through `nft run`: (config path, summary, stdout)."""
+    from tests.plugins.campaign_fixtures import write_campaign
+
+    config = write_campaign(tmp_path_factory.mktemp("converged") / "campaign", CONVERGING)
+    result = run_nft("run", config)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((config.parent / "run" / "summary.json").read_text())
+    return config, summary, result.stdout
+
+
+def test_a_small_campaign_converges(converged_campaign):
+    config, summary, stdout = converged_campaign
+    assert summary["converged"] is True
+    assert summary["final_uncertainty"] < 3.0
+    assert summary["iterations"] >= 2, "the first model should not be good enough: chunks must be needed"
+    assert summary["chunks"] > 0
+    assert "force MAE" in stdout and "converged" in stdout
+
+
+def test_summary_json_matches_the_database(converged_campaign):
+    config, summary, _ = converged_campaign
+    campaign = load_config(config)
+    with CampaignStore(campaign.database_url, create=False) as store:
+        store.campaign_id(campaign.name)
+        history = store.iterations()
+        counts = store.summary()
+        chunks = store.structures("chunk")
+        best = store.best_model()
+    assert set(summary) >= {"converged", "iterations", "final_uncertainty", "chunks", "reference_atoms", "model", "history"}
+    assert summary["iterations"] == len(history) == counts.models
+    assert [entry["iteration"] for entry in summary["history"]] == [record.iteration for record in history]
+    assert [entry["iteration"] for entry in summary["history"]] == list(range(1, len(history) + 1))
+    for entry, record in zip(summary["history"], history):
+        assert set(entry) >= {"iteration", "uncertainty", "chunks_added", "train_force_mae"}
+        assert entry["uncertainty"] == pytest.approx(record.max_delta)
+        assert entry["chunks_added"] == record.chunks_added
+        assert entry["train_force_mae"] == pytest.approx(record.train_force_mae)
+        assert set(entry["wall_time"]) >= {"training", "prediction", "reference", "overhead", "total"}
+    assert summary["chunks"] == counts.chunks == len(chunks) == sum(entry["chunks_added"] for entry in summary["history"])
+    assert summary["reference_atoms"] == counts.reference_atoms
+    assert summary["final_uncertainty"] == pytest.approx(min(record.max_delta for record in history))
+    assert history[-1].max_delta < 3.0 and history[-1].chunks_added == 0
+    assert counts.jobs["pending"] == counts.jobs["running"] == 0
+    for chunk in chunks:  # chunks of the target, centred on their first atom, at the configured radius
+        assert chunk.parent_id is not None and chunk.center_in_chunk == 0 and chunk.radius == 6.0
+        assert not chunk.atoms.pbc.any()
+    assert best is not None and summary["best_iteration"] == best.iteration
+
+
+def test_the_model_file_is_the_best_model_and_loads_as_a_calculator(converged_campaign):
+    config, summary, _ = converged_campaign
+    atoms = rattled_cluster()
+    atoms.calc = load_model(summary["model"])
+    forces = atoms.get_forces()
+    uncertainties = atoms.calc.results["uncertainties"]
+    assert forces.shape == (55, 3) and uncertainties.shape == (55,)
+    assert uncertainties.max() == pytest.approx(summary["final_uncertainty"], rel=1e-6)
+    reference = rattled_cluster()
+    reference.calc = EMT()
+    mae = float(np.abs(forces - reference.get_forces()).mean())
+    assert mae == pytest.approx(summary["force_mae_vs_parent"]["target 0"], rel=1e-6)
+
+
+def test_status_json_reports_the_database_without_running_anything(converged_campaign):
+    config, summary, _ = converged_campaign
+    database = config.parent / "run" / "nft.db"
+    before = database.stat().st_mtime_ns
+    result = run_nft("status", config, "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["converged"] is True and status["finished"] is True
+    assert status["iterations"] == summary["iterations"]
+    assert status["best_uncertainty"] == pytest.approx(summary["final_uncertainty"])
+    assert status["chunks"] == summary["chunks"]
+    assert status["jobs"]["done"] == 6 + summary["chunks"] and status["jobs"]["failed"] == 0
+    assert [entry["uncertainty"] for entry in status["history"]] == [entry["uncertainty"] for entry in summary["history"]]
+    assert database.stat().st_mtime_ns == before
+    table = run_nft("status", config)
+    assert table.returncode == 0 and "converged" in table.stdout
+
+
+def test_running_a_finished_campaign_again_computes_nothing(converged_campaign):
+    config, summary, _ = converged_campaign
+    result = run_nft("run", config)
+    assert result.returncode == 0, result.stderr
+    assert "already finished" in result.stdout
+    again = json.loads((config.parent / "run" / "summary.json").read_text())
+    assert again["iterations"] == summary["iterations"] and again["chunks"] == summary["chunks"]
+    assert again["history"] == summary["history"]
+
+
+def test_export_writes_the_training_set_with_force_masks(converged_campaign, tmp_path):
+    from ase.io import read
+
+    config, summary, _ = converged_campaign
+    output = tmp_path / "training.extxyz"
+    result = run_nft("export", config, "-o", output)
+    assert result.returncode == 0, result.stderr
+    images = read(output, ":")
+    assert len(images) == 6 + summary["chunks"]
+    chunks = [atoms for atoms in images if not atoms.pbc.any()]
+    assert len(chunks) == summary["chunks"]
+    for atoms in chunks:
+        assert atoms.arrays["force_mask"].sum() == 1 and atoms.arrays["force_mask"][0]
+
+
+def test_an_unlabelled_initial_set_is_computed_by_the_parent(small_campaign):
+    config = small_campaign({"active": {"max_iterations": 1}}, labelled_initial=False)
+    result = run_nft("run", config)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((config.parent / "run" / "summary.json").read_text())
+    assert summary["converged"] is False and summary["stop_reason"] == "max_iterations"
+    assert summary["iterations"] == 1 and summary["chunks"] == 0
+    campaign = load_config(config)
+    with CampaignStore(campaign.database_url, create=False) as store:
+        initial = store.structures("initial")
+        jobs = {job.structure_id: job for job in store.jobs(kind="initial")}
+        assert len(initial) == 6 and all(jobs[s.id].status == "done" for s in initial)
+        for structure in initial:
+            atoms = structure.atoms
+            atoms.calc = EMT()
+            result_record = store.result(jobs[structure.id].id)
+            assert result_record.energy == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+            assert np.allclose(result_record.forces, atoms.get_forces(), atol=1e-9)
+
+
+def test_failed_reference_jobs_are_recorded_and_the_campaign_goes_on(small_campaign):
+    """A real failure: one Fe atom in the target, an element EMT has no parameters for. The initial set
+    carries (made-up) labels for an Fe-containing cell, so only the chunks around Fe fail."""
+    from ase.build import bulk
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import read, write
+
+    target = rattled_cluster()
+    target.numbers[0] = 26  # the central atom of the cuboctahedron
+    config = small_campaign({"active": {"threshold": 0.05, "max_iterations": 2}, "chunks": {"max_per_iteration": 6, "min_separation": 2.0}}, target=target)
+    cells = read(config.parent / "initial.traj", ":")
+    iron_cell = bulk("Pt", "fcc", a=3.92, cubic=True)
+    iron_cell.numbers[0] = 26
+    iron_cell.calc = SinglePointCalculator(iron_cell, energy=-1.0, forces=np.zeros((4, 3)))
+    write(config.parent / "initial.traj", [*cells, iron_cell])
+    result = run_nft("run", config)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(run_nft("status", config, "--json").stdout)
+    assert status["jobs"]["failed"] > 0 and status["jobs"]["done"] > 7
+    assert all("emt" in job["error"] for job in status["failed_jobs"])
+    summary = json.loads((config.parent / "run" / "summary.json").read_text())
+    assert summary["iterations"] == 2 and summary["jobs"]["failed"] == status["jobs"]["failed"]
