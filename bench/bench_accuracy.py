@@ -50,6 +50,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epochs", type=int, default=None, help="Adam epochs (default 1500, quick 300)")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds; one row per kind and seed, "
+                        "plus the mean over seeds")
     common.add_common_arguments(parser)
     args = parser.parse_args()
     common.set_threads(args.threads)
@@ -66,27 +68,34 @@ def main() -> None:
           f"({sum(len(i.atoms) for i in test)} atoms) + rattled Pt260")
     print(common.machine_line(), flush=True)
     g4 = common.g4_status()
+    seeds = [int(x) for x in args.seeds.split(",")]
     rows = []
     for kind in ("g5-moments", "g4"):
         if kind == "g4" and g4 is not None:
-            rows.append([kind, f"n/a ({g4})", "", "", "", "", "", ""])
+            rows.append([kind, "", f"n/a ({g4})", "", "", "", "", "", ""])
             continue
-        settings = TrainingSettings(epochs=epochs, seed=0, descriptor={"kind": kind})
-        try:
-            start = time.perf_counter()
-            model, report = train_ensemble(train, settings)
-            seconds = time.perf_counter() - start
-            held_out = errors(model, test)
-            transfer = errors(model, pt260)
-        except Exception as error:  # noqa: BLE001 - report, don't crash the table
-            rows.append([kind, f"error: {type(error).__name__}: {error}", "", "", "", "", "", ""])
-            continue
-        rows.append([kind, report.train_force_mae, held_out["force_mae"], held_out["force_max"],
-                     held_out["energy_rmse"] * 1e3, held_out["max_delta"], transfer["force_mae"], seconds])
-        print(f"  {kind}: trained in {seconds:.1f} s", flush=True)
+        measured = []
+        for seed in seeds:
+            settings = TrainingSettings(epochs=epochs, seed=seed, descriptor={"kind": kind})
+            try:
+                start = time.perf_counter()
+                model, report = train_ensemble(train, settings)
+                seconds = time.perf_counter() - start
+                held_out = errors(model, test)
+                transfer = errors(model, pt260)
+            except Exception as error:  # noqa: BLE001 - report, don't crash the table
+                rows.append([kind, seed, f"error: {type(error).__name__}: {error}", "", "", "", "", "", ""])
+                continue
+            values = [report.train_force_mae, held_out["force_mae"], held_out["force_max"],
+                      held_out["energy_rmse"] * 1e3, held_out["max_delta"], transfer["force_mae"], seconds]
+            measured.append(values)
+            rows.append([kind, seed, *values])
+            print(f"  {kind}, seed {seed}: trained in {seconds:.1f} s", flush=True)
+        if len(measured) > 1:
+            rows.append([f"**{kind} mean**", f"{len(measured)} seeds", *np.mean(measured, axis=0)])
     print()
     print(common.markdown_table(
-        ["descriptor", "train force MAE eV/Å", "test force MAE eV/Å", "test max force error eV/Å",
+        ["descriptor", "seed", "train force MAE eV/Å", "test force MAE eV/Å", "test max force error eV/Å",
          "test energy RMSE meV/atom", "test max δ eV/Å", "Pt260 force MAE eV/Å", "training s"], rows))
 
 
