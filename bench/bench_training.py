@@ -112,11 +112,79 @@ class FeatureJacobianPrototype:
         return loss + settings.force_weight * (w * sq).sum(1) / w.sum(1).clamp_min(1.0)
 
 
+class PlainAutogradMember:
+    """Peer: one member trained with plain autograd, descriptors recomputed every epoch.
+
+    What a straightforward BP code does (double backward through the pair basis for the force
+    loss). Neighbour lists and the rows that matter (a chunk: the centre and the atoms within the
+    cutoff of it) are prepared once, outside the timing, as nft does; per epoch and member:
+    R.requires_grad → r_ij → pair basis → pair sums → energies → forces by autograd (create_graph)
+    → SPEC loss → backward → Adam step.
+    """
+
+    def __init__(self, structures, cutoff: float):
+        import torch
+        import vesin
+
+        positions, centres, neighbours, offsets, rows, row_structure = [], [], [], [], [], []
+        energy_structures, force_atoms, force_structure = [], [], []
+        base = 0
+        for s, item in enumerate(structures):
+            atoms = item.atoms
+            box = atoms.cell.array if atoms.pbc.any() else np.zeros((3, 3))
+            i, j, shifts = vesin.NeighborList(cutoff=cutoff, full_list=True).compute(
+                atoms.positions, box, [bool(p) for p in atoms.pbc], quantities="ijS")
+            trained = np.flatnonzero(item.force_mask)
+            needed = np.arange(len(atoms)) if item.energy is not None else np.union1d(trained, i[np.isin(j, trained)])
+            keep = np.isin(i, needed)
+            positions.append(atoms.positions)
+            centres.append(i[keep] + base)
+            neighbours.append(j[keep] + base)
+            offsets.append(np.asarray(shifts[keep], dtype=float) @ np.asarray(atoms.cell.array, dtype=float))
+            rows.append(needed + base)
+            row_structure.append(np.full(len(needed), s))
+            if item.energy is not None:
+                energy_structures.append(s)
+            force_atoms.append(trained + base)
+            force_structure.append(np.full(len(trained), s))
+            base += len(atoms)
+        t = torch.from_numpy
+        self.positions = t(np.concatenate(positions))
+        self.i, self.j = t(np.concatenate(centres).astype(np.int64)), t(np.concatenate(neighbours).astype(np.int64))
+        self.offsets = t(np.concatenate(offsets))
+        self.rows = t(np.concatenate(rows).astype(np.int64))
+        self.row_structure = t(np.concatenate(row_structure).astype(np.int64))
+        self.force_atoms = t(np.concatenate(force_atoms).astype(np.int64))
+        self.force_structure = t(np.concatenate(force_structure).astype(np.int64))
+        self.energy_structures = t(np.array(energy_structures, dtype=np.int64))
+        self.energies = torch.tensor([structures[k].energy for k in energy_structures], dtype=torch.float64)
+        self.energy_atoms = torch.tensor([len(structures[k].atoms) for k in energy_structures], dtype=torch.float64)
+        self.forces = t(np.concatenate([item.forces[item.force_mask] for item in structures]))
+        self.n_structures = len(structures)
+
+    def loss(self, single, settings):
+        import torch
+
+        positions = self.positions.clone().requires_grad_(True)
+        vectors = positions[self.j] - positions[self.i] + self.offsets
+        values = single.descriptor.pair_basis(vectors).values
+        sums = values.new_zeros(len(positions), values.shape[-1]).index_add(0, self.i, values)[self.rows]
+        element = torch.zeros(len(self.rows), dtype=torch.int64)
+        atomic = single.atomic_energies(sums.view(1, len(self.rows), 1, -1), element)[0]
+        (gradient,) = torch.autograd.grad(atomic.sum(), positions, create_graph=True)
+        forces = -gradient[self.force_atoms]
+        energies = atomic.new_zeros(self.n_structures).index_add(0, self.row_structure, atomic)[self.energy_structures]
+        loss = settings.energy_weight * (((energies - self.energies) / self.energy_atoms) ** 2).sum()
+        return loss + settings.force_weight * ((forces - self.forces) ** 2).sum(-1).mean()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 2)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per round and side (default 5, quick 2)")
+    parser.add_argument("--no-plain-autograd", action="store_true", help="skip the plain-autograd peer")
+    parser.add_argument("--plain-rounds", type=int, default=1, help="epochs of the plain-autograd peer (slow: ~30 CPU-s)")
     parser.add_argument("--no-prototype", action="store_true", help="skip the bench-only ∂G/∂R prototype rows")
     common.add_common_arguments(parser)
     args = parser.parse_args()
@@ -246,6 +314,38 @@ def main() -> None:
     else:
         proto_note = ""
 
+    naive_rows, naive_note = [], ""
+    if not args.no_plain_autograd:
+        try:
+            plain = PlainAutogradMember(structures, params.cutoff)
+            n_model = EnsembleModel(params, hidden=(5, 5), member_seeds=list(range(members)))
+            n_model.load_state_dict(model.state_dict())
+            n_singles = [common.single_member(n_model, m) for m in range(members)]
+            reference = _member_losses(n_model, data, weights, settings, create_graph=False).detach()
+            check = max(abs(float(plain.loss(x, settings)) - float(reference[m])) / float(reference.abs().max())
+                        for m, x in enumerate(n_singles))
+            n_opts = [torch.optim.Adam(x.networks.parameters(), lr=settings.learning_rate) for x in n_singles]
+
+            def plain_epoch():
+                for single, opt in zip(n_singles, n_opts):
+                    opt.zero_grad()
+                    plain.loss(single, settings).backward()
+                    opt.step()
+
+            plain_runs = []
+            for _ in range(args.plain_rounds):
+                times, _ = common.timed(plain_epoch)
+                plain_runs.append(times)
+            nb = min(plain_runs, key=lambda t: t["seconds"])
+            bb = min(batched, key=lambda t: t["seconds"])
+            naive_rows = [["one epoch, 10 members one by one, plain autograd through the descriptors (no precomputation)",
+                           nb["seconds"] * 1e3, min(t["cpu_seconds"] for t in plain_runs) * 1e3,
+                           np.median([t["seconds"] for t in plain_runs]) * 1e3, f"{nb['seconds'] / bb['seconds']:.2f}×"]]
+            naive_note = (f"plain-autograd peer: {len(plain.i):,} pairs per member-epoch; its losses equal nft's to "
+                          f"{check:.1e} (relative); {args.plain_rounds} epoch(s), interleaved after the nft rounds")
+        except Exception as error:  # noqa: BLE001
+            naive_note = f"plain-autograd peer failed: {type(error).__name__}: {error}"
+
     b = min(batched, key=lambda t: t["seconds"])
     s = min(single, key=lambda t: t["seconds"])
     b_cpu = min(t["cpu_seconds"] for t in batched)
@@ -258,7 +358,7 @@ def main() -> None:
     ]
     print()
     print(common.markdown_table(["case", "best wall ms/epoch", "best CPU ms/epoch", "median wall ms/epoch",
-                                 "batched faster by"], rows + proto_rows))
+                                 "batched faster by"], rows + naive_rows + proto_rows))
     print()
     print(common.markdown_table(
         ["one-off preparation (descriptors + Jacobians)", "wall s", "CPU s", "rows", "trained force rows",
@@ -271,6 +371,8 @@ def main() -> None:
           f"{after_diff:.1e} after {1 + rounds * epochs} identical Adam steps")
     print(f"target batched ≥ {TARGET_SPEEDUP:.0f}× one-by-one: {ratio:.2f}× (wall, best), "
           f"{s_cpu / b_cpu:.2f}× (CPU) → {'MET' if ratio >= TARGET_SPEEDUP else 'NOT MET'}")
+    if naive_note:
+        print(naive_note)
     if proto_note:
         print(proto_note)
 
