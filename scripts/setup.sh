@@ -3,7 +3,7 @@
 # mpi4py and GPAW built against Debian's OpenMPI/ScaLAPACK/FFTW/libxc.  Idempotent: each step is
 # skipped when its result is already there, so a second run takes a few seconds.
 #
-#   bash scripts/setup.sh          # or: source it from another script
+#   bash scripts/setup.sh          # then `. scripts/env.sh` for PATH, GPAW and MPI settings
 #
 # Knobs (environment): PYTHON (interpreter for a new .venv, default python3), NFT_GPAW_SPEC
 # (default gpaw==26.7.0), NFT_WHEEL_CACHE (built mpi4py/GPAW wheels, default ~/.cache/nft-wheels).
@@ -128,24 +128,28 @@ build_wheel() {  # name spec key [env...]
 
 # mpi4py against Debian's OpenMPI.
 MPI_KEY="$(printf '%s %s' "$MPI4PY_SPEC" "$(mpicc -showme 2>/dev/null)" | sha256sum | cut -c1-16)"
-if ! stamp_ok mpi4py "$MPI_KEY"; then
+if ! stamp_ok mpi4py "$MPI_KEY" || ! "$PY" -c 'import mpi4py.MPI' >/dev/null 2>&1; then
     WHEEL="$(build_wheel mpi4py "$MPI4PY_SPEC" "$MPI_KEY" MPICC=mpicc)"
     pip_install --force-reinstall --no-deps "$WHEEL"
     stamp_set mpi4py "$MPI_KEY"
 fi
 
 # GPAW with MPI + ScaLAPACK + FFTW + libxc from scripts/gpaw-siteconfig.py.
-GPAW_KEY="$( (printf '%s' "$GPAW_SPEC"; cat scripts/gpaw-siteconfig.py) | sha256sum | cut -c1-16)"
+# The key covers the numpy major version too: the extension is compiled against numpy's C API.
+NUMPY_MAJOR="$("$PY" -c 'import numpy; print(numpy.__version__.split(".")[0])')"
+GPAW_KEY="$( (printf '%s numpy%s' "$GPAW_SPEC" "$NUMPY_MAJOR"; cat scripts/gpaw-siteconfig.py) \
+    | sha256sum | cut -c1-16)"
 if ! stamp_ok gpaw "$GPAW_KEY" || ! "$PY" -c 'import _gpaw' >/dev/null 2>&1; then
     WHEEL="$(build_wheel gpaw "$GPAW_SPEC" "$GPAW_KEY" \
         GPAW_CONFIG="$NFT_ROOT/scripts/gpaw-siteconfig.py")"
     pip_install --force-reinstall --no-deps "$WHEEL"
     pip_install "$WHEEL"
-    "$VENV/bin/gpaw" info > "$STAMPS/gpaw-info.txt" 2>&1 || { cat "$STAMPS/gpaw-info.txt" >&2; exit 1; }
+    "$VENV/bin/gpaw" info > "$STAMPS/gpaw-info.txt" 2>&1 || true
     for feature in "MPI enabled" scalapack FFTW; do
         if ! grep -E -q "^$feature +yes" "$STAMPS/gpaw-info.txt"; then
             cat "$STAMPS/gpaw-info.txt" >&2
-            echo "setup.sh: GPAW was built without $feature" >&2
+            rm -rf "$(dirname "$WHEEL")"  # do not keep a wheel that lacks what we asked for
+            echo "setup.sh: GPAW does not report '$feature: yes' (build log: $(dirname "$WHEEL").log)" >&2
             exit 1
         fi
     done
