@@ -26,7 +26,7 @@ INTERRUPTED_EXIT_CODE = 130
 @app.command()
 @exit_codes
 def run(
-    config: Path = typer.Argument(..., help="Campaign config (TOML, SPEC §2)."),
+    config: Path = typer.Argument(..., metavar="CONFIG.toml", help="Campaign config (TOML, SPEC §2)."),
     site: Optional[str] = typer.Option(None, "--site", help="A site in site_configs/ (local, slurm, …) or a path to a site file."),
 ) -> None:
     """Run or resume a campaign; writes WORKDIR/summary.json and WORKDIR/model.nft.
@@ -61,7 +61,7 @@ def run(
 @app.command()
 @exit_codes
 def status(
-    config: Path = typer.Argument(..., help="Campaign config (TOML)."),
+    config: Path = typer.Argument(..., metavar="CONFIG.toml", help="Campaign config (TOML)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Iterations, uncertainty, chunks and reference jobs of a campaign (reads its database only)."""
@@ -78,7 +78,7 @@ def status(
 @app.command()
 @exit_codes
 def export(
-    config: Path = typer.Argument(..., help="Campaign config (TOML)."),
+    config: Path = typer.Argument(..., metavar="CONFIG.toml", help="Campaign config (TOML)."),
     output: Path = typer.Option(..., "-o", "--output", help="extxyz file to write."),
 ) -> None:
     """Write the campaign's training set as extxyz (chunks carry a per-atom force_mask)."""
