@@ -59,17 +59,24 @@ class EnsembleNetworks(nn.Module):
 
     def forward(self, features: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
         """Atomic outputs (M, B) from scaled features (M, B, F) and element indices (B,)."""
+        present = torch.unique(element_index).tolist()
+        if len(present) == 1:
+            return self._element_outputs(features, present[0])
         out = features.new_zeros(features.shape[0], features.shape[1])
-        for element in torch.unique(element_index).tolist():
+        for element in present:
             rows = (element_index == element).nonzero(as_tuple=True)[0]
-            h = features[:, rows]
-            for layer in range(self.n_layers):
-                k = element * self.n_layers + layer
-                h = torch.baddbmm(self.biases[k], h, self.weights[k])
-                if layer < self.n_layers - 1:
-                    h = torch.tanh(h)
-            out = out.index_copy(1, rows, h.squeeze(-1))
+            out = out.index_copy(1, rows, self._element_outputs(features[:, rows], element))
         return out
+
+    def _element_outputs(self, features: torch.Tensor, element: int) -> torch.Tensor:
+        """One element's network, all members at once: (M, B, F) → (M, B)."""
+        h = features
+        for layer in range(self.n_layers):
+            k = element * self.n_layers + layer
+            h = torch.baddbmm(self.biases[k], h, self.weights[k])
+            if layer < self.n_layers - 1:
+                h = torch.tanh(h)
+        return h.squeeze(-1)
 
 
 @dataclass
@@ -135,22 +142,43 @@ class EnsembleModel(nn.Module):
         return lookup[np.asarray(numbers, dtype=np.int64)]
 
     # ----- per-atom energies and their gradients w.r.t. pair sums --------------------------
-    def atomic_energies(self, pair_sums: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
-        """Atomic energies (M, B) in eV from pair sums (M, B, n_elements, C)."""
-        features = self.descriptor.features(pair_sums)
+    def atomic_energies_from_features(self, features: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
+        """Atomic energies (M, B) in eV from unscaled features (M, B, F)."""
         scaled = (features - self.feature_mean[element_index]) / self.feature_std[element_index]
         outputs = self.networks(scaled, element_index)
         return outputs * self.energy_scale + self.energy_offset[element_index]
 
-    def energies_and_pair_sum_gradients(
-        self, pair_sums: torch.Tensor, element_index: torch.Tensor, create_graph: bool = False
+    def atomic_energies(self, pair_sums: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
+        """Atomic energies (M, B) in eV from pair sums (M, B, n_elements, C)."""
+        return self.atomic_energies_from_features(self.descriptor.features(pair_sums), element_index)
+
+    def energies_and_feature_gradients(
+        self, features: torch.Tensor, element_index: torch.Tensor, create_graph: bool = False, scaled: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Atomic energies (M, B) and ∂E^m/∂S_i (M, B, n_elements, C), each member its own."""
+        """Atomic energies (M, B) and ∂E^m/∂G_i (M, B, F) from features (B, F), each member its own.
+
+        With `scaled`, the features are already (G − mean)/std and the gradients are w.r.t. those.
+        """
+        shape = (self.n_members, *features.shape)
+        per_member = features.detach().unsqueeze(0).expand(shape).requires_grad_(True)
+        with torch.enable_grad():
+            if scaled:
+                outputs = self.networks(per_member, element_index)
+                energies = outputs * self.energy_scale + self.energy_offset[element_index]
+            else:
+                energies = self.atomic_energies_from_features(per_member, element_index)
+            (gradients,) = torch.autograd.grad(energies.sum(), per_member, create_graph=create_graph)
+        return energies, gradients
+
+    def energies_and_pair_sum_gradients(
+        self, pair_sums: torch.Tensor, element_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Atomic energies (M, B) and ∂E^m/∂S_i (M, B, n_elements, C) from pair sums (B, n_elements, C)."""
         shape = (self.n_members, *pair_sums.shape)
         per_member = pair_sums.detach().unsqueeze(0).expand(shape).clone().requires_grad_(True)
         with torch.enable_grad():
             energies = self.atomic_energies(per_member, element_index)
-            (gradients,) = torch.autograd.grad(energies.sum(), per_member, create_graph=create_graph)
+            (gradients,) = torch.autograd.grad(energies.sum(), per_member)
         return energies, gradients
 
     # ----- inference ----------------------------------------------------------------------
@@ -213,12 +241,10 @@ class EnsembleModel(nn.Module):
             centers = np.arange(start, min(start + block_size, n_atoms))
             with torch.enable_grad():
                 features = self.descriptor.structure_features(atoms, positions, centers, lookup, pairs)
-            block_energies, grads = self.energies_and_pair_sum_gradients(
-                features.detach().unsqueeze(1), element_index[start : start + len(centers)]
+            block_energies, grads = self.energies_and_feature_gradients(
+                features.detach(), element_index[start : start + len(centers)]
             )
-            (position_grads,) = torch.autograd.grad(
-                features, positions, grad_outputs=grads[:, :, 0, :], is_grads_batched=True
-            )
+            (position_grads,) = torch.autograd.grad(features, positions, grad_outputs=grads, is_grads_batched=True)
             energies[:, start : start + len(centers)] = block_energies.detach()
             forces -= position_grads
         return energies, forces

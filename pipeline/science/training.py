@@ -67,23 +67,48 @@ class TrainingSettings:
 
 @dataclass
 class TrainingData:
-    """Concatenated pair sums of the rows that matter, with energy segments and force Jacobians."""
+    """Concatenated (unscaled) features of the rows that matter, energy segments, force Jacobians.
 
-    pair_sums: torch.Tensor  # (R, n_elements, C)
+    Features G(S) and ∂G/∂R = ∂G/∂S·∂S/∂R do not depend on the weights, so an epoch is only the
+    networks on (M, R, F) plus one sparse product with M columns.
+    """
+
+    features: torch.Tensor  # (R, F)
     element_index: torch.Tensor  # (R,)
     energy_rows: torch.Tensor  # rows that belong to energy-labelled structures
     energy_segment: torch.Tensor  # structure slot of each energy row
     energies: torch.Tensor  # (S_E,) eV
     energy_atoms: torch.Tensor  # (S_E,) atoms per energy-labelled structure
     energy_structure: torch.Tensor  # (S_E,) index of the structure in the input list
-    force_jacobian: torch.Tensor  # sparse CSR (3·F, R·n_elements·C): ∂S/∂R for trained force rows
+    force_jacobian: torch.Tensor  # sparse CSR (3·F, R·n_features): ∂G/∂R for trained force rows
     force_jacobian_t: torch.Tensor  # its transpose, CSR, for the backward pass
     forces: torch.Tensor  # (F, 3) eV/Å reference
     force_structure: torch.Tensor  # (F,) index of the structure in the input list
 
+    scaled: bool = False  # features (G − mean)/std and Jacobians ∂G_scaled/∂R, fixed for training
+
     def to(self, device: str | torch.device) -> "TrainingData":
         """The same data on another device (CUDA training)."""
-        return TrainingData(**{name: value.to(device) for name, value in vars(self).items()})
+        fields = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in vars(self).items()}
+        return TrainingData(**fields)
+
+    def scaled_by(self, model: EnsembleModel) -> "TrainingData":
+        """Features and Jacobians in the model's scaled feature space, computed once for all epochs."""
+        mean = model.feature_mean[self.element_index]
+        std = model.feature_std[self.element_index]
+        column_factor = (1.0 / std).reshape(-1)  # one per (row, feature) column of the Jacobian
+        jac, jac_t = self.force_jacobian, self.force_jacobian_t
+        scaled_values = jac.values() * column_factor[jac.col_indices()]
+        rows_t = torch.repeat_interleave(torch.arange(jac_t.shape[0]), jac_t.crow_indices().diff())
+        scaled_values_t = jac_t.values() * column_factor[rows_t]
+        fields = dict(vars(self))
+        fields.update(
+            features=(self.features - mean) / std,
+            force_jacobian=_csr_like(jac, scaled_values),
+            force_jacobian_t=_csr_like(jac_t, scaled_values_t),
+            scaled=True,
+        )
+        return TrainingData(**fields)
 
 
 def _element_index(numbers: np.ndarray, elements: tuple[int, ...]) -> np.ndarray:
@@ -189,15 +214,17 @@ def prepare_training_data(
 ) -> TrainingData:
     """Pair sums and force Jacobians of every structure, computed once and concatenated."""
     params = descriptor.params
-    sum_shape = descriptor.pair_sum_shape
-    width = sum_shape[0] * sum_shape[1]
+    width = params.n_features
+    feature_jacobian = torch.func.vmap(torch.func.jacrev(descriptor.features))
     terms_of = _g4_structure_terms if params.kind == "g4" else _structure_terms
     sums, elements, jac_idx, jac_val, forces, force_struct = [], [], [], [], [], []
     energy_rows, energy_segment, energies, energy_atoms, energy_struct = [], [], [], [], []
     row_offset = force_offset = 0
     for s, item in enumerate(structures):
-        rows, pair_sums, force_atoms, jacobian = terms_of(item, descriptor, dtype)
-        sums.append(pair_sums)
+        rows, pair_sums, force_atoms, pair_sum_jacobian = terms_of(item, descriptor, dtype)
+        sums.append(descriptor.features(pair_sums))
+        d_features = feature_jacobian(pair_sums).flatten(2)  # (rows, F, n_el·C)
+        jacobian = torch.einsum("fxrc,rgc->fxrg", pair_sum_jacobian, d_features)
         elements.append(_element_index(item.atoms.numbers[rows], params.elements))
         if item.energy is not None:
             energy_rows.append(np.arange(row_offset, row_offset + len(rows)))
@@ -224,7 +251,7 @@ def prepare_training_data(
         return torch.from_numpy(np.concatenate(chunks)).to(dtype_) if chunks else torch.zeros(empty_shape, dtype=dtype_)
 
     return TrainingData(
-        pair_sums=torch.cat(sums) if sums else torch.zeros(0, *sum_shape, dtype=dtype),
+        features=torch.cat(sums) if sums else torch.zeros(0, width, dtype=dtype),
         element_index=cat(elements),
         energy_rows=cat(energy_rows),
         energy_segment=cat(energy_segment),
@@ -245,6 +272,13 @@ def _csr(matrix: torch.Tensor) -> torch.Tensor:
         return matrix.to_sparse_csr()
 
 
+def _csr_like(matrix: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A CSR matrix with the sparsity of `matrix` and new values."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(matrix.crow_indices(), matrix.col_indices(), values, matrix.shape)
+
+
 def elements_of(structures: Sequence[LabelledStructure]) -> tuple[int, ...]:
     """Sorted atomic numbers present in a data set."""
     return tuple(sorted({int(z) for item in structures for z in item.atoms.numbers}))
@@ -252,7 +286,9 @@ def elements_of(structures: Sequence[LabelledStructure]) -> tuple[int, ...]:
 
 def predict_labels(model: EnsembleModel, data: TrainingData, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Member energies (M, S_E) eV and trained force rows (M, F, 3) eV/Å for prepared data."""
-    atomic, grads = model.energies_and_pair_sum_gradients(data.pair_sums, data.element_index, create_graph)
+    atomic, grads = model.energies_and_feature_gradients(
+        data.features, data.element_index, create_graph, scaled=data.scaled
+    )
     n_members = atomic.shape[0]
     energies = atomic.new_zeros(n_members, len(data.energies))
     energies = energies.index_add(1, data.energy_segment, atomic[:, data.energy_rows])
@@ -287,7 +323,7 @@ class TrainingReport:
 
 def _fit_scaling(model: EnsembleModel, data: TrainingData, structures: Sequence[LabelledStructure]) -> None:
     """Per-element feature mean/std, per-element energy offsets (least squares), output scale."""
-    features = model.descriptor.features(data.pair_sums)
+    features = data.features
     for k in range(model.params.n_elements):
         rows = features[data.element_index == k]
         if len(rows) == 0:
@@ -362,6 +398,7 @@ def train_ensemble(
     model = EnsembleModel(params, hidden=settings.hidden, member_seeds=settings.seeds())
     data = prepare_training_data(structures, model.descriptor)
     _fit_scaling(model, data, structures)
+    data = data.scaled_by(model)
     device = torch.device(settings.device)
     model, data = model.to(device), data.to(device)
     validation = _split(len(structures), settings.validation_fraction, generator)
