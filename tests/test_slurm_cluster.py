@@ -15,9 +15,11 @@ VENV_BIN = Path(sys.executable).parent
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
+# Rank 0 prints every rank's line (gathered), so the ranks' output cannot interleave on one line.
 MPI_HELLO = (
-    "from mpi4py import MPI; comm = MPI.COMM_WORLD; "
-    "print('rank', comm.rank, 'of', comm.size, 'sum', comm.allreduce(comm.rank + 1), flush=True)"
+    "from mpi4py import MPI; comm = MPI.COMM_WORLD; total = comm.allreduce(comm.rank + 1); "
+    "lines = comm.gather('rank %d of %d sum %d' % (comm.rank, comm.size, total)); "
+    "comm.rank == 0 and print(*lines, sep=chr(10), flush=True)"
 )
 
 
