@@ -93,11 +93,13 @@ def cosine_cutoff(r: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.T
 
 @dataclass
 class PairBasis:
-    """Per-pair basis of the pair sums: values B (…, C), radial derivative ∂B/∂r (…, C), and the
-    values of the moment channels one degree lower, needed for the tangential force part."""
+    """Per-pair basis of the pair sums B_c = ρ_c(r) u_c(r̂) and what its gradient needs:
+    ∂B_c/∂r⃗ = along_c r̂ + (Σ_l L_cl lowered_l)/r, where along_c = (ρ'_c − p_c ρ_c/r) u_c folds in
+    the radial part of ∇u (u is homogeneous of degree p_c, so r̂·∇̂u = p_c u), and `lowered` are
+    the moment channels one degree lower."""
 
     values: torch.Tensor
-    radial_derivatives: torch.Tensor
+    along: torch.Tensor
     lowered: torch.Tensor
     distances: torch.Tensor
     unit_vectors: torch.Tensor
@@ -216,11 +218,13 @@ class MomentDescriptor:
         outer_deriv = (dw.unsqueeze(-1) * mono.unsqueeze(-2)).flatten(-2)
         # channel order: G2 | w² per η | w_η·u_n (η-major, monomials by degree), as in _channel_layout
         values = torch.cat([g2_value, w * w, outer], dim=-1)
-        derivatives = torch.cat([g2_deriv, 2 * w * dw, outer_deriv], dim=-1)
+        degree = torch.tensor([sum(e) for e in self.layout.exponents], dtype=dtype, device=vectors.device)
+        homogeneous = ((w / rr).unsqueeze(-1) * (mono * degree).unsqueeze(-2)).flatten(-2)
+        along = torch.cat([g2_deriv, 2 * w * dw, outer_deriv - homogeneous], dim=-1)
         lowered = (w.unsqueeze(-1) * mono[..., :n_low].unsqueeze(-2)).flatten(-2)
         return PairBasis(
             values=values,
-            radial_derivatives=derivatives,
+            along=along,
             lowered=lowered,
             distances=r,
             unit_vectors=unit,

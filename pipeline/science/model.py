@@ -263,16 +263,15 @@ class EnsembleModel(nn.Module):
         energies, grads = self.energies_and_pair_sum_gradients(pair_sums, center_elements)
         lowered_grads = torch.einsum("mbsc,xcl->mbsxl", grads, self.lowering.to(grads.dtype))
         if n_el == 1:
-            radial = torch.einsum("mbc,bkc->mbk", grads[:, :, 0], basis.radial_derivatives)
+            radial = torch.einsum("mbc,bkc->mbk", grads[:, :, 0], basis.along)
             tangential = torch.einsum("mbxl,bkl->mbkx", lowered_grads[:, :, 0], basis.lowered)
         else:
-            radial_all = torch.einsum("mbsc,bkc->mbks", grads, basis.radial_derivatives)
+            radial_all = torch.einsum("mbsc,bkc->mbks", grads, basis.along)
             tangential_all = torch.einsum("mbsxl,bkl->mbksx", lowered_grads, basis.lowered)
             pick = neighbour_elements.unsqueeze(0).unsqueeze(-1).expand(self.n_members, -1, -1, 1)
             radial = radial_all.gather(3, pick).squeeze(3)
             pick3 = pick.unsqueeze(-1).expand(-1, -1, -1, 1, 3)
             tangential = tangential_all.gather(3, pick3).squeeze(3)
         unit = basis.unit_vectors
-        along = (tangential * unit).sum(-1, keepdim=True)
-        pair_vectors = radial.unsqueeze(-1) * unit + (tangential - along * unit) / basis.distances.unsqueeze(-1)
+        pair_vectors = radial.unsqueeze(-1) * unit + tangential / basis.distances.unsqueeze(-1)
         return energies, pair_vectors

@@ -204,9 +204,7 @@ def _pair_basis_gradients(descriptor: MomentDescriptor, basis, selection: torch.
     r = basis.distances[selection].unsqueeze(-1).unsqueeze(-1)
     lowering = torch.from_numpy(descriptor.layout.lowering).to(unit.dtype)
     tangential = torch.einsum("xcl,pl->pcx", lowering, basis.lowered[selection])
-    along = (tangential * unit.unsqueeze(1)).sum(-1, keepdim=True)
-    radial = basis.radial_derivatives[selection].unsqueeze(-1) * unit.unsqueeze(1)
-    return radial + (tangential - along * unit.unsqueeze(1)) / r
+    return basis.along[selection].unsqueeze(-1) * unit.unsqueeze(1) + tangential / r
 
 
 def prepare_training_data(
