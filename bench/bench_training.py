@@ -217,7 +217,7 @@ def main() -> None:
         times, data = common.timed(lambda: prepare_training_data(structures, model.descriptor))
         prep_times.append(times)
     prep = min(prep_times, key=lambda t: t["seconds"])
-    n_rows = int(data.pair_sums.shape[0])
+    n_rows = int((data.features if hasattr(data, "features") else data.pair_sums).shape[0])
     n_force_rows = int(data.forces.shape[0])
     nnz = int(data.force_jacobian.values().numel())
     _fit_scaling(model, data, structures)
@@ -266,7 +266,10 @@ def main() -> None:
     after_diff = float((after_b - after_s).abs().max() / after_b.abs().max())
 
     proto_rows = []
-    if not args.no_prototype:
+    if not hasattr(data, "pair_sums"):
+        proto_note = ("prototype rows skipped: nft itself now trains on precomputed features and ∂G/∂R "
+                      "(TrainingData has no pair sums)")
+    elif not args.no_prototype:
         try:
             proto_times, proto = common.timed(lambda: FeatureJacobianPrototype(model, data))
             p_model = EnsembleModel(params, hidden=(5, 5), member_seeds=list(range(members)))
