@@ -22,8 +22,8 @@ def test_the_example_config_loads_with_spec_defaults():
     assert len(config.targets) == 1 and len(config.targets[0]) == 260
     assert len(config.initial) == 20
     assert config.calculator == "emt" and config.threshold == 0.1
-    assert config.min_separation == config.file.model.cutoff == 6.5
     assert config.file.chunks.radius == 8.0 and config.file.chunks.vacuum == 6.0
+    assert config.file.model.cutoff == 6.5 and config.file.model.hidden == [5, 5] and config.file.model.ensemble == 10
 
 
 def test_defaults_fill_everything_but_name_and_data(small_campaign, tmp_path):
@@ -36,6 +36,8 @@ def test_defaults_fill_everything_but_name_and_data(small_campaign, tmp_path):
     assert config.file.model.ensemble == 10 and config.file.model.hidden == [5, 5]
     assert config.file.active.max_iterations == 20 and config.file.active.patience is None
     assert config.threshold == 0.1  # EMT parent
+    assert config.min_separation == config.file.model.cutoff == 6.5
+    assert config.file.chunks.radius == 8.0 and config.file.chunks.max_per_iteration == 10
     settings = config.training_settings()
     assert settings.elements == (78,) and settings.cutoff == 6.5
     assert not config.workdir.exists()  # loading writes nothing

@@ -342,10 +342,13 @@ class _Driver:
 
     @staticmethod
     def _result(future: Any, what: str) -> Any:
+        """The result of a training or prediction future; its failure fails the run (RunFailed)."""
         try:
             return future.result()
         except Exception as error:
-            raise RunFailed(f"{what} job failed: {_reason(error).splitlines()[0]}") from error
+            lines = [line for line in _reason(error).splitlines() if line.strip()]
+            detail = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1].strip()}"
+            raise RunFailed(f"{what} job failed: {detail}") from error
 
 
 # ---------------------------------------------------------------------------------------------
