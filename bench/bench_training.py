@@ -221,6 +221,9 @@ def main() -> None:
     n_force_rows = int(data.forces.shape[0])
     nnz = int(data.force_jacobian.values().numel())
     _fit_scaling(model, data, structures)
+    if hasattr(data, "scaled_by"):  # as train_ensemble does: features and Jacobians scaled once
+        scale_times, data = common.timed(lambda: data.scaled_by(model))
+        prep = {k: prep[k] + scale_times[k] for k in prep}
 
     settings = TrainingSettings()
     weights = torch.ones(members, len(structures), dtype=torch.float64)
