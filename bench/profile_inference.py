@@ -45,6 +45,8 @@ def main() -> None:
         model = EnsembleModel(common.make_params(args.kind), hidden=(5, 5), member_seeds=list(range(10)))
         data = prepare_training_data(structures, model.descriptor)
         _fit_scaling(model, data, structures)
+        if hasattr(data, "scaled_by"):  # as train_ensemble does
+            data = data.scaled_by(model)
         weights = torch.ones(10, len(structures), dtype=torch.float64)
         settings = TrainingSettings()
         optimizer = torch.optim.Adam(model.networks.parameters(), lr=1e-2)
