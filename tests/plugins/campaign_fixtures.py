@@ -2,6 +2,7 @@
 and an observation hook that logs every EMT calculation (to count parent calls across processes)."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import subprocess
@@ -74,7 +75,7 @@ def toml_text(sections: dict[str, dict[str, Any]]) -> str:
 
 def merged(base: dict[str, dict[str, Any]], changes: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
     """`base` with `changes` applied per section; a value None removes the key."""
-    result = {name: dict(body) for name, body in base.items()}
+    result = copy.deepcopy(base)
     for name, body in (changes or {}).items():
         section = result.setdefault(name, {})
         for key, value in body.items():
