@@ -12,10 +12,10 @@ from tests.core_helpers import rattled_cluster
 pytestmark = pytest.mark.timeout(120)
 
 
-def explicit_features(atoms, params, center):
-    """Behler G2 and G5 of one atom by direct sums over neighbours and neighbour pairs (reference)."""
+def explicit_features(atoms, params, center, with_r_jk=False):
+    """Behler G2 and G5 (G4 `with_r_jk`) of one atom by direct sums over neighbours and their pairs."""
     index = {z: k for k, z in enumerate(params.elements)}
-    fc = lambda r: 0.5 * (math.cos(math.pi * r / params.cutoff) + 1)  # noqa: E731
+    fc = lambda r: 0.5 * (math.cos(math.pi * r / params.cutoff) + 1) if r < params.cutoff else 0.0  # noqa: E731
     R = atoms.positions
     neighbours = [(j, R[j] - R[center]) for j in range(len(atoms))
                   if j != center and np.linalg.norm(R[j] - R[center]) < params.cutoff]
@@ -37,8 +37,10 @@ def explicit_features(atoms, params, center):
                                     continue
                                 rj, rk = np.linalg.norm(vj), np.linalg.norm(vk)
                                 cos = vj @ vk / (rj * rk)
+                                r_jk = np.linalg.norm(vk - vj)
+                                jk_term = math.exp(-eta * r_jk**2) * fc(r_jk) if with_r_jk else 1.0
                                 total += (2 ** (1 - zeta) * (1 + lam * cos) ** zeta
-                                          * math.exp(-eta * (rj**2 + rk**2)) * fc(rj) * fc(rk))
+                                          * math.exp(-eta * (rj**2 + rk**2)) * fc(rj) * fc(rk) * jk_term)
                         features.append(total)
     return np.array(features)
 
@@ -82,33 +84,6 @@ def test_invalid_parameters_are_rejected(bad):
         SymmetryFunctionParams(elements=(78,), **bad)
 
 
-def explicit_g4(atoms, params, center):
-    """Behler G4 of one atom (with the r_jk term) by a direct triplet sum (reference)."""
-    index = {z: k for k, z in enumerate(params.elements)}
-    fc = lambda r: 0.5 * (math.cos(math.pi * r / params.cutoff) + 1) if r < params.cutoff else 0.0  # noqa: E731
-    R = atoms.positions
-    neighbours = [j for j in range(len(atoms)) if j != center and np.linalg.norm(R[j] - R[center]) < params.cutoff]
-    features = list(explicit_features(atoms, params, center)[: len(params.radial_centers) * params.n_elements])
-    for s1 in range(params.n_elements):
-        for s2 in range(s1, params.n_elements):
-            for eta in params.angular_etas:
-                for zeta in params.angular_zetas:
-                    for lam in params.angular_lambdas:
-                        total = 0.0
-                        for j in neighbours:
-                            for k in neighbours:
-                                kinds = sorted((index[atoms.numbers[j]], index[atoms.numbers[k]]))
-                                if j == k or kinds != [s1, s2]:
-                                    continue
-                                vj, vk = R[j] - R[center], R[k] - R[center]
-                                rj, rk, rjk = np.linalg.norm(vj), np.linalg.norm(vk), np.linalg.norm(vk - vj)
-                                cos = vj @ vk / (rj * rk)
-                                total += (2 ** (1 - zeta) * (1 + lam * cos) ** zeta
-                                          * math.exp(-eta * (rj**2 + rk**2 + rjk**2)) * fc(rj) * fc(rk) * fc(rjk))
-                        features.append(total)
-    return np.array(features)
-
-
 @pytest.mark.parametrize("mixed", [False, True])
 def test_g4_option_equals_explicit_triplet_sum(mixed):
     from pipeline.science.g4 import G4Descriptor
@@ -120,4 +95,4 @@ def test_g4_option_equals_explicit_triplet_sum(mixed):
     centers = np.array([0, 7, 20])
     features = G4Descriptor(params).structure_features(atoms, torch.from_numpy(atoms.positions), centers, lookup)
     for row, center in enumerate(centers):
-        np.testing.assert_allclose(features[row].numpy(), explicit_g4(atoms, params, center), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(features[row].numpy(), explicit_features(atoms, params, center, with_r_jk=True), rtol=1e-10, atol=1e-10)
