@@ -1,7 +1,8 @@
 """Whole campaigns with real parts: a local Parsl executor, an SQLite file and EMT.
 
 A rattled Pt55 learned from six bulk cells, with a small ensemble trained briefly and a threshold
-such a model reaches in a few iterations; summary.json must agree with the database.
+such a model reaches in a few iterations (not the paper's 0.1 eV/Å: see bench/bench_campaign.py
+for the Pt260 campaign); summary.json must agree with the database.
 """
 import json
 
@@ -16,7 +17,7 @@ from tests.plugins.campaign_fixtures import rattled_cluster, run_nft
 
 pytestmark = pytest.mark.timeout(240)
 
-CONVERGING = {"active": {"threshold": 3.0, "max_iterations": 6}}
+CONVERGING = {"active": {"threshold": 1.2, "max_iterations": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def converged_campaign(tmp_path_factory):
 def test_a_small_campaign_converges(converged_campaign):
     config, summary, stdout = converged_campaign
     assert summary["converged"] is True
-    assert summary["final_uncertainty"] < 3.0
+    assert summary["final_uncertainty"] < 1.2
     assert summary["iterations"] >= 2, "the first model should not be good enough: chunks must be needed"
     assert summary["chunks"] > 0
     assert "force MAE" in stdout and "converged" in stdout
@@ -62,7 +63,7 @@ def test_summary_json_matches_the_database(converged_campaign):
     assert summary["chunks"] == counts.chunks == len(chunks) == sum(entry["chunks_added"] for entry in summary["history"])
     assert summary["reference_atoms"] == counts.reference_atoms
     assert summary["final_uncertainty"] == pytest.approx(min(record.max_delta for record in history))
-    assert history[-1].max_delta < 3.0 and history[-1].chunks_added == 0
+    assert history[-1].max_delta < 1.2 and history[-1].chunks_added == 0
     assert counts.jobs["pending"] == counts.jobs["running"] == 0
     for chunk in chunks:  # chunks of the target, centred on their first atom, at the configured radius
         assert chunk.parent_id is not None and chunk.center_in_chunk == 0 and chunk.radius == 6.0
