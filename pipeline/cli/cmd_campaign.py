@@ -230,3 +230,4 @@ class LiveDisplay(CampaignObserver):
     def iteration_done(self, entry: Mapping[str, Any]) -> None:
         self.history.append(entry)
         self.job_counts = (0, 0, 0, 0)
+        self.status = f"iteration {entry['iteration']} done"
