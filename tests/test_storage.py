@@ -415,3 +415,16 @@ def test_second_process_reads_while_the_driver_writes(store: CampaignStore, db_p
     assert finished.is_set()
     assert seen == sorted(seen) and len(seen) > 5
     assert run_reader(url, 0.0) == [len(cells)]
+
+
+def test_a_result_records_the_batch_job_id_known_only_after_the_run(tmp_path):
+    """The Slurm job id of a reference job comes back with its result and is kept with the job."""
+    from ase.build import bulk
+
+    store = CampaignStore(f"sqlite:///{tmp_path / 'ids.db'}")
+    cell = bulk("Pt", "fcc", 3.92)
+    job_id = store.add_job(store.add_structure("initial", cell), "emt", {})
+    store.mark_running(job_id)
+    store.store_result(job_id, -1.0, np.zeros((1, 3)), wall_time_s=0.1, host="node-7", external_id=77)
+    job = store.job(job_id)
+    assert (job.status, job.host, job.external_id) == ("done", "node-7", "77")

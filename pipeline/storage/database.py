@@ -458,8 +458,10 @@ class CampaignStore:
         forces: np.ndarray,
         wall_time_s: float | None = None,
         host: str | None = None,
+        external_id: str | None = None,
     ) -> None:
-        """Store energy (eV) and forces (eV/Å) and mark the job done, in one transaction."""
+        """Store energy (eV) and forces (eV/Å) and mark the job done, in one transaction; the
+        external id is the batch system's job id (e.g. `SLURM_JOB_ID`) when the job ran under one."""
         with self._write() as session:
             row = self._job_row(session, job_id)
             if row.status == "done":
@@ -476,6 +478,8 @@ class CampaignStore:
                 row.wall_time_s = float(wall_time_s)
             if host is not None:
                 row.host = host
+            if external_id is not None:
+                row.external_id = str(external_id)
 
     def mark_failed(self, job_id: int, error: str, wall_time_s: float | None = None) -> None:
         """The job raised: status failed with the error text (a later run may retry it)."""
