@@ -264,7 +264,8 @@ class _Driver:
                 observer.message(f"reference job {job.id} failed: {_reason(error).splitlines()[0]}")
             else:
                 store.store_result(
-                    job.id, result["energy"], np.asarray(result["forces"]), result.get("wall_time_s"), result.get("host")
+                    job.id, result["energy"], np.asarray(result["forces"]), result.get("wall_time_s"),
+                    result.get("host"), external_id=result.get("external_id"),
                 )
                 done += 1
             observer.jobs(done, len(jobs) - done - failed, failed, len(jobs))
