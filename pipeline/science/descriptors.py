@@ -63,6 +63,12 @@ class SymmetryFunctionParams:
         angular = len(self.angular_etas) * len(self.angular_zetas) * len(self.angular_lambdas)
         return radial + angular * n * (n + 1) // 2
 
+    def element_lookup(self) -> np.ndarray:
+        """Array mapping atomic number → element index (0 for numbers not in `elements`)."""
+        lookup = np.zeros(max(self.elements) + 1, dtype=np.int64)
+        lookup[list(self.elements)] = np.arange(self.n_elements)
+        return lookup
+
     def to_dict(self) -> dict:
         return asdict(self)
 

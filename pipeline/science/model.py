@@ -117,7 +117,6 @@ class EnsembleModel(nn.Module):
         self.register_buffer("energy_scale", torch.ones((), dtype=torch.float64))
         lowering = self.descriptor.layout.lowering if params.kind == "g5-moments" else np.zeros((3, 1, 1))
         self.register_buffer("lowering", torch.from_numpy(lowering))
-        self._element_lookup = {z: k for k, z in enumerate(params.elements)}
 
     @property
     def n_members(self) -> int:
@@ -129,17 +128,14 @@ class EnsembleModel(nn.Module):
 
     def element_indices(self, numbers: np.ndarray) -> np.ndarray:
         """Model element index per atom; ValueError naming any element the model was not trained on."""
-        unknown = sorted(set(int(z) for z in numbers) - set(self._element_lookup))
+        unknown = sorted(set(int(z) for z in numbers) - set(self.params.elements))
         if unknown:
             from ase.data import chemical_symbols
 
             known = ", ".join(chemical_symbols[z] for z in self.params.elements)
             missing = ", ".join(chemical_symbols[z] for z in unknown)
             raise ValueError(f"element(s) {missing} not in the model (trained on {known})")
-        lookup = np.zeros(max(self._element_lookup) + 1, dtype=np.int64)
-        for z, k in self._element_lookup.items():
-            lookup[z] = k
-        return lookup[np.asarray(numbers, dtype=np.int64)]
+        return self.params.element_lookup()[np.asarray(numbers, dtype=np.int64)]
 
     # ----- per-atom energies and their gradients w.r.t. pair sums --------------------------
     def atomic_energies_from_features(self, features: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
@@ -231,8 +227,7 @@ class EnsembleModel(nn.Module):
         n_atoms = len(atoms)
         device = self.feature_mean.device
         element_index = torch.from_numpy(self.element_indices(atoms.numbers)).to(device)
-        lookup = np.zeros(max(self.params.elements) + 1, dtype=np.int64)
-        lookup[list(self.params.elements)] = np.arange(self.params.n_elements)
+        lookup = self.params.element_lookup()
         pairs = neighbour_pairs(atoms, self.params.cutoff)
         positions = torch.from_numpy(atoms.positions).to(device=device, dtype=self.dtype).requires_grad_(True)
         energies = torch.zeros(self.n_members, n_atoms, dtype=self.dtype, device=device)

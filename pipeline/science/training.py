@@ -111,11 +111,6 @@ class TrainingData:
         return TrainingData(**fields)
 
 
-def _element_index(numbers: np.ndarray, elements: tuple[int, ...]) -> np.ndarray:
-    lookup = {z: k for k, z in enumerate(elements)}
-    return np.array([lookup[int(z)] for z in numbers], dtype=np.int64)
-
-
 def _structure_terms(
     item: LabelledStructure, descriptor: MomentDescriptor, dtype: torch.dtype
 ) -> tuple[np.ndarray, torch.Tensor, np.ndarray, torch.Tensor]:
@@ -139,7 +134,7 @@ def _structure_terms(
     centers, neighbours = pairs.centers[keep], pairs.neighbours[keep]
     vectors = torch.from_numpy(pairs.vectors[keep]).to(dtype)
     basis = descriptor.pair_basis(vectors)
-    neighbour_el = _element_index(atoms.numbers[neighbours], params.elements)
+    neighbour_el = params.element_lookup()[atoms.numbers[neighbours]]
     pair_sums = torch.zeros(len(rows), n_el, n_ch, dtype=dtype)
     pair_sums.index_put_(
         (torch.from_numpy(row_of[centers]), torch.from_numpy(neighbour_el)), basis.values, accumulate=True
@@ -181,8 +176,7 @@ def _g4_structure_terms(
         rows = np.arange(len(atoms))
     else:
         rows = np.union1d(force_atoms, pairs.centers[np.isin(pairs.neighbours, force_atoms)])
-    lookup = np.zeros(max(params.elements) + 1, dtype=np.int64)
-    lookup[list(params.elements)] = np.arange(params.n_elements)
+    lookup = params.element_lookup()
     base = torch.from_numpy(atoms.positions).to(dtype)
     moved = torch.from_numpy(force_atoms)
 
@@ -223,7 +217,7 @@ def prepare_training_data(
         sums.append(descriptor.features(pair_sums))
         d_features = feature_jacobian(pair_sums).flatten(2)  # (rows, F, n_el·C)
         jacobian = torch.einsum("fxrc,rgc->fxrg", pair_sum_jacobian, d_features)
-        elements.append(_element_index(item.atoms.numbers[rows], params.elements))
+        elements.append(params.element_lookup()[item.atoms.numbers[rows]])
         if item.energy is not None:
             energy_rows.append(np.arange(row_offset, row_offset + len(rows)))
             energy_segment.append(np.full(len(rows), len(energies)))
@@ -392,6 +386,9 @@ def train_ensemble(
     torch.manual_seed(settings.seed)
     generator = np.random.default_rng(settings.seed)
     elements = settings.elements or elements_of(structures)
+    missing = sorted(set(elements_of(structures)) - set(elements))
+    if missing:
+        raise ValueError(f"training data has atomic numbers {missing} outside the model's elements {tuple(elements)}")
     params = SymmetryFunctionParams(elements=tuple(elements), cutoff=settings.cutoff, **settings.descriptor)
     model = EnsembleModel(params, hidden=settings.hidden, member_seeds=settings.seeds())
     data = prepare_training_data(structures, model.descriptor)
