@@ -29,7 +29,7 @@ from pipeline.execution.sites import load_site, parsl_session
 from pipeline.science.chunks import carve_chunk
 from pipeline.science.selection import select_chunk_centers
 from pipeline.science.structures import atoms_to_payload
-from pipeline.storage.database import CampaignStore, IterationRecord, JobRecord
+from pipeline.storage.database import CampaignStore, IterationRecord, JobRecord, file_sha256
 
 MODEL_NAME = "model.nft"
 SUMMARY_NAME = "summary.json"
@@ -331,7 +331,7 @@ class _Driver:
         if record is None or not Path(record.path).is_file():
             return None
         destination = self.config.workdir / MODEL_NAME
-        if not destination.is_file() or _sha256(destination) != record.sha256:
+        if not destination.is_file() or file_sha256(destination) != record.sha256:
             temporary = destination.with_name(destination.name + ".tmp")
             shutil.copyfile(record.path, temporary)
             temporary.replace(destination)
@@ -448,16 +448,6 @@ def _plain(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Metrics as plain JSON (NaN and infinities become null)."""
     finite = {key: (None if isinstance(value, float) and not math.isfinite(value) else value) for key, value in metrics.items()}
     return json.loads(json.dumps(finite, default=str))
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -553,7 +553,7 @@ class CampaignStore:
         campaign_id: int | None = None,
     ) -> int:
         """Record the model file trained in `iteration` with its sha256; replaces that iteration's entry."""
-        digest = _file_sha256(Path(path))
+        digest = file_sha256(Path(path))
         campaign = self._current_campaign(campaign_id)
         with self._write() as session:
             row = session.scalar(
@@ -800,7 +800,8 @@ def _plain_json(value: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(canonical_json(dict(value)))
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (model files are recorded with it)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
