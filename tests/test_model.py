@@ -141,3 +141,24 @@ def test_g4_option_forces_and_training_path_are_exact():
     data = prepare_training_data([LabelledStructure(atoms, None, np.zeros((len(atoms), 3)), mask)], model.descriptor)
     _, trained_rows = predict_labels(model, data, create_graph=False)
     np.testing.assert_allclose(trained_rows.detach().numpy(), forces.numpy()[:, [5, 11]], atol=1e-10)
+
+
+@pytest.mark.parametrize("hidden", [(5, 5), (4,), (3, 4, 2)])
+def test_renormalising_keeps_every_members_energies_and_forces(hidden):
+    """Warm start adopts a grown data set's feature scaling; the function must not change."""
+    model = untrained_model(elements=(29, 78))
+    model = EnsembleModel(model.params, hidden=hidden, member_seeds=[0, 1, 2])
+    cluster = rattled_cluster(mixed=True)
+    before = model.predict(cluster)
+    generator = torch.Generator().manual_seed(3)
+    shape = model.feature_mean.shape
+    model.renormalise_(
+        torch.rand(shape, generator=generator, dtype=torch.float64),
+        torch.rand(shape, generator=generator, dtype=torch.float64) * 3 + 0.2,
+        torch.tensor([-3.0, -5.5], dtype=torch.float64),
+        torch.tensor(0.37, dtype=torch.float64),
+    )
+    after = model.predict(cluster)
+    assert float(model.energy_scale) == pytest.approx(0.37)
+    np.testing.assert_allclose(after.member_energies, before.member_energies, atol=1e-10)
+    np.testing.assert_allclose(after.member_forces, before.member_forces, atol=1e-10)

@@ -95,3 +95,37 @@ def test_model_trained_on_emt_cells_predicts_held_out_forces():
     errors = np.concatenate([np.abs(model.predict(item.atoms).forces - item.forces).ravel() for item in test])
     assert report.train_force_mae < 0.1
     assert errors.mean() < 0.1
+
+
+def test_warm_start_continues_from_the_previous_members():
+    """A warm start on a grown set begins where the previous model ended and keeps each member's identity."""
+    data = labelled(bulk_training_cells(5, seed=8))
+    settings = TrainingSettings(ensemble=3, epochs=30, lbfgs_steps=15, seed=2)
+    first, first_report = train_ensemble(data, settings)
+    grown = data + chunk_structures(3, seed=4)
+    warm, warm_report = train_ensemble(grown, settings, start_from=first)
+    assert warm_report.warm_started and not first_report.warm_started
+    assert warm_report.epochs_run == 0, "with L-BFGS on, a warm start skips Adam"
+
+    # no steps at all: the warm model is the first model, rescaled to the grown set's statistics
+    frozen, frozen_report = train_ensemble(grown, TrainingSettings(ensemble=3, epochs=0, seed=2), start_from=first)
+    assert warm_report.train_force_mae < frozen_report.train_force_mae
+    cluster = grown[-1].atoms
+    np.testing.assert_allclose(frozen.predict(cluster).member_forces, first.predict(cluster).member_forces, atol=1e-9)
+    assert not torch.equal(frozen.feature_mean, first.feature_mean)
+
+    # a shard of the members (distributed training) picks its own members by seed
+    shard, _ = train_ensemble(grown, TrainingSettings(ensemble=3, epochs=0, member_seeds=(2001,), seed=2), start_from=first)
+    _, shard_forces = shard.member_energies_and_forces(cluster)
+    np.testing.assert_allclose(shard_forces[0].numpy(), first.predict(cluster).member_forces[1], atol=1e-9)
+
+
+def test_an_incompatible_start_model_is_ignored():
+    data = labelled(bulk_training_cells(4, seed=9))
+    first, _ = train_ensemble(data, TrainingSettings(ensemble=2, epochs=5, hidden=(4,), seed=1))
+    settings = TrainingSettings(ensemble=2, epochs=5, seed=1)
+    model, report = train_ensemble(data, settings, start_from=first)
+    reference, _ = train_ensemble(data, settings)
+    assert not report.warm_started
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)

@@ -137,6 +137,29 @@ class EnsembleModel(nn.Module):
             raise ValueError(f"element(s) {missing} not in the model (trained on {known})")
         return self.params.element_lookup()[np.asarray(numbers, dtype=np.int64)]
 
+    def renormalise_(
+        self, feature_mean: torch.Tensor, feature_std: torch.Tensor, energy_offset: torch.Tensor, energy_scale: torch.Tensor
+    ) -> None:
+        """Adopt new feature scaling and energy offset/scale, changing the first and last layers so
+        that every member's atomic energies stay exactly the same (warm start on a grown data set)."""
+        nets = self.networks
+        with torch.no_grad():
+            for element in range(self.params.n_elements):
+                first = element * nets.n_layers
+                ratio = feature_std[element] / self.feature_std[element]  # (F,)
+                shift = (feature_mean[element] - self.feature_mean[element]) / self.feature_std[element]
+                weight = nets.weights[first]  # (M, F, H)
+                nets.biases[first].add_(torch.einsum("f,mfh->mh", shift, weight).unsqueeze(1))
+                weight.mul_(ratio[None, :, None])
+                last = first + nets.n_layers - 1
+                factor = self.energy_scale / energy_scale
+                nets.weights[last].mul_(factor)
+                nets.biases[last].mul_(factor).add_((self.energy_offset[element] - energy_offset[element]) / energy_scale)
+            self.feature_mean.copy_(feature_mean)
+            self.feature_std.copy_(feature_std)
+            self.energy_offset.copy_(energy_offset)
+            self.energy_scale.copy_(energy_scale)
+
     # ----- per-atom energies and their gradients w.r.t. pair sums --------------------------
     def atomic_energies_from_features(self, features: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
         """Atomic energies (M, B) in eV from unscaled features (M, B, F)."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from pipeline.science.batched_lbfgs import minimize_members
 from pipeline.science.descriptors import MomentDescriptor, SymmetryFunctionParams
 from pipeline.science.model import EnsembleModel
 from pipeline.science.neighbours import neighbour_pairs
@@ -311,6 +312,7 @@ class TrainingReport:
     validation_force_mae: float | None
     epochs_run: int
     final_loss: float
+    warm_started: bool = False
 
 
 def _fit_scaling(model: EnsembleModel, data: TrainingData, structures: Sequence[LabelledStructure]) -> None:
@@ -379,8 +381,14 @@ def train_ensemble(
     structures: Sequence[LabelledStructure],
     settings: TrainingSettings,
     progress: ProgressCallback | None = None,
+    start_from: EnsembleModel | None = None,
 ) -> tuple[EnsembleModel, TrainingReport]:
-    """Train an ensemble on labelled structures; deterministic for given settings."""
+    """Train an ensemble on labelled structures; deterministic for given settings (and start model).
+
+    `start_from` (the previous NFT iteration's model) warm-starts every member whose seed it holds,
+    when its descriptor and network shape match the settings; Adam is then skipped when L-BFGS is
+    on (or runs at `final_learning_rate`), so a grown data set costs a polish, not a fresh fit.
+    """
     if not structures:
         raise ValueError("no training structures")
     torch.manual_seed(settings.seed)
@@ -393,13 +401,18 @@ def train_ensemble(
     model = EnsembleModel(params, hidden=settings.hidden, member_seeds=settings.seeds())
     data = prepare_training_data(structures, model.descriptor)
     _fit_scaling(model, data, structures)
+    warm = start_from is not None and warm_start(model, start_from)
     data = data.scaled_by(model)
     device = torch.device(settings.device)
     model, data = model.to(device), data.to(device)
     validation = _split(len(structures), settings.validation_fraction, generator)
     weights = _member_weights(model.n_members, len(structures), ~validation, settings.bootstrap, generator).to(device)
     val_weights = torch.from_numpy(np.tile(validation.astype(float), (model.n_members, 1))).to(device)
-    epochs_run, loss = _adam(model, data, weights, val_weights if validation.any() else None, settings, progress)
+    adam_settings = settings
+    if warm:
+        adam_settings = replace(settings, epochs=0 if settings.lbfgs_steps else settings.epochs,
+                                learning_rate=settings.final_learning_rate)
+    epochs_run, loss = _adam(model, data, weights, val_weights if validation.any() else None, adam_settings, progress)
     if settings.lbfgs_steps:
         loss = _lbfgs(model, data, weights, settings)
     model.eval()
@@ -418,8 +431,28 @@ def train_ensemble(
         validation_force_mae=force_mae(model, data, validation) if validation.any() else None,
         epochs_run=epochs_run,
         final_loss=float(loss),
+        warm_started=warm,
     )
     return model, report
+
+
+def warm_start(model: EnsembleModel, start: EnsembleModel) -> bool:
+    """Copy `start`'s members into `model` (matched by seed), keeping `model`'s freshly fitted
+    scaling; False (nothing changed) when descriptor, network shape or seeds do not match."""
+    if start.params != model.params or start.networks.hidden != model.networks.hidden:
+        return False
+    start_seeds = list(start.member_seeds)
+    if not set(model.member_seeds) <= set(start_seeds):
+        return False
+    members = torch.tensor([start_seeds.index(seed) for seed in model.member_seeds])
+    fitted = [model.feature_mean.clone(), model.feature_std.clone(), model.energy_offset.clone(), model.energy_scale.clone()]
+    with torch.no_grad():
+        for target, source in zip(model.networks.parameters(), start.networks.parameters()):
+            target.copy_(source.detach().to(target.dtype)[members])
+        for name in ("feature_mean", "feature_std", "energy_offset", "energy_scale"):
+            getattr(model, name).copy_(getattr(start, name))
+    model.renormalise_(*fitted)
+    return True
 
 
 def _adam(model, data, weights, val_weights, settings, progress) -> tuple[int, float]:
@@ -464,15 +497,26 @@ def _track_best(model, data, val_weights, settings, best_val, best_state, since_
 
 
 def _lbfgs(model, data, weights, settings) -> float:
-    """Optional L-BFGS polish of all members at once (their losses are independent)."""
-    optimizer = torch.optim.LBFGS(
-        list(model.networks.parameters()), max_iter=settings.lbfgs_steps, line_search_fn="strong_wolfe"
-    )
+    """L-BFGS polish with a history and line search of its own per member (batched_lbfgs)."""
+    parameters = list(model.networks.parameters())
+    n_members = model.n_members
+    sizes = [p[0].numel() for p in parameters]
 
-    def closure():
-        optimizer.zero_grad()
-        loss = _member_losses(model, data, weights, settings).sum()
-        loss.backward()
-        return loss
+    def assign(flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            for p, chunk in zip(parameters, flat.split(sizes, dim=1)):
+                p.copy_(chunk.reshape(p.shape))
 
-    return float(optimizer.step(closure))
+    def objective(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assign(flat)
+        for p in parameters:
+            p.grad = None
+        losses = _member_losses(model, data, weights, settings)
+        losses.sum().backward()
+        grad = torch.cat([p.grad.reshape(n_members, -1) for p in parameters], dim=1)
+        return losses.detach(), grad
+
+    start = torch.cat([p.detach().reshape(n_members, -1) for p in parameters], dim=1)
+    final, losses = minimize_members(objective, start, settings.lbfgs_steps)
+    assign(final)
+    return float(losses.sum())
