@@ -50,6 +50,7 @@ def test_summary_json_matches_the_database(converged_campaign):
         counts = store.summary()
         chunks = store.structures("chunk")
         best = store.best_model()
+        models = store.models()
     assert set(summary) >= {"converged", "iterations", "final_uncertainty", "chunks", "reference_atoms", "model", "history"}
     assert summary["iterations"] == len(history) == counts.models
     assert [entry["iteration"] for entry in summary["history"]] == [record.iteration for record in history]
@@ -69,6 +70,7 @@ def test_summary_json_matches_the_database(converged_campaign):
         assert chunk.parent_id is not None and chunk.center_in_chunk == 0 and chunk.radius == 6.0
         assert not chunk.atoms.pbc.any()
     assert best is not None and summary["best_iteration"] == best.iteration
+    assert not any(record.metrics["warm_started"] for record in models)  # model.warm_start is off by default
 
 
 def test_the_model_file_is_the_best_model_and_loads_as_a_calculator(converged_campaign):
@@ -170,3 +172,19 @@ def test_failed_reference_jobs_are_recorded_and_the_campaign_goes_on(small_campa
     assert all("emt" in job["error"] for job in status["failed_jobs"])
     summary = json.loads((config.parent / "run" / "summary.json").read_text())
     assert summary["iterations"] == 2 and summary["jobs"]["failed"] == status["jobs"]["failed"]
+
+
+def test_warm_start_trains_each_iteration_from_the_previous_model(tmp_path):
+    """model.warm_start: iteration k > 1 starts from iteration k−1's members (and says so in the database)."""
+    from tests.plugins.campaign_fixtures import write_campaign
+
+    config = write_campaign(tmp_path / "campaign", {"model": {"warm_start": True}, "active": {"threshold": 0.05, "max_iterations": 2}})
+    result = run_nft("run", config)
+    assert result.returncode == 0, result.stderr
+    campaign = load_config(config)
+    with CampaignStore(campaign.database_url, create=False) as store:
+        store.campaign_id(campaign.name)
+        models = store.models()
+    assert [record.iteration for record in models] == [1, 2]
+    assert [record.metrics["warm_started"] for record in models] == [False, True]
+    assert models[1].metrics["epochs_run"] == 0  # L-BFGS only: no fresh Adam phase

@@ -40,7 +40,21 @@ def test_defaults_fill_everything_but_name_and_data(small_campaign, tmp_path):
     assert config.file.chunks.radius == 8.0 and config.file.chunks.max_per_iteration == 10
     settings = config.training_settings()
     assert settings.elements == (78,) and settings.cutoff == 6.5
+    assert settings.descriptor == {} and config.file.model.warm_start is False
     assert not config.workdir.exists()  # loading writes nothing
+
+
+def test_descriptor_keys_reach_the_training_settings(small_campaign):
+    config_path = small_campaign()
+    config_path.write_text(
+        '[campaign]\nname = "d"\n[data]\ntargets = "target.traj"\ninitial = "initial.traj"\n'
+        '[model.descriptor]\nradial_centers = [0, 2.5, 3.5]\nradial_etas = [0.1, 3, 3]\nangular_zetas = [1]\n'
+    )
+    settings = load_config(config_path).training_settings()
+    assert settings.descriptor == {"radial_centers": (0.0, 2.5, 3.5), "radial_etas": (0.1, 3.0, 3.0), "angular_zetas": (1,)}
+    from pipeline.science.descriptors import SymmetryFunctionParams
+
+    assert SymmetryFunctionParams(elements=(78,), **settings.descriptor).n_features == 3 + 3 * 1 * 2
 
 
 def test_absolute_database_paths_and_other_urls_are_kept(small_campaign, tmp_path):
@@ -90,6 +104,11 @@ BAD_CONFIGS = {
     "workdir not writable": (lambda path, s: s["campaign"].update(workdir="target.traj/run"), "campaign.workdir"),
     "ensemble of one": (lambda path, s: s["model"].update(ensemble=1), "model.ensemble: must be >= 2"),
     "select_fraction above one": (lambda path, s: s["active"].update(select_fraction=1.5), "active.select_fraction"),
+    "descriptor centres without etas": (
+        lambda path, s: s["model"].update(descriptor={"radial_centers": [0.0, 3.0], "radial_etas": [1.0]}),
+        "model.descriptor: radial_centers and radial_etas must have the same length",
+    ),
+    "unknown descriptor key": (lambda path, s: s["model"].update(descriptor={"zeta": [1]}), "model.descriptor.zeta: unknown key"),
 }
 
 

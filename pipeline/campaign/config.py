@@ -62,6 +62,21 @@ class ChunksSection(_Section):
     min_separation: float | None = Field(None, ge=0)  # Å; default: the model cutoff
 
 
+class DescriptorSection(_Section):
+    """Symmetry-function parameters (SPEC §1); unset keys keep the 20-feature defaults."""
+
+    kind: str | None = None  # "g5-moments" (default) or "g4"
+    radial_centers: list[float] | None = None  # Å
+    radial_etas: list[float] | None = None  # Å⁻², one per centre
+    angular_etas: list[float] | None = None  # Å⁻²
+    angular_zetas: list[int] | None = None
+    angular_lambdas: list[int] | None = None
+
+    def as_settings(self) -> dict[str, Any]:
+        """The keys that were set, as `SymmetryFunctionParams` arguments."""
+        return {key: tuple(value) if isinstance(value, list) else value for key, value in self.model_dump().items() if value is not None}
+
+
 class ModelSection(_Section):
     cutoff: float = Field(6.5, gt=0)  # Å
     hidden: list[int] = Field([5, 5], min_length=1)
@@ -77,6 +92,8 @@ class ModelSection(_Section):
     bootstrap: bool = False
     seed: int = Field(0, ge=0)
     training_processes: int | None = Field(None, ge=1)  # members sharded over processes; default: the site decides
+    warm_start: bool = False  # start each iteration from the previous iteration's members (faster, see docs)
+    descriptor: DescriptorSection = DescriptorSection()
 
     @field_validator("hidden")
     @classmethod
@@ -181,6 +198,7 @@ class CampaignConfig:
             bootstrap=model.bootstrap,
             seed=model.seed,
             elements=self.elements,
+            descriptor=model.descriptor.as_settings(),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -199,6 +217,7 @@ def load_config(path: str | os.PathLike[str]) -> CampaignConfig:
         raise BadInput(f"{label}: {_first_problem(error)}") from None
     here = path.resolve().parent
     params = _parent_params(file.parent, label)
+    _check_descriptor(file.model, label)
     workdir = (here / (file.campaign.workdir or f"runs/{file.campaign.name}")).resolve()
     _check_writable(workdir, label)
     try:
@@ -226,6 +245,16 @@ def load_config(path: str | os.PathLike[str]) -> CampaignConfig:
         initial=initial,
         parent_params=params,
     )
+
+
+def _check_descriptor(model: ModelSection, label: str) -> None:
+    """The descriptor keys must make a valid symmetry-function set (e.g. one η per radial centre)."""
+    from pipeline.science.descriptors import SymmetryFunctionParams
+
+    try:
+        SymmetryFunctionParams(elements=(1,), cutoff=model.cutoff, **model.descriptor.as_settings())
+    except ValueError as error:
+        raise BadInput(f"{label}: model.descriptor: {_one_line(error)}") from None
 
 
 def _read_toml(path: Path, label: str) -> dict[str, Any]:

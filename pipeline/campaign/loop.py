@@ -169,6 +169,7 @@ class _Driver:
                 _settings_dict(config),
                 str(model_path),
                 config.file.model.training_processes,
+                self._warm_start_model(number),
             ),
             "training",
         )
@@ -189,7 +190,7 @@ class _Driver:
             observer.phase(number, "selection")
             chunks_added = self.add_chunks(predictions)
             if chunks_added == 0:
-                reason = NO_NEW_CHUNKS
+                reason = _no_new_chunks_reason(draft, config)
         store.record_iteration(number, deltas, chunks_added, train_mae, timer.split())
         self._keep_best_model()
         if reason is None:
@@ -200,6 +201,13 @@ class _Driver:
             store.record_iteration(number, deltas, chunks_added, train_mae, timer.split())
         observer.iteration_done(_history_entry(store.iterations()[-1]))
         return reason
+
+    def _warm_start_model(self, number: int) -> str | None:
+        """The latest earlier iteration's model file, to start training from (None: from scratch)."""
+        if not self.config.file.model.warm_start:
+            return None
+        earlier = [record for record in self.store.models() if record.iteration < number and Path(record.path).is_file()]
+        return earlier[-1].path if earlier else None
 
     def _predict(self, model_path: Path) -> list[dict[str, Any]]:
         payloads = [atoms_to_payload(self.target_atoms[target_id]) for target_id in self.target_ids]
@@ -370,8 +378,16 @@ def stop_reason(history: Sequence[IterationRecord], config: CampaignConfig) -> s
         if best is not None and last.iteration - best.iteration >= patience:
             return PATIENCE
     if last.chunks_added == 0:  # recorded complete, with nothing left to carve
-        return NO_NEW_CHUNKS
+        return _no_new_chunks_reason(history, config)
     return None
+
+
+def _no_new_chunks_reason(history: Sequence[IterationRecord], config: CampaignConfig) -> str | None:
+    """Nothing new to compute: stop, unless training is warm-started and the last iteration still
+    lowered δ (then another round of training on the same data may lower it further)."""
+    if config.file.model.warm_start and len(history) >= 2 and history[-1].max_delta < history[-2].max_delta:
+        return None
+    return NO_NEW_CHUNKS
 
 
 def _best_iteration(history: Sequence[IterationRecord]) -> IterationRecord | None:

@@ -59,9 +59,12 @@ def training_job(
     settings_dict: Mapping[str, Any],
     model_path: str,
     world_size: int | None = None,
+    start_model_path: str | None = None,
     parsl_resource_specification: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train an ensemble on labelled structures (`payloads.labelled_to_payload` form), write `model_path`.
+
+    `start_model_path` (the previous iteration's model file) warm-starts the members it matches.
 
     `world_size` > 1 shards the members over that many torch.distributed processes; None takes
     `num_ranks` of the Parsl resource specification where an MPIExecutor runs the job, else the
@@ -73,14 +76,15 @@ def training_job(
     if world_size > 1:
         from pipeline.execution.distributed_training import train_distributed
 
-        metrics = train_distributed(structures_payload, settings_dict, model_path, world_size)
+        metrics = train_distributed(structures_payload, settings_dict, model_path, world_size, start_model_path=start_model_path)
     else:
         from pipeline.execution.payloads import payload_to_labelled
         from pipeline.science.training import TrainingSettings, train_ensemble
-        from pipeline.storage.model_file import save_model
+        from pipeline.storage.model_file import load_ensemble, save_model
 
         structures = [payload_to_labelled(dict(item)) for item in structures_payload]
-        model, report = train_ensemble(structures, TrainingSettings(**dict(settings_dict)))
+        start_model = load_ensemble(start_model_path) if start_model_path else None
+        model, report = train_ensemble(structures, TrainingSettings(**dict(settings_dict)), start_from=start_model)
         save_model(model, model_path)
         metrics = asdict(report)
     metrics.update(
@@ -165,11 +169,21 @@ class SiteApps:
         resources = mpi_resources(calculator, params) if self.reference_is_mpi else None
         return app(calculator, dict(params or {}), dict(payload), job_dir, **_resource_kwargs(resources))
 
-    def training_app(self, structures_payload: Sequence[Mapping[str, Any]], settings_dict: Mapping[str, Any], model_path: str, world_size: int | None = None) -> AppFuture:
+    def training_app(
+        self,
+        structures_payload: Sequence[Mapping[str, Any]],
+        settings_dict: Mapping[str, Any],
+        model_path: str,
+        world_size: int | None = None,
+        start_model_path: str | None = None,
+    ) -> AppFuture:
         """Ensemble training; `world_size` processes (None: the site's choice, see `training_job`)."""
         app = python_app(training_job, executors=self.training_executors)
         resources = _node_resources(world_size or 1) if self.training_is_mpi else None
-        return app(list(structures_payload), dict(settings_dict), str(model_path), world_size, **_resource_kwargs(resources))
+        return app(
+            list(structures_payload), dict(settings_dict), str(model_path), world_size, start_model_path,
+            **_resource_kwargs(resources),
+        )
 
     def prediction_app(self, model_path: str, payloads: Sequence[Mapping[str, Any]]) -> AppFuture:
         """Ensemble prediction (energies, forces, δ_i) on plain-data structures."""

@@ -54,6 +54,7 @@ def train_distributed(
     world_size: int,
     backend: str = "auto",
     timeout_s: float | None = None,
+    start_model_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train with `world_size` processes (at most one per member); write `model_path`; return metrics.
 
@@ -76,6 +77,7 @@ def train_distributed(
                     "model_path": str(Path(model_path).resolve()),
                     "backend": backend,
                     "report_path": str(report_file),
+                    "start_model_path": str(Path(start_model_path).resolve()) if start_model_path else None,
                 }
             )
         )
@@ -123,6 +125,7 @@ def _rank_main(spec_file: Path) -> int:
     from pipeline.execution.payloads import payload_to_labelled
     from pipeline.science.model import EnsembleModel
     from pipeline.science.training import TrainingSettings, train_ensemble
+    from pipeline.storage.model_file import load_ensemble
 
     spec = json.loads(spec_file.read_text())
     backend = spec["backend"]
@@ -134,11 +137,13 @@ def _rank_main(spec_file: Path) -> int:
         structures = [payload_to_labelled(item) for item in spec["structures"]]
         settings = TrainingSettings(**spec["settings"])
         shard = member_shards(settings.seeds(), world_size)[rank]
-        start = time.perf_counter()
-        model, report = train_ensemble(structures, replace(settings, member_seeds=tuple(shard)))
+        started = time.perf_counter()
+        start = load_ensemble(spec["start_model_path"]) if spec.get("start_model_path") else None
+        model, report = train_ensemble(structures, replace(settings, member_seeds=tuple(shard)), start_from=start)
         state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
         shard_summary = {"rank": rank, "members": len(shard), "epochs_run": report.epochs_run,
-                         "final_loss": report.final_loss, "wall_time_s": time.perf_counter() - start}
+                         "final_loss": report.final_loss, "warm_started": report.warm_started,
+                         "wall_time_s": time.perf_counter() - started}
         gathered: list[Any] | None = [None] * world_size if rank == 0 else None
         dist.gather_object((state, shard_summary), gathered, dst=0)
         if rank == 0:
@@ -152,6 +157,7 @@ def _rank_main(spec_file: Path) -> int:
             metrics["shards"] = [item[1] for item in gathered]
             metrics["epochs_run"] = max(item[1]["epochs_run"] for item in gathered)
             metrics["final_loss"] = float(sum(item[1]["final_loss"] for item in gathered))
+            metrics["warm_started"] = all(item[1]["warm_started"] for item in gathered)
             partial = spec["report_path"] + ".partial"
             Path(partial).write_text(json.dumps(metrics))
             os.replace(partial, spec["report_path"])

@@ -1,0 +1,45 @@
+"""When a campaign stops (SPEC §1 stopping), on histories written by hand."""
+from datetime import datetime, timezone
+
+import pytest
+
+from pipeline.campaign.config import load_config
+from pipeline.campaign.loop import stop_reason
+from pipeline.storage.database import IterationRecord
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def history(*rows):
+    """IterationRecords from (max δ eV/Å, chunks added) pairs, iterations 1, 2, …"""
+    now = datetime.now(timezone.utc)
+    return [
+        IterationRecord(k, {1: delta}, delta, chunks, 0.01, {}, now) for k, (delta, chunks) in enumerate(rows, start=1)
+    ]
+
+
+@pytest.fixture
+def config(small_campaign):
+    def make(**model):
+        changes = {"active": {"threshold": 0.1, "max_iterations": 10, "patience": 3}, "model": model}
+        return load_config(small_campaign(changes))
+
+    return make
+
+
+def test_converged_max_iterations_and_patience(config):
+    cold = config()
+    assert stop_reason([], cold) is None
+    assert stop_reason(history((0.5, 5), (0.09, 0)), cold) == "converged"
+    assert stop_reason(history(*[(1.0 - 0.05 * k, 3) for k in range(10)]), cold) == "max_iterations"
+    assert stop_reason(history((0.4, 5), (0.5, 5), (0.6, 5), (0.45, 5)), cold) == "patience"
+    assert stop_reason(history((0.4, 5), (0.3, 5)), cold) is None
+
+
+def test_nothing_new_to_compute_stops_unless_warm_training_still_helps(config):
+    cold, warm = config(), config(warm_start=True)
+    still_falling = history((0.5, 5), (0.3, 0))
+    assert stop_reason(still_falling, cold) == "no_new_chunks"  # retraining from scratch gives the same model
+    assert stop_reason(still_falling, warm) is None  # continuing the optimisation lowered δ: go on
+    assert stop_reason(history((0.5, 5), (0.3, 0), (0.31, 0)), warm) == "no_new_chunks"
+    assert stop_reason(history((0.5, 0)), warm) == "no_new_chunks"
