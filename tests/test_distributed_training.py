@@ -58,6 +58,26 @@ def test_merging_shard_states_concatenates_members_only():
 
 
 @pytest.mark.slow
+def test_a_warm_start_sharded_over_two_processes_equals_one_process(tmp_path):
+    """Each rank takes its own members (by seed) from the previous model file."""
+    from pipeline.storage.model_file import save_model
+
+    structures = labelled_platinum_cells()
+    previous, _ = train_ensemble(structures[:3], TrainingSettings(**SETTINGS))
+    save_model(previous, tmp_path / "previous.nft")
+    settings = {**SETTINGS, "epochs": 10, "lbfgs_steps": 5}
+    single, report = train_ensemble(structures, TrainingSettings(**settings), start_from=load_ensemble(tmp_path / "previous.nft"))
+    metrics = train_distributed(
+        [labelled_to_payload(s) for s in structures], settings, tmp_path / "ddp.nft", world_size=2, backend="gloo",
+        start_model_path=tmp_path / "previous.nft",
+    )
+    assert report.warm_started and metrics["warm_started"]
+    distributed = load_ensemble(tmp_path / "ddp.nft")
+    for name, tensor in single.state_dict().items():
+        np.testing.assert_allclose(distributed.state_dict()[name].numpy(), tensor.numpy(), rtol=1e-8, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_single_process_model(tmp_path):
     structures = labelled_platinum_cells()
     single, _ = train_ensemble(structures, TrainingSettings(**SETTINGS))
