@@ -51,7 +51,7 @@ def minimize_members(
         if len(history) > history_size:
             history.pop(0)
         y_norm2 = (y * y).sum(1)
-        gamma = torch.where(usable, curvature / y_norm2.clamp_min(1e-300), gamma)
+        gamma = torch.where(usable, curvature / y_norm2.clamp_min(torch.finfo(y.dtype).tiny), gamma)
         if (~moved).any():  # a failed line search: forget that member's curvature, restart cautiously
             for s_old, y_old, rho_old in history:
                 s_old[~moved] = 0.0
@@ -101,6 +101,6 @@ def _backtrack(objective, x, loss, grad, direction, slope, max_backtracks):
 def _shrunk_step(step, loss, trial_loss, slope):
     """Minimiser of the quadratic through f(0), f'(0) and f(step), kept within [0.1, 0.5]·step."""
     curvature = trial_loss - loss - slope * step
-    quadratic = -slope * step**2 / (2.0 * curvature.clamp_min(1e-300))
+    quadratic = -slope * step**2 / (2.0 * curvature.clamp_min(torch.finfo(curvature.dtype).tiny))
     quadratic = torch.where(torch.isfinite(quadratic), quadratic, 0.1 * step)
     return quadratic.clamp(0.1 * step, 0.5 * step)
