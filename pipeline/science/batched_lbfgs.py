@@ -19,7 +19,7 @@ def minimize_members(
     objective: LossAndGradient,
     start: torch.Tensor,
     max_iterations: int,
-    history_size: int = 20,
+    history_size: int = 300,
     max_backtracks: int = 12,
     gradient_tolerance: float = 1e-9,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,6 +27,8 @@ def minimize_members(
 
     `objective(x)` takes parameters (M, P) and returns per-member losses (M,) and gradients (M, P).
     A member whose line search fails keeps its point and drops its history (steepest descent next).
+    A long history pays on ensemble training: on the Pt260 chunks, 1000 steps reached δ 0.17 eV/Å
+    with 20 pairs, 0.09 with 100 and 0.07 with 300 (the two-loop costs ~1/10 of an evaluation).
     """
     x = start.detach().clone()
     loss, grad = objective(x)
