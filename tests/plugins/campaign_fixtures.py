@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -178,9 +179,18 @@ def logged_emt_calls(log: Path) -> list[tuple[int, int, str]]:
 
 
 def run_nft(*args: Any, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`nft ARGS…` in a subprocess (real exit codes and stderr)."""
+    """`nft ARGS…` in a subprocess (real exit codes and stderr), in a process group of its own so
+    that a timeout also kills what it started (Parsl's interchange and workers)."""
     environment = dict(env or os.environ)
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
-    return subprocess.run(
-        NFT + [str(arg) for arg in args], capture_output=True, text=True, env=environment, timeout=timeout
-    )
+    command = NFT + [str(arg) for arg in args]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
