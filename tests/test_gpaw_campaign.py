@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from pipeline.campaign.config import load_config
 from pipeline.execution.parents import GPAW_LOG_NAME, compute_reference
 from pipeline.science.structures import atoms_to_payload
 from pipeline.storage.database import CampaignStore
-from tests.plugins.campaign_fixtures import NFT, toml_text
+from tests.plugins.campaign_fixtures import run_nft, toml_text
 from tests.test_gpaw_jobs import gpaw_installed  # noqa: F401  (fixture: skip, or fail in CI, without GPAW)
 
 pytestmark = [pytest.mark.gpaw, pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.usefixtures("gpaw_installed")]
@@ -80,21 +79,6 @@ def write_gpaw_campaign(directory: Path, targets: list[Atoms], initial: list[Ato
     }
     (directory / "config.toml").write_text(toml_text(config))
     return directory / "config.toml"
-
-
-def run_nft_run(config: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`nft run CONFIG ARGS…` in its own process group: a run past `timeout` is killed with all it started."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    process = subprocess.Popen([*NFT, "run", str(config), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=env, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def processes_using(directory: Path) -> list[int]:
@@ -183,7 +167,7 @@ def test_a_gpaw_campaign_on_the_slurm_cluster_runs_its_chunk_jobs_as_slurm_jobs(
         },
     )
     try:
-        result = run_nft_run(config, "--site", "slurm")
+        result = run_nft("run", config, "--site", "slurm")
     finally:
         for job_id in slurm_jobs_under(slurm_cluster, tmp_path):
             slurm_cluster.cancel(job_id)
@@ -243,7 +227,7 @@ def test_a_chunk_whose_scf_cannot_converge_is_recorded_failed_and_the_campaign_g
         },
     )
     try:
-        result = run_nft_run(config)
+        result = run_nft("run", config)
     finally:
         leftovers = wait_until_gone(tmp_path)
     assert result.returncode == 0, result.stderr
@@ -275,7 +259,7 @@ def test_a_chunk_whose_scf_cannot_converge_is_recorded_failed_and_the_campaign_g
         trained_chunks = [item for item in trained if item.energy is None]
         assert len(trained) == 4 and [set(item.atoms.get_chemical_symbols()) for item in trained_chunks] == [{"H"}, {"H"}]
 
-    status = subprocess.run([*NFT, "status", str(config), "--json"], capture_output=True, text=True, timeout=120)
+    status = run_nft("status", config, "--json", timeout=120)
     report = json.loads(status.stdout)
     assert report["jobs"]["failed"] == 3
     assert all("gpaw: KohnShamConvergenceError" in job["error"] for job in report["failed_jobs"])
