@@ -47,7 +47,7 @@ def minimize_members(
         s, y = new_x - x, new_grad - grad
         curvature = (s * y).sum(1)
         usable = moved & (curvature > 1e-12 * s.norm(dim=1) * y.norm(dim=1))
-        rho = torch.where(usable, 1.0 / torch.where(usable, curvature, torch.ones_like(curvature)), torch.zeros_like(curvature))
+        rho = torch.where(usable, curvature, torch.inf).reciprocal()  # 0 for pairs that are not kept
         keep = usable[:, None].to(s.dtype)
         history.append((s * keep, y * keep, rho))
         if len(history) > history_size:

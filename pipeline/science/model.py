@@ -143,6 +143,7 @@ class EnsembleModel(nn.Module):
         """Adopt new feature scaling and energy offset/scale, changing the first and last layers so
         that every member's atomic energies stay exactly the same (warm start on a grown data set)."""
         nets = self.networks
+        factor = self.energy_scale / energy_scale  # output layers absorb the change of energy scale
         with torch.no_grad():
             for element in range(self.params.n_elements):
                 first = element * nets.n_layers
@@ -152,7 +153,6 @@ class EnsembleModel(nn.Module):
                 nets.biases[first].add_(torch.einsum("f,mfh->mh", shift, weight).unsqueeze(1))
                 weight.mul_(ratio[None, :, None])
                 last = first + nets.n_layers - 1
-                factor = self.energy_scale / energy_scale
                 nets.weights[last].mul_(factor)
                 nets.biases[last].mul_(factor).add_((self.energy_offset[element] - energy_offset[element]) / energy_scale)
             self.feature_mean.copy_(feature_mean)
