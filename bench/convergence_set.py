@@ -1,0 +1,186 @@
+"""The convergence bench set: targets of many fcc metals, shapes and sizes that nobody tuned for.
+
+Each case is a target (rattled until its largest EMT force is about 5 eV/Å, the paper's range),
+a larger structure of the same kind for transfer, and a small bulk initial set of its element(s)
+(strained and rattled cells of 2–16 atoms, labelled by EMT). Everything is deterministic for a seed.
+
+    python bench/convergence_set.py OUTDIR [--cases NAME,…]   # writes OUTDIR/<case>/{target,transfer,initial}.traj
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from ase import Atoms
+from ase.build import bulk, fcc100, fcc111
+from ase.calculators.emt import EMT
+from ase.cluster import Decahedron, Icosahedron, Octahedron
+from ase.data import atomic_numbers, reference_states
+from ase.io import write
+
+from pipeline.science.examples import emt_label
+
+TARGET_MAX_FORCE_EV_PER_ANGSTROM = 5.0
+"""Rattle each target until its largest EMT force is about this (the paper's Pt260: 0.1–5 eV/Å)."""
+
+
+def lattice_constant(symbol: str) -> float:
+    """fcc lattice constant (Å) of an element from ASE's reference states."""
+    state = reference_states[atomic_numbers[symbol]]
+    if state.get("symmetry") != "fcc":
+        raise ValueError(f"{symbol} is not fcc in ASE's reference states")
+    return float(state["a"])
+
+
+def _cluster(atoms: Atoms) -> Atoms:
+    """A plain non-periodic copy (no cell, no calculator)."""
+    return Atoms(numbers=atoms.numbers, positions=atoms.positions, pbc=False)
+
+
+def rattle_to_force(atoms: Atoms, seed: int, max_force: float = TARGET_MAX_FORCE_EV_PER_ANGSTROM) -> Atoms:
+    """`atoms` with a normal rattle whose amplitude is bisected until max |F_EMT| ≈ `max_force` eV/Å."""
+    noise = np.random.default_rng(seed).normal(size=atoms.positions.shape)
+    low, high = 0.0, 0.3
+
+    def rattled(sigma: float) -> tuple[Atoms, float]:
+        trial = atoms.copy()
+        trial.positions += sigma * noise
+        trial.calc = EMT()
+        return trial, float(np.linalg.norm(trial.get_forces(), axis=1).max())
+
+    best = atoms
+    for _ in range(25):
+        sigma = 0.5 * (low + high)
+        best, force = rattled(sigma)
+        if abs(force - max_force) < 0.05:
+            break
+        low, high = (sigma, high) if force < max_force else (low, sigma)
+    best.calc = None
+    return best
+
+
+def bulk_cells(symbols: tuple[str, ...], count: int, seed: int) -> list[Atoms]:
+    """`count` EMT-labelled periodic fcc cells of 2–16 atoms of the elements (random decoration for
+    alloys, Vegard lattice constant), each strained (±3 %) and rattled (σ 0.02–0.12 Å)."""
+    rng = np.random.default_rng(seed)
+    templates = [({}, (2, 1, 1)), ({"orthorhombic": True}, (1, 1, 1)), ({}, (3, 1, 1)), ({"cubic": True}, (1, 1, 1)),
+                 ({}, (2, 2, 1)), ({"orthorhombic": True}, (2, 1, 1)), ({}, (3, 2, 1)), ({}, (2, 2, 2)),
+                 ({"cubic": True}, (2, 1, 1)), ({}, (3, 3, 1)), ({"cubic": True}, (3, 1, 1)),
+                 ({"orthorhombic": True}, (3, 2, 1)), ({"cubic": True}, (2, 2, 1))]
+    cells = []
+    for k in range(count):
+        keywords, repeat = templates[k % len(templates)]
+        numbers = np.array([atomic_numbers[s] for s in symbols])
+        if len(symbols) == 1:
+            fraction = np.array([1.0])
+        else:
+            fraction = rng.dirichlet(np.ones(len(symbols)))
+        a = float(sum(f * lattice_constant(s) for f, s in zip(fraction, symbols)))
+        template = bulk(symbols[0], "fcc", a=a, **keywords).repeat(repeat)
+        atoms = Atoms(numbers=template.numbers, positions=template.positions, cell=template.cell, pbc=True)
+        if len(symbols) > 1:
+            atoms.numbers = rng.choice(numbers, size=len(atoms), p=fraction)
+        strain = rng.uniform(-0.03, 0.03, size=(3, 3))
+        atoms.set_cell(atoms.cell.array @ (np.eye(3) + 0.5 * (strain + strain.T)), scale_atoms=True)
+        atoms.positions += rng.normal(0.0, rng.uniform(0.02, 0.12), size=atoms.positions.shape)
+        atoms.wrap()
+        cells.append(emt_label(atoms))
+    return cells
+
+
+def _slab_with_adatom(symbol: str, size: tuple[int, int, int]) -> Atoms:
+    slab = fcc111(symbol, size=size, a=lattice_constant(symbol), vacuum=8.0, periodic=True)
+    top = slab.positions[:, 2].max()
+    layer = slab.positions[np.isclose(slab.positions[:, 2], top, atol=0.1)]
+    site = layer[:3].mean(axis=0)  # a hollow site between three top-layer atoms
+    site[2] = top + lattice_constant(symbol) / np.sqrt(3)  # one (111) interlayer spacing
+    slab += Atoms(symbol, positions=[site])
+    return slab
+
+
+def _slab_with_vacancy(symbol: str, size: tuple[int, int, int]) -> Atoms:
+    slab = fcc100(symbol, size=size, a=lattice_constant(symbol), vacuum=8.0, periodic=True)
+    top = np.flatnonzero(np.isclose(slab.positions[:, 2], slab.positions[:, 2].max(), atol=0.1))
+    del slab[int(top[len(top) // 2])]
+    return slab
+
+
+def _alloy(cluster: Atoms, symbols: tuple[str, str], seed: int) -> Atoms:
+    atoms = _cluster(cluster)
+    rng = np.random.default_rng(seed)
+    atoms.numbers = rng.choice([atomic_numbers[s] for s in symbols], size=len(atoms))
+    return atoms
+
+
+@dataclass(frozen=True)
+class Case:
+    """A bench target: how to build it and its transfer structure, and the elements of its initial set."""
+
+    name: str
+    elements: tuple[str, ...]
+    target: Callable[[], Atoms]
+    transfer: Callable[[], Atoms]
+
+
+def _vegard(symbols: tuple[str, ...]) -> float:
+    return float(np.mean([lattice_constant(s) for s in symbols]))
+
+
+CASES: tuple[Case, ...] = (
+    Case("Cu-icosahedron-309", ("Cu",), lambda: _cluster(Icosahedron("Cu", 5, lattice_constant("Cu"))),
+         lambda: _cluster(Icosahedron("Cu", 6, lattice_constant("Cu")))),
+    Case("Au-decahedron-146", ("Au",), lambda: _cluster(Decahedron("Au", 3, 2, 1, lattice_constant("Au"))),
+         lambda: _cluster(Decahedron("Au", 4, 3, 1, lattice_constant("Au")))),
+    Case("Ag-cuboctahedron-309", ("Ag",), lambda: _cluster(Octahedron("Ag", 9, 4, lattice_constant("Ag"))),
+         lambda: _cluster(Octahedron("Ag", 11, 5, lattice_constant("Ag")))),
+    Case("Ni-truncated-octahedron-201", ("Ni",), lambda: _cluster(Octahedron("Ni", 7, 2, lattice_constant("Ni"))),
+         lambda: _cluster(Octahedron("Ni", 9, 3, lattice_constant("Ni")))),
+    Case("Pd-icosahedron-147", ("Pd",), lambda: _cluster(Icosahedron("Pd", 4, lattice_constant("Pd"))),
+         lambda: _cluster(Icosahedron("Pd", 5, lattice_constant("Pd")))),
+    Case("Pt-decahedron-383", ("Pt",), lambda: _cluster(Decahedron("Pt", 5, 2, 1, lattice_constant("Pt"))),
+         lambda: _cluster(Decahedron("Pt", 6, 3, 1, lattice_constant("Pt")))),
+    Case("Al-cuboctahedron-561", ("Al",), lambda: _cluster(Octahedron("Al", 11, 5, lattice_constant("Al"))),
+         lambda: _cluster(Octahedron("Al", 13, 6, lattice_constant("Al")))),
+    Case("Pt111-slab-adatom", ("Pt",), lambda: _slab_with_adatom("Pt", (5, 5, 4)),
+         lambda: _slab_with_adatom("Pt", (7, 7, 4))),
+    Case("Cu100-slab-vacancy", ("Cu",), lambda: _slab_with_vacancy("Cu", (5, 5, 5)),
+         lambda: _slab_with_vacancy("Cu", (7, 7, 5))),
+    Case("PtAu-alloy-cuboctahedron-309", ("Au", "Pt"),
+         lambda: _alloy(Octahedron("Pt", 9, 4, _vegard(("Pt", "Au"))), ("Pt", "Au"), 7),
+         lambda: _alloy(Octahedron("Pt", 11, 5, _vegard(("Pt", "Au"))), ("Pt", "Au"), 8)),
+)
+
+
+def write_case(case: Case, folder: Path, seed: int = 0, initial_count: int = 20) -> dict[str, Path]:
+    """Write the case's target, transfer structure and labelled initial set; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {name: folder / f"{name}.traj" for name in ("target", "transfer", "initial")}
+    write(paths["target"], rattle_to_force(case.target(), seed=1000 + seed))
+    write(paths["transfer"], rattle_to_force(case.transfer(), seed=2000 + seed))
+    write(paths["initial"], bulk_cells(case.elements, initial_count, seed=seed))
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("outdir", type=Path)
+    parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    chosen = [c for c in CASES if not args.cases or c.name in args.cases.split(",")]
+    for case in chosen:
+        paths = write_case(case, args.outdir / case.name, seed=args.seed)
+        from ase.io import read
+
+        target = read(paths["target"])
+        target.calc = EMT()
+        forces = np.linalg.norm(target.get_forces(), axis=1)
+        print(f"{case.name}: {len(target)} atoms, transfer {len(read(paths['transfer']))}, "
+              f"|F| {forces.min():.2f}-{forces.max():.2f} eV/Å")
+
+
+if __name__ == "__main__":
+    main()
