@@ -78,6 +78,44 @@ class EnsembleNetworks(nn.Module):
                 h = torch.tanh(h)
         return h.squeeze(-1)
 
+    def outputs_and_input_gradients(
+        self, features: torch.Tensor, element_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Atomic outputs (M, B) and their gradients w.r.t. the inputs (M, B, F) from inputs (B, F)
+        shared by all members, by an explicit backward pass: differentiable w.r.t. the weights with
+        one ordinary backward (no double backward), which makes a force-trained step about twice as cheap."""
+        present = torch.unique(element_index).tolist()
+        if len(present) == 1:
+            return self._element_outputs_and_input_gradients(features, present[0])
+        n_members = self.n_members
+        out = features.new_zeros(n_members, features.shape[0])
+        grads = features.new_zeros(n_members, *features.shape)
+        for element in present:
+            rows = (element_index == element).nonzero(as_tuple=True)[0]
+            element_out, element_grads = self._element_outputs_and_input_gradients(features[rows], element)
+            out = out.index_copy(1, rows, element_out)
+            grads = grads.index_copy(1, rows, element_grads)
+        return out, grads
+
+    def _element_outputs_and_input_gradients(self, features: torch.Tensor, element: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One element's network and its input gradient for inputs (B, F) shared by all members."""
+        first = element * self.n_layers
+        weights = [self.weights[first + layer] for layer in range(self.n_layers)]
+        biases = [self.biases[first + layer] for layer in range(self.n_layers)]
+        # the first layer is one GEMM for all members: (B, F) @ (F, M·H)
+        n_members, n_in, width = weights[0].shape
+        h = (features @ weights[0].permute(1, 0, 2).reshape(n_in, n_members * width)).reshape(-1, n_members, width)
+        h = torch.tanh(h.transpose(0, 1) + biases[0])
+        slopes = [1.0 - h * h]
+        for layer in range(1, self.n_layers - 1):
+            h = torch.tanh(torch.baddbmm(biases[layer], h, weights[layer]))
+            slopes.append(1.0 - h * h)
+        out = torch.baddbmm(biases[-1], h, weights[-1]).squeeze(-1)
+        delta = weights[-1].transpose(1, 2) * slopes[-1]  # (M, B, H_last): ∂out/∂a of the last hidden layer
+        for layer in range(self.n_layers - 2, 0, -1):
+            delta = torch.bmm(delta, weights[layer].transpose(1, 2)) * slopes[layer - 1]
+        return out, torch.bmm(delta, weights[0].transpose(1, 2))
+
 
 @dataclass
 class Prediction:
@@ -178,6 +216,17 @@ class EnsembleModel(nn.Module):
 
         With `scaled`, the features are already (G − mean)/std and the gradients are w.r.t. those.
         """
+        if self.networks.n_layers > 1:
+            std = self.feature_std[element_index]
+            inputs = features if scaled else (features - self.feature_mean[element_index]) / std
+            outputs, input_grads = self.networks.outputs_and_input_gradients(inputs.detach(), element_index)
+            energies = outputs * self.energy_scale + self.energy_offset[element_index]
+            gradients = input_grads * self.energy_scale
+            if not scaled:
+                gradients = gradients / std
+            if not create_graph:
+                energies, gradients = energies.detach(), gradients.detach()
+            return energies, gradients
         shape = (self.n_members, *features.shape)
         per_member = features.detach().unsqueeze(0).expand(shape).requires_grad_(True)
         with torch.enable_grad():
