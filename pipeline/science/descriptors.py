@@ -78,6 +78,56 @@ class SymmetryFunctionParams:
         return cls(**tuples)
 
 
+SHELL_START_NEAREST_NEIGHBOURS = 0.8
+"""Data-derived radial shells start at this fraction of the nearest-neighbour distance d."""
+SHELL_SPACING_NEAREST_NEIGHBOURS = 0.145
+"""... and are about this fraction of d apart (0.4 Å for Pt), each as wide as the spacing."""
+SHELL_END_BEFORE_CUTOFF_ANGSTROM = 0.3
+BROAD_SHELL = (0.0, 0.1)
+"""One broad radial term (Rs Å, η Å⁻²) beside the narrow shells: a smooth coordination count."""
+DATA_ANGULAR_ETAS = (0.005, 0.1)
+
+
+def radial_shells(nearest_neighbour_angstrom: float, cutoff_angstrom: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Radial centres (Å) and η (Å⁻²) placed relative to the nearest-neighbour distance d: a broad
+    term plus narrow shells from 0.8·d to Rc − 0.3 Å, ≈0.145·d apart, η = 1/(2·spacing²).
+
+    The shells resolve the first few neighbour shells of whatever element the data hold, where a
+    fixed table in Å would be too coarse for small atoms or waste shells inside the core for large
+    ones. For Pt (d = 2.77 Å, Rc 6.5 Å) this gives 11 shells 0.4 Å apart from 2.2 Å.
+    """
+    d = float(nearest_neighbour_angstrom)
+    if not (np.isfinite(d) and d > 0):
+        raise ValueError(f"nearest-neighbour distance must be a positive number of Å, got {d}")
+    start = SHELL_START_NEAREST_NEIGHBOURS * d
+    end = cutoff_angstrom - SHELL_END_BEFORE_CUTOFF_ANGSTROM
+    if end <= start:
+        raise ValueError(f"cutoff {cutoff_angstrom} Å is too short for shells from {start:.2f} Å (0.8 × nearest-neighbour distance)")
+    n_shells = max(2, int(round((end - start) / (SHELL_SPACING_NEAREST_NEIGHBOURS * d))) + 1)
+    centres = np.linspace(start, end, n_shells)
+    eta = 0.5 / (centres[1] - centres[0]) ** 2
+    rounded = tuple(round(float(c), 4) for c in centres)
+    return (BROAD_SHELL[0], *rounded), (BROAD_SHELL[1], *([round(float(eta), 4)] * n_shells))
+
+
+def median_nearest_neighbour_distance(structures) -> float:
+    """Median over atoms of the distance (Å) to the nearest neighbour (periodic images included)."""
+    from pipeline.science.neighbours import neighbour_pairs
+
+    nearest = []
+    for atoms in structures:
+        pairs = neighbour_pairs(atoms, 5.0)
+        if len(pairs.centers) == 0:
+            continue
+        distances = np.linalg.norm(pairs.vectors, axis=1)
+        per_atom = np.full(len(atoms), np.inf)
+        np.minimum.at(per_atom, pairs.centers, distances)
+        nearest.extend(per_atom[np.isfinite(per_atom)])
+    if not nearest:
+        raise ValueError("no two atoms within 5 Å in the data: cannot place radial shells")
+    return round(float(np.median(nearest)), 2)
+
+
 def monomial_exponents(max_degree: int) -> list[tuple[int, int, int]]:
     """Exponents (a, b, c) of x^a y^b z^c with a + b + c ≤ max_degree, ordered by degree."""
     return [

@@ -15,7 +15,13 @@ import numpy as np
 import torch
 
 from pipeline.science.batched_lbfgs import minimize_members
-from pipeline.science.descriptors import MomentDescriptor, SymmetryFunctionParams
+from pipeline.science.descriptors import (
+    DATA_ANGULAR_ETAS,
+    MomentDescriptor,
+    SymmetryFunctionParams,
+    median_nearest_neighbour_distance,
+    radial_shells,
+)
 from pipeline.science.model import EnsembleModel
 from pipeline.science.neighbours import neighbour_pairs
 from pipeline.science.structures import LabelledStructure
@@ -377,6 +383,23 @@ def force_mae(model: EnsembleModel, data: TrainingData, structure_mask: np.ndarr
     return float((forces.mean(0)[rows] - data.forces[rows]).abs().mean())
 
 
+def descriptor_params(
+    structures: Sequence[LabelledStructure], elements: tuple[int, ...], settings: TrainingSettings
+) -> SymmetryFunctionParams:
+    """The descriptor of a training run: the settings' keys, with radial shells (and angular η) that
+    the settings leave unset derived from the data's nearest-neighbour distance (`radial_shells`).
+
+    Only full structures (the initial set) are measured when there are any, so that every NFT
+    iteration derives the same shells and a warm start stays possible.
+    """
+    keys = dict(settings.descriptor)
+    if "radial_centers" not in keys and "radial_etas" not in keys:
+        full = [item.atoms for item in structures if item.energy is not None] or [item.atoms for item in structures]
+        keys["radial_centers"], keys["radial_etas"] = radial_shells(median_nearest_neighbour_distance(full), settings.cutoff)
+        keys.setdefault("angular_etas", DATA_ANGULAR_ETAS)
+    return SymmetryFunctionParams(elements=elements, cutoff=settings.cutoff, **keys)
+
+
 def train_ensemble(
     structures: Sequence[LabelledStructure],
     settings: TrainingSettings,
@@ -397,7 +420,7 @@ def train_ensemble(
     missing = sorted(set(elements_of(structures)) - set(elements))
     if missing:
         raise ValueError(f"training data has atomic numbers {missing} outside the model's elements {tuple(elements)}")
-    params = SymmetryFunctionParams(elements=tuple(elements), cutoff=settings.cutoff, **settings.descriptor)
+    params = descriptor_params(structures, tuple(elements), settings)
     model = EnsembleModel(params, hidden=settings.hidden, member_seeds=settings.seeds())
     data = prepare_training_data(structures, model.descriptor)
     _fit_scaling(model, data, structures)
