@@ -20,6 +20,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 
 from pipeline.campaign.config import load_config
+from pipeline.campaign.training_set import training_structures
 from pipeline.execution.parents import GPAW_LOG_NAME, compute_reference
 from pipeline.science.structures import atoms_to_payload
 from pipeline.storage.database import CampaignStore
@@ -255,7 +256,7 @@ def test_a_chunk_whose_scf_cannot_converge_is_recorded_failed_and_the_campaign_g
             else:
                 assert job.status == "done", job.error
                 assert_result_is_what_gpaw_printed(store, job, directory)
-        trained = store.training_set(campaign.calculator, campaign.job_params)  # what iteration 2 trained on
+        trained = training_structures(store, campaign.calculator, campaign.job_params)  # what iteration 2 trained on
         trained_chunks = [item for item in trained if item.energy is None]
         assert len(trained) == 4 and [set(item.atoms.get_chemical_symbols()) for item in trained_chunks] == [{"H"}, {"H"}]
 

@@ -210,7 +210,7 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(store: CampaignStore, db_path
         store.add_structure("chunk", chunk, parent_id=999, center_in_parent=0, center_in_chunk=0, radius=8.0)
 
 
-def test_training_set_masks_chunk_forces_to_the_central_atom(store: CampaignStore):
+def test_labelled_structures_are_done_initial_and_chunk_results(store: CampaignStore):
     parent = rattled_particle()
     parent_id = store.add_structure("target", parent)
     initial = triclinic_cell()
@@ -231,16 +231,13 @@ def test_training_set_masks_chunk_forces_to_the_central_atom(store: CampaignStor
     store.store_result(target_job, -100.0, rng.normal(size=(len(parent), 3)))
     assert store.job(pending_chunk_job).status == "pending"
 
-    training = store.training_set()
-    assert len(training) == 2, "targets and unfinished jobs are not training data"
-    full, carved = training
-    assert full.energy == -3.0 and full.force_mask.all()
-    assert full.forces.tobytes() == initial_forces.tobytes()
-    assert carved.energy is None
-    assert carved.force_mask.sum() == 1 and carved.force_mask[center_in_chunk]
-    assert carved.forces.tobytes() == chunk_forces.tobytes()
-    assert len(carved.atoms) == len(chunk)
-    assert store.training_set(calculator="gpaw") == []
+    labelled = store.labelled_structures()
+    assert [structure.kind for structure, _ in labelled] == ["initial", "chunk"], "targets and unfinished jobs are not training data"
+    (full, full_result), (carved, carved_result) = labelled
+    assert full_result.energy == -3.0 and full_result.forces.tobytes() == initial_forces.tobytes()
+    assert carved.id == chunk_id and carved.center_in_chunk == center_in_chunk and carved.parent_id == parent_id
+    assert carved_result.forces.tobytes() == chunk_forces.tobytes()
+    assert store.labelled_structures(calculator="gpaw") == []
 
 
 def test_store_result_is_atomic_and_final(store: CampaignStore, db_path: Path):
@@ -369,7 +366,7 @@ seen = []
 while True:
     summary = store.summary()
     seen.append(summary.jobs["done"])
-    assert len(store.training_set()) >= summary.jobs["done"]
+    assert len(store.labelled_structures()) >= summary.jobs["done"]
     if time.monotonic() > deadline:
         break
 print(json.dumps(seen))

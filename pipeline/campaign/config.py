@@ -13,7 +13,7 @@ import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ase import Atoms
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -60,6 +60,9 @@ class ChunksSection(_Section):
     vacuum: float = Field(6.0, ge=0)  # Å
     max_per_iteration: int = Field(10, ge=1)
     min_separation: float | None = Field(None, ge=0)  # Å; default: the model cutoff
+    # where a chunk's central force is trained: "target" (the atom's own environment in the target)
+    # or "chunk" (inside the carved chunk, as the paper does); see pipeline/campaign/training_set.py
+    training_environment: Literal["target", "chunk"] = "target"
 
 
 class DescriptorSection(_Section):

@@ -22,6 +22,7 @@ from ase import Atoms
 
 from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.observer import CampaignObserver
+from pipeline.campaign.training_set import training_structures
 from pipeline.errors import RunFailed
 from pipeline.execution.apps import SiteApps, make_apps
 from pipeline.execution.payloads import labelled_to_payload
@@ -157,7 +158,9 @@ class _Driver:
     def iteration(self, number: int, timer: _Timer) -> str | None:
         """One NFT iteration; returns the stop reason when the campaign ends with it."""
         config, store, observer = self.config, self.store, self.observer
-        training_set = store.training_set(self.calculator, self.job_params)
+        training_set = training_structures(
+            store, self.calculator, self.job_params, config.file.chunks.training_environment, config.file.model.cutoff
+        )
         if not training_set:
             raise RunFailed("no labelled structures to train on: every reference job of the initial set failed")
         observer.phase(number, "training")
@@ -181,7 +184,11 @@ class _Driver:
         self.predictions = {number: predictions}
         deltas = {target_id: float(item["uncertainty"]) for target_id, item in zip(self.target_ids, predictions)}
         train_mae = _finite_or_none(metrics.get("train_force_mae"))
-        store.record_model(number, model_path, {**_plain(metrics), "max_delta": max(deltas.values())})
+        store.record_model(
+            number,
+            model_path,
+            {**_plain(metrics), "max_delta": max(deltas.values()), "training_environment": config.file.chunks.training_environment},
+        )
 
         draft = _history_with(store.iterations(), number, deltas, train_mae)
         reason = stop_reason(draft, config)

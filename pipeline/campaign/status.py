@@ -8,6 +8,7 @@ import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from pipeline.campaign.config import CampaignConfig
+from pipeline.campaign.training_set import training_structures
 from pipeline.campaign.loop import CONVERGED, MODEL_NAME, _best_iteration, _history_entry, stop_reason
 from pipeline.errors import BadInput
 from pipeline.storage.database import CampaignStore, DatabaseError
@@ -62,12 +63,15 @@ def campaign_status(config: CampaignConfig) -> dict[str, Any]:
 
 
 def export_training_set(config: CampaignConfig, output: Path) -> int:
-    """Write the training set as extxyz: full structures with energy and forces, chunks with their
-    forces and a per-atom `force_mask` that flags the central atom. Returns the number of images."""
+    """Write the training set as extxyz: full structures with energy and forces, chunk rows (in the
+    configured training environment) with a per-atom `force_mask` that flags the central atom.
+    Returns the number of images."""
     from ase.io import write
 
     with open_existing_store(config) as store:
-        training_set = store.training_set(config.calculator, config.job_params)
+        training_set = training_structures(
+            store, config.calculator, config.job_params, config.file.chunks.training_environment, config.file.model.cutoff
+        )
     images = []
     for item in training_set:
         atoms = item.atoms.copy()

@@ -28,7 +28,6 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from pipeline.errors import BadInput
-from pipeline.science.structures import LabelledStructure
 from pipeline.storage.schema import (
     APPLICATION,
     JOB_STATUSES,
@@ -510,13 +509,12 @@ class CampaignStore:
             row = session.get(ReferenceResultRow, job_id)
             return None if row is None else ResultRecord(row.job_id, row.energy, unpack_array(row.forces))
 
-    def training_set(
+    def labelled_structures(
         self, calculator: str | None = None, params: Mapping[str, Any] | None = None
-    ) -> list[LabelledStructure]:
-        """Labelled structures from done jobs of initial structures and chunks, oldest first.
+    ) -> list[tuple[StructureRecord, ResultRecord]]:
+        """Initial structures and chunks with a done reference job, and their results, oldest first.
 
-        Initial structures give energy and all forces; a chunk gives no energy and only its
-        central atom's force (`force_mask`). Optionally only one calculator (and parameters).
+        Optionally only one calculator (and parameters). What a result trains is the campaign's rule.
         """
         query = (
             select(StructureRow, ReferenceResultRow)
@@ -529,18 +527,11 @@ class CampaignStore:
             query = query.where(ReferenceJobRow.calculator == calculator)
         if params is not None:
             query = query.where(ReferenceJobRow.params_hash == params_hash(_plain_json(params)))
-        labelled = []
         with self._read() as session:
-            for structure, result in session.execute(query):
-                atoms = _atoms(structure)
-                forces = unpack_array(result.forces)
-                if structure.kind == "chunk":
-                    mask = np.zeros(len(atoms), dtype=bool)
-                    mask[structure.center_in_chunk] = True
-                    labelled.append(LabelledStructure(atoms, None, forces, mask))
-                else:
-                    labelled.append(LabelledStructure(atoms, result.energy, forces))
-        return labelled
+            return [
+                (_structure_record(structure), ResultRecord(result.job_id, result.energy, unpack_array(result.forces)))
+                for structure, result in session.execute(query)
+            ]
 
     # -- models and iterations -----------------------------------------------------------------
 
