@@ -47,3 +47,46 @@ def test_losses_never_increase_step_by_step():
         x, new_losses = minimize_members(objective, x, max_iterations=1)
         assert bool((new_losses <= losses + 1e-12).all())
         losses = new_losses
+
+
+def _two_loop_reference(pairs, grad, gamma):
+    """H·g by the textbook two-loop recursion, skipping pairs with s·y = 0."""
+    q = grad.clone()
+    alphas = []
+    for s, y in reversed(pairs):
+        sy = (s * y).sum(1)
+        rho = torch.where(sy > 0, 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy))
+        alpha = rho * (s * q).sum(1)
+        q -= alpha[:, None] * y
+        alphas.append((alpha, rho))
+    r = gamma[:, None] * q
+    for (s, y), (alpha, rho) in zip(pairs, reversed(alphas)):
+        beta = rho * (y * r).sum(1)
+        r += s * (alpha - beta)[:, None]
+    return r
+
+
+def test_compact_inverse_hessian_equals_the_two_loop_recursion():
+    from pipeline.science.batched_lbfgs import CurvatureHistory
+
+    generator = torch.Generator().manual_seed(0)
+    n_members, n_params, size = 3, 20, 5
+    history = CurvatureHistory(n_members, n_params, size, torch.float64, torch.device("cpu"))
+    pairs = []
+    for k in range(8):  # more pairs than the history keeps: the oldest are dropped
+        a = torch.randn(n_members, n_params, n_params, dtype=torch.float64, generator=generator)
+        hessian = a @ a.transpose(1, 2) + n_params * torch.eye(n_params, dtype=torch.float64)
+        s = torch.randn(n_members, n_params, dtype=torch.float64, generator=generator)
+        y = torch.bmm(hessian, s[:, :, None])[:, :, 0]
+        if k == 5:  # a member whose pair was not kept
+            s[1], y[1] = 0.0, 0.0
+        history.append(s, y)
+        pairs.append((s, y))
+    grad = torch.randn(n_members, n_params, dtype=torch.float64, generator=generator)
+    gamma = torch.rand(n_members, dtype=torch.float64, generator=generator) + 0.5
+    expected = _two_loop_reference(pairs[-size:], grad, gamma)
+    assert torch.allclose(history.apply_inverse_hessian(grad, gamma), expected, rtol=1e-10, atol=1e-12)
+    history.forget(torch.tensor([False, True, False]))
+    forgotten = history.apply_inverse_hessian(grad, gamma)
+    assert torch.allclose(forgotten[1], gamma[1] * grad[1])
+    assert torch.allclose(forgotten[0], expected[0], rtol=1e-10, atol=1e-12)
