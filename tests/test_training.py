@@ -129,3 +129,22 @@ def test_an_incompatible_start_model_is_ignored():
     assert not report.warm_started
     for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_warm_started_member_with_an_outlier_loss_is_retrained_from_scratch():
+    """Warm start cannot get stuck: a member whose loss ends far above the others' is re-initialised."""
+    data = labelled(bulk_training_cells(5, seed=8))
+    settings = TrainingSettings(ensemble=4, epochs=60, lbfgs_steps=20, seed=3)
+    first, _ = train_ensemble(data, settings)
+    with torch.no_grad():  # member 1 leaves the previous iteration stuck: a saturated first layer
+        first.networks.weights[0][1].mul_(60.0)
+    grown = data + chunk_structures(2, seed=5)
+    warm, report = train_ensemble(grown, settings, start_from=first)
+    stuck_seed = first.member_seeds[1]
+    assert report.warm_started and report.reset_members == (stuck_seed,)
+    alone, _ = train_ensemble(grown, TrainingSettings(ensemble=4, epochs=60, lbfgs_steps=20, seed=3, member_seeds=(stuck_seed,)))
+    cluster = grown[-1].atoms
+    _, alone_forces = alone.member_energies_and_forces(cluster)
+    np.testing.assert_allclose(warm.predict(cluster).member_forces[1], alone_forces[0].numpy(), atol=1e-9)
+    healthy, healthy_report = train_ensemble(grown, settings, start_from=train_ensemble(data, settings)[0])
+    assert healthy_report.reset_members == ()

@@ -319,6 +319,7 @@ class TrainingReport:
     epochs_run: int
     final_loss: float
     warm_started: bool = False
+    reset_members: tuple[int, ...] = ()  # seeds of warm-started members re-trained from a fresh start
 
 
 def _fit_scaling(model: EnsembleModel, data: TrainingData, structures: Sequence[LabelledStructure]) -> None:
@@ -438,6 +439,12 @@ def train_ensemble(
     epochs_run, loss = _adam(model, data, weights, val_weights if validation.any() else None, adam_settings, progress)
     if settings.lbfgs_steps:
         loss = _lbfgs(model, data, weights, settings)
+    reset: tuple[int, ...] = ()
+    if warm and (adam_settings.epochs or settings.lbfgs_steps):
+        member_losses = _member_losses(model, data, weights, settings, create_graph=False).detach()
+        reset = _reset_outlier_members(model, member_losses, structures, settings)
+        if reset:
+            loss = float(_member_losses(model, data, weights, settings, create_graph=False).sum())
     model.eval()
     energies, _ = predict_labels(model, data, create_graph=False)
     energies = energies.detach()
@@ -455,8 +462,35 @@ def train_ensemble(
         epochs_run=epochs_run,
         final_loss=float(loss),
         warm_started=warm,
+        reset_members=reset,
     )
     return model, report
+
+
+OUTLIER_LOSS_FACTOR = 3.0
+"""A warm-started member whose loss ends above this many times the members' median is re-initialised."""
+
+
+def _reset_outlier_members(
+    model: EnsembleModel, member_losses: torch.Tensor, structures: Sequence[LabelledStructure], settings: TrainingSettings
+) -> tuple[int, ...]:
+    """Re-train from a fresh start every member whose loss is an outlier; returns their seeds.
+
+    A warm-started member can stay in a minimum that an earlier, smaller data set favoured (seen on a
+    small-chunk Pt55 campaign); a cold fit of that member alone (same seed, same data, so the same
+    scaling) replaces it, and the ensemble's other members keep their warm start.
+    """
+    median = member_losses.median()
+    outliers = (member_losses > OUTLIER_LOSS_FACTOR * median).cpu().numpy()
+    if not outliers.any() or model.n_members < 3:
+        return ()
+    seeds = tuple(int(seed) for seed, bad in zip(model.member_seeds, outliers) if bad)
+    fresh, _ = train_ensemble(structures, replace(settings, member_seeds=seeds))
+    rows = torch.from_numpy(np.flatnonzero(outliers)).to(member_losses.device)
+    with torch.no_grad():
+        for target, source in zip(model.networks.parameters(), fresh.networks.parameters()):
+            target[rows] = source.detach().to(device=target.device, dtype=target.dtype)
+    return seeds
 
 
 def warm_start(model: EnsembleModel, start: EnsembleModel) -> bool:
