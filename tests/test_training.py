@@ -6,7 +6,14 @@ import torch
 from pipeline.science.chunks import carve_chunk
 from pipeline.science.examples import bulk_training_cells, emt_label, rattled_cuboctahedron
 from pipeline.science.structures import LabelledStructure
-from pipeline.science.training import TrainingSettings, predict_labels, prepare_training_data, train_ensemble
+from pipeline.science.training import (
+    TrainingSettings,
+    _member_losses,
+    _split,
+    predict_labels,
+    prepare_training_data,
+    train_ensemble,
+)
 from tests.core_helpers import rattled_cluster, untrained_model
 
 pytestmark = pytest.mark.timeout(300)
@@ -76,13 +83,20 @@ def test_training_is_deterministic_and_members_differ():
     assert not torch.allclose(w[0], w[1])
 
 
-def test_early_stopping_on_validation_split():
+def test_early_stopping_stops_and_restores_each_members_best_weights():
+    """A large constant learning rate makes the validation loss stall: training stops early and hands
+    back every member at its lowest validation loss, not at its last epoch."""
     data = labelled(bulk_training_cells(10, seed=6))
-    settings = TrainingSettings(ensemble=2, epochs=400, validation_fraction=0.2, patience_epochs=30,
+    settings = TrainingSettings(ensemble=2, epochs=2000, validation_fraction=0.2, patience_epochs=30,
                                 learning_rate=0.05, final_learning_rate=0.05, seed=0)
-    _, report = train_ensemble(data, settings)
+    model, report = train_ensemble(data, settings)
     assert report.validation_force_mae is not None
-    assert report.epochs_run <= 400
+    assert report.epochs_run < settings.epochs, "early stopping never stopped"
+    validation = _split(len(data), settings.validation_fraction, np.random.default_rng(settings.seed))
+    prepared = prepare_training_data(data, model.descriptor).scaled_by(model)
+    weights = torch.from_numpy(np.tile(validation.astype(float), (model.n_members, 1)))
+    kept = _member_losses(model, prepared, weights, settings, create_graph=False).detach().numpy()
+    np.testing.assert_allclose(kept, report.best_validation_loss, rtol=1e-9)
 
 
 @pytest.mark.slow
@@ -148,3 +162,13 @@ def test_a_warm_started_member_with_an_outlier_loss_is_retrained_from_scratch():
     np.testing.assert_allclose(warm.predict(cluster).member_forces[1], alone_forces[0].numpy(), atol=1e-9)
     healthy, healthy_report = train_ensemble(grown, settings, start_from=train_ensemble(data, settings)[0])
     assert healthy_report.reset_members == ()
+
+
+def test_lbfgs_after_adam_reaches_a_lower_loss_than_adam_alone_in_as_many_steps():
+    """The default optimiser (Adam, then per-member L-BFGS) against Adam for the same number of steps."""
+    data = labelled(bulk_training_cells(6, seed=12)) + chunk_structures(3, seed=2)
+    adam_steps, lbfgs_steps = 100, 150
+    _, adam = train_ensemble(data, TrainingSettings(ensemble=3, epochs=adam_steps + lbfgs_steps, seed=5))
+    _, lbfgs = train_ensemble(data, TrainingSettings(ensemble=3, epochs=adam_steps, lbfgs_steps=lbfgs_steps, seed=5))
+    assert lbfgs.final_loss < 0.5 * adam.final_loss, (lbfgs.final_loss, adam.final_loss)
+    assert lbfgs.train_force_mae < adam.train_force_mae

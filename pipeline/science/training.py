@@ -320,6 +320,7 @@ class TrainingReport:
     final_loss: float
     warm_started: bool = False
     reset_members: tuple[int, ...] = ()  # seeds of warm-started members re-trained from a fresh start
+    best_validation_loss: tuple[float, ...] | None = None  # per member, at the weights Adam kept
 
 
 def _fit_scaling(model: EnsembleModel, data: TrainingData, structures: Sequence[LabelledStructure]) -> None:
@@ -436,7 +437,9 @@ def train_ensemble(
     if warm:
         adam_settings = replace(settings, epochs=0 if settings.lbfgs_steps else settings.epochs,
                                 learning_rate=settings.final_learning_rate)
-    epochs_run, loss = _adam(model, data, weights, val_weights if validation.any() else None, adam_settings, progress)
+    epochs_run, loss, best_validation = _adam(
+        model, data, weights, val_weights if validation.any() else None, adam_settings, progress
+    )
     if settings.lbfgs_steps:
         loss = _lbfgs(model, data, weights, settings)
     reset: tuple[int, ...] = ()
@@ -463,6 +466,7 @@ def train_ensemble(
         final_loss=float(loss),
         warm_started=warm,
         reset_members=reset,
+        best_validation_loss=best_validation,
     )
     return model, report
 
@@ -512,8 +516,11 @@ def warm_start(model: EnsembleModel, start: EnsembleModel) -> bool:
     return True
 
 
-def _adam(model, data, weights, val_weights, settings, progress) -> tuple[int, float]:
-    """Adam with exponential learning-rate decay; early stopping per member on validation loss."""
+def _adam(model, data, weights, val_weights, settings, progress) -> tuple[int, float, tuple[float, ...] | None]:
+    """Adam with exponential learning-rate decay; early stopping per member on validation loss.
+
+    Returns the epochs run, the last training loss and, with a validation set, each member's lowest
+    validation loss, whose weights the model is left with."""
     parameters = list(model.networks.parameters())
     optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate)
     epochs = settings.epochs
@@ -536,9 +543,10 @@ def _adam(model, data, weights, val_weights, settings, progress) -> tuple[int, f
                 break
         if progress is not None:
             progress(epoch, epochs, float(total.detach()))
-    if best_state is not None:
-        model.networks.load_state_dict(best_state)
-    return epoch, float(total.detach())
+    if best_state is None:
+        return epoch, float(total.detach()), None
+    model.networks.load_state_dict(best_state)
+    return epoch, float(total.detach()), tuple(float(v) for v in best_val)
 
 
 def _track_best(model, data, val_weights, settings, best_val, best_state, since_best) -> int:
