@@ -49,7 +49,7 @@ class TrainingSettings:
     member_seeds: tuple[int, ...] | None = None
     elements: tuple[int, ...] | None = None
     descriptor: dict = field(default_factory=dict)
-    device: str = "cpu"  # "cuda" trains on a GPU; the returned model is always on the CPU
+    device: str = "auto"  # "auto" (cuda when torch sees a GPU), "cpu" or "cuda"; the returned model is on the CPU
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -61,6 +61,8 @@ class TrainingSettings:
             raise ValueError("validation_fraction must be in [0, 1)")
         if any(h < 1 for h in self.hidden):
             raise ValueError("hidden layer widths must be ≥ 1")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
 
     def seeds(self) -> list[int]:
         """One initialisation seed per member."""
@@ -428,7 +430,7 @@ def train_ensemble(
     _fit_scaling(model, data, structures)
     warm = start_from is not None and warm_start(model, start_from)
     data = data.scaled_by(model)
-    device = torch.device(settings.device)
+    device = resolve_device(settings.device)
     model, data = model.to(device), data.to(device)
     validation = _split(len(structures), settings.validation_fraction, generator)
     weights = _member_weights(model.n_members, len(structures), ~validation, settings.bootstrap, generator).to(device)
@@ -585,3 +587,20 @@ def _lbfgs(model, data, weights, settings) -> float:
     final, losses = minimize_members(objective, start, settings.lbfgs_steps)
     assign(final)
     return float(losses.sum())
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of a `device` setting: "auto" is cuda when torch sees a GPU, else cpu.
+
+    ValueError for "cuda" when torch sees no GPU (a CPU-only torch or no visible device).
+    """
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device 'cuda': torch {torch.__version__} sees no CUDA GPU here (use 'auto' or 'cpu')")
+    return torch.device(name)
