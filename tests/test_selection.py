@@ -7,7 +7,7 @@ from ase import Atoms
 from ase.build import bulk
 
 from pipeline.science.examples import rattled_cuboctahedron
-from pipeline.science.selection import select_chunk_centers
+from pipeline.science.selection import select_chunk_centers, selection_report
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -127,3 +127,48 @@ def test_bad_arguments_are_value_errors(kwargs, message):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
         select_chunk_centers(**arguments)
+
+
+# -- the selection report: why selectable atoms were not picked -----------------------------------
+
+def test_the_report_counts_every_skip_reason_exactly():
+    x = [0, 2, 20, 40, 60, 62, 80, 83, 100, 21, 22]  # Å along a line
+    atoms = Atoms("Pt11", positions=[[value, 0.0, 0.0] for value in x])
+    delta = np.array([0.9, 0.8, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.05, 0.35])
+    report = selection_report(delta, atoms, 0.1, 2, 5.0, exclude=[2, 3], failed=[3])
+    # δ > 0.1: atoms 0-8 and 10 (atom 9 is below the threshold). Greedy, most uncertain first:
+    # 0 free (picked), 1 2 Å from 0 (too close), 2 chunked, 3 chunked with a failed job, 4 free
+    # (picked), 5 2 Å from 4 (too close), 6 free (over the limit), 7 3 Å from 6 (too close: 6 would be
+    # picked with a larger limit), 8 free (over), 10 free (over: chunked atom 2 blocks no neighbour).
+    assert report.picked == [0, 4]
+    assert report.counts() == {
+        "selectable": 10, "selected": 2, "already_chunked": 1, "reference_failed": 1, "too_close": 3, "over_limit": 3,
+    }
+    assert select_chunk_centers(delta, atoms, 0.1, 2, 5.0, exclude=[2, 3]) == [0, 4]
+    unlimited = selection_report(delta, atoms, 0.1, 100, 5.0, exclude=[2, 3], failed=[3])
+    assert unlimited.picked == [0, 4, 6, 8, 10] and unlimited.over_limit == 0 and unlimited.too_close == 3
+
+
+def test_the_report_by_fraction_counts_only_the_fraction():
+    delta = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    report = selection_report(delta, _line(10), None, 2, 6.5, exclude=[1], select_fraction=0.5)
+    assert report.picked == [0, 2]
+    assert report.counts() == {
+        "selectable": 5, "selected": 2, "already_chunked": 1, "reference_failed": 0, "too_close": 0, "over_limit": 2,
+    }
+
+
+@pytest.mark.parametrize("max_count", [1, 3, 10, 1000])
+def test_the_report_picks_what_select_chunk_centers_picks_and_accounts_for_every_atom(max_count):
+    cluster = rattled_cuboctahedron()
+    delta = np.random.default_rng(1).uniform(0.0, 1.0, len(cluster))
+    exclude = np.random.default_rng(2).choice(len(cluster), 30, replace=False)
+    report = selection_report(delta, cluster, 0.3, max_count, 4.0, exclude=exclude, failed=exclude[:7])
+    assert report.picked == select_chunk_centers(delta, cluster, 0.3, max_count, 4.0, exclude=exclude)
+    counts = report.counts()
+    assert counts["selectable"] == int(np.sum(delta > 0.3))
+    assert counts["selected"] + sum(counts[key] for key in ("already_chunked", "reference_failed", "too_close", "over_limit")) == counts["selectable"]
+    assert counts["reference_failed"] == int(np.sum(delta[exclude[:7]] > 0.3))
+    assert counts["already_chunked"] == int(np.sum(delta[exclude[7:]] > 0.3))
+    free = selection_report(delta, cluster, 0.3, 10_000, 4.0, exclude=exclude).picked
+    assert free[:max_count] == report.picked and len(free) - len(report.picked) == counts["over_limit"]

@@ -28,7 +28,7 @@ from pipeline.execution.apps import SiteApps, make_apps
 from pipeline.execution.payloads import labelled_to_payload
 from pipeline.execution.sites import load_site, parsl_session
 from pipeline.science.chunks import carve_chunk
-from pipeline.science.selection import select_chunk_centers
+from pipeline.science.selection import SelectionReport, selection_report
 from pipeline.science.structures import atoms_to_payload
 from pipeline.storage.database import CampaignStore, IterationRecord, JobRecord, file_sha256
 
@@ -41,6 +41,13 @@ CONVERGED = "converged"
 MAX_ITERATIONS = "max_iterations"
 PATIENCE = "patience"
 NO_NEW_CHUNKS = "no_new_chunks"
+
+FIT = "fit"
+COVERAGE = "coverage"
+DELTA_LOCATION_KEYS = (
+    "chunked_atoms", "delta_chunked_max", "delta_unchunked_max", "chunk_force_error_max", "chunk_force_error_median"
+)
+SELECTION_KEYS = ("selectable", "selected", "already_chunked", "reference_failed", "too_close", "over_limit", "carved")
 
 
 @dataclass
@@ -184,20 +191,27 @@ class _Driver:
         self.predictions = {number: predictions}
         deltas = {target_id: float(item["uncertainty"]) for target_id, item in zip(self.target_ids, predictions)}
         train_mae = _finite_or_none(metrics.get("train_force_mae"))
-        store.record_model(
-            number,
-            model_path,
-            {**_plain(metrics), "max_delta": max(deltas.values()), "training_environment": config.file.chunks.training_environment},
-        )
+        labels = self._chunk_labels()
+        model_metrics = {
+            **_plain(metrics),
+            "max_delta": max(deltas.values()),
+            "training_environment": config.file.chunks.training_environment,
+            "delta_location": delta_location(predictions, [labels.get(target_id, {}) for target_id in self.target_ids]),
+        }
 
         draft = _history_with(store.iterations(), number, deltas, train_mae)
         reason = stop_reason(draft, config)
         chunks_added = 0
-        if reason is None:
+        carved = reason is None
+        if carved:
             observer.phase(number, "selection")
-            chunks_added = self.add_chunks(predictions)
+        centres, selection = self.select(predictions)  # also when stopping: the report says what was left
+        if carved:
+            chunks_added = self.add_chunks(centres)
             if chunks_added == 0:
                 reason = _no_new_chunks_reason(draft, config)
+        model_metrics["selection"] = {**selection, "carved": carved}
+        store.record_model(number, model_path, model_metrics)
         store.record_iteration(number, deltas, chunks_added, train_mae, timer.split())
         self._keep_best_model()
         if reason is None:
@@ -206,7 +220,7 @@ class _Driver:
             self.run_reference_jobs(self.pending_jobs())
             timer.add("reference", time.perf_counter() - started)
             store.record_iteration(number, deltas, chunks_added, train_mae, timer.split())
-        observer.iteration_done(_history_entry(store.iterations()[-1]))
+        observer.iteration_done(_history_entry(store.iterations()[-1], self._metrics().get(number)))
         return reason
 
     def _warm_start_model(self, number: int) -> str | None:
@@ -220,30 +234,44 @@ class _Driver:
         payloads = [atoms_to_payload(self.target_atoms[target_id]) for target_id in self.target_ids]
         return self._result(self.apps.prediction_app(str(model_path), payloads), "prediction")  # type: ignore[union-attr]
 
-    def add_chunks(self, predictions: Sequence[Mapping[str, Any]]) -> int:
-        """Select chunk centres on every target (most uncertain first over all targets), carve and store
-        them with a pending reference job each; returns how many were added."""
+    def select(self, predictions: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[int, int]], dict[str, int]]:
+        """Chunk centres (target id, atom) over all targets, most uncertain first, at most
+        `chunks.max_per_iteration`; and the selection's counts summed over the targets (see
+        `SelectionReport`; centres cut by the limit over all targets count as `over_limit`)."""
         config, store = self.config, self.store
         chunks = config.file.chunks
         limit = chunks.max_per_iteration
+        failed = self._failed_chunk_centers()
         candidates: list[tuple[float, int, int]] = []  # (δ_i, target id, centre)
+        reports: list[SelectionReport] = []
         for target_id, prediction in zip(self.target_ids, predictions):
             uncertainties = np.asarray(prediction["uncertainties"], dtype=float)
-            exclude = store.chunk_centers(target_id, chunks.radius)
-            centres = select_chunk_centers(
+            report = selection_report(
                 uncertainties,
                 self.target_atoms[target_id],
                 None if config.file.active.select_fraction is not None else config.threshold,
                 limit,
                 config.min_separation,
-                exclude=exclude,
+                exclude=store.chunk_centers(target_id, chunks.radius),
                 select_fraction=config.file.active.select_fraction,
+                failed=failed.get(target_id, set()),
             )
-            candidates.extend((float(uncertainties[centre]), target_id, centre) for centre in centres)
+            reports.append(report)
+            candidates.extend((float(uncertainties[centre]), target_id, centre) for centre in report.picked)
         candidates.sort(key=lambda item: (-item[0], item[1], item[2]))
-        for _, target_id, centre in candidates[:limit]:
+        centres = [(target_id, centre) for _, target_id, centre in candidates[:limit]]
+        counts = {key: sum(report.counts()[key] for report in reports) for key in SELECTION_KEYS[:-1]}
+        counts["over_limit"] += len(candidates) - len(centres)
+        counts["selected"] = len(centres)
+        return centres, counts
+
+    def add_chunks(self, centres: Sequence[tuple[int, int]]) -> int:
+        """Carve the chunks around `centres` (target id, atom) and store them with a pending reference
+        job each; returns how many were added."""
+        chunks = self.config.file.chunks
+        for target_id, centre in centres:
             chunk = carve_chunk(self.target_atoms[target_id], centre, chunks.radius, chunks.vacuum)
-            structure_id = store.add_structure(
+            structure_id = self.store.add_structure(
                 "chunk",
                 chunk.atoms,
                 parent_id=target_id,
@@ -252,8 +280,34 @@ class _Driver:
                 radius=chunk.radius,
                 vacuum=chunk.vacuum,
             )
-            store.add_job(structure_id, self.calculator, self.job_params)
-        return len(candidates[:limit])
+            self.store.add_job(structure_id, self.calculator, self.job_params)
+        return len(centres)
+
+    def _chunk_labels(self) -> dict[int, dict[int, np.ndarray]]:
+        """Per target id, the label (the parent's force on the central atom, eV/Å, shape (3,)) of every
+        chunk centre with a done reference job: what training uses."""
+        labels: dict[int, dict[int, np.ndarray]] = {}
+        for structure, result in self.store.labelled_structures(self.calculator, self.job_params):
+            if structure.kind == "chunk" and structure.parent_id in self.target_atoms:
+                forces = np.asarray(result.forces, dtype=float)
+                labels.setdefault(structure.parent_id, {})[int(structure.center_in_parent)] = forces[int(structure.center_in_chunk)]
+        return labels
+
+    def _failed_chunk_centers(self) -> dict[int, set[int]]:
+        """Per target id, the centres (at the configured radius) of chunks whose reference job failed."""
+        radius = self.config.file.chunks.radius
+        failed: dict[int, set[int]] = {}
+        for job in self.store.jobs(status="failed", kind="chunk"):
+            if job.calculator != self.calculator:
+                continue
+            structure = self.store.structure(job.structure_id)
+            if structure.parent_id in self.target_atoms and abs(float(structure.radius) - radius) < 1e-6:
+                failed.setdefault(structure.parent_id, set()).add(int(structure.center_in_parent))
+        return failed
+
+    def _metrics(self) -> dict[int, dict[str, Any]]:
+        """The recorded model metrics per iteration."""
+        return {record.iteration: record.metrics for record in self.store.models()}
 
     def run_reference_jobs(self, jobs: Sequence[JobRecord]) -> None:
         """Submit the jobs at once; store each result (or failure and its reason) as it completes."""
@@ -295,7 +349,8 @@ class _Driver:
         best = self._keep_best_model()
         summary_counts = store.summary()
         best_iteration = _best_iteration(history)
-        entries = [_history_entry(record) for record in history]
+        metrics = self._metrics()
+        entries = [_history_entry(record, metrics.get(record.iteration)) for record in history]
         wall = {part: sum(entry["wall_time"].get(part, 0.0) for entry in entries) for part in (*WALL_TIME_PARTS, "total")}
         summary: dict[str, Any] = {
             "converged": reason == CONVERGED,
@@ -310,9 +365,12 @@ class _Driver:
             "best_iteration": best_iteration.iteration if best_iteration else None,
             "jobs": summary_counts.jobs,
             "wall_time": wall,
+            "stall": stall_diagnosis(entries[-1], reason, config) if entries else None,
         }
         if self.calculator == "emt" and best_iteration is not None:
             summary["force_mae_vs_parent"] = self._force_mae_vs_emt(best_iteration.iteration)
+        if summary["stall"] is not None:
+            self.observer.message(f"not converged ({reason}): a {summary['stall']['kind']} problem. {summary['stall']['advice']}")
         _write_json(config.workdir / SUMMARY_NAME, summary)
         return summary
 
@@ -422,7 +480,12 @@ def _history_with(
     return [record for record in history if record.iteration != number] + [draft]
 
 
-def _history_entry(record: IterationRecord) -> dict[str, Any]:
+def _history_entry(record: IterationRecord, metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One summary.json history entry; the δ-location and selection diagnostics come from the
+    iteration's model metrics (null where a database from before them lacks them)."""
+    metrics = metrics or {}
+    location = metrics.get("delta_location") or {}
+    selection = metrics.get("selection")
     return {
         "iteration": record.iteration,
         "uncertainty": record.max_delta,
@@ -430,7 +493,104 @@ def _history_entry(record: IterationRecord) -> dict[str, Any]:
         "train_force_mae": record.train_force_mae,
         "uncertainty_per_target": {str(key): value for key, value in record.delta_per_target.items()},
         "wall_time": dict(record.wall_time),
+        **{key: location.get(key) for key in DELTA_LOCATION_KEYS},
+        "selection": {key: selection.get(key) for key in SELECTION_KEYS} if selection else None,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Where δ lives, and why a campaign that stops without converging stalled (docs/campaign.md).
+
+def delta_location(
+    predictions: Sequence[Mapping[str, Any]], labels: Sequence[Mapping[int, np.ndarray]]
+) -> dict[str, Any]:
+    """δ at target atoms with a labelled chunk and without one, and the model's error at the chunk
+    centres, over all targets (eV/Å; None where a group is empty).
+
+    `predictions[k]` holds the model's "uncertainties" (N,) and "forces" (N, 3) on target k;
+    `labels[k]` maps a chunk centre of target k to its label, the parent's force on it (3,).
+    The error at a centre is |F_model − F_label|, F_model predicted on the whole target.
+    """
+    chunked: list[float] = []
+    unchunked: list[float] = []
+    errors: list[float] = []
+    for prediction, centres in zip(predictions, labels):
+        uncertainties = np.asarray(prediction["uncertainties"], dtype=float)
+        forces = np.asarray(prediction["forces"], dtype=float).reshape(len(uncertainties), 3)
+        mask = np.zeros(len(uncertainties), dtype=bool)
+        mask[list(centres)] = True
+        chunked.extend(uncertainties[mask].tolist())
+        unchunked.extend(uncertainties[~mask].tolist())
+        errors.extend(float(np.linalg.norm(forces[centre] - np.asarray(label, dtype=float))) for centre, label in centres.items())
+    return {
+        "chunked_atoms": len(chunked),
+        "delta_chunked_max": max(chunked) if chunked else None,
+        "delta_unchunked_max": max(unchunked) if unchunked else None,
+        "chunk_force_error_max": max(errors) if errors else None,
+        "chunk_force_error_median": float(np.median(errors)) if errors else None,
+    }
+
+
+def stall_diagnosis(entry: Mapping[str, Any], reason: str | None, config: CampaignConfig) -> dict[str, Any] | None:
+    """Why a campaign that stopped without converging stalled, from its last history entry: a `fit`
+    problem when the largest δ_i lies at an atom that already has a chunk (δ there at or above the
+    threshold and at least δ elsewhere), a `coverage` problem otherwise; with the settings to change.
+    None while it goes on, when it converged, or when the entry has no δ location (older database)."""
+    if reason is None or reason == CONVERGED:
+        return None
+    chunked, unchunked = entry.get("delta_chunked_max"), entry.get("delta_unchunked_max")
+    if chunked is None and unchunked is None:
+        return None
+    threshold = config.threshold
+    selection = entry.get("selection") or {}
+    if chunked is not None and chunked >= threshold and chunked >= (unchunked if unchunked is not None else -math.inf):
+        advice = (
+            f"δ is largest at atoms that already have a chunk ({chunked:.3g} eV/Å, {_text(unchunked)} at atoms "
+            f"without one); the model's error at the chunk centres is {_text(entry.get('chunk_force_error_max'))} "
+            f"max, {_text(entry.get('chunk_force_error_median'))} median (eV/Å): the ensemble does not fit its "
+            "training data. Raise model.lbfgs_steps (or model.epochs), or check model.descriptor (finer radial "
+            "shells, more angular terms); more chunks alone will not lower it."
+        )
+        settings = ["model.lbfgs_steps", "model.descriptor"]
+        return {"kind": FIT, "advice": advice, "settings": settings, "iteration": entry.get("iteration")}
+    settings = []
+    reasons = []
+    if selection.get("over_limit"):
+        settings.append("chunks.max_per_iteration")
+        reasons.append(f"{selection['over_limit']} beyond chunks.max_per_iteration")
+    if selection.get("too_close"):
+        settings.append("chunks.min_separation")
+        reasons.append(f"{selection['too_close']} closer than chunks.min_separation to a picked atom")
+    if selection.get("reference_failed"):
+        reasons.append(f"{selection['reference_failed']} whose chunk's reference job failed (see nft status)")
+    if reason == MAX_ITERATIONS:
+        settings.append("active.max_iterations")
+    if reason == PATIENCE:
+        settings.append("active.patience")
+    if reason == NO_NEW_CHUNKS and config.file.active.select_fraction is not None:
+        settings.append("active.select_fraction")
+    for default in ("chunks.max_per_iteration", "active.max_iterations", "chunks.min_separation"):
+        if default not in settings:
+            settings.append(default)
+    skipped = f" Of {selection.get('selectable', 0)} selectable atoms, {selection.get('selected', 0)} were picked" if selection else ""
+    if selection and reasons:
+        skipped += "; skipped: " + ", ".join(reasons)
+    advice = (
+        f"δ is largest at atoms without a chunk ({_text(unchunked)} eV/Å, {_text(chunked)} at atoms with one): "
+        f"the chunks do not cover the target yet.{skipped + '.' if skipped else ''} "
+        f"{_settings_text(settings)}."
+    )
+    return {"kind": COVERAGE, "advice": advice, "settings": settings, "iteration": entry.get("iteration")}
+
+
+def _text(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3g}"
+
+
+def _settings_text(settings: Sequence[str]) -> str:
+    """'raise a, raise b, lower c' for the coverage settings (min_separation is lowered, others raised)."""
+    text = ", ".join(("lower " if key == "chunks.min_separation" else "raise ") + key for key in settings)
+    return text[:1].upper() + text[1:]
 
 
 # ---------------------------------------------------------------------------------------------

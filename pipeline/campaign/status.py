@@ -9,7 +9,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.training_set import training_structures
-from pipeline.campaign.loop import CONVERGED, MODEL_NAME, _best_iteration, _history_entry, stop_reason
+from pipeline.campaign.loop import CONVERGED, MODEL_NAME, _best_iteration, _history_entry, stall_diagnosis, stop_reason
 from pipeline.errors import BadInput
 from pipeline.storage.database import CampaignStore, DatabaseError
 
@@ -29,14 +29,18 @@ def open_existing_store(config: CampaignConfig) -> CampaignStore:
 
 
 def campaign_status(config: CampaignConfig) -> dict[str, Any]:
-    """Iterations, uncertainty (eV/Å), chunks and reference jobs of a campaign, from its database."""
+    """Iterations, uncertainty (eV/Å), chunks and reference jobs of a campaign, from its database; for
+    a campaign that stopped without converging, why it stalled (`stall`, see docs/campaign.md)."""
     with open_existing_store(config) as store:
         history = store.iterations()
         counts = store.summary()
         failed = store.jobs(status="failed")
+        metrics = {record.iteration: record.metrics for record in store.models()}
+    history_entries = [_history_entry(record, metrics.get(record.iteration)) for record in history]
     best = _best_iteration(history)
     reason = stop_reason(history, config)
     pending = counts.jobs.get("pending", 0) + counts.jobs.get("running", 0)
+    finished = reason is not None and pending == 0
     model = config.workdir / MODEL_NAME
     return {
         "campaign": config.name,
@@ -45,7 +49,7 @@ def campaign_status(config: CampaignConfig) -> dict[str, Any]:
         "threshold": config.threshold,
         "iterations": len(history),
         "converged": reason == CONVERGED,
-        "finished": reason is not None and pending == 0,
+        "finished": finished,
         "stop_reason": reason,
         "latest_uncertainty": history[-1].max_delta if history else None,
         "best_uncertainty": best.max_delta if best else None,
@@ -58,7 +62,8 @@ def campaign_status(config: CampaignConfig) -> dict[str, Any]:
             {"id": job.id, "structure": job.structure_id, "error": (job.error or "").splitlines()[0] if job.error else ""}
             for job in failed[:FAILED_JOBS_SHOWN]
         ],
-        "history": [_history_entry(record) for record in history],
+        "history": history_entries,
+        "stall": stall_diagnosis(history_entries[-1], reason, config) if finished and history_entries else None,
     }
 
 

@@ -125,6 +125,10 @@ def print_status(console: Console, report: Mapping[str, Any]) -> None:
                 f"{entry['wall_time'].get('total', 0.0):.1f}",
             )
         console.print(table)
+        console.print(_where_delta_lives(report["history"]))
+        console.print(_selection_table(report["history"]))
+    if report.get("stall"):
+        console.print(f"stalled: a {report['stall']['kind']} problem. {report['stall']['advice']}", highlight=False)
     for job in report["failed_jobs"]:
         console.print(f"failed job {job['id']}: {job['error']}", highlight=False)
     if report["model"]:
@@ -133,6 +137,39 @@ def print_status(console: Console, report: Mapping[str, Any]) -> None:
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _where_delta_lives(history: list[Mapping[str, Any]]) -> Table:
+    """Per iteration: max δ at target atoms with and without a chunk, the model's error at the chunk centres."""
+    table = Table(
+        "iteration", "atoms with a chunk", "max δ there", "max δ elsewhere", "error there: max", "median",
+        title="where δ lives (eV/Å; error |F_model − F_label| at the chunk centres)",
+    )
+    for entry in history:
+        chunked = entry.get("chunked_atoms")
+        table.add_row(
+            str(entry["iteration"]),
+            "-" if chunked is None else str(chunked),
+            _number(entry.get("delta_chunked_max")),
+            _number(entry.get("delta_unchunked_max")),
+            _number(entry.get("chunk_force_error_max")),
+            _number(entry.get("chunk_force_error_median")),
+        )
+    return table
+
+
+def _selection_table(history: list[Mapping[str, Any]]) -> Table:
+    """Per iteration: selectable atoms, how many were picked, and the others by why they were skipped."""
+    table = Table(
+        "iteration", "selectable", "picked", "chunked", "failed", "too close", "over limit",
+        title="selection: selectable atoms, picked or skipped (already chunked, reference job failed, closer than "
+        "min_separation, over max_per_iteration); a stopped campaign's last iteration carves nothing",
+    )
+    keys = ("selectable", "selected", "already_chunked", "reference_failed", "too_close", "over_limit")
+    for entry in history:
+        selection = entry.get("selection") or {}
+        table.add_row(str(entry["iteration"]), *(str(selection[key]) if key in selection else "-" for key in keys))
+    return table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +207,8 @@ class PlainDisplay(CampaignObserver):
     def iteration_done(self, entry: Mapping[str, Any]) -> None:
         wall = entry["wall_time"]
         self._line(
-            f"iteration {entry['iteration']}: δ = {entry['uncertainty']:.4f} eV/Å, "
+            f"iteration {entry['iteration']}: δ = {entry['uncertainty']:.4f} eV/Å "
+            f"(atoms with a chunk {_number(entry.get('delta_chunked_max'))}, without {_number(entry.get('delta_unchunked_max'))}), "
             f"{entry['chunks_added']} chunks added, train MAE {_number(entry['train_force_mae'])} eV/Å, "
             f"{wall.get('total', 0.0):.1f} s (training {wall.get('training', 0.0):.1f}, "
             f"prediction {wall.get('prediction', 0.0):.1f}, reference {wall.get('reference', 0.0):.1f})"

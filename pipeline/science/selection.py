@@ -4,10 +4,41 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms
 from ase.geometry import get_distances
+
+
+@dataclass(frozen=True)
+class SelectionReport:
+    """What one selection picked and why the other selectable atoms were skipped (counts of atoms).
+
+    `selectable` atoms (δ_i above the threshold, or the `select_fraction` most uncertain) are each
+    counted once: `picked`, or skipped as `reference_failed` (their chunk's reference job failed),
+    `already_chunked` (their chunk is in the database), `too_close` (closer than the minimum
+    separation to an atom picked before them) or `over_limit` (free, but beyond `max_count`: a
+    larger limit would pick exactly these).
+    """
+
+    picked: list[int]
+    selectable: int
+    already_chunked: int
+    reference_failed: int
+    too_close: int
+    over_limit: int
+
+    def counts(self) -> dict[str, int]:
+        """The report as plain counts (JSON): selectable, selected and one count per skip reason."""
+        return {
+            "selectable": self.selectable,
+            "selected": len(self.picked),
+            "already_chunked": self.already_chunked,
+            "reference_failed": self.reference_failed,
+            "too_close": self.too_close,
+            "over_limit": self.over_limit,
+        }
 
 
 def select_chunk_centers(
@@ -27,12 +58,35 @@ def select_chunk_centers(
     is any atom closer than `min_separation_angstrom` (minimum image when periodic) to one already
     picked; at most `max_count` are returned. Equal δ_i are taken in increasing atom index.
     """
+    return selection_report(
+        uncertainties, atoms, threshold, max_count, min_separation_angstrom, exclude, select_fraction
+    ).picked
+
+
+def selection_report(
+    uncertainties: np.ndarray,
+    atoms: Atoms,
+    threshold: float | None,
+    max_count: int,
+    min_separation_angstrom: float,
+    exclude: Iterable[int] = (),
+    select_fraction: float | None = None,
+    failed: Iterable[int] = (),
+) -> SelectionReport:
+    """`select_chunk_centers` with the reasons: the same picks, and every other selectable atom
+    counted by why it was skipped (see `SelectionReport`). Atoms in `failed` (a subset of the
+    skipped ones: their chunk's reference job failed) are skipped and counted apart from `exclude`.
+
+    The rule is the greedy pass without the limit (most uncertain first, each free atom blocks the
+    atoms within `min_separation_angstrom` of it); its first `max_count` free atoms are picked.
+    """
     delta = _validated_uncertainties(uncertainties, len(atoms))
     count_limit = _validated_count(max_count)
     min_separation = float(min_separation_angstrom)
     if not np.isfinite(min_separation) or min_separation < 0.0:
         raise ValueError(f"min_separation_angstrom must be a non-negative number of Å, got {min_separation}")
-    excluded = _validated_exclude(exclude, len(atoms))
+    failed_atoms = _validated_exclude(failed, len(atoms))
+    excluded = _validated_exclude(exclude, len(atoms)) | failed_atoms
 
     by_uncertainty = np.argsort(-delta, kind="stable")
     if select_fraction is not None:
@@ -42,24 +96,35 @@ def select_chunk_centers(
     else:
         raise ValueError("give either threshold or select_fraction")
 
-    picked: list[int] = []
+    free: list[int] = []
+    blocked = np.zeros(len(atoms), dtype=bool)
+    already_chunked = reference_failed = too_close = 0
     for index in (int(i) for i in candidates):
-        if len(picked) == count_limit:
-            break
-        if index in excluded or _too_close(atoms, index, picked, min_separation):
-            continue
-        picked.append(index)
-    return picked
-
-
-def _too_close(atoms: Atoms, index: int, picked: list[int], min_separation: float) -> bool:
-    """Whether atom `index` lies closer than `min_separation` Å to any picked atom."""
-    if not picked or min_separation == 0.0:
-        return False
-    _, distances = get_distances(
-        atoms.positions[index], atoms.positions[picked], cell=atoms.cell, pbc=atoms.pbc
+        if index in failed_atoms:
+            reference_failed += 1
+        elif index in excluded:
+            already_chunked += 1
+        elif blocked[index]:
+            too_close += 1
+        else:
+            free.append(index)
+            blocked |= _within(atoms, index, min_separation)
+    return SelectionReport(
+        picked=free[:count_limit],
+        selectable=len(candidates),
+        already_chunked=already_chunked,
+        reference_failed=reference_failed,
+        too_close=too_close,
+        over_limit=max(0, len(free) - count_limit),
     )
-    return bool(np.any(distances < min_separation))
+
+
+def _within(atoms: Atoms, index: int, min_separation: float) -> np.ndarray:
+    """Which atoms lie closer than `min_separation` Å to atom `index` (minimum image), shape (N,)."""
+    if min_separation == 0.0:
+        return np.zeros(len(atoms), dtype=bool)
+    _, distances = get_distances(atoms.positions[index], atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    return distances[0] < min_separation
 
 
 def _validated_uncertainties(uncertainties: np.ndarray, n_atoms: int) -> np.ndarray:
