@@ -18,21 +18,14 @@ from ase import Atoms
 from ase.build import bulk, fcc100, fcc111
 from ase.calculators.emt import EMT
 from ase.cluster import Decahedron, Icosahedron, Octahedron
-from ase.data import atomic_numbers, reference_states
+from ase.data import atomic_numbers
 from ase.io import write
 
 from pipeline.science.examples import emt_label
+from pipeline.science.examples import fcc_lattice_constant as lattice_constant
 
 TARGET_MAX_FORCE_EV_PER_ANGSTROM = 5.0
 """Rattle each target until its largest EMT force is about this (the paper's Pt260: 0.1–5 eV/Å)."""
-
-
-def lattice_constant(symbol: str) -> float:
-    """fcc lattice constant (Å) of an element from ASE's reference states."""
-    state = reference_states[atomic_numbers[symbol]]
-    if state.get("symmetry") != "fcc":
-        raise ValueError(f"{symbol} is not fcc in ASE's reference states")
-    return float(state["a"])
 
 
 def _cluster(atoms: Atoms) -> Atoms:

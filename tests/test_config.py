@@ -1,9 +1,11 @@
 """The campaign config loader: defaults, path resolution, and one-line errors naming file and field."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 from ase.build import bulk
 from ase.io import write
+from ase.neighborlist import neighbor_list
 
 from pipeline.campaign.config import load_config
 from pipeline.errors import BadInput
@@ -36,11 +38,19 @@ def test_defaults_fill_everything_but_name_and_data(small_campaign, tmp_path):
     assert config.file.model.ensemble == 10 and config.file.model.hidden == [5, 5]
     assert config.file.active.max_iterations == 20 and config.file.active.patience is None
     assert config.threshold == 0.1  # EMT parent
-    assert config.min_separation == config.file.model.cutoff == 6.5
-    assert config.file.chunks.radius == 8.0 and config.file.chunks.max_per_iteration == 10
+    # 1.1 × the median nearest-neighbour distance of the initial cells (ASE's own neighbour list here)
+    nearest = []
+    for atoms in config.initial:
+        first, distance = neighbor_list("id", atoms, 5.0)
+        nearest.extend(np.minimum.reduceat(distance[np.argsort(first, kind="stable")], np.searchsorted(np.sort(first), np.arange(len(atoms)))))
+    assert 2.4 < np.median(nearest) < 2.8  # rattled Pt: 3.92/√2 = 2.77 Å unrattled
+    assert config.min_separation == pytest.approx(1.1 * np.median(nearest), abs=0.01)
+    assert config.file.chunks.radius == 8.0 and config.file.chunks.max_per_iteration == 20
+    assert config.file.chunks.training_environment == "target"
     settings = config.training_settings()
     assert settings.elements == (78,) and settings.cutoff == 6.5
-    assert settings.descriptor == {} and config.file.model.warm_start is False
+    assert (settings.epochs, settings.lbfgs_steps) == (300, 1000)
+    assert settings.descriptor == {} and config.file.model.warm_start is True
     assert not config.workdir.exists()  # loading writes nothing
 
 

@@ -12,6 +12,7 @@ import os
 import tempfile
 import tomllib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 DEFAULT_THRESHOLD = {"emt": 0.1}
 """Default `active.threshold` (eV/Å) per parent; DFT parents take `DFT_THRESHOLD` (SPEC §1)."""
 DFT_THRESHOLD = 0.3
+MIN_SEPARATION_NEAREST_NEIGHBOURS = 1.1
+"""Default `chunks.min_separation`, in units of the initial set's nearest-neighbour distance."""
 
 
 class _Section(BaseModel):
@@ -58,8 +61,8 @@ class ParentSection(_Section):
 class ChunksSection(_Section):
     radius: float = Field(8.0, gt=0)  # Å
     vacuum: float = Field(6.0, ge=0)  # Å
-    max_per_iteration: int = Field(10, ge=1)
-    min_separation: float | None = Field(None, ge=0)  # Å; default: the model cutoff
+    max_per_iteration: int = Field(20, ge=1)
+    min_separation: float | None = Field(None, ge=0)  # Å; default: 1.1 × the initial set's nearest-neighbour distance
     # where a chunk's central force is trained: "target" (the atom's own environment in the target)
     # or "chunk" (inside the carved chunk, as the paper does); see pipeline/campaign/training_set.py
     training_environment: Literal["target", "chunk"] = "target"
@@ -84,10 +87,10 @@ class ModelSection(_Section):
     cutoff: float = Field(6.5, gt=0)  # Å
     hidden: list[int] = Field([5, 5], min_length=1)
     ensemble: int = Field(10, ge=2)
-    epochs: int = Field(1500, ge=1)
+    epochs: int = Field(300, ge=0)
     learning_rate: float = Field(1e-2, gt=0)
     final_learning_rate: float = Field(5e-4, gt=0)
-    lbfgs_steps: int = Field(0, ge=0)
+    lbfgs_steps: int = Field(1000, ge=0)
     energy_weight: float = Field(1.0, ge=0)
     force_weight: float = Field(1.0, ge=0)
     validation_fraction: float = Field(0.0, ge=0, lt=1)
@@ -95,7 +98,9 @@ class ModelSection(_Section):
     bootstrap: bool = False
     seed: int = Field(0, ge=0)
     training_processes: int | None = Field(None, ge=1)  # members sharded over processes; default: the site decides
-    warm_start: bool = False  # start each iteration from the previous iteration's members (faster, see docs)
+    warm_start: bool = True  # start each iteration from the previous iteration's members (see docs/campaign.md)
+    # training and prediction device: "auto" (the site's, else cuda when torch sees a GPU, else cpu)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     descriptor: DescriptorSection = DescriptorSection()
 
     @field_validator("hidden")
@@ -103,6 +108,17 @@ class ModelSection(_Section):
     def _positive_widths(cls, value: list[int]) -> list[int]:
         if any(width < 1 for width in value):
             raise ValueError("every layer width must be >= 1")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _gpu_present(cls, value: str) -> str:
+        if value == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"'cuda' but torch {torch.__version__} sees no CUDA GPU on this machine "
+                                 "(use 'auto': a GPU site's training nodes pick their GPUs)")
         return value
 
 
@@ -163,11 +179,17 @@ class CampaignConfig:
         explicit = self.file.active.threshold
         return explicit if explicit is not None else DEFAULT_THRESHOLD.get(self.calculator, DFT_THRESHOLD)
 
-    @property
+    @cached_property
     def min_separation(self) -> float:
-        """Minimum distance (Å) between chunk centres picked in one iteration."""
+        """Minimum distance (Å) between chunk centres picked in one iteration; by default 1.1 × the
+        initial set's nearest-neighbour distance, so nearest neighbours are never carved together
+        but the next shell may be (measured on the bench set: fewer iterations than the cutoff)."""
         explicit = self.file.chunks.min_separation
-        return explicit if explicit is not None else self.file.model.cutoff
+        if explicit is not None:
+            return explicit
+        from pipeline.science.descriptors import median_nearest_neighbour_distance
+
+        return round(MIN_SEPARATION_NEAREST_NEIGHBOURS * median_nearest_neighbour_distance(self.initial), 3)
 
     @property
     def elements(self) -> tuple[int, ...]:
@@ -202,6 +224,7 @@ class CampaignConfig:
             seed=model.seed,
             elements=self.elements,
             descriptor=model.descriptor.as_settings(),
+            device=model.device,
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -60,17 +60,22 @@ def bulk_training_cells(
     seed: int = 0,
     max_strain: float = 0.03,
     rattle_angstrom: tuple[float, float] = (0.02, 0.12),
+    symbol: str = "Pt",
+    lattice_constant_angstrom: float | None = None,
 ) -> list[Atoms]:
-    """`count` periodic fcc Pt cells of 2–16 atoms, each strained (every strain component uniform in
-    ±`max_strain`) and rattled (normal, standard deviation drawn from `rattle_angstrom`, Å).
+    """`count` periodic fcc cells of 2–16 atoms of `symbol`, each strained (every strain component
+    uniform in ±`max_strain`) and rattled (normal, standard deviation drawn from `rattle_angstrom`, Å).
+    The lattice constant defaults to 3.92 Å for Pt and to ASE's reference state for other elements.
     """
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
+    if lattice_constant_angstrom is None:
+        lattice_constant_angstrom = PT_LATTICE_CONSTANT_ANGSTROM if symbol == "Pt" else fcc_lattice_constant(symbol)
     rng = np.random.default_rng(seed)
     cells = []
     for k in range(count):
         keywords, repeat = _BULK_TEMPLATES[k % len(_BULK_TEMPLATES)]
-        template = bulk("Pt", "fcc", a=PT_LATTICE_CONSTANT_ANGSTROM, **keywords).repeat(repeat)
+        template = bulk(symbol, "fcc", a=lattice_constant_angstrom, **keywords).repeat(repeat)
         strain = rng.uniform(-max_strain, max_strain, size=(3, 3))
         deformation = np.eye(3) + 0.5 * (strain + strain.T)
         atoms = Atoms(numbers=template.numbers, positions=template.positions, cell=template.cell, pbc=True)
@@ -79,6 +84,16 @@ def bulk_training_cells(
         atoms.wrap()
         cells.append(atoms)
     return cells
+
+
+def fcc_lattice_constant(symbol: str) -> float:
+    """fcc lattice constant (Å) of an element from ASE's reference states; ValueError if not fcc."""
+    from ase.data import atomic_numbers, reference_states
+
+    state = reference_states[atomic_numbers[symbol]] or {}
+    if state.get("symmetry") != "fcc":
+        raise ValueError(f"{symbol} is not fcc in ASE's reference states")
+    return float(state["a"])
 
 
 def emt_label(atoms: Atoms) -> Atoms:

@@ -36,10 +36,10 @@ class TrainingSettings:
     ensemble: int = 10
     hidden: tuple[int, ...] = (5, 5)
     cutoff: float = 6.5
-    epochs: int = 1500
+    epochs: int = 300
     learning_rate: float = 1e-2
     final_learning_rate: float = 5e-4
-    lbfgs_steps: int = 0
+    lbfgs_steps: int = 1000
     energy_weight: float = 1.0
     force_weight: float = 1.0
     validation_fraction: float = 0.0
