@@ -51,6 +51,19 @@ def labelled_structures(path: Path) -> list[LabelledStructure]:
     return structures
 
 
+def checked_device(name: str) -> str:
+    """A --device value ("auto", "cpu", "cuda") that this machine can honour; BadInput otherwise."""
+    from pipeline.science.training import DEVICES, resolve_device
+
+    if name not in DEVICES:
+        raise BadInput(f"--device: expected {', '.join(DEVICES)}, got {name!r}")
+    try:
+        resolve_device(name)
+    except ValueError:
+        raise BadInput("--device: cuda, but torch sees no CUDA GPU on this machine (use auto or cpu)") from None
+    return name
+
+
 def parse_hidden(text: str) -> tuple[int, ...]:
     """'5,5' → (5, 5); BadInput on anything else."""
     try:
@@ -76,6 +89,7 @@ def train(
     bootstrap: bool = typer.Option(False, help="Bootstrap-resample the data per member."),
     descriptor: str = typer.Option("g5-moments", help="Angular terms: g5-moments or g4."),
     seed: int = typer.Option(0, help="Random seed (initialisation, splits, bootstrap)."),
+    device: str = typer.Option("auto", help="auto (cuda when torch sees a GPU, else cpu), cpu or cuda."),
 ):
     """Train an ensemble on a labelled structure file."""
     from pipeline.science.training import TrainingSettings, train_ensemble
@@ -89,6 +103,7 @@ def train(
         raise BadInput(f"--epochs: must be ≥ 0, got {epochs}")
     if descriptor not in ("g5-moments", "g4"):
         raise BadInput(f"--descriptor: expected g5-moments or g4, got {descriptor!r}")
+    checked_device(device)
     if not output.parent.exists():
         raise BadInput(f"{output}: folder {output.parent} does not exist")
     structures = labelled_structures(data)
@@ -96,6 +111,7 @@ def train(
         settings = TrainingSettings(
             ensemble=ensemble, hidden=parse_hidden(hidden), cutoff=cutoff, epochs=epochs, lbfgs_steps=lbfgs,
             validation_fraction=validation, bootstrap=bootstrap, seed=seed, descriptor={"kind": descriptor},
+            device=device,
         )
     except ValueError as error:
         raise BadInput(str(error)) from None
@@ -116,14 +132,16 @@ def train(
 
 
 def evaluation_metrics(model, images, reference: str) -> dict:
-    """SPEC §2 evaluate metrics of the model against a reference calculator over all images."""
+    """SPEC §2 evaluate metrics of the model against a reference calculator over all images
+    (predicted in blocks of the calculator's `PREDICTION_BLOCK_SIZE` atoms)."""
     from pipeline.execution.parents import ReferenceFailed, compute_reference, validate_parent_params
+    from pipeline.science.calculator import PREDICTION_BLOCK_SIZE
 
     params = validate_parent_params(reference, {})
     force_errors, energy_errors, uncertainties, n_atoms = [], [], [], 0
     for atoms in images:
         try:
-            prediction = model.predict(atoms)
+            prediction = model.predict(atoms, block_size=PREDICTION_BLOCK_SIZE)
         except ValueError as error:
             raise BadInput(str(error)) from None
         try:
@@ -153,14 +171,17 @@ def evaluate(
     structure: Path = typer.Argument(..., help="ASE-readable structure file (every image is evaluated)."),
     reference: str = typer.Option(..., "--reference", help="Reference calculator name, e.g. emt."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    device: str = typer.Option("auto", help="auto (cuda when torch sees a GPU, else cpu), cpu or cuda."),
 ):
-    """Errors of a model against a reference calculator (eV/Å, eV/atom)."""
+    """Errors of a model against a reference calculator (eV/Å, eV/atom), predicted as the ASE
+    calculator predicts (its default precision and block size)."""
     from pipeline.execution.parents import known_calculators
+    from pipeline.science.calculator import PREDICTION_DTYPE
     from pipeline.storage.model_file import load_ensemble
 
     if reference not in known_calculators():
         raise BadInput(f"--reference: unknown calculator {reference!r} (known: {', '.join(known_calculators())})")
-    model = load_ensemble(model_path)
+    model = load_ensemble(model_path, dtype=PREDICTION_DTYPE, device=checked_device(device))
     metrics = evaluation_metrics(model, read_images(structure), reference)
     if as_json:
         typer.echo(json.dumps(metrics))

@@ -10,10 +10,14 @@ as Parsl `python_app`s routed by executor label:
 A site with one executor runs everything there. On an `MPIExecutor` every app passes
 `parsl_resource_specification` (whole nodes): a reference job its MPI ranks, which it launches with
 ``$PARSL_MPI_PREFIX``; a training job its torch.distributed world size.
+
+Training and prediction run on the `device` they are given ("auto", "cpu", "cuda"); "auto" is the
+worker's ``$NFT_DEVICE`` when its site sets one (slurm_gpu: cuda), else cuda when torch sees a GPU.
 """
 from __future__ import annotations
 
 import math
+import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -26,6 +30,9 @@ from parsl.dataflow.futures import AppFuture
 from parsl.executors import MPIExecutor
 
 from pipeline.execution.sites import SiteError
+
+SITE_DEVICE_VARIABLE = "NFT_DEVICE"
+"""Set by a site's worker_init to the device its workers train and predict on when asked for "auto"."""
 
 ROUTES: dict[str, tuple[str, ...]] = {
     "reference": ("reference",),
@@ -68,11 +75,14 @@ def training_job(
 
     `world_size` > 1 shards the members over that many torch.distributed processes; None takes
     `num_ranks` of the Parsl resource specification where an MPIExecutor runs the job, else the
-    number of visible GPUs, else 1.
-    Returns the training metrics (force MAE eV/Å, energy RMSE eV/atom, epochs) and wall time.
+    number of visible GPUs when training on cuda, else 1. `settings_dict["device"]` "auto" becomes
+    the worker's device (`worker_device`).
+    Returns the training metrics (force MAE eV/Å, energy RMSE eV/atom, epochs), device and wall time.
     """
     start = time.perf_counter()
-    world_size = world_size or int((parsl_resource_specification or {}).get("num_ranks") or 0) or _default_world_size()
+    settings_dict = {**settings_dict, "device": worker_device(settings_dict.get("device", "auto"))}
+    world_size = (world_size or int((parsl_resource_specification or {}).get("num_ranks") or 0)
+                  or _default_world_size(settings_dict["device"]))
     if world_size > 1:
         from pipeline.execution.distributed_training import train_distributed
 
@@ -89,7 +99,8 @@ def training_job(
         metrics = asdict(report)
     metrics.update(
         wall_time_s=time.perf_counter() - start,
-        world_size=world_size,
+        world_size=metrics.get("world_size", world_size),
+        device=metrics.get("device") or _device_name(settings_dict["device"]),
         host=socket.gethostname(),
         model_path=str(model_path),
     )
@@ -99,18 +110,24 @@ def training_job(
 def prediction_job(
     model_path: str,
     payloads: Sequence[Mapping[str, Any]],
+    device: str = "auto",
     parsl_resource_specification: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Ensemble prediction per structure: energy (eV), forces (eV/Å), per-atom δ_i (eV/Å), δ = max δ_i."""
+    """Ensemble prediction per structure: energy (eV), forces (eV/Å), per-atom δ_i (eV/Å), δ = max δ_i.
+
+    In the calculator's precision and block size (`PREDICTION_DTYPE`, `PREDICTION_BLOCK_SIZE`), on
+    `device` ("auto": the worker's, see `worker_device`).
+    """
     import numpy as np
 
+    from pipeline.science.calculator import PREDICTION_BLOCK_SIZE, PREDICTION_DTYPE
     from pipeline.science.structures import payload_to_atoms
     from pipeline.storage.model_file import load_ensemble
 
-    model = load_ensemble(model_path)
+    model = load_ensemble(model_path, dtype=PREDICTION_DTYPE, device=worker_device(device))
     results = []
     for payload in payloads:
-        prediction = model.predict(payload_to_atoms(dict(payload)))
+        prediction = model.predict(payload_to_atoms(dict(payload)), block_size=PREDICTION_BLOCK_SIZE)
         uncertainties = [float(value) for value in prediction.uncertainties]
         results.append(
             {
@@ -123,13 +140,29 @@ def prediction_job(
     return results
 
 
-def _default_world_size() -> int:
-    try:
-        import torch
+def worker_device(device: str) -> str:
+    """The device a job on this worker uses: `device`, or for "auto" the site's ``$NFT_DEVICE``
+    when set (a GPU site demands its GPUs: no silent fall-back to the CPU), else "auto"."""
+    if device == "auto":
+        return os.environ.get(SITE_DEVICE_VARIABLE) or "auto"
+    return device
 
-        return max(1, torch.cuda.device_count())
-    except Exception:
+
+def _default_world_size(device: str) -> int:
+    """One process per visible GPU when training on cuda, else 1."""
+    from pipeline.science.training import resolve_device
+
+    if resolve_device(device).type != "cuda":
         return 1
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def _device_name(device: str) -> str:
+    from pipeline.science.training import resolve_device
+
+    return resolve_device(device).type
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,11 +218,11 @@ class SiteApps:
             **_resource_kwargs(resources),
         )
 
-    def prediction_app(self, model_path: str, payloads: Sequence[Mapping[str, Any]]) -> AppFuture:
-        """Ensemble prediction (energies, forces, δ_i) on plain-data structures."""
+    def prediction_app(self, model_path: str, payloads: Sequence[Mapping[str, Any]], device: str = "auto") -> AppFuture:
+        """Ensemble prediction (energies, forces, δ_i) on plain-data structures, on `device`."""
         app = python_app(prediction_job, executors=self.prediction_executors)
         resources = _node_resources(1) if self.prediction_is_mpi else None
-        return app(str(model_path), [dict(payload) for payload in payloads], **_resource_kwargs(resources))
+        return app(str(model_path), [dict(payload) for payload in payloads], device, **_resource_kwargs(resources))
 
 
 def make_apps(config: Config) -> SiteApps:

@@ -8,7 +8,8 @@ or `lbfgs_steps`: the science core draws bootstrap samples from one stream, stop
 searches L-BFGS over all members together; the sharded ensemble is then as valid, not identical.
 
 `train_distributed` launches ``python -m torch.distributed.run --standalone --nproc-per-node W``;
-the ranks run `main` here. gloo on CPU, NCCL where CUDA is available.
+the ranks run `main` here. The settings' device decides the backend: on cuda NCCL, each rank on its
+local GPU (``LOCAL_RANK``; at most one rank per visible GPU); on cpu gloo.
 """
 from __future__ import annotations
 
@@ -56,16 +57,24 @@ def train_distributed(
     timeout_s: float | None = None,
     start_model_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Train with `world_size` processes (at most one per member); write `model_path`; return metrics.
+    """Train with `world_size` processes (at most one per member, and one per GPU on cuda); write
+    `model_path`; return metrics. `backend` "auto" is NCCL when the device is cuda, else gloo.
 
-    Raises RuntimeError with the tail of the ranks' output when the launch fails.
+    Raises RuntimeError with the tail of the ranks' output when the launch fails, ValueError for the
+    device "cuda" without a GPU.
     """
-    from pipeline.science.training import TrainingSettings
+    import torch
+
+    from pipeline.science.training import TrainingSettings, resolve_device
 
     settings = TrainingSettings(**dict(settings_dict))
+    device = resolve_device(settings.device).type  # "auto" decided once, here, for every rank
+    settings_dict = {**settings_dict, "device": device}
     world_size = max(1, min(int(world_size), len(settings.seeds())))
+    if device == "cuda":
+        world_size = min(world_size, torch.cuda.device_count())
     if backend == "auto":
-        backend = _default_backend()
+        backend = _default_backend(device)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nft-ddp-") as scratch:
         spec_file, report_file = Path(scratch) / "spec.json", Path(scratch) / "report.json"
@@ -100,7 +109,8 @@ def train_distributed(
                 + ("\n".join(rank_errors) if rank_errors else "\n".join(output[-30:]))
             )
         metrics = json.loads(report_file.read_text())
-    metrics.update(world_size=world_size, backend=backend, launch_wall_time_s=time.perf_counter() - start)
+    metrics.update(world_size=world_size, backend=backend, device=device,
+                   launch_wall_time_s=time.perf_counter() - start)
     return metrics
 
 
@@ -129,8 +139,8 @@ def _rank_main(spec_file: Path) -> int:
 
     spec = json.loads(spec_file.read_text())
     backend = spec["backend"]
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if spec["settings"].get("device") == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # "cuda" is then this rank's GPU
     dist.init_process_group(backend=backend)
     try:
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -181,10 +191,11 @@ def ensemble_metrics(model: Any, structures: Sequence[Any]) -> dict[str, Any]:
             "validation_force_mae": None}
 
 
-def _default_backend() -> str:
-    import torch
+def _default_backend(device: str) -> str:
+    """NCCL for ranks on GPUs (when torch has it), gloo on CPU."""
+    import torch.distributed
 
-    return "nccl" if torch.cuda.is_available() and torch.distributed.is_nccl_available() else "gloo"
+    return "nccl" if device == "cuda" and torch.distributed.is_nccl_available() else "gloo"
 
 
 def _cores() -> int:

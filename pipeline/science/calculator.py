@@ -1,19 +1,46 @@
 """The ensemble as an ASE calculator: energy (eV), forces (eV/Å) and per-atom δ_i (eV/Å)."""
 from __future__ import annotations
 
+import copy
+
+import torch
 from ase.calculators.calculator import Calculator, all_changes
 
 from pipeline.science.model import EnsembleModel
+from pipeline.science.training import resolve_device
+
+PREDICTION_BLOCK_SIZE = 512
+"""Centre atoms per block of a prediction: the fastest of 256–2048 (bench/bench_block_size.py)."""
+PREDICTION_DTYPE = torch.float32
+"""Precision of a prediction: ≈ 1.8× float64 block 2048 at 1 thread, max δ within 1e-5 relative of
+float64's (bench/RESULTS.md, "Prediction defaults"); model files store float64, training stays float64."""
+
+
+def prediction_model(model: EnsembleModel, dtype: torch.dtype | None = PREDICTION_DTYPE,
+                     device: str = "auto") -> EnsembleModel:
+    """`model` in `dtype` (None: its own) on `device` ("auto", "cpu", "cuda"): `model` itself when it
+    is so already, else a copy in eval mode, so the caller's model is left as it was."""
+    target = resolve_device(device)
+    dtype = dtype or model.dtype
+    current = model.feature_mean.device
+    if model.dtype == dtype and current.type == target.type:
+        return model
+    return copy.deepcopy(model).to(device=target, dtype=dtype).eval()
 
 
 class EnsembleCalculator(Calculator):
-    """Ensemble-mean energy and forces; `results["uncertainties"]` holds δ_i of every atom."""
+    """Ensemble-mean energy and forces; `results["uncertainties"]` holds δ_i of every atom.
+
+    By default it predicts in `PREDICTION_DTYPE` with blocks of `PREDICTION_BLOCK_SIZE` atoms, on
+    the GPU when torch sees one; `dtype=None` keeps the model's own precision.
+    """
 
     implemented_properties = ["energy", "free_energy", "forces", "uncertainties", "energies_members"]
 
-    def __init__(self, model: EnsembleModel, block_size: int = 2048, **kwargs):
+    def __init__(self, model: EnsembleModel, block_size: int = PREDICTION_BLOCK_SIZE,
+                 dtype: torch.dtype | None = PREDICTION_DTYPE, device: str = "auto", **kwargs):
         super().__init__(**kwargs)
-        self.model = model
+        self.model = prediction_model(model, dtype, device)
         self.block_size = block_size
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.errors import BadInput
 from pipeline.science.descriptors import SymmetryFunctionParams
 from pipeline.science.model import EnsembleModel
+from pipeline.science.training import resolve_device
 
 FORMAT_NAME = "nft-ensemble"
 FORMAT_VERSION = 1
@@ -68,8 +69,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise ModelFileError(f"{path}: not a readable nft model file ({error.__class__.__name__})") from None
 
 
-def load_ensemble(path: str | Path, dtype: torch.dtype = torch.float64) -> EnsembleModel:
-    """Rebuild the ensemble from a model file; ModelFileError on anything malformed."""
+def load_ensemble(path: str | Path, dtype: torch.dtype = torch.float64, device: str = "cpu") -> EnsembleModel:
+    """Rebuild the ensemble from a model file, in `dtype` on `device` ("cpu", "cuda" or "auto": cuda
+    when torch sees a GPU); ModelFileError on anything malformed, ValueError for "cuda" without a GPU."""
     meta = read_metadata(path)
     try:
         params = SymmetryFunctionParams.from_dict(meta["descriptor"])
@@ -80,4 +82,4 @@ def load_ensemble(path: str | Path, dtype: torch.dtype = torch.float64) -> Ensem
         message = str(error).splitlines()[0][:160]
         raise ModelFileError(f"{path}: corrupt nft model file ({message})") from None
     model.extra_metadata = meta["extra"]
-    return model.to(dtype).eval()
+    return model.to(device=resolve_device(device), dtype=dtype).eval()
