@@ -70,7 +70,7 @@ def test_summary_json_matches_the_database(converged_campaign):
         assert chunk.parent_id is not None and chunk.center_in_chunk == 0 and chunk.radius == 6.0
         assert not chunk.atoms.pbc.any()
     assert best is not None and summary["best_iteration"] == best.iteration
-    assert not any(record.metrics["warm_started"] for record in models)  # model.warm_start is off by default
+    assert [record.metrics["warm_started"] for record in models] == [False] + [True] * (len(models) - 1)  # on by default
 
 
 def test_the_model_file_is_the_best_model_and_loads_as_a_calculator(converged_campaign):
@@ -158,8 +158,13 @@ def test_failed_reference_jobs_are_recorded_and_the_campaign_goes_on(small_campa
     from ase.io import read, write
 
     target = rattled_cluster()
-    target.numbers[0] = 26  # the central atom of the cuboctahedron
-    config = small_campaign({"active": {"threshold": 0.05, "max_iterations": 2}, "chunks": {"max_per_iteration": 6, "min_separation": 2.0}}, target=target)
+    centre = target.positions.mean(axis=0)
+    vertex = int(np.argmax(np.linalg.norm(target.positions - centre, axis=1)))
+    target.numbers[vertex] = 26  # a surface vertex: 4 Å chunks on the far side hold no Fe and succeed
+    config = small_campaign(
+        {"active": {"threshold": 0.05, "max_iterations": 2}, "chunks": {"radius": 4.0, "max_per_iteration": 6, "min_separation": 2.0}},
+        target=target,
+    )
     cells = read(config.parent / "initial.traj", ":")
     iron_cell = bulk("Pt", "fcc", a=3.92, cubic=True)
     iron_cell.numbers[0] = 26

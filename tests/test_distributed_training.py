@@ -20,7 +20,7 @@ from pipeline.storage.model_file import load_ensemble
 
 pytestmark = pytest.mark.timeout(300)
 
-SETTINGS = {"ensemble": 4, "hidden": [5, 5], "cutoff": 5.0, "epochs": 40, "seed": 11}
+SETTINGS = {"ensemble": 4, "hidden": [5, 5], "cutoff": 5.0, "epochs": 40, "lbfgs_steps": 0, "seed": 11}
 
 
 def labelled_platinum_cells():

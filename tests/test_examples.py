@@ -80,3 +80,14 @@ def test_committed_example_files_are_what_the_code_makes():
     for stored, made in zip(initial, cells):
         np.testing.assert_allclose(stored.positions, made.positions, atol=1e-12)
         np.testing.assert_allclose(stored.get_forces(), emt_label(made).get_forces(), atol=1e-9)
+
+
+def test_the_example_config_is_the_default_config_plus_its_structures():
+    """Nothing in the example is tuned: its [model], [chunks] and [active] are the defaults."""
+    from pipeline.campaign.config import ActiveSection, ChunksSection, ModelSection, load_config
+
+    config = load_config(EXAMPLE_DIR / "config.toml")
+    assert config.file.model == ModelSection()
+    assert config.file.chunks == ChunksSection()
+    assert config.file.active == ActiveSection()
+    assert config.file.parent.calculator == "emt"

@@ -37,7 +37,7 @@ def test_converged_max_iterations_and_patience(config):
 
 
 def test_nothing_new_to_compute_stops_unless_warm_training_still_helps(config):
-    cold, warm = config(), config(warm_start=True)
+    cold, warm = config(warm_start=False), config()  # warm start is the default
     still_falling = history((0.5, 5), (0.3, 0))
     assert stop_reason(still_falling, cold) == "no_new_chunks"  # retraining from scratch gives the same model
     assert stop_reason(still_falling, warm) is None  # continuing the optimisation lowered δ: go on
