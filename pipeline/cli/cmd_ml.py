@@ -83,7 +83,7 @@ def train(
     ensemble: int = typer.Option(10, help="Number of ensemble members."),
     cutoff: float = typer.Option(6.5, help="Descriptor cutoff radius in Å."),
     hidden: str = typer.Option("5,5", help="Hidden layer widths, comma-separated."),
-    epochs: int = typer.Option(300, help="Adam epochs (skipped by a warm start when L-BFGS is on)."),
+    epochs: int = typer.Option(300, help="Adam epochs, before L-BFGS."),
     lbfgs: int = typer.Option(1000, help="L-BFGS iterations after Adam (per-member batched L-BFGS)."),
     validation: float = typer.Option(0.0, help="Fraction of structures held out for early stopping."),
     bootstrap: bool = typer.Option(False, help="Bootstrap-resample the data per member."),
