@@ -10,7 +10,7 @@ inside it the cases are interleaved round by round and the best of the rounds is
 benchmark), measured in the same process. "δ vs old" is |max δ − max δ_old| / max δ_old (the
 campaign's convergence test uses max δ), max |δ_i − δ_i,old| in eV/Å and its largest ratio to δ_i.
 
-    .venv/bin/python bench/bench_block_size.py            # ~3 min on 2 busy cores
+    .venv/bin/python bench/bench_block_size.py            # ~2 min on a quiet machine, ~10 at load 5
     .venv/bin/python bench/bench_block_size.py --quick    # 864 atoms, 1 round
 """
 from __future__ import annotations

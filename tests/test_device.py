@@ -1,5 +1,5 @@
 """The device and precision a user gets by default: "auto" (cuda when torch sees a GPU, else cpu),
-float32 prediction in blocks of 512 atoms with the campaign's δ within 1e-4 of float64's.
+float32 prediction in blocks of 1024 atoms with the campaign's δ within 1e-4 of float64's.
 
 No GPU here: "auto" must resolve to the CPU and an explicit "cuda" must be a one-line bad input.
 """
@@ -172,14 +172,14 @@ def test_distributed_training_uses_gloo_on_the_cpu_and_refuses_cuda_without_a_gp
 
 # ----- prediction defaults: fast, and δ as float64's ---------------------------------------
 
-def test_prediction_defaults_are_float32_in_blocks_of_512():
-    assert PREDICTION_DTYPE == torch.float32 and PREDICTION_BLOCK_SIZE == 512
+def test_prediction_defaults_are_float32_in_blocks_of_1024():
+    assert PREDICTION_DTYPE == torch.float32 and PREDICTION_BLOCK_SIZE == 1024
 
 
 @pytest.mark.parametrize("structure", ["crystal", "cuboctahedron"])
 def test_default_prediction_gives_the_float64_delta(trained_model_file, structure, monkeypatch):
     monkeypatch.delenv(SITE_DEVICE_VARIABLE, raising=False)
-    atoms = rattled_crystal() if structure == "crystal" else rattled_cuboctahedron()
+    atoms = rattled_crystal((7, 7, 7)) if structure == "crystal" else rattled_cuboctahedron()  # 1,372: two blocks
     reference = load_ensemble(trained_model_file).predict(atoms, block_size=2048)  # float64, the old default
     (job,) = prediction_job(str(trained_model_file), [atoms_to_payload(atoms)])
     relative = abs(job["uncertainty"] - reference.max_uncertainty) / reference.max_uncertainty

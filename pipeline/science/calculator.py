@@ -9,10 +9,11 @@ from ase.calculators.calculator import Calculator, all_changes
 from pipeline.science.model import EnsembleModel
 from pipeline.science.training import resolve_device
 
-PREDICTION_BLOCK_SIZE = 512
-"""Centre atoms per block of a prediction: the fastest of 256–2048 (bench/bench_block_size.py)."""
+PREDICTION_BLOCK_SIZE = 1024
+"""Centre atoms per block of a prediction: the fastest of 256–2048 in float32 (bench/bench_block_size.py;
+512 is as fast within the noise, 2048 is slower)."""
 PREDICTION_DTYPE = torch.float32
-"""Precision of a prediction: ≈ 1.8× float64 block 2048 at 1 thread, max δ within 1e-5 relative of
+"""Precision of a prediction: 2.1–2.3× float64 block 2048 at 1 thread, max δ within 1e-6 relative of
 float64's (bench/RESULTS.md, "Prediction defaults"); model files store float64, training stays float64."""
 
 
