@@ -5,10 +5,12 @@ __version__ = "0.1.0"
 
 
 def load_model(path, dtype=None):
-    """Load a model file as an ASE calculator (energy eV, forces eV/Å, results["uncertainties"] δ_i eV/Å)."""
-    import torch
+    """Load a model file as an ASE calculator (energy eV, forces eV/Å, results["uncertainties"] δ_i eV/Å).
 
-    from pipeline.science.calculator import EnsembleCalculator
+    Predicts in the fast default precision (float32, `calculator.PREDICTION_DTYPE`) unless `dtype`
+    (e.g. torch.float64) is given."""
+    from pipeline.science.calculator import PREDICTION_DTYPE, EnsembleCalculator
     from pipeline.storage.model_file import load_ensemble
 
-    return EnsembleCalculator(load_ensemble(path, dtype=dtype or torch.float64))
+    chosen = dtype or PREDICTION_DTYPE
+    return EnsembleCalculator(load_ensemble(path, dtype=chosen), dtype=chosen)

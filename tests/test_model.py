@@ -89,7 +89,7 @@ def test_model_file_round_trip_and_calculator(tmp_path):
     atoms = rattled_cluster(mixed=True)
     model = untrained_model(elements=(29, 78))
     path = save_model(model, tmp_path / "model.nft")
-    atoms.calc = pipeline.load_model(path)
+    atoms.calc = pipeline.load_model(path, dtype=torch.float64)
     direct = model.predict(atoms)
     assert atoms.get_potential_energy() == pytest.approx(direct.energy, abs=1e-10)
     np.testing.assert_allclose(atoms.get_forces(), direct.forces, atol=1e-10)

@@ -232,7 +232,7 @@ class _Driver:
 
     def _predict(self, model_path: Path) -> list[dict[str, Any]]:
         payloads = [atoms_to_payload(self.target_atoms[target_id]) for target_id in self.target_ids]
-        return self._result(self.apps.prediction_app(str(model_path), payloads), "prediction")  # type: ignore[union-attr]
+        return self._result(self.apps.prediction_app(str(model_path), payloads, self.config.file.model.device), "prediction")  # type: ignore[union-attr]
 
     def select(self, predictions: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[int, int]], dict[str, int]]:
         """Chunk centres (target id, atom) over all targets, most uncertain first, at most

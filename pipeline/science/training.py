@@ -396,7 +396,7 @@ def descriptor_params(
     Only full structures (the initial set) are measured when there are any, so that every NFT
     iteration derives the same shells and a warm start stays possible.
     """
-    keys = dict(settings.descriptor)
+    keys = {key: tuple(value) if isinstance(value, list) else value for key, value in settings.descriptor.items()}
     if "radial_centers" not in keys and "radial_etas" not in keys:
         full = [item.atoms for item in structures if item.energy is not None] or [item.atoms for item in structures]
         keys["radial_centers"], keys["radial_etas"] = radial_shells(median_nearest_neighbour_distance(full), settings.cutoff)
