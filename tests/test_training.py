@@ -177,7 +177,7 @@ def test_lbfgs_after_adam_reaches_a_lower_loss_than_adam_alone_in_as_many_steps(
     """The default optimiser (Adam, then per-member L-BFGS) against Adam for the same number of steps."""
     data = labelled(bulk_training_cells(6, seed=12)) + chunk_structures(3, seed=2)
     adam_steps, lbfgs_steps = 100, 150
-    _, adam = train_ensemble(data, TrainingSettings(ensemble=3, epochs=adam_steps + lbfgs_steps, seed=5))
+    _, adam = train_ensemble(data, TrainingSettings(ensemble=3, epochs=adam_steps + lbfgs_steps, lbfgs_steps=0, seed=5))
     _, lbfgs = train_ensemble(data, TrainingSettings(ensemble=3, epochs=adam_steps, lbfgs_steps=lbfgs_steps, seed=5))
     assert lbfgs.final_loss < 0.5 * adam.final_loss, (lbfgs.final_loss, adam.final_loss)
     assert lbfgs.train_force_mae < adam.train_force_mae
