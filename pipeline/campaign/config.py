@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from ase import Atoms
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.campaign.training_set import TrainingEnvironment
 from pipeline.errors import BadInput
 from pipeline.execution.parents import ParentConfigError, physics_params, validate_parent_params
 from pipeline.storage.database import resolve_database_url
@@ -65,7 +66,7 @@ class ChunksSection(_Section):
     min_separation: float | None = Field(None, ge=0)  # Å; default: 1.1 × the initial set's nearest-neighbour distance
     # where a chunk's central force is trained: "target" (the atom's own environment in the target)
     # or "chunk" (inside the carved chunk, as the paper does); see pipeline/campaign/training_set.py
-    training_environment: Literal["target", "chunk"] = "target"
+    training_environment: TrainingEnvironment = "target"
 
 
 class DescriptorSection(_Section):

@@ -10,7 +10,7 @@ instead, as the paper does. See docs/campaign.md, "Where a chunk's force is trai
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from ase import Atoms
@@ -20,7 +20,7 @@ from pipeline.science.structures import LabelledStructure
 from pipeline.storage.database import CampaignStore, ResultRecord, StructureRecord
 
 TrainingEnvironment = Literal["target", "chunk"]
-TRAINING_ENVIRONMENTS: tuple[str, ...] = ("target", "chunk")
+TRAINING_ENVIRONMENTS: tuple[str, ...] = get_args(TrainingEnvironment)
 
 ENVIRONMENT_SLACK_ANGSTROM = 0.01
 """The target environment reaches this much beyond 2·Rc, so no atom at exactly 2·Rc is lost to rounding."""
@@ -43,7 +43,8 @@ def training_structures(
             labelled.append(LabelledStructure(structure.atoms, result.energy, result.forces))
             continue
         if environment == "chunk" or structure.parent_id is None:
-            labelled.append(central_force_row(structure.atoms, structure.center_in_chunk, result))
+            center = int(structure.center_in_chunk)
+            labelled.append(central_force_row(structure.atoms, center, result.forces[center]))
             continue
         if structure.parent_id not in parents:
             parents[structure.parent_id] = store.atoms(structure.parent_id)
@@ -51,12 +52,12 @@ def training_structures(
     return labelled
 
 
-def central_force_row(atoms: Atoms, center: int, result: ResultRecord) -> LabelledStructure:
-    """`atoms` training only the force on atom `center`: no energy, one force row."""
+def central_force_row(atoms: Atoms, center: int, force: np.ndarray) -> LabelledStructure:
+    """`atoms` training only `force` (eV/Å) on atom `center`: no energy, one force row."""
     mask = np.zeros(len(atoms), dtype=bool)
     mask[center] = True
     forces = np.zeros((len(atoms), 3))
-    forces[center] = result.forces[center]
+    forces[center] = force
     return LabelledStructure(atoms, None, forces, mask)
 
 
@@ -65,8 +66,4 @@ def target_environment_row(
 ) -> LabelledStructure:
     """The chunk's central force (from `result`) as a row of the parent's atoms within 2·Rc of it."""
     environment = carve_chunk(parent, int(chunk.center_in_parent), 2.0 * cutoff_angstrom + ENVIRONMENT_SLACK_ANGSTROM, 0.0)
-    mask = np.zeros(len(environment.atoms), dtype=bool)
-    mask[environment.center_in_chunk] = True
-    forces = np.zeros((len(environment.atoms), 3))
-    forces[environment.center_in_chunk] = result.forces[chunk.center_in_chunk]
-    return LabelledStructure(environment.atoms, None, forces, mask)
+    return central_force_row(environment.atoms, environment.center_in_chunk, result.forces[chunk.center_in_chunk])
