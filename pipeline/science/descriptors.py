@@ -15,9 +15,21 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from itertools import combinations_with_replacement
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
+from ase import Atoms
+
+from pipeline.science.structures import LabelledStructure
+
+if TYPE_CHECKING:
+    from pipeline.science.g4 import G4Descriptor
+
+TrainingTerms = tuple[np.ndarray, torch.Tensor, np.ndarray, torch.Tensor]
+"""(rows, pair sums (R, n_el, C), trained force atoms, ∂S/∂R (F, 3, R, n_el·C)) of one structure."""
+PairSumEnergies = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""Atomic energies (M, B) eV and ∂E^m/∂S (M, B, n_el, C) from pair sums (B, n_el, C) and centre elements (B,)."""
 
 DEFAULT_RADIAL_CENTERS = (0.0, 2.4, 3.0, 3.6, 4.2, 4.8, 5.4, 6.0)
 DEFAULT_RADIAL_ETAS = (0.1, 1.4, 1.4, 1.4, 1.4, 1.4, 1.4, 1.4)
@@ -174,14 +186,22 @@ class ChannelLayout:
     lowering: np.ndarray = field(repr=False)  # (3, C, C_low): A_low[x] = A @ lowering[x]
 
 
-class MomentDescriptor:
-    """G2 + G5-type features from per-atom moment tensors; see the module docstring."""
+class MomentDescriptor(torch.nn.Module):
+    """G2 + G5-type features from per-atom moment tensors; see the module docstring.
+
+    Its constants (the lowering matrix, the G5 weights) are buffers registered once, so they follow
+    the model's device and dtype; they derive from `params` and are not saved in model files.
+    """
 
     def __init__(self, params: SymmetryFunctionParams):
+        super().__init__()
         self.params = params
         self.max_degree = max(params.angular_zetas)
         self.layout = self._channel_layout()
-        self._feature_weights = self._angular_weights()
+        weights = self._angular_weights()
+        self.register_buffer("lowering", torch.from_numpy(self.layout.lowering), persistent=False)
+        self.register_buffer("quad_weights", torch.from_numpy(weights["quad"]), persistent=False)
+        self.register_buffer("diag_weights", torch.from_numpy(weights["diag"]), persistent=False)
 
     # ----- layout -------------------------------------------------------------------------
     def _channel_layout(self) -> ChannelLayout:
@@ -306,8 +326,8 @@ class MomentDescriptor:
         radial = pair_sums[..., :n_g2].flatten(-2)
         self_terms = pair_sums[..., n_g2 : n_g2 + n_eta]
         moments = pair_sums[..., n_g2 + n_eta :].unflatten(-1, (n_eta, len(lay.exponents)))
-        quad = torch.as_tensor(self._feature_weights["quad"], dtype=pair_sums.dtype, device=pair_sums.device)
-        diag = torch.as_tensor(self._feature_weights["diag"], dtype=pair_sums.dtype, device=pair_sums.device)
+        quad = self.quad_weights.to(dtype=pair_sums.dtype, device=pair_sums.device)
+        diag = self.diag_weights.to(dtype=pair_sums.dtype, device=pair_sums.device)
         blocks = [radial]
         for a, b in combinations_with_replacement(range(n_el), 2):
             products = moments[..., a, :, :] * moments[..., b, :, :]
@@ -318,3 +338,130 @@ class MomentDescriptor:
                 angular = 2.0 * angular
             blocks.append(angular)
         return torch.cat(blocks, dim=-1)
+
+    # ----- the descriptor interface shared with G4Descriptor (see g4.py) ---------------------
+    def training_terms(self, item: LabelledStructure, dtype: torch.dtype) -> TrainingTerms:
+        """Rows one structure needs, their pair sums, the trained force atoms and a dense ∂S/∂R.
+
+        Rows are every atom of an energy-labelled structure, else the trained force atoms and the
+        atoms whose neighbourhood holds them. Returns (rows, pair sums (len(rows), n_el, C),
+        force atoms, Jacobian (F, 3, len(rows), n_el·C)).
+        """
+        from pipeline.science.neighbours import neighbour_pairs
+
+        params = self.params
+        atoms = item.atoms
+        n_el, n_ch = params.n_elements, self.n_channels
+        pairs = neighbour_pairs(atoms, params.cutoff)
+        force_atoms = np.flatnonzero(item.force_mask)
+        if item.energy is not None:
+            rows = np.arange(len(atoms))
+        else:
+            touching = pairs.centers[np.isin(pairs.neighbours, force_atoms)]
+            rows = np.union1d(force_atoms, touching)
+        row_of = np.full(len(atoms), -1, dtype=np.int64)
+        row_of[rows] = np.arange(len(rows))
+        keep = row_of[pairs.centers] >= 0
+        centers, neighbours = pairs.centers[keep], pairs.neighbours[keep]
+        vectors = torch.from_numpy(pairs.vectors[keep]).to(dtype)
+        basis = self.pair_basis(vectors)
+        neighbour_el = params.element_lookup()[atoms.numbers[neighbours]]
+        pair_sums = torch.zeros(len(rows), n_el, n_ch, dtype=dtype)
+        pair_sums.index_put_(
+            (torch.from_numpy(row_of[centers]), torch.from_numpy(neighbour_el)), basis.values, accumulate=True
+        )
+        force_of = np.full(len(atoms), -1, dtype=np.int64)
+        force_of[force_atoms] = np.arange(len(force_atoms))
+        jacobian = torch.zeros(len(force_atoms), 3, len(rows), n_el * n_ch, dtype=dtype)
+        involved = (force_of[neighbours] >= 0) | (force_of[centers] >= 0)
+        if involved.any():
+            sel = torch.from_numpy(np.flatnonzero(involved))
+            grads = self._pair_basis_gradients(basis, sel).transpose(1, 2)  # (P, 3, C)
+            columns = torch.from_numpy(neighbour_el[sel.numpy()])[:, None] * n_ch + torch.arange(n_ch)
+            row_idx = torch.from_numpy(row_of[centers[sel.numpy()]])
+            for atom_of_force, sign in ((neighbours, 1.0), (centers, -1.0)):
+                f = force_of[atom_of_force[sel.numpy()]]
+                hit = torch.from_numpy(f >= 0)
+                if not hit.any():
+                    continue
+                f_t = torch.from_numpy(f)[hit]
+                target = jacobian.view(len(force_atoms), 3, -1)
+                flat_cols = row_idx[hit][:, None] * (n_el * n_ch) + columns[hit]  # (P', C)
+                for axis in range(3):
+                    target[:, axis].index_put_(
+                        (f_t[:, None].expand_as(flat_cols), flat_cols), sign * grads[hit, axis], accumulate=True
+                    )
+        return rows, pair_sums, force_atoms, jacobian
+
+    def _pair_basis_gradients(self, basis: PairBasis, selection: torch.Tensor) -> torch.Tensor:
+        """∂B_c/∂r_ij (P, C, 3) for the selected pairs: radial part plus the tangential moment part."""
+        unit = basis.unit_vectors[selection]
+        r = basis.distances[selection].unsqueeze(-1).unsqueeze(-1)
+        tangential = torch.einsum("xcl,pl->pcx", self.lowering.to(unit.dtype), basis.lowered[selection])
+        return basis.along[selection].unsqueeze(-1) * unit.unsqueeze(1) + tangential / r
+
+    def atomic_energies_and_forces(
+        self, atoms: Atoms, element_index: torch.Tensor, energies_and_gradients: PairSumEnergies, n_members: int,
+        block_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Atomic energies (M, N) eV and forces (M, N, 3) eV/Å of every member, in blocks of centre
+        atoms: each member's ∂E/∂S (per atom) pushed through the per-pair basis derivatives."""
+        from pipeline.science.neighbours import neighbour_pairs, pad_pairs
+
+        n_atoms = len(atoms)
+        dtype, device = self.lowering.dtype, self.lowering.device
+        pairs = neighbour_pairs(atoms, self.params.cutoff)
+        padded = pad_pairs(pairs, n_atoms, far_angstrom=self.params.cutoff + 1.0)
+        neighbours = torch.from_numpy(padded.neighbours).to(device)
+        vectors = torch.from_numpy(padded.vectors).to(device=device, dtype=dtype)
+        energies = torch.zeros(n_members, n_atoms, dtype=dtype, device=device)
+        forces = torch.zeros(n_members, n_atoms, 3, dtype=dtype, device=device)
+        with torch.no_grad():
+            for start in range(0, n_atoms, block_size):
+                block = slice(start, min(start + block_size, n_atoms))
+                block_energies, pair_vectors = self._block_pair_gradients(
+                    vectors[block], element_index[block], element_index[neighbours[block]], energies_and_gradients
+                )
+                energies[:, block] = block_energies
+                forces[:, block] += pair_vectors.sum(dim=2)
+                forces.index_add_(1, neighbours[block].reshape(-1), -pair_vectors.flatten(1, 2))
+        return energies, forces
+
+    def _block_pair_gradients(
+        self, vectors: torch.Tensor, center_elements: torch.Tensor, neighbour_elements: torch.Tensor,
+        energies_and_gradients: PairSumEnergies,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Atomic energies (M, B) and ∂E^m/∂r_ij (M, B, K, 3) for padded pair vectors (B, K, 3)."""
+        basis = self.pair_basis(vectors)
+        n_el = self.params.n_elements
+        if n_el == 1:
+            pair_sums = basis.values.sum(dim=1).unsqueeze(1)
+        else:
+            one_hot = torch.nn.functional.one_hot(neighbour_elements, n_el).to(vectors.dtype)
+            pair_sums = torch.einsum("bks,bkc->bsc", one_hot, basis.values)
+        energies, grads = energies_and_gradients(pair_sums, center_elements)
+        n_members = energies.shape[0]
+        lowered_grads = torch.einsum("mbsc,xcl->mbsxl", grads, self.lowering.to(grads.dtype))
+        if n_el == 1:
+            radial = torch.einsum("mbc,bkc->mbk", grads[:, :, 0], basis.along)
+            tangential = torch.einsum("mbxl,bkl->mbkx", lowered_grads[:, :, 0], basis.lowered)
+        else:
+            radial_all = torch.einsum("mbsc,bkc->mbks", grads, basis.along)
+            tangential_all = torch.einsum("mbsxl,bkl->mbksx", lowered_grads, basis.lowered)
+            pick = neighbour_elements.unsqueeze(0).unsqueeze(-1).expand(n_members, -1, -1, 1)
+            radial = radial_all.gather(3, pick).squeeze(3)
+            pick3 = pick.unsqueeze(-1).expand(-1, -1, -1, 1, 3)
+            tangential = tangential_all.gather(3, pick3).squeeze(3)
+        unit = basis.unit_vectors
+        pair_vectors = radial.unsqueeze(-1) * unit + tangential / basis.distances.unsqueeze(-1)
+        return energies, pair_vectors
+
+
+def make_descriptor(params: SymmetryFunctionParams) -> "MomentDescriptor | G4Descriptor":
+    """The descriptor of `params.kind`: G5 through moments (default) or explicit G4; both offer
+    `features`, `training_terms` and `atomic_energies_and_forces`, so callers never ask which."""
+    if params.kind == "g4":
+        from pipeline.science.g4 import G4Descriptor
+
+        return G4Descriptor(params)
+    return MomentDescriptor(params)

@@ -13,15 +13,26 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from pipeline.science.descriptors import SymmetryFunctionParams, cosine_cutoff
+from pipeline.science.descriptors import PairSumEnergies, SymmetryFunctionParams, TrainingTerms, cosine_cutoff
 from pipeline.science.neighbours import NeighbourPairs, neighbour_pairs, pad_pairs
+from pipeline.science.structures import LabelledStructure
+
+FORCE_BLOCK_ATOMS = 64
+"""Centre atoms per autograd block in prediction: G4 holds O(k²) triplet terms per atom."""
 
 
-class G4Descriptor:
-    """Radial G2 + angular G4 features computed directly from padded neighbour vectors."""
+class G4Descriptor(torch.nn.Module):
+    """Radial G2 + angular G4 features computed directly from padded neighbour vectors.
+
+    The radial centres (Å) and η (Å⁻²) are buffers registered once, so they follow the model's
+    device and dtype; they derive from `params` and are not saved in model files.
+    """
 
     def __init__(self, params: SymmetryFunctionParams):
+        super().__init__()
         self.params = params
+        self.register_buffer("radial_centers", torch.tensor(params.radial_centers, dtype=torch.float64), persistent=False)
+        self.register_buffer("radial_etas", torch.tensor(params.radial_etas, dtype=torch.float64), persistent=False)
 
     @property
     def n_channels(self) -> int:
@@ -43,8 +54,8 @@ class G4Descriptor:
         one_hot = torch.nn.functional.one_hot(neighbour_elements, n_el).to(dtype)
         r = torch.linalg.vector_norm(vectors, dim=-1)
         fc, _ = cosine_cutoff(r, p.cutoff)
-        rs = torch.tensor(p.radial_centers, dtype=dtype, device=vectors.device)
-        eta_r = torch.tensor(p.radial_etas, dtype=dtype, device=vectors.device)
+        rs = self.radial_centers.to(dtype=dtype, device=vectors.device)
+        eta_r = self.radial_etas.to(dtype=dtype, device=vectors.device)
         g2 = torch.exp(-eta_r * (r.unsqueeze(-1) - rs) ** 2) * fc.unsqueeze(-1)
         blocks = [torch.einsum("bks,bkf->bsf", one_hot, g2).flatten(1)]
         diff = vectors.unsqueeze(1) - vectors.unsqueeze(2)
@@ -101,3 +112,56 @@ class G4Descriptor:
         vectors = far.index_copy(0, torch.from_numpy(slot_pairs).to(positions.device), pair_vectors).view(len(centers), -1, 3)
         neighbour_el = torch.from_numpy(element_lookup[atoms.numbers[padded.neighbours]]).to(positions.device)
         return self.block_features(vectors, neighbour_el)
+
+    # ----- the descriptor interface shared with MomentDescriptor -----------------------------
+    def training_terms(self, item: LabelledStructure, dtype: torch.dtype) -> TrainingTerms:
+        """As `MomentDescriptor.training_terms`, with the features as (R, 1, F) 'pair sums' and
+        their Jacobian by forward-mode autograd."""
+        params = self.params
+        atoms = item.atoms
+        pairs = neighbour_pairs(atoms, params.cutoff)
+        force_atoms = np.flatnonzero(item.force_mask)
+        if item.energy is not None:
+            rows = np.arange(len(atoms))
+        else:
+            rows = np.union1d(force_atoms, pairs.centers[np.isin(pairs.neighbours, force_atoms)])
+        lookup = params.element_lookup()
+        base = torch.from_numpy(atoms.positions).to(dtype)
+        moved = torch.from_numpy(force_atoms)
+
+        def features_of(force_positions: torch.Tensor) -> torch.Tensor:
+            return self.structure_features(atoms, base.index_copy(0, moved, force_positions), rows, lookup, pairs)
+
+        features = features_of(base[moved]).detach()
+        if len(force_atoms):
+            jac = torch.autograd.functional.jacobian(features_of, base[moved], vectorize=True, strategy="forward-mode")
+            jacobian = jac.permute(2, 3, 0, 1).contiguous()  # (F_atoms, 3, rows, features)
+        else:
+            jacobian = torch.zeros(0, 3, len(rows), params.n_features, dtype=dtype)
+        return rows, features.unsqueeze(1), force_atoms, jacobian
+
+    def atomic_energies_and_forces(
+        self, atoms: Atoms, element_index: torch.Tensor, energies_and_gradients: PairSumEnergies, n_members: int,
+        block_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Atomic energies (M, N) eV and forces (M, N, 3) eV/Å: features with autograd, all members'
+        force vector-Jacobian products batched in one backward pass per block of centre atoms."""
+        n_atoms = len(atoms)
+        dtype, device = self.radial_centers.dtype, self.radial_centers.device
+        block_size = min(block_size, FORCE_BLOCK_ATOMS)
+        lookup = self.params.element_lookup()
+        pairs = neighbour_pairs(atoms, self.params.cutoff)
+        positions = torch.from_numpy(atoms.positions).to(device=device, dtype=dtype).requires_grad_(True)
+        energies = torch.zeros(n_members, n_atoms, dtype=dtype, device=device)
+        forces = torch.zeros(n_members, n_atoms, 3, dtype=dtype, device=device)
+        for start in range(0, n_atoms, block_size):
+            centers = np.arange(start, min(start + block_size, n_atoms))
+            with torch.enable_grad():
+                features = self.structure_features(atoms, positions, centers, lookup, pairs)
+            block_energies, grads = energies_and_gradients(features.detach().unsqueeze(1), element_index[start : start + len(centers)])
+            (position_grads,) = torch.autograd.grad(
+                features, positions, grad_outputs=grads.flatten(-2), is_grads_batched=True
+            )
+            energies[:, start : start + len(centers)] = block_energies.detach()
+            forces -= position_grads
+        return energies, forces

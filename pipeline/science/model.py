@@ -12,18 +12,8 @@ import torch
 from ase import Atoms
 from torch import nn
 
-from pipeline.science.descriptors import MomentDescriptor, SymmetryFunctionParams
-from pipeline.science.neighbours import neighbour_pairs, pad_pairs
+from pipeline.science.descriptors import SymmetryFunctionParams, make_descriptor
 from pipeline.science.uncertainty import atomic_uncertainty
-
-
-def make_descriptor(params: SymmetryFunctionParams):
-    """The descriptor of the configured kind: G5 through moments (default) or explicit G4."""
-    if params.kind == "g4":
-        from pipeline.science.g4 import G4Descriptor
-
-        return G4Descriptor(params)
-    return MomentDescriptor(params)
 
 
 class EnsembleNetworks(nn.Module):
@@ -153,8 +143,6 @@ class EnsembleModel(nn.Module):
         self.register_buffer("feature_std", torch.ones(n_el, n_feat, dtype=torch.float64))
         self.register_buffer("energy_offset", torch.zeros(n_el, dtype=torch.float64))
         self.register_buffer("energy_scale", torch.ones((), dtype=torch.float64))
-        lowering = self.descriptor.layout.lowering if params.kind == "g5-moments" else np.zeros((3, 1, 1))
-        self.register_buffer("lowering", torch.from_numpy(lowering))
 
     @property
     def n_members(self) -> int:
@@ -272,73 +260,7 @@ class EnsembleModel(nn.Module):
 
     def member_atomic_energies_and_forces(self, atoms: Atoms, block_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
         """Atomic energies (M, N) eV and forces (M, N, 3) eV/Å of every member."""
-        if self.params.kind == "g4":
-            return self._g4_atomic_energies_and_forces(atoms, min(block_size, 64))
-        n_atoms = len(atoms)
-        dtype, device = self.dtype, self.feature_mean.device
-        element_index = torch.from_numpy(self.element_indices(atoms.numbers)).to(device)
-        pairs = neighbour_pairs(atoms, self.params.cutoff)
-        padded = pad_pairs(pairs, n_atoms, far_angstrom=self.params.cutoff + 1.0)
-        neighbours = torch.from_numpy(padded.neighbours).to(device)
-        vectors = torch.from_numpy(padded.vectors).to(device=device, dtype=dtype)
-        energies = torch.zeros(self.n_members, n_atoms, dtype=dtype, device=device)
-        forces = torch.zeros(self.n_members, n_atoms, 3, dtype=dtype, device=device)
-        with torch.no_grad():
-            for start in range(0, n_atoms, block_size):
-                block = slice(start, min(start + block_size, n_atoms))
-                block_energies, pair_vectors = self._block_pair_gradients(
-                    vectors[block], element_index[block], element_index[neighbours[block]]
-                )
-                energies[:, block] = block_energies
-                forces[:, block] += pair_vectors.sum(dim=2)
-                forces.index_add_(1, neighbours[block].reshape(-1), -pair_vectors.flatten(1, 2))
-        return energies, forces
-
-    def _g4_atomic_energies_and_forces(self, atoms: Atoms, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """G4 path: features with autograd, all members' force VJPs batched in one backward pass."""
-        n_atoms = len(atoms)
-        device = self.feature_mean.device
-        element_index = torch.from_numpy(self.element_indices(atoms.numbers)).to(device)
-        lookup = self.params.element_lookup()
-        pairs = neighbour_pairs(atoms, self.params.cutoff)
-        positions = torch.from_numpy(atoms.positions).to(device=device, dtype=self.dtype).requires_grad_(True)
-        energies = torch.zeros(self.n_members, n_atoms, dtype=self.dtype, device=device)
-        forces = torch.zeros(self.n_members, n_atoms, 3, dtype=self.dtype, device=device)
-        for start in range(0, n_atoms, block_size):
-            centers = np.arange(start, min(start + block_size, n_atoms))
-            with torch.enable_grad():
-                features = self.descriptor.structure_features(atoms, positions, centers, lookup, pairs)
-            block_energies, grads = self.energies_and_feature_gradients(
-                features.detach(), element_index[start : start + len(centers)]
-            )
-            (position_grads,) = torch.autograd.grad(features, positions, grad_outputs=grads, is_grads_batched=True)
-            energies[:, start : start + len(centers)] = block_energies.detach()
-            forces -= position_grads
-        return energies, forces
-
-    def _block_pair_gradients(
-        self, vectors: torch.Tensor, center_elements: torch.Tensor, neighbour_elements: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Atomic energies (M, B) and ∂E^m/∂r_ij (M, B, K, 3) for padded pair vectors (B, K, 3)."""
-        basis = self.descriptor.pair_basis(vectors)
-        n_el = self.params.n_elements
-        if n_el == 1:
-            pair_sums = basis.values.sum(dim=1).unsqueeze(1)
-        else:
-            one_hot = torch.nn.functional.one_hot(neighbour_elements, n_el).to(vectors.dtype)
-            pair_sums = torch.einsum("bks,bkc->bsc", one_hot, basis.values)
-        energies, grads = self.energies_and_pair_sum_gradients(pair_sums, center_elements)
-        lowered_grads = torch.einsum("mbsc,xcl->mbsxl", grads, self.lowering.to(grads.dtype))
-        if n_el == 1:
-            radial = torch.einsum("mbc,bkc->mbk", grads[:, :, 0], basis.along)
-            tangential = torch.einsum("mbxl,bkl->mbkx", lowered_grads[:, :, 0], basis.lowered)
-        else:
-            radial_all = torch.einsum("mbsc,bkc->mbks", grads, basis.along)
-            tangential_all = torch.einsum("mbsxl,bkl->mbksx", lowered_grads, basis.lowered)
-            pick = neighbour_elements.unsqueeze(0).unsqueeze(-1).expand(self.n_members, -1, -1, 1)
-            radial = radial_all.gather(3, pick).squeeze(3)
-            pick3 = pick.unsqueeze(-1).expand(-1, -1, -1, 1, 3)
-            tangential = tangential_all.gather(3, pick3).squeeze(3)
-        unit = basis.unit_vectors
-        pair_vectors = radial.unsqueeze(-1) * unit + tangential / basis.distances.unsqueeze(-1)
-        return energies, pair_vectors
+        element_index = torch.from_numpy(self.element_indices(atoms.numbers)).to(self.feature_mean.device)
+        return self.descriptor.atomic_energies_and_forces(
+            atoms, element_index, self.energies_and_pair_sum_gradients, self.n_members, block_size
+        )

@@ -77,6 +77,7 @@ def load_ensemble(path: str | Path, dtype: torch.dtype = torch.float64, device: 
         params = SymmetryFunctionParams.from_dict(meta["descriptor"])
         model = EnsembleModel(params, hidden=tuple(meta["hidden"]), member_seeds=meta["member_seeds"])
         state = load_file(str(path))
+        state.pop("lowering", None)  # files before the descriptor registered its own constants held a copy
         model.load_state_dict(state)
     except (SafetensorError, RuntimeError, ValueError, TypeError, KeyError) as error:
         message = str(error).splitlines()[0][:160]
