@@ -57,7 +57,8 @@ def main() -> None:
     common.set_threads(args.threads)
 
     from pipeline.science.examples import bulk_training_cells, rattled_cuboctahedron
-    from pipeline.science.training import TrainingSettings, train_ensemble
+    from pipeline.science.settings import TrainingSettings
+    from pipeline.science.training import train_ensemble
 
     epochs = args.epochs or (300 if args.quick else 1500)
     train = labelled(bulk_training_cells(30, seed=1))

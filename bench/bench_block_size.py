@@ -38,7 +38,8 @@ def train_model(path: str, epochs: int) -> None:
     """10 members on 16 EMT-labelled bulk cells (Adam, then 300 L-BFGS steps), written to `path`."""
     from pipeline.science.examples import bulk_training_cells, emt_label
     from pipeline.science.structures import LabelledStructure
-    from pipeline.science.training import TrainingSettings, train_ensemble
+    from pipeline.science.settings import TrainingSettings
+    from pipeline.science.training import train_ensemble
     from pipeline.storage.model_file import save_model
 
     cells = [emt_label(atoms) for atoms in bulk_training_cells(16, seed=1)]

@@ -193,7 +193,8 @@ def main() -> None:
     import torch
 
     from pipeline.science.model import EnsembleModel
-    from pipeline.science.training import TrainingSettings, _fit_scaling, _member_losses, prepare_training_data
+    from pipeline.science.settings import TrainingSettings
+    from pipeline.science.training import _fit_scaling, _member_losses, prepare_training_data
 
     n_bulk, n_chunks = (10, 30) if args.quick else (20, 200)
     rounds = args.rounds or (2 if args.quick else 5)

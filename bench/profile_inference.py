@@ -39,7 +39,8 @@ def main() -> None:
         from bench_training import training_set
 
         from pipeline.science.model import EnsembleModel
-        from pipeline.science.training import TrainingSettings, _fit_scaling, _member_losses, prepare_training_data
+        from pipeline.science.settings import TrainingSettings
+        from pipeline.science.training import _fit_scaling, _member_losses, prepare_training_data
 
         structures, _ = training_set(20, 200)
         model = EnsembleModel(common.make_params(args.kind), hidden=(5, 5), member_seeds=list(range(10)))

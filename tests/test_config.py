@@ -25,7 +25,7 @@ def test_the_example_config_loads_with_spec_defaults():
     assert len(config.initial) == 20
     assert config.calculator == "emt" and config.threshold == 0.1
     assert config.file.chunks.radius == 8.0 and config.file.chunks.vacuum == 6.0
-    assert config.file.model.cutoff == 6.5 and config.file.model.hidden == [5, 5] and config.file.model.ensemble == 10
+    assert config.file.model.cutoff == 6.5 and config.file.model.hidden == (5, 5) and config.file.model.ensemble == 10
 
 
 def test_defaults_fill_everything_but_name_and_data(small_campaign, tmp_path):
@@ -35,7 +35,7 @@ def test_defaults_fill_everything_but_name_and_data(small_campaign, tmp_path):
     )
     config = load_config(config_path)
     assert config.workdir == config_path.parent / "runs" / "minimal"
-    assert config.file.model.ensemble == 10 and config.file.model.hidden == [5, 5]
+    assert config.file.model.ensemble == 10 and config.file.model.hidden == (5, 5)
     assert config.file.active.max_iterations == 20 and config.file.active.patience is None
     assert config.threshold == 0.1  # EMT parent
     # 1.1 × the median nearest-neighbour distance of the initial cells (ASE's own neighbour list here)
@@ -47,10 +47,10 @@ def test_defaults_fill_everything_but_name_and_data(small_campaign, tmp_path):
     assert config.min_separation == pytest.approx(1.1 * np.median(nearest), abs=0.01)
     assert config.file.chunks.radius == 8.0 and config.file.chunks.max_per_iteration == 20
     assert config.file.chunks.training_environment == "target"
-    settings = config.training_settings()
-    assert settings.elements == (78,) and settings.cutoff == 6.5
+    settings = config.file.model
+    assert config.elements == (78,) and settings.cutoff == 6.5
     assert (settings.epochs, settings.lbfgs_steps) == (300, 1000)
-    assert settings.descriptor == {} and config.file.model.warm_start is True
+    assert settings.descriptor.derives_radial_shells and settings.warm_start is True
     assert not config.workdir.exists()  # loading writes nothing
 
 
@@ -60,11 +60,11 @@ def test_descriptor_keys_reach_the_training_settings(small_campaign):
         '[campaign]\nname = "d"\n[data]\ntargets = "target.traj"\ninitial = "initial.traj"\n'
         '[model.descriptor]\nradial_centers = [0, 2.5, 3.5]\nradial_etas = [0.1, 3, 3]\nangular_zetas = [1]\n'
     )
-    settings = load_config(config_path).training_settings()
-    assert settings.descriptor == {"radial_centers": (0.0, 2.5, 3.5), "radial_etas": (0.1, 3.0, 3.0), "angular_zetas": (1,)}
+    keys = load_config(config_path).file.model.descriptor.explicit()
+    assert keys == {"kind": "g5-moments", "radial_centers": (0.0, 2.5, 3.5), "radial_etas": (0.1, 3.0, 3.0), "angular_zetas": (1,)}
     from pipeline.science.descriptors import SymmetryFunctionParams
 
-    assert SymmetryFunctionParams(elements=(78,), **settings.descriptor).n_features == 3 + 3 * 1 * 2
+    assert SymmetryFunctionParams(elements=(78,), **keys).n_features == 3 + 3 * 1 * 2
 
 
 def test_absolute_database_paths_and_other_urls_are_kept(small_campaign, tmp_path):

@@ -22,7 +22,8 @@ from pipeline.execution.sites import load_site
 from pipeline.science.calculator import PREDICTION_BLOCK_SIZE, PREDICTION_DTYPE, EnsembleCalculator
 from pipeline.science.examples import bulk_training_cells, emt_label, rattled_cuboctahedron
 from pipeline.science.structures import LabelledStructure, atoms_to_payload
-from pipeline.science.training import TrainingSettings, resolve_device, train_ensemble
+from pipeline.science.settings import TrainingSettings
+from pipeline.science.training import resolve_device, train_ensemble
 from pipeline.storage.model_file import load_ensemble, save_model
 
 pytestmark = [
@@ -63,10 +64,13 @@ def test_auto_is_the_default_and_resolves_to_the_cpu_here():
 def test_cuda_without_a_gpu_and_unknown_devices_are_errors():
     with pytest.raises(ValueError, match="device 'cuda'.*no CUDA GPU"):
         resolve_device("cuda")
-    with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda"):
+    with pytest.raises(ValueError, match="device\n.*'auto', 'cpu' or 'cuda'"):
         TrainingSettings(device="gpu")
     with pytest.raises(ValueError, match="no CUDA GPU"):
-        train_ensemble(labelled(2, seed=3), TrainingSettings(ensemble=2, epochs=1, lbfgs_steps=0, device="cuda"))
+        TrainingSettings(device="cuda")  # refused where it is validated: no GPU here
+    on_a_gpu_host = TrainingSettings(ensemble=2, epochs=1, lbfgs_steps=0).model_copy(update={"device": "cuda"})
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        train_ensemble(labelled(2, seed=3), on_a_gpu_host)
 
 
 # ----- the campaign config ------------------------------------------------------------------
@@ -75,11 +79,11 @@ def test_cuda_without_a_gpu_and_unknown_devices_are_errors():
 def test_config_device_reaches_the_training_settings(small_campaign, device):
     config = load_config(small_campaign({"model": {"device": device}}))
     assert config.file.model.device == device
-    assert config.training_settings().device == device
+    assert config.file.model.device == device
 
 
 def test_config_device_defaults_to_auto(small_campaign):
-    assert load_config(small_campaign()).training_settings().device == "auto"
+    assert load_config(small_campaign()).file.model.device == "auto"
 
 
 @pytest.mark.parametrize("device, needle", [("gpu", "'auto', 'cpu' or 'cuda'"), ("cuda", "no CUDA GPU")])
@@ -166,7 +170,8 @@ def test_distributed_training_uses_gloo_on_the_cpu_and_refuses_cuda_without_a_gp
     assert _default_backend("cpu") == "gloo"
     payload = [labelled_to_payload(s) for s in labelled(2, seed=3)]
     with pytest.raises(ValueError, match="no CUDA GPU"):
-        train_distributed(payload, {"ensemble": 2, "epochs": 1, "lbfgs_steps": 0, "device": "cuda"}, tmp_path / "m.nft", 2)
+        on_a_gpu_host = TrainingSettings(ensemble=2, epochs=1, lbfgs_steps=0).model_copy(update={"device": "cuda"})
+        train_distributed(payload, on_a_gpu_host, tmp_path / "m.nft", 2)
     assert not (tmp_path / "m.nft").exists()
 
 

@@ -15,7 +15,8 @@ from pipeline.execution.distributed_training import member_shards, merge_member_
 from pipeline.execution.payloads import labelled_to_payload
 from pipeline.execution.sites import load_site, parsl_session
 from pipeline.science.structures import LabelledStructure, atoms_to_payload
-from pipeline.science.training import TrainingSettings, train_ensemble
+from pipeline.science.settings import TrainingSettings
+from pipeline.science.training import train_ensemble
 from pipeline.storage.model_file import load_ensemble
 
 pytestmark = pytest.mark.timeout(300)
@@ -70,8 +71,8 @@ def test_a_warm_start_sharded_over_two_processes_equals_one_process(tmp_path):
     settings = {**SETTINGS, "epochs": 10, "lbfgs_steps": 5}
     single, report = train_ensemble(structures, TrainingSettings(**settings), start_from=load_ensemble(tmp_path / "previous.nft"))
     metrics = train_distributed(
-        [labelled_to_payload(s) for s in structures], settings, tmp_path / "ddp.nft", world_size=2, backend="gloo",
-        start_model_path=tmp_path / "previous.nft",
+        [labelled_to_payload(s) for s in structures], TrainingSettings(**settings), tmp_path / "ddp.nft", world_size=2,
+        backend="gloo", start_model_path=tmp_path / "previous.nft",
     )
     assert report.warm_started and metrics["warm_started"]
     distributed = load_ensemble(tmp_path / "ddp.nft")
@@ -84,7 +85,8 @@ def test_two_gloo_processes_give_the_single_process_model(tmp_path):
     structures = labelled_platinum_cells()
     single, _ = train_ensemble(structures, TrainingSettings(**SETTINGS))
     metrics = train_distributed(
-        [labelled_to_payload(s) for s in structures], SETTINGS, tmp_path / "ddp.nft", world_size=2, backend="gloo"
+        [labelled_to_payload(s) for s in structures], TrainingSettings(**SETTINGS), tmp_path / "ddp.nft", world_size=2,
+        backend="gloo"
     )
     assert metrics["world_size"] == 2 and metrics["backend"] == "gloo"
     assert [shard["members"] for shard in metrics["shards"]] == [2, 2]
@@ -101,11 +103,11 @@ def test_two_gloo_processes_give_the_single_process_model(tmp_path):
 
 
 def test_a_failing_rank_reports_its_output(tmp_path):
-    bad_settings = {**SETTINGS, "descriptor": {"no_such_descriptor_option": 1}}
-    structures = labelled_platinum_cells()[:2]
+    structures = labelled_platinum_cells()[:2]  # Pt, for a model that knows only Cu: every rank refuses
     with pytest.raises(RuntimeError, match="distributed training .* exited with code") as raised:
-        train_distributed([labelled_to_payload(s) for s in structures], bad_settings, tmp_path / "bad.nft", 2, backend="gloo")
-    assert "no_such_descriptor_option" in str(raised.value)
+        train_distributed([labelled_to_payload(s) for s in structures], TrainingSettings(**SETTINGS), tmp_path / "bad.nft",
+                          2, backend="gloo", elements=[29])
+    assert "outside the model's elements" in str(raised.value)
 
 
 @pytest.mark.slow

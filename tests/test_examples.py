@@ -84,10 +84,11 @@ def test_committed_example_files_are_what_the_code_makes():
 
 def test_the_example_config_is_the_default_config_plus_its_structures():
     """Nothing in the example is tuned: its [model], [chunks] and [active] are the defaults."""
-    from pipeline.campaign.config import ActiveSection, ChunksSection, ModelSection, load_config
+    from pipeline.campaign.config import ActiveSection, ChunksSection, load_config
+    from pipeline.science.settings import TrainingSettings
 
     config = load_config(EXAMPLE_DIR / "config.toml")
-    assert config.file.model == ModelSection()
+    assert config.file.model == TrainingSettings()
     assert config.file.chunks == ChunksSection()
     assert config.file.active == ActiveSection()
     assert config.file.parent.calculator == "emt"

@@ -1,5 +1,4 @@
 """Training: masked force rows, determinism, and real accuracy on EMT Pt cells."""
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,8 +7,8 @@ import torch
 from pipeline.science.chunks import carve_chunk
 from pipeline.science.examples import bulk_training_cells, emt_label, rattled_cuboctahedron
 from pipeline.science.structures import LabelledStructure
+from pipeline.science.settings import TrainingSettings
 from pipeline.science.training import (
-    TrainingSettings,
     _member_losses,
     _split,
     predict_labels,
@@ -131,7 +130,7 @@ def test_warm_start_continues_from_the_previous_members():
     assert not torch.equal(frozen.feature_mean, first.feature_mean)
 
     # a shard of the members (distributed training) picks its own members by seed
-    shard, _ = train_ensemble(grown, TrainingSettings(ensemble=3, epochs=0, lbfgs_steps=0, member_seeds=(2001,), seed=2), start_from=first)
+    shard, _ = train_ensemble(grown, TrainingSettings(ensemble=3, epochs=0, lbfgs_steps=0, seed=2), start_from=first, member_seeds=(2001,))
     _, shard_forces = shard.member_energies_and_forces(cluster)
     np.testing.assert_allclose(shard_forces[0].numpy(), first.predict(cluster).member_forces[1], atol=1e-9)
 
@@ -168,7 +167,7 @@ def test_a_member_with_an_outlier_loss_is_fitted_again_from_fresh_starts():
     _, healthy_report = train_ensemble(grown, settings, start_from=train_ensemble(data, settings)[0])
     assert healthy_report.reset_members == ()
     # without the refit (a 2-member ensemble has no median to speak of) the stuck member stays stuck
-    pair, pair_report = train_ensemble(grown, replace(settings, ensemble=2), start_from=first)
+    pair, pair_report = train_ensemble(grown, settings.with_changes(ensemble=2), start_from=first)
     assert pair_report.reset_members == ()
     assert np.abs(pair.predict(cluster).member_forces[1] - warm.predict(cluster).member_forces[1]).max() > 1e-3
 

@@ -14,18 +14,16 @@ import tomllib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 from ase import Atoms
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.campaign.training_set import TrainingEnvironment
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, first_problem
 from pipeline.execution.parents import ParentConfigError, physics_params, validate_parent_params
+from pipeline.science.settings import TrainingSettings
 from pipeline.storage.database import resolve_database_url
-
-if TYPE_CHECKING:
-    from pipeline.science.training import TrainingSettings
 
 DEFAULT_THRESHOLD = {"emt": 0.1}
 """Default `active.threshold` (eV/Å) per parent; DFT parents take `DFT_THRESHOLD` (SPEC §1)."""
@@ -69,60 +67,6 @@ class ChunksSection(_Section):
     training_environment: TrainingEnvironment = "target"
 
 
-class DescriptorSection(_Section):
-    """Symmetry-function parameters (SPEC §1); unset keys keep the 20-feature defaults."""
-
-    kind: str | None = None  # "g5-moments" (default) or "g4"
-    radial_centers: list[float] | None = None  # Å
-    radial_etas: list[float] | None = None  # Å⁻², one per centre
-    angular_etas: list[float] | None = None  # Å⁻²
-    angular_zetas: list[int] | None = None
-    angular_lambdas: list[int] | None = None
-
-    def as_settings(self) -> dict[str, Any]:
-        """The keys that were set, as `SymmetryFunctionParams` arguments."""
-        return {key: tuple(value) if isinstance(value, list) else value for key, value in self.model_dump().items() if value is not None}
-
-
-class ModelSection(_Section):
-    cutoff: float = Field(6.5, gt=0)  # Å
-    hidden: list[int] = Field([5, 5], min_length=1)
-    ensemble: int = Field(10, ge=2)
-    epochs: int = Field(300, ge=0)
-    learning_rate: float = Field(1e-2, gt=0)
-    final_learning_rate: float = Field(5e-4, gt=0)
-    lbfgs_steps: int = Field(1000, ge=0)
-    energy_weight: float = Field(1.0, ge=0)
-    force_weight: float = Field(1.0, ge=0)
-    validation_fraction: float = Field(0.0, ge=0, lt=1)
-    patience_epochs: int = Field(300, ge=1)
-    bootstrap: bool = False
-    seed: int = Field(0, ge=0)
-    training_processes: int | None = Field(None, ge=1)  # members sharded over processes; default: the site decides
-    warm_start: bool = True  # start each iteration from the previous iteration's members (see docs/campaign.md)
-    # training and prediction device: "auto" (the site's, else cuda when torch sees a GPU, else cpu)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    descriptor: DescriptorSection = DescriptorSection()
-
-    @field_validator("hidden")
-    @classmethod
-    def _positive_widths(cls, value: list[int]) -> list[int]:
-        if any(width < 1 for width in value):
-            raise ValueError("every layer width must be >= 1")
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _gpu_present(cls, value: str) -> str:
-        if value == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError(f"'cuda' but torch {torch.__version__} sees no CUDA GPU on this machine "
-                                 "(use 'auto': a GPU site's training nodes pick their GPUs)")
-        return value
-
-
 class ActiveSection(_Section):
     threshold: float | None = Field(None, gt=0)  # eV/Å; default by parent
     max_iterations: int = Field(20, ge=1)
@@ -142,7 +86,7 @@ class ConfigFile(_Section):
     data: DataSection
     parent: ParentSection = ParentSection()
     chunks: ChunksSection = ChunksSection()
-    model: ModelSection = ModelSection()
+    model: TrainingSettings = TrainingSettings()
     active: ActiveSection = ActiveSection()
     site: SiteSection = SiteSection()
 
@@ -205,29 +149,6 @@ class CampaignConfig:
             return str((self.path.parent / name).resolve())
         return name
 
-    def training_settings(self) -> "TrainingSettings":
-        from pipeline.science.training import TrainingSettings
-
-        model = self.file.model
-        return TrainingSettings(
-            ensemble=model.ensemble,
-            hidden=tuple(model.hidden),
-            cutoff=model.cutoff,
-            epochs=model.epochs,
-            learning_rate=model.learning_rate,
-            final_learning_rate=model.final_learning_rate,
-            lbfgs_steps=model.lbfgs_steps,
-            energy_weight=model.energy_weight,
-            force_weight=model.force_weight,
-            validation_fraction=model.validation_fraction,
-            patience_epochs=model.patience_epochs,
-            bootstrap=model.bootstrap,
-            seed=model.seed,
-            elements=self.elements,
-            descriptor=model.descriptor.as_settings(),
-            device=model.device,
-        )
-
     def as_dict(self) -> dict[str, Any]:
         """The validated sections as plain data (stored with the campaign in the database)."""
         return self.file.model_dump(mode="json")
@@ -241,10 +162,9 @@ def load_config(path: str | os.PathLike[str]) -> CampaignConfig:
     try:
         file = ConfigFile.model_validate(raw)
     except ValidationError as error:
-        raise BadInput(f"{label}: {_first_problem(error)}") from None
+        raise BadInput(f"{label}: {first_problem(error)}") from None
     here = path.resolve().parent
     params = _parent_params(file.parent, label)
-    _check_descriptor(file.model, label)
     workdir = (here / (file.campaign.workdir or f"runs/{file.campaign.name}")).resolve()
     _check_writable(workdir, label)
     try:
@@ -274,16 +194,6 @@ def load_config(path: str | os.PathLike[str]) -> CampaignConfig:
     )
 
 
-def _check_descriptor(model: ModelSection, label: str) -> None:
-    """The descriptor keys must make a valid symmetry-function set (e.g. one η per radial centre)."""
-    from pipeline.science.descriptors import SymmetryFunctionParams
-
-    try:
-        SymmetryFunctionParams(elements=(1,), cutoff=model.cutoff, **model.descriptor.as_settings())
-    except ValueError as error:
-        raise BadInput(f"{label}: model.descriptor: {_one_line(error)}") from None
-
-
 def _read_toml(path: Path, label: str) -> dict[str, Any]:
     try:
         text = path.read_bytes()
@@ -297,34 +207,6 @@ def _read_toml(path: Path, label: str) -> dict[str, Any]:
         raise BadInput(f"{label}: not a UTF-8 text file") from None
     except tomllib.TOMLDecodeError as error:
         raise BadInput(f"{label}: malformed TOML ({_one_line(error)})") from None
-
-
-def _first_problem(error: ValidationError) -> str:
-    """One line for the first pydantic error: the dotted field and what is wrong with it."""
-    problem = error.errors()[0]
-    field = ".".join(str(part) for part in problem["loc"] if not str(part).startswith("function-"))
-    kind, context = problem["type"], problem.get("ctx") or {}
-    value = problem.get("input")
-    if kind == "extra_forbidden":
-        return f"{field}: unknown key"
-    if kind == "missing":
-        return f"{field}: required"
-    bounds = {
-        "greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<=",
-    }
-    if kind in bounds:
-        limit = next(iter(context.values()))
-        return f"{field}: must be {bounds[kind]} {limit:g} (got {value!r})"
-    if kind in ("too_short", "string_too_short"):
-        return f"{field}: must not be empty"
-    types = {
-        "float_type": "a number", "int_type": "an integer", "bool_type": "true or false",
-        "string_type": "a string", "list_type": "a list", "dict_type": "a table", "model_type": "a table",
-    }
-    if kind in types:
-        return f"{field}: must be {types[kind]} (got {value!r})"
-    message = problem["msg"].removeprefix("Value error, ")
-    return f"{field}: {message[:1].lower()}{message[1:]}"
 
 
 def _parent_params(section: ParentSection, label: str) -> dict[str, Any]:

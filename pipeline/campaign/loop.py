@@ -176,10 +176,11 @@ class _Driver:
         metrics = self._result(
             self.apps.training_app(  # type: ignore[union-attr]
                 [labelled_to_payload(item) for item in training_set],
-                _settings_dict(config),
+                config.file.model.model_dump(mode="json"),
                 str(model_path),
                 config.file.model.training_processes,
                 self._warm_start_model(number),
+                list(config.elements),
             ),
             "training",
         )
@@ -606,13 +607,6 @@ def _labels(atoms: Atoms) -> tuple[float, np.ndarray] | None:
     if forces.shape != (len(atoms), 3) or not np.all(np.isfinite(forces)) or not math.isfinite(float(results["energy"])):
         return None
     return float(results["energy"]), forces
-
-
-def _settings_dict(config: CampaignConfig) -> dict[str, Any]:
-    settings = config.training_settings().to_dict()
-    settings["hidden"] = list(settings["hidden"])
-    settings["elements"] = list(settings["elements"]) if settings["elements"] is not None else None
-    return settings
 
 
 def _reason(error: BaseException) -> str:

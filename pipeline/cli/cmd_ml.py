@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
-
 import numpy as np
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.cli import app
 from pipeline.cli.common import exit_codes
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, first_problem
+from pipeline.science.settings import TrainingSettings
 from pipeline.science.structures import LabelledStructure, atoms_to_payload
 
 console = Console(stderr=True)
@@ -75,46 +75,48 @@ def parse_hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
+DEFAULTS = TrainingSettings()
+"""`nft train`'s option defaults: the settings schema's own."""
+TRAIN_OPTIONS = {
+    "ensemble": "--ensemble", "cutoff": "--cutoff", "hidden": "--hidden", "epochs": "--epochs",
+    "lbfgs_steps": "--lbfgs", "validation_fraction": "--validation", "bootstrap": "--bootstrap",
+    "descriptor.kind": "--descriptor", "seed": "--seed", "device": "--device",
+}
+"""The settings field behind each option, to name the option in a one-line error."""
+
+
 @app.command()
 @exit_codes
 def train(
     data: Path = typer.Argument(..., help="ASE-readable labelled file (energies/forces; optional force_mask)."),
     output: Path = typer.Option(..., "-o", "--output", help="Model file to write."),
-    ensemble: int = typer.Option(10, help="Number of ensemble members."),
-    cutoff: float = typer.Option(6.5, help="Descriptor cutoff radius in Å."),
-    hidden: str = typer.Option("5,5", help="Hidden layer widths, comma-separated."),
-    epochs: int = typer.Option(300, help="Adam epochs, before L-BFGS."),
-    lbfgs: int = typer.Option(1000, help="L-BFGS iterations after Adam (per-member batched L-BFGS)."),
-    validation: float = typer.Option(0.0, help="Fraction of structures held out for early stopping."),
-    bootstrap: bool = typer.Option(False, help="Bootstrap-resample the data per member."),
-    descriptor: str = typer.Option("g5-moments", help="Angular terms: g5-moments or g4."),
-    seed: int = typer.Option(0, help="Random seed (initialisation, splits, bootstrap)."),
-    device: str = typer.Option("auto", help="auto (cuda when torch sees a GPU, else cpu), cpu or cuda."),
+    ensemble: int = typer.Option(DEFAULTS.ensemble, help="Number of ensemble members."),
+    cutoff: float = typer.Option(DEFAULTS.cutoff, help="Descriptor cutoff radius in Å."),
+    hidden: str = typer.Option(",".join(map(str, DEFAULTS.hidden)), help="Hidden layer widths, comma-separated."),
+    epochs: int = typer.Option(DEFAULTS.epochs, help="Adam epochs, before L-BFGS."),
+    lbfgs: int = typer.Option(DEFAULTS.lbfgs_steps, help="L-BFGS iterations after Adam (per-member batched L-BFGS)."),
+    validation: float = typer.Option(DEFAULTS.validation_fraction, help="Fraction of structures held out for early stopping."),
+    bootstrap: bool = typer.Option(DEFAULTS.bootstrap, help="Bootstrap-resample the data per member."),
+    descriptor: str = typer.Option(DEFAULTS.descriptor.kind, help="Angular terms: g5-moments or g4."),
+    seed: int = typer.Option(DEFAULTS.seed, help="Random seed (initialisation, splits, bootstrap)."),
+    device: str = typer.Option(DEFAULTS.device, help="auto (cuda when torch sees a GPU, else cpu), cpu or cuda."),
 ):
     """Train an ensemble on a labelled structure file."""
-    from pipeline.science.training import TrainingSettings, train_ensemble
+    from pipeline.science.training import train_ensemble
     from pipeline.storage.model_file import save_model
 
-    if ensemble < 2:
-        raise BadInput(f"--ensemble: needs at least 2 members for an uncertainty, got {ensemble}")
-    if cutoff <= 0:
-        raise BadInput(f"--cutoff: must be > 0 Å, got {cutoff}")
-    if epochs < 0:
-        raise BadInput(f"--epochs: must be ≥ 0, got {epochs}")
-    if descriptor not in ("g5-moments", "g4"):
-        raise BadInput(f"--descriptor: expected g5-moments or g4, got {descriptor!r}")
     checked_device(device)
+    options = dict(
+        ensemble=ensemble, hidden=parse_hidden(hidden), cutoff=cutoff, epochs=epochs, lbfgs_steps=lbfgs,
+        validation_fraction=validation, bootstrap=bootstrap, seed=seed, descriptor={"kind": descriptor}, device=device,
+    )
+    try:
+        settings = TrainingSettings.model_validate(options)
+    except ValidationError as error:
+        raise BadInput(first_problem(error, TRAIN_OPTIONS)) from None
     if not output.parent.exists():
         raise BadInput(f"{output}: folder {output.parent} does not exist")
     structures = labelled_structures(data)
-    try:
-        settings = TrainingSettings(
-            ensemble=ensemble, hidden=parse_hidden(hidden), cutoff=cutoff, epochs=epochs, lbfgs_steps=lbfgs,
-            validation_fraction=validation, bootstrap=bootstrap, seed=seed, descriptor={"kind": descriptor},
-            device=device,
-        )
-    except ValueError as error:
-        raise BadInput(str(error)) from None
     with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
                   TextColumn("loss {task.fields[loss]:.4g}"), TimeRemainingColumn(), console=console,
                   disable=not console.is_terminal) as progress:
@@ -122,7 +124,7 @@ def train(
         model, report = train_ensemble(
             structures, settings, progress=lambda epoch, total, loss: progress.update(task, completed=epoch, loss=loss)
         )
-    save_model(model, output, extra={"training": settings.to_dict(), "report": report.__dict__, "data": str(data)})
+    save_model(model, output, extra={"training": settings.model_dump(mode="json"), "report": report.__dict__, "data": str(data)})
     typer.echo(
         f"trained {model.n_members} members on {len(structures)} structures: "
         f"train force MAE {report.train_force_mae:.4f} eV/Å"

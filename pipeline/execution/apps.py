@@ -63,44 +63,51 @@ def reference_job(
 
 def training_job(
     structures_payload: Sequence[Mapping[str, Any]],
-    settings_dict: Mapping[str, Any],
+    settings_dump: Mapping[str, Any],
     model_path: str,
     world_size: int | None = None,
     start_model_path: str | None = None,
+    elements: Sequence[int] | None = None,
     parsl_resource_specification: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train an ensemble on labelled structures (`payloads.labelled_to_payload` form), write `model_path`.
 
+    `settings_dump` is `TrainingSettings.model_dump(mode="json")` (validated again here, keys left
+    out keep their defaults); `elements` are the model's atomic numbers (default: the data's).
     `start_model_path` (the previous iteration's model file) warm-starts the members it matches.
 
     `world_size` > 1 shards the members over that many torch.distributed processes; None takes
     `num_ranks` of the Parsl resource specification where an MPIExecutor runs the job, else the
-    number of visible GPUs when training on cuda, else 1. `settings_dict["device"]` "auto" becomes
-    the worker's device (`worker_device`).
+    number of visible GPUs when training on cuda, else 1. The settings' device "auto" becomes the
+    worker's device (`worker_device`).
     Returns the training metrics (force MAE eV/Å, energy RMSE eV/atom, epochs), device and wall time.
     """
+    from pipeline.science.settings import TrainingSettings
+
     start = time.perf_counter()
-    settings_dict = {**settings_dict, "device": worker_device(settings_dict.get("device", "auto"))}
+    settings = TrainingSettings.model_validate(dict(settings_dump))
+    settings = settings.with_changes(device=worker_device(settings.device))
     world_size = (world_size or int((parsl_resource_specification or {}).get("num_ranks") or 0)
-                  or _default_world_size(settings_dict["device"]))
+                  or _default_world_size(settings.device))
     if world_size > 1:
         from pipeline.execution.distributed_training import train_distributed
 
-        metrics = train_distributed(structures_payload, settings_dict, model_path, world_size, start_model_path=start_model_path)
+        metrics = train_distributed(structures_payload, settings, model_path, world_size,
+                                    start_model_path=start_model_path, elements=elements)
     else:
         from pipeline.execution.payloads import payload_to_labelled
-        from pipeline.science.training import TrainingSettings, train_ensemble
+        from pipeline.science.training import train_ensemble
         from pipeline.storage.model_file import load_ensemble, save_model
 
         structures = [payload_to_labelled(dict(item)) for item in structures_payload]
         start_model = load_ensemble(start_model_path) if start_model_path else None
-        model, report = train_ensemble(structures, TrainingSettings(**dict(settings_dict)), start_from=start_model)
+        model, report = train_ensemble(structures, settings, start_from=start_model, elements=elements)
         save_model(model, model_path)
         metrics = asdict(report)
     metrics.update(
         wall_time_s=time.perf_counter() - start,
         world_size=metrics.get("world_size", world_size),
-        device=metrics.get("device") or _device_name(settings_dict["device"]),
+        device=metrics.get("device") or _device_name(settings.device),
         host=socket.gethostname(),
         model_path=str(model_path),
     )
@@ -205,17 +212,18 @@ class SiteApps:
     def training_app(
         self,
         structures_payload: Sequence[Mapping[str, Any]],
-        settings_dict: Mapping[str, Any],
+        settings_dump: Mapping[str, Any],
         model_path: str,
         world_size: int | None = None,
         start_model_path: str | None = None,
+        elements: Sequence[int] | None = None,
     ) -> AppFuture:
         """Ensemble training; `world_size` processes (None: the site's choice, see `training_job`)."""
         app = python_app(training_job, executors=self.training_executors)
         resources = _node_resources(world_size or 1) if self.training_is_mpi else None
         return app(
-            list(structures_payload), dict(settings_dict), str(model_path), world_size, start_model_path,
-            **_resource_kwargs(resources),
+            list(structures_payload), dict(settings_dump), str(model_path), world_size, start_model_path,
+            list(elements) if elements else None, **_resource_kwargs(resources),
         )
 
     def prediction_app(self, model_path: str, payloads: Sequence[Mapping[str, Any]], device: str = "auto") -> AppFuture:

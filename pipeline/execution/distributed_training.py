@@ -20,11 +20,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.science.settings import TrainingSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,12 +52,13 @@ def merge_member_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def train_distributed(
     structures_payload: Sequence[Mapping[str, Any]],
-    settings_dict: Mapping[str, Any],
+    settings: "TrainingSettings",
     model_path: str | os.PathLike,
     world_size: int,
     backend: str = "auto",
     timeout_s: float | None = None,
     start_model_path: str | os.PathLike | None = None,
+    elements: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Train with `world_size` processes (at most one per member, and one per GPU on cuda); write
     `model_path`; return metrics. `backend` "auto" is NCCL when the device is cuda, else gloo.
@@ -65,11 +68,10 @@ def train_distributed(
     """
     import torch
 
-    from pipeline.science.training import TrainingSettings, resolve_device
+    from pipeline.science.training import resolve_device
 
-    settings = TrainingSettings(**dict(settings_dict))
     device = resolve_device(settings.device).type  # "auto" decided once, here, for every rank
-    settings_dict = {**settings_dict, "device": device}
+    settings = settings.with_changes(device=device)
     world_size = max(1, min(int(world_size), len(settings.seeds())))
     if device == "cuda":
         world_size = min(world_size, torch.cuda.device_count())
@@ -82,7 +84,8 @@ def train_distributed(
             json.dumps(
                 {
                     "structures": list(structures_payload),
-                    "settings": dict(settings_dict),
+                    "settings": settings.model_dump(mode="json"),
+                    "elements": list(elements) if elements else None,
                     "model_path": str(Path(model_path).resolve()),
                     "backend": backend,
                     "report_path": str(report_file),
@@ -134,7 +137,8 @@ def _rank_main(spec_file: Path) -> int:
 
     from pipeline.execution.payloads import payload_to_labelled
     from pipeline.science.model import EnsembleModel
-    from pipeline.science.training import TrainingSettings, train_ensemble
+    from pipeline.science.settings import TrainingSettings
+    from pipeline.science.training import train_ensemble
     from pipeline.storage.model_file import load_ensemble
 
     spec = json.loads(spec_file.read_text())
@@ -145,11 +149,12 @@ def _rank_main(spec_file: Path) -> int:
     try:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         structures = [payload_to_labelled(item) for item in spec["structures"]]
-        settings = TrainingSettings(**spec["settings"])
+        settings = TrainingSettings.model_validate(spec["settings"])
         shard = member_shards(settings.seeds(), world_size)[rank]
         started = time.perf_counter()
         start = load_ensemble(spec["start_model_path"]) if spec.get("start_model_path") else None
-        model, report = train_ensemble(structures, replace(settings, member_seeds=tuple(shard)), start_from=start)
+        model, report = train_ensemble(structures, settings, start_from=start, elements=spec.get("elements"),
+                                       member_seeds=shard)
         state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
         shard_summary = {"rank": rank, "members": len(shard), "epochs_run": report.epochs_run,
                          "final_loss": report.final_loss, "warm_started": report.warm_started,

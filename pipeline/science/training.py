@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence, get_args
 
 import numpy as np
 import torch
@@ -17,61 +17,15 @@ import torch
 from pipeline.science.batched_lbfgs import minimize_members
 from pipeline.science.descriptors import (
     DATA_ANGULAR_ETAS,
-    MomentDescriptor,
     SymmetryFunctionParams,
     median_nearest_neighbour_distance,
     radial_shells,
 )
 from pipeline.science.model import EnsembleModel
-from pipeline.science.neighbours import neighbour_pairs
+from pipeline.science.settings import DeviceName, TrainingSettings
 from pipeline.science.structures import LabelledStructure
 
 ProgressCallback = Callable[[int, int, float], None]
-
-
-@dataclass
-class TrainingSettings:
-    """Everything that defines a training run; seeds are set from `seed` alone."""
-
-    ensemble: int = 10
-    hidden: tuple[int, ...] = (5, 5)
-    cutoff: float = 6.5
-    epochs: int = 300
-    learning_rate: float = 1e-2
-    final_learning_rate: float = 5e-4
-    lbfgs_steps: int = 1000
-    energy_weight: float = 1.0
-    force_weight: float = 1.0
-    validation_fraction: float = 0.0
-    patience_epochs: int = 300
-    bootstrap: bool = False
-    seed: int = 0
-    member_seeds: tuple[int, ...] | None = None
-    elements: tuple[int, ...] | None = None
-    descriptor: dict = field(default_factory=dict)
-    device: str = "auto"  # "auto" (cuda when torch sees a GPU), "cpu" or "cuda"; the returned model is on the CPU
-
-    def __post_init__(self) -> None:
-        self.hidden = tuple(int(h) for h in self.hidden)
-        if self.ensemble < 2 and self.member_seeds is None:
-            raise ValueError("ensemble must have at least 2 members for an uncertainty")
-        if self.epochs < 0 or self.lbfgs_steps < 0:
-            raise ValueError("epochs and lbfgs_steps must be ≥ 0")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError("validation_fraction must be in [0, 1)")
-        if any(h < 1 for h in self.hidden):
-            raise ValueError("hidden layer widths must be ≥ 1")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-
-    def seeds(self) -> list[int]:
-        """One initialisation seed per member."""
-        if self.member_seeds is not None:
-            return [int(s) for s in self.member_seeds]
-        return [self.seed * 1000 + m for m in range(self.ensemble)]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -120,96 +74,6 @@ class TrainingData:
         return TrainingData(**fields)
 
 
-def _structure_terms(
-    item: LabelledStructure, descriptor: MomentDescriptor, dtype: torch.dtype
-) -> tuple[np.ndarray, torch.Tensor, np.ndarray, torch.Tensor]:
-    """Rows needed by one structure, their pair sums, the trained force rows and a dense ∂S/∂R.
-
-    Returns (rows, pair_sums (len(rows), n_el, C), force_atoms, jacobian (F, 3, len(rows), n_el·C)).
-    """
-    params = descriptor.params
-    atoms = item.atoms
-    n_el, n_ch = params.n_elements, descriptor.n_channels
-    pairs = neighbour_pairs(atoms, params.cutoff)
-    force_atoms = np.flatnonzero(item.force_mask)
-    if item.energy is not None:
-        rows = np.arange(len(atoms))
-    else:
-        touching = pairs.centers[np.isin(pairs.neighbours, force_atoms)]
-        rows = np.union1d(force_atoms, touching)
-    row_of = np.full(len(atoms), -1, dtype=np.int64)
-    row_of[rows] = np.arange(len(rows))
-    keep = row_of[pairs.centers] >= 0
-    centers, neighbours = pairs.centers[keep], pairs.neighbours[keep]
-    vectors = torch.from_numpy(pairs.vectors[keep]).to(dtype)
-    basis = descriptor.pair_basis(vectors)
-    neighbour_el = params.element_lookup()[atoms.numbers[neighbours]]
-    pair_sums = torch.zeros(len(rows), n_el, n_ch, dtype=dtype)
-    pair_sums.index_put_(
-        (torch.from_numpy(row_of[centers]), torch.from_numpy(neighbour_el)), basis.values, accumulate=True
-    )
-    force_of = np.full(len(atoms), -1, dtype=np.int64)
-    force_of[force_atoms] = np.arange(len(force_atoms))
-    jacobian = torch.zeros(len(force_atoms), 3, len(rows), n_el * n_ch, dtype=dtype)
-    involved = (force_of[neighbours] >= 0) | (force_of[centers] >= 0)
-    if involved.any():
-        sel = torch.from_numpy(np.flatnonzero(involved))
-        grads = _pair_basis_gradients(descriptor, basis, sel)  # (P, C, 3)
-        grads = grads.transpose(1, 2)  # (P, 3, C)
-        columns = torch.from_numpy(neighbour_el[sel.numpy()])[:, None] * n_ch + torch.arange(n_ch)
-        row_idx = torch.from_numpy(row_of[centers[sel.numpy()]])
-        for atom_of_force, sign in ((neighbours, 1.0), (centers, -1.0)):
-            f = force_of[atom_of_force[sel.numpy()]]
-            hit = torch.from_numpy(f >= 0)
-            if not hit.any():
-                continue
-            f_t = torch.from_numpy(f)[hit]
-            target = jacobian.view(len(force_atoms), 3, -1)
-            flat_cols = row_idx[hit][:, None] * (n_el * n_ch) + columns[hit]  # (P', C)
-            for axis in range(3):
-                target[:, axis].index_put_(
-                    (f_t[:, None].expand_as(flat_cols), flat_cols), sign * grads[hit, axis], accumulate=True
-                )
-    return rows, pair_sums, force_atoms, jacobian
-
-
-def _g4_structure_terms(
-    item: LabelledStructure, descriptor, dtype: torch.dtype
-) -> tuple[np.ndarray, torch.Tensor, np.ndarray, torch.Tensor]:
-    """G4 variant of `_structure_terms`: features and their Jacobian by forward-mode autograd."""
-    params = descriptor.params
-    atoms = item.atoms
-    pairs = neighbour_pairs(atoms, params.cutoff)
-    force_atoms = np.flatnonzero(item.force_mask)
-    if item.energy is not None:
-        rows = np.arange(len(atoms))
-    else:
-        rows = np.union1d(force_atoms, pairs.centers[np.isin(pairs.neighbours, force_atoms)])
-    lookup = params.element_lookup()
-    base = torch.from_numpy(atoms.positions).to(dtype)
-    moved = torch.from_numpy(force_atoms)
-
-    def features_of(force_positions: torch.Tensor) -> torch.Tensor:
-        return descriptor.structure_features(atoms, base.index_copy(0, moved, force_positions), rows, lookup, pairs)
-
-    features = features_of(base[moved]).detach()
-    if len(force_atoms):
-        jac = torch.autograd.functional.jacobian(features_of, base[moved], vectorize=True, strategy="forward-mode")
-        jacobian = jac.permute(2, 3, 0, 1).contiguous()  # (F_atoms, 3, rows, features)
-    else:
-        jacobian = torch.zeros(0, 3, len(rows), params.n_features, dtype=dtype)
-    return rows, features.unsqueeze(1), force_atoms, jacobian
-
-
-def _pair_basis_gradients(descriptor: MomentDescriptor, basis, selection: torch.Tensor) -> torch.Tensor:
-    """∂B_c/∂r_ij (P, C, 3) for the selected pairs: radial part plus the tangential moment part."""
-    unit = basis.unit_vectors[selection]
-    r = basis.distances[selection].unsqueeze(-1).unsqueeze(-1)
-    lowering = torch.from_numpy(descriptor.layout.lowering).to(unit.dtype)
-    tangential = torch.einsum("xcl,pl->pcx", lowering, basis.lowered[selection])
-    return basis.along[selection].unsqueeze(-1) * unit.unsqueeze(1) + tangential / r
-
-
 def prepare_training_data(
     structures: Sequence[LabelledStructure], descriptor, dtype: torch.dtype = torch.float64
 ) -> TrainingData:
@@ -217,12 +81,11 @@ def prepare_training_data(
     params = descriptor.params
     width = params.n_features
     feature_jacobian = torch.func.vmap(torch.func.jacrev(descriptor.features))
-    terms_of = _g4_structure_terms if params.kind == "g4" else _structure_terms
     sums, elements, jac_idx, jac_val, forces, force_struct = [], [], [], [], [], []
     energy_rows, energy_segment, energies, energy_atoms, energy_struct = [], [], [], [], []
     row_offset = force_offset = 0
     for s, item in enumerate(structures):
-        rows, pair_sums, force_atoms, pair_sum_jacobian = terms_of(item, descriptor, dtype)
+        rows, pair_sums, force_atoms, pair_sum_jacobian = descriptor.training_terms(item, dtype)
         sums.append(descriptor.features(pair_sums))
         d_features = feature_jacobian(pair_sums).flatten(2)  # (rows, F, n_el·C)
         jacobian = torch.einsum("fxrc,rgc->fxrg", pair_sum_jacobian, d_features)
@@ -396,8 +259,8 @@ def descriptor_params(
     Only full structures (the initial set) are measured when there are any, so that every NFT
     iteration derives the same shells and a warm start stays possible.
     """
-    keys = {key: tuple(value) if isinstance(value, list) else value for key, value in settings.descriptor.items()}
-    if "radial_centers" not in keys and "radial_etas" not in keys:
+    keys = settings.descriptor.explicit()
+    if settings.descriptor.derives_radial_shells:
         full = [item.atoms for item in structures if item.energy is not None] or [item.atoms for item in structures]
         keys["radial_centers"], keys["radial_etas"] = radial_shells(median_nearest_neighbour_distance(full), settings.cutoff)
         keys.setdefault("angular_etas", DATA_ANGULAR_ETAS)
@@ -409,6 +272,8 @@ def train_ensemble(
     settings: TrainingSettings,
     progress: ProgressCallback | None = None,
     start_from: EnsembleModel | None = None,
+    elements: Sequence[int] | None = None,
+    member_seeds: Sequence[int] | None = None,
 ) -> tuple[EnsembleModel, TrainingReport]:
     """Train an ensemble on labelled structures; deterministic for given settings (and start model).
 
@@ -416,13 +281,26 @@ def train_ensemble(
     when its descriptor and network shape match the settings; Adam is then skipped when L-BFGS is
     on (or runs at `final_learning_rate`), so a grown data set costs a polish, not a fresh fit.
     A member whose loss ends as an outlier is fitted again from fresh starts (`_refit_outlier_members`).
+    `elements` (atomic numbers; default: those in the data) may name more than the data hold;
+    `member_seeds` (default: `settings.seeds()`) trains a subset of members, e.g. one shard.
     """
-    return _train(structures, settings, progress, start_from, refit_outliers=True)
+    run = _Run(tuple(int(z) for z in elements) if elements else None,
+               tuple(int(s) for s in member_seeds) if member_seeds is not None else tuple(settings.seeds()))
+    return _train(structures, settings, run, progress, start_from, refit_outliers=True)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What a training run needs beyond the settings: the model's elements and its members' seeds."""
+
+    elements: tuple[int, ...] | None
+    member_seeds: tuple[int, ...]
 
 
 def _train(
     structures: Sequence[LabelledStructure],
     settings: TrainingSettings,
+    run: _Run,
     progress: ProgressCallback | None,
     start_from: EnsembleModel | None,
     refit_outliers: bool,
@@ -432,12 +310,12 @@ def _train(
         raise ValueError("no training structures")
     torch.manual_seed(settings.seed)
     generator = np.random.default_rng(settings.seed)
-    elements = settings.elements or elements_of(structures)
+    elements = run.elements or elements_of(structures)
     missing = sorted(set(elements_of(structures)) - set(elements))
     if missing:
         raise ValueError(f"training data has atomic numbers {missing} outside the model's elements {tuple(elements)}")
     params = descriptor_params(structures, tuple(elements), settings)
-    model = EnsembleModel(params, hidden=settings.hidden, member_seeds=settings.seeds())
+    model = EnsembleModel(params, hidden=settings.hidden, member_seeds=list(run.member_seeds))
     data = prepare_training_data(structures, model.descriptor)
     _fit_scaling(model, data, structures)
     warm = start_from is not None and warm_start(model, start_from)
@@ -449,8 +327,8 @@ def _train(
     val_weights = torch.from_numpy(np.tile(validation.astype(float), (model.n_members, 1))).to(device)
     adam_settings = settings
     if warm:
-        adam_settings = replace(settings, epochs=0 if settings.lbfgs_steps else settings.epochs,
-                                learning_rate=settings.final_learning_rate)
+        adam_settings = settings.model_copy(update={"epochs": 0 if settings.lbfgs_steps else settings.epochs,
+                                                    "learning_rate": settings.final_learning_rate})
     epochs_run, loss, best_validation = _adam(
         model, data, weights, val_weights if validation.any() else None, adam_settings, progress
     )
@@ -458,7 +336,7 @@ def _train(
         loss = _lbfgs(model, data, weights, settings)
     reset: tuple[int, ...] = ()
     if refit_outliers and (adam_settings.epochs or settings.lbfgs_steps):
-        reset = _refit_outlier_members(model, data, weights, structures, settings)
+        reset = _refit_outlier_members(model, data, weights, structures, settings, run)
         if reset:
             loss = float(_member_losses(model, data, weights, settings, create_graph=False).sum())
     model.eval()
@@ -497,6 +375,7 @@ def _refit_outlier_members(
     weights: torch.Tensor,
     structures: Sequence[LabelledStructure],
     settings: TrainingSettings,
+    run: _Run,
 ) -> tuple[int, ...]:
     """Fit every member whose loss is an outlier again from fresh initialisations; returns their seeds.
 
@@ -512,7 +391,7 @@ def _refit_outlier_members(
         return ()
     seeds = [int(model.member_seeds[m]) for m in outliers]
     restart_seeds = [seed + k * RESTART_SEED_STRIDE for seed in seeds for k in range(1, RESTARTS_PER_OUTLIER + 1)]
-    fresh, _ = _train(structures, replace(settings, member_seeds=tuple(restart_seeds)), None, None, refit_outliers=False)
+    fresh, _ = _train(structures, settings, replace(run, member_seeds=tuple(restart_seeds)), None, None, refit_outliers=False)
     fresh = fresh.to(losses.device)
     rows = torch.from_numpy(np.repeat(outliers, RESTARTS_PER_OUTLIER)).to(losses.device)
     fresh_losses = _member_losses(fresh, data, weights[rows], settings, create_graph=False).detach()
@@ -620,7 +499,7 @@ def _lbfgs(model, data, weights, settings) -> float:
     return float(losses.sum())
 
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES: tuple[str, ...] = get_args(DeviceName)
 
 
 def resolve_device(name: str) -> torch.device:

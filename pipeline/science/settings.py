@@ -1,0 +1,107 @@
+"""The model and training settings: one typed schema, the `[model]` section of a campaign config.
+
+Defaults live here only: the campaign config embeds `TrainingSettings`, `nft train` takes its
+option defaults from it, and it crosses process boundaries as `model_dump(mode="json")` /
+`model_validate`. Frozen and strict: unknown keys and wrong types are errors, so a typo in a
+config never trains a different model silently.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DeviceName = Literal["auto", "cpu", "cuda"]
+"""Training and prediction device: "auto" (cuda when torch sees a GPU, else cpu), "cpu" or "cuda"."""
+DescriptorKind = Literal["g5-moments", "g4"]
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _tuple(value: Any) -> Any:
+    """TOML and JSON give lists; the settings hold tuples (hashable, comparable with a saved model)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+class DescriptorSettings(_Settings):
+    """Symmetry-function parameters (docs/campaign.md). Unset radial keys are derived from the
+    training data's nearest-neighbour distance (`descriptors.radial_shells`); other unset keys keep
+    the `SymmetryFunctionParams` defaults."""
+
+    kind: DescriptorKind = "g5-moments"
+    radial_centers: tuple[float, ...] | None = None  # Å
+    radial_etas: tuple[float, ...] | None = None  # Å⁻², one per centre
+    angular_etas: tuple[float, ...] | None = None  # Å⁻²
+    angular_zetas: tuple[int, ...] | None = None
+    angular_lambdas: tuple[int, ...] | None = None
+
+    _lists = field_validator("radial_centers", "radial_etas", "angular_etas", "angular_zetas", "angular_lambdas",
+                             mode="before")(lambda cls, value: _tuple(value))
+
+    @model_validator(mode="after")
+    def _valid_set(self) -> "DescriptorSettings":
+        from pipeline.science.descriptors import SymmetryFunctionParams
+
+        SymmetryFunctionParams(elements=(1,), **self.explicit())  # ValueError: e.g. one η per radial centre
+        return self
+
+    def explicit(self) -> dict[str, Any]:
+        """The keys that were set (and the kind), as `SymmetryFunctionParams` arguments."""
+        return {key: value for key, value in self.model_dump().items() if value is not None}
+
+    @property
+    def derives_radial_shells(self) -> bool:
+        """True when neither radial key is set: the shells come from the data."""
+        return self.radial_centers is None and self.radial_etas is None
+
+
+class TrainingSettings(_Settings):
+    """Everything that defines a training run (and the `[model]` section); seeds come from `seed`."""
+
+    cutoff: float = Field(6.5, gt=0)  # Å
+    hidden: tuple[int, ...] = Field((5, 5), min_length=1)  # neurons per hidden layer
+    ensemble: int = Field(10, ge=2)  # members
+    epochs: int = Field(300, ge=0)  # Adam epochs before L-BFGS
+    learning_rate: float = Field(1e-2, gt=0)
+    final_learning_rate: float = Field(5e-4, gt=0)
+    lbfgs_steps: int = Field(1000, ge=0)
+    energy_weight: float = Field(1.0, ge=0)
+    force_weight: float = Field(1.0, ge=0)
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
+    patience_epochs: int = Field(300, ge=1)
+    bootstrap: bool = False
+    seed: int = Field(0, ge=0)
+    training_processes: int | None = Field(None, ge=1)  # members sharded over processes; default: the site decides
+    warm_start: bool = True  # a campaign starts each iteration from the previous iteration's members
+    device: DeviceName = "auto"
+    descriptor: DescriptorSettings = DescriptorSettings()
+
+    _hidden = field_validator("hidden", mode="before")(lambda cls, value: _tuple(value))
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive_widths(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(width < 1 for width in value):
+            raise ValueError("every layer width must be >= 1")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _gpu_present(cls, value: str) -> str:
+        if value == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"'cuda' but torch {torch.__version__} sees no CUDA GPU on this machine "
+                                 "(use 'auto': a GPU site's training nodes pick their GPUs)")
+        return value
+
+    def seeds(self) -> list[int]:
+        """One initialisation seed per member."""
+        return [self.seed * 1000 + m for m in range(self.ensemble)]
+
+    def with_changes(self, **changes: Any) -> "TrainingSettings":
+        """A validated copy with some fields changed."""
+        return type(self).model_validate({**self.model_dump(), **changes})

@@ -1,0 +1,60 @@
+"""A reshaping of the code must not change what a campaign does: the δ history of a small campaign
+equals the one recorded before the reshaping (tests/data/small_campaign_history.json).
+
+To record it again (only when a change of behaviour is intended, and say so in the commit):
+    NFT_RECORD_HISTORY=1 python -m pytest tests/test_recorded_history.py
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.plugins.campaign_fixtures import run_nft, write_campaign
+
+pytestmark = pytest.mark.timeout(600)
+
+RECORDED = Path(__file__).parent / "data" / "small_campaign_history.json"
+THREE_ITERATIONS = {"active": {"threshold": 0.05, "max_iterations": 3}}
+RELATIVE_TOLERANCE = 1e-4
+"""Same code, same machine gives identical floats; a change of behaviour moves δ by percents."""
+
+
+def campaign_history(summary: dict) -> dict:
+    """What must not change: per iteration δ, the chunks added and the training error, and the end."""
+    return {
+        "iterations": [
+            {
+                "iteration": entry["iteration"],
+                "uncertainty": entry["uncertainty"],
+                "uncertainty_per_target": entry["uncertainty_per_target"],
+                "chunks_added": entry["chunks_added"],
+                "train_force_mae": entry["train_force_mae"],
+            }
+            for entry in summary["history"]
+        ],
+        "chunks": summary["chunks"],
+        "stop_reason": summary["stop_reason"],
+        "force_mae_vs_parent": summary.get("force_mae_vs_parent"),
+    }
+
+
+def test_a_small_campaign_repeats_the_recorded_history(tmp_path):
+    config = write_campaign(tmp_path / "campaign", THREE_ITERATIONS)
+    result = run_nft("run", config, timeout=540)
+    assert result.returncode == 0, result.stderr
+    history = campaign_history(json.loads((config.parent / "run" / "summary.json").read_text()))
+    if os.environ.get("NFT_RECORD_HISTORY"):
+        RECORDED.parent.mkdir(exist_ok=True)
+        RECORDED.write_text(json.dumps(history, indent=1) + "\n")
+        pytest.skip(f"recorded {RECORDED}")
+    recorded = json.loads(RECORDED.read_text())
+    assert [entry["chunks_added"] for entry in history["iterations"]] == [
+        entry["chunks_added"] for entry in recorded["iterations"]
+    ]
+    assert (history["chunks"], history["stop_reason"]) == (recorded["chunks"], recorded["stop_reason"])
+    for got, expected in zip(history["iterations"], recorded["iterations"]):
+        assert got["uncertainty"] == pytest.approx(expected["uncertainty"], rel=RELATIVE_TOLERANCE), got["iteration"]
+        assert got["uncertainty_per_target"] == pytest.approx(expected["uncertainty_per_target"], rel=RELATIVE_TOLERANCE)
+        assert got["train_force_mae"] == pytest.approx(expected["train_force_mae"], rel=RELATIVE_TOLERANCE)
+    assert history["force_mae_vs_parent"] == pytest.approx(recorded["force_mae_vs_parent"], rel=RELATIVE_TOLERANCE)
