@@ -35,7 +35,7 @@ def make_config(run_dir, options):
                     init_blocks=1,
                     min_blocks=1,
                     max_blocks=1,
-                    worker_init=worker_environment(options),
+                    worker_init=worker_environment(options, end_with_driver=True),  # workers die with the driver
                 ),
             )
         ],

@@ -26,6 +26,9 @@ from tests.plugins.campaign_fixtures import (
 
 pytestmark = pytest.mark.timeout(300)
 
+WORKERS_END_WITHIN_S = 10.0
+"""A killed driver's local workers must be gone this soon (their watchdog polls every second)."""
+
 # Low threshold: the campaign runs all its iterations; three of them, six chunks each.
 RESUMABLE = {
     "active": {"threshold": 0.01, "max_iterations": 3},
@@ -42,8 +45,8 @@ def done_chunk_jobs(database_url):
         return []
 
 
-def kill_workers_of(workdir):
-    """SIGKILL the Parsl worker pool of this campaign (found by its log directory) and its workers."""
+def campaign_processes(workdir):
+    """Pids of the Parsl worker pools of this campaign (found by their log directory) and their children."""
     marker = str(workdir / "runinfo").encode()
     parents, pools = {}, []
     for entry in filter(str.isdigit, os.listdir("/proc")):
@@ -61,7 +64,12 @@ def kill_workers_of(workdir):
         if not children:
             break
         doomed |= children
-    for pid in doomed:
+    return doomed
+
+
+def kill_workers_of(workdir):
+    """SIGKILL whatever of this campaign is still alive (cleanup after a failed assertion)."""
+    for pid in campaign_processes(workdir):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -99,7 +107,13 @@ def test_a_killed_campaign_resumes_without_recomputing_or_duplicating(small_camp
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the driver and the interchange: a crash
         process.wait(timeout=30)
-        kill_workers_of(campaign.workdir)  # the worker pool runs in its own process group
+    try:  # the worker pool runs in a process group of its own: the driver watchdog must end it
+        deadline = time.monotonic() + WORKERS_END_WITHIN_S
+        while campaign_processes(campaign.workdir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not campaign_processes(campaign.workdir), "workers outlived the killed driver"
+    finally:
+        kill_workers_of(campaign.workdir)
 
     before = snapshot(campaign)
     done_before = {job_id: job for job_id, job in before["jobs"].items() if job.status == "done"}

@@ -84,11 +84,12 @@ def load_site(name_or_path: str | os.PathLike, run_dir: Path, options: Mapping[s
     return config
 
 
-def worker_environment(options: Mapping[str, Any] | None = None) -> str:
+def worker_environment(options: Mapping[str, Any] | None = None, end_with_driver: bool = False) -> str:
     """Shell lines run before a worker starts: the project's environment, then the site's own.
 
     Sources `scripts/env.sh` when present, puts this interpreter's bin directory on PATH and the
     repository on PYTHONPATH, then adds `options["worker_init"]` or ``$NFT_WORKER_INIT``.
+    `end_with_driver` (workers on this host only) adds `driver_watchdog`.
     """
     options = options or {}
     env_script = REPO_ROOT / "scripts" / "env.sh"
@@ -97,10 +98,28 @@ def worker_environment(options: Mapping[str, Any] | None = None) -> str:
         lines.append(f"source {shlex.quote(str(env_script))}")
     lines.append(f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH")
     lines.append(f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}")
+    if end_with_driver:
+        lines.append(driver_watchdog(os.getpid()))
     extra = options.get("worker_init") or os.environ.get("NFT_WORKER_INIT", "")
     if extra:
         lines.append(extra)
     return "\n".join(lines)
+
+
+WATCHDOG_PERIOD_S = 1
+"""How often a local block checks that its driver is alive."""
+
+
+def driver_watchdog(driver_pid: int) -> str:
+    """A shell line that kills the worker block's whole process group (pool, workers, their jobs'
+    children) within `WATCHDOG_PERIOD_S` of the driver's death, even by SIGKILL.
+
+    Parsl starts local blocks in a process group of their own, so without this a killed driver
+    leaves its workers computing (and writing files) until their heartbeat runs out.
+    """
+    group = "$(cut -d' ' -f5 /proc/$$/stat)"
+    return (f"( while kill -0 {int(driver_pid)} 2>/dev/null; do sleep {WATCHDOG_PERIOD_S}; done; "
+            f"kill -KILL -- -{group} ) </dev/null >/dev/null 2>&1 &")
 
 
 def option_from_environment(options: Mapping[str, Any], name: str, variable: str) -> Any:
@@ -111,7 +130,14 @@ def option_from_environment(options: Mapping[str, Any], name: str, variable: str
 
 @contextmanager
 def parsl_session(config: Config) -> Iterator[DataFlowKernel]:
-    """Load Parsl with `config` for a `with` block; on exit clean up its executors and clear it."""
+    """Load Parsl with `config` for a `with` block; on exit clean up its executors and clear it.
+
+    This interpreter's bin directory goes on PATH first: Parsl starts its interchange and workers
+    by command name, which fails when nft is run by absolute path without its venv on PATH.
+    """
+    interpreter_bin = str(Path(sys.executable).parent)
+    if interpreter_bin not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join(filter(None, [interpreter_bin, os.environ.get("PATH")]))
     dfk = parsl.load(config)
     try:
         yield dfk
