@@ -12,7 +12,7 @@ from ase.calculators.emt import EMT
 
 from pipeline import load_model
 from pipeline.campaign.config import load_config
-from pipeline.storage.database import CampaignStore
+from pipeline.storage.store import CampaignStore
 from tests.plugins.campaign_fixtures import rattled_cluster, run_nft
 
 pytestmark = pytest.mark.timeout(240)

@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 
 from pipeline.campaign.config import load_config
-from pipeline.storage.database import CampaignStore
+from pipeline.storage.store import CampaignStore
 from tests.plugins.campaign_fixtures import (
     EMT_DELAY_VARIABLE,
     NFT,

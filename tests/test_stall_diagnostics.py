@@ -19,7 +19,7 @@ from pipeline.campaign.config import load_config
 from pipeline.campaign.loop import delta_location, stall_diagnosis
 from pipeline.campaign.status import campaign_status
 from pipeline.cli.cmd_campaign import print_status
-from pipeline.storage.database import CampaignStore
+from pipeline.storage.store import CampaignStore
 from tests.plugins.campaign_fixtures import rattled_cluster, run_nft, write_campaign
 
 pytestmark = pytest.mark.timeout(240)

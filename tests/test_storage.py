@@ -22,12 +22,8 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from pipeline.errors import BadInput
-from pipeline.storage.database import (
-    CampaignStore,
-    DatabaseError,
-    atoms_geometry_hash,
-    resolve_database_url,
-)
+from pipeline.storage.engine import DatabaseError, resolve_database_url
+from pipeline.storage.store import CampaignStore, atoms_geometry_hash
 from pipeline.storage.schema import StructureRow, pack_array
 
 pytestmark = pytest.mark.timeout(120)
@@ -359,7 +355,7 @@ def test_relative_sqlite_urls_resolve_inside_the_workdir(tmp_path: Path):
 
 READER = """
 import json, sys, time
-from pipeline.storage.database import CampaignStore
+from pipeline.storage.store import CampaignStore
 store = CampaignStore(sys.argv[1], create=False)
 deadline = time.monotonic() + float(sys.argv[2])
 seen = []

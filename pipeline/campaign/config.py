@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.campaign.training_set import TrainingEnvironment
 from pipeline.errors import BadInput
 from pipeline.execution.parents import ParentConfigError, physics_params, validate_parent_params
-from pipeline.storage.database import resolve_database_url
+from pipeline.storage.engine import resolve_database_url
 
 if TYPE_CHECKING:
     from pipeline.science.training import TrainingSettings

@@ -30,7 +30,8 @@ from pipeline.execution.sites import load_site, parsl_session
 from pipeline.science.chunks import carve_chunk
 from pipeline.science.selection import SelectionReport, selection_report
 from pipeline.science.structures import atoms_to_payload
-from pipeline.storage.database import CampaignStore, IterationRecord, JobRecord, file_sha256
+from pipeline.storage.records import IterationRecord, JobRecord
+from pipeline.storage.store import CampaignStore, file_sha256
 
 MODEL_NAME = "model.nft"
 SUMMARY_NAME = "summary.json"

@@ -11,7 +11,8 @@ from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.training_set import training_structures
 from pipeline.campaign.loop import CONVERGED, MODEL_NAME, _best_iteration, _history_entry, stall_diagnosis, stop_reason
 from pipeline.errors import BadInput
-from pipeline.storage.database import CampaignStore, DatabaseError
+from pipeline.storage.engine import DatabaseError
+from pipeline.storage.store import CampaignStore
 
 FAILED_JOBS_SHOWN = 20
 
