@@ -69,8 +69,7 @@ def kill_workers_of(workdir):
 
 
 def snapshot(campaign):
-    with CampaignStore(campaign.database_url, create=False) as store:
-        store.campaign_id(campaign.name)
+    with CampaignStore.open(campaign.database_url, campaign.name, create=False) as store:
         jobs = store.jobs()
         structures = {record.id: record for record in store.structures()}
         return {

@@ -21,7 +21,7 @@ from ase import Atoms
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
-from pipeline.storage.engine import error_reason, open_engine, write_engine
+from pipeline.storage.engine import DatabaseError, error_reason, open_engine, write_engine
 from pipeline.storage.records import (
     IterationRecord,
     JobRecord,
@@ -51,10 +51,14 @@ from pipeline.storage.schema import (
     utc_now,
 )
 
-__all__ = ["CampaignStore", "atoms_geometry_hash", "file_sha256"]
+__all__ = ["CampaignStore", "UnknownCampaign", "atoms_geometry_hash", "file_sha256"]
 
 RADIUS_DECIMALS = 6
 """Chunk radii (Å) are rounded to 1e-6 Å so that the same radius from a config always matches."""
+
+
+class UnknownCampaign(DatabaseError):
+    """The database holds no campaign of the name asked for (only when reading, `create=False`)."""
 
 
 def atoms_geometry_hash(atoms: Atoms) -> str:
@@ -69,12 +73,35 @@ class CampaignStore:
     current schema; with `create=False` (e.g. `nft status`) it must already exist. Opening a
     database of another schema version, another application's database or a file that is no
     database raises `DatabaseError` with a one-line message naming the file or URL.
+
+    Structures and reference jobs are the database's; models and iterations are a campaign's, so
+    only a store opened for one campaign (`CampaignStore.open`) reads and writes them.
     """
 
     def __init__(self, url: str, *, create: bool = True) -> None:
         self._engine, self.name = open_engine(url, create=create)
         self._write_engine = write_engine(self._engine)
         self._campaign_id: int | None = None
+
+    @classmethod
+    def open(
+        cls, url: str, campaign: str, config: Mapping[str, Any] | None = None, *, create: bool = True
+    ) -> CampaignStore:
+        """The database at `url`, opened for campaign `campaign`: its models and iterations.
+
+        With `create=True` a new campaign is created with `config` (an existing one keeps its own);
+        with `create=False` the database and the campaign must exist (`UnknownCampaign` otherwise).
+        """
+        store = cls(url, create=create)
+        try:
+            campaign_id = store.ensure_campaign(campaign, config or {}) if create else store.campaign_id(campaign)
+            if campaign_id is None:
+                raise UnknownCampaign(f"no campaign {campaign!r} in {store.name}")
+        except BaseException:
+            store.close()
+            raise
+        store._campaign_id = campaign_id
+        return store
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -99,31 +126,23 @@ class CampaignStore:
     # -- campaigns -----------------------------------------------------------------------------
 
     def ensure_campaign(self, name: str, config: Mapping[str, Any]) -> int:
-        """The id of campaign `name`, created with `config` if new (an existing config is kept).
-
-        The campaign becomes the store's current one, used by the model and iteration methods.
-        """
+        """The id of campaign `name`, created with `config` if new (an existing config is kept)."""
         row = CampaignRow(name=name, config=_plain_json(config))
         try:
             with self._write() as session:
                 session.add(row)
                 session.flush()
-                self._campaign_id = row.id
                 return row.id
         except sa_exc.IntegrityError:
             campaign_id = self.campaign_id(name)
             if campaign_id is None:
                 raise
-            self._campaign_id = campaign_id
             return campaign_id
 
     def campaign_id(self, name: str) -> int | None:
-        """The id of campaign `name`, or None; makes it the current campaign when found."""
+        """The id of campaign `name`, or None."""
         with self._read() as session:
-            campaign_id = session.scalar(select(CampaignRow.id).where(CampaignRow.name == name))
-        if campaign_id is not None:
-            self._campaign_id = campaign_id
-        return campaign_id
+            return session.scalar(select(CampaignRow.id).where(CampaignRow.name == name))
 
     def campaign_config(self, name: str) -> dict[str, Any] | None:
         """The config stored with campaign `name` when it was created, or None."""
@@ -420,12 +439,10 @@ class CampaignStore:
         iteration: int,
         path: str | os.PathLike[str],
         metrics: Mapping[str, Any] | None = None,
-        *,
-        campaign_id: int | None = None,
     ) -> int:
         """Record the model file trained in `iteration` with its sha256; replaces that iteration's entry."""
         digest = file_sha256(Path(path))
-        campaign = self._current_campaign(campaign_id)
+        campaign = self._campaign()
         with self._write() as session:
             row = session.scalar(
                 select(ModelRow).where(ModelRow.campaign_id == campaign, ModelRow.iteration == int(iteration))
@@ -440,15 +457,16 @@ class CampaignStore:
             session.flush()
             return row.id
 
-    def models(self, *, campaign_id: int | None = None) -> list[ModelRecord]:
-        campaign = self._current_campaign(campaign_id)
+    def models(self) -> list[ModelRecord]:
+        """The campaign's models in iteration order."""
+        campaign = self._campaign()
         query = select(ModelRow).where(ModelRow.campaign_id == campaign).order_by(ModelRow.iteration)
         with self._read() as session:
             return [model_record(row) for row in session.scalars(query)]
 
-    def best_model(self, *, campaign_id: int | None = None) -> ModelRecord | None:
+    def best_model(self) -> ModelRecord | None:
         """The model of the iteration with the lowest max δ (later wins ties); the latest if none has δ."""
-        campaign = self._current_campaign(campaign_id)
+        campaign = self._campaign()
         scored = (
             select(ModelRow)
             .join(
@@ -475,7 +493,6 @@ class CampaignStore:
         wall_time: Mapping[str, float] | None = None,
         *,
         max_delta: float | None = None,
-        campaign_id: int | None = None,
     ) -> None:
         """Record one iteration: δ (eV/Å) per target structure id, chunks added, training force MAE
         (eV/Å) and the wall-time split in seconds; recording the same iteration again replaces it."""
@@ -484,7 +501,7 @@ class CampaignStore:
             if not deltas:
                 raise ValueError("max_delta is needed when delta_per_target is empty")
             max_delta = max(deltas.values())
-        campaign = self._current_campaign(campaign_id)
+        campaign = self._campaign()
         with self._write() as session:
             row = session.scalar(
                 select(IterationRow).where(
@@ -501,9 +518,9 @@ class CampaignStore:
             row.wall_time = {str(key): float(value) for key, value in (wall_time or {}).items()}
             row.created_at = utc_now()
 
-    def iterations(self, *, campaign_id: int | None = None) -> list[IterationRecord]:
+    def iterations(self) -> list[IterationRecord]:
         """The campaign's iterations in order."""
-        campaign = self._current_campaign(campaign_id)
+        campaign = self._campaign()
         query = select(IterationRow).where(IterationRow.campaign_id == campaign).order_by(IterationRow.iteration)
         with self._read() as session:
             return [iteration_record(row) for row in session.scalars(query)]
@@ -558,19 +575,11 @@ class CampaignStore:
             raise KeyError(f"no reference job with id {job_id}")
         return row
 
-    def _current_campaign(self, campaign_id: int | None) -> int:
-        if campaign_id is not None:
-            return int(campaign_id)
-        if self._campaign_id is not None:
-            return self._campaign_id
-        with self._read() as session:
-            ids = list(session.scalars(select(CampaignRow.id).limit(2)))
-        if len(ids) != 1:
-            raise ValueError(
-                f"{self.name}: {'no' if not ids else 'several'} campaigns; call ensure_campaign or campaign_id first"
-            )
-        self._campaign_id = ids[0]
-        return ids[0]
+    def _campaign(self) -> int:
+        """The id of the campaign the store was opened for."""
+        if self._campaign_id is None:
+            raise ValueError(f"{self.name}: no campaign chosen; open the store with CampaignStore.open(url, campaign)")
+        return self._campaign_id
 
 
 def _chunk_identity(parent_id: int, center_in_parent: int, radius: float) -> str:
