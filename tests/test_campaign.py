@@ -12,7 +12,7 @@ from ase.calculators.emt import EMT
 
 from pipeline import load_model
 from pipeline.campaign.config import load_config
-from pipeline.storage.database import CampaignStore
+from pipeline.storage.store import CampaignStore
 from tests.plugins.campaign_fixtures import rattled_cluster, run_nft
 
 pytestmark = pytest.mark.timeout(240)
@@ -44,8 +44,7 @@ def test_a_small_campaign_converges(converged_campaign):
 def test_summary_json_matches_the_database(converged_campaign):
     config, summary, _ = converged_campaign
     campaign = load_config(config)
-    with CampaignStore(campaign.database_url, create=False) as store:
-        store.campaign_id(campaign.name)
+    with CampaignStore.open(campaign.database_url, campaign.name, create=False) as store:
         history = store.iterations()
         counts = store.summary()
         chunks = store.structures("chunk")
@@ -187,8 +186,7 @@ def test_warm_start_trains_each_iteration_from_the_previous_model(tmp_path):
     result = run_nft("run", config)
     assert result.returncode == 0, result.stderr
     campaign = load_config(config)
-    with CampaignStore(campaign.database_url, create=False) as store:
-        store.campaign_id(campaign.name)
+    with CampaignStore.open(campaign.database_url, campaign.name, create=False) as store:
         models = store.models()
     assert [record.iteration for record in models] == [1, 2]
     assert [record.metrics["warm_started"] for record in models] == [False, True]

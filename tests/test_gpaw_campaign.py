@@ -23,7 +23,7 @@ from pipeline.campaign.config import load_config
 from pipeline.campaign.training_set import training_structures
 from pipeline.execution.parents import GPAW_LOG_NAME, compute_reference
 from pipeline.science.structures import atoms_to_payload
-from pipeline.storage.database import CampaignStore
+from pipeline.storage.store import CampaignStore
 from tests.plugins.campaign_fixtures import run_nft, toml_text
 from tests.test_gpaw_jobs import gpaw_installed  # noqa: F401  (fixture: skip, or fail in CI, without GPAW)
 

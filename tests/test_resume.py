@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 
 from pipeline.campaign.config import load_config
-from pipeline.storage.database import CampaignStore
+from pipeline.storage.store import CampaignStore
 from tests.plugins.campaign_fixtures import (
     EMT_DELAY_VARIABLE,
     NFT,
@@ -77,8 +77,7 @@ def kill_workers_of(workdir):
 
 
 def snapshot(campaign):
-    with CampaignStore(campaign.database_url, create=False) as store:
-        store.campaign_id(campaign.name)
+    with CampaignStore.open(campaign.database_url, campaign.name, create=False) as store:
         jobs = store.jobs()
         structures = {record.id: record for record in store.structures()}
         return {

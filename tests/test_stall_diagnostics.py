@@ -19,7 +19,7 @@ from pipeline.campaign.config import load_config
 from pipeline.campaign.loop import delta_location, stall_diagnosis
 from pipeline.campaign.status import campaign_status
 from pipeline.cli.cmd_campaign import print_status
-from pipeline.storage.database import CampaignStore
+from pipeline.storage.store import CampaignStore
 from tests.plugins.campaign_fixtures import rattled_cluster, run_nft, write_campaign
 
 pytestmark = pytest.mark.timeout(240)
@@ -43,8 +43,7 @@ def two_iterations(tmp_path_factory):
 def _database(config):
     """Everything the checks need from the database: history, chunks, their jobs and results, models."""
     campaign = load_config(config)
-    with CampaignStore(campaign.database_url, create=False) as store:
-        store.campaign_id(campaign.name)
+    with CampaignStore.open(campaign.database_url, campaign.name, create=False) as store:
         history = store.iterations()
         chunks = store.structures("chunk")
         jobs = {job.structure_id: job for job in store.jobs(kind="chunk")}
@@ -202,8 +201,7 @@ def test_a_database_from_before_the_diagnostics_reports_them_as_null(two_iterati
     copy = tmp_path / "old"
     shutil.copytree(config.parent, copy)
     campaign = load_config(copy / "config.toml")
-    with CampaignStore(campaign.database_url, create=False) as store:
-        store.campaign_id(campaign.name)
+    with CampaignStore.open(campaign.database_url, campaign.name, create=False) as store:
         for record in store.models():
             old = {key: value for key, value in record.metrics.items() if key not in ("delta_location", "selection")}
             store.record_model(record.iteration, record.path, old)

@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.campaign.config import load_config
 from pipeline.campaign.loop import stop_reason
-from pipeline.storage.database import IterationRecord
+from pipeline.storage.records import IterationRecord
 
 pytestmark = pytest.mark.timeout(60)
 

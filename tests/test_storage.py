@@ -22,13 +22,9 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from pipeline.errors import BadInput
-from pipeline.storage.database import (
-    CampaignStore,
-    DatabaseError,
-    atoms_geometry_hash,
-    resolve_database_url,
-)
+from pipeline.storage.engine import DatabaseError, resolve_database_url
 from pipeline.storage.schema import StructureRow, pack_array
+from pipeline.storage.store import CampaignStore, UnknownCampaign, atoms_geometry_hash
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,8 +39,7 @@ def db_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def store(db_path: Path):
-    with CampaignStore(f"sqlite:///{db_path}") as opened:
-        opened.ensure_campaign("test", {"chunks": {"radius": 8.0}})
+    with CampaignStore.open(f"sqlite:///{db_path}", "test", {"chunks": {"radius": 8.0}}) as opened:
         yield opened
 
 
@@ -303,8 +298,25 @@ def test_models_and_iterations(store: CampaignStore, tmp_path: Path):
     assert len(store.iterations()) == 3 and store.best_model().iteration == 2
     assert store.summary().iterations == 3 and store.summary().models == 3
 
-    other = store.ensure_campaign("other", {})
-    assert store.iterations(campaign_id=other) == [] and store.best_model() is None
+
+def test_models_and_iterations_are_those_of_the_campaign_the_store_was_opened_for(store: CampaignStore, db_path: Path):
+    """The campaign is chosen when the store is opened; looking up another campaign's id changes nothing."""
+    url = f"sqlite:///{db_path}"
+    store.record_iteration(1, {}, chunks_added=0, max_delta=0.5)
+    with CampaignStore.open(url, "other", {}) as other:
+        assert other.iterations() == [] and other.best_model() is None
+        other.record_iteration(1, {}, chunks_added=0, max_delta=0.2)
+    assert store.campaign_id("other") is not None
+    assert [record.max_delta for record in store.iterations()] == [0.5]
+    with CampaignStore.open(url, "other", create=False) as other:
+        assert [record.max_delta for record in other.iterations()] == [0.2]
+
+    with pytest.raises(UnknownCampaign) as caught:
+        CampaignStore.open(url, "absent", create=False)
+    assert str(caught.value) == f"no campaign 'absent' in {db_path}" and isinstance(caught.value, DatabaseError)
+    assert store.campaigns() == ["test", "other"]
+    with CampaignStore(url, create=False) as unopened, pytest.raises(ValueError, match="CampaignStore.open"):
+        unopened.iterations()
 
 
 def test_version_mismatch_is_refused(db_path: Path):
@@ -359,7 +371,7 @@ def test_relative_sqlite_urls_resolve_inside_the_workdir(tmp_path: Path):
 
 READER = """
 import json, sys, time
-from pipeline.storage.database import CampaignStore
+from pipeline.storage.store import CampaignStore
 store = CampaignStore(sys.argv[1], create=False)
 deadline = time.monotonic() + float(sys.argv[2])
 seen = []

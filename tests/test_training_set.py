@@ -13,7 +13,7 @@ from pipeline.campaign.training_set import training_structures
 from pipeline.science.chunks import carve_chunk
 from pipeline.science.descriptors import SymmetryFunctionParams
 from pipeline.science.model import EnsembleModel
-from pipeline.storage.database import CampaignStore
+from pipeline.storage.store import CampaignStore
 
 PARENT = ("emt", {})
 CUTOFF = 4.0

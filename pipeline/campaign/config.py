@@ -23,7 +23,7 @@ from pipeline.campaign.training_set import TrainingEnvironment
 from pipeline.errors import BadInput, first_problem
 from pipeline.execution.parents import ParentConfigError, physics_params, validate_parent_params
 from pipeline.science.settings import TrainingSettings
-from pipeline.storage.database import resolve_database_url
+from pipeline.storage.engine import resolve_database_url
 
 DEFAULT_THRESHOLD = {"emt": 0.1}
 """Default `active.threshold` (eV/Å) per parent; DFT parents take `DFT_THRESHOLD` (SPEC §1)."""

@@ -30,7 +30,8 @@ from pipeline.execution.sites import load_site, parsl_session
 from pipeline.science.chunks import carve_chunk
 from pipeline.science.selection import SelectionReport, selection_report
 from pipeline.science.structures import atoms_to_payload
-from pipeline.storage.database import CampaignStore, IterationRecord, JobRecord, file_sha256
+from pipeline.storage.records import IterationRecord, JobRecord
+from pipeline.storage.store import CampaignStore, file_sha256
 
 MODEL_NAME = "model.nft"
 SUMMARY_NAME = "summary.json"
@@ -82,7 +83,7 @@ def run_campaign(
     with tempfile.TemporaryDirectory(prefix="nft-site-check-") as scratch:
         load_site(site_name, Path(scratch) / PARSL_DIR_NAME, site_options)  # bad site or options: BadInput now
     config.workdir.mkdir(parents=True, exist_ok=True)
-    with CampaignStore(config.database_url) as store:
+    with CampaignStore.open(config.database_url, config.name, config.as_dict()) as store:
         driver = _Driver(config, store, observer)
         driver.prepare()
         if driver.finished_reason() is None or driver.pending_jobs():
@@ -112,9 +113,8 @@ class _Driver:
     # -- set-up --------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Register the campaign, targets and initial set (labels from the file where present)."""
+        """Register the targets and initial set (labels from the file where present)."""
         store, config = self.store, self.config
-        store.ensure_campaign(config.name, config.as_dict())
         for atoms in config.targets:
             target_id = store.add_structure("target", atoms)
             if target_id not in self.target_atoms:

@@ -11,7 +11,8 @@ from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.training_set import training_structures
 from pipeline.campaign.loop import CONVERGED, MODEL_NAME, _best_iteration, _history_entry, stall_diagnosis, stop_reason
 from pipeline.errors import BadInput
-from pipeline.storage.database import CampaignStore, DatabaseError
+from pipeline.storage.engine import DatabaseError
+from pipeline.storage.store import CampaignStore, UnknownCampaign
 
 FAILED_JOBS_SHOWN = 20
 
@@ -19,13 +20,11 @@ FAILED_JOBS_SHOWN = 20
 def open_existing_store(config: CampaignConfig) -> CampaignStore:
     """The campaign's database, which must exist (nothing is created); BadInput naming it otherwise."""
     try:
-        store = CampaignStore(config.database_url, create=False)
+        return CampaignStore.open(config.database_url, config.name, create=False)
+    except UnknownCampaign as error:
+        raise BadInput(f"{config.path.name}: campaign.name: {error}") from None
     except DatabaseError as error:
         raise BadInput(f"{config.path.name}: campaign.database: {error} (has `nft run` been started?)") from None
-    if store.campaign_id(config.name) is None:
-        store.close()
-        raise BadInput(f"{config.path.name}: campaign.name: no campaign {config.name!r} in {store.name}")
-    return store
 
 
 def campaign_status(config: CampaignConfig) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from ase import Atoms
 
 from pipeline.science.chunks import carve_chunk
 from pipeline.science.structures import LabelledStructure
-from pipeline.storage.database import CampaignStore, ResultRecord, StructureRecord
+from pipeline.storage.records import ResultRecord, StructureRecord
+from pipeline.storage.store import CampaignStore
 
 TrainingEnvironment = Literal["target", "chunk"]
 TRAINING_ENVIRONMENTS: tuple[str, ...] = get_args(TrainingEnvironment)

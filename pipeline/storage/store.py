@@ -1,42 +1,45 @@
-"""The campaign database: the single source of truth of a campaign, written by the driver only.
+"""The campaign database's operations: the few reads and writes the NFT loop needs, and nothing of its rules.
 
-`CampaignStore(url)` opens (or creates) the database behind any SQLAlchemy URL — SQLite by default,
-in WAL mode with foreign keys on — and offers the few operations the NFT loop needs. Every method
-runs in its own short transaction, so the driver can write as each future completes and a kill loses
-nothing already returned. Structures go in and come out as `ase.Atoms`; everything returned is plain
-frozen records, never live ORM objects.
+`CampaignStore(url)` opens (or creates) the database behind any SQLAlchemy URL (see `engine`). Every
+method runs in its own short transaction, so the driver can write as each future completes and a kill
+loses nothing already returned. Structures go in as `ase.Atoms`; everything returned is a frozen
+record (see `records`), never a live ORM object.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import sqlalchemy.exc as sa_exc
 from ase import Atoms
-from sqlalchemy import Engine, create_engine, event, func, inspect, select, update
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
 
-from pipeline.errors import BadInput
+from pipeline.storage.engine import DatabaseError, error_reason, open_engine, write_engine
+from pipeline.storage.records import (
+    IterationRecord,
+    JobRecord,
+    ModelRecord,
+    ResultRecord,
+    StoreSummary,
+    StructureRecord,
+    iteration_record,
+    job_record,
+    model_record,
+    result_record,
+    structure_record,
+)
 from pipeline.storage.schema import (
-    APPLICATION,
     JOB_STATUSES,
-    SCHEMA_VERSION,
     STRUCTURE_KINDS,
-    Base,
     CampaignRow,
     IterationRow,
-    MetadataRow,
     ModelRow,
     ReferenceJobRow,
     ReferenceResultRow,
@@ -45,126 +48,22 @@ from pipeline.storage.schema import (
     geometry_hash,
     pack_array,
     params_hash,
-    unpack_array,
     utc_now,
 )
 
-__all__ = [
-    "CampaignStore",
-    "DatabaseError",
-    "IterationRecord",
-    "JobRecord",
-    "ModelRecord",
-    "ResultRecord",
-    "StoreSummary",
-    "StructureRecord",
-    "atoms_geometry_hash",
-    "resolve_database_url",
-]
+__all__ = ["CampaignStore", "UnknownCampaign", "atoms_geometry_hash", "file_sha256"]
 
 RADIUS_DECIMALS = 6
 """Chunk radii (Å) are rounded to 1e-6 Å so that the same radius from a config always matches."""
 
 
-class DatabaseError(BadInput):
-    """The database cannot be used: missing, not a database, not nft's, or another schema version.
-
-    A `BadInput`, so the CLI exits 2 with the one-line message (it names the file or URL)."""
-
-
-@dataclass(frozen=True)
-class StructureRecord:
-    id: int
-    kind: str
-    atoms: Atoms
-    geometry_hash: str
-    n_atoms: int
-    parent_id: int | None
-    center_in_parent: int | None
-    center_in_chunk: int | None
-    radius: float | None
-    vacuum: float | None
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    id: int
-    structure_id: int
-    calculator: str
-    params: dict[str, Any]
-    params_hash: str
-    status: str
-    attempts: int
-    error: str | None
-    host: str | None
-    wall_time_s: float | None
-    external_id: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-
-
-@dataclass(frozen=True)
-class ResultRecord:
-    job_id: int
-    energy: float
-    forces: np.ndarray
-
-
-@dataclass(frozen=True)
-class ModelRecord:
-    id: int
-    iteration: int
-    path: str
-    sha256: str
-    metrics: dict[str, Any]
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class IterationRecord:
-    iteration: int
-    delta_per_target: dict[int, float]
-    max_delta: float
-    chunks_added: int
-    train_force_mae: float | None
-    wall_time: dict[str, float]
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class StoreSummary:
-    """Counts for `nft status`: jobs by status, structures by kind, atoms computed by the parent."""
-
-    jobs: dict[str, int]
-    targets: int
-    initial: int
-    chunks: int
-    reference_atoms: int
-    iterations: int
-    models: int
+class UnknownCampaign(DatabaseError):
+    """The database holds no campaign of the name asked for (only when reading, `create=False`)."""
 
 
 def atoms_geometry_hash(atoms: Atoms) -> str:
     """The geometry hash the database uses: numbers, positions/cell rounded to 1e-6 Å, pbc."""
     return geometry_hash(atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc)
-
-
-def resolve_database_url(url: str, workdir: str | os.PathLike[str]) -> str:
-    """A relative SQLite path resolved inside `workdir`; other URLs and absolute paths unchanged."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not _is_sqlite_file(parsed):
-        return url
-    if Path(parsed.database).is_absolute():
-        return url
-    path = Path(workdir).resolve() / parsed.database
-    return parsed.set(database=str(path)).render_as_string(hide_password=False)
-
-
-def _is_sqlite_file(url: URL) -> bool:
-    database = url.database or ""
-    return database not in ("", ":memory:") and not database.startswith("file:")
 
 
 class CampaignStore:
@@ -174,27 +73,35 @@ class CampaignStore:
     current schema; with `create=False` (e.g. `nft status`) it must already exist. Opening a
     database of another schema version, another application's database or a file that is no
     database raises `DatabaseError` with a one-line message naming the file or URL.
+
+    Structures and reference jobs are the database's; models and iterations are a campaign's, so
+    only a store opened for one campaign (`CampaignStore.open`) reads and writes them.
     """
 
     def __init__(self, url: str, *, create: bool = True) -> None:
-        try:
-            self._url = make_url(url)
-        except sa_exc.ArgumentError as exc:
-            raise DatabaseError(f"{url}: not a valid database URL") from exc
-        self._is_sqlite = self._url.get_backend_name() == "sqlite"
-        self.name = self._display_name()
+        self._engine, self.name = open_engine(url, create=create)
+        self._write_engine = write_engine(self._engine)
         self._campaign_id: int | None = None
-        if self._is_sqlite and _is_sqlite_file(self._url) and not create:
-            if not Path(self._url.database).is_file():
-                raise DatabaseError(f"{self.name}: no such database file")
-        self._engine = self._make_engine()
-        self._write_engine = self._engine.execution_options(nft_sqlite_begin="IMMEDIATE")
+
+    @classmethod
+    def open(
+        cls, url: str, campaign: str, config: Mapping[str, Any] | None = None, *, create: bool = True
+    ) -> CampaignStore:
+        """The database at `url`, opened for campaign `campaign`: its models and iterations.
+
+        With `create=True` a new campaign is created with `config` (an existing one keeps its own);
+        with `create=False` the database and the campaign must exist (`UnknownCampaign` otherwise).
+        """
+        store = cls(url, create=create)
         try:
-            self._open_schema(create)
-            self._use_wal()
+            campaign_id = store.ensure_campaign(campaign, config or {}) if create else store.campaign_id(campaign)
+            if campaign_id is None:
+                raise UnknownCampaign(f"no campaign {campaign!r} in {store.name}")
         except BaseException:
-            self._engine.dispose()
+            store.close()
             raise
+        store._campaign_id = campaign_id
+        return store
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -219,31 +126,23 @@ class CampaignStore:
     # -- campaigns -----------------------------------------------------------------------------
 
     def ensure_campaign(self, name: str, config: Mapping[str, Any]) -> int:
-        """The id of campaign `name`, created with `config` if new (an existing config is kept).
-
-        The campaign becomes the store's current one, used by the model and iteration methods.
-        """
+        """The id of campaign `name`, created with `config` if new (an existing config is kept)."""
         row = CampaignRow(name=name, config=_plain_json(config))
         try:
             with self._write() as session:
                 session.add(row)
                 session.flush()
-                self._campaign_id = row.id
                 return row.id
         except sa_exc.IntegrityError:
             campaign_id = self.campaign_id(name)
             if campaign_id is None:
                 raise
-            self._campaign_id = campaign_id
             return campaign_id
 
     def campaign_id(self, name: str) -> int | None:
-        """The id of campaign `name`, or None; makes it the current campaign when found."""
+        """The id of campaign `name`, or None."""
         with self._read() as session:
-            campaign_id = session.scalar(select(CampaignRow.id).where(CampaignRow.name == name))
-        if campaign_id is not None:
-            self._campaign_id = campaign_id
-        return campaign_id
+            return session.scalar(select(CampaignRow.id).where(CampaignRow.name == name))
 
     def campaign_config(self, name: str) -> dict[str, Any] | None:
         """The config stored with campaign `name` when it was created, or None."""
@@ -316,7 +215,7 @@ class CampaignStore:
             with self._read() as session:
                 existing = session.scalar(select(StructureRow.id).where(StructureRow.identity == identity))
             if existing is None:  # another constraint, e.g. an unknown parent_id
-                raise ValueError(f"cannot store {kind} structure: {_reason(exc)}") from exc
+                raise ValueError(f"cannot store {kind} structure: {error_reason(exc)}") from exc
             return existing
 
     def structure(self, structure_id: int) -> StructureRecord:
@@ -324,7 +223,7 @@ class CampaignStore:
             row = session.get(StructureRow, structure_id)
             if row is None:
                 raise KeyError(f"no structure with id {structure_id}")
-            return _structure_record(row)
+            return structure_record(row)
 
     def atoms(self, structure_id: int) -> Atoms:
         """The stored geometry of a structure (bit-exact)."""
@@ -336,7 +235,7 @@ class CampaignStore:
         if kind is not None:
             query = query.where(StructureRow.kind == kind)
         with self._read() as session:
-            return [_structure_record(row) for row in session.scalars(query)]
+            return [structure_record(row) for row in session.scalars(query)]
 
     def chunk_centers(
         self,
@@ -385,7 +284,7 @@ class CampaignStore:
         )
         with self._read() as session:
             row = session.scalar(query)
-            return None if row is None else _job_record(row)
+            return None if row is None else job_record(row)
 
     # -- reference jobs ------------------------------------------------------------------------
 
@@ -415,12 +314,12 @@ class CampaignStore:
             with self._read() as session:
                 existing = session.scalar(query)
             if existing is None:  # another constraint, e.g. an unknown structure_id
-                raise ValueError(f"cannot add a {calculator} job for structure {structure_id}: {_reason(exc)}") from exc
+                raise ValueError(f"cannot add a {calculator} job for structure {structure_id}: {error_reason(exc)}") from exc
             return existing
 
     def job(self, job_id: int) -> JobRecord:
         with self._read() as session:
-            return _job_record(self._job_row(session, job_id))
+            return job_record(self._job_row(session, job_id))
 
     def jobs(self, status: str | None = None, kind: str | None = None) -> list[JobRecord]:
         """Reference jobs, optionally of one status and of one structure kind, oldest first."""
@@ -434,7 +333,7 @@ class CampaignStore:
                 StructureRow.kind == kind
             )
         with self._read() as session:
-            return [_job_record(row) for row in session.scalars(query)]
+            return [job_record(row) for row in session.scalars(query)]
 
     def mark_running(self, job_id: int, host: str | None = None, external_id: str | None = None) -> None:
         """The job was submitted: status running, one more attempt, start time, host, external id."""
@@ -507,7 +406,7 @@ class CampaignStore:
         """Energy and forces of a done job, or None."""
         with self._read() as session:
             row = session.get(ReferenceResultRow, job_id)
-            return None if row is None else ResultRecord(row.job_id, row.energy, unpack_array(row.forces))
+            return None if row is None else result_record(row)
 
     def labelled_structures(
         self, calculator: str | None = None, params: Mapping[str, Any] | None = None
@@ -529,7 +428,7 @@ class CampaignStore:
             query = query.where(ReferenceJobRow.params_hash == params_hash(_plain_json(params)))
         with self._read() as session:
             return [
-                (_structure_record(structure), ResultRecord(result.job_id, result.energy, unpack_array(result.forces)))
+                (structure_record(structure), result_record(result))
                 for structure, result in session.execute(query)
             ]
 
@@ -540,12 +439,10 @@ class CampaignStore:
         iteration: int,
         path: str | os.PathLike[str],
         metrics: Mapping[str, Any] | None = None,
-        *,
-        campaign_id: int | None = None,
     ) -> int:
         """Record the model file trained in `iteration` with its sha256; replaces that iteration's entry."""
         digest = file_sha256(Path(path))
-        campaign = self._current_campaign(campaign_id)
+        campaign = self._campaign()
         with self._write() as session:
             row = session.scalar(
                 select(ModelRow).where(ModelRow.campaign_id == campaign, ModelRow.iteration == int(iteration))
@@ -560,15 +457,16 @@ class CampaignStore:
             session.flush()
             return row.id
 
-    def models(self, *, campaign_id: int | None = None) -> list[ModelRecord]:
-        campaign = self._current_campaign(campaign_id)
+    def models(self) -> list[ModelRecord]:
+        """The campaign's models in iteration order."""
+        campaign = self._campaign()
         query = select(ModelRow).where(ModelRow.campaign_id == campaign).order_by(ModelRow.iteration)
         with self._read() as session:
-            return [_model_record(row) for row in session.scalars(query)]
+            return [model_record(row) for row in session.scalars(query)]
 
-    def best_model(self, *, campaign_id: int | None = None) -> ModelRecord | None:
+    def best_model(self) -> ModelRecord | None:
         """The model of the iteration with the lowest max δ (later wins ties); the latest if none has δ."""
-        campaign = self._current_campaign(campaign_id)
+        campaign = self._campaign()
         scored = (
             select(ModelRow)
             .join(
@@ -584,7 +482,7 @@ class CampaignStore:
         )
         with self._read() as session:
             row = session.scalar(scored) or session.scalar(latest)
-            return None if row is None else _model_record(row)
+            return None if row is None else model_record(row)
 
     def record_iteration(
         self,
@@ -595,7 +493,6 @@ class CampaignStore:
         wall_time: Mapping[str, float] | None = None,
         *,
         max_delta: float | None = None,
-        campaign_id: int | None = None,
     ) -> None:
         """Record one iteration: δ (eV/Å) per target structure id, chunks added, training force MAE
         (eV/Å) and the wall-time split in seconds; recording the same iteration again replaces it."""
@@ -604,7 +501,7 @@ class CampaignStore:
             if not deltas:
                 raise ValueError("max_delta is needed when delta_per_target is empty")
             max_delta = max(deltas.values())
-        campaign = self._current_campaign(campaign_id)
+        campaign = self._campaign()
         with self._write() as session:
             row = session.scalar(
                 select(IterationRow).where(
@@ -621,12 +518,12 @@ class CampaignStore:
             row.wall_time = {str(key): float(value) for key, value in (wall_time or {}).items()}
             row.created_at = utc_now()
 
-    def iterations(self, *, campaign_id: int | None = None) -> list[IterationRecord]:
+    def iterations(self) -> list[IterationRecord]:
         """The campaign's iterations in order."""
-        campaign = self._current_campaign(campaign_id)
+        campaign = self._campaign()
         query = select(IterationRow).where(IterationRow.campaign_id == campaign).order_by(IterationRow.iteration)
         with self._read() as session:
-            return [_iteration_record(row) for row in session.scalars(query)]
+            return [iteration_record(row) for row in session.scalars(query)]
 
     # -- status --------------------------------------------------------------------------------
 
@@ -662,83 +559,6 @@ class CampaignStore:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _display_name(self) -> str:
-        if self._is_sqlite and _is_sqlite_file(self._url):
-            return self._url.database  # type: ignore[return-value]
-        return self._url.render_as_string(hide_password=True)
-
-    def _make_engine(self) -> Engine:
-        if not self._is_sqlite:
-            return create_engine(self._url, pool_pre_ping=True)
-        # One connection per transaction for files: nothing to share across threads or a fork.
-        options: dict[str, Any] = {"poolclass": NullPool} if _is_sqlite_file(self._url) else {}
-        engine = create_engine(self._url, connect_args={"timeout": 30}, **options)
-
-        @event.listens_for(engine, "connect")
-        def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
-            dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
-            cursor = dbapi_connection.cursor()
-            try:
-                cursor.execute("PRAGMA busy_timeout = 30000")
-                cursor.execute("PRAGMA foreign_keys = ON")
-            finally:
-                cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def _begin_sqlite(connection: Any) -> None:
-            # Writers take the write lock up front, so a read-then-write never fails on upgrade.
-            mode = connection.get_execution_options().get("nft_sqlite_begin", "DEFERRED")
-            connection.exec_driver_sql(f"BEGIN {mode}")
-
-        return engine
-
-    def _open_schema(self, create: bool) -> None:
-        """Create the schema in an empty database, or check that this is nft's, of our version."""
-        begin_mode = "IMMEDIATE" if create else "DEFERRED"
-        try:
-            with self._engine.connect().execution_options(nft_sqlite_begin=begin_mode) as connection:
-                with connection.begin():
-                    tables = set(inspect(connection).get_table_names())
-                    if not tables:
-                        if not create:
-                            raise DatabaseError(f"{self.name}: empty database, no nft campaign in it")
-                        Base.metadata.create_all(connection)
-                        connection.execute(
-                            MetadataRow.__table__.insert(),
-                            [
-                                {"key": "application", "value": APPLICATION},
-                                {"key": "schema_version", "value": str(SCHEMA_VERSION)},
-                            ],
-                        )
-                        return
-                    if MetadataRow.__tablename__ not in tables:
-                        raise DatabaseError(f"{self.name}: not an nft database (no {MetadataRow.__tablename__} table)")
-                    facts = {key: value for key, value in connection.execute(select(MetadataRow.key, MetadataRow.value))}
-        except sa_exc.SQLAlchemyError as exc:
-            raise DatabaseError(f"{self.name}: cannot open as a database ({_reason(exc)})") from exc
-        if facts.get("application") != APPLICATION:
-            raise DatabaseError(f"{self.name}: not an nft database")
-        version = facts.get("schema_version")
-        if version != str(SCHEMA_VERSION):
-            raise DatabaseError(
-                f"{self.name}: nft database schema version {version}, this nft reads version {SCHEMA_VERSION}"
-            )
-
-    def _use_wal(self) -> None:
-        """Put an SQLite file in WAL mode (persistent in the file): readers never block the writer.
-
-        Done only once the file is known to be ours, so a foreign file is left untouched."""
-        if not (self._is_sqlite and _is_sqlite_file(self._url)):
-            return
-        try:
-            with self._engine.connect() as connection:
-                raw = connection.connection.driver_connection
-                mode = raw.execute("PRAGMA journal_mode").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raw.execute("PRAGMA journal_mode = WAL")
-        except (sa_exc.SQLAlchemyError, sqlite3.Error) as exc:
-            raise DatabaseError(f"{self.name}: cannot switch to WAL mode ({exc})") from exc
-
     @contextmanager
     def _read(self) -> Iterator[Session]:
         with Session(self._engine, expire_on_commit=False) as session, session.begin():
@@ -755,31 +575,11 @@ class CampaignStore:
             raise KeyError(f"no reference job with id {job_id}")
         return row
 
-    def _current_campaign(self, campaign_id: int | None) -> int:
-        if campaign_id is not None:
-            return int(campaign_id)
-        if self._campaign_id is not None:
-            return self._campaign_id
-        with self._read() as session:
-            ids = list(session.scalars(select(CampaignRow.id).limit(2)))
-        if len(ids) != 1:
-            raise ValueError(
-                f"{self.name}: {'no' if not ids else 'several'} campaigns; call ensure_campaign or campaign_id first"
-            )
-        self._campaign_id = ids[0]
-        return ids[0]
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    """Timestamps as aware UTC datetimes (SQLite hands them back naive)."""
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=timezone.utc)
-
-
-def _reason(exc: sa_exc.SQLAlchemyError) -> str:
-    """The driver's one-line message of a SQLAlchemy error (no SQL, no parameters)."""
-    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    def _campaign(self) -> int:
+        """The id of the campaign the store was opened for."""
+        if self._campaign_id is None:
+            raise ValueError(f"{self.name}: no campaign chosen; open the store with CampaignStore.open(url, campaign)")
+        return self._campaign_id
 
 
 def _chunk_identity(parent_id: int, center_in_parent: int, radius: float) -> str:
@@ -798,70 +598,3 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _atoms(row: StructureRow) -> Atoms:
-    return Atoms(
-        numbers=unpack_array(row.numbers),
-        positions=unpack_array(row.positions),
-        cell=unpack_array(row.cell),
-        pbc=unpack_array(row.pbc),
-    )
-
-
-def _structure_record(row: StructureRow) -> StructureRecord:
-    return StructureRecord(
-        id=row.id,
-        kind=row.kind,
-        atoms=_atoms(row),
-        geometry_hash=row.geometry_hash,
-        n_atoms=row.n_atoms,
-        parent_id=row.parent_id,
-        center_in_parent=row.center_in_parent,
-        center_in_chunk=row.center_in_chunk,
-        radius=row.radius,
-        vacuum=row.vacuum,
-        created_at=_utc(row.created_at),
-    )
-
-
-def _job_record(row: ReferenceJobRow) -> JobRecord:
-    return JobRecord(
-        id=row.id,
-        structure_id=row.structure_id,
-        calculator=row.calculator,
-        params=dict(row.params),
-        params_hash=row.params_hash,
-        status=row.status,
-        attempts=row.attempts,
-        error=row.error,
-        host=row.host,
-        wall_time_s=row.wall_time_s,
-        external_id=row.external_id,
-        created_at=_utc(row.created_at),
-        started_at=_utc(row.started_at),
-        finished_at=_utc(row.finished_at),
-    )
-
-
-def _model_record(row: ModelRow) -> ModelRecord:
-    return ModelRecord(
-        id=row.id,
-        iteration=row.iteration,
-        path=row.path,
-        sha256=row.sha256,
-        metrics=dict(row.metrics),
-        created_at=_utc(row.created_at),
-    )
-
-
-def _iteration_record(row: IterationRow) -> IterationRecord:
-    return IterationRecord(
-        iteration=row.iteration,
-        delta_per_target={int(key): float(value) for key, value in row.delta_per_target.items()},
-        max_delta=row.max_delta,
-        chunks_added=row.chunks_added,
-        train_force_mae=row.train_force_mae,
-        wall_time=dict(row.wall_time),
-        created_at=_utc(row.created_at),
-    )

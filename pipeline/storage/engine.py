@@ -1,0 +1,165 @@
+"""The connection to a campaign database: URL resolution, the engine, SQLite settings, the schema check.
+
+Any SQLAlchemy URL works; SQLite (the default) runs in WAL mode with foreign keys on and a 30 s busy
+timeout, so a reader in another process never blocks the driver. Opening checks that the database is
+nft's, of this schema version, or creates the schema in an empty one.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy.exc as sa_exc
+from sqlalchemy import Engine, create_engine, event, inspect, select
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import NullPool
+
+from pipeline.errors import BadInput
+from pipeline.storage.schema import APPLICATION, SCHEMA_VERSION, Base, MetadataRow
+
+__all__ = ["DatabaseError", "error_reason", "open_engine", "resolve_database_url", "write_engine"]
+
+BEGIN_OPTION = "nft_sqlite_begin"
+"""Execution option naming how an SQLite transaction begins: DEFERRED (reads) or IMMEDIATE (writes)."""
+
+
+class DatabaseError(BadInput):
+    """The database cannot be used: missing, not a database, not nft's, or another schema version.
+
+    A `BadInput`, so the CLI exits 2 with the one-line message (it names the file or URL)."""
+
+
+def resolve_database_url(url: str, workdir: str | os.PathLike[str]) -> str:
+    """A relative SQLite path resolved inside `workdir`; other URLs and absolute paths unchanged."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not _is_sqlite_file(parsed):
+        return url
+    if Path(parsed.database).is_absolute():
+        return url
+    path = Path(workdir).resolve() / parsed.database
+    return parsed.set(database=str(path)).render_as_string(hide_password=False)
+
+
+def open_engine(url: str, *, create: bool) -> tuple[Engine, str]:
+    """An engine on `url` with the schema checked (or, with `create`, made in an empty database),
+    and the name that messages use: the file of an SQLite database, else the URL without password.
+
+    With `create=False` a missing SQLite file is refused rather than created; any refusal is a
+    one-line `DatabaseError` naming the file or URL."""
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError as exc:
+        raise DatabaseError(f"{url}: not a valid database URL") from exc
+    name = _display_name(parsed)
+    if _is_sqlite(parsed) and _is_sqlite_file(parsed) and not create:
+        if not Path(parsed.database).is_file():
+            raise DatabaseError(f"{name}: no such database file")
+    engine = _make_engine(parsed)
+    try:
+        _open_schema(engine, name, create)
+        _use_wal(engine, name, parsed)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine, name
+
+
+def write_engine(engine: Engine) -> Engine:
+    """The same engine, whose SQLite transactions take the write lock up front (a read-then-write
+    never fails on upgrading its lock)."""
+    return engine.execution_options(**{BEGIN_OPTION: "IMMEDIATE"})
+
+
+def error_reason(exc: sa_exc.SQLAlchemyError) -> str:
+    """The driver's one-line message of a SQLAlchemy error (no SQL, no parameters)."""
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
+
+
+def _is_sqlite(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite"
+
+
+def _is_sqlite_file(url: URL) -> bool:
+    database = url.database or ""
+    return database not in ("", ":memory:") and not database.startswith("file:")
+
+
+def _display_name(url: URL) -> str:
+    if _is_sqlite(url) and _is_sqlite_file(url):
+        return url.database  # type: ignore[return-value]
+    return url.render_as_string(hide_password=True)
+
+
+def _make_engine(url: URL) -> Engine:
+    if not _is_sqlite(url):
+        return create_engine(url, pool_pre_ping=True)
+    # One connection per transaction for files: nothing to share across threads or a fork.
+    options: dict[str, Any] = {"poolclass": NullPool} if _is_sqlite_file(url) else {}
+    engine = create_engine(url, connect_args={"timeout": 30}, **options)
+
+    @event.listens_for(engine, "connect")
+    def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA busy_timeout = 30000")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin_sqlite(connection: Any) -> None:
+        # Writers take the write lock up front, so a read-then-write never fails on upgrade.
+        mode = connection.get_execution_options().get(BEGIN_OPTION, "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def _open_schema(engine: Engine, name: str, create: bool) -> None:
+    """Create the schema in an empty database, or check that this is nft's, of our version."""
+    begin_mode = "IMMEDIATE" if create else "DEFERRED"
+    try:
+        with engine.connect().execution_options(**{BEGIN_OPTION: begin_mode}) as connection:
+            with connection.begin():
+                tables = set(inspect(connection).get_table_names())
+                if not tables:
+                    if not create:
+                        raise DatabaseError(f"{name}: empty database, no nft campaign in it")
+                    Base.metadata.create_all(connection)
+                    connection.execute(
+                        MetadataRow.__table__.insert(),
+                        [
+                            {"key": "application", "value": APPLICATION},
+                            {"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                        ],
+                    )
+                    return
+                if MetadataRow.__tablename__ not in tables:
+                    raise DatabaseError(f"{name}: not an nft database (no {MetadataRow.__tablename__} table)")
+                facts = {key: value for key, value in connection.execute(select(MetadataRow.key, MetadataRow.value))}
+    except sa_exc.SQLAlchemyError as exc:
+        raise DatabaseError(f"{name}: cannot open as a database ({error_reason(exc)})") from exc
+    if facts.get("application") != APPLICATION:
+        raise DatabaseError(f"{name}: not an nft database")
+    version = facts.get("schema_version")
+    if version != str(SCHEMA_VERSION):
+        raise DatabaseError(f"{name}: nft database schema version {version}, this nft reads version {SCHEMA_VERSION}")
+
+
+def _use_wal(engine: Engine, name: str, url: URL) -> None:
+    """Put an SQLite file in WAL mode (persistent in the file): readers never block the writer.
+
+    Done only once the file is known to be ours, so a foreign file is left untouched."""
+    if not (_is_sqlite(url) and _is_sqlite_file(url)):
+        return
+    try:
+        with engine.connect() as connection:
+            raw = connection.connection.driver_connection
+            mode = raw.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raw.execute("PRAGMA journal_mode = WAL")
+    except (sa_exc.SQLAlchemyError, sqlite3.Error) as exc:
+        raise DatabaseError(f"{name}: cannot switch to WAL mode ({exc})") from exc
