@@ -41,6 +41,8 @@ def first_problem(error: "ValidationError", field_names: Mapping[str, str] | Non
         "string_type": "a string", "list_type": "a list", "tuple_type": "a list", "dict_type": "a table",
         "model_type": "a table",
     }
+    if kind == "finite_number":
+        return f"{field}: must be a finite number (got {value!r})"
     if kind in types:
         return f"{field}: must be {types[kind]} (got {value!r})"
     if kind == "literal_error":

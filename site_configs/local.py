@@ -17,9 +17,9 @@ OPTIONS = {"workers": None, "worker_init": None}
 
 def make_config(run_dir, options):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = int(options["workers"] or cores)
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    workers = cores if options["workers"] is None else options["workers"]
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"option workers must be an integer >= 1, got {workers!r}")
     return Config(
         executors=[
             HighThroughputExecutor(

@@ -23,6 +23,7 @@ from pipeline.campaign.training_set import TrainingEnvironment
 from pipeline.errors import BadInput, first_problem
 from pipeline.execution.parents import ParentConfigError, physics_params, validate_parent_params
 from pipeline.science.settings import TrainingSettings
+from pipeline.science.structures import structure_problem
 from pipeline.storage.engine import resolve_database_url
 
 DEFAULT_THRESHOLD = {"emt": 0.1}
@@ -33,7 +34,7 @@ MIN_SEPARATION_NEAREST_NEIGHBOURS = 1.1
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class CampaignSection(_Section):
@@ -256,8 +257,9 @@ def _read_structures(path: Path, field: str, label: str) -> list[Atoms]:
     if not images:
         raise BadInput(f"{label}: {field}: {path.name} holds no structures")
     for k, atoms in enumerate(images):
-        if len(atoms) == 0:
-            raise BadInput(f"{label}: {field}: {path.name} image {k} has no atoms")
+        problem = structure_problem(atoms)
+        if problem:
+            raise BadInput(f"{label}: {field}: {path.name} image {k} {problem}")
     return images
 
 

@@ -13,7 +13,7 @@ from pipeline.cli import app
 from pipeline.cli.common import exit_codes
 from pipeline.errors import BadInput, first_problem
 from pipeline.science.settings import TrainingSettings
-from pipeline.science.structures import LabelledStructure, atoms_to_payload
+from pipeline.science.structures import LabelledStructure, atoms_to_payload, structure_problem
 
 console = Console(stderr=True)
 
@@ -31,6 +31,10 @@ def read_images(path: Path):
         raise BadInput(f"{path}: not a readable structure file ({reason})") from None
     if not images:
         raise BadInput(f"{path}: contains no structures")
+    for index, atoms in enumerate(images):
+        problem = structure_problem(atoms)
+        if problem:
+            raise BadInput(f"{path}: image {index} {problem}")
     return images
 
 

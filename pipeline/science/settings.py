@@ -17,7 +17,7 @@ DescriptorKind = Literal["g5-moments", "g4"]
 
 
 class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 def _tuple(value: Any) -> Any:

@@ -47,3 +47,33 @@ def payload_to_atoms(payload: dict[str, Any]) -> Atoms:
         cell=payload["cell"],
         pbc=payload["pbc"],
     )
+
+
+MIN_INTERATOMIC_DISTANCE_ANGSTROM = 0.5
+"""Closer atoms are a broken input (a duplicated atom, wrong units), not chemistry: H₂ is 0.74 Å."""
+
+
+def structure_problem(atoms: Atoms, min_distance_angstrom: float = MIN_INTERATOMIC_DISTANCE_ANGSTROM) -> str | None:
+    """What makes a structure unusable, in a few words (non-finite positions, cell or labels; a
+    periodic axis without a cell; atoms closer than `min_distance_angstrom`), or None."""
+    from pipeline.science.neighbours import neighbour_pairs
+
+    if len(atoms) == 0:
+        return "has no atoms"
+    if not np.isfinite(atoms.positions).all():
+        return "has positions that are not finite numbers"
+    if not np.isfinite(atoms.cell.array).all():
+        return "has a cell that is not finite"
+    if atoms.pbc.any() and abs(np.linalg.det(atoms.cell.array)) < 1e-9:
+        return "is periodic but its cell has no volume"
+    results = atoms.calc.results if atoms.calc is not None else {}
+    for name in ("energy", "forces"):
+        if name in results and results[name] is not None and not np.isfinite(np.asarray(results[name], dtype=float)).all():
+            return f"has {name} that are not finite numbers"
+    pairs = neighbour_pairs(atoms, min_distance_angstrom)
+    if len(pairs.centers):
+        distances = np.linalg.norm(pairs.vectors, axis=1)
+        k = int(np.argmin(distances))
+        return (f"has atoms {int(pairs.centers[k])} and {int(pairs.neighbours[k])} {distances[k]:.3g} Å apart "
+                f"(closer than {min_distance_angstrom} Å)")
+    return None

@@ -75,6 +75,7 @@ def load_ensemble(path: str | Path, dtype: torch.dtype = torch.float64, device: 
     meta = read_metadata(path)
     try:
         params = SymmetryFunctionParams.from_dict(meta["descriptor"])
+        _check_size(params, meta["hidden"], meta["member_seeds"], path)
         model = EnsembleModel(params, hidden=tuple(meta["hidden"]), member_seeds=meta["member_seeds"])
         state = load_file(str(path))
         state.pop("lowering", None)  # files before the descriptor registered its own constants held a copy
@@ -82,5 +83,30 @@ def load_ensemble(path: str | Path, dtype: torch.dtype = torch.float64, device: 
     except (SafetensorError, RuntimeError, ValueError, TypeError, KeyError) as error:
         message = str(error).splitlines()[0][:160]
         raise ModelFileError(f"{path}: corrupt nft model file ({message})") from None
+    if not all(bool(torch.isfinite(tensor).all()) for tensor in model.state_dict().values()):
+        raise ModelFileError(f"{path}: the model holds weights that are not finite numbers (a diverged training?)")
     model.extra_metadata = meta["extra"]
     return model.to(device=resolve_device(device), dtype=dtype).eval()
+
+
+MAX_MEMBERS = 1024
+MAX_LAYERS = 16
+MAX_LAYER_WIDTH = 4096
+MAX_FEATURES = 100_000
+"""Bounds on what a model file's header may ask for, checked before any tensor is allocated."""
+
+
+def _check_size(params: SymmetryFunctionParams, hidden: Any, member_seeds: Any, path: str | Path) -> None:
+    """ModelFileError unless the header's network is of a size an nft model can have."""
+    widths_ok = (isinstance(hidden, list) and 1 <= len(hidden) <= MAX_LAYERS
+                 and all(isinstance(w, int) and 1 <= w <= MAX_LAYER_WIDTH for w in hidden))
+    seeds_ok = isinstance(member_seeds, list) and 1 <= len(member_seeds) <= MAX_MEMBERS and all(
+        isinstance(seed, int) for seed in member_seeds)
+    if not widths_ok:
+        raise ModelFileError(f"{path}: hidden layer widths {str(hidden)[:60]} are out of bounds "
+                             f"(1–{MAX_LAYERS} layers of 1–{MAX_LAYER_WIDTH})")
+    if not seeds_ok:
+        raise ModelFileError(f"{path}: member seeds must be 1–{MAX_MEMBERS} integers")
+    if params.n_elements > 118 or params.n_features > MAX_FEATURES:
+        raise ModelFileError(f"{path}: descriptor of {params.n_features} features for {params.n_elements} elements "
+                             f"is out of bounds (at most {MAX_FEATURES})")

@@ -1,0 +1,215 @@
+"""Every bad input is refused before anything is written: exit 2, one line on stderr naming the file
+and the field, and the disk as it was. One row per case, across the commands (README: "Bad input").
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import read, write
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.science.examples import bulk_training_cells, emt_label
+from tests.plugins.campaign_fixtures import rattled_cluster, write_campaign
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def disk_state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under `root` with its size and modification time."""
+    state = {}
+    for folder, folders, files in os.walk(root):
+        for name in folders + files:
+            path = Path(folder) / name
+            info = path.stat()
+            state[str(path.relative_to(root))] = (info.st_size if path.is_file() else -1, info.st_mtime_ns)
+    return state
+
+
+# ----- the cases: each writes what it needs under `here` and returns the nft arguments ----------
+
+def campaign(changes=None, **options) -> Callable[[Path], list[str]]:
+    def make(here: Path) -> list[str]:
+        return ["run", str(write_campaign(here / "campaign", changes, **options))]
+    return make
+
+
+def campaign_text(edit: Callable[[str], str]) -> Callable[[Path], list[str]]:
+    """A valid small campaign whose config text is then edited."""
+    def make(here: Path) -> list[str]:
+        config = write_campaign(here / "campaign")
+        config.write_text(edit(config.read_text()))
+        return ["run", str(config)]
+    return make
+
+
+def campaign_target(atoms: Atoms) -> Callable[[Path], list[str]]:
+    return campaign(target=atoms)
+
+
+def campaign_initial(images: list[Atoms]) -> Callable[[Path], list[str]]:
+    def make(here: Path) -> list[str]:
+        config = write_campaign(here / "campaign")
+        write(config.parent / "initial.traj", images)
+        return ["run", str(config)]
+    return make
+
+
+def nan_positions() -> Atoms:
+    atoms = rattled_cluster()
+    atoms.positions[3, 1] = np.nan
+    return atoms
+
+
+def inf_positions() -> Atoms:
+    atoms = rattled_cluster()
+    atoms.positions[0, 0] = np.inf
+    return atoms
+
+
+def two_atoms_too_close() -> Atoms:
+    atoms = rattled_cluster()
+    atoms.positions[1] = atoms.positions[0] + [0.1, 0.0, 0.0]
+    return atoms
+
+
+def periodic_without_cell() -> Atoms:
+    atoms = rattled_cluster()
+    atoms.pbc = True
+    return atoms
+
+
+def labelled_with(energy: float, forces_value: float) -> list[Atoms]:
+    images = [emt_label(cell) for cell in bulk_training_cells(count=3, seed=3)]
+    forces = images[1].get_forces().copy()
+    forces[0, 0] = forces_value
+    images[1].calc = SinglePointCalculator(images[1], energy=energy, forces=forces)
+    return images
+
+
+def training_file(images: list[Atoms], *options: str) -> Callable[[Path], list[str]]:
+    def make(here: Path) -> list[str]:
+        path = here / "train.extxyz"
+        write(path, images)
+        return ["train", str(path), "-o", str(here / "model.nft"), *options]
+    return make
+
+
+def good_training_file(*options: str) -> Callable[[Path], list[str]]:
+    return training_file([emt_label(cell) for cell in bulk_training_cells(count=3, seed=3)], *options)
+
+
+def model_file(header_hidden: list[int] | None = None, junk: bool = False, *options: str) -> Callable[[Path], list[str]]:
+    """`nft evaluate` of a model whose file is junk or whose header asks for a huge network."""
+    def make(here: Path) -> list[str]:
+        path = here / "model.nft"
+        if junk:
+            path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+        else:
+            from safetensors.torch import save_file
+            import torch
+
+            metadata = {"format": "nft-ensemble", "version": "1", "hidden": json.dumps(header_hidden),
+                        "descriptor": json.dumps({"elements": [78]}), "member_seeds": json.dumps([0, 1])}
+            save_file({"feature_mean": torch.zeros(1, 20, dtype=torch.float64)}, str(path), metadata=metadata)
+        structure = here / "probe.traj"
+        write(structure, rattled_cluster())
+        return ["evaluate", str(path), str(structure), "--reference", "emt", *options]
+    return make
+
+
+def evaluate_structure(atoms: Atoms, reference: str = "emt") -> Callable[[Path], list[str]]:
+    """`nft evaluate` of a real (briefly trained) model on a structure."""
+    def make(here: Path) -> list[str]:
+        from pipeline.science.settings import TrainingSettings
+        from pipeline.science.structures import LabelledStructure
+        from pipeline.science.training import train_ensemble
+        from pipeline.storage.model_file import save_model
+
+        cells = [emt_label(cell) for cell in bulk_training_cells(count=2, seed=3)]
+        data = [LabelledStructure(c, c.get_potential_energy(), c.get_forces()) for c in cells]
+        model, _ = train_ensemble(data, TrainingSettings(ensemble=2, epochs=1, lbfgs_steps=0))
+        save_model(model, here / "model.nft")
+        structure = here / "probe.traj"
+        write(structure, atoms)
+        return ["evaluate", str(here / "model.nft"), str(structure), "--reference", reference]
+    return make
+
+
+def status_of_missing_database(here: Path) -> list[str]:
+    return ["status", str(write_campaign(here / "campaign"))]
+
+
+CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
+    # nft run: the config file
+    "config file missing": (lambda here: ["run", str(here / "nope.toml")], ("nope.toml", "no such config file")),
+    "malformed TOML": (campaign_text(lambda text: text + "\n[model\n"), ("config.toml", "malformed TOML")),
+    "unknown key": (campaign({"model": {"epoch": 3}}), ("model.epoch", "unknown key")),
+    "wrong type": (campaign({"model": {"ensemble": "ten"}}), ("model.ensemble", "must be an integer")),
+    "radius inf": (campaign_text(lambda t: t.replace("radius = 6.0", "radius = inf")), ("chunks.radius", "finite")),
+    "vacuum nan": (campaign_text(lambda t: t.replace("vacuum = 4.0", "vacuum = nan")), ("chunks.vacuum", "finite")),
+    "cutoff inf": (campaign_text(lambda t: t.replace("cutoff = 5.0", "cutoff = inf")), ("model.cutoff", "finite")),
+    "negative radius": (campaign({"chunks": {"radius": -1.0}}), ("chunks.radius", "must be > 0")),
+    "one member": (campaign({"model": {"ensemble": 1}}), ("model.ensemble", "must be >= 2")),
+    "no hidden layers": (campaign({"model": {"hidden": []}}), ("model.hidden", "must not be empty")),
+    "unknown descriptor": (campaign({"model": {"descriptor": {"kind": "g7"}}}), ("model.descriptor.kind", "g5-moments")),
+    "radial lengths differ": (campaign({"model": {"descriptor": {"radial_centers": [0.0, 2.0], "radial_etas": [0.1]}}}),
+                              ("model.descriptor", "same length")),
+    "unknown device": (campaign({"model": {"device": "gpu"}}), ("model.device", "'auto', 'cpu' or 'cuda'")),
+    "zero threshold": (campaign({"active": {"threshold": 0.0}}), ("active.threshold", "must be > 0")),
+    "empty name": (campaign({"campaign": {"name": ""}}), ("campaign.name", "must not be empty")),
+    "not a database URL": (campaign({"campaign": {"database": "not a url"}}), ("campaign.database",)),
+    "unknown parent": (campaign({"parent": {"calculator": "vasp"}}), ("parent.calculator", "vasp")),
+    "options of another parent": (campaign({"parent": {"gpaw": {"xc": "PBE"}}}), ("parent.gpaw", "emt")),
+    # nft run: the structures
+    "target file missing": (campaign({"data": {"targets": ["missing.traj"]}}), ("data.targets[0]", "no such file")),
+    "no targets": (campaign({"data": {"targets": []}}), ("data.targets", "must not be empty")),
+    "NaN positions": (campaign_target(nan_positions()), ("data.targets[0]", "not finite")),
+    "inf positions": (campaign_target(inf_positions()), ("data.targets[0]", "not finite")),
+    "atoms 0.1 Å apart": (campaign_target(two_atoms_too_close()), ("data.targets[0]", "0.1 Å apart")),
+    "periodic without a cell": (campaign_target(periodic_without_cell()), ("data.targets[0]", "no volume")),
+    "element the initial set lacks": (campaign_target(Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]])),
+                                      ("data.targets", "Cu")),
+    "NaN force in the initial set": (campaign_initial(labelled_with(-1.0, np.nan)), ("data.initial[0]", "forces")),
+    "inf energy in the initial set": (campaign_initial(labelled_with(np.inf, 0.0)), ("data.initial[0]", "energy")),
+    # nft run: the site
+    "zero workers": (campaign({"site": {"options": {"workers": 0}}}), ("local.py", "workers")),
+    "unknown site option": (campaign({"site": {"options": {"cores": 2}}}), ("site option 'cores'",)),
+    "unknown site": (campaign({"site": {"name": "nowhere"}}), ("--site", "nowhere")),
+    # nft train
+    "NaN force in training data": (training_file(labelled_with(-1.0, np.nan)), ("train.extxyz", "image 1", "forces")),
+    "hidden not numbers": (good_training_file("--hidden", "5,x"), ("--hidden",)),
+    "one member to train": (good_training_file("--ensemble", "1"), ("--ensemble", ">= 2")),
+    "cutoff inf to train": (good_training_file("--cutoff", "inf"), ("--cutoff", "finite")),
+    "unknown device to train": (good_training_file("--device", "tpu"), ("--device",)),
+    "output folder missing": (lambda here: good_training_file()(here)[:2] + ["-o", str(here / "no" / "m.nft")],
+                              ("does not exist",)),
+    # nft evaluate
+    "junk model file": (model_file(junk=True), ("model.nft",)),
+    "model header asks for a huge network": (model_file(header_hidden=[100_000_000]), ("model.nft", "out of bounds")),
+    "unknown reference": (evaluate_structure(rattled_cluster(), reference="vasp"), ("--reference", "vasp")),
+    "NaN positions to evaluate": (evaluate_structure(nan_positions()), ("probe.traj", "not finite")),
+    # nft status
+    "status without a database": (status_of_missing_database, ("nft.db",)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_in_one_line_before_anything_is_written(case, tmp_path):
+    make, needles = CASES[case]
+    arguments = make(tmp_path)
+    before = disk_state(tmp_path)
+    result = CliRunner().invoke(app, arguments)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2, f"{case}: exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    assert len(lines) == 1, f"{case}: {result.stderr}"
+    for needle in needles:
+        assert needle in lines[0], f"{case}: {needle!r} not in {lines[0]!r}"
+    assert disk_state(tmp_path) == before, f"{case}: files changed"
