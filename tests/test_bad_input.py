@@ -166,6 +166,8 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "zero threshold": (campaign({"active": {"threshold": 0.0}}), ("active.threshold", "must be > 0")),
     "empty name": (campaign({"campaign": {"name": ""}}), ("campaign.name", "must not be empty")),
     "not a database URL": (campaign({"campaign": {"database": "not a url"}}), ("campaign.database",)),
+    "database driver not installed": (campaign({"campaign": {"database": "mysql+mysqldb://me:secret@127.0.0.1/nft"}}),
+                                      ("campaign.database", "driver is not installed", "me:***@")),
     "unknown parent": (campaign({"parent": {"calculator": "vasp"}}), ("parent.calculator", "vasp")),
     "options of another parent": (campaign({"parent": {"gpaw": {"xc": "PBE"}}}), ("parent.gpaw", "emt")),
     # nft run: the structures
@@ -213,3 +215,15 @@ def test_bad_input_is_refused_in_one_line_before_anything_is_written(case, tmp_p
     for needle in needles:
         assert needle in lines[0], f"{case}: {needle!r} not in {lines[0]!r}"
     assert disk_state(tmp_path) == before, f"{case}: files changed"
+
+
+def test_passwords_are_masked_in_messages_and_the_stored_config(tmp_path):
+    from pipeline.campaign.config import load_config
+    from pipeline.storage.engine import mask_password
+
+    assert mask_password("postgresql://me:secret@db.example:5432/nft") == "postgresql://me:***@db.example:5432/nft"
+    assert mask_password("sqlite:///nft.db") == "sqlite:///nft.db"
+    pytest.importorskip("psycopg")
+    config = write_campaign(tmp_path / "campaign", {"campaign": {"database": "postgresql://me:secret@127.0.0.1:1/nft"}})
+    stored = json.dumps(load_config(config).as_dict())
+    assert "secret" not in stored and "me:***@127.0.0.1:1/nft" in stored

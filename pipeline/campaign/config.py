@@ -24,7 +24,7 @@ from pipeline.errors import BadInput, first_problem
 from pipeline.execution.parents import ParentConfigError, physics_params, validate_parent_params
 from pipeline.science.settings import TrainingSettings
 from pipeline.science.structures import structure_problem
-from pipeline.storage.engine import resolve_database_url
+from pipeline.storage.engine import DatabaseError, check_driver, mask_password, resolve_database_url
 
 DEFAULT_THRESHOLD = {"emt": 0.1}
 """Default `active.threshold` (eV/Å) per parent; DFT parents take `DFT_THRESHOLD` (SPEC §1)."""
@@ -151,8 +151,11 @@ class CampaignConfig:
         return name
 
     def as_dict(self) -> dict[str, Any]:
-        """The validated sections as plain data (stored with the campaign in the database)."""
-        return self.file.model_dump(mode="json")
+        """The validated sections as plain data (stored with the campaign in the database), the
+        database password masked: a config in a shared database must not hand it to its readers."""
+        data = self.file.model_dump(mode="json")
+        data["campaign"]["database"] = mask_password(data["campaign"]["database"])
+        return data
 
 
 def load_config(path: str | os.PathLike[str]) -> CampaignConfig:
@@ -172,6 +175,10 @@ def load_config(path: str | os.PathLike[str]) -> CampaignConfig:
         database_url = resolve_database_url(file.campaign.database, workdir)
     except Exception as error:
         raise BadInput(f"{label}: campaign.database: not a database URL ({_one_line(error)})") from None
+    try:
+        check_driver(database_url)
+    except DatabaseError as error:
+        raise BadInput(f"{label}: campaign.database: {error}") from None
     target_files = tuple(_existing(here, name, f"data.targets[{k}]", label) for k, name in enumerate(file.data.targets))
     initial_files = tuple(_existing(here, name, f"data.initial[{k}]", label) for k, name in enumerate(file.data.initial))
     targets = tuple(atoms for k, item in enumerate(target_files) for atoms in _read_structures(item, f"data.targets[{k}]", label))

@@ -92,6 +92,35 @@ def _display_name(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
+DRIVER_EXTRAS = {"postgresql": "postgresql"}
+"""The pip extra of nft that installs a backend's driver."""
+
+
+def check_driver(url: str) -> None:
+    """DatabaseError (one line) unless the URL's backend and its Python driver are installed."""
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError) as exc:
+        raise DatabaseError(f"{mask_password(url)}: not a database URL SQLAlchemy knows ({error_reason(exc)})") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        backend = parsed.get_backend_name()
+        extra = DRIVER_EXTRAS.get(backend)
+        hint = f"pip install 'nft[{extra}]'" if extra else f"install the {parsed.get_driver_name()} driver"
+        raise DatabaseError(f"{mask_password(url)}: the {backend} driver is not installed ({exc.name or exc}: {hint})") from None
+
+
+def mask_password(url: str) -> str:
+    """The URL with any password replaced by ***, for messages and stored configs."""
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError:
+        return url
+    return parsed.render_as_string(hide_password=True) if parsed.password else url
+
+
 def _make_engine(url: URL) -> Engine:
     if not _is_sqlite(url):
         return create_engine(url, pool_pre_ping=True)
