@@ -4,7 +4,7 @@ from datetime import datetime, timezone
 import pytest
 
 from pipeline.campaign.config import load_config
-from pipeline.campaign.loop import stop_reason
+from pipeline.campaign.history import stop_reason
 from pipeline.storage.database import IterationRecord
 
 pytestmark = pytest.mark.timeout(60)
