@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,9 +30,22 @@ SELECTION_KEYS = ("selectable", "selected", "already_chunked", "reference_failed
 
 
 # ---------------------------------------------------------------------------------------------
-# Stopping rules (SPEC §1), from the recorded history alone, so a resumed run decides the same way.
+# Stopping rules (SPEC §1), from the history alone, so a resumed run decides the same way.
 
-def stop_reason(history: Sequence[IterationRecord], config: CampaignConfig) -> str | None:
+@dataclass(frozen=True)
+class MeasuredIteration:
+    """An iteration whose δ is measured but not yet recorded: selection has not run, so it has no
+    chunk count yet and the stopping rules judge it by δ alone."""
+
+    iteration: int
+    max_delta: float  # eV/Å, over all targets
+
+
+Iteration = IterationRecord | MeasuredIteration
+"""An entry of the history the stopping rules read: recorded, or the current one before selection."""
+
+
+def stop_reason(history: Sequence[Iteration], config: CampaignConfig) -> str | None:
     """converged, max_iterations, patience or no_new_chunks, or None when the campaign goes on."""
     if not history:
         return None
@@ -45,12 +59,12 @@ def stop_reason(history: Sequence[IterationRecord], config: CampaignConfig) -> s
         best = best_iteration(history)
         if best is not None and last.iteration - best.iteration >= patience:
             return PATIENCE
-    if last.chunks_added == 0:  # recorded complete, with nothing left to carve
+    if isinstance(last, IterationRecord) and last.chunks_added == 0:  # recorded, with nothing left to carve
         return no_new_chunks_reason(history, config)
     return None
 
 
-def no_new_chunks_reason(history: Sequence[IterationRecord], config: CampaignConfig) -> str | None:
+def no_new_chunks_reason(history: Sequence[Iteration], config: CampaignConfig) -> str | None:
     """Nothing new to compute: stop, unless training is warm-started and the last iteration still
     lowered δ (then another round of training on the same data may lower it further)."""
     if config.file.model.warm_start and len(history) >= 2 and history[-1].max_delta < history[-2].max_delta:
@@ -58,29 +72,16 @@ def no_new_chunks_reason(history: Sequence[IterationRecord], config: CampaignCon
     return NO_NEW_CHUNKS
 
 
-def best_iteration(history: Sequence[IterationRecord]) -> IterationRecord | None:
+def best_iteration(history: Sequence[Iteration]) -> Iteration | None:
     """The iteration with the lowest max δ (the later one on ties), as `CampaignStore.best_model`."""
     if not history:
         return None
     return min(history, key=lambda record: (record.max_delta, -record.iteration))
 
 
-def history_with(
-    history: Sequence[IterationRecord], number: int, deltas: Mapping[int, float], train_mae: float | None
-) -> list[IterationRecord]:
-    """The recorded history plus iteration `number` as it stands before selection."""
-    from datetime import datetime, timezone
-
-    draft = IterationRecord(
-        iteration=number,
-        delta_per_target=dict(deltas),
-        max_delta=max(deltas.values()),
-        chunks_added=-1,
-        train_force_mae=train_mae,
-        wall_time={},
-        created_at=datetime.now(timezone.utc),
-    )
-    return [record for record in history if record.iteration != number] + [draft]
+def history_with_measured(history: Sequence[IterationRecord], number: int, max_delta: float) -> list[Iteration]:
+    """The recorded history plus iteration `number` with its max δ (eV/Å), measured before selection."""
+    return [record for record in history if record.iteration != number] + [MeasuredIteration(number, max_delta)]
 
 
 def history_entry(record: IterationRecord, metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from ase import Atoms
 from pipeline.campaign import history as campaign_history
 from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.history import (
-    CONVERGED, SELECTION_KEYS, delta_location, history_entry, history_with, no_new_chunks_reason, stall_diagnosis, stop_reason,
+    CONVERGED, SELECTION_KEYS, delta_location, history_entry, history_with_measured, no_new_chunks_reason, stall_diagnosis,
+    stop_reason,
 )
 from pipeline.campaign.observer import CampaignObserver
 from pipeline.campaign.training_set import training_structures
@@ -191,7 +192,7 @@ class _Driver:
             "delta_location": delta_location(predictions, [labels.get(target_id, {}) for target_id in self.target_ids]),
         }
 
-        draft = history_with(store.iterations(), number, deltas, train_mae)
+        draft = history_with_measured(store.iterations(), number, max(deltas.values()))
         reason = stop_reason(draft, config)
         chunks_added = 0
         carved = reason is None
