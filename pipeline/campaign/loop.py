@@ -119,7 +119,7 @@ class _Driver:
             job_id = store.add_job(structure_id, self.calculator, self.job_params)
             labels = _labels(atoms)
             if labels is not None and store.job(job_id).status != "done":
-                store.store_result(job_id, labels[0], labels[1], wall_time_s=0.0, host="input file")
+                store.store_result(job_id, labels[0], labels[1], host="input file")  # no calculation ran: no wall time
                 labelled += 1
         reset = store.reset_unfinished()
         history = store.iterations()
