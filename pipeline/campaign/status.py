@@ -30,7 +30,7 @@ def open_existing_store(config: CampaignConfig) -> CampaignStore:
 
 
 def campaign_status(config: CampaignConfig) -> dict[str, Any]:
-    """Iterations, uncertainty (eV/Å), chunks and reference jobs of a campaign, from its database; for
+    """Iterations, max δ (eV/Å), chunks and reference jobs of a campaign, from its database; for
     a campaign that stopped without converging, why it stalled (`stall`, see docs/campaign.md)."""
     with open_existing_store(config) as store:
         history = store.iterations()

@@ -64,7 +64,7 @@ def status(
     config: Path = typer.Argument(..., metavar="CONFIG.toml", help="Campaign config (TOML)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Iterations, uncertainty, chunks and reference jobs of a campaign (reads its database only)."""
+    """Iterations, max δ, chunks and reference jobs of a campaign (reads its database only)."""
     from pipeline.campaign.config import load_config
     from pipeline.campaign.status import campaign_status
 
