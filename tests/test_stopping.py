@@ -1,4 +1,4 @@
-"""When a campaign stops (SPEC §1 stopping), on histories written by hand."""
+"""When a campaign stops (docs/campaign.md, "The loop", step 4), on histories written by hand."""
 from datetime import datetime, timezone
 
 import pytest

@@ -30,7 +30,7 @@ SELECTION_KEYS = ("selectable", "selected", "already_chunked", "reference_failed
 
 
 # ---------------------------------------------------------------------------------------------
-# Stopping rules (SPEC §1), from the history alone, so a resumed run decides the same way.
+# Stopping rules (docs/campaign.md, "The loop"), from the history alone, so a resumed run decides the same way.
 
 @dataclass(frozen=True)
 class MeasuredIteration:

@@ -1,4 +1,4 @@
-"""The NFT loop (SPEC §1): train → predict δ on the targets → converged? → select → carve → reference
+"""The NFT loop (docs/campaign.md, "The loop"): train → predict δ on the targets → converged? → select → carve → reference
 jobs → store → repeat. The driver is the only writer of the database; it writes every reference
 result as its future completes, so a kill loses at most the jobs in flight, and running the same
 config again resumes from the database.
@@ -335,7 +335,7 @@ class _Driver:
     # -- the end -------------------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
-        """Write summary.json (SPEC §2, plus the wall-time split and, for EMT, the MAE) and return it."""
+        """Write summary.json (docs/campaign.md, "WORKDIR/summary.json") and return it."""
         config, store = self.config, self.store
         history = store.iterations()
         reason = self.stop_reason or stop_reason(history, config)

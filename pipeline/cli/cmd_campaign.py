@@ -26,7 +26,7 @@ INTERRUPTED_EXIT_CODE = 130
 @app.command()
 @exit_codes
 def run(
-    config: Path = typer.Argument(..., metavar="CONFIG.toml", help="Campaign config (TOML, SPEC §2)."),
+    config: Path = typer.Argument(..., metavar="CONFIG.toml", help="Campaign config (TOML, docs/campaign.md)."),
     site: Optional[str] = typer.Option(None, "--site", help="A site in site_configs/ (local, slurm, …) or a path to a site file."),
 ) -> None:
     """Run or resume a campaign; writes WORKDIR/summary.json and WORKDIR/model.nft.
