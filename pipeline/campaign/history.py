@@ -30,7 +30,7 @@ SELECTION_KEYS = ("selectable", "selected", "already_chunked", "reference_failed
 
 
 # ---------------------------------------------------------------------------------------------
-# Stopping rules (docs/campaign.md, "The loop"), from the history alone, so a resumed run decides the same way.
+# Stopping rules (docs/campaign.md, "The loop"), from the history alone: a resumed run decides the same.
 
 @dataclass(frozen=True)
 class MeasuredIteration:

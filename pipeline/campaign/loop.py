@@ -1,7 +1,7 @@
-"""The NFT loop (docs/campaign.md, "The loop"): train → predict δ on the targets → converged? → select → carve → reference
-jobs → store → repeat. The driver is the only writer of the database; it writes every reference
-result as its future completes, so a kill loses at most the jobs in flight, and running the same
-config again resumes from the database.
+"""The NFT loop (docs/campaign.md, "The loop"): train → predict δ on the targets → converged? →
+select → carve → reference jobs → store → repeat. The driver is the only writer of the database; it
+writes every reference result as its future completes, so a kill loses at most the jobs in flight,
+and running the same config again resumes from the database.
 """
 from __future__ import annotations
 
