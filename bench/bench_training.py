@@ -119,7 +119,7 @@ class PlainAutogradMember:
     loss). Neighbour lists and the rows that matter (a chunk: the centre and the atoms within the
     cutoff of it) are prepared once, outside the timing, as nft does; per epoch and member:
     R.requires_grad → r_ij → pair basis → pair sums → energies → forces by autograd (create_graph)
-    → SPEC loss → backward → Adam step.
+    → the loss → backward → Adam step.
     """
 
     def __init__(self, structures, cutoff: float):

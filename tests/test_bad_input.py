@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.io import read, write
+from ase.io import write
 from typer.testing import CliRunner
 
 from pipeline.cli import app

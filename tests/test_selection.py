@@ -1,4 +1,4 @@
-"""Selection of chunk centres (SPEC §1): threshold, fraction, separation, exclusion, order, limit."""
+"""Selection of chunk centres (docs/campaign.md, "The loop"): threshold, fraction, separation, exclusion, order, limit."""
 from __future__ import annotations
 
 import numpy as np

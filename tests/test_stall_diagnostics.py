@@ -16,7 +16,7 @@ from rich.console import Console
 
 from pipeline import load_model
 from pipeline.campaign.config import load_config
-from pipeline.campaign.loop import delta_location, stall_diagnosis
+from pipeline.campaign.history import delta_location, stall_diagnosis
 from pipeline.campaign.status import campaign_status
 from pipeline.cli.cmd_campaign import print_status
 from pipeline.storage.store import CampaignStore

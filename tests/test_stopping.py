@@ -1,10 +1,10 @@
-"""When a campaign stops (SPEC §1 stopping), on histories written by hand."""
+"""When a campaign stops (docs/campaign.md, "The loop", step 4), on histories written by hand."""
 from datetime import datetime, timezone
 
 import pytest
 
 from pipeline.campaign.config import load_config
-from pipeline.campaign.loop import stop_reason
+from pipeline.campaign.history import MeasuredIteration, history_with_measured, stop_reason
 from pipeline.storage.records import IterationRecord
 
 pytestmark = pytest.mark.timeout(60)
@@ -43,3 +43,14 @@ def test_nothing_new_to_compute_stops_unless_warm_training_still_helps(config):
     assert stop_reason(still_falling, warm) is None  # continuing the optimisation lowered δ: go on
     assert stop_reason(history((0.5, 5), (0.3, 0), (0.31, 0)), warm) == "no_new_chunks"
     assert stop_reason(history((0.5, 0)), warm) == "no_new_chunks"
+
+
+def test_an_iteration_measured_before_selection_is_judged_by_delta_alone(config):
+    cold = config(warm_start=False)
+    recorded = history((0.5, 5), (0.4, 0))
+    measured = history_with_measured(recorded[:1], 2, 0.4)
+    assert measured[-1] == MeasuredIteration(2, 0.4)
+    assert stop_reason(recorded, cold) == "no_new_chunks"  # recorded: it carved nothing
+    assert stop_reason(measured, cold) is None  # not yet selected: no chunk count to judge
+    assert stop_reason(history_with_measured(recorded[:1], 2, 0.09), cold) == "converged"
+    assert history_with_measured(recorded, 2, 0.3)[:-1] == recorded[:1]  # a re-measured iteration replaces its record

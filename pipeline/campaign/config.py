@@ -1,4 +1,4 @@
-"""The campaign config (SPEC §2): one TOML file, validated once, before anything is written.
+"""The campaign config: one TOML file (docs/campaign.md), validated once, before anything is written.
 
 `load_config(path)` parses the TOML, checks every section with strict pydantic models (unknown keys
 and wrong types are errors), resolves paths (relative to the config file; a relative SQLite path
@@ -27,7 +27,7 @@ from pipeline.science.structures import structure_problem
 from pipeline.storage.engine import DatabaseError, check_driver, mask_password, resolve_database_url
 
 DEFAULT_THRESHOLD = {"emt": 0.1}
-"""Default `active.threshold` (eV/Å) per parent; DFT parents take `DFT_THRESHOLD` (SPEC §1)."""
+"""Default `active.threshold` (eV/Å) per parent; DFT parents take `DFT_THRESHOLD`."""
 DFT_THRESHOLD = 0.3
 MIN_SEPARATION_NEAREST_NEIGHBOURS = 1.1
 """Default `chunks.min_separation`, in units of the initial set's nearest-neighbour distance."""
@@ -81,7 +81,7 @@ class SiteSection(_Section):
 
 
 class ConfigFile(_Section):
-    """The TOML file, section by section (SPEC §2)."""
+    """The TOML file, section by section (docs/campaign.md, "The config file")."""
 
     campaign: CampaignSection
     data: DataSection
@@ -129,7 +129,7 @@ class CampaignConfig:
     def min_separation(self) -> float:
         """Minimum distance (Å) between chunk centres picked in one iteration; by default 1.1 × the
         initial set's nearest-neighbour distance, so nearest neighbours are never carved together
-        but the next shell may be (measured on the bench set: fewer iterations than the cutoff)."""
+        but the next shell may be (chosen on the convergence bench, bench/RESULTS.md)."""
         explicit = self.file.chunks.min_separation
         if explicit is not None:
             return explicit

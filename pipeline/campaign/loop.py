@@ -1,7 +1,7 @@
-"""The NFT loop (SPEC §1): train → predict δ on the targets → converged? → select → carve → reference
-jobs → store → repeat. The driver is the only writer of the database; it writes every reference
-result as its future completes, so a kill loses at most the jobs in flight, and running the same
-config again resumes from the database.
+"""The NFT loop (docs/campaign.md, "The loop"): train → predict δ on the targets → converged? →
+select → carve → reference jobs → store → repeat. The driver is the only writer of the database; it
+writes every reference result as its future completes, so a kill loses at most the jobs in flight,
+and running the same config again resumes from the database.
 """
 from __future__ import annotations
 
@@ -20,7 +20,12 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
+from pipeline.campaign import history as campaign_history
 from pipeline.campaign.config import CampaignConfig
+from pipeline.campaign.history import (
+    CONVERGED, SELECTION_KEYS, delta_location, history_entry, history_with_measured, no_new_chunks_reason, stall_diagnosis,
+    stop_reason,
+)
 from pipeline.campaign.observer import CampaignObserver
 from pipeline.campaign.training_set import training_structures
 from pipeline.errors import RunFailed
@@ -30,25 +35,13 @@ from pipeline.execution.sites import load_site, parsl_session
 from pipeline.science.chunks import carve_chunk
 from pipeline.science.selection import SelectionReport, selection_report
 from pipeline.science.structures import atoms_to_payload
-from pipeline.storage.records import IterationRecord, JobRecord
+from pipeline.storage.records import JobRecord
 from pipeline.storage.store import CampaignStore, file_sha256
 
 MODEL_NAME = "model.nft"
 SUMMARY_NAME = "summary.json"
 PARSL_DIR_NAME = "runinfo"
 WALL_TIME_PARTS = ("training", "prediction", "reference", "overhead")
-
-CONVERGED = "converged"
-MAX_ITERATIONS = "max_iterations"
-PATIENCE = "patience"
-NO_NEW_CHUNKS = "no_new_chunks"
-
-FIT = "fit"
-COVERAGE = "coverage"
-DELTA_LOCATION_KEYS = (
-    "chunked_atoms", "delta_chunked_max", "delta_unchunked_max", "chunk_force_error_max", "chunk_force_error_median"
-)
-SELECTION_KEYS = ("selectable", "selected", "already_chunked", "reference_failed", "too_close", "over_limit", "carved")
 
 
 @dataclass
@@ -126,7 +119,7 @@ class _Driver:
             job_id = store.add_job(structure_id, self.calculator, self.job_params)
             labels = _labels(atoms)
             if labels is not None and store.job(job_id).status != "done":
-                store.store_result(job_id, labels[0], labels[1], wall_time_s=0.0, host="input file")
+                store.store_result(job_id, labels[0], labels[1], host="input file")  # no calculation ran: no wall time
                 labelled += 1
         reset = store.reset_unfinished()
         history = store.iterations()
@@ -200,7 +193,7 @@ class _Driver:
             "delta_location": delta_location(predictions, [labels.get(target_id, {}) for target_id in self.target_ids]),
         }
 
-        draft = _history_with(store.iterations(), number, deltas, train_mae)
+        draft = history_with_measured(store.iterations(), number, max(deltas.values()))
         reason = stop_reason(draft, config)
         chunks_added = 0
         carved = reason is None
@@ -210,7 +203,7 @@ class _Driver:
         if carved:
             chunks_added = self.add_chunks(centres)
             if chunks_added == 0:
-                reason = _no_new_chunks_reason(draft, config)
+                reason = no_new_chunks_reason(draft, config)
         model_metrics["selection"] = {**selection, "carved": carved}
         store.record_model(number, model_path, model_metrics)
         store.record_iteration(number, deltas, chunks_added, train_mae, timer.split())
@@ -221,7 +214,7 @@ class _Driver:
             self.run_reference_jobs(self.pending_jobs())
             timer.add("reference", time.perf_counter() - started)
             store.record_iteration(number, deltas, chunks_added, train_mae, timer.split())
-        observer.iteration_done(_history_entry(store.iterations()[-1], self._metrics().get(number)))
+        observer.iteration_done(history_entry(store.iterations()[-1], self._metrics().get(number)))
         return reason
 
     def _warm_start_model(self, number: int) -> str | None:
@@ -343,15 +336,15 @@ class _Driver:
     # -- the end -------------------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
-        """Write summary.json (SPEC §2, plus the wall-time split and, for EMT, the MAE) and return it."""
+        """Write summary.json (docs/campaign.md, "WORKDIR/summary.json") and return it."""
         config, store = self.config, self.store
         history = store.iterations()
         reason = self.stop_reason or stop_reason(history, config)
         best = self._keep_best_model()
         summary_counts = store.summary()
-        best_iteration = _best_iteration(history)
+        best_iteration = campaign_history.best_iteration(history)
         metrics = self._metrics()
-        entries = [_history_entry(record, metrics.get(record.iteration)) for record in history]
+        entries = [history_entry(record, metrics.get(record.iteration)) for record in history]
         wall = {part: sum(entry["wall_time"].get(part, 0.0) for entry in entries) for part in (*WALL_TIME_PARTS, "total")}
         summary: dict[str, Any] = {
             "converged": reason == CONVERGED,
@@ -424,174 +417,6 @@ class _Driver:
             lines = [line for line in _reason(error).splitlines() if line.strip()]
             detail = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1].strip()}"
             raise RunFailed(f"{what} job failed: {detail}") from error
-
-
-# ---------------------------------------------------------------------------------------------
-# Stopping rules (SPEC §1), from the recorded history alone, so a resumed run decides the same way.
-
-def stop_reason(history: Sequence[IterationRecord], config: CampaignConfig) -> str | None:
-    """converged, max_iterations, patience or no_new_chunks, or None when the campaign goes on."""
-    if not history:
-        return None
-    last = history[-1]
-    if last.max_delta < config.threshold:
-        return CONVERGED
-    if last.iteration >= config.file.active.max_iterations:
-        return MAX_ITERATIONS
-    patience = config.file.active.patience
-    if patience is not None:
-        best = _best_iteration(history)
-        if best is not None and last.iteration - best.iteration >= patience:
-            return PATIENCE
-    if last.chunks_added == 0:  # recorded complete, with nothing left to carve
-        return _no_new_chunks_reason(history, config)
-    return None
-
-
-def _no_new_chunks_reason(history: Sequence[IterationRecord], config: CampaignConfig) -> str | None:
-    """Nothing new to compute: stop, unless training is warm-started and the last iteration still
-    lowered δ (then another round of training on the same data may lower it further)."""
-    if config.file.model.warm_start and len(history) >= 2 and history[-1].max_delta < history[-2].max_delta:
-        return None
-    return NO_NEW_CHUNKS
-
-
-def _best_iteration(history: Sequence[IterationRecord]) -> IterationRecord | None:
-    """The iteration with the lowest max δ (the later one on ties), as `CampaignStore.best_model`."""
-    if not history:
-        return None
-    return min(history, key=lambda record: (record.max_delta, -record.iteration))
-
-
-def _history_with(
-    history: Sequence[IterationRecord], number: int, deltas: Mapping[int, float], train_mae: float | None
-) -> list[IterationRecord]:
-    """The recorded history plus iteration `number` as it stands before selection."""
-    from datetime import datetime, timezone
-
-    draft = IterationRecord(
-        iteration=number,
-        delta_per_target=dict(deltas),
-        max_delta=max(deltas.values()),
-        chunks_added=-1,
-        train_force_mae=train_mae,
-        wall_time={},
-        created_at=datetime.now(timezone.utc),
-    )
-    return [record for record in history if record.iteration != number] + [draft]
-
-
-def _history_entry(record: IterationRecord, metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """One summary.json history entry; the δ-location and selection diagnostics come from the
-    iteration's model metrics (null where a database from before them lacks them)."""
-    metrics = metrics or {}
-    location = metrics.get("delta_location") or {}
-    selection = metrics.get("selection")
-    return {
-        "iteration": record.iteration,
-        "uncertainty": record.max_delta,
-        "chunks_added": record.chunks_added,
-        "train_force_mae": record.train_force_mae,
-        "uncertainty_per_target": {str(key): value for key, value in record.delta_per_target.items()},
-        "wall_time": dict(record.wall_time),
-        **{key: location.get(key) for key in DELTA_LOCATION_KEYS},
-        "selection": {key: selection.get(key) for key in SELECTION_KEYS} if selection else None,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Where δ lives, and why a campaign that stops without converging stalled (docs/campaign.md).
-
-def delta_location(
-    predictions: Sequence[Mapping[str, Any]], labels: Sequence[Mapping[int, np.ndarray]]
-) -> dict[str, Any]:
-    """δ at target atoms with a labelled chunk and without one, and the model's error at the chunk
-    centres, over all targets (eV/Å; None where a group is empty).
-
-    `predictions[k]` holds the model's "uncertainties" (N,) and "forces" (N, 3) on target k;
-    `labels[k]` maps a chunk centre of target k to its label, the parent's force on it (3,).
-    The error at a centre is |F_model − F_label|, F_model predicted on the whole target.
-    """
-    chunked: list[float] = []
-    unchunked: list[float] = []
-    errors: list[float] = []
-    for prediction, centres in zip(predictions, labels):
-        uncertainties = np.asarray(prediction["uncertainties"], dtype=float)
-        forces = np.asarray(prediction["forces"], dtype=float).reshape(len(uncertainties), 3)
-        mask = np.zeros(len(uncertainties), dtype=bool)
-        mask[list(centres)] = True
-        chunked.extend(uncertainties[mask].tolist())
-        unchunked.extend(uncertainties[~mask].tolist())
-        errors.extend(float(np.linalg.norm(forces[centre] - np.asarray(label, dtype=float))) for centre, label in centres.items())
-    return {
-        "chunked_atoms": len(chunked),
-        "delta_chunked_max": max(chunked) if chunked else None,
-        "delta_unchunked_max": max(unchunked) if unchunked else None,
-        "chunk_force_error_max": max(errors) if errors else None,
-        "chunk_force_error_median": float(np.median(errors)) if errors else None,
-    }
-
-
-def stall_diagnosis(entry: Mapping[str, Any], reason: str | None, config: CampaignConfig) -> dict[str, Any] | None:
-    """Why a campaign that stopped without converging stalled, from its last history entry: a `fit`
-    problem when the largest δ_i lies at an atom that already has a chunk (δ there at or above the
-    threshold and at least δ elsewhere), a `coverage` problem otherwise; with the settings to change.
-    None while it goes on, when it converged, or when the entry has no δ location (older database)."""
-    if reason is None or reason == CONVERGED:
-        return None
-    chunked, unchunked = entry.get("delta_chunked_max"), entry.get("delta_unchunked_max")
-    if chunked is None and unchunked is None:
-        return None
-    threshold = config.threshold
-    selection = entry.get("selection") or {}
-    if chunked is not None and chunked >= threshold and chunked >= (unchunked if unchunked is not None else -math.inf):
-        advice = (
-            f"δ is largest at atoms that already have a chunk ({chunked:.3g} eV/Å, {_text(unchunked)} at atoms "
-            f"without one); the model's error at the chunk centres is {_text(entry.get('chunk_force_error_max'))} "
-            f"max, {_text(entry.get('chunk_force_error_median'))} median (eV/Å): the ensemble does not fit its "
-            "training data. Raise model.lbfgs_steps (or model.epochs), or check model.descriptor (finer radial "
-            "shells, more angular terms); more chunks alone will not lower it."
-        )
-        settings = ["model.lbfgs_steps", "model.descriptor"]
-        return {"kind": FIT, "advice": advice, "settings": settings, "iteration": entry.get("iteration")}
-    settings = []
-    reasons = []
-    if selection.get("over_limit"):
-        settings.append("chunks.max_per_iteration")
-        reasons.append(f"{selection['over_limit']} beyond chunks.max_per_iteration")
-    if selection.get("too_close"):
-        settings.append("chunks.min_separation")
-        reasons.append(f"{selection['too_close']} closer than chunks.min_separation to a picked atom")
-    if selection.get("reference_failed"):
-        reasons.append(f"{selection['reference_failed']} whose chunk's reference job failed (see nft status)")
-    if reason == MAX_ITERATIONS:
-        settings.append("active.max_iterations")
-    if reason == PATIENCE:
-        settings.append("active.patience")
-    if reason == NO_NEW_CHUNKS and config.file.active.select_fraction is not None:
-        settings.append("active.select_fraction")
-    for default in ("chunks.max_per_iteration", "active.max_iterations", "chunks.min_separation"):
-        if default not in settings:
-            settings.append(default)
-    skipped = f" Of {selection.get('selectable', 0)} selectable atoms, {selection.get('selected', 0)} were picked" if selection else ""
-    if selection and reasons:
-        skipped += "; skipped: " + ", ".join(reasons)
-    advice = (
-        f"δ is largest at atoms without a chunk ({_text(unchunked)} eV/Å, {_text(chunked)} at atoms with one): "
-        f"the chunks do not cover the target yet.{skipped + '.' if skipped else ''} "
-        f"{_settings_text(settings)}."
-    )
-    return {"kind": COVERAGE, "advice": advice, "settings": settings, "iteration": entry.get("iteration")}
-
-
-def _text(value: float | None) -> str:
-    return "none" if value is None else f"{value:.3g}"
-
-
-def _settings_text(settings: Sequence[str]) -> str:
-    """'raise a, raise b, lower c' for the coverage settings (min_separation is lowered, others raised)."""
-    text = ", ".join(("lower " if key == "chunks.min_separation" else "raise ") + key for key in settings)
-    return text[:1].upper() + text[1:]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from pipeline.campaign.config import CampaignConfig
+from pipeline.campaign.history import CONVERGED, best_iteration, history_entry, stall_diagnosis, stop_reason
+from pipeline.campaign.loop import MODEL_NAME
 from pipeline.campaign.training_set import training_structures
-from pipeline.campaign.loop import CONVERGED, MODEL_NAME, _best_iteration, _history_entry, stall_diagnosis, stop_reason
 from pipeline.errors import BadInput
 from pipeline.storage.engine import DatabaseError
 from pipeline.storage.store import CampaignStore, UnknownCampaign
@@ -28,15 +29,15 @@ def open_existing_store(config: CampaignConfig) -> CampaignStore:
 
 
 def campaign_status(config: CampaignConfig) -> dict[str, Any]:
-    """Iterations, uncertainty (eV/Å), chunks and reference jobs of a campaign, from its database; for
+    """Iterations, max δ (eV/Å), chunks and reference jobs of a campaign, from its database; for
     a campaign that stopped without converging, why it stalled (`stall`, see docs/campaign.md)."""
     with open_existing_store(config) as store:
         history = store.iterations()
         counts = store.summary()
         failed = store.jobs(status="failed")
         metrics = {record.iteration: record.metrics for record in store.models()}
-    history_entries = [_history_entry(record, metrics.get(record.iteration)) for record in history]
-    best = _best_iteration(history)
+    history_entries = [history_entry(record, metrics.get(record.iteration)) for record in history]
+    best = best_iteration(history)
     reason = stop_reason(history, config)
     pending = counts.jobs.get("pending", 0) + counts.jobs.get("running", 0)
     finished = reason is not None and pending == 0

@@ -26,7 +26,7 @@ INTERRUPTED_EXIT_CODE = 130
 @app.command()
 @exit_codes
 def run(
-    config: Path = typer.Argument(..., metavar="CONFIG.toml", help="Campaign config (TOML, SPEC §2)."),
+    config: Path = typer.Argument(..., metavar="CONFIG.toml", help="Campaign config (TOML, docs/campaign.md)."),
     site: Optional[str] = typer.Option(None, "--site", help="A site in site_configs/ (local, slurm, …) or a path to a site file."),
 ) -> None:
     """Run or resume a campaign; writes WORKDIR/summary.json and WORKDIR/model.nft.
@@ -64,7 +64,7 @@ def status(
     config: Path = typer.Argument(..., metavar="CONFIG.toml", help="Campaign config (TOML)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Iterations, uncertainty, chunks and reference jobs of a campaign (reads its database only)."""
+    """Iterations, max δ, chunks and reference jobs of a campaign (reads its database only)."""
     from pipeline.campaign.config import load_config
     from pipeline.campaign.status import campaign_status
 

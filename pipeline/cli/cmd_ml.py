@@ -137,35 +137,35 @@ def train(
     )
 
 
-def evaluation_metrics(model, images, reference: str) -> dict:
-    """SPEC §2 evaluate metrics of the model against a reference calculator over all images
-    (predicted in blocks of the calculator's `PREDICTION_BLOCK_SIZE` atoms)."""
+def evaluation_metrics(model, images, parent: str) -> dict:
+    """The `nft evaluate --json` metrics (README) of the model against the parent calculator `parent`
+    over all images (predicted in blocks of the ASE calculator's `PREDICTION_BLOCK_SIZE` atoms)."""
     from pipeline.execution.parents import ReferenceFailed, compute_reference, validate_parent_params
     from pipeline.science.calculator import PREDICTION_BLOCK_SIZE
 
-    params = validate_parent_params(reference, {})
-    force_errors, energy_errors, uncertainties, n_atoms = [], [], [], 0
+    params = validate_parent_params(parent, {})
+    force_errors, energy_errors, max_deltas, n_atoms = [], [], [], 0
     for atoms in images:
         try:
             prediction = model.predict(atoms, block_size=PREDICTION_BLOCK_SIZE)
         except ValueError as error:
             raise BadInput(str(error)) from None
         try:
-            result = compute_reference(reference, params, atoms_to_payload(atoms))
+            result = compute_reference(parent, params, atoms_to_payload(atoms))
         except ReferenceFailed as error:
             from pipeline.errors import RunFailed
 
-            raise RunFailed(f"reference {reference}: {error.reason}") from None
+            raise RunFailed(f"parent {parent}: {error.reason}") from None
         force_errors.append(np.abs(prediction.forces - np.asarray(result["forces"])).ravel())
         energy_errors.append(abs(prediction.energy - result["energy"]) / len(atoms))
-        uncertainties.append(prediction.max_uncertainty)
+        max_deltas.append(prediction.max_uncertainty)
         n_atoms += len(atoms)
     errors = np.concatenate(force_errors)
     return {
         "n_atoms": n_atoms,
         "force_mae": float(errors.mean()),
         "force_max_error": float(errors.max()),
-        "max_uncertainty": float(max(uncertainties)),
+        "max_uncertainty": float(max(max_deltas)),
         "energy_error_per_atom": float(np.mean(energy_errors)),
     }
 
@@ -175,20 +175,20 @@ def evaluation_metrics(model, images, reference: str) -> dict:
 def evaluate(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file written by nft train / nft run."),
     structure: Path = typer.Argument(..., help="ASE-readable structure file (every image is evaluated)."),
-    reference: str = typer.Option(..., "--reference", help="Reference calculator name, e.g. emt."),
+    parent: str = typer.Option(..., "--reference", help="Parent calculator to compare with, e.g. emt."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     device: str = typer.Option("auto", help="auto (cuda when torch sees a GPU, else cpu), cpu or cuda."),
 ):
-    """Errors of a model against a reference calculator (eV/Å, eV/atom), predicted as the ASE
+    """Errors of a model against a parent calculator (eV/Å, eV/atom), predicted as the ASE
     calculator predicts (its default precision and block size)."""
     from pipeline.execution.parents import known_calculators
     from pipeline.science.calculator import PREDICTION_DTYPE
     from pipeline.storage.model_file import load_ensemble
 
-    if reference not in known_calculators():
-        raise BadInput(f"--reference: unknown calculator {reference!r} (known: {', '.join(known_calculators())})")
+    if parent not in known_calculators():
+        raise BadInput(f"--reference: unknown parent calculator {parent!r} (known: {', '.join(known_calculators())})")
     model = load_ensemble(model_path, dtype=PREDICTION_DTYPE, device=checked_device(device))
-    metrics = evaluation_metrics(model, read_images(structure), reference)
+    metrics = evaluation_metrics(model, read_images(structure), parent)
     if as_json:
         typer.echo(json.dumps(metrics))
         return

@@ -27,9 +27,9 @@ def minimize_members(
 
     `objective(x)` takes parameters (M, P) and returns per-member losses (M,) and gradients (M, P).
     A member whose line search fails keeps its point and drops its history (steepest descent next).
-    A long history pays on ensemble training: on the Pt260 chunks, 1000 steps reached δ 0.17 eV/Å
-    with 20 pairs, 0.09 with 100 and 0.07 with 300. The inverse Hessian is applied in its compact
-    form (`CurvatureHistory`), a few batched matrix products instead of a loop over the pairs.
+    A long history pays on ensemble training (bench/RESULTS.md, "Campaign"). The inverse Hessian is
+    applied in its compact form (`CurvatureHistory`), a few batched matrix products instead of a loop
+    over the pairs.
     """
     x = start.detach().clone()
     loss, grad = objective(x)

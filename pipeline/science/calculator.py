@@ -10,11 +10,11 @@ from pipeline.science.model import EnsembleModel
 from pipeline.science.training import resolve_device
 
 PREDICTION_BLOCK_SIZE = 1024
-"""Centre atoms per block of a prediction: the fastest of 256–2048 in float32 (bench/bench_block_size.py;
-512 is as fast within the noise, 2048 is slower)."""
+"""Centre atoms per block of a prediction: the fastest float32 block of 256–2048 in bench/bench_block_size.py
+(bench/RESULTS.md, "Prediction defaults")."""
 PREDICTION_DTYPE = torch.float32
-"""Precision of a prediction: 2.1–2.3× float64 block 2048 at 1 thread, max δ within 1e-6 relative of
-float64's (bench/RESULTS.md, "Prediction defaults"); model files store float64, training stays float64."""
+"""Precision of a prediction: faster than float64, with δ as float64's within round-off (bench/RESULTS.md,
+"Prediction defaults"); model files store float64, training stays float64."""
 
 
 def prediction_model(model: EnsembleModel, dtype: torch.dtype | None = PREDICTION_DTYPE,

@@ -1,4 +1,4 @@
-"""Chunk carving: the finite neighbourhood of one atom that the parent calculator labels (SPEC §1).
+"""Chunk carving: the finite neighbourhood of one atom that the parent calculator labels.
 
 A chunk holds every atom within `radius` (Å) of a central atom, with periodic images taken into
 account, placed non-periodic in a box with `vacuum` (Å) on every side. Only the force on the central

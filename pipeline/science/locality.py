@@ -1,8 +1,8 @@
 """Locality of a parent calculator: how well a chunk's central force reproduces the whole structure's.
 
 For sample atoms of a structure and chunks of increasing radius, the difference |ΔF| (eV/Å) between
-the central-atom force in the chunk and the same atom's force in the whole structure (SPEC §1,
-locality analysis). It tells which chunk radius the parent calculator needs.
+the central-atom force in the chunk and the same atom's force in the whole structure. It tells which
+chunk radius the parent calculator needs.
 """
 from __future__ import annotations
 

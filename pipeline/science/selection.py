@@ -1,4 +1,4 @@
-"""Which atoms get a chunk this iteration (SPEC §1, selection and selection by fraction)."""
+"""Which atoms get a chunk this iteration, by threshold or by fraction (docs/campaign.md, "The loop")."""
 from __future__ import annotations
 
 import math
