@@ -101,8 +101,9 @@ class _Driver:
         self.config = config
         self.store = store
         self.observer = observer
-        self.calculator = config.calculator
-        self.job_params = config.job_params
+        self.parent = config.parent
+        self.calculator = config.parent.name
+        self.job_params = config.parent.physics()  # what identifies a reference job in the store
         self.target_ids: list[int] = []
         self.target_atoms: dict[int, Atoms] = {}
         self.apps: SiteApps | None = None
@@ -317,9 +318,9 @@ class _Driver:
         futures = {}
         for job in jobs:
             structure = store.atoms(job.structure_id)
-            job_dir = None if self.calculator == "emt" else str(self.config.workdir / "jobs" / f"job-{job.id:06d}")
+            job_dir = str(self.config.workdir / "jobs" / f"job-{job.id:06d}") if self.parent.needs_job_dir else None
             store.mark_running(job.id)
-            future = self.apps.reference_app(self.calculator, self.config.parent_params, atoms_to_payload(structure), job_dir)  # type: ignore[union-attr]
+            future = self.apps.reference_app(self.parent, atoms_to_payload(structure), job_dir)  # type: ignore[union-attr]
             futures[future] = job
         done = failed = 0
         observer.jobs(done, len(jobs), failed, len(jobs))
@@ -342,7 +343,8 @@ class _Driver:
     # -- the end -------------------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
-        """Write summary.json (SPEC §2, plus the wall-time split and, for EMT, the MAE) and return it."""
+        """Write summary.json (SPEC §2, plus the wall-time split and, for a cheap parent such as EMT,
+        the final model's force MAE) and return it."""
         config, store = self.config, self.store
         history = store.iterations()
         reason = self.stop_reason or stop_reason(history, config)
@@ -367,7 +369,7 @@ class _Driver:
             "wall_time": wall,
             "stall": stall_diagnosis(entries[-1], reason, config) if entries else None,
         }
-        if self.calculator == "emt" and best_iteration is not None:
+        if self.parent.evaluates_targets and best_iteration is not None:
             summary["force_mae_vs_parent"] = self._force_mae_vs_emt(best_iteration.iteration)
         if summary["stall"] is not None:
             self.observer.message(f"not converged ({reason}): a {summary['stall']['kind']} problem. {summary['stall']['advice']}")
@@ -377,7 +379,7 @@ class _Driver:
     def _force_mae_vs_emt(self, iteration: int) -> dict[str, float]:
         """Force MAE (eV/Å, over all components) of the kept model against EMT on every target."""
         from pipeline.execution.apps import prediction_job
-        from pipeline.execution.parents import ReferenceFailed, compute_reference
+        from pipeline.execution.parents import ReferenceFailed
 
         predictions = self.predictions.get(iteration)
         if predictions is None:
@@ -386,7 +388,7 @@ class _Driver:
         errors = {}
         for k, (target_id, prediction) in enumerate(zip(self.target_ids, predictions)):
             try:
-                reference = compute_reference("emt", {}, atoms_to_payload(self.target_atoms[target_id]))
+                reference = self.parent.run(atoms_to_payload(self.target_atoms[target_id]))
             except ReferenceFailed as error:
                 self.observer.message(f"no force MAE for target {k}: {error.reason}")
                 continue

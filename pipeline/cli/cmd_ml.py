@@ -134,10 +134,10 @@ def train(
 def evaluation_metrics(model, images, reference: str) -> dict:
     """SPEC §2 evaluate metrics of the model against a reference calculator over all images
     (predicted in blocks of the calculator's `PREDICTION_BLOCK_SIZE` atoms)."""
-    from pipeline.execution.parents import ReferenceFailed, compute_reference, validate_parent_params
+    from pipeline.execution.parents import ReferenceFailed, parent_for
     from pipeline.science.calculator import PREDICTION_BLOCK_SIZE
 
-    params = validate_parent_params(reference, {})
+    parent = parent_for(reference)
     force_errors, energy_errors, uncertainties, n_atoms = [], [], [], 0
     for atoms in images:
         try:
@@ -145,7 +145,7 @@ def evaluation_metrics(model, images, reference: str) -> dict:
         except ValueError as error:
             raise BadInput(str(error)) from None
         try:
-            result = compute_reference(reference, params, atoms_to_payload(atoms))
+            result = parent.run(atoms_to_payload(atoms))
         except ReferenceFailed as error:
             from pipeline.errors import RunFailed
 
@@ -175,12 +175,12 @@ def evaluate(
 ):
     """Errors of a model against a reference calculator (eV/Å, eV/atom), predicted as the ASE
     calculator predicts (its default precision and block size)."""
-    from pipeline.execution.parents import known_calculators
+    from pipeline.execution.parents import PARENTS
     from pipeline.science.calculator import PREDICTION_DTYPE
     from pipeline.storage.model_file import load_ensemble
 
-    if reference not in known_calculators():
-        raise BadInput(f"--reference: unknown calculator {reference!r} (known: {', '.join(known_calculators())})")
+    if reference not in PARENTS:
+        raise BadInput(f"--reference: unknown calculator {reference!r} (known: {', '.join(PARENTS)})")
     model = load_ensemble(model_path, dtype=PREDICTION_DTYPE, device=checked_device(device))
     metrics = evaluation_metrics(model, read_images(structure), reference)
     if as_json:
