@@ -108,7 +108,6 @@ class _Driver:
         self.target_atoms: dict[int, Atoms] = {}
         self.apps: SiteApps | None = None
         self.stop_reason: str | None = None
-        self.predictions: dict[int, list[dict[str, Any]]] = {}  # iteration -> prediction per target
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -189,7 +188,6 @@ class _Driver:
         started = time.perf_counter()
         predictions = self._predict(model_path)
         timer.add("prediction", time.perf_counter() - started)
-        self.predictions = {number: predictions}
         deltas = {target_id: float(item["uncertainty"]) for target_id, item in zip(self.target_ids, predictions)}
         train_mae = _finite_or_none(metrics.get("train_force_mae"))
         labels = self._chunk_labels()
@@ -370,32 +368,26 @@ class _Driver:
             "stall": stall_diagnosis(entries[-1], reason, config) if entries else None,
         }
         if self.parent.evaluates_targets and best_iteration is not None:
-            summary["force_mae_vs_parent"] = self._force_mae_vs_emt(best_iteration.iteration)
+            summary["force_mae_vs_parent"] = self._force_mae_vs_parent(config.workdir / MODEL_NAME)
         if summary["stall"] is not None:
             self.observer.message(f"not converged ({reason}): a {summary['stall']['kind']} problem. {summary['stall']['advice']}")
         _write_json(config.workdir / SUMMARY_NAME, summary)
         return summary
 
-    def _force_mae_vs_emt(self, iteration: int) -> dict[str, float]:
-        """Force MAE (eV/Å, over all components) of the kept model against EMT on every target."""
-        from pipeline.execution.apps import prediction_job
-        from pipeline.execution.parents import ReferenceFailed
+    def _force_mae_vs_parent(self, model_path: Path) -> dict[str, float]:
+        """Force MAE (eV/Å, over all components) of the kept model against the parent on every target."""
+        from pipeline.execution.evaluation import evaluate_model
 
-        predictions = self.predictions.get(iteration)
-        if predictions is None:
-            model_path = self.config.workdir / MODEL_NAME
-            predictions = prediction_job(str(model_path), [atoms_to_payload(self.target_atoms[t]) for t in self.target_ids])
+        targets = [self.target_atoms[target_id] for target_id in self.target_ids]
+        evaluation = evaluate_model(model_path, targets, self.parent, self.config.file.model.device, skip_failed=True)
         errors = {}
-        for k, (target_id, prediction) in enumerate(zip(self.target_ids, predictions)):
-            try:
-                reference = self.parent.run(atoms_to_payload(self.target_atoms[target_id]))
-            except ReferenceFailed as error:
-                self.observer.message(f"no force MAE for target {k}: {error.reason}")
+        for k, (atoms, item) in enumerate(zip(targets, evaluation.structures)):
+            if item.failure is not None:
+                self.observer.message(f"no force MAE for target {k}: {item.failure}")
                 continue
-            difference = np.asarray(prediction["forces"]) - np.asarray(reference["forces"])
-            errors[f"target {k}"] = float(np.abs(difference).mean())
+            errors[f"target {k}"] = item.force_mae
             self.observer.message(
-                f"final model vs EMT on target {k} ({len(self.target_atoms[target_id])} atoms): "
+                f"final model vs {self.parent.name.upper()} on target {k} ({len(atoms)} atoms): "
                 f"force MAE {errors[f'target {k}']:.4f} eV/Å"
             )
         return errors

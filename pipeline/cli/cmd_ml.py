@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from pipeline.cli import app
 from pipeline.cli.common import exit_codes
 from pipeline.errors import BadInput
-from pipeline.science.structures import LabelledStructure, atoms_to_payload
+from pipeline.science.structures import LabelledStructure
 
 console = Console(stderr=True)
 
@@ -131,39 +131,6 @@ def train(
     )
 
 
-def evaluation_metrics(model, images, reference: str) -> dict:
-    """SPEC §2 evaluate metrics of the model against a reference calculator over all images
-    (predicted in blocks of the calculator's `PREDICTION_BLOCK_SIZE` atoms)."""
-    from pipeline.execution.parents import ReferenceFailed, parent_for
-    from pipeline.science.calculator import PREDICTION_BLOCK_SIZE
-
-    parent = parent_for(reference)
-    force_errors, energy_errors, uncertainties, n_atoms = [], [], [], 0
-    for atoms in images:
-        try:
-            prediction = model.predict(atoms, block_size=PREDICTION_BLOCK_SIZE)
-        except ValueError as error:
-            raise BadInput(str(error)) from None
-        try:
-            result = parent.run(atoms_to_payload(atoms))
-        except ReferenceFailed as error:
-            from pipeline.errors import RunFailed
-
-            raise RunFailed(f"reference {reference}: {error.reason}") from None
-        force_errors.append(np.abs(prediction.forces - np.asarray(result["forces"])).ravel())
-        energy_errors.append(abs(prediction.energy - result["energy"]) / len(atoms))
-        uncertainties.append(prediction.max_uncertainty)
-        n_atoms += len(atoms)
-    errors = np.concatenate(force_errors)
-    return {
-        "n_atoms": n_atoms,
-        "force_mae": float(errors.mean()),
-        "force_max_error": float(errors.max()),
-        "max_uncertainty": float(max(uncertainties)),
-        "energy_error_per_atom": float(np.mean(energy_errors)),
-    }
-
-
 @app.command()
 @exit_codes
 def evaluate(
@@ -175,14 +142,22 @@ def evaluate(
 ):
     """Errors of a model against a reference calculator (eV/Å, eV/atom), predicted as the ASE
     calculator predicts (its default precision and block size)."""
-    from pipeline.execution.parents import PARENTS
+    from pipeline.errors import RunFailed
+    from pipeline.execution.evaluation import evaluate_model
+    from pipeline.execution.parents import PARENTS, ReferenceFailed, parent_for
     from pipeline.science.calculator import PREDICTION_DTYPE
     from pipeline.storage.model_file import load_ensemble
 
     if reference not in PARENTS:
         raise BadInput(f"--reference: unknown calculator {reference!r} (known: {', '.join(PARENTS)})")
     model = load_ensemble(model_path, dtype=PREDICTION_DTYPE, device=checked_device(device))
-    metrics = evaluation_metrics(model, read_images(structure), reference)
+    images = read_images(structure)
+    try:
+        metrics = evaluate_model(model, images, parent_for(reference)).metrics()
+    except ValueError as error:  # an element the model lacks
+        raise BadInput(str(error)) from None
+    except ReferenceFailed as error:
+        raise RunFailed(f"reference {reference}: {error.reason}") from None
     if as_json:
         typer.echo(json.dumps(metrics))
         return
