@@ -23,7 +23,7 @@ def test_the_example_config_loads_with_spec_defaults():
     assert config.database_url == f"sqlite:///{config.workdir / 'nft.db'}"
     assert len(config.targets) == 1 and len(config.targets[0]) == 260
     assert len(config.initial) == 20
-    assert config.calculator == "emt" and config.threshold == 0.1
+    assert config.parent.name == "emt" and config.threshold == 0.1
     assert config.file.chunks.radius == 8.0 and config.file.chunks.vacuum == 6.0
     assert config.file.model.cutoff == 6.5 and config.file.model.hidden == (5, 5) and config.file.model.ensemble == 10
 
@@ -75,8 +75,8 @@ def test_absolute_database_paths_and_other_urls_are_kept(small_campaign, tmp_pat
 
 def test_a_gpaw_parent_gets_complete_options_and_the_dft_threshold(small_campaign):
     config = load_config(small_campaign({"parent": {"calculator": "gpaw", "gpaw": {"ecut": 350.0, "ranks": 2}}, "active": {"threshold": None}}))
-    assert config.parent_params["ecut"] == 350.0 and config.parent_params["xc"] == "PBE"
-    assert "ranks" not in config.job_params  # execution options do not identify a job
+    assert config.parent.name == "gpaw" and config.parent.ecut == 350.0 and config.parent.xc == "PBE"
+    assert config.parent.ranks == 2 and "ranks" not in config.parent.physics()  # execution options do not identify a job
     assert config.threshold == 0.3
 
 
@@ -106,6 +106,13 @@ BAD_CONFIGS = {
     "unknown calculator": (lambda path, s: s["parent"].update(calculator="vasp"), "parent.calculator: unknown calculator"),
     "bad parent option": (
         lambda path, s: s["parent"].update(calculator="gpaw", gpaw={"ecut": -5.0}), "parent.gpaw.ecut"
+    ),
+    "options for another parent": (
+        lambda path, s: s["parent"].update(calculator="emt", gpaw={"ecut": 400.0}),
+        "parent.gpaw: options for gpaw, but parent.calculator is 'emt'",
+    ),
+    "parent options not a table": (
+        lambda path, s: s["parent"].update(calculator="gpaw", gpaw=5), "parent.gpaw: must be a table (got 5)"
     ),
     "element the initial set lacks": (
         lambda path, s: (write(path.parent / "copper.traj", bulk("Cu", cubic=True)), s["data"].update(targets=["copper.traj"])),

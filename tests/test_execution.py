@@ -14,12 +14,13 @@ from parsl.executors import ThreadPoolExecutor
 from parsl.executors.high_throughput.errors import WorkerLost
 
 from pipeline.errors import BadInput
-from pipeline.execution.apps import make_apps, mpi_resources, route
-from pipeline.execution.parents import ReferenceFailed
+from pipeline.execution.apps import make_apps, route
+from pipeline.execution.parents import EmtParent, ReferenceFailed, parent_for
 from pipeline.execution.sites import SiteError, load_site, parsl_session, site_names
 from pipeline.science.structures import atoms_to_payload
 
 pytestmark = pytest.mark.timeout(180)
+EMT_PARENT = EmtParent()
 
 
 @pytest.fixture(scope="class")
@@ -137,8 +138,8 @@ def test_a_shared_slurm_site_gives_every_app_a_resource_specification(tmp_path):
 
 
 def test_mpi_resources_reserve_whole_nodes_for_the_ranks():
-    assert mpi_resources("emt", {}) == {"num_nodes": 1, "num_ranks": 1, "ranks_per_node": 1, "launcher_options": ""}
-    spec = mpi_resources("gpaw", {"ranks": 64, "ranks_per_node": 32, "launcher_args": ["--cpu-bind=cores"]})
+    assert parent_for("emt").mpi_resources() == {"num_nodes": 1, "num_ranks": 1, "ranks_per_node": 1, "launcher_options": ""}
+    spec = parent_for("gpaw", {"ranks": 64, "ranks_per_node": 32, "launcher_args": ["--cpu-bind=cores"]}).mpi_resources()
     assert spec == {"num_nodes": 2, "num_ranks": 64, "ranks_per_node": 32, "launcher_options": "--cpu-bind=cores"}
 
 
@@ -157,18 +158,18 @@ class TestLocalSite:
 
     def test_emt_jobs_through_parsl_equal_direct_emt(self, local_site):
         structures = [rattled_platinum(seed) for seed in range(4)]
-        futures = [local_site.reference_app("emt", {}, atoms_to_payload(atoms)) for atoms in structures]
+        futures = [local_site.reference_app(EMT_PARENT, atoms_to_payload(atoms)) for atoms in structures]
         for atoms, future in zip(structures, futures):
             result = future.result(timeout=120)
             atoms.calc = EMT()
             assert result["energy"] == pytest.approx(atoms.get_potential_energy(), abs=1e-10)
             np.testing.assert_allclose(result["forces"], atoms.get_forces(), atol=1e-10)
             assert result["host"] and result["wall_time_s"] >= 0
-        assert isinstance(local_site.reference_app("emt", {}, atoms_to_payload(structures[0])), parsl.dataflow.futures.AppFuture)
+        assert isinstance(local_site.reference_app(EMT_PARENT, atoms_to_payload(structures[0])), parsl.dataflow.futures.AppFuture)
 
     def test_a_failed_job_comes_back_as_an_exception_with_its_reason(self, local_site):
         silicon = bulk("Si", "diamond", a=5.43)
-        future = local_site.reference_app("emt", {}, atoms_to_payload(silicon))
+        future = local_site.reference_app(EMT_PARENT, atoms_to_payload(silicon))
         with pytest.raises(ReferenceFailed, match="No EMT-potential for Si") as raised:
             future.result(timeout=120)
         assert "Si" in raised.value.reason
@@ -183,7 +184,7 @@ class TestLocalSite:
         doomed = python_app(killed_worker, executors=local_site.reference_executors)()
         with pytest.raises(WorkerLost, match="loss of worker"):
             doomed.result(timeout=150)
-        survivor = local_site.reference_app("emt", {}, atoms_to_payload(rattled_platinum(7)))
+        survivor = local_site.reference_app(EMT_PARENT, atoms_to_payload(rattled_platinum(7)))
         assert np.isfinite(survivor.result(timeout=120)["energy"])
 
 
@@ -196,7 +197,7 @@ def test_slurm_site_runs_an_emt_job_as_a_slurm_job(slurm_cluster, tmp_path):
     with parsl_session(config):
         apps = make_apps(config)
         assert apps.reference_is_mpi
-        result = apps.reference_app("emt", {}, atoms_to_payload(atoms)).result(timeout=240)
+        result = apps.reference_app(EMT_PARENT, atoms_to_payload(atoms)).result(timeout=240)
     atoms.calc = EMT()
     np.testing.assert_allclose(result["forces"], atoms.get_forces(), atol=1e-10)
     assert result["external_id"], "the job saw no SLURM_JOB_ID"

@@ -21,7 +21,7 @@ from ase.io import write
 
 from pipeline.campaign.config import load_config
 from pipeline.campaign.training_set import training_structures
-from pipeline.execution.parents import GPAW_LOG_NAME, compute_reference
+from pipeline.execution.parents import GPAW_LOG_NAME, parent_for
 from pipeline.science.structures import atoms_to_payload
 from pipeline.storage.store import CampaignStore
 from tests.plugins.campaign_fixtures import run_nft, toml_text
@@ -215,7 +215,7 @@ def test_a_chunk_whose_scf_cannot_converge_is_recorded_failed_and_the_campaign_g
     limited = {**TINY_LCAO, "maxiter": 7}
     initial = [hydrogen_molecule(0.70, vacuum=3.0), aluminium_triangle(3, vacuum=3.0)]
     for k, atoms in enumerate(initial):  # labelled in the file (the Al cell would not converge within maxiter)
-        labels = compute_reference("gpaw", TINY_LCAO, atoms_to_payload(atoms), str(tmp_path / f"initial-{k}"))
+        labels = parent_for("gpaw", TINY_LCAO).run(atoms_to_payload(atoms), str(tmp_path / f"initial-{k}"))
         atoms.calc = SinglePointCalculator(atoms, energy=labels["energy"], forces=np.array(labels["forces"]))
     config = write_gpaw_campaign(
         tmp_path / "campaign",
@@ -256,7 +256,7 @@ def test_a_chunk_whose_scf_cannot_converge_is_recorded_failed_and_the_campaign_g
             else:
                 assert job.status == "done", job.error
                 assert_result_is_what_gpaw_printed(store, job, directory)
-        trained = training_structures(store, campaign.calculator, campaign.job_params)  # what iteration 2 trained on
+        trained = training_structures(store, campaign.parent.name, campaign.parent.physics())  # what iteration 2 trained on
         trained_chunks = [item for item in trained if item.energy is None]
         assert len(trained) == 4 and [set(item.atoms.get_chemical_symbols()) for item in trained_chunks] == [{"H"}, {"H"}]
 

@@ -14,7 +14,7 @@ import pytest
 from ase.build import molecule
 
 from pipeline.execution.apps import make_apps
-from pipeline.execution.parents import ReferenceFailed, compute_reference
+from pipeline.execution.parents import ReferenceFailed, parent_for
 from pipeline.execution.sites import load_site, parsl_session
 from pipeline.science.structures import atoms_to_payload
 
@@ -81,11 +81,11 @@ def distorted_water_chunk():
 @pytest.mark.parametrize("mode", ["lcao", "pw"])
 def test_two_ranks_through_parsl_equal_one_rank_run_directly(tmp_path, mode):
     payload = atoms_to_payload(distorted_water_chunk())
-    serial = compute_reference("gpaw", {**TINY_JOBS[mode], "ranks": 1}, payload, str(tmp_path / "serial"))
+    serial = parent_for("gpaw", {**TINY_JOBS[mode], "ranks": 1}).run(payload, str(tmp_path / "serial"))
     config = load_site("local", tmp_path / "runinfo", {"workers": 1})
     with parsl_session(config):
         apps = make_apps(config)
-        parallel = apps.reference_app("gpaw", {**TINY_JOBS[mode], "ranks": 2}, payload, str(tmp_path / "parallel")).result(timeout=240)
+        parallel = apps.reference_app(parent_for("gpaw", {**TINY_JOBS[mode], "ranks": 2}), payload, str(tmp_path / "parallel")).result(timeout=240)
     assert abs(parallel["energy"] - serial["energy"]) < 1e-3
     np.testing.assert_allclose(parallel["forces"], serial["forces"], atol=1e-3)
     assert np.abs(serial["forces"]).max() > 0.5  # a real test: the forces are not all zero
@@ -101,7 +101,7 @@ def test_two_ranks_through_parsl_equal_one_rank_run_directly(tmp_path, mode):
 def test_scf_that_cannot_converge_fails_with_the_reason(tmp_path):
     payload = atoms_to_payload(distorted_water_chunk())
     with pytest.raises(ReferenceFailed) as raised:
-        compute_reference("gpaw", {**TINY_JOBS["lcao"], "maxiter": 1}, payload, str(tmp_path))
+        parent_for("gpaw", {**TINY_JOBS["lcao"], "maxiter": 1}).run(payload, str(tmp_path))
     reason = raised.value.reason
     assert "KohnShamConvergenceError" in reason and "did not converge within maxiter=1" in reason
     assert "last lines of" in reason and "gpaw.txt" in reason
@@ -113,7 +113,7 @@ def test_a_launch_that_crashes_fails_with_the_launchers_message(tmp_path):
     payload = atoms_to_payload(distorted_water_chunk())
     params = {**TINY_JOBS["lcao"], "ranks": 2, "launcher": "mpiexec", "launcher_args": ["--no-such-mpiexec-option"]}
     with pytest.raises(ReferenceFailed, match="exited with code") as raised:
-        compute_reference("gpaw", params, payload, str(tmp_path))
+        parent_for("gpaw", params).run(payload, str(tmp_path))
     assert "no-such-mpiexec-option" in raised.value.reason
     assert (tmp_path / "launcher.log").exists()
 
@@ -123,7 +123,7 @@ def test_a_launch_that_crashes_fails_with_the_launchers_message(tmp_path):
 def test_a_job_past_its_time_limit_fails_and_leaves_no_ranks_behind(tmp_path):
     payload = atoms_to_payload(distorted_water_chunk())
     with pytest.raises(ReferenceFailed, match="timed out after 0.5 s"):
-        compute_reference("gpaw", {**TINY_JOBS["pw"], "ranks": 2, "timeout_s": 0.5}, payload, str(tmp_path))
+        parent_for("gpaw", {**TINY_JOBS["pw"], "ranks": 2, "timeout_s": 0.5}).run(payload, str(tmp_path))
     # The process group was killed; on a loaded machine the kernel may take a moment to tear it down.
     deadline = time.monotonic() + 15.0
     while processes_working_in(tmp_path) and time.monotonic() < deadline:
@@ -149,11 +149,11 @@ def processes_working_in(directory):
 @pytest.mark.slow
 def test_two_rank_job_through_the_slurm_site_runs_under_srun(slurm_cluster, tmp_path):
     payload = atoms_to_payload(distorted_water_chunk())
-    serial = compute_reference("gpaw", {**TINY_JOBS["pw"], "ranks": 1}, payload, str(tmp_path / "serial"))
+    serial = parent_for("gpaw", {**TINY_JOBS["pw"], "ranks": 1}).run(payload, str(tmp_path / "serial"))
     config = load_site("slurm", tmp_path / "runinfo", {"partition": slurm_cluster.partition, "walltime": "00:10:00"})
     with parsl_session(config):
         apps = make_apps(config)
-        parallel = apps.reference_app("gpaw", {**TINY_JOBS["pw"], "ranks": 2}, payload, str(tmp_path / "slurm")).result(timeout=240)
+        parallel = apps.reference_app(parent_for("gpaw", {**TINY_JOBS["pw"], "ranks": 2}), payload, str(tmp_path / "slurm")).result(timeout=240)
     assert abs(parallel["energy"] - serial["energy"]) < 1e-3
     np.testing.assert_allclose(parallel["forces"], serial["forces"], atol=1e-3)
     assert slurm_cluster.job_state(parallel["external_id"])["JobName"].startswith("parsl.reference")
@@ -166,6 +166,6 @@ def test_a_periodic_cell_runs_with_the_kpoint_density(tmp_path):
     from ase.build import bulk
 
     sodium = bulk("Na", "bcc", a=4.23)  # primitive vectors 3.66 Å: 12/3.66 -> 4 k-points each
-    result = compute_reference("gpaw", {"mode": "pw", "ecut": 250, "kpt_density": 12}, atoms_to_payload(sodium), str(tmp_path))
+    result = parent_for("gpaw", {"mode": "pw", "ecut": 250, "kpt_density": 12}).run(atoms_to_payload(sodium), str(tmp_path))
     assert "Monkhorst-Pack size: [4, 4, 4]" in (tmp_path / "gpaw.txt").read_text()
     assert np.abs(result["forces"]).max() < 1e-3  # every atom is a centre of symmetry

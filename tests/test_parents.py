@@ -1,4 +1,5 @@
 """Parent calculators: option validation, paper defaults, k-point density, EMT in-process, failures."""
+import json
 import math
 
 import numpy as np
@@ -7,31 +8,30 @@ from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 
 from pipeline.errors import BadInput
-from pipeline.execution.parents import (
-    ParentConfigError,
-    ReferenceFailed,
-    compute_reference,
-    gpaw_kpts,
-    gpaw_setup,
-    known_calculators,
-    mpi_launch_prefix,
-    physics_params,
-    validate_parent_params,
-)
+from pipeline.execution.parents import PARENTS, EmtParent, GpawParent, ParentConfigError, ReferenceFailed, parent_for
 from pipeline.science.structures import atoms_to_payload
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def test_known_calculators_are_emt_and_gpaw():
-    assert set(known_calculators()) == {"emt", "gpaw"}
+    assert set(PARENTS) == {"emt", "gpaw"}
+    assert isinstance(parent_for("GPAW"), GpawParent) and isinstance(parent_for("emt"), EmtParent)
+
+
+def test_each_parent_says_what_it_needs():
+    emt, gpaw = parent_for("emt"), parent_for("gpaw")
+    assert (emt.default_threshold, gpaw.default_threshold) == (0.1, 0.3)  # eV/Å (SPEC §1)
+    assert not emt.needs_job_dir and gpaw.needs_job_dir
+    assert emt.evaluates_targets and not gpaw.evaluates_targets
+    assert set(gpaw.physics_fields) < set(GpawParent.model_fields)
 
 
 def test_gpaw_defaults_are_the_papers():
-    params = validate_parent_params("gpaw", {})
-    assert params["mode"] == "pw" and params["ecut"] == 450.0 and params["xc"] == "PBE"
-    assert params["smearing"] == "fermi-dirac" and params["smearing_width"] == 0.1
-    assert params["kpt_density"] == 30.0 and params["ranks"] == 1
+    params = parent_for("gpaw")
+    assert params.mode == "pw" and params.ecut == 450.0 and params.xc == "PBE"
+    assert params.smearing == "fermi-dirac" and params.smearing_width == 0.1
+    assert params.kpt_density == 30.0 and params.ranks == 1
 
 
 def test_every_gpaw_option_can_be_overridden():
@@ -40,11 +40,12 @@ def test_every_gpaw_option_can_be_overridden():
         "convergence": {"energy": 1e-4, "density": 1e-3}, "maxiter": 50, "spinpol": True, "magmom": 0.5,
         "ranks": 4, "launcher": "srun", "launcher_args": "--mpi=pmix", "kpts": [2, 2, 1],
     }
-    params = validate_parent_params("gpaw", overrides)
+    params = parent_for("gpaw", overrides).model_dump()
     assert params["mode"] == "lcao" and params["basis"] == "szp(dzp)" and params["ecut"] == 300.0
     assert params["convergence"] == {"energy": 1e-4, "density": 1e-3} and params["maxiter"] == 50
     assert params["spinpol"] is True and params["ranks"] == 4 and params["launcher_args"] == ["--mpi=pmix"]
     assert params["kpts"] == [2, 2, 1]
+    assert parent_for("gpaw", params) == parent_for("gpaw", overrides)  # the dump is what a Parsl app receives
 
 
 @pytest.mark.parametrize(
@@ -64,34 +65,55 @@ def test_every_gpaw_option_can_be_overridden():
 )
 def test_bad_parent_options_name_the_field(calculator, params, field):
     with pytest.raises(ParentConfigError) as raised:
-        validate_parent_params(calculator, params)
+        parent_for(calculator, params)
     assert raised.value.field == field
     assert str(raised.value).startswith(field + ":")
     assert isinstance(raised.value, BadInput)
 
 
+def test_bad_values_read_as_before():
+    with pytest.raises(ParentConfigError, match=r"^parent.gpaw.ecut: must be a positive number, got -1$"):
+        parent_for("gpaw", {"ecut": -1})
+    with pytest.raises(ParentConfigError, match=r"^parent.gpaw.mode: must be one of pw, lcao, fd; got 'tb'$"):
+        parent_for("gpaw", {"mode": "tb"})
+    with pytest.raises(ParentConfigError, match=r"^parent.gpaw.kpts: must be an integer >= 1, got 1.5$"):
+        parent_for("gpaw", {"kpts": [1, 1.5, 1]})
+    with pytest.raises(ParentConfigError, match=r"^parent.gpaw.convergence: unknown criterion 'eigenstate' \(known: bands, "):
+        parent_for("gpaw", {"convergence": {"eigenstate": 1e-8}})
+
+
 def test_execution_options_do_not_change_the_physics():
-    assert physics_params("gpaw", {"ranks": 8, "launcher": "srun"}) == physics_params("gpaw", {})
-    assert physics_params("gpaw", {"ecut": 500}) != physics_params("gpaw", {})
+    assert parent_for("gpaw", {"ranks": 8, "launcher": "srun"}).physics() == parent_for("gpaw").physics()
+    assert parent_for("gpaw", {"ecut": 500}).physics() != parent_for("gpaw").physics()
+    assert parent_for("emt").physics() == {}
+
+
+def test_the_physics_of_a_job_is_the_json_stored_databases_hold():
+    """The options that identify a job, as plain JSON in the option order (the hash of stored jobs)."""
+    physics = parent_for("gpaw", {"ecut": 500, "convergence": {"energy": 1e-6}, "ranks": 4}).physics()
+    assert json.dumps(physics) == (
+        '{"mode": "pw", "ecut": 500.0, "h": 0.2, "basis": "dzp", "xc": "PBE", "smearing": "fermi-dirac", '
+        '"smearing_width": 0.1, "kpt_density": 30.0, "kpts": null, "convergence": {"energy": 1e-06}, '
+        '"maxiter": 333, "spinpol": false, "magmom": 0.0, "charge": 0.0}'
+    )
 
 
 def test_kpoints_meet_the_density_on_periodic_axes_and_gamma_elsewhere():
-    params = validate_parent_params("gpaw", {})
+    params = parent_for("gpaw")
     cell = bulk("Pt", "fcc", a=3.92, cubic=True) * (1, 2, 3)
-    assert gpaw_kpts(cell, params) == tuple(math.ceil(30.0 / length) for length in cell.cell.lengths())
-    for k, length in zip(gpaw_kpts(cell, params), cell.cell.lengths()):
+    assert params.kpts_for(cell) == tuple(math.ceil(30.0 / length) for length in cell.cell.lengths())
+    for k, length in zip(params.kpts_for(cell), cell.cell.lengths()):
         assert k * length >= 30.0
     slab = cell.copy()
     slab.pbc = (True, True, False)
-    assert gpaw_kpts(slab, params)[2] == 1
+    assert params.kpts_for(slab)[2] == 1
     chunk = molecule("H2O", vacuum=6.0)
-    assert gpaw_kpts(chunk, params) == (1, 1, 1)
+    assert params.kpts_for(chunk) == (1, 1, 1)
 
 
 def test_plane_waves_get_a_periodic_box_with_gamma_only_for_a_chunk():
     chunk = molecule("H2O", vacuum=6.0)
-    params = validate_parent_params("gpaw", {})
-    atoms, kwargs = gpaw_setup(atoms_to_payload(chunk), params, txt="gpaw.txt")
+    atoms, kwargs = parent_for("gpaw").setup(atoms_to_payload(chunk), txt="gpaw.txt")
     assert kwargs["kpts"]["size"] == (1, 1, 1)
     assert kwargs["mode"] == {"name": "pw", "ecut": 450.0}
     assert kwargs["occupations"] == {"name": "fermi-dirac", "width": 0.1}
@@ -102,7 +124,7 @@ def test_plane_waves_get_a_periodic_box_with_gamma_only_for_a_chunk():
 def test_emt_reference_equals_direct_emt():
     atoms = bulk("Pt", "fcc", a=3.92, cubic=True) * (2, 2, 2)
     atoms.rattle(0.1, seed=3)
-    result = compute_reference("emt", {}, atoms_to_payload(atoms))
+    result = parent_for("emt").run(atoms_to_payload(atoms))
     atoms.calc = EMT()
     assert result["energy"] == pytest.approx(atoms.get_potential_energy(), abs=1e-12)
     np.testing.assert_allclose(result["forces"], atoms.get_forces(), atol=1e-12)
@@ -111,22 +133,22 @@ def test_emt_reference_equals_direct_emt():
 
 def test_emt_failure_carries_the_reason():
     with pytest.raises(ReferenceFailed, match="No EMT-potential for Si"):
-        compute_reference("emt", {}, atoms_to_payload(bulk("Si")))
+        parent_for("emt").run(atoms_to_payload(bulk("Si")))
 
 
 def test_gpaw_structure_without_a_cell_fails_before_launch(tmp_path):
     water = molecule("H2O")
     with pytest.raises(ReferenceFailed, match="full cell"):
-        compute_reference("gpaw", {}, atoms_to_payload(water), str(tmp_path))
+        parent_for("gpaw").run(atoms_to_payload(water), str(tmp_path))
 
 
 def test_launcher_prefix_follows_parsl_then_slurm_then_mpiexec(monkeypatch):
-    params = validate_parent_params("gpaw", {"ranks": 2})
+    params = parent_for("gpaw", {"ranks": 2})
     monkeypatch.delenv("PARSL_MPI_PREFIX", raising=False)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    assert mpi_launch_prefix(params) == ["mpiexec", "-n", "2"]
-    assert mpi_launch_prefix(validate_parent_params("gpaw", {"ranks": 1})) == []
+    assert params.launch_prefix() == ["mpiexec", "-n", "2"]
+    assert parent_for("gpaw", {"ranks": 1}).launch_prefix() == []
     monkeypatch.setenv("PARSL_MPI_PREFIX", "srun --ntasks 2 --nodelist n1 --mpi=pmix")
-    assert mpi_launch_prefix(params) == ["srun", "--ntasks", "2", "--nodelist", "n1", "--mpi=pmix"]
-    explicit = validate_parent_params("gpaw", {"ranks": 3, "launcher": "srun", "launcher_args": ["--mpi=pmix"]})
-    assert mpi_launch_prefix(explicit) == ["srun", "--ntasks", "3", "--mpi=pmix"]
+    assert params.launch_prefix() == ["srun", "--ntasks", "2", "--nodelist", "n1", "--mpi=pmix"]
+    explicit = parent_for("gpaw", {"ranks": 3, "launcher": "srun", "launcher_args": ["--mpi=pmix"]})
+    assert explicit.launch_prefix() == ["srun", "--ntasks", "3", "--mpi=pmix"]

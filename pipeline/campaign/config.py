@@ -17,18 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from ase import Atoms
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from pipeline.campaign.training_set import TrainingEnvironment
 from pipeline.errors import BadInput, first_problem
-from pipeline.execution.parents import ParentConfigError, physics_params, validate_parent_params
+from pipeline.execution.parents import PARENTS, Parent, ParentConfigError, parent_for
 from pipeline.science.settings import TrainingSettings
 from pipeline.science.structures import structure_problem
 from pipeline.storage.engine import DatabaseError, check_driver, mask_password, resolve_database_url
 
-DEFAULT_THRESHOLD = {"emt": 0.1}
-"""Default `active.threshold` (eV/Å) per parent; DFT parents take `DFT_THRESHOLD`."""
-DFT_THRESHOLD = 0.3
 MIN_SEPARATION_NEAREST_NEIGHBOURS = 1.1
 """Default `chunks.min_separation`, in units of the initial set's nearest-neighbour distance."""
 
@@ -53,9 +50,20 @@ class DataSection(_Section):
         return [value] if isinstance(value, str) else value
 
 
-class ParentSection(_Section):
+class _ParentChoice(_Section):
     calculator: str = "emt"
-    gpaw: dict[str, Any] | None = None
+
+    def tables(self) -> dict[str, dict[str, Any]]:
+        """The `[parent.NAME]` option tables given, by parent name."""
+        return {name: table for name, table in self if name != "calculator" and table is not None}
+
+
+ParentSection = create_model(
+    "ParentSection",
+    __base__=_ParentChoice,
+    __doc__="`[parent]`: the calculator's name, and a `[parent.NAME]` table of options for each parent that has options.",
+    **{name: (dict[str, Any] | None, None) for name, parent in PARENTS.items() if parent.model_fields},
+)
 
 
 class ChunksSection(_Section):
@@ -104,26 +112,17 @@ class CampaignConfig:
     initial_files: tuple[Path, ...]
     targets: tuple[Atoms, ...]
     initial: tuple[Atoms, ...]
-    parent_params: dict[str, Any]  # complete options of the parent calculator, defaults filled in
+    parent: Parent  # the parent calculator with its options checked, defaults filled in
 
     @property
     def name(self) -> str:
         return self.file.campaign.name
 
     @property
-    def calculator(self) -> str:
-        return self.file.parent.calculator.lower()
-
-    @property
-    def job_params(self) -> dict[str, Any]:
-        """The parent options that identify a reference job (execution options such as ranks left out)."""
-        return physics_params(self.calculator, self.parent_params)
-
-    @property
     def threshold(self) -> float:
         """Target uncertainty δ, eV/Å."""
         explicit = self.file.active.threshold
-        return explicit if explicit is not None else DEFAULT_THRESHOLD.get(self.calculator, DFT_THRESHOLD)
+        return explicit if explicit is not None else self.parent.default_threshold
 
     @cached_property
     def min_separation(self) -> float:
@@ -168,7 +167,7 @@ def load_config(path: str | os.PathLike[str]) -> CampaignConfig:
     except ValidationError as error:
         raise BadInput(f"{label}: {first_problem(error)}") from None
     here = path.resolve().parent
-    params = _parent_params(file.parent, label)
+    parent = _parent(file.parent, label)
     workdir = (here / (file.campaign.workdir or f"runs/{file.campaign.name}")).resolve()
     _check_writable(workdir, label)
     try:
@@ -198,7 +197,7 @@ def load_config(path: str | os.PathLike[str]) -> CampaignConfig:
         initial_files=initial_files,
         targets=targets,
         initial=initial,
-        parent_params=params,
+        parent=parent,
     )
 
 
@@ -217,14 +216,15 @@ def _read_toml(path: Path, label: str) -> dict[str, Any]:
         raise BadInput(f"{label}: malformed TOML ({_one_line(error)})") from None
 
 
-def _parent_params(section: ParentSection, label: str) -> dict[str, Any]:
+def _parent(section: _ParentChoice, label: str) -> Parent:
+    """The `[parent]` calculator with its `[parent.NAME]` options checked; a table for another parent is an error."""
     calculator = section.calculator.lower()
-    tables = {"gpaw": section.gpaw}
-    for name, table in tables.items():
-        if table is not None and name != calculator:
+    tables = section.tables()
+    for name in tables:
+        if name != calculator:
             raise BadInput(f"{label}: parent.{name}: options for {name}, but parent.calculator is {section.calculator!r}")
     try:
-        return validate_parent_params(section.calculator, tables.get(calculator))
+        return parent_for(section.calculator, tables.get(calculator))
     except ParentConfigError as error:
         raise BadInput(f"{label}: {error}") from None
 

@@ -95,13 +95,13 @@ class _Driver:
         self.config = config
         self.store = store
         self.observer = observer
-        self.calculator = config.calculator
-        self.job_params = config.job_params
+        self.parent = config.parent
+        self.calculator = config.parent.name
+        self.job_params = config.parent.physics()  # what identifies a reference job in the store
         self.target_ids: list[int] = []
         self.target_atoms: dict[int, Atoms] = {}
         self.apps: SiteApps | None = None
         self.stop_reason: str | None = None
-        self.predictions: dict[int, list[dict[str, Any]]] = {}  # iteration -> prediction per target
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -182,7 +182,6 @@ class _Driver:
         started = time.perf_counter()
         predictions = self._predict(model_path)
         timer.add("prediction", time.perf_counter() - started)
-        self.predictions = {number: predictions}
         deltas = {target_id: float(item["uncertainty"]) for target_id, item in zip(self.target_ids, predictions)}
         train_mae = _finite_or_none(metrics.get("train_force_mae"))
         labels = self._chunk_labels()
@@ -311,9 +310,9 @@ class _Driver:
         futures = {}
         for job in jobs:
             structure = store.atoms(job.structure_id)
-            job_dir = None if self.calculator == "emt" else str(self.config.workdir / "jobs" / f"job-{job.id:06d}")
+            job_dir = str(self.config.workdir / "jobs" / f"job-{job.id:06d}") if self.parent.needs_job_dir else None
             store.mark_running(job.id)
-            future = self.apps.reference_app(self.calculator, self.config.parent_params, atoms_to_payload(structure), job_dir)  # type: ignore[union-attr]
+            future = self.apps.reference_app(self.parent, atoms_to_payload(structure), job_dir)  # type: ignore[union-attr]
             futures[future] = job
         done = failed = 0
         observer.jobs(done, len(jobs), failed, len(jobs))
@@ -336,7 +335,8 @@ class _Driver:
     # -- the end -------------------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
-        """Write summary.json (docs/campaign.md, "WORKDIR/summary.json") and return it."""
+        """Write summary.json (docs/campaign.md, "WORKDIR/summary.json": with the wall-time split and,
+        for a cheap parent such as EMT, the final model's force MAE) and return it."""
         config, store = self.config, self.store
         history = store.iterations()
         reason = self.stop_reason or stop_reason(history, config)
@@ -361,33 +361,27 @@ class _Driver:
             "wall_time": wall,
             "stall": stall_diagnosis(entries[-1], reason, config) if entries else None,
         }
-        if self.calculator == "emt" and best_iteration is not None:
-            summary["force_mae_vs_parent"] = self._force_mae_vs_emt(best_iteration.iteration)
+        if self.parent.evaluates_targets and best_iteration is not None:
+            summary["force_mae_vs_parent"] = self._force_mae_vs_parent(config.workdir / MODEL_NAME)
         if summary["stall"] is not None:
             self.observer.message(f"not converged ({reason}): a {summary['stall']['kind']} problem. {summary['stall']['advice']}")
         _write_json(config.workdir / SUMMARY_NAME, summary)
         return summary
 
-    def _force_mae_vs_emt(self, iteration: int) -> dict[str, float]:
-        """Force MAE (eV/Å, over all components) of the kept model against EMT on every target."""
-        from pipeline.execution.apps import prediction_job
-        from pipeline.execution.parents import ReferenceFailed, compute_reference
+    def _force_mae_vs_parent(self, model_path: Path) -> dict[str, float]:
+        """Force MAE (eV/Å, over all components) of the kept model against the parent on every target."""
+        from pipeline.execution.evaluation import evaluate_model
 
-        predictions = self.predictions.get(iteration)
-        if predictions is None:
-            model_path = self.config.workdir / MODEL_NAME
-            predictions = prediction_job(str(model_path), [atoms_to_payload(self.target_atoms[t]) for t in self.target_ids])
+        targets = [self.target_atoms[target_id] for target_id in self.target_ids]
+        evaluation = evaluate_model(model_path, targets, self.parent, self.config.file.model.device, skip_failed=True)
         errors = {}
-        for k, (target_id, prediction) in enumerate(zip(self.target_ids, predictions)):
-            try:
-                reference = compute_reference("emt", {}, atoms_to_payload(self.target_atoms[target_id]))
-            except ReferenceFailed as error:
-                self.observer.message(f"no force MAE for target {k}: {error.reason}")
+        for k, (atoms, item) in enumerate(zip(targets, evaluation.structures)):
+            if item.failure is not None:
+                self.observer.message(f"no force MAE for target {k}: {item.failure}")
                 continue
-            difference = np.asarray(prediction["forces"]) - np.asarray(reference["forces"])
-            errors[f"target {k}"] = float(np.abs(difference).mean())
+            errors[f"target {k}"] = item.force_mae
             self.observer.message(
-                f"final model vs EMT on target {k} ({len(self.target_atoms[target_id])} atoms): "
+                f"final model vs {self.parent.name.upper()} on target {k} ({len(atoms)} atoms): "
                 f"force MAE {errors[f'target {k}']:.4f} eV/Å"
             )
         return errors

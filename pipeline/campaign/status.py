@@ -75,7 +75,7 @@ def export_training_set(config: CampaignConfig, output: Path) -> int:
 
     with open_existing_store(config) as store:
         training_set = training_structures(
-            store, config.calculator, config.job_params, config.file.chunks.training_environment, config.file.model.cutoff
+            store, config.parent.name, config.parent.physics(), config.file.chunks.training_environment, config.file.model.cutoff
         )
     images = []
     for item in training_set:

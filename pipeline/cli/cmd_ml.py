@@ -13,7 +13,7 @@ from pipeline.cli import app
 from pipeline.cli.common import exit_codes
 from pipeline.errors import BadInput, first_problem
 from pipeline.science.settings import TrainingSettings
-from pipeline.science.structures import LabelledStructure, atoms_to_payload, structure_problem
+from pipeline.science.structures import LabelledStructure, structure_problem
 
 console = Console(stderr=True)
 
@@ -137,39 +137,6 @@ def train(
     )
 
 
-def evaluation_metrics(model, images, parent: str) -> dict:
-    """The `nft evaluate --json` metrics (README) of the model against the parent calculator `parent`
-    over all images (predicted in blocks of the ASE calculator's `PREDICTION_BLOCK_SIZE` atoms)."""
-    from pipeline.execution.parents import ReferenceFailed, compute_reference, validate_parent_params
-    from pipeline.science.calculator import PREDICTION_BLOCK_SIZE
-
-    params = validate_parent_params(parent, {})
-    force_errors, energy_errors, max_deltas, n_atoms = [], [], [], 0
-    for atoms in images:
-        try:
-            prediction = model.predict(atoms, block_size=PREDICTION_BLOCK_SIZE)
-        except ValueError as error:
-            raise BadInput(str(error)) from None
-        try:
-            result = compute_reference(parent, params, atoms_to_payload(atoms))
-        except ReferenceFailed as error:
-            from pipeline.errors import RunFailed
-
-            raise RunFailed(f"parent {parent}: {error.reason}") from None
-        force_errors.append(np.abs(prediction.forces - np.asarray(result["forces"])).ravel())
-        energy_errors.append(abs(prediction.energy - result["energy"]) / len(atoms))
-        max_deltas.append(prediction.max_uncertainty)
-        n_atoms += len(atoms)
-    errors = np.concatenate(force_errors)
-    return {
-        "n_atoms": n_atoms,
-        "force_mae": float(errors.mean()),
-        "force_max_error": float(errors.max()),
-        "max_uncertainty": float(max(max_deltas)),
-        "energy_error_per_atom": float(np.mean(energy_errors)),
-    }
-
-
 @app.command()
 @exit_codes
 def evaluate(
@@ -181,14 +148,22 @@ def evaluate(
 ):
     """Errors of a model against a parent calculator (eV/Å, eV/atom), predicted as the ASE
     calculator predicts (its default precision and block size)."""
-    from pipeline.execution.parents import known_calculators
+    from pipeline.errors import RunFailed
+    from pipeline.execution.evaluation import evaluate_model
+    from pipeline.execution.parents import PARENTS, ReferenceFailed, parent_for
     from pipeline.science.calculator import PREDICTION_DTYPE
     from pipeline.storage.model_file import load_ensemble
 
-    if parent not in known_calculators():
-        raise BadInput(f"--reference: unknown parent calculator {parent!r} (known: {', '.join(known_calculators())})")
+    if parent not in PARENTS:
+        raise BadInput(f"--reference: unknown parent calculator {parent!r} (known: {', '.join(PARENTS)})")
     model = load_ensemble(model_path, dtype=PREDICTION_DTYPE, device=checked_device(device))
-    metrics = evaluation_metrics(model, read_images(structure), parent)
+    images = read_images(structure)
+    try:
+        metrics = evaluate_model(model, images, parent_for(parent)).metrics()
+    except ValueError as error:  # an element the model lacks
+        raise BadInput(str(error)) from None
+    except ReferenceFailed as error:
+        raise RunFailed(f"parent {parent}: {error.reason}") from None
     if as_json:
         typer.echo(json.dumps(metrics))
         return

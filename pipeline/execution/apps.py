@@ -16,7 +16,6 @@ worker's ``$NFT_DEVICE`` when its site sets one (slurm_gpu: cuda), else cuda whe
 """
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
@@ -29,6 +28,7 @@ from parsl.config import Config
 from parsl.dataflow.futures import AppFuture
 from parsl.executors import MPIExecutor
 
+from pipeline.execution.parents import Parent
 from pipeline.execution.sites import SiteError
 
 SITE_DEVICE_VARIABLE = "NFT_DEVICE"
@@ -46,19 +46,20 @@ ROUTES: dict[str, tuple[str, ...]] = {
 
 def reference_job(
     calculator: str,
-    params: Mapping[str, Any] | None,
+    options: Mapping[str, Any] | None,
     payload: Mapping[str, Any],
     job_dir: str | None = None,
     parsl_resource_specification: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Energy and forces of one structure by the parent calculator (see `parents.compute_reference`).
+    """Energy (eV) and forces (eV/Å) of one structure by the parent `calculator` with `options` (its
+    `model_dump()`; see `Parent.run`).
 
     `parsl_resource_specification` is Parsl's (MPI ranks and nodes); the launch prefix it yields
     reaches the job as ``$PARSL_MPI_PREFIX``.
     """
-    from pipeline.execution.parents import compute_reference
+    from pipeline.execution.parents import parent_for
 
-    return compute_reference(calculator, params, payload, job_dir)
+    return parent_for(calculator, options).run(payload, job_dir)
 
 
 def training_job(
@@ -203,11 +204,12 @@ class SiteApps:
     training_is_mpi: bool = False
     prediction_is_mpi: bool = False
 
-    def reference_app(self, calculator: str, params: Mapping[str, Any] | None, payload: Mapping[str, Any], job_dir: str | None = None) -> AppFuture:
-        """A reference calculation; on an MPIExecutor it reserves the job's ranks (and nodes)."""
+    def reference_app(self, parent: Parent, payload: Mapping[str, Any], job_dir: str | None = None) -> AppFuture:
+        """A reference calculation by `parent` (sent as its name and options, plain data); on an
+        MPIExecutor it reserves the job's ranks (and nodes)."""
         app = python_app(reference_job, executors=self.reference_executors)
-        resources = mpi_resources(calculator, params) if self.reference_is_mpi else None
-        return app(calculator, dict(params or {}), dict(payload), job_dir, **_resource_kwargs(resources))
+        resources = parent.mpi_resources() if self.reference_is_mpi else None
+        return app(parent.name, parent.model_dump(mode="json"), dict(payload), job_dir, **_resource_kwargs(resources))
 
     def training_app(
         self,
@@ -257,18 +259,3 @@ def _resource_kwargs(resources: dict[str, Any] | None) -> dict[str, Any]:
 
 def _node_resources(ranks: int) -> dict[str, Any]:
     return {"num_nodes": 1, "num_ranks": int(ranks), "ranks_per_node": int(ranks)}
-
-
-def mpi_resources(calculator: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Parsl MPI resource specification of one reference job: its ranks, on whole nodes."""
-    from pipeline.execution.parents import validate_parent_params
-
-    complete = validate_parent_params(calculator, params)
-    ranks = int(complete.get("ranks", 1))
-    ranks_per_node = int(complete.get("ranks_per_node") or ranks)
-    return {
-        "num_nodes": max(1, math.ceil(ranks / ranks_per_node)),
-        "num_ranks": ranks,
-        "ranks_per_node": min(ranks, ranks_per_node),
-        "launcher_options": " ".join(complete.get("launcher_args", [])),
-    }

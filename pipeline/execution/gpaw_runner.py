@@ -1,6 +1,6 @@
 """One GPAW reference calculation as an MPI program: ``gpaw python -m pipeline.execution.gpaw_runner IN OUT``.
 
-IN is the JSON written by `parents.compute_reference` (payload, complete options, log name); rank 0
+IN is the JSON written by `GpawParent.run` (payload, complete options, log name); rank 0
 writes OUT with energy (eV, the free energy that the forces derive from) and forces (eV/Å), or
 ``{"error": reason}`` and exit code 3 when GPAW raised (SCF not converged, bad input).
 """
@@ -22,10 +22,10 @@ def main(argv: list[str]) -> int:
     from gpaw import GPAW
     from gpaw.mpi import world
 
-    from pipeline.execution.parents import gpaw_setup
+    from pipeline.execution.parents.gpaw import GpawParent
 
     try:
-        atoms, kwargs = gpaw_setup(job["payload"], job["params"], txt=job["txt"])
+        atoms, kwargs = GpawParent.model_validate(job["params"]).setup(job["payload"], txt=job["txt"])
         atoms.calc = GPAW(**kwargs)
         forces = atoms.get_forces()
         energy = atoms.get_potential_energy(force_consistent=True)

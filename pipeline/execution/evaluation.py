@@ -1,0 +1,99 @@
+"""A model's errors against a parent calculator: what `nft evaluate` prints and the campaign's final
+force MAE (summary.json `force_mae_vs_parent`) come from here.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from ase import Atoms
+
+from pipeline.execution.parents import Parent, ReferenceFailed
+from pipeline.science.model import EnsembleModel
+from pipeline.science.structures import atoms_to_payload
+
+
+@dataclass(frozen=True)
+class StructureErrors:
+    """The model against the parent on one structure; without labels (`failure` the parent's reason)
+    only the prediction's δ is known."""
+
+    n_atoms: int
+    max_uncertainty: float  # δ = max_i δ_i, eV/Å
+    force_errors: np.ndarray | None = None  # |F_model − F_parent| per component, eV/Å, shape (N, 3)
+    energy_error_per_atom: float | None = None  # |E_model − E_parent| / N, eV
+    failure: str | None = None
+
+    @property
+    def force_mae(self) -> float | None:
+        """Mean absolute force error over all components, eV/Å."""
+        return None if self.force_errors is None else float(self.force_errors.mean())
+
+    @property
+    def force_max_error(self) -> float | None:
+        """Largest absolute force component error, eV/Å."""
+        return None if self.force_errors is None else float(self.force_errors.max())
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Per-structure errors, in the order of the images, and their totals over the labelled ones."""
+
+    structures: list[StructureErrors]
+
+    def metrics(self) -> dict[str, float | int]:
+        """SPEC §2 `nft evaluate` metrics over the labelled structures: atoms, force MAE and max error
+        (eV/Å, over all components), max δ (eV/Å), mean energy error per atom (eV)."""
+        labelled = [item for item in self.structures if item.failure is None]
+        if not labelled:
+            raise ValueError("no structure has parent labels to compare with")
+        errors = np.concatenate([item.force_errors.ravel() for item in labelled])  # type: ignore[union-attr]
+        return {
+            "n_atoms": sum(item.n_atoms for item in labelled),
+            "force_mae": float(errors.mean()),
+            "force_max_error": float(errors.max()),
+            "max_uncertainty": float(max(item.max_uncertainty for item in labelled)),
+            "energy_error_per_atom": float(np.mean([item.energy_error_per_atom for item in labelled])),
+        }
+
+
+def evaluate_model(
+    model: EnsembleModel | str | os.PathLike[str],
+    images: Sequence[Atoms],
+    parent: Parent,
+    device: str = "auto",
+    skip_failed: bool = False,
+) -> Evaluation:
+    """Errors of `model` against `parent` on every image, predicted in the ASE calculator's blocks of
+    atoms; a model file is loaded as the calculator loads it (its precision, on `device`).
+
+    A structure the parent cannot label raises `ReferenceFailed`, or with `skip_failed` is kept with
+    the reason and left out of the totals. An element the model lacks raises `ValueError`.
+    """
+    from pipeline.science.calculator import PREDICTION_BLOCK_SIZE, PREDICTION_DTYPE
+
+    if not isinstance(model, EnsembleModel):
+        from pipeline.storage.model_file import load_ensemble
+
+        model = load_ensemble(model, dtype=PREDICTION_DTYPE, device=device)
+    structures = []
+    for atoms in images:
+        prediction = model.predict(atoms, block_size=PREDICTION_BLOCK_SIZE)
+        try:
+            labels = parent.run(atoms_to_payload(atoms))
+        except ReferenceFailed as error:
+            if not skip_failed:
+                raise
+            structures.append(StructureErrors(len(atoms), prediction.max_uncertainty, failure=error.reason))
+            continue
+        structures.append(
+            StructureErrors(
+                n_atoms=len(atoms),
+                max_uncertainty=prediction.max_uncertainty,
+                force_errors=np.abs(prediction.forces - np.asarray(labels["forces"])),
+                energy_error_per_atom=abs(prediction.energy - labels["energy"]) / len(atoms),
+            )
+        )
+    return Evaluation(structures)

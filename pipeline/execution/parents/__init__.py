@@ -1,0 +1,30 @@
+"""Parent calculators: the reference methods whose energies (eV) and forces (eV/Å) the model learns.
+
+One small class each (`base.Parent`): `emt` runs in-process (ASE EMT); `gpaw` runs one MPI job per
+structure in a job directory that keeps GPAW's text output. `parent_for(name, options)` is what the
+config loader and a Parsl app call; an app receives the name and `model_dump()`, plain data.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pipeline.execution.parents.base import DFT_THRESHOLD, Parent, ParentConfigError, ReferenceFailed
+from pipeline.execution.parents.emt import EmtParent
+from pipeline.execution.parents.gpaw import GPAW_LOG_NAME, GpawParent
+
+PARENTS: dict[str, type[Parent]] = {parent.name: parent for parent in (EmtParent, GpawParent)}
+"""The parents by `[parent] calculator` name."""
+
+__all__ = [
+    "DFT_THRESHOLD", "GPAW_LOG_NAME", "PARENTS", "EmtParent", "GpawParent", "Parent", "ParentConfigError",
+    "ReferenceFailed", "parent_for",
+]
+
+
+def parent_for(name: str, options: Mapping[str, Any] | None = None) -> Parent:
+    """The parent called `name` (case-insensitive) with `options` checked; `ParentConfigError` names
+    the field, ``parent.calculator`` or ``parent.<name>.<option>``."""
+    if not isinstance(name, str) or name.lower() not in PARENTS:
+        raise ParentConfigError("parent.calculator", f"unknown calculator {name!r} (known: {', '.join(PARENTS)})")
+    return PARENTS[name.lower()].from_options(options)

@@ -1,0 +1,166 @@
+"""What every parent calculator is: typed options, the options that define its physics, and `run`.
+
+A parent is a frozen pydantic model whose fields are its options (ASE's `default_parameters`, typed
+and checked); its class says what it is: `name`, `physics_fields` (a result's identity), whether a
+job keeps a directory, the default δ threshold, whether whole targets are cheap to label, and the
+MPI resources of one job. `run(payload, job_dir)` returns energy (eV) and forces (eV/Å) or raises
+`ReferenceFailed` (ASE's `CalculationFailed`).
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, ClassVar, Literal
+
+import numpy as np
+from numpy.typing import ArrayLike
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WrapValidator
+from pydantic_core import PydanticCustomError
+
+from pipeline.errors import BadInput
+
+DFT_THRESHOLD = 0.3
+"""Default `active.threshold` (eV/Å) of a DFT parent (SPEC §1)."""
+_OPTION_ERROR = "parent_option"
+
+
+class ReferenceFailed(RuntimeError):
+    """A reference calculation gave no energy and forces; the message is the reason."""
+
+    @property
+    def reason(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ParentConfigError(BadInput):
+    """A `[parent]` setting is wrong; `field` names it, e.g. ``parent.gpaw.ecut``."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+    def __reduce__(self):
+        return (type(self), (self.field, self.problem))
+
+
+# ---------------------------------------------------------------------------------------------
+# Option types: each reports a bad value in one line, "must be …, got VALUE".
+
+def rejects(template: str) -> WrapValidator:
+    """Report any bad value of the annotated type as `template` with ``{value}`` its repr (a message
+    from an inner option type, e.g. a list item, is kept)."""
+
+    def check(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as error:
+            inner = error.errors()[0]
+            message = inner["msg"] if inner["type"] == _OPTION_ERROR else template.replace("{value}", repr(value))
+            raise PydanticCustomError(_OPTION_ERROR, message) from None
+
+    return WrapValidator(check)
+
+
+def option_error(message: str) -> PydanticCustomError:
+    """A bad option value reported as `message` (for checks beyond a type, e.g. unknown keys)."""
+    return PydanticCustomError(_OPTION_ERROR, message)
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _list(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def one_of(*choices: str) -> Any:
+    """A string among `choices`, case-insensitive, stored lower-case."""
+    return Annotated[
+        Literal[choices], BeforeValidator(_lower), rejects(f"must be one of {', '.join(choices)}; got {{value}}")
+    ]
+
+
+PositiveFloat = Annotated[float, Field(gt=0), rejects("must be a positive number, got {value}")]
+NonNegativeFloat = Annotated[float, Field(ge=0), rejects("must be a number >= 0, got {value}")]
+Number = Annotated[float, rejects("must be a number, got {value}")]
+PositiveInt = Annotated[int, Field(ge=1), rejects("must be an integer >= 1, got {value}")]
+Text = Annotated[str, Field(min_length=1), rejects("must be a non-empty string, got {value}")]
+Flag = Annotated[bool, rejects("must be true or false, got {value}")]
+Table = Annotated[dict[str, Any], rejects("must be a table, got {value}")]
+Grid = Annotated[
+    list[PositiveInt], BeforeValidator(_list), Field(min_length=3, max_length=3),
+    rejects("must be three positive integers [k1, k2, k3], got {value}"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# The base class.
+
+class Parent(BaseModel):
+    """A parent calculator; its fields are its options, defaults filled in."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: ClassVar[str]
+    physics_fields: ClassVar[tuple[str, ...]] = ()
+    """The options that decide the result; execution options (ranks, launcher, timeout) are left out."""
+    needs_job_dir: ClassVar[bool] = False
+    """Whether a job writes files worth keeping (its own folder under WORKDIR/jobs)."""
+    default_threshold: ClassVar[float] = DFT_THRESHOLD
+    """Default `active.threshold`, eV/Å."""
+    evaluates_targets: ClassVar[bool] = False
+    """Whether labelling whole targets is cheap, so the campaign reports the final model's force MAE."""
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None) -> "Parent":
+        """The parent with `options` (a `[parent.NAME]` table) checked; `ParentConfigError` names
+        the first bad one (an unknown option before a bad value)."""
+        try:
+            return cls.model_validate(dict(options or {}))
+        except ValidationError as error:
+            problems = error.errors()
+            unknown = sorted(str(problem["loc"][0]) for problem in problems if problem["type"] == "extra_forbidden")
+            if unknown:
+                known = ", ".join(sorted(cls.model_fields)) or "none"
+                raise ParentConfigError(f"parent.{cls.name}.{unknown[0]}", f"unknown option (known: {known})") from None
+            raise ParentConfigError(f"parent.{cls.name}.{problems[0]['loc'][0]}", problems[0]["msg"]) from None
+
+    def physics(self) -> dict[str, Any]:
+        """The `physics_fields` as plain JSON: what identifies a result (the same chunk with other
+        ranks is the same job)."""
+        return self.model_dump(mode="json", include=set(self.physics_fields))
+
+    def mpi_resources(self) -> dict[str, Any]:
+        """Parsl MPI resource specification of one job: one rank on one node."""
+        return {"num_nodes": 1, "num_ranks": 1, "ranks_per_node": 1, "launcher_options": ""}
+
+    def run(self, payload: Mapping[str, Any], job_dir: str | None = None) -> dict[str, Any]:
+        """Energy (eV) and forces (eV/Å) of one structure (an `atoms_to_payload` dict).
+
+        Returns ``{"energy", "forces" (N×3 list), "wall_time_s", "host", "external_id", "log_file"}``;
+        `external_id` is the batch job id (``SLURM_JOB_ID``) where there is one. Raises
+        `ReferenceFailed` with the reason when no result comes.
+        """
+        start = time.perf_counter()
+        energy, forces, log_file = self.calculate(dict(payload), job_dir)
+        forces = np.asarray(forces, dtype=float)
+        n_atoms = len(payload["numbers"])
+        if forces.shape != (n_atoms, 3) or not np.all(np.isfinite(forces)) or not math.isfinite(energy):
+            raise ReferenceFailed(f"{self.name}: no finite energy and {n_atoms}x3 forces (got forces {forces.shape})")
+        return {
+            "energy": float(energy),
+            "forces": forces.tolist(),
+            "wall_time_s": time.perf_counter() - start,
+            "host": socket.gethostname(),
+            "external_id": os.environ.get("SLURM_JOB_ID"),
+            "log_file": log_file,
+        }
+
+    def calculate(self, payload: dict[str, Any], job_dir: str | None) -> tuple[float, ArrayLike, str | None]:
+        """Energy (eV), forces (eV/Å, N×3) and the log file kept, if any; `ReferenceFailed` on failure."""
+        raise NotImplementedError

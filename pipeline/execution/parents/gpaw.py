@@ -1,0 +1,288 @@
+"""GPAW as a parent: one MPI job per structure in a job directory that keeps GPAW's text output.
+
+A job runs ``LAUNCHER gpaw python -m pipeline.execution.gpaw_runner IN.json OUT.json``; the options
+default to the paper's settings (plane waves 450 eV, PBE, Fermi-Dirac 0.1 eV, k_i = ⌈30 Å/|a_i|⌉).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar
+
+from ase import Atoms
+from pydantic import BaseModel, BeforeValidator, ConfigDict, field_serializer, model_validator
+
+from pipeline.execution.parents.base import (
+    Flag,
+    Grid,
+    NonNegativeFloat,
+    Number,
+    Parent,
+    PositiveFloat,
+    PositiveInt,
+    ReferenceFailed,
+    Table,
+    Text,
+    one_of,
+    option_error,
+    rejects,
+)
+from pipeline.science.structures import payload_to_atoms
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+GPAW_LOG_NAME = "gpaw.txt"
+LOG_TAIL_LINES = 25
+
+Mode = one_of("pw", "lcao", "fd")
+Smearing = one_of("fermi-dirac", "marzari-vanderbilt", "methfessel-paxton")
+Launcher = one_of("auto", "mpiexec", "srun")
+Bands = Annotated[int | str, rejects("bands must be an integer or 'occupied'/'all', got {value}")]
+
+
+def _words(value: Any) -> Any:
+    """Launcher arguments given as one string are split as a shell would."""
+    if isinstance(value, str):
+        return shlex.split(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
+Words = Annotated[list[str], BeforeValidator(_words), rejects("must be a list of strings, got {value}")]
+
+
+class ScfConvergence(BaseModel):
+    """GPAW's SCF `convergence` criteria; unset ones keep GPAW's defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    energy: PositiveFloat | None = None  # eV per valence electron
+    density: PositiveFloat | None = None  # electrons per valence electron
+    eigenstates: PositiveFloat | None = None  # eV² per valence electron
+    forces: PositiveFloat | None = None  # eV/Å
+    bands: Bands | None = None  # an integer, "occupied" or "all"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_criteria(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - set(cls.model_fields))
+            if unknown:
+                known = ", ".join(sorted(cls.model_fields))
+                raise option_error(f"unknown criterion {unknown[0]!r} (known: {known})")
+        return value
+
+
+Convergence = Annotated[ScfConvergence, rejects("must be a table of SCF criteria, got {value}")]
+
+
+class GpawParent(Parent):
+    """DFT with GPAW under MPI: the physics options, then how a job runs (which leaves the result as it is)."""
+
+    name: ClassVar[str] = "gpaw"
+    physics_fields: ClassVar[tuple[str, ...]] = (
+        "mode", "ecut", "h", "basis", "xc", "smearing", "smearing_width", "kpt_density", "kpts",
+        "convergence", "maxiter", "spinpol", "magmom", "charge",
+    )
+    needs_job_dir: ClassVar[bool] = True
+
+    # physics (the paper's defaults)
+    mode: Mode = "pw"
+    ecut: PositiveFloat = 450.0  # plane-wave cutoff, eV (mode pw)
+    h: PositiveFloat = 0.2  # grid spacing, Å (modes fd and lcao)
+    basis: Text = "dzp"  # LCAO basis (mode lcao)
+    xc: Text = "PBE"
+    smearing: Smearing = "fermi-dirac"
+    smearing_width: NonNegativeFloat = 0.1  # eV
+    kpt_density: PositiveFloat = 30.0  # k_i = ceil(kpt_density / |a_i|) on periodic axes, Å
+    kpts: Grid | None = None  # explicit k-point grid, overrides kpt_density
+    convergence: Convergence = ScfConvergence()
+    maxiter: PositiveInt = 333  # SCF iterations before the job fails
+    spinpol: Flag = False
+    magmom: Number = 0.0  # initial moment per atom, μB (spinpol)
+    charge: Number = 0.0  # total charge, e
+    # execution (do not change the result)
+    ranks: PositiveInt = 1  # MPI ranks of one job
+    ranks_per_node: PositiveInt | None = None  # defaults to ranks (one node per job)
+    launcher: Launcher = "auto"
+    launcher_args: Words = []  # extra launcher arguments, e.g. ["--mpi=pmix"]
+    parallel: Table = {}  # GPAW's `parallel` keyword, passed through
+    timeout_s: PositiveFloat | None = None
+
+    @field_serializer("convergence")
+    def _set_criteria(self, convergence: ScfConvergence) -> dict[str, Any]:
+        return convergence.model_dump(exclude_none=True)
+
+    def mpi_resources(self) -> dict[str, Any]:
+        """Parsl MPI resource specification of one job: its ranks, on whole nodes."""
+        ranks_per_node = self.ranks_per_node or self.ranks
+        return {
+            "num_nodes": max(1, math.ceil(self.ranks / ranks_per_node)),
+            "num_ranks": self.ranks,
+            "ranks_per_node": min(self.ranks, ranks_per_node),
+            "launcher_options": " ".join(self.launcher_args),
+        }
+
+    # -- running one job -----------------------------------------------------------------------
+
+    def calculate(self, payload: dict[str, Any], job_dir: str | None) -> tuple[float, Any, str | None]:
+        """Energy (eV) and forces (eV/Å) from one MPI job; without `job_dir` in a scratch folder."""
+        if payload_to_atoms(payload).cell.rank < 3:
+            raise ReferenceFailed("gpaw: the structure needs a full cell (a box with vacuum for a chunk)")
+        if job_dir is None:
+            with tempfile.TemporaryDirectory(prefix="nft-gpaw-") as scratch:
+                energy, forces, _ = self._run_in(payload, Path(scratch))
+                return energy, forces, None
+        return self._run_in(payload, Path(job_dir))
+
+    def _run_in(self, payload: dict[str, Any], job_dir: Path) -> tuple[float, Any, str]:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        input_file, result_file, log_file = job_dir / "gpaw-input.json", job_dir / "gpaw-result.json", job_dir / GPAW_LOG_NAME
+        result_file.unlink(missing_ok=True)
+        input_file.write_text(json.dumps({"payload": payload, "params": self.model_dump(mode="json"), "txt": GPAW_LOG_NAME}))
+        command = self.launch_prefix() + [
+            gpaw_command(), "python", "-m", "pipeline.execution.gpaw_runner", input_file.name, result_file.name
+        ]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env["OMP_NUM_THREADS"] = "1"  # GPAW parallelises over MPI ranks; threads would oversubscribe
+        try:
+            returncode, stdout, stderr = run_process_group(command, job_dir, env, self.timeout_s)
+        except OSError as error:
+            raise ReferenceFailed(f"gpaw: cannot start {shlex.join(command)}: {error}") from None
+        (job_dir / "launcher.log").write_text(
+            f"$ {shlex.join(command)}\nexit code: {returncode}\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+        )
+        result = json.loads(result_file.read_text()) if result_file.exists() else None
+        if result is not None and "error" not in result:
+            return result["energy"], result["forces"], str(log_file)
+        if returncode is None:
+            reason = f"gpaw: timed out after {self.timeout_s} s"
+        elif result is not None:
+            reason = f"gpaw: {result['error']}"
+        else:
+            reason = f"gpaw: {shlex.join(command)} exited with code {returncode} and no result"
+        raise ReferenceFailed(_with_tails(reason, log_file, stderr))
+
+    def launch_prefix(self) -> list[str]:
+        """The command words that start `ranks` MPI ranks of one job.
+
+        `launcher = "auto"`: Parsl's ``$PARSL_MPI_PREFIX`` when an MPIExecutor placed the job; else
+        ``srun`` inside a Slurm allocation; else ``mpiexec``; a one-rank job outside an MPIExecutor
+        runs without a launcher.
+        """
+        launcher = self.launcher
+        if launcher == "auto":
+            parsl_prefix = os.environ.get("PARSL_MPI_PREFIX")
+            if parsl_prefix:
+                return shlex.split(parsl_prefix)
+            if self.ranks == 1:
+                return []
+            launcher = "srun" if os.environ.get("SLURM_JOB_ID") and shutil.which("srun") else "mpiexec"
+        if launcher == "srun":
+            return ["srun", "--ntasks", str(self.ranks), *self.launcher_args]
+        return ["mpiexec", "-n", str(self.ranks), *self.launcher_args]
+
+    # -- GPAW set-up, inside the MPI job (gpaw_runner) -----------------------------------------
+
+    def kpts_for(self, atoms: Atoms) -> tuple[int, int, int]:
+        """The k-point grid: explicit `kpts`, else ceil(kpt_density/|a_i|) on periodic axes, 1 elsewhere."""
+        if self.kpts:
+            return tuple(int(k) for k in self.kpts)  # type: ignore[return-value]
+        lengths = atoms.cell.lengths()
+        return tuple(
+            max(1, math.ceil(self.kpt_density / length)) if periodic and length > 0 else 1
+            for periodic, length in zip(atoms.pbc, lengths)
+        )  # type: ignore[return-value]
+
+    def setup(self, payload: Mapping[str, Any], txt: str | None = None) -> tuple[Atoms, dict[str, Any]]:
+        """The structure and `gpaw.GPAW` keyword arguments for one job.
+
+        k-points come from the structure as given (Γ only for a non-periodic chunk); a non-periodic
+        box is then made periodic for plane waves, which need it (the vacuum keeps images apart).
+        """
+        atoms = payload_to_atoms(dict(payload))
+        if atoms.cell.rank < 3:
+            raise ReferenceFailed("gpaw: the structure needs a full cell (a box with vacuum for a chunk)")
+        if self.spinpol and self.magmom:
+            atoms.set_initial_magnetic_moments([self.magmom] * len(atoms))
+        kwargs: dict[str, Any] = {
+            "mode": {"name": "pw", "ecut": self.ecut} if self.mode == "pw" else self.mode,
+            "xc": self.xc,
+            "occupations": {"name": self.smearing, "width": self.smearing_width},
+            "kpts": {"size": self.kpts_for(atoms), "gamma": True},
+            "maxiter": self.maxiter,
+            "spinpol": self.spinpol,
+            "charge": self.charge,
+            "txt": txt,
+        }
+        if self.mode in ("fd", "lcao"):
+            kwargs["h"] = self.h
+        if self.mode == "lcao":
+            kwargs["basis"] = self.basis
+        criteria = self.convergence.model_dump(exclude_none=True)
+        if criteria:
+            kwargs["convergence"] = criteria
+        if self.parallel:
+            kwargs["parallel"] = dict(self.parallel)
+        if self.mode == "pw":
+            atoms.pbc = True
+        return atoms, kwargs
+
+
+def run_process_group(
+    command: list[str], cwd: Path, env: dict[str, str], timeout_s: float | None
+) -> tuple[int | None, str, str]:
+    """Run `command` in its own process group; past `timeout_s` stop the whole group (launcher and
+    ranks: SIGTERM, then SIGKILL). Returns (exit code or None on timeout, stdout, stderr)."""
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+        return process.returncode, stdout, stderr
+    except subprocess.TimeoutExpired:
+        _signal_group(process.pid, signal.SIGTERM)
+        try:
+            stdout, stderr = process.communicate(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            _signal_group(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+        return None, stdout or "", stderr or ""
+    finally:
+        _signal_group(process.pid, signal.SIGKILL)  # ranks the launcher left behind
+        if process.poll() is None:
+            process.wait()
+
+
+def _signal_group(group_id: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(group_id, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def gpaw_command() -> str:
+    """GPAW's launcher (`gpaw python` turns on its MPI), beside this interpreter if installed there."""
+    beside = Path(sys.executable).parent / "gpaw"
+    return str(beside) if beside.exists() else shutil.which("gpaw") or "gpaw"
+
+
+def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _with_tails(reason: str, log_file: Path, stderr: str) -> str:
+    parts = [reason]
+    if log_file.exists() and log_file.read_text(errors="replace").strip():
+        parts.append(f"--- last lines of {log_file}:\n{_tail(log_file.read_text(errors='replace'))}")
+    if stderr.strip():
+        parts.append(f"--- stderr:\n{_tail(stderr)}")
+    return "\n".join(parts)
