@@ -40,7 +40,7 @@ def errors(model, items) -> dict:
         prediction = model.predict(item.atoms)
         diffs.append((prediction.forces - item.forces).ravel())
         energy_errors.append((prediction.energy - item.energy) / len(item.atoms))
-        deltas.append(prediction.max_uncertainty)
+        deltas.append(prediction.max_delta)
     diffs = np.concatenate(diffs)
     return {"force_mae": float(np.abs(diffs).mean()), "force_max": float(np.abs(diffs).max()),
             "energy_rmse": float(np.sqrt(np.mean(np.square(energy_errors)))), "max_delta": float(max(deltas))}

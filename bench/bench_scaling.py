@@ -35,7 +35,7 @@ def case_predict(case: dict) -> dict:
     setup = common.current_rss_mib()
     times, prediction = common.timed(lambda: model.predict(atoms, block_size=case["block"]))
     return {**times, "n_atoms": len(atoms), "setup_rss_mib": setup,
-            "max_delta": float(prediction.max_uncertainty)}
+            "max_delta": float(prediction.max_delta)}
 
 
 def main() -> None:

@@ -187,7 +187,7 @@ def test_default_prediction_gives_the_float64_delta(trained_model_file, structur
     atoms = rattled_crystal((7, 7, 7)) if structure == "crystal" else rattled_cuboctahedron()  # 1,372: two blocks
     reference = load_ensemble(trained_model_file).predict(atoms, block_size=2048)  # float64, the old default
     (job,) = prediction_job(str(trained_model_file), [atoms_to_payload(atoms)])
-    relative = abs(job["uncertainty"] - reference.max_uncertainty) / reference.max_uncertainty
+    relative = abs(job["max_delta"] - reference.max_delta) / reference.max_delta
     assert relative < DELTA_RELATIVE_TOLERANCE
     np.testing.assert_allclose(job["uncertainties"], reference.uncertainties, rtol=DELTA_RELATIVE_TOLERANCE, atol=1e-5)
     np.testing.assert_allclose(job["forces"], reference.forces, atol=1e-4)

@@ -128,7 +128,7 @@ def test_training_app_through_parsl_writes_a_loadable_model(tmp_path):
     assert len(predicted) == 1 and len(predicted[0]["uncertainties"]) == 4
     # the prediction app predicts in float32 (calculator.PREDICTION_DTYPE): float32 agreement
     np.testing.assert_allclose(predicted[0]["forces"], expected.forces, atol=1e-4)
-    assert predicted[0]["uncertainty"] == pytest.approx(max(expected.uncertainties), rel=1e-4, abs=1e-6)
+    assert predicted[0]["max_delta"] == pytest.approx(max(expected.uncertainties), rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.slurm

@@ -27,7 +27,7 @@ def test_errors_against_emt_are_the_explicit_sums():
         assert item.force_max_error == pytest.approx(errors.max(), rel=1e-12)
         energy_error = abs(prediction.energy - reference.get_potential_energy()) / len(atoms)
         assert item.energy_error_per_atom == pytest.approx(energy_error, rel=1e-12)
-        assert item.max_uncertainty == pytest.approx(prediction.max_uncertainty, rel=1e-12)
+        assert item.max_delta == pytest.approx(prediction.max_delta, rel=1e-12)
         all_errors.append(errors.ravel())
         energy_errors.append(energy_error)
     metrics = evaluation.metrics()

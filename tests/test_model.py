@@ -60,7 +60,7 @@ def test_uncertainty_is_the_papers_definition():
         mean = sum(f[m, i] for m in range(len(f))) / len(f)
         expected[i] = 2.58 * np.sqrt(sum(np.sum((f[m, i] - mean) ** 2) for m in range(len(f))) / (len(f) - 1))
     np.testing.assert_allclose(prediction.uncertainties, expected, rtol=1e-12)
-    assert prediction.max_uncertainty == pytest.approx(expected.max())
+    assert prediction.max_delta == pytest.approx(expected.max())
 
 
 def test_batched_ensemble_equals_members_evaluated_one_by_one():

@@ -182,7 +182,7 @@ class _Driver:
         started = time.perf_counter()
         predictions = self._predict(model_path)
         timer.add("prediction", time.perf_counter() - started)
-        deltas = {target_id: float(item["uncertainty"]) for target_id, item in zip(self.target_ids, predictions)}
+        deltas = {target_id: float(item["max_delta"]) for target_id, item in zip(self.target_ids, predictions)}
         train_mae = _finite_or_none(metrics.get("train_force_mae"))
         labels = self._chunk_labels()
         model_metrics = {

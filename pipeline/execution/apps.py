@@ -142,7 +142,7 @@ def prediction_job(
                 "energy": float(prediction.energy),
                 "forces": np.asarray(prediction.forces, dtype=float).tolist(),
                 "uncertainties": uncertainties,
-                "uncertainty": max(uncertainties, default=0.0),
+                "max_delta": max(uncertainties),  # structures have atoms: checked on input
             }
         )
     return results

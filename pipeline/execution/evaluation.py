@@ -21,7 +21,7 @@ class StructureErrors:
     only the prediction's δ is known."""
 
     n_atoms: int
-    max_uncertainty: float  # δ = max_i δ_i, eV/Å
+    max_delta: float  # δ = max_i δ_i, eV/Å
     force_errors: np.ndarray | None = None  # |F_model − F_parent| per component, eV/Å, shape (N, 3)
     energy_error_per_atom: float | None = None  # |E_model − E_parent| / N, eV
     failure: str | None = None
@@ -54,7 +54,7 @@ class Evaluation:
             "n_atoms": sum(item.n_atoms for item in labelled),
             "force_mae": float(errors.mean()),
             "force_max_error": float(errors.max()),
-            "max_uncertainty": float(max(item.max_uncertainty for item in labelled)),
+            "max_uncertainty": float(max(item.max_delta for item in labelled)),
             "energy_error_per_atom": float(np.mean([item.energy_error_per_atom for item in labelled])),
         }
 
@@ -86,12 +86,12 @@ def evaluate_model(
         except ReferenceFailed as error:
             if not skip_failed:
                 raise
-            structures.append(StructureErrors(len(atoms), prediction.max_uncertainty, failure=error.reason))
+            structures.append(StructureErrors(len(atoms), prediction.max_delta, failure=error.reason))
             continue
         structures.append(
             StructureErrors(
                 n_atoms=len(atoms),
-                max_uncertainty=prediction.max_uncertainty,
+                max_delta=prediction.max_delta,
                 force_errors=np.abs(prediction.forces - np.asarray(labels["forces"])),
                 energy_error_per_atom=abs(prediction.energy - labels["energy"]) / len(atoms),
             )

@@ -119,7 +119,7 @@ class Prediction:
     atomic_energies: np.ndarray
 
     @property
-    def max_uncertainty(self) -> float:
+    def max_delta(self) -> float:
         return float(self.uncertainties.max(initial=0.0))
 
 
