@@ -633,11 +633,13 @@ class CampaignStore:
                     ordered=False,
                 ).where(ReferenceJobRow.status == "done")
             )
-            reused = session.scalar(
-                self._own_jobs(select(func.count()).select_from(ReferenceJobRow), ordered=False).where(
-                    ReferenceJobRow.status == "done", CampaignJobRow.reused.is_(True)
+            reused = 0
+            if campaign is not None:
+                reused = session.scalar(
+                    self._own_jobs(select(func.count()).select_from(ReferenceJobRow), ordered=False).where(
+                        ReferenceJobRow.status == "done", CampaignJobRow.reused.is_(True)
+                    )
                 )
-            ) if campaign is not None else 0
             iterations = select(func.count()).select_from(IterationRow)
             models = select(func.count()).select_from(ModelRow)
             if campaign is not None:
