@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import as_completed
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +35,16 @@ from pipeline.execution.sites import load_site, parsl_session
 from pipeline.science.chunks import carve_chunk
 from pipeline.science.selection import SelectionReport, selection_report
 from pipeline.science.structures import atoms_to_payload
+from pipeline.storage.lease import held_lease
 from pipeline.storage.records import JobRecord
-from pipeline.storage.store import CampaignStore, file_sha256
+from pipeline.storage.store import CLAIMED, ELSEWHERE, CampaignStore, JobAlreadyDone, file_sha256
 
 MODEL_NAME = "model.nft"
 SUMMARY_NAME = "summary.json"
 PARSL_DIR_NAME = "runinfo"
 WALL_TIME_PARTS = ("training", "prediction", "reference", "overhead")
+JOB_POLL_S = 1.0
+"""Seconds between two looks at a job another campaign's driver is computing."""
 
 
 @dataclass
@@ -76,7 +79,11 @@ def run_campaign(
     with tempfile.TemporaryDirectory(prefix="nft-site-check-") as scratch:
         load_site(site_name, Path(scratch) / PARSL_DIR_NAME, site_options)  # bad site or options: BadInput now
     config.workdir.mkdir(parents=True, exist_ok=True)
-    with CampaignStore.open(config.database_url, config.name, config.as_dict()) as store:
+    with CampaignStore.open(config.database_url, config.name, config.as_dict()) as store, held_lease(store) as stale:
+        if store.migration_note:
+            observer.message(store.migration_note)
+        if stale:
+            observer.message(f"took over the driver lease of {stale} (no heartbeat, or its process is gone)")
         driver = _Driver(config, store, observer)
         driver.prepare()
         if driver.finished_reason() is None or driver.pending_jobs():
@@ -133,7 +140,8 @@ class _Driver:
             self.observer.message(f"initial set: {labelled} structure(s) labelled in the input file")
 
     def pending_jobs(self) -> list[JobRecord]:
-        return self.store.jobs(status="pending")
+        """The campaign's jobs without a result: pending, or running under another campaign's driver."""
+        return [job for job in self.store.jobs() if job.status in ("pending", "running")]
 
     def finished_reason(self) -> str | None:
         """Why the recorded history says the campaign is over, or None if it should go on."""
@@ -303,34 +311,53 @@ class _Driver:
         return {record.iteration: record.metrics for record in self.store.models()}
 
     def run_reference_jobs(self, jobs: Sequence[JobRecord]) -> None:
-        """Submit the jobs at once; store each result (or failure and its reason) as it completes."""
+        """Submit the jobs this driver claims at once; store each result (or failure and its reason)
+        as it completes. A job another campaign's live driver computes is waited for, not submitted."""
         if not jobs:
             return
         store, observer = self.store, self.observer
         futures = {}
-        for job in jobs:
-            structure = store.atoms(job.structure_id)
-            job_dir = str(self.config.workdir / "jobs" / f"job-{job.id:06d}") if self.parent.needs_job_dir else None
-            store.mark_running(job.id)
-            future = self.apps.reference_app(self.parent, atoms_to_payload(structure), job_dir)  # type: ignore[union-attr]
-            futures[future] = job
         done = failed = 0
+        unclaimed = list(jobs)
         observer.jobs(done, len(jobs), failed, len(jobs))
-        for future in as_completed(futures):
-            job = futures[future]
-            try:
-                result = future.result()
-            except Exception as error:  # the job's own failure, or its worker's; recorded, the campaign goes on
-                store.mark_failed(job.id, _reason(error))
-                failed += 1
-                observer.message(f"reference job {job.id} failed: {_reason(error).splitlines()[0]}")
-            else:
-                store.store_result(
-                    job.id, result["energy"], np.asarray(result["forces"]), result.get("wall_time_s"),
-                    result.get("host"), external_id=result.get("external_id"),
-                )
-                done += 1
-            observer.jobs(done, len(jobs) - done - failed, failed, len(jobs))
+        while unclaimed or futures:
+            elsewhere = []
+            for job in unclaimed:
+                claim = store.claim_job(job.id)
+                if claim == ELSEWHERE:
+                    elsewhere.append(job)
+                    continue
+                if claim != CLAIMED:  # settled meanwhile by another campaign's driver: reused
+                    done, failed = done + (claim == "done"), failed + (claim == "failed")
+                    continue
+                structure = store.atoms(job.structure_id)
+                job_dir = str(self.config.workdir / "jobs" / f"job-{job.id:06d}") if self.parent.needs_job_dir else None
+                future = self.apps.reference_app(self.parent, atoms_to_payload(structure), job_dir)  # type: ignore[union-attr]
+                futures[future] = job
+            unclaimed = elsewhere
+            if not futures:
+                observer.jobs(done, len(jobs) - done - failed, failed, len(jobs))
+                time.sleep(JOB_POLL_S if unclaimed else 0.0)
+                continue
+            completed, _ = wait(futures, timeout=JOB_POLL_S if unclaimed else None, return_when=FIRST_COMPLETED)
+            for future in completed:
+                job = futures.pop(future)
+                try:
+                    result = future.result()
+                except Exception as error:  # the job's own failure, or its worker's; recorded, the campaign goes on
+                    store.mark_failed(job.id, _reason(error))
+                    failed += 1
+                    observer.message(f"reference job {job.id} failed: {_reason(error).splitlines()[0]}")
+                else:
+                    try:
+                        store.store_result(
+                            job.id, result["energy"], np.asarray(result["forces"]), result.get("wall_time_s"),
+                            result.get("host"), external_id=result.get("external_id"),
+                        )
+                    except JobAlreadyDone:  # a driver that took the job over stored the same physics first
+                        pass
+                    done += 1
+                observer.jobs(done, len(jobs) - done - failed, failed, len(jobs))
 
     # -- the end -------------------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ def open_existing_store(config: CampaignConfig) -> CampaignStore:
 
 
 def campaign_status(config: CampaignConfig) -> dict[str, Any]:
-    """Iterations, max δ (eV/Å), chunks and reference jobs of a campaign, from its database; for
+    """Iterations, max δ (eV/Å), chunks and reference jobs of a campaign (its own, in a database
+    shared with others; `reused_jobs` done ones another campaign computed), from its database; for
     a campaign that stopped without converging, why it stalled (`stall`, see docs/campaign.md)."""
     with open_existing_store(config) as store:
         history = store.iterations()
@@ -58,6 +59,8 @@ def campaign_status(config: CampaignConfig) -> dict[str, Any]:
         "chunks": counts.chunks,
         "reference_atoms": counts.reference_atoms,
         "jobs": counts.jobs,
+        "reused_jobs": counts.reused,
+        "database_note": store.migration_note,
         "failed_jobs": [
             {"id": job.id, "structure": job.structure_id, "error": (job.error or "").splitlines()[0] if job.error else ""}
             for job in failed[:FAILED_JOBS_SHOWN]

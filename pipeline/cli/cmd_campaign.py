@@ -32,7 +32,8 @@ def run(
     """Run or resume a campaign; writes WORKDIR/summary.json and WORKDIR/model.nft.
 
     Exits 0 when the campaign ends (converged or not: see summary.json), 1 when it fails, 2 on bad
-    input. Run it again on the same config to resume after a kill or Ctrl-C.
+    input or while another `nft run` drives the campaign. Run it again on the same config to resume
+    after a kill or Ctrl-C.
     """
     from pipeline.campaign.config import load_config
     from pipeline.campaign.loop import run_campaign
@@ -103,6 +104,8 @@ def print_status(console: Console, report: Mapping[str, Any]) -> None:
     else:
         state = "not started"
     jobs = report["jobs"]
+    if report.get("database_note"):
+        console.print(report["database_note"], highlight=False)
     console.print(f"campaign {report['campaign']}: {state}", highlight=False)
     console.print(
         f"iterations {report['iterations']}, best δ {_number(report['best_uncertainty'])} eV/Å "
@@ -110,7 +113,8 @@ def print_status(console: Console, report: Mapping[str, Any]) -> None:
         highlight=False,
     )
     console.print(
-        f"reference jobs: {jobs.get('done', 0)} done, {jobs.get('pending', 0)} pending, "
+        f"reference jobs: {jobs.get('done', 0)} done ({report.get('reused_jobs', 0)} reused from other campaigns), "
+        f"{jobs.get('pending', 0)} pending, "
         f"{jobs.get('running', 0)} running, {jobs.get('failed', 0)} failed",
         highlight=False,
     )

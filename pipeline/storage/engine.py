@@ -2,7 +2,8 @@
 
 Any SQLAlchemy URL works; SQLite (the default) runs in WAL mode with foreign keys on and a 30 s busy
 timeout, so a reader in another process never blocks the driver. Opening checks that the database is
-nft's, of this schema version, or creates the schema in an empty one.
+nft's, of this schema version, or creates the schema in an empty one; a version-1 database of one
+campaign is migrated in place (its structures and jobs join that campaign).
 """
 from __future__ import annotations
 
@@ -12,12 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy.exc as sa_exc
-from sqlalchemy import Engine, create_engine, event, inspect, select
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 from pipeline.errors import BadInput
-from pipeline.storage.schema import APPLICATION, SCHEMA_VERSION, Base, MetadataRow
+from pipeline.storage.schema import (
+    APPLICATION,
+    SCHEMA_VERSION,
+    Base,
+    CampaignJobRow,
+    CampaignStructureRow,
+    MetadataRow,
+)
 
 __all__ = ["DatabaseError", "error_reason", "open_engine", "resolve_database_url", "write_engine"]
 
@@ -42,9 +50,10 @@ def resolve_database_url(url: str, workdir: str | os.PathLike[str]) -> str:
     return parsed.set(database=str(path)).render_as_string(hide_password=False)
 
 
-def open_engine(url: str, *, create: bool) -> tuple[Engine, str]:
+def open_engine(url: str, *, create: bool) -> tuple[Engine, str, str | None]:
     """An engine on `url` with the schema checked (or, with `create`, made in an empty database),
-    and the name that messages use: the file of an SQLite database, else the URL without password.
+    the name that messages use (the file of an SQLite database, else the URL without password), and
+    a one-line note when a version-1 database was migrated on opening (else None).
 
     With `create=False` a missing SQLite file is refused rather than created; any refusal is a
     one-line `DatabaseError` naming the file or URL."""
@@ -58,12 +67,13 @@ def open_engine(url: str, *, create: bool) -> tuple[Engine, str]:
             raise DatabaseError(f"{name}: no such database file")
     engine = _make_engine(parsed)
     try:
-        _open_schema(engine, name, create)
+        version = _open_schema(engine, name, create)
+        note = _migrate(engine, name) if version == MIGRATABLE_VERSION else None
         _use_wal(engine, name, parsed)
     except BaseException:
         engine.dispose()
         raise
-    return engine, name
+    return engine, name, note
 
 
 def write_engine(engine: Engine) -> Engine:
@@ -147,8 +157,9 @@ def _make_engine(url: URL) -> Engine:
     return engine
 
 
-def _open_schema(engine: Engine, name: str, create: bool) -> None:
-    """Create the schema in an empty database, or check that this is nft's, of our version."""
+def _open_schema(engine: Engine, name: str, create: bool) -> str:
+    """Create the schema in an empty database, or check that this is nft's, of our version (or of
+    the one we migrate); returns the version found."""
     begin_mode = "IMMEDIATE" if create else "DEFERRED"
     try:
         with engine.connect().execution_options(**{BEGIN_OPTION: begin_mode}) as connection:
@@ -165,7 +176,7 @@ def _open_schema(engine: Engine, name: str, create: bool) -> None:
                             {"key": "schema_version", "value": str(SCHEMA_VERSION)},
                         ],
                     )
-                    return
+                    return str(SCHEMA_VERSION)
                 if MetadataRow.__tablename__ not in tables:
                     raise DatabaseError(f"{name}: not an nft database (no {MetadataRow.__tablename__} table)")
                 facts = {key: value for key, value in connection.execute(select(MetadataRow.key, MetadataRow.value))}
@@ -174,8 +185,79 @@ def _open_schema(engine: Engine, name: str, create: bool) -> None:
     if facts.get("application") != APPLICATION:
         raise DatabaseError(f"{name}: not an nft database")
     version = facts.get("schema_version")
-    if version != str(SCHEMA_VERSION):
+    if version not in (str(SCHEMA_VERSION), MIGRATABLE_VERSION):
         raise DatabaseError(f"{name}: nft database schema version {version}, this nft reads version {SCHEMA_VERSION}")
+    return str(version)
+
+
+MIGRATABLE_VERSION = "1"
+"""The schema version migrated on opening: 1 had no campaign membership, no job claims, no lease."""
+
+_V2_COLUMNS = {
+    "campaigns": ("lease_id VARCHAR(64)", "lease_owner VARCHAR(255)", "lease_since {timestamp}", "lease_heartbeat {timestamp}"),
+    "reference_jobs": ("claimed_by INTEGER REFERENCES campaigns (id)",),
+}
+
+
+def _migrate(engine: Engine, name: str) -> str:
+    """Version 1 to 2 in one transaction: the new columns and tables, and every structure and job
+    joins the database's one campaign (several campaigns are refused: their data cannot be told apart)."""
+    try:
+        with engine.connect().execution_options(**{BEGIN_OPTION: "IMMEDIATE"}) as connection:
+            with connection.begin():
+                version = connection.scalar(select(MetadataRow.value).where(MetadataRow.key == "schema_version"))
+                if version != MIGRATABLE_VERSION:  # another process migrated it meanwhile
+                    return f"{name}: migrated from schema version {MIGRATABLE_VERSION} to {SCHEMA_VERSION} by another process"
+                campaign_ids = list(connection.scalars(text("SELECT id FROM campaigns ORDER BY id")))
+                if len(campaign_ids) > 1:
+                    raise DatabaseError(
+                        f"{name}: nft database schema version {MIGRATABLE_VERSION} with {len(campaign_ids)} campaigns; "
+                        f"this nft reads version {SCHEMA_VERSION} and migrates a version-{MIGRATABLE_VERSION} database "
+                        "only when it holds one campaign (their structures and jobs cannot be told apart)"
+                    )
+                _add_v2_columns_and_tables(connection)
+                if campaign_ids:
+                    _join_everything_to(connection, campaign_ids[0])
+                connection.execute(
+                    MetadataRow.__table__.update()
+                    .where(MetadataRow.key == "schema_version")
+                    .values(value=str(SCHEMA_VERSION))
+                )
+    except sa_exc.SQLAlchemyError as exc:
+        raise DatabaseError(f"{name}: cannot migrate from schema version {MIGRATABLE_VERSION} ({error_reason(exc)})") from exc
+    owner = f"campaign {campaign_ids[0]}" if campaign_ids else "no campaign"
+    return f"{name}: migrated from schema version {MIGRATABLE_VERSION} to {SCHEMA_VERSION} (everything joins {owner})"
+
+
+def _add_v2_columns_and_tables(connection: Connection) -> None:
+    timestamp = "TIMESTAMP WITH TIME ZONE" if connection.dialect.name == "postgresql" else "DATETIME"
+    for table, columns in _V2_COLUMNS.items():
+        for column in columns:
+            connection.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column.format(timestamp=timestamp)}")
+    Base.metadata.create_all(connection, tables=[CampaignStructureRow.__table__, CampaignJobRow.__table__])
+
+
+def _join_everything_to(connection: Connection, campaign_id: int) -> None:
+    """Every structure and job of a version-1 database becomes campaign `campaign_id`'s, in id order;
+    jobs it ran or finished are claimed by it (so its resume resets its interrupted ones)."""
+    campaign = {"campaign": int(campaign_id)}
+    connection.execute(
+        text(
+            "INSERT INTO campaign_structures (campaign_id, structure_id, created_at)"
+            " SELECT CAST(:campaign AS INTEGER), id, created_at FROM structures ORDER BY id"
+        ),
+        campaign,
+    )
+    connection.execute(
+        text(
+            "INSERT INTO campaign_jobs (campaign_id, job_id, reused, created_at)"
+            " SELECT CAST(:campaign AS INTEGER), id, false, created_at FROM reference_jobs ORDER BY id"
+        ),
+        campaign,
+    )
+    connection.execute(
+        text("UPDATE reference_jobs SET claimed_by = CAST(:campaign AS INTEGER) WHERE status <> 'pending'"), campaign
+    )
 
 
 def _use_wal(engine: Engine, name: str, url: URL) -> None:

@@ -67,6 +67,8 @@ class JobRecord:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    claimed_by: int | None = None
+    """The id of the campaign whose driver runs (or last ran) the job."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ class IterationRecord:
 
 @dataclass(frozen=True)
 class StoreSummary:
-    """Counts for `nft status`: jobs by status, structures by kind, atoms computed by the parent."""
+    """Counts for `nft status`: jobs by status, structures by kind, atoms computed by the parent,
+    done jobs reused from another campaign."""
 
     jobs: dict[str, int]
     targets: int
@@ -108,6 +111,7 @@ class StoreSummary:
     reference_atoms: int
     iterations: int
     models: int
+    reused: int = 0
 
 
 def structure_record(row: StructureRow) -> StructureRecord:
@@ -144,6 +148,7 @@ def job_record(row: ReferenceJobRow) -> JobRecord:
         created_at=_utc(row.created_at),
         started_at=_utc(row.started_at),
         finished_at=_utc(row.finished_at),
+        claimed_by=row.claimed_by,
     )
 
 

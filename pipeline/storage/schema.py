@@ -1,7 +1,12 @@
 """Tables of the campaign database (SQLAlchemy 2.x ORM) and the compact codecs for arrays in them.
 
 The schema carries `SCHEMA_VERSION` in the `nft_metadata` table; bump it with any change to the
-tables below, since a database of another version is refused rather than silently misread.
+tables below, since a database of another version is refused rather than silently misread (engine.py
+migrates a version-1 database of one campaign).
+
+Structures, reference jobs and their results are content-addressed and shared by the campaigns of a
+database; `campaign_structures` and `campaign_jobs` say which campaign registered which, so every
+query of a campaign reads only its own. Models, iterations and the driver lease are a campaign's.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -28,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION = "nft"
 
 STRUCTURE_KINDS = ("target", "initial", "chunk")
@@ -107,12 +113,18 @@ class MetadataRow(Base):
 
 
 class CampaignRow(Base):
+    """A campaign, and the lease of the one driver allowed to run it (`lease_id` None: nobody runs it)."""
+
     __tablename__ = "campaigns"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    lease_id: Mapped[Optional[str]] = mapped_column(String(64))
+    lease_owner: Mapped[Optional[str]] = mapped_column(String(255))
+    lease_since: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    lease_heartbeat: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
 
 
 class StructureRow(Base):
@@ -175,6 +187,8 @@ class ReferenceJobRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    claimed_by: Mapped[Optional[int]] = mapped_column(ForeignKey("campaigns.id"))
+    """The campaign whose driver runs (or last ran) the job; None for jobs written outside a campaign."""
 
 
 class ReferenceResultRow(Base):
@@ -217,4 +231,31 @@ class IterationRow(Base):
     chunks_added: Mapped[int] = mapped_column(Integer)
     train_force_mae: Mapped[Optional[float]] = mapped_column(Float)
     wall_time: Mapped[dict[str, float]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class CampaignStructureRow(Base):
+    """Campaign `campaign_id` registered structure `structure_id` (a target, initial structure or chunk)."""
+
+    __tablename__ = "campaign_structures"
+    __table_args__ = (UniqueConstraint("campaign_id", "structure_id", name="uq_campaign_structure"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"))
+    structure_id: Mapped[int] = mapped_column(ForeignKey("structures.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class CampaignJobRow(Base):
+    """Campaign `campaign_id` needs reference job `job_id`; `reused` when another campaign computed it.
+
+    The id orders a campaign's jobs as it registered them (its training rows follow that order)."""
+
+    __tablename__ = "campaign_jobs"
+    __table_args__ = (UniqueConstraint("campaign_id", "job_id", name="uq_campaign_job"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"))
+    job_id: Mapped[int] = mapped_column(ForeignKey("reference_jobs.id"), index=True)
+    reused: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)

@@ -1,26 +1,32 @@
 """The campaign database's operations: the few reads and writes the NFT loop needs, and nothing of its rules.
 
-`CampaignStore(url)` opens (or creates) the database behind any SQLAlchemy URL (see `engine`). Every
-method runs in its own short transaction, so the driver can write as each future completes and a kill
-loses nothing already returned. Structures go in as `ase.Atoms`; everything returned is a frozen
-record (see `records`), never a live ORM object.
+`CampaignStore.open(url, campaign)` opens (or creates) the database behind any SQLAlchemy URL (see
+`engine`) for one campaign: it reads only the structures and jobs that campaign registered, and what
+it writes joins that campaign. Structures, jobs and results themselves are shared, so a result another
+campaign computed for the same geometry and parent physics is reused, not recomputed. Every method
+runs in its own short transaction, so the driver can write as each future completes and a kill loses
+nothing already returned. Structures go in as `ase.Atoms`; everything returned is a frozen record
+(see `records`), never a live ORM object.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+import secrets
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import sqlalchemy.exc as sa_exc
 from ase import Atoms
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, Select, func, select, update
 from sqlalchemy.orm import Session
 
+from pipeline.errors import BadInput, RunFailed
 from pipeline.storage.engine import DatabaseError, error_reason, open_engine, write_engine
 from pipeline.storage.records import (
     IterationRecord,
@@ -38,7 +44,9 @@ from pipeline.storage.records import (
 from pipeline.storage.schema import (
     JOB_STATUSES,
     STRUCTURE_KINDS,
+    CampaignJobRow,
     CampaignRow,
+    CampaignStructureRow,
     IterationRow,
     ModelRow,
     ReferenceJobRow,
@@ -51,14 +59,37 @@ from pipeline.storage.schema import (
     utc_now,
 )
 
-__all__ = ["CampaignStore", "UnknownCampaign", "atoms_geometry_hash", "file_sha256"]
+__all__ = [
+    "CLAIMED", "ELSEWHERE", "CampaignBusy", "CampaignStore", "JobAlreadyDone", "LeaseLost", "UnknownCampaign",
+    "atoms_geometry_hash", "file_sha256",
+]
 
 RADIUS_DECIMALS = 6
 """Chunk radii (Å) are rounded to 1e-6 Å so that the same radius from a config always matches."""
 
+LEASE_STALE_S = 60.0
+"""A driver lease without a heartbeat for this long (s) is taken over by the next driver."""
+
+CLAIMED = "claimed"
+"""`claim_job`: the job is now running under this campaign; compute it."""
+ELSEWHERE = "elsewhere"
+"""`claim_job`: another campaign's live driver is computing the job; wait for its result."""
+
 
 class UnknownCampaign(DatabaseError):
     """The database holds no campaign of the name asked for (only when reading, `create=False`)."""
+
+
+class CampaignBusy(BadInput):
+    """Another live driver holds the campaign's lease (exit 2: one line naming it and since when)."""
+
+
+class LeaseLost(RunFailed):
+    """This driver's lease was taken over (no heartbeat for `LEASE_STALE_S`); its writes are refused."""
+
+
+class JobAlreadyDone(ValueError):
+    """A result or a start for a job that already has its result (a result is final)."""
 
 
 def atoms_geometry_hash(atoms: Atoms) -> str:
@@ -74,14 +105,17 @@ class CampaignStore:
     database of another schema version, another application's database or a file that is no
     database raises `DatabaseError` with a one-line message naming the file or URL.
 
-    Structures and reference jobs are the database's; models and iterations are a campaign's, so
-    only a store opened for one campaign (`CampaignStore.open`) reads and writes them.
+    A store opened for one campaign (`CampaignStore.open`) reads only the structures and jobs that
+    campaign registered, registers what it adds with that campaign, and alone reads and writes
+    models, iterations and the campaign's driver lease. A store opened on the database alone
+    (`CampaignStore(url)`, for tools and tests) sees every structure and job and registers nothing.
     """
 
     def __init__(self, url: str, *, create: bool = True) -> None:
-        self._engine, self.name = open_engine(url, create=create)
+        self._engine, self.name, self.migration_note = open_engine(url, create=create)
         self._write_engine = write_engine(self._engine)
         self._campaign_id: int | None = None
+        self._lease_id: str | None = None
 
     @classmethod
     def open(
@@ -166,9 +200,9 @@ class CampaignStore:
         radius: float | None = None,
         vacuum: float | None = None,
     ) -> int:
-        """Store a structure and return its id; idempotent.
+        """Store a structure (or find the stored one), register it with the campaign, return its id.
 
-        Targets and initial structures are the same when kind and geometry hash match; a chunk is
+        Idempotent. Targets and initial structures are the same when kind and geometry hash match; a chunk is
         the same as one with equal parent, central index in the parent and radius (Å), whatever its
         geometry. Chunks need `parent_id`, `center_in_parent`, `center_in_chunk` and `radius`.
         """
@@ -209,14 +243,16 @@ class CampaignStore:
             with self._write() as session:
                 session.add(row)
                 session.flush()
-                return row.id
+                structure_id = row.id
         except sa_exc.IntegrityError as exc:
-            # Already stored (by us earlier, or by a racing writer): return the stored one.
+            # Already stored (by us earlier, another campaign, or a racing writer): the stored one.
             with self._read() as session:
                 existing = session.scalar(select(StructureRow.id).where(StructureRow.identity == identity))
             if existing is None:  # another constraint, e.g. an unknown parent_id
                 raise ValueError(f"cannot store {kind} structure: {error_reason(exc)}") from exc
-            return existing
+            structure_id = existing
+        self._register(CampaignStructureRow, structure_id=structure_id)
+        return structure_id
 
     def structure(self, structure_id: int) -> StructureRecord:
         with self._read() as session:
@@ -230,8 +266,8 @@ class CampaignStore:
         return self.structure(structure_id).atoms
 
     def structures(self, kind: str | None = None) -> list[StructureRecord]:
-        """All structures of one kind (or all), in insertion order."""
-        query = select(StructureRow).order_by(StructureRow.id)
+        """The campaign's structures of one kind (or all), in the order it registered them."""
+        query = self._own_structures(select(StructureRow))
         if kind is not None:
             query = query.where(StructureRow.kind == kind)
         with self._read() as session:
@@ -244,20 +280,20 @@ class CampaignStore:
         calculator: str | None = None,
         params: Mapping[str, Any] | None = None,
     ) -> set[int]:
-        """Central indices (in the parent) of the chunks already carved from a parent at a radius.
+        """Central indices (in the parent) of the campaign's chunks carved from a parent at a radius.
 
         With `calculator` (and `params`), only chunks that have a reference job of that calculator.
         The selection skips these atoms.
         """
-        query = select(StructureRow.center_in_parent).where(
+        query = self._own_structures(select(StructureRow.center_in_parent)).where(
             StructureRow.kind == "chunk",
             StructureRow.parent_id == parent_id,
             StructureRow.radius == round(float(radius), RADIUS_DECIMALS),
         )
         if calculator is not None:
-            query = query.join(ReferenceJobRow, ReferenceJobRow.structure_id == StructureRow.id).where(
-                ReferenceJobRow.calculator == calculator
-            )
+            query = self._own_jobs(
+                query.join(ReferenceJobRow, ReferenceJobRow.structure_id == StructureRow.id), ordered=False
+            ).where(ReferenceJobRow.calculator == calculator)
             if params is not None:
                 query = query.where(ReferenceJobRow.params_hash == params_hash(_plain_json(params)))
         with self._read() as session:
@@ -271,9 +307,9 @@ class CampaignStore:
         calculator: str,
         params: Mapping[str, Any],
     ) -> JobRecord | None:
-        """The reference job of the chunk (parent, centre, radius Å) with this calculator, or None."""
+        """The campaign's reference job of the chunk (parent, centre, radius Å) with this calculator, or None."""
         query = (
-            select(ReferenceJobRow)
+            self._own_jobs(select(ReferenceJobRow), ordered=False)
             .join(StructureRow, ReferenceJobRow.structure_id == StructureRow.id)
             .where(
                 StructureRow.identity
@@ -289,7 +325,8 @@ class CampaignStore:
     # -- reference jobs ------------------------------------------------------------------------
 
     def add_job(self, structure_id: int, calculator: str, params: Mapping[str, Any] | None = None) -> int:
-        """Register a pending reference job and return its id; idempotent per (structure, calculator, params)."""
+        """Register a pending reference job (or find the stored one, maybe done by another campaign)
+        with the campaign and return its id; idempotent per (structure, calculator, params)."""
         plain = _plain_json(params or {})
         digest = params_hash(plain)
         row = ReferenceJobRow(
@@ -304,7 +341,7 @@ class CampaignStore:
             with self._write() as session:
                 session.add(row)
                 session.flush()
-                return row.id
+                job_id = row.id
         except sa_exc.IntegrityError as exc:
             query = select(ReferenceJobRow.id).where(
                 ReferenceJobRow.structure_id == int(structure_id),
@@ -315,17 +352,20 @@ class CampaignStore:
                 existing = session.scalar(query)
             if existing is None:  # another constraint, e.g. an unknown structure_id
                 raise ValueError(f"cannot add a {calculator} job for structure {structure_id}: {error_reason(exc)}") from exc
-            return existing
+            job_id = existing
+        self._register(CampaignJobRow, job_id=job_id)
+        return job_id
 
     def job(self, job_id: int) -> JobRecord:
         with self._read() as session:
-            return job_record(self._job_row(session, job_id))
+            return job_record(self._job_row(session, job_id, lock=False))
 
     def jobs(self, status: str | None = None, kind: str | None = None) -> list[JobRecord]:
-        """Reference jobs, optionally of one status and of one structure kind, oldest first."""
+        """The campaign's reference jobs, optionally of one status and of one structure kind, in the
+        order it registered them."""
         if status is not None and status not in JOB_STATUSES:
             raise ValueError(f"job status must be one of {JOB_STATUSES}, not {status!r}")
-        query = select(ReferenceJobRow).order_by(ReferenceJobRow.id)
+        query = self._own_jobs(select(ReferenceJobRow))
         if status is not None:
             query = query.where(ReferenceJobRow.status == status)
         if kind is not None:
@@ -336,18 +376,43 @@ class CampaignStore:
             return [job_record(row) for row in session.scalars(query)]
 
     def mark_running(self, job_id: int, host: str | None = None, external_id: str | None = None) -> None:
-        """The job was submitted: status running, one more attempt, start time, host, external id."""
+        """The job was submitted: status running, one more attempt, start time, host, external id.
+
+        Unconditional (but a done job stays done: `JobAlreadyDone`); a driver claims with `claim_job`."""
         with self._write() as session:
             row = self._job_row(session, job_id)
             if row.status == "done":
-                raise ValueError(f"reference job {job_id} is already done")
-            row.status = "running"
-            row.attempts += 1
-            row.error = None
-            row.started_at = utc_now()
-            row.finished_at = None
-            row.host = host
-            row.external_id = None if external_id is None else str(external_id)
+                raise JobAlreadyDone(f"reference job {job_id} is already done")
+            self._start(row, host, external_id)
+
+    def claim_job(self, job_id: int, stale_after_s: float = LEASE_STALE_S) -> str:
+        """Compare-and-set start of a job for this campaign's driver, so no job is computed by two.
+
+        Returns `CLAIMED` (it was pending, or running under a driver without a live lease: now
+        running under this campaign, one more attempt), "done" or "failed" (settled, by anyone), or
+        `ELSEWHERE` (another campaign's live driver is computing it: wait for its result)."""
+        campaign = self._campaign()
+        with self._write() as session:
+            row = self._job_row(session, job_id)
+            if row.status in ("done", "failed"):
+                return row.status
+            if row.status == "running" and row.claimed_by not in (None, campaign):
+                holder = session.get(CampaignRow, row.claimed_by)
+                if holder is not None and _lease_live(holder, utc_now(), stale_after_s):
+                    return ELSEWHERE
+            self._start(row, None, None)
+            return CLAIMED
+
+    def _start(self, row: ReferenceJobRow, host: str | None, external_id: str | int | None) -> None:
+        row.status = "running"
+        row.attempts += 1
+        row.error = None
+        row.started_at = utc_now()
+        row.finished_at = None
+        row.host = host
+        row.external_id = None if external_id is None else str(external_id)
+        if self._campaign_id is not None:
+            row.claimed_by = self._campaign_id
 
     def store_result(
         self,
@@ -359,11 +424,14 @@ class CampaignStore:
         external_id: str | None = None,
     ) -> None:
         """Store energy (eV) and forces (eV/Å) and mark the job done, in one transaction; the
-        external id is the batch system's job id (e.g. `SLURM_JOB_ID`) when the job ran under one."""
+        external id is the batch system's job id (e.g. `SLURM_JOB_ID`) when the job ran under one.
+
+        A result is final: a second one raises `JobAlreadyDone`. Every other campaign that needs the
+        job is recorded as reusing it."""
         with self._write() as session:
             row = self._job_row(session, job_id)
             if row.status == "done":
-                raise ValueError(f"reference job {job_id} is already done")
+                raise JobAlreadyDone(f"reference job {job_id} is already done")
             n_atoms = session.scalar(select(StructureRow.n_atoms).where(StructureRow.id == row.structure_id))
             forces = np.asarray(forces, dtype=np.float64)
             if forces.shape != (n_atoms, 3):
@@ -378,13 +446,23 @@ class CampaignStore:
                 row.host = host
             if external_id is not None:
                 row.external_id = str(external_id)
+            if self._campaign_id is not None:
+                row.claimed_by = self._campaign_id
+            computed_by = row.claimed_by
+            if computed_by is not None:
+                session.execute(
+                    update(CampaignJobRow)
+                    .where(CampaignJobRow.job_id == row.id, CampaignJobRow.campaign_id != computed_by)
+                    .values(reused=True)
+                )
 
     def mark_failed(self, job_id: int, error: str, wall_time_s: float | None = None) -> None:
-        """The job raised: status failed with the error text (a later run may retry it)."""
+        """The job raised: status failed with the error text (a later run may retry it); a job
+        already done (by another driver) keeps its result."""
         with self._write() as session:
             row = self._job_row(session, job_id)
             if row.status == "done":
-                raise ValueError(f"reference job {job_id} is already done")
+                return
             row.status = "failed"
             row.error = str(error)
             row.finished_at = utc_now()
@@ -392,13 +470,19 @@ class CampaignStore:
                 row.wall_time_s = float(wall_time_s)
 
     def reset_unfinished(self, include_failed: bool = False) -> int:
-        """On resume: running jobs (and failed ones if asked) back to pending; returns how many."""
+        """On resume: the campaign's running jobs (and failed ones if asked) back to pending; returns
+        how many. Only jobs its own earlier driver ran (or nobody's): another campaign's are its own."""
         statuses = ("running", "failed") if include_failed else ("running",)
+        query = update(ReferenceJobRow).where(ReferenceJobRow.status.in_(statuses))
+        if self._campaign_id is not None:
+            own = select(CampaignJobRow.job_id).where(CampaignJobRow.campaign_id == self._campaign_id)
+            query = query.where(
+                ReferenceJobRow.id.in_(own),
+                (ReferenceJobRow.claimed_by == self._campaign_id) | ReferenceJobRow.claimed_by.is_(None),
+            )
         with self._write() as session:
             result = session.execute(
-                update(ReferenceJobRow)
-                .where(ReferenceJobRow.status.in_(statuses))
-                .values(status="pending", started_at=None, external_id=None)
+                query.values(status="pending", started_at=None, external_id=None), execution_options={"synchronize_session": False}
             )
             return int(result.rowcount or 0)
 
@@ -411,16 +495,16 @@ class CampaignStore:
     def labelled_structures(
         self, calculator: str | None = None, params: Mapping[str, Any] | None = None
     ) -> list[tuple[StructureRecord, ResultRecord]]:
-        """Initial structures and chunks with a done reference job, and their results, oldest first.
+        """The campaign's initial structures and chunks with a done reference job (computed by it or
+        reused), and their results, in the order it registered the jobs.
 
         Optionally only one calculator (and parameters). What a result trains is the campaign's rule.
         """
-        query = (
+        query = self._own_jobs(
             select(StructureRow, ReferenceResultRow)
             .join(ReferenceJobRow, ReferenceJobRow.structure_id == StructureRow.id)
             .join(ReferenceResultRow, ReferenceResultRow.job_id == ReferenceJobRow.id)
             .where(ReferenceJobRow.status == "done", StructureRow.kind.in_(("initial", "chunk")))
-            .order_by(ReferenceJobRow.id)
         )
         if calculator is not None:
             query = query.where(ReferenceJobRow.calculator == calculator)
@@ -528,34 +612,106 @@ class CampaignStore:
     # -- status --------------------------------------------------------------------------------
 
     def summary(self) -> StoreSummary:
-        """Counts over the whole database; `reference_atoms` sums the atoms of done reference jobs."""
+        """Counts over the campaign's own structures, jobs, iterations and models (the whole database
+        for a store opened on it alone); `reference_atoms` sums the atoms of done reference jobs,
+        `reused` counts done jobs another campaign computed."""
+        campaign = self._campaign_id
         with self._read() as session:
             jobs = dict.fromkeys(JOB_STATUSES, 0)
-            for status, count in session.execute(
-                select(ReferenceJobRow.status, func.count()).group_by(ReferenceJobRow.status)
-            ):
+            job_statuses = self._own_jobs(select(ReferenceJobRow.status, func.count()), ordered=False)
+            for status, count in session.execute(job_statuses.group_by(ReferenceJobRow.status)):
                 jobs[status] = int(count)
             kinds = dict.fromkeys(STRUCTURE_KINDS, 0)
-            for kind, count in session.execute(
-                select(StructureRow.kind, func.count()).group_by(StructureRow.kind)
-            ):
+            structure_kinds = self._own_structures(select(StructureRow.kind, func.count()), ordered=False)
+            for kind, count in session.execute(structure_kinds.group_by(StructureRow.kind)):
                 kinds[kind] = int(count)
             reference_atoms = session.scalar(
-                select(func.coalesce(func.sum(StructureRow.n_atoms), 0))
-                .join(ReferenceJobRow, ReferenceJobRow.structure_id == StructureRow.id)
-                .where(ReferenceJobRow.status == "done")
+                self._own_jobs(
+                    select(func.coalesce(func.sum(StructureRow.n_atoms), 0)).join(
+                        ReferenceJobRow, ReferenceJobRow.structure_id == StructureRow.id
+                    ),
+                    ordered=False,
+                ).where(ReferenceJobRow.status == "done")
             )
-            iterations = session.scalar(select(func.count()).select_from(IterationRow))
-            models = session.scalar(select(func.count()).select_from(ModelRow))
+            reused = 0
+            if campaign is not None:
+                reused = session.scalar(
+                    self._own_jobs(select(func.count()).select_from(ReferenceJobRow), ordered=False).where(
+                        ReferenceJobRow.status == "done", CampaignJobRow.reused.is_(True)
+                    )
+                )
+            iterations = select(func.count()).select_from(IterationRow)
+            models = select(func.count()).select_from(ModelRow)
+            if campaign is not None:
+                iterations = iterations.where(IterationRow.campaign_id == campaign)
+                models = models.where(ModelRow.campaign_id == campaign)
+            iteration_count = session.scalar(iterations)
+            model_count = session.scalar(models)
         return StoreSummary(
             jobs=jobs,
             targets=kinds["target"],
             initial=kinds["initial"],
             chunks=kinds["chunk"],
             reference_atoms=int(reference_atoms or 0),
-            iterations=int(iterations or 0),
-            models=int(models or 0),
+            iterations=int(iteration_count or 0),
+            models=int(model_count or 0),
+            reused=int(reused or 0),
         )
+
+    # -- the driver lease ----------------------------------------------------------------------
+
+    def acquire_lease(
+        self,
+        owner: str,
+        stale_after_s: float = LEASE_STALE_S,
+        owner_is_gone: Callable[[str], bool] = lambda owner: False,
+    ) -> str | None:
+        """Take the campaign's driver lease for `owner` (e.g. host:pid), compare-and-set; returns the
+        owner of a stale lease taken over (no heartbeat for `stale_after_s`, or `owner_is_gone`), else
+        None. A live lease of another driver raises `CampaignBusy`. This store's later writes are
+        refused (`LeaseLost`) once another driver takes the lease over."""
+        campaign = self._campaign()
+        lease_id = secrets.token_hex(16)
+        now = utc_now()
+        with self._write(fenced=False) as session:
+            row = session.get(CampaignRow, campaign, with_for_update=True)
+            previous = row.lease_owner if row.lease_id is not None else None
+            if previous is not None and _lease_live(row, now, stale_after_s) and not owner_is_gone(previous):
+                heartbeat = (now - _aware(row.lease_heartbeat)).total_seconds()
+                raise CampaignBusy(
+                    f"campaign {row.name!r} in {self.name} is being run by {previous} since "
+                    f"{_aware(row.lease_since):%Y-%m-%d %H:%M:%S} UTC (last heartbeat {heartbeat:.0f} s ago): "
+                    "one driver per campaign; wait for it to end, or stop it"
+                )
+            row.lease_id, row.lease_owner, row.lease_since, row.lease_heartbeat = lease_id, owner, now, now
+        self._lease_id = lease_id
+        return previous
+
+    def renew_lease(self) -> bool:
+        """Refresh this store's lease heartbeat; False when the lease is no longer ours."""
+        campaign = self._campaign()
+        with self._write(fenced=False) as session:
+            result = session.execute(
+                update(CampaignRow)
+                .where(CampaignRow.id == campaign, CampaignRow.lease_id == self._lease_id)
+                .values(lease_heartbeat=utc_now()),
+                execution_options={"synchronize_session": False},
+            )
+            return bool(result.rowcount)
+
+    def release_lease(self) -> None:
+        """Give the lease back (if it is still ours): the next driver need not wait for it to go stale."""
+        campaign, lease_id = self._campaign(), self._lease_id
+        self._lease_id = None
+        if lease_id is None:
+            return
+        with self._write(fenced=False) as session:
+            session.execute(
+                update(CampaignRow)
+                .where(CampaignRow.id == campaign, CampaignRow.lease_id == lease_id)
+                .values(lease_id=None, lease_owner=None, lease_since=None, lease_heartbeat=None),
+                execution_options={"synchronize_session": False},
+            )
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -565,12 +721,67 @@ class CampaignStore:
             yield session
 
     @contextmanager
-    def _write(self) -> Iterator[Session]:
+    def _write(self, fenced: bool = True) -> Iterator[Session]:
+        """A write transaction; with a lease held (and `fenced`), refused unless the lease is still ours."""
         with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
+            if fenced and self._lease_id is not None:
+                holder = session.get(CampaignRow, self._campaign_id)
+                if holder is None or holder.lease_id != self._lease_id:
+                    owner = holder.lease_owner if holder is not None else None
+                    raise LeaseLost(
+                        f"campaign {holder.name if holder else self._campaign_id!r}: the driver lease was taken over by "
+                        f"{owner or 'another driver'} (no heartbeat from this one for {LEASE_STALE_S:.0f} s); this run stops"
+                    )
             yield session
 
-    def _job_row(self, session: Session, job_id: int) -> ReferenceJobRow:
-        row = session.get(ReferenceJobRow, int(job_id))
+    def _own_jobs(self, query: Select, ordered: bool = True) -> Select:
+        """`query` (over reference_jobs) limited to the campaign's jobs, in its registration order."""
+        if self._campaign_id is None:
+            return query.order_by(ReferenceJobRow.id) if ordered else query
+        query = query.join(
+            CampaignJobRow,
+            (CampaignJobRow.job_id == ReferenceJobRow.id) & (CampaignJobRow.campaign_id == self._campaign_id),
+        )
+        return query.order_by(CampaignJobRow.id) if ordered else query
+
+    def _own_structures(self, query: Select, ordered: bool = True) -> Select:
+        """`query` (over structures) limited to the campaign's structures, in its registration order."""
+        if self._campaign_id is None:
+            return query.order_by(StructureRow.id) if ordered else query
+        query = query.join(
+            CampaignStructureRow,
+            (CampaignStructureRow.structure_id == StructureRow.id)
+            & (CampaignStructureRow.campaign_id == self._campaign_id),
+        )
+        return query.order_by(CampaignStructureRow.id) if ordered else query
+
+    def _register(self, membership: type[CampaignStructureRow] | type[CampaignJobRow], **key: int) -> None:
+        """Record that the campaign needs a structure or job (idempotent; nothing without a campaign).
+        A job already done by another campaign's driver is recorded as reused."""
+        if self._campaign_id is None:
+            return
+        ((column, value),) = key.items()
+        try:
+            with self._write() as session:
+                exists = session.scalar(
+                    select(membership.id).where(
+                        membership.campaign_id == self._campaign_id, getattr(membership, column) == value
+                    )
+                )
+                if exists is not None:
+                    return
+                row = membership(campaign_id=self._campaign_id, **key)
+                if membership is CampaignJobRow:
+                    job = self._job_row(session, value, lock=False)
+                    row.reused = job.status == "done" and job.claimed_by != self._campaign_id
+                session.add(row)
+        except sa_exc.IntegrityError:  # a racing writer of the same campaign registered it first
+            pass
+
+    def _job_row(self, session: Session, job_id: int, lock: bool = True) -> ReferenceJobRow:
+        """The job's row; with `lock`, locked for the transaction where the backend locks rows
+        (PostgreSQL; an SQLite writer holds the whole file), so a read-check-write is a compare-and-set."""
+        row = session.get(ReferenceJobRow, int(job_id), with_for_update=lock)
         if row is None:
             raise KeyError(f"no reference job with id {job_id}")
         return row
@@ -580,6 +791,18 @@ class CampaignStore:
         if self._campaign_id is None:
             raise ValueError(f"{self.name}: no campaign chosen; open the store with CampaignStore.open(url, campaign)")
         return self._campaign_id
+
+
+def _aware(moment: datetime) -> datetime:
+    """A timestamp as an aware UTC datetime (SQLite hands them back naive)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def _lease_live(campaign: CampaignRow, now: datetime, stale_after_s: float) -> bool:
+    """Whether the campaign's driver lease is held and had a heartbeat within `stale_after_s`."""
+    if campaign.lease_id is None or campaign.lease_heartbeat is None:
+        return False
+    return (now - _aware(campaign.lease_heartbeat)).total_seconds() < stale_after_s
 
 
 def _chunk_identity(parent_id: int, center_in_parent: int, radius: float) -> str:
