@@ -26,3 +26,25 @@ def test_nft_by_absolute_path_runs_without_its_venv_on_path(small_campaign):
     assert process.returncode == 0, stderr[-2000:]
     summary = json.loads((config.parent / "run" / "summary.json").read_text())
     assert summary["iterations"] == 1 and summary["stop_reason"] == "max_iterations"
+
+
+def test_a_campaign_stopped_by_max_iterations_goes_on_when_the_limit_is_raised(small_campaign):
+    """The docs promise it: raise active.max_iterations and run again."""
+    from tests.plugins.campaign_fixtures import run_nft, write_campaign
+
+    config = small_campaign({"active": {"threshold": 0.05, "max_iterations": 1}})
+    first = run_nft("run", config)
+    assert first.returncode == 0, first.stderr
+    config.write_text(config.read_text().replace("max_iterations = 1", "max_iterations = 2"))
+    second = run_nft("run", config)
+    assert second.returncode == 0, second.stderr
+    assert "nothing to run" not in second.stdout
+    summary = json.loads((config.parent / "run" / "summary.json").read_text())
+    assert summary["iterations"] == 2 and summary["stop_reason"] == "max_iterations"
+    assert summary["history"][0]["chunks_added"] > 0, "iteration 1 must carve once the campaign goes on"
+    straight = write_campaign(config.parent.parent / "straight", {"active": {"threshold": 0.05, "max_iterations": 2}})
+    assert run_nft("run", straight).returncode == 0
+    expected = json.loads((straight.parent / "run" / "summary.json").read_text())
+    assert [(e["chunks_added"], round(e["uncertainty"], 9)) for e in summary["history"]] == [
+        (e["chunks_added"], round(e["uncertainty"], 9)) for e in expected["history"]
+    ], "stopping and going on must give the history of a campaign that never stopped"

@@ -54,3 +54,17 @@ def test_an_iteration_measured_before_selection_is_judged_by_delta_alone(config)
     assert stop_reason(measured, cold) is None  # not yet selected: no chunk count to judge
     assert stop_reason(history_with_measured(recorded[:1], 2, 0.09), cold) == "converged"
     assert history_with_measured(recorded, 2, 0.3)[:-1] == recorded[:1]  # a re-measured iteration replaces its record
+
+
+def test_an_iteration_that_stopped_before_selection_does_not_mean_nothing_is_left(small_campaign):
+    """Stopped by max_iterations, the last iteration carved nothing; raising the limit goes on."""
+    from dataclasses import replace
+
+    stopped = history((1.0, 5), (0.8, 0))
+    stopped[-1] = replace(stopped[-1], carved=False)
+    two = load_config(small_campaign({"active": {"threshold": 0.1, "max_iterations": 2}, "model": {"warm_start": False}}))
+    five = load_config(small_campaign({"active": {"threshold": 0.1, "max_iterations": 5}, "model": {"warm_start": False}}))
+    assert stop_reason(stopped, two) == "max_iterations"
+    assert stop_reason(stopped, five) is None
+    stopped[-1] = replace(stopped[-1], carved=True)  # selection ran and found nothing: a real stop
+    assert stop_reason(stopped, five) == "no_new_chunks"

@@ -59,7 +59,7 @@ def stop_reason(history: Sequence[Iteration], config: CampaignConfig) -> str | N
         best = best_iteration(history)
         if best is not None and last.iteration - best.iteration >= patience:
             return PATIENCE
-    if isinstance(last, IterationRecord) and last.chunks_added == 0:  # recorded, with nothing left to carve
+    if isinstance(last, IterationRecord) and last.carved and last.chunks_added == 0:  # selection found nothing
         return no_new_chunks_reason(history, config)
     return None
 

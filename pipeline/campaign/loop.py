@@ -23,8 +23,8 @@ from ase import Atoms
 from pipeline.campaign import history as campaign_history
 from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.history import (
-    CONVERGED, SELECTION_KEYS, delta_location, history_entry, history_with_measured, no_new_chunks_reason, stall_diagnosis,
-    stop_reason,
+    CONVERGED, SELECTION_KEYS, Iteration, MeasuredIteration, delta_location, history_entry, history_with_measured,
+    no_new_chunks_reason, stall_diagnosis, stop_reason,
 )
 from pipeline.campaign.observer import CampaignObserver
 from pipeline.campaign.training_set import training_structures
@@ -158,7 +158,7 @@ class _Driver:
             started = time.perf_counter()
             self.run_reference_jobs(pending)
             timer.add("reference", time.perf_counter() - started)
-        self.stop_reason = self.finished_reason()
+        self.stop_reason = self.carve_for_stopped_iteration()
         while self.stop_reason is None:
             self.stop_reason = self.iteration(self._last_iteration() + 1, timer)
             timer = _Timer()
@@ -201,6 +201,22 @@ class _Driver:
         }
 
         draft = history_with_measured(store.iterations(), number, max(deltas.values()))
+        return self.select_and_compute(number, model_path, model_metrics, predictions, train_mae, timer, draft)
+
+    def select_and_compute(
+        self,
+        number: int,
+        model_path: Path,
+        model_metrics: dict[str, Any],
+        predictions: Sequence[Mapping[str, Any]],
+        train_mae: float | None,
+        timer: _Timer,
+        draft: Sequence[Iteration],
+    ) -> str | None:
+        """The second half of iteration `number` (its model trained and δ measured): stop, or carve
+        chunks and compute them; record the model and the iteration; returns the stop reason."""
+        config, store, observer = self.config, self.store, self.observer
+        deltas = {target_id: float(item["max_delta"]) for target_id, item in zip(self.target_ids, predictions)}
         reason = stop_reason(draft, config)
         chunks_added = 0
         carved = reason is None
@@ -213,16 +229,35 @@ class _Driver:
                 reason = no_new_chunks_reason(draft, config)
         model_metrics["selection"] = {**selection, "carved": carved}
         store.record_model(number, model_path, model_metrics)
-        store.record_iteration(number, deltas, chunks_added, train_mae, timer.split())
+        store.record_iteration(number, deltas, chunks_added, train_mae, timer.split(), carved=carved)
         self._keep_best_model()
         if reason is None:
             observer.phase(number, "reference jobs")
             started = time.perf_counter()
             self.run_reference_jobs(self.pending_jobs())
             timer.add("reference", time.perf_counter() - started)
-            store.record_iteration(number, deltas, chunks_added, train_mae, timer.split())
+            store.record_iteration(number, deltas, chunks_added, train_mae, timer.split(), carved=carved)
         observer.iteration_done(history_entry(store.iterations()[-1], self._metrics().get(number)))
         return reason
+
+    def carve_for_stopped_iteration(self) -> str | None:
+        """When the last iteration stopped the campaign before selection and the config now lets it
+        go on (a raised `max_iterations` or `patience`, a lower threshold), carve and compute its
+        chunks from its own model, as it would have; returns the stop reason (None: go on)."""
+        history = self.store.iterations()
+        if not history or history[-1].carved:
+            return self.finished_reason()
+        last = history[-1]
+        draft = [*history[:-1], MeasuredIteration(last.iteration, last.max_delta)]
+        if stop_reason(draft, self.config) is not None:
+            return stop_reason(draft, self.config)
+        model = next(record for record in self.store.models() if record.iteration == last.iteration)
+        self.observer.message(f"iteration {last.iteration} stopped before selection; the config now goes on: carving its chunks")
+        timer = _Timer()
+        timer.parts.update({part: value for part, value in last.wall_time.items() if part in timer.parts})
+        predictions = self._predict(Path(model.path))
+        metrics = {key: value for key, value in model.metrics.items() if key != "selection"}
+        return self.select_and_compute(last.iteration, Path(model.path), metrics, predictions, last.train_force_mae, timer, draft)
 
     def _warm_start_model(self, number: int) -> str | None:
         """The latest earlier iteration's model file, to start training from (None: from scratch)."""

@@ -196,6 +196,7 @@ MIGRATABLE_VERSION = "1"
 _V2_COLUMNS = {
     "campaigns": ("lease_id VARCHAR(64)", "lease_owner VARCHAR(255)", "lease_since {timestamp}", "lease_heartbeat {timestamp}"),
     "reference_jobs": ("claimed_by INTEGER REFERENCES campaigns (id)",),
+    "iterations": ("carved BOOLEAN NOT NULL DEFAULT TRUE",),  # v1 never recorded it: as if selection ran
 }
 
 

@@ -97,6 +97,7 @@ class IterationRecord:
     train_force_mae: float | None
     wall_time: dict[str, float]
     created_at: datetime
+    carved: bool = True  # False: the iteration stopped the campaign before selection ran
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ def iteration_record(row: IterationRow) -> IterationRecord:
         train_force_mae=row.train_force_mae,
         wall_time=dict(row.wall_time),
         created_at=_utc(row.created_at),
+        carved=bool(row.carved),
     )
 
 

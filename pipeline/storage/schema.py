@@ -218,7 +218,11 @@ class ModelRow(Base):
 
 
 class IterationRow(Base):
-    """One NFT iteration: δ per target (eV/Å), chunks added, training force MAE, wall-time split (s)."""
+    """One NFT iteration: δ per target (eV/Å), chunks added, training force MAE, wall-time split (s).
+
+    `carved` is False when the iteration stopped the campaign before selection (converged,
+    max_iterations, patience): its zero chunks then say nothing about what is left to carve.
+    """
 
     __tablename__ = "iterations"
     __table_args__ = (UniqueConstraint("campaign_id", "iteration", name="uq_iteration"),)
@@ -231,6 +235,7 @@ class IterationRow(Base):
     chunks_added: Mapped[int] = mapped_column(Integer)
     train_force_mae: Mapped[Optional[float]] = mapped_column(Float)
     wall_time: Mapped[dict[str, float]] = mapped_column(JSON)
+    carved: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
 

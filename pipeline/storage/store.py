@@ -577,9 +577,11 @@ class CampaignStore:
         wall_time: Mapping[str, float] | None = None,
         *,
         max_delta: float | None = None,
+        carved: bool = True,
     ) -> None:
         """Record one iteration: δ (eV/Å) per target structure id, chunks added, training force MAE
-        (eV/Å) and the wall-time split in seconds; recording the same iteration again replaces it."""
+        (eV/Å), the wall-time split in seconds and whether selection ran (`carved`); recording the
+        same iteration again replaces it."""
         deltas = {str(int(key)): float(value) for key, value in delta_per_target.items()}
         if max_delta is None:
             if not deltas:
@@ -598,6 +600,7 @@ class CampaignStore:
             row.delta_per_target = deltas
             row.max_delta = float(max_delta)
             row.chunks_added = int(chunks_added)
+            row.carved = bool(carved)
             row.train_force_mae = None if train_force_mae is None else float(train_force_mae)
             row.wall_time = {str(key): float(value) for key, value in (wall_time or {}).items()}
             row.created_at = utc_now()
