@@ -127,3 +127,36 @@ def test_driver_template_runs_nft_as_a_job(slurm_cluster, tmp_path):
     assert state["ExitCode"] == "2:0", output
     assert "nft run" in output and "--site slurm" in output
     assert "no-such-campaign.toml" in output
+
+
+@pytest.mark.timeout(600)
+def test_the_driver_stops_before_its_walltime_requeues_and_resumes(slurm_cluster, tmp_path):
+    """slurm/nft-driver.sbatch with a 1-minute limit: Slurm's SIGUSR1 stops nft run cleanly, the job
+    requeues itself and the next run resumes from the database until the campaign ends."""
+    import json
+
+    from tests.plugins.campaign_fixtures import write_campaign
+
+    config = write_campaign(tmp_path / "campaign", {"active": {"threshold": 0.01, "max_iterations": 5}})
+    output = tmp_path / "driver.txt"
+    job_id = submit(slurm_cluster, "--time=1", "--signal=B:USR1@50", "-o", str(output),
+                    str(REPO / "slurm" / "nft-driver.sbatch"), str(config), cwd=tmp_path,
+                    NFT_ROOT=str(REPO), NFT_SITE="local", NFT_MAX_REQUEUES="8")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # the test, as the admin, skips Slurm's requeue delay (≈ 2 min)
+        state = slurm_cluster.job_state(job_id)
+        if state.get("JobState") == "PENDING" and int(state.get("Restarts", "0")) >= 1:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_cluster.env(),
+                           capture_output=True, timeout=30, check=False)
+            break
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            break
+        time.sleep(0.5)
+    state = slurm_cluster.wait_for_job(job_id, timeout_s=300)
+    text = output.read_text()
+    assert state["JobState"] == "COMPLETED", text[-3000:]
+    assert "requeueing job" in text and "resuming:" in text, text[-3000:]
+    assert int(state.get("Restarts", "0")) >= 1
+    summary = json.loads((config.parent / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] in ("max_iterations", "no_new_chunks"), summary["stop_reason"]
+    assert [entry["iteration"] for entry in summary["history"]] == list(range(1, summary["iterations"] + 1))

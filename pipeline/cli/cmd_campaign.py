@@ -40,6 +40,7 @@ def run(
 
     campaign = load_config(config)
     signal.signal(signal.SIGTERM, _interrupt)  # a kill cleans up Parsl like Ctrl-C does
+    signal.signal(signal.SIGUSR1, _interrupt)  # Slurm's warning before the walltime (slurm/nft-driver.sbatch)
     console = Console()
     display = LiveDisplay(console, campaign.threshold) if console.is_terminal else PlainDisplay(console)
     try:
