@@ -227,7 +227,7 @@ def _member_weights(n_members: int, n_structures: int, train: np.ndarray, bootst
 
 
 def _member_losses(model, data, weights, settings, create_graph=True) -> torch.Tensor:
-    """SPEC loss per member: w_E Σ_s ((E−Ê)/N)² + w_F mean over trained force rows ‖F−F̂‖²."""
+    """The loss per member: w_E Σ_s ((E−Ê)/N)² + w_F mean over trained force rows ‖F−F̂‖²."""
     energies, forces = predict_labels(model, data, create_graph=create_graph)
     loss = energies.new_zeros(energies.shape[0])
     if len(data.energies):

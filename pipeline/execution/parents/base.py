@@ -23,7 +23,7 @@ from pydantic_core import PydanticCustomError
 from pipeline.errors import BadInput
 
 DFT_THRESHOLD = 0.3
-"""Default `active.threshold` (eV/Å) of a DFT parent (SPEC §1)."""
+"""Default `active.threshold` (eV/Å) of a DFT parent (docs/campaign.md, `[active]`)."""
 _OPTION_ERROR = "parent_option"
 
 
