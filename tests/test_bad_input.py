@@ -170,6 +170,9 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
                                       ("campaign.database", "driver is not installed", "me:***@")),
     "unknown parent": (campaign({"parent": {"calculator": "vasp"}}), ("parent.calculator", "vasp")),
     "options of another parent": (campaign({"parent": {"gpaw": {"xc": "PBE"}}}), ("parent.gpaw", "emt")),
+    "negative retries": (campaign({"parent": {"emt": {"retries": -1}}}), ("parent.emt.retries", "integer >= 0")),
+    "zero walltime": (campaign({"parent": {"emt": {"walltime_s": 0.0}}}), ("parent.emt.walltime_s", "positive")),
+    "zero max_force": (campaign({"parent": {"emt": {"max_force": 0.0}}}), ("parent.emt.max_force", "positive")),
     # nft run: the structures
     "target file missing": (campaign({"data": {"targets": ["missing.traj"]}}), ("data.targets[0]", "no such file")),
     "no targets": (campaign({"data": {"targets": []}}), ("data.targets", "must not be empty")),

@@ -123,7 +123,7 @@ def test_a_launch_that_crashes_fails_with_the_launchers_message(tmp_path):
 def test_a_job_past_its_time_limit_fails_and_leaves_no_ranks_behind(tmp_path):
     payload = atoms_to_payload(distorted_water_chunk())
     with pytest.raises(ReferenceFailed, match="timed out after 0.5 s"):
-        parent_for("gpaw", {**TINY_JOBS["pw"], "ranks": 2, "timeout_s": 0.5}).run(payload, str(tmp_path))
+        parent_for("gpaw", {**TINY_JOBS["pw"], "ranks": 2, "walltime_s": 0.5}).run(payload, str(tmp_path))
     # The process group was killed; on a loaded machine the kernel may take a moment to tear it down.
     deadline = time.monotonic() + 15.0
     while processes_working_in(tmp_path) and time.monotonic() < deadline:

@@ -1,6 +1,8 @@
 """Parent calculators: option validation, paper defaults, k-point density, EMT in-process, failures."""
 import json
 import math
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -8,7 +10,11 @@ from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 
 from pipeline.errors import BadInput
-from pipeline.execution.parents import PARENTS, EmtParent, GpawParent, ParentConfigError, ReferenceFailed, parent_for
+from pipeline.execution.apps import within_walltime
+from pipeline.execution.parents import (
+    MAX_FORCE, PARENTS, EmtParent, GpawParent, ParentConfigError, ReferenceFailed, WalltimeExceeded, parent_for,
+    result_problem,
+)
 from pipeline.science.structures import atoms_to_payload
 
 pytestmark = pytest.mark.timeout(60)
@@ -61,6 +67,11 @@ def test_every_gpaw_option_can_be_overridden():
         ("gpaw", {"convergence": {"eigenstate": 1e-8}}, "parent.gpaw.convergence"),
         ("gpaw", {"kpts": [1, 1]}, "parent.gpaw.kpts"),
         ("emt", {"asap": True}, "parent.emt.asap"),
+        ("emt", {"retries": -1}, "parent.emt.retries"),
+        ("emt", {"retries": 1.5}, "parent.emt.retries"),
+        ("gpaw", {"walltime_s": 0}, "parent.gpaw.walltime_s"),
+        ("emt", {"max_force": -5.0}, "parent.emt.max_force"),
+        ("gpaw", {"timeout_s": 60, "walltime_s": 60}, "parent.gpaw"),
     ],
 )
 def test_bad_parent_options_name_the_field(calculator, params, field):
@@ -86,6 +97,53 @@ def test_execution_options_do_not_change_the_physics():
     assert parent_for("gpaw", {"ranks": 8, "launcher": "srun"}).physics() == parent_for("gpaw").physics()
     assert parent_for("gpaw", {"ecut": 500}).physics() != parent_for("gpaw").physics()
     assert parent_for("emt").physics() == {}
+    retried = {"retries": 5, "walltime_s": 60.0, "max_force": 10.0}
+    assert parent_for("emt", retried).physics() == {}  # job hashes stay as they were
+    assert parent_for("gpaw", retried).physics() == parent_for("gpaw").physics()
+
+
+def test_every_parent_has_the_retry_options_with_their_defaults():
+    for name in PARENTS:
+        parent = parent_for(name)
+        assert (parent.retries, parent.walltime_s, parent.max_force) == (2, None, MAX_FORCE) == (2, None, 50.0)
+    assert parent_for("emt", {"retries": 0, "walltime_s": 1, "max_force": 100}).walltime_s == 1.0
+
+
+def test_gpaw_timeout_s_is_read_as_walltime_s():
+    assert parent_for("gpaw", {"timeout_s": 10800}) == parent_for("gpaw", {"walltime_s": 10800.0})
+    assert "timeout_s" not in parent_for("gpaw").model_dump()
+
+
+@pytest.mark.parametrize(
+    "energy, forces, problem",
+    [
+        (-1.0, [[0.0, 0.0, 1.0]] * 2, None),
+        (-1.0, [[0.0, 0.0, 49.9]] * 2, None),
+        (math.nan, [[0.0, 0.0, 1.0]] * 2, "non-finite energy nan"),
+        (-1.0, [[0.0, math.inf, 1.0], [0.0, 0.0, 0.0]], "non-finite forces on 1 of 2 atoms"),
+        (-1.0, [[0.0, math.nan, 1.0]] * 2, "non-finite forces on 2 of 2 atoms"),
+        (-1.0, [[30.0, 30.0, 30.0], [0.0, 0.0, 0.0]], "|F| = 52 eV/Å on atom 0 exceeds max_force = 50 eV/Å"),
+        (-1.0, [[0.0, 0.0, 1.0]], "forces of shape (1, 3), expected (2, 3)"),
+    ],
+)
+def test_a_result_is_checked_for_finite_and_sane_values(energy, forces, problem):
+    assert result_problem(energy, forces, 2, MAX_FORCE) == problem
+
+
+def test_a_result_beyond_max_force_is_refused_by_run():
+    atoms = bulk("Pt", "fcc", a=3.92, cubic=True) * (2, 2, 2)
+    atoms.rattle(0.1, seed=3)
+    with pytest.raises(ReferenceFailed, match=r"^emt: invalid result: \|F\| = .* exceeds max_force = 0.01 eV/Å$"):
+        parent_for("emt", {"max_force": 0.01}).run(atoms_to_payload(atoms))
+
+
+def test_within_walltime_stops_a_sleep_and_keeps_the_timer_it_found():
+    started = time.monotonic()
+    with pytest.raises(WalltimeExceeded, match=r"^emt: exceeded walltime_s = 0.5 s$"):
+        within_walltime(lambda: time.sleep(30), 0.5, "emt")
+    assert time.monotonic() - started < 2.0
+    assert within_walltime(lambda: 42, 5.0, "emt") == 42
+    assert signal.getitimer(signal.ITIMER_REAL)[0] > 0  # pytest-timeout's timer is still running
 
 
 def test_the_physics_of_a_job_is_the_json_stored_databases_hold():

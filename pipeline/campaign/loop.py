@@ -66,12 +66,17 @@ class _Timer:
 
 
 def run_campaign(
-    config: CampaignConfig, site: str | None = None, observer: CampaignObserver | None = None
+    config: CampaignConfig,
+    site: str | None = None,
+    observer: CampaignObserver | None = None,
+    retry_failed: bool = False,
 ) -> dict[str, Any]:
     """Run or resume the campaign of `config` to its end; returns the summary (also in summary.json).
 
-    `site` (a name in site_configs/ or a path) replaces the config's `[site] name`. Bad input raises
-    `BadInput` before anything is written; a run that cannot go on raises `RunFailed`.
+    `site` (a name in site_configs/ or a path) replaces the config's `[site] name`. `retry_failed`
+    puts the campaign's failed jobs back to pending first (a finished campaign then trains on those
+    that succeed). Bad input raises `BadInput` before anything is written; a run that cannot go on
+    raises `RunFailed`.
     """
     observer = observer or CampaignObserver()
     site_name = site or config.site
@@ -85,7 +90,7 @@ def run_campaign(
         if stale:
             observer.message(f"took over the driver lease of {stale} (no heartbeat, or its process is gone)")
         driver = _Driver(config, store, observer)
-        driver.prepare()
+        driver.prepare(retry_failed)
         if driver.finished_reason() is None or driver.pending_jobs():
             parsl_config = load_site(site_name, config.workdir / PARSL_DIR_NAME, site_options)
             with parsl_session(parsl_config):
@@ -112,8 +117,9 @@ class _Driver:
 
     # -- set-up --------------------------------------------------------------------------------
 
-    def prepare(self) -> None:
-        """Register the targets and initial set (labels from the file where present)."""
+    def prepare(self, retry_failed: bool = False) -> None:
+        """Register the targets and initial set (labels from the file where present); with
+        `retry_failed`, the campaign's failed jobs go back to pending (attempts kept)."""
         store, config = self.store, self.config
         for atoms in config.targets:
             target_id = store.add_structure("target", atoms)
@@ -129,6 +135,8 @@ class _Driver:
                 store.store_result(job_id, labels[0], labels[1], host="input file")  # no calculation ran: no wall time
                 labelled += 1
         reset = store.reset_unfinished()
+        if retry_failed:
+            self.observer.message(f"{store.reset_unfinished(include_failed=True)} failed reference job(s) back to pending")
         history = store.iterations()
         if history or reset:
             done = sum(1 for job in store.jobs() if job.status == "done")
@@ -153,12 +161,16 @@ class _Driver:
         self.apps = apps
         timer = _Timer()  # the first iteration also pays for Parsl's start and leftover jobs
         pending = self.pending_jobs()
+        labelled = 0
         if pending:
             self.observer.message(f"{len(pending)} pending reference job(s) from set-up or an earlier run")
             started = time.perf_counter()
-            self.run_reference_jobs(pending)
+            labelled = self.run_reference_jobs(pending)
             timer.add("reference", time.perf_counter() - started)
         self.stop_reason = self.carve_for_stopped_iteration()
+        if self.stop_reason is not None and labelled:  # results after the campaign stopped (--retry-failed): train on them
+            self.observer.message(f"{labelled} new result(s) since the campaign stopped ({self.stop_reason}): one more iteration")
+            self.stop_reason = None
         while self.stop_reason is None:
             self.stop_reason = self.iteration(self._last_iteration() + 1, timer)
             timer = _Timer()
@@ -345,13 +357,16 @@ class _Driver:
         """The recorded model metrics per iteration."""
         return {record.iteration: record.metrics for record in self.store.models()}
 
-    def run_reference_jobs(self, jobs: Sequence[JobRecord]) -> None:
-        """Submit the jobs this driver claims at once; store each result (or failure and its reason)
-        as it completes. A job another campaign's live driver computes is waited for, not submitted."""
+    def run_reference_jobs(self, jobs: Sequence[JobRecord]) -> int:
+        """Submit the jobs this driver claims at once; store each result as it completes, or retry
+        the job (`parent.retries` times in this run) and then record it failed with the last
+        attempt's reason. A job another campaign's live driver computes is waited for, not submitted.
+        Returns how many of `jobs` are done now (computed, or settled by another campaign)."""
         if not jobs:
-            return
+            return 0
         store, observer = self.store, self.observer
-        futures = {}
+        futures: dict[Any, JobRecord] = {}
+        tries: dict[int, int] = {}  # attempts this run, per job id
         done = failed = 0
         unclaimed = list(jobs)
         observer.jobs(done, len(jobs), failed, len(jobs))
@@ -365,10 +380,7 @@ class _Driver:
                 if claim != CLAIMED:  # settled meanwhile by another campaign's driver: reused
                     done, failed = done + (claim == "done"), failed + (claim == "failed")
                     continue
-                structure = store.atoms(job.structure_id)
-                job_dir = str(self.config.workdir / "jobs" / f"job-{job.id:06d}") if self.parent.needs_job_dir else None
-                future = self.apps.reference_app(self.parent, atoms_to_payload(structure), job_dir)  # type: ignore[union-attr]
-                futures[future] = job
+                futures[self._submit(job, tries)] = job
             unclaimed = elsewhere
             if not futures:
                 observer.jobs(done, len(jobs) - done - failed, failed, len(jobs))
@@ -377,22 +389,51 @@ class _Driver:
             completed, _ = wait(futures, timeout=JOB_POLL_S if unclaimed else None, return_when=FIRST_COMPLETED)
             for future in completed:
                 job = futures.pop(future)
-                try:
-                    result = future.result()
-                except Exception as error:  # the job's own failure, or its worker's; recorded, the campaign goes on
-                    store.mark_failed(job.id, _reason(error))
-                    failed += 1
-                    observer.message(f"reference job {job.id} failed: {_reason(error).splitlines()[0]}")
-                else:
-                    try:
-                        store.store_result(
-                            job.id, result["energy"], np.asarray(result["forces"]), result.get("wall_time_s"),
-                            result.get("host"), external_id=result.get("external_id"),
-                        )
-                    except JobAlreadyDone:  # a driver that took the job over stored the same physics first
-                        pass
+                reason = self._store_outcome(job, future)
+                if reason is None:
                     done += 1
+                elif tries[job.id] <= self.parent.retries:
+                    observer.message(f"reference job {job.id} attempt {tries[job.id]} failed, retrying: {reason.splitlines()[0]}")
+                    try:
+                        store.mark_running(job.id)  # one more attempt
+                    except JobAlreadyDone:  # a driver that took the job over stored it meanwhile
+                        done += 1
+                    else:
+                        futures[self._submit(job, tries)] = job
+                else:
+                    store.mark_failed(job.id, reason)
+                    failed += 1
+                    observer.message(
+                        f"reference job {job.id} failed after {tries[job.id]} attempt(s): {reason.splitlines()[0]}"
+                    )
                 observer.jobs(done, len(jobs) - done - failed, failed, len(jobs))
+        return done
+
+    def _submit(self, job: JobRecord, tries: dict[int, int]) -> Any:
+        """Submit the next attempt of a job this driver has started (claimed or marked running)."""
+        tries[job.id] = tries.get(job.id, 0) + 1
+        structure = self.store.atoms(job.structure_id)
+        job_dir = str(self.config.workdir / "jobs" / f"job-{job.id:06d}") if self.parent.needs_job_dir else None
+        attempt = self.store.job(job.id).attempts  # over the job's life, so a retry differs from the try before
+        return self.apps.reference_app(self.parent, atoms_to_payload(structure), job_dir, attempt)  # type: ignore[union-attr]
+
+    def _store_outcome(self, job: JobRecord, future: Any) -> str | None:
+        """Store the result of a completed attempt; the reason it gave none (it raised, its worker
+        died, it passed its walltime, or its result was invalid or refused by the store), or None."""
+        try:
+            result = future.result()
+        except Exception as error:  # the job's own failure, or its worker's
+            return _reason(error)
+        try:
+            self.store.store_result(
+                job.id, result["energy"], np.asarray(result["forces"]), result.get("wall_time_s"),
+                result.get("host"), external_id=result.get("external_id"),
+            )
+        except JobAlreadyDone:  # a driver that took the job over stored the same physics first
+            pass
+        except (ValueError, KeyError, TypeError) as error:  # not a result: the store's last line of defence
+            return f"invalid result: {_reason(error)}"
+        return None
 
     # -- the end -------------------------------------------------------------------------------
 

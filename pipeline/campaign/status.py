@@ -16,6 +16,7 @@ from pipeline.storage.engine import DatabaseError
 from pipeline.storage.store import CampaignStore, UnknownCampaign
 
 FAILED_JOBS_SHOWN = 20
+"""Failed jobs `nft status` lists (with attempts and the last attempt's reason); `jobs` counts all."""
 
 
 def open_existing_store(config: CampaignConfig) -> CampaignStore:
@@ -62,7 +63,12 @@ def campaign_status(config: CampaignConfig) -> dict[str, Any]:
         "reused_jobs": counts.reused,
         "database_note": store.migration_note,
         "failed_jobs": [
-            {"id": job.id, "structure": job.structure_id, "error": (job.error or "").splitlines()[0] if job.error else ""}
+            {
+                "id": job.id,
+                "structure": job.structure_id,
+                "attempts": job.attempts,
+                "error": (job.error or "").splitlines()[0] if job.error else "",
+            }
             for job in failed[:FAILED_JOBS_SHOWN]
         ],
         "history": history_entries,

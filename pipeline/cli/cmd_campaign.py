@@ -28,6 +28,9 @@ INTERRUPTED_EXIT_CODE = 130
 def run(
     config: Path = typer.Argument(..., metavar="CONFIG.toml", help="Campaign config (TOML, docs/campaign.md)."),
     site: Optional[str] = typer.Option(None, "--site", help="A site in site_configs/ (local, slurm, …) or a path to a site file."),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="Put the campaign's failed reference jobs back to pending and run them again."
+    ),
 ) -> None:
     """Run or resume a campaign; writes WORKDIR/summary.json and WORKDIR/model.nft.
 
@@ -45,7 +48,7 @@ def run(
     display = LiveDisplay(console, campaign.threshold) if console.is_terminal else PlainDisplay(console)
     try:
         with display:
-            summary = run_campaign(campaign, site=site, observer=display)
+            summary = run_campaign(campaign, site=site, observer=display, retry_failed=retry_failed)
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
@@ -134,14 +137,26 @@ def print_status(console: Console, report: Mapping[str, Any]) -> None:
         console.print(_selection_table(report["history"]))
     if report.get("stall"):
         console.print(f"stalled: a {report['stall']['kind']} problem. {report['stall']['advice']}", highlight=False)
-    for job in report["failed_jobs"]:
-        console.print(f"failed job {job['id']}: {job['error']}", highlight=False)
+    if report["failed_jobs"]:
+        console.print(_failed_jobs_table(report["failed_jobs"], jobs.get("failed", 0)))
     if report["model"]:
         console.print(f"model: {report['model']}", highlight=False)
 
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _failed_jobs_table(failed: list[Mapping[str, Any]], total: int) -> Table:
+    """The failed reference jobs shown: id, structure, attempts and the last attempt's reason."""
+    shown = f"{len(failed)} of {total}" if total > len(failed) else str(len(failed))
+    table = Table(
+        "job", "structure", "attempts", "reason (last attempt)",
+        title=f"failed reference jobs ({shown}; `nft run --retry-failed` runs them again)",
+    )
+    for job in failed:
+        table.add_row(str(job["id"]), str(job["structure"]), str(job["attempts"]), job["error"])
+    return table
 
 
 def _where_delta_lives(history: list[Mapping[str, Any]]) -> Table:

@@ -17,11 +17,13 @@ worker's ``$NFT_DEVICE`` when its site sets one (slurm_gpu: cuda), else cuda whe
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from parsl.app.app import python_app
 from parsl.config import Config
@@ -33,6 +35,8 @@ from pipeline.execution.sites import SiteError
 
 SITE_DEVICE_VARIABLE = "NFT_DEVICE"
 """Set by a site's worker_init to the device its workers train and predict on when asked for "auto"."""
+
+T = TypeVar("T")
 
 ROUTES: dict[str, tuple[str, ...]] = {
     "reference": ("reference",),
@@ -49,17 +53,50 @@ def reference_job(
     options: Mapping[str, Any] | None,
     payload: Mapping[str, Any],
     job_dir: str | None = None,
+    attempt: int = 1,
     parsl_resource_specification: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Energy (eV) and forces (eV/Å) of one structure by the parent `calculator` with `options` (its
-    `model_dump()`; see `Parent.run`).
+    `model_dump()`; see `Parent.run`), attempt number `attempt` of the job.
 
-    `parsl_resource_specification` is Parsl's (MPI ranks and nodes); the launch prefix it yields
-    reaches the job as ``$PARSL_MPI_PREFIX``.
+    An attempt past the parent's `walltime_s` raises `WalltimeExceeded` (`within_walltime`; a parent
+    that `stops_at_walltime` does so itself). `parsl_resource_specification` is Parsl's (MPI ranks
+    and nodes); the launch prefix it yields reaches the job as ``$PARSL_MPI_PREFIX``.
     """
     from pipeline.execution.parents import parent_for
 
-    return parent_for(calculator, options).run(payload, job_dir)
+    parent = parent_for(calculator, options)
+    if parent.walltime_s is None or parent.stops_at_walltime:
+        return parent.run(payload, job_dir, attempt)
+    return within_walltime(lambda: parent.run(payload, job_dir, attempt), parent.walltime_s, parent.name)
+
+
+def within_walltime(call: Callable[[], T], walltime_s: float, what: str) -> T:
+    """`call()`, stopped by `WalltimeExceeded` once it has run `walltime_s` seconds.
+
+    A SIGALRM timer on the main thread (where an HTEX or MPI worker runs its task) interrupts sleeps,
+    blocking system calls and Python code, not one C call that never returns; off the main thread
+    (a ThreadPoolExecutor) the call runs unlimited. A timer already set (pytest-timeout's) is put
+    back afterwards with what it had left.
+    """
+    from pipeline.execution.parents import WalltimeExceeded
+
+    if threading.current_thread() is not threading.main_thread():
+        return call()
+
+    def stop(signum: int, frame: Any) -> None:
+        raise WalltimeExceeded(f"{what}: exceeded walltime_s = {walltime_s:g} s")
+
+    started = time.monotonic()
+    previous = signal.signal(signal.SIGALRM, stop)
+    earlier_delay, earlier_interval = signal.setitimer(signal.ITIMER_REAL, walltime_s)
+    try:
+        return call()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if earlier_delay > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(earlier_delay - (time.monotonic() - started), 1e-3), earlier_interval)
 
 
 def training_job(
@@ -204,12 +241,16 @@ class SiteApps:
     training_is_mpi: bool = False
     prediction_is_mpi: bool = False
 
-    def reference_app(self, parent: Parent, payload: Mapping[str, Any], job_dir: str | None = None) -> AppFuture:
-        """A reference calculation by `parent` (sent as its name and options, plain data); on an
-        MPIExecutor it reserves the job's ranks (and nodes)."""
+    def reference_app(
+        self, parent: Parent, payload: Mapping[str, Any], job_dir: str | None = None, attempt: int = 1
+    ) -> AppFuture:
+        """Attempt `attempt` of a reference calculation by `parent` (sent as its name and options,
+        plain data); on an MPIExecutor it reserves the job's ranks (and nodes)."""
         app = python_app(reference_job, executors=self.reference_executors)
         resources = parent.mpi_resources() if self.reference_is_mpi else None
-        return app(parent.name, parent.model_dump(mode="json"), dict(payload), job_dir, **_resource_kwargs(resources))
+        return app(
+            parent.name, parent.model_dump(mode="json"), dict(payload), job_dir, attempt, **_resource_kwargs(resources)
+        )
 
     def training_app(
         self,

@@ -426,8 +426,8 @@ class CampaignStore:
         """Store energy (eV) and forces (eV/Å) and mark the job done, in one transaction; the
         external id is the batch system's job id (e.g. `SLURM_JOB_ID`) when the job ran under one.
 
-        A result is final: a second one raises `JobAlreadyDone`. Every other campaign that needs the
-        job is recorded as reusing it."""
+        A result is final: a second one raises `JobAlreadyDone`; a non-finite energy or force is never
+        data (`ValueError`). Every other campaign that needs the job is recorded as reusing it."""
         with self._write() as session:
             row = self._job_row(session, job_id)
             if row.status == "done":
@@ -436,6 +436,8 @@ class CampaignStore:
             forces = np.asarray(forces, dtype=np.float64)
             if forces.shape != (n_atoms, 3):
                 raise ValueError(f"forces of job {job_id} have shape {forces.shape}, expected ({n_atoms}, 3)")
+            if not (np.isfinite(energy) and np.all(np.isfinite(forces))):
+                raise ValueError(f"result of job {job_id} is not finite (energy {energy}); not stored")
             session.add(ReferenceResultRow(job_id=row.id, energy=float(energy), forces=pack_array(forces)))
             row.status = "done"
             row.error = None
@@ -470,8 +472,9 @@ class CampaignStore:
                 row.wall_time_s = float(wall_time_s)
 
     def reset_unfinished(self, include_failed: bool = False) -> int:
-        """On resume: the campaign's running jobs (and failed ones if asked) back to pending; returns
-        how many. Only jobs its own earlier driver ran (or nobody's): another campaign's are its own."""
+        """On resume: the campaign's running jobs (and failed ones if asked) back to pending, error
+        cleared and attempts kept; returns how many. Only jobs its own earlier driver ran (or
+        nobody's): another campaign's are its own."""
         statuses = ("running", "failed") if include_failed else ("running",)
         query = update(ReferenceJobRow).where(ReferenceJobRow.status.in_(statuses))
         if self._campaign_id is not None:
@@ -482,7 +485,7 @@ class CampaignStore:
             )
         with self._write() as session:
             result = session.execute(
-                query.values(status="pending", started_at=None, external_id=None), execution_options={"synchronize_session": False}
+                query.values(status="pending", error=None, started_at=None, external_id=None), execution_options={"synchronize_session": False}
             )
             return int(result.rowcount or 0)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.execution.parents.base import DFT_THRESHOLD, Parent, ParentConfigError, ReferenceFailed
+from pipeline.execution.parents.base import (
+    DFT_THRESHOLD, MAX_FORCE, Parent, ParentConfigError, ReferenceFailed, WalltimeExceeded, result_problem,
+)
 from pipeline.execution.parents.emt import EmtParent
 from pipeline.execution.parents.gpaw import GPAW_LOG_NAME, GpawParent
 
@@ -17,8 +19,8 @@ PARENTS: dict[str, type[Parent]] = {parent.name: parent for parent in (EmtParent
 """The parents by `[parent] calculator` name."""
 
 __all__ = [
-    "DFT_THRESHOLD", "GPAW_LOG_NAME", "PARENTS", "EmtParent", "GpawParent", "Parent", "ParentConfigError",
-    "ReferenceFailed", "parent_for",
+    "DFT_THRESHOLD", "GPAW_LOG_NAME", "MAX_FORCE", "PARENTS", "EmtParent", "GpawParent", "Parent", "ParentConfigError",
+    "ReferenceFailed", "WalltimeExceeded", "parent_for", "result_problem",
 ]
 
 

@@ -5,6 +5,10 @@ and checked); its class says what it is: `name`, `physics_fields` (a result's id
 job keeps a directory, the default δ threshold, whether whole targets are cheap to label, and the
 MPI resources of one job. `run(payload, job_dir)` returns energy (eV) and forces (eV/Å) or raises
 `ReferenceFailed` (ASE's `CalculationFailed`).
+
+Every parent also has the execution options `retries`, `walltime_s` and `max_force`: how often the
+driver retries a failed job, how long one attempt may run, and the largest force a result may hold
+(`result_problem`: a non-finite or absurd result is a failure, never data). They are not physics.
 """
 from __future__ import annotations
 
@@ -24,6 +28,10 @@ from pipeline.errors import BadInput
 
 DFT_THRESHOLD = 0.3
 """Default `active.threshold` (eV/Å) of a DFT parent (docs/campaign.md, `[active]`)."""
+MAX_FORCE = 50.0
+"""Default `max_force`, eV/Å: a result with a larger |F_i| is refused as absurd. Sane structures stay
+far below it (a rattled Pt55 under EMT: 2.9 eV/Å; relaxations and MD up to melting: under ~20 eV/Å);
+EMT reaches it only for two Pt atoms closer than 1.85 Å (2/3 of their bond), which no target holds."""
 _OPTION_ERROR = "parent_option"
 
 
@@ -33,6 +41,10 @@ class ReferenceFailed(RuntimeError):
     @property
     def reason(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class WalltimeExceeded(ReferenceFailed):
+    """An attempt ran past its parent's `walltime_s` and was stopped."""
 
 
 class ParentConfigError(BadInput):
@@ -89,6 +101,7 @@ PositiveFloat = Annotated[float, Field(gt=0), rejects("must be a positive number
 NonNegativeFloat = Annotated[float, Field(ge=0), rejects("must be a number >= 0, got {value}")]
 Number = Annotated[float, rejects("must be a number, got {value}")]
 PositiveInt = Annotated[int, Field(ge=1), rejects("must be an integer >= 1, got {value}")]
+NonNegativeInt = Annotated[int, Field(ge=0), rejects("must be an integer >= 0, got {value}")]
 Text = Annotated[str, Field(min_length=1), rejects("must be a non-empty string, got {value}")]
 Flag = Annotated[bool, rejects("must be true or false, got {value}")]
 Table = Annotated[dict[str, Any], rejects("must be a table, got {value}")]
@@ -115,6 +128,14 @@ class Parent(BaseModel):
     """Default `active.threshold`, eV/Å."""
     evaluates_targets: ClassVar[bool] = False
     """Whether labelling whole targets is cheap, so the campaign reports the final model's force MAE."""
+    stops_at_walltime: ClassVar[bool] = False
+    """Whether `run` itself stops a job at `walltime_s` (GPAW kills its process group); else the
+    reference app interrupts it there (`apps.reference_job`)."""
+
+    # execution, shared by all parents (not physics: a job's identity and result do not depend on them)
+    retries: NonNegativeInt = 2  # a failed job is tried again up to this many times: 1 + retries attempts per run
+    walltime_s: PositiveFloat | None = None  # seconds one attempt may run; None: no limit
+    max_force: PositiveFloat = MAX_FORCE  # eV/Å; a result with a larger |F_i| is refused (see MAX_FORCE)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None) -> "Parent":
@@ -128,7 +149,8 @@ class Parent(BaseModel):
             if unknown:
                 known = ", ".join(sorted(cls.model_fields)) or "none"
                 raise ParentConfigError(f"parent.{cls.name}.{unknown[0]}", f"unknown option (known: {known})") from None
-            raise ParentConfigError(f"parent.{cls.name}.{problems[0]['loc'][0]}", problems[0]["msg"]) from None
+            where = "".join(f".{part}" for part in problems[0]["loc"][:1])  # none for a check of the whole table
+            raise ParentConfigError(f"parent.{cls.name}{where}", problems[0]["msg"]) from None
 
     def physics(self) -> dict[str, Any]:
         """The `physics_fields` as plain JSON: what identifies a result (the same chunk with other
@@ -139,19 +161,27 @@ class Parent(BaseModel):
         """Parsl MPI resource specification of one job: one rank on one node."""
         return {"num_nodes": 1, "num_ranks": 1, "ranks_per_node": 1, "launcher_options": ""}
 
-    def run(self, payload: Mapping[str, Any], job_dir: str | None = None) -> dict[str, Any]:
+    def run(self, payload: Mapping[str, Any], job_dir: str | None = None, attempt: int = 1) -> dict[str, Any]:
         """Energy (eV) and forces (eV/Å) of one structure (an `atoms_to_payload` dict).
 
         Returns ``{"energy", "forces" (N×3 list), "wall_time_s", "host", "external_id", "log_file"}``;
         `external_id` is the batch job id (``SLURM_JOB_ID``) where there is one. Raises
-        `ReferenceFailed` with the reason when no result comes.
+        `ReferenceFailed` with the reason when no result comes or it is invalid (`result_problem`).
+        `attempt` counts the job's starts (1 the first); a parent may ignore it.
         """
         start = time.perf_counter()
         energy, forces, log_file = self.calculate(dict(payload), job_dir)
+        return self.checked_result(payload, energy, forces, start, log_file)
+
+    def checked_result(
+        self, payload: Mapping[str, Any], energy: float, forces: ArrayLike, start: float, log_file: str | None
+    ) -> dict[str, Any]:
+        """The result dict of `run` for a calculation begun at `start` (`time.perf_counter()`, s);
+        `ReferenceFailed` ("invalid result: …") when `result_problem` finds one."""
         forces = np.asarray(forces, dtype=float)
-        n_atoms = len(payload["numbers"])
-        if forces.shape != (n_atoms, 3) or not np.all(np.isfinite(forces)) or not math.isfinite(energy):
-            raise ReferenceFailed(f"{self.name}: no finite energy and {n_atoms}x3 forces (got forces {forces.shape})")
+        problem = result_problem(energy, forces, len(payload["numbers"]), self.max_force)
+        if problem is not None:
+            raise ReferenceFailed(f"{self.name}: invalid result: {problem}")
         return {
             "energy": float(energy),
             "forces": forces.tolist(),
@@ -164,3 +194,23 @@ class Parent(BaseModel):
     def calculate(self, payload: dict[str, Any], job_dir: str | None) -> tuple[float, ArrayLike, str | None]:
         """Energy (eV), forces (eV/Å, N×3) and the log file kept, if any; `ReferenceFailed` on failure."""
         raise NotImplementedError
+
+
+def result_problem(energy: Any, forces: ArrayLike, n_atoms: int, max_force: float) -> str | None:
+    """What makes a result unfit to store, or None: forces not N×3, a non-finite energy (eV) or force,
+    or a force |F_i| above `max_force` (eV/Å). The one check every reference result passes."""
+    forces = np.asarray(forces, dtype=float)
+    if forces.shape != (n_atoms, 3):
+        return f"forces of shape {forces.shape}, expected ({n_atoms}, 3)"
+    try:
+        energy = float(energy)
+    except (TypeError, ValueError):
+        return f"energy {energy!r} is not a number"
+    if not math.isfinite(energy):
+        return f"non-finite energy {energy}"
+    if not np.all(np.isfinite(forces)):
+        return f"non-finite forces on {int(np.sum(~np.isfinite(forces).all(axis=1)))} of {n_atoms} atoms"
+    largest = float(np.linalg.norm(forces, axis=1).max()) if n_atoms else 0.0
+    if largest > max_force:
+        return f"|F| = {largest:.3g} eV/Å on atom {int(np.linalg.norm(forces, axis=1).argmax())} exceeds max_force = {max_force:g} eV/Å"
+    return None

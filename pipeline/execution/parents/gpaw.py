@@ -92,6 +92,7 @@ class GpawParent(Parent):
         "convergence", "maxiter", "spinpol", "magmom", "charge",
     )
     needs_job_dir: ClassVar[bool] = True
+    stops_at_walltime: ClassVar[bool] = True  # past walltime_s its process group is killed (run_process_group)
 
     # physics (the paper's defaults)
     mode: Mode = "pw"
@@ -114,7 +115,16 @@ class GpawParent(Parent):
     launcher: Launcher = "auto"
     launcher_args: Words = []  # extra launcher arguments, e.g. ["--mpi=pmix"]
     parallel: Table = {}  # GPAW's `parallel` keyword, passed through
-    timeout_s: PositiveFloat | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _timeout_is_walltime(cls, value: Any) -> Any:
+        """`timeout_s`, the name before `walltime_s` was shared by all parents, is still read as it."""
+        if isinstance(value, Mapping) and "timeout_s" in value:
+            if "walltime_s" in value:
+                raise option_error("timeout_s is the old name of walltime_s: give walltime_s only")
+            value = {("walltime_s" if key == "timeout_s" else key): item for key, item in value.items()}
+        return value
 
     @field_serializer("convergence")
     def _set_criteria(self, convergence: ScfConvergence) -> dict[str, Any]:
@@ -154,7 +164,7 @@ class GpawParent(Parent):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         env["OMP_NUM_THREADS"] = "1"  # GPAW parallelises over MPI ranks; threads would oversubscribe
         try:
-            returncode, stdout, stderr = run_process_group(command, job_dir, env, self.timeout_s)
+            returncode, stdout, stderr = run_process_group(command, job_dir, env, self.walltime_s)
         except OSError as error:
             raise ReferenceFailed(f"gpaw: cannot start {shlex.join(command)}: {error}") from None
         (job_dir / "launcher.log").write_text(
@@ -164,7 +174,7 @@ class GpawParent(Parent):
         if result is not None and "error" not in result:
             return result["energy"], result["forces"], str(log_file)
         if returncode is None:
-            reason = f"gpaw: timed out after {self.timeout_s} s"
+            reason = f"gpaw: timed out after {self.walltime_s} s (walltime_s)"
         elif result is not None:
             reason = f"gpaw: {result['error']}"
         else:
