@@ -127,6 +127,12 @@ def model_file(header_hidden: list[int] | None = None, junk: bool = False, *opti
 
 def evaluate_structure(atoms: Atoms, reference: str = "emt") -> Callable[[Path], list[str]]:
     """`nft evaluate` of a real (briefly trained) model on a structure."""
+    return evaluate_files([atoms], reference=reference)
+
+
+def evaluate_files(*files: list[Atoms] | None, reference: str = "emt") -> Callable[[Path], list[str]]:
+    """`nft evaluate` of a real (briefly trained) model on several files: probe0.traj, probe1.traj, …
+    holding the given images (None: the file is not written, so it is missing)."""
     def make(here: Path) -> list[str]:
         from pipeline.science.settings import TrainingSettings
         from pipeline.science.structures import LabelledStructure
@@ -137,10 +143,24 @@ def evaluate_structure(atoms: Atoms, reference: str = "emt") -> Callable[[Path],
         data = [LabelledStructure(c, c.get_potential_energy(), c.get_forces()) for c in cells]
         model, _ = train_ensemble(data, TrainingSettings(ensemble=2, epochs=1, lbfgs_steps=0))
         save_model(model, here / "model.nft")
-        structure = here / "probe.traj"
-        write(structure, atoms)
-        return ["evaluate", str(here / "model.nft"), str(structure), "--reference", reference]
+        paths = [here / ("probe.traj" if len(files) == 1 else f"probe{k}.traj") for k in range(len(files))]
+        for path, images in zip(paths, files):
+            if images is not None:
+                write(path, images)
+        return ["evaluate", str(here / "model.nft"), *map(str, paths), "--reference", reference]
     return make
+
+
+def junk_file_second(here: Path) -> list[str]:
+    arguments = evaluate_files([rattled_cluster()], [rattled_cluster()])(here)
+    (here / "probe1.traj").write_text("this is not a trajectory")
+    return arguments
+
+
+def copper_atom(atoms: Atoms) -> Atoms:
+    atoms = atoms.copy()
+    atoms.numbers[5] = 29
+    return atoms
 
 
 def status_of_missing_database(here: Path) -> list[str]:
@@ -201,6 +221,13 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "model header asks for a huge network": (model_file(header_hidden=[100_000_000]), ("model.nft", "out of bounds")),
     "unknown reference": (evaluate_structure(rattled_cluster(), reference="vasp"), ("--reference", "vasp")),
     "NaN positions to evaluate": (evaluate_structure(nan_positions()), ("probe.traj", "not finite")),
+    "second file missing to evaluate": (evaluate_files([rattled_cluster()], None), ("probe1.traj", "not found")),
+    "second file unreadable to evaluate": (junk_file_second, ("probe1.traj", "not a readable structure file")),
+    "NaN positions in a second file's image 1": (evaluate_files([rattled_cluster()], [rattled_cluster(), nan_positions()]),
+                                                 ("probe1.traj", "image 1", "not finite")),
+    "element the model lacks in a second file's image 2": (
+        evaluate_files([rattled_cluster()], [rattled_cluster(), rattled_cluster(), copper_atom(rattled_cluster())]),
+        ("probe1.traj", "image 2", "Cu", "not in the model")),
     # nft status
     "status without a database": (status_of_missing_database, ("nft.db",)),
 }

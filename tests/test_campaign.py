@@ -191,3 +191,57 @@ def test_warm_start_trains_each_iteration_from_the_previous_model(tmp_path):
     assert [record.iteration for record in models] == [1, 2]
     assert [record.metrics["warm_started"] for record in models] == [False, True]
     assert models[1].metrics["epochs_run"] == 0  # L-BFGS only: no fresh Adam phase
+
+
+@pytest.mark.timeout(600)
+def test_export_trains_with_nft_train_to_the_model_the_campaign_rows_train(converged_campaign, tmp_path):
+    """The exported file holds the campaign's training rows exactly (positions, cell, labels, masks,
+    order), so `nft train` on it with the campaign's [model] settings gives the in-process model."""
+    import torch
+    from ase.io import read
+
+    from pipeline.campaign.training_set import training_structures
+    from pipeline.science.settings import TrainingSettings
+    from pipeline.science.training import train_ensemble
+    from pipeline.storage.model_file import load_ensemble
+
+    config, _, _ = converged_campaign
+    campaign = load_config(config)
+    with CampaignStore.open(campaign.database_url, campaign.name, create=False) as store:
+        rows = training_structures(store, campaign.parent.name, campaign.parent.physics(),
+                                   campaign.file.chunks.training_environment, campaign.file.model.cutoff)
+    exported = tmp_path / "training.extxyz"
+    assert run_nft("export", config, "-o", exported).returncode == 0
+    images = read(exported, ":")
+    assert len(images) == len(rows)
+    for atoms, row in zip(images, rows):
+        assert np.array_equal(atoms.numbers, row.atoms.numbers) and np.array_equal(atoms.pbc, row.atoms.pbc)
+        assert np.array_equal(atoms.positions, row.atoms.positions) and np.array_equal(atoms.cell.array, row.atoms.cell.array)
+        assert np.array_equal(atoms.calc.results["forces"], row.forces)
+        assert np.array_equal(atoms.arrays["force_mask"], row.force_mask)
+        assert atoms.calc.results.get("energy") == row.energy
+
+    settings = campaign.file.model
+    options = {"ensemble": settings.ensemble, "cutoff": settings.cutoff, "hidden": ",".join(map(str, settings.hidden)),
+               "epochs": settings.epochs, "lbfgs": settings.lbfgs_steps, "validation": settings.validation_fraction,
+               "descriptor": settings.descriptor.kind, "seed": settings.seed, "device": settings.device}
+    untrainable = {"learning_rate", "final_learning_rate", "energy_weight", "force_weight", "patience_epochs"}
+    assert all(getattr(settings, key) == getattr(TrainingSettings(), key) for key in untrainable), "not an nft train option"
+    assert settings.descriptor.explicit() == {"kind": settings.descriptor.kind}
+    model_file = tmp_path / "model.nft"
+    arguments = [f"--{key}={value}" for key, value in options.items()] + ["--bootstrap" if settings.bootstrap else "--no-bootstrap"]
+    trained = run_nft("train", exported, "-o", model_file, *arguments)
+    assert trained.returncode == 0, trained.stderr
+
+    in_process, _ = train_ensemble(rows, settings)
+    from_file = load_ensemble(model_file, dtype=torch.float64)
+    assert from_file.params == in_process.params  # elements, cutoff, radial shells derived from the same rows
+    ours, theirs = in_process.state_dict(), from_file.state_dict()
+    assert set(ours) == set(theirs)
+    for name in ours:
+        assert torch.allclose(ours[name].double(), theirs[name].double(), rtol=0, atol=1e-8), name
+    target = rattled_cluster()
+    expected, got = in_process.predict(target), from_file.predict(target)
+    assert np.allclose(got.forces, expected.forces, rtol=0, atol=1e-8)
+    assert np.allclose(got.uncertainties, expected.uncertainties, rtol=0, atol=1e-8)
+    assert got.energy == pytest.approx(expected.energy, abs=1e-8)

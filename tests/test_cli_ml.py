@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ase.io import write
+from ase.io import read, write
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.science.examples import bulk_training_cells, emt_label
-from tests.core_helpers import rattled_cluster
+from tests.core_helpers import rattled_bulk, rattled_cluster
 
 pytestmark = pytest.mark.timeout(300)
 NFT = [str(Path(sys.executable).with_name("nft"))]
@@ -43,14 +43,79 @@ def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+AGGREGATE_KEYS = {"n_atoms", "force_mae", "force_max_error", "max_uncertainty", "energy_error_per_atom", "coverage",
+                  "residual_p50", "residual_p90", "residual_p99", "residual_max"}
+
+
 def test_evaluate_prints_spec_json(trained_model, data_files):
+    """One file: the aggregate, and (for scripts written before the per-structure form) the same keys at the top."""
     _, _, test = data_files
     result = run("evaluate", trained_model, test, "--reference", "emt", "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
-    assert set(metrics) == {"n_atoms", "force_mae", "force_max_error", "max_uncertainty", "energy_error_per_atom"}
+    assert set(metrics) == AGGREGATE_KEYS | {"aggregate", "structures"}
+    assert set(metrics["aggregate"]) == AGGREGATE_KEYS
+    assert {key: metrics[key] for key in AGGREGATE_KEYS} == metrics["aggregate"]
     assert metrics["n_atoms"] > 0 and 0 <= metrics["force_mae"] <= metrics["force_max_error"]
     assert metrics["max_uncertainty"] > 0
+    assert [(row["file"], row["image"]) for row in metrics["structures"]] == [(str(test), 0), (str(test), 1)]
+
+
+def test_evaluate_many_files_matches_an_independent_computation(trained_model, tmp_path):
+    """Two files, several images each: every per-atom residual norm, coverage and percentile equals
+    EMT and `model.predict` computed here (same precision and blocks as the calculator)."""
+    from ase.calculators.emt import EMT
+
+    from pipeline.science.calculator import PREDICTION_BLOCK_SIZE, PREDICTION_DTYPE
+    from pipeline.storage.model_file import load_ensemble
+
+    first, second = tmp_path / "bulk.extxyz", tmp_path / "mixed.traj"
+    write(first, bulk_training_cells(3, seed=11))
+    write(second, [rattled_cluster(seed=4), rattled_bulk(seed=5, repeat=(2, 1, 1)), rattled_cluster(seed=6)])
+    result = run("evaluate", trained_model, first, second, "--reference", "emt", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+
+    model = load_ensemble(trained_model, dtype=PREDICTION_DTYPE)
+    rows, residuals, deltas, components = [], [], [], []
+    for path in (first, second):
+        for index, atoms in enumerate(read(path, ":")):
+            prediction = model.predict(atoms, block_size=PREDICTION_BLOCK_SIZE)
+            reference = atoms.copy()
+            reference.calc = EMT()
+            difference = prediction.forces - reference.get_forces()
+            norms = np.sqrt((difference**2).sum(axis=1))
+            rows.append((str(path), index, len(atoms), np.abs(difference).mean(), norms, prediction.uncertainties))
+            residuals.append(norms)
+            deltas.append(prediction.uncertainties)
+            components.append(np.abs(difference))
+    residuals, deltas, components = np.concatenate(residuals), np.concatenate(deltas), np.concatenate(components)
+
+    assert len(report["structures"]) == len(rows) == 6
+    for got, (file, index, n_atoms, mae, norms, delta) in zip(report["structures"], rows):
+        assert (got["file"], got["image"], got["n_atoms"]) == (file, index, n_atoms)
+        assert got["force_mae"] == pytest.approx(mae, abs=1e-9)
+        assert got["coverage"] == pytest.approx(np.mean(norms <= delta), abs=1e-9)
+        assert got["residual_max"] == pytest.approx(norms.max(), abs=1e-9)
+        assert got["max_uncertainty"] == pytest.approx(delta.max(), abs=1e-9)
+    aggregate = report["aggregate"]
+    coverage = np.mean(residuals <= deltas)
+    assert 0 < coverage < 1, "the case must tell a right comparison from a wrong one"
+    assert aggregate["n_atoms"] == len(residuals)
+    assert aggregate["coverage"] == pytest.approx(coverage, abs=1e-9)
+    assert aggregate["coverage"] != pytest.approx(np.mean(np.all(components <= deltas[:, None], axis=1)), abs=1e-9)
+    assert aggregate["coverage"] != pytest.approx(np.mean(components <= deltas[:, None]), abs=1e-9)
+    for q in (50, 90, 99):
+        assert aggregate[f"residual_p{q}"] == pytest.approx(np.percentile(residuals, q), abs=1e-9)
+    assert aggregate["residual_max"] == pytest.approx(residuals.max(), abs=1e-9)
+    assert aggregate["force_mae"] == pytest.approx(components.mean(), abs=1e-9)
+    assert aggregate["force_max_error"] == pytest.approx(components.max(), abs=1e-9)
+    assert aggregate["max_uncertainty"] == pytest.approx(deltas.max(), abs=1e-9)
+    assert {key: report[key] for key in AGGREGATE_KEYS} == aggregate
+
+    table = run("evaluate", trained_model, first, second, "--reference", "emt")
+    assert table.exit_code == 0, table.output
+    assert sum(str(second) in line for line in table.stdout.splitlines()) == 3 and "coverage" in table.stdout
 
 
 def test_train_reads_a_per_atom_force_mask(data_files, tmp_path):

@@ -4,9 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from ase.calculators.singlepoint import SinglePointCalculator
-
 from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.history import CONVERGED, best_iteration, history_entry, stall_diagnosis, stop_reason
 from pipeline.campaign.loop import MODEL_NAME
@@ -78,25 +75,17 @@ def campaign_status(config: CampaignConfig) -> dict[str, Any]:
 
 def export_training_set(config: CampaignConfig, output: Path) -> int:
     """Write the training set as extxyz: full structures with energy and forces, chunk rows (in the
-    configured training environment) with a per-atom `force_mask` that flags the central atom.
+    configured training environment) with a per-atom `force_mask` that flags the central atom, in
+    training order and at full float precision, so `nft train` on it trains the campaign's rows.
     Returns the number of images."""
-    from ase.io import write
+    from pipeline.storage.structure_file import write_labelled_extxyz
 
     with open_existing_store(config) as store:
         training_set = training_structures(
             store, config.parent.name, config.parent.physics(), config.file.chunks.training_environment, config.file.model.cutoff
         )
-    images = []
-    for item in training_set:
-        atoms = item.atoms.copy()
-        atoms.arrays["force_mask"] = np.asarray(item.force_mask, dtype=bool)
-        results = {"forces": np.asarray(item.forces)}
-        if item.energy is not None:
-            results["energy"] = float(item.energy)
-        atoms.calc = SinglePointCalculator(atoms, **results)
-        images.append(atoms)
     try:
-        write(str(output), images, format="extxyz")
+        write_labelled_extxyz(output, training_set)
     except OSError as error:
         raise BadInput(f"-o: cannot write {output} ({error.strerror or error})") from None
-    return len(images)
+    return len(training_set)

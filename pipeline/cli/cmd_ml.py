@@ -141,15 +141,16 @@ def train(
 @exit_codes
 def evaluate(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file written by nft train / nft run."),
-    structure: Path = typer.Argument(..., help="ASE-readable structure file (every image is evaluated)."),
+    structures: list[Path] = typer.Argument(..., metavar="FILES...", help="ASE-readable structure files (every image of each is evaluated)."),
     parent: str = typer.Option(..., "--reference", help="Parent calculator to compare with, e.g. emt."),
-    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the aggregate and per-structure metrics as JSON."),
     device: str = typer.Option("auto", help="auto (cuda when torch sees a GPU, else cpu), cpu or cuda."),
 ):
-    """Errors of a model against a parent calculator (eV/Å, eV/atom), predicted as the ASE
-    calculator predicts (its default precision and block size)."""
+    """Errors of a model against a parent calculator (eV/Å, eV/atom) on every image of every file,
+    per structure and in total, predicted as the ASE calculator predicts (its default precision and
+    block size); coverage is the fraction of atoms whose force residual norm is ≤ their δ_i."""
     from pipeline.errors import RunFailed
-    from pipeline.execution.evaluation import evaluate_model
+    from pipeline.execution.evaluation import Evaluation, evaluate_model
     from pipeline.execution.parents import PARENTS, ReferenceFailed, parent_for
     from pipeline.science.calculator import PREDICTION_DTYPE
     from pipeline.storage.model_file import load_ensemble
@@ -157,18 +158,37 @@ def evaluate(
     if parent not in PARENTS:
         raise BadInput(f"--reference: unknown parent calculator {parent!r} (known: {', '.join(PARENTS)})")
     model = load_ensemble(model_path, dtype=PREDICTION_DTYPE, device=checked_device(device))
-    images = read_images(structure)
-    try:
-        metrics = evaluate_model(model, images, parent_for(parent)).metrics()
-    except ValueError as error:  # an element the model lacks
-        raise BadInput(str(error)) from None
-    except ReferenceFailed as error:
-        raise RunFailed(f"parent {parent}: {error.reason}") from None
+    files = [(path, read_images(path)) for path in structures]
+    for path, images in files:
+        for index, atoms in enumerate(images):
+            try:
+                model.element_indices(atoms.numbers)
+            except ValueError as error:
+                raise BadInput(f"{path}: image {index}: {error}") from None
+    rows, evaluated = [], []
+    for path, images in files:
+        try:
+            evaluation = evaluate_model(model, images, parent_for(parent))
+        except ReferenceFailed as error:
+            raise RunFailed(f"parent {parent} on {path}: {error.reason}") from None
+        for index, item in enumerate(evaluation.structures):
+            rows.append({"file": str(path), "image": index, **item.metrics()})
+        evaluated.extend(evaluation.structures)
+    aggregate = Evaluation(evaluated).metrics()
     if as_json:
-        typer.echo(json.dumps(metrics))
+        typer.echo(json.dumps({**aggregate, "aggregate": aggregate, "structures": rows}))
         return
-    typer.echo(f"atoms                  {metrics['n_atoms']}")
-    typer.echo(f"force MAE              {metrics['force_mae']:.4f} eV/Å")
-    typer.echo(f"max force error        {metrics['force_max_error']:.4f} eV/Å")
-    typer.echo(f"max uncertainty δ      {metrics['max_uncertainty']:.4f} eV/Å")
-    typer.echo(f"energy error per atom  {metrics['energy_error_per_atom']:.4f} eV")
+    width = max(len(row["file"]) for row in rows)
+    typer.echo(f"{'file':<{width}}  image   atoms  MAE eV/Å  max eV/Å  max δ eV/Å  coverage")
+    for row in rows:
+        typer.echo(f"{row['file']:<{width}}  {row['image']:>5}  {row['n_atoms']:>6}  {row['force_mae']:>8.4f}  "
+                   f"{row['force_max_error']:>8.4f}  {row['max_uncertainty']:>10.4f}  {row['coverage']:>8.3f}")
+    typer.echo(f"structures             {len(rows)} in {len(files)} file(s)")
+    typer.echo(f"atoms                  {aggregate['n_atoms']}")
+    typer.echo(f"force MAE              {aggregate['force_mae']:.4f} eV/Å")
+    typer.echo(f"max force error        {aggregate['force_max_error']:.4f} eV/Å")
+    typer.echo(f"max uncertainty δ      {aggregate['max_uncertainty']:.4f} eV/Å")
+    typer.echo(f"energy error per atom  {aggregate['energy_error_per_atom']:.4f} eV")
+    typer.echo(f"coverage (residual≤δ)  {aggregate['coverage']:.3f} of atoms")
+    typer.echo(f"residual p50/p90/p99   {aggregate['residual_p50']:.4f} / {aggregate['residual_p90']:.4f} / "
+               f"{aggregate['residual_p99']:.4f} eV/Å (max {aggregate['residual_max']:.4f})")

@@ -15,16 +15,25 @@ from pipeline.science.model import EnsembleModel
 from pipeline.science.structures import atoms_to_payload
 
 
+RESIDUAL_PERCENTILES = (50, 90, 99)
+"""Percentiles of the per-atom force residuals ‖F_model,i − F_parent,i‖ that `metrics` reports."""
+
+
 @dataclass(frozen=True)
 class StructureErrors:
     """The model against the parent on one structure; without labels (`failure` the parent's reason)
-    only the prediction's δ is known."""
+    only the prediction's δ_i are known."""
 
     n_atoms: int
-    max_delta: float  # δ = max_i δ_i, eV/Å
+    deltas: np.ndarray  # δ_i per atom, eV/Å, shape (N,)
     force_errors: np.ndarray | None = None  # |F_model − F_parent| per component, eV/Å, shape (N, 3)
     energy_error_per_atom: float | None = None  # |E_model − E_parent| / N, eV
     failure: str | None = None
+
+    @property
+    def max_delta(self) -> float:
+        """δ = max_i δ_i, eV/Å."""
+        return float(np.max(self.deltas, initial=0.0))
 
     @property
     def force_mae(self) -> float | None:
@@ -36,6 +45,21 @@ class StructureErrors:
         """Largest absolute force component error, eV/Å."""
         return None if self.force_errors is None else float(self.force_errors.max())
 
+    @property
+    def residuals(self) -> np.ndarray | None:
+        """Force residual per atom, the vector norm ‖F_model,i − F_parent,i‖, eV/Å, shape (N,)."""
+        return None if self.force_errors is None else np.linalg.norm(self.force_errors, axis=1)
+
+    @property
+    def covered(self) -> np.ndarray | None:
+        """Per atom: residual ≤ δ_i (the paper's check that δ bounds the error), shape (N,)."""
+        residuals = self.residuals
+        return None if residuals is None else residuals <= self.deltas
+
+    def metrics(self) -> dict[str, float | int]:
+        """`Evaluation.metrics` of this structure alone."""
+        return Evaluation([self]).metrics()
+
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -45,17 +69,24 @@ class Evaluation:
 
     def metrics(self) -> dict[str, float | int]:
         """SPEC §2 `nft evaluate` metrics over the labelled structures: atoms, force MAE and max error
-        (eV/Å, over all components), max δ (eV/Å), mean energy error per atom (eV)."""
+        (eV/Å, over all components), max δ (eV/Å), mean energy error per atom (eV), coverage (the
+        fraction of atoms whose residual norm is ≤ δ_i) and residual-norm percentiles (eV/Å)."""
         labelled = [item for item in self.structures if item.failure is None]
         if not labelled:
             raise ValueError("no structure has parent labels to compare with")
         errors = np.concatenate([item.force_errors.ravel() for item in labelled])  # type: ignore[union-attr]
+        residuals = np.concatenate([item.residuals for item in labelled])  # type: ignore[misc]
+        covered = np.concatenate([item.covered for item in labelled])  # type: ignore[misc]
+        percentiles = np.percentile(residuals, RESIDUAL_PERCENTILES)
         return {
             "n_atoms": sum(item.n_atoms for item in labelled),
             "force_mae": float(errors.mean()),
             "force_max_error": float(errors.max()),
             "max_uncertainty": float(max(item.max_delta for item in labelled)),
             "energy_error_per_atom": float(np.mean([item.energy_error_per_atom for item in labelled])),
+            "coverage": float(covered.mean()),
+            **{f"residual_p{q}": float(value) for q, value in zip(RESIDUAL_PERCENTILES, percentiles)},
+            "residual_max": float(residuals.max()),
         }
 
 
@@ -86,12 +117,12 @@ def evaluate_model(
         except ReferenceFailed as error:
             if not skip_failed:
                 raise
-            structures.append(StructureErrors(len(atoms), prediction.max_delta, failure=error.reason))
+            structures.append(StructureErrors(len(atoms), prediction.uncertainties, failure=error.reason))
             continue
         structures.append(
             StructureErrors(
                 n_atoms=len(atoms),
-                max_delta=prediction.max_delta,
+                deltas=prediction.uncertainties,
                 force_errors=np.abs(prediction.forces - np.asarray(labels["forces"])),
                 energy_error_per_atom=abs(prediction.energy - labels["energy"]) / len(atoms),
             )
