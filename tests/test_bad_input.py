@@ -125,6 +125,25 @@ def model_file(header_hidden: list[int] | None = None, junk: bool = False, *opti
     return make
 
 
+def diverged_model(here: Path) -> list[str]:
+    """`nft evaluate` of a model file whose weights hold a NaN (a diverged training)."""
+    import torch
+
+    from pipeline.science.settings import TrainingSettings
+    from pipeline.science.structures import LabelledStructure
+    from pipeline.science.training import train_ensemble
+    from pipeline.storage.model_file import save_model
+
+    cells = [emt_label(cell) for cell in bulk_training_cells(count=2, seed=3)]
+    model, _ = train_ensemble([LabelledStructure(c, c.get_potential_energy(), c.get_forces()) for c in cells],
+                              TrainingSettings(ensemble=2, epochs=1, lbfgs_steps=0))
+    with torch.no_grad():
+        model.networks.weights[0][0, 0, 0] = float("nan")
+    save_model(model, here / "model.nft")
+    write(here / "probe.traj", rattled_cluster())
+    return ["evaluate", str(here / "model.nft"), str(here / "probe.traj"), "--reference", "emt", "--json"]
+
+
 def evaluate_structure(atoms: Atoms, reference: str = "emt") -> Callable[[Path], list[str]]:
     """`nft evaluate` of a real (briefly trained) model on a structure."""
     return evaluate_files([atoms], reference=reference)
@@ -218,6 +237,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
                               ("does not exist",)),
     # nft evaluate
     "junk model file": (model_file(junk=True), ("model.nft",)),
+    "model with NaN weights": (diverged_model, ("model.nft", "not finite")),
     "model header asks for a huge network": (model_file(header_hidden=[100_000_000]), ("model.nft", "out of bounds")),
     "unknown reference": (evaluate_structure(rattled_cluster(), reference="vasp"), ("--reference", "vasp")),
     "NaN positions to evaluate": (evaluate_structure(nan_positions()), ("probe.traj", "not finite")),
