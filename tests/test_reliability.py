@@ -48,3 +48,37 @@ def test_a_campaign_stopped_by_max_iterations_goes_on_when_the_limit_is_raised(s
     assert [(e["chunks_added"], round(e["uncertainty"], 9)) for e in summary["history"]] == [
         (e["chunks_added"], round(e["uncertainty"], 9)) for e in expected["history"]
     ], "stopping and going on must give the history of a campaign that never stopped"
+
+
+def test_a_parent_job_dies_with_the_worker_that_started_it(tmp_path):
+    """A GPAW job runs in a process group of its own; when its worker is SIGKILLed (its driver
+    died), the job's launcher and ranks must not go on computing."""
+    import sys
+    import textwrap
+    import time
+
+    marker = tmp_path / "job.pid"
+    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        from pathlib import Path
+        from pipeline.execution.parents.gpaw import run_process_group
+        run_process_group(["bash", "-c", "echo $$ > {marker}; exec sleep 120"], Path("{tmp_path}"), {{"PATH": "/usr/bin:/bin"}}, None)
+    """)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (marker.exists() and marker.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        job = int(marker.read_text())
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{job}") and "Z" not in open(f"/proc/{job}/stat").read().split()[2]:
+            time.sleep(0.2)
+        alive = os.path.exists(f"/proc/{job}") and "Z" not in open(f"/proc/{job}/stat").read().split()[2]
+        assert not alive, "the job outlived its worker"
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        try:
+            os.killpg(job, signal.SIGKILL)
+        except (ProcessLookupError, NameError, UnboundLocalError):
+            pass
