@@ -70,7 +70,7 @@ def test_the_store_refuses_a_non_finite_result(tmp_path, energy, poison):
         assert store.result(job_id) is None and store.job(job_id).status == "pending"
 
 
-def test_a_campaign_with_faults_finishes_with_every_job_done_or_failed_and_only_sane_data(tmp_path, fault_injecting_env):
+def test_a_campaign_with_faults_finishes_with_every_job_done_or_failed_and_only_sane_data(tmp_path, fault_injecting_env, capsys):
     retries, walltime_s, hang_s = 2, 3.0, 60.0
     faults = {  # seed 6 draws every kind of fault among the first iteration's chunks, and a job failing thrice
         "raise_probability": 0.15, "exit_probability": 0.1, "hang_probability": 0.1, "nan_probability": 0.1,
@@ -106,7 +106,8 @@ def test_a_campaign_with_faults_finishes_with_every_job_done_or_failed_and_only_
     assert all(kinds[kind] >= 1 for kind in FAULTS) and kinds["other"] == 0, kinds
     assert failed, "a job failing every attempt is recorded failed"
     assert elapsed < hang_s * kinds["hang"] + 120, "hangs must be cut at walltime_s, not slept out"
-    print(
+    with capsys.disabled():  # the figures show in the CI log
+        print(
         f"\nfaulty campaign: {len(computed)} reference jobs computed ({sum(j.status == 'done' for j in computed)} done, "
         f"{len(failed)} failed), {sum(j.attempts for j in computed)} attempts, {retried} retries used; "
         f"failed attempts by kind {dict(sorted(kinds.items()))}; final failures by kind "
@@ -115,7 +116,7 @@ def test_a_campaign_with_faults_finishes_with_every_job_done_or_failed_and_only_
     )
 
 
-def test_a_job_failing_every_attempt_is_recorded_failed_and_retry_failed_makes_it_done(tmp_path, fault_injecting_env):
+def test_a_job_failing_every_attempt_is_recorded_failed_and_retry_failed_makes_it_done(tmp_path, fault_injecting_env, capsys):
     retries, walltime_s, hang_s = 1, 2.0, 120.0
     faults = {"hang_probability": 1.0, "retries": retries, "walltime_s": walltime_s, "hang_s": hang_s}
     config = faulty_campaign(tmp_path / "campaign", faults, {"max_iterations": 2}, {"max_per_iteration": 3})
@@ -158,7 +159,8 @@ def test_a_job_failing_every_attempt_is_recorded_failed_and_retry_failed_makes_i
     summary = json.loads((config.parent / "run" / "summary.json").read_text())
     assert summary["iterations"] == 3, "the finished campaign trains once more on the jobs that succeeded"
     assert summary["chunks"] == 3 and summary["stop_reason"] == "max_iterations"
-    print(
+    with capsys.disabled():  # the figures show in the CI log
+        print(
         f"\nevery attempt hangs: 3 jobs failed after {1 + retries} attempts each in {elapsed:.0f} s "
         f"(walltime {walltime_s:g} s, hang {hang_s:g} s); --retry-failed: 3 done, iterations 2 -> 3"
     )

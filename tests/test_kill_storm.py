@@ -84,7 +84,7 @@ def history(summary):
     return [(entry["iteration"], entry["uncertainty"], entry["chunks_added"]) for entry in summary["history"]]
 
 
-def test_kill_storm_loses_nothing_duplicates_nothing_and_repeats_the_history(tmp_path, emt_call_log):
+def test_kill_storm_loses_nothing_duplicates_nothing_and_repeats_the_history(tmp_path, emt_call_log, capsys):
     env, call_log = emt_call_log
     uninterrupted = write_campaign(tmp_path / "uninterrupted", THREE_ITERATIONS)
     result = run_nft("run", uninterrupted, timeout=300)
@@ -125,7 +125,8 @@ def test_kill_storm_loses_nothing_duplicates_nothing_and_repeats_the_history(tmp
         1 for (start, digests), (end, _) in zip(stored_before_call, stored_before_call[1:] + [(len(calls), set())])
         for _, _, digest in calls[start:end] if digest in digests
     )
-    print(f"\nkill storm: {kills} kills in {runs} runs, by phase {dict(phases)}; results lost {lost}, changed {changed}, "
+    with capsys.disabled():  # the figures show in the CI log
+        print(f"\nkill storm: {kills} kills in {runs} runs, by phase {dict(phases)}; results lost {lost}, changed {changed}, "
           f"chunks duplicated {duplicated}, jobs recomputed after stored {recomputed}, "
           f"kills leaving processes alive {alive_after}; δ history {history(summary)} "
           f"(uninterrupted {history(expected)})")
