@@ -146,6 +146,7 @@ def test_the_driver_stops_before_its_walltime_requeues_and_resumes(slurm_cluster
     while time.monotonic() < deadline:  # the test, as the admin, skips Slurm's requeue delay (≈ 2 min)
         state = slurm_cluster.job_state(job_id)
         if state.get("JobState") == "PENDING" and int(state.get("Restarts", "0")) >= 1:
+            time.sleep(10)  # until the first run is cleaned up: starting sooner revokes the new run's credential
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_cluster.env(),
                            capture_output=True, timeout=30, check=False)
             break

@@ -157,6 +157,9 @@ def _make_engine(url: URL) -> Engine:
     return engine
 
 
+SCHEMA_LOCK_KEY = 0x6E6674  # "nft": the PostgreSQL advisory lock held while the schema is checked or made
+
+
 def _open_schema(engine: Engine, name: str, create: bool) -> str:
     """Create the schema in an empty database, or check that this is nft's, of our version (or of
     the one we migrate); returns the version found."""
@@ -164,6 +167,8 @@ def _open_schema(engine: Engine, name: str, create: bool) -> str:
     try:
         with engine.connect().execution_options(**{BEGIN_OPTION: begin_mode}) as connection:
             with connection.begin():
+                if connection.dialect.name == "postgresql":  # drivers starting at once create the schema once
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
                 tables = set(inspect(connection).get_table_names())
                 if not tables:
                     if not create:
