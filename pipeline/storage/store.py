@@ -239,20 +239,28 @@ class CampaignStore:
             radius=radius,
             vacuum=None if vacuum is None else float(vacuum),
         )
+        structure_id = self._insert_or_find(
+            row, select(StructureRow.id).where(StructureRow.identity == identity), f"cannot store {kind} structure"
+        )
+        self._register(CampaignStructureRow, structure_id=structure_id)
+        return structure_id
+
+    def _insert_or_find(self, row: Any, existing: Any, refusal: str) -> int:
+        """Insert `row` and return its id; when a unique key already holds it (stored by us earlier,
+        by another campaign or by a racing writer), the stored row's id. Any other constraint is a
+        ValueError starting with `refusal`."""
         try:
             with self._write() as session:
                 session.add(row)
                 session.flush()
-                structure_id = row.id
+                row_id = row.id
         except sa_exc.IntegrityError as exc:
-            # Already stored (by us earlier, another campaign, or a racing writer): the stored one.
             with self._read() as session:
-                existing = session.scalar(select(StructureRow.id).where(StructureRow.identity == identity))
-            if existing is None:  # another constraint, e.g. an unknown parent_id
-                raise ValueError(f"cannot store {kind} structure: {error_reason(exc)}") from exc
-            structure_id = existing
-        self._register(CampaignStructureRow, structure_id=structure_id)
-        return structure_id
+                found = session.scalar(existing)
+            if found is None:  # another constraint, e.g. an unknown parent or structure id
+                raise ValueError(f"{refusal}: {error_reason(exc)}") from exc
+            row_id = found
+        return int(row_id)
 
     def structure(self, structure_id: int) -> StructureRecord:
         with self._read() as session:
@@ -337,22 +345,12 @@ class CampaignStore:
             status="pending",
             attempts=0,
         )
-        try:
-            with self._write() as session:
-                session.add(row)
-                session.flush()
-                job_id = row.id
-        except sa_exc.IntegrityError as exc:
-            query = select(ReferenceJobRow.id).where(
-                ReferenceJobRow.structure_id == int(structure_id),
-                ReferenceJobRow.calculator == calculator,
-                ReferenceJobRow.params_hash == digest,
-            )
-            with self._read() as session:
-                existing = session.scalar(query)
-            if existing is None:  # another constraint, e.g. an unknown structure_id
-                raise ValueError(f"cannot add a {calculator} job for structure {structure_id}: {error_reason(exc)}") from exc
-            job_id = existing
+        query = select(ReferenceJobRow.id).where(
+            ReferenceJobRow.structure_id == int(structure_id),
+            ReferenceJobRow.calculator == calculator,
+            ReferenceJobRow.params_hash == digest,
+        )
+        job_id = self._insert_or_find(row, query, f"cannot add a {calculator} job for structure {structure_id}")
         self._register(CampaignJobRow, job_id=job_id)
         return job_id
 
