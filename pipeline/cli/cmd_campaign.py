@@ -38,15 +38,15 @@ def run(
     input or while another `nft run` drives the campaign. Run it again on the same config to resume
     after a kill or Ctrl-C.
     """
-    from pipeline.campaign.config import load_config
-    from pipeline.campaign.loop import run_campaign
-
-    campaign = load_config(config)
     signal.signal(signal.SIGTERM, _interrupt)  # a kill cleans up Parsl like Ctrl-C does
     signal.signal(signal.SIGUSR1, _interrupt)  # Slurm's warning before the walltime (slurm/nft-driver.sbatch)
-    console = Console()
-    display = LiveDisplay(console, campaign.threshold) if console.is_terminal else PlainDisplay(console)
     try:
+        from pipeline.campaign.config import load_config
+        from pipeline.campaign.loop import run_campaign
+
+        campaign = load_config(config)
+        console = Console()
+        display = LiveDisplay(console, campaign.threshold) if console.is_terminal else PlainDisplay(console)
         with display:
             summary = run_campaign(campaign, site=site, observer=display, retry_failed=retry_failed)
     except KeyboardInterrupt:
