@@ -182,6 +182,19 @@ def copper_atom(atoms: Atoms) -> Atoms:
     return atoms
 
 
+def locality(*options: str, structure: str = "cluster") -> Callable[[Path], list[str]]:
+    """`nft locality` of a small cluster file ("cluster"), a junk file ("junk") or a missing one
+    ("missing"), with valid arguments that `options` then override (typer keeps an option's last value)."""
+    def make(here: Path) -> list[str]:
+        path = here / "structure.traj"
+        if structure == "cluster":
+            write(path, rattled_cluster())
+        elif structure == "junk":
+            path.write_text("this is not a trajectory")
+        return ["locality", str(path), "--calculator", "emt", "--radii", "4,6", *options]
+    return make
+
+
 def status_of_missing_database(here: Path) -> list[str]:
     return ["status", str(write_campaign(here / "campaign"))]
 
@@ -248,6 +261,23 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "element the model lacks in a second file's image 2": (
         evaluate_files([rattled_cluster()], [rattled_cluster(), rattled_cluster(), copper_atom(rattled_cluster())]),
         ("probe1.traj", "image 2", "Cu", "not in the model")),
+    # nft locality
+    "locality structure missing": (locality(structure="missing"), ("structure.traj", "file not found")),
+    "locality structure unreadable": (locality(structure="junk"), ("structure.traj", "not a readable structure file")),
+    "locality unknown calculator": (locality("--calculator", "vasp"), ("--calculator", "vasp", "emt, gpaw")),
+    "locality radii empty": (locality("--radii", ""), ("--radii", "comma-separated chunk radii in Å")),
+    "locality radii not numbers": (locality("--radii", "4,x"), ("--radii", "'4,x'")),
+    "locality radius zero": (locality("--radii", "4,0"), ("--radii", "positive number of Å")),
+    "locality radius negative": (locality("--radii", "4,-6"), ("--radii", "positive number of Å")),
+    "locality radius inf": (locality("--radii", "inf"), ("--radii", "positive number of Å")),
+    "locality no sample atoms": (locality("--atoms", "0"), ("--atoms", ">= 1")),
+    "locality tolerance zero": (locality("--tolerance", "0"), ("--tolerance", "> 0")),
+    "locality tolerance negative": (locality("--tolerance", "-0.1"), ("--tolerance", "> 0")),
+    "locality negative vacuum": (locality("--vacuum", "-1"), ("--vacuum", ">= 0")),
+    "locality plot not a PNG": (lambda here: locality("--plot", str(here / "plot.pdf"))(here), ("--plot", ".png")),
+    "locality plot folder missing": (lambda here: locality("--plot", str(here / "no" / "plot.png"))(here),
+                                     ("--plot", "does not exist")),
+    "locality unknown site": (locality("--site", "nowhere"), ("--site", "nowhere")),
     # nft status
     "status without a database": (status_of_missing_database, ("nft.db",)),
 }
