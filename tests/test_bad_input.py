@@ -182,16 +182,26 @@ def copper_atom(atoms: Atoms) -> Atoms:
     return atoms
 
 
-def locality(*options: str, structure: str = "cluster") -> Callable[[Path], list[str]]:
+def locality(*options: str, structure: str = "cluster", config: str | dict | None = None) -> Callable[[Path], list[str]]:
     """`nft locality` of a small cluster file ("cluster"), a junk file ("junk") or a missing one
-    ("missing"), with valid arguments that `options` then override (typer keeps an option's last value)."""
+    ("missing"), with valid arguments that `options` then override (typer keeps an option's last
+    value). The parent is `--calculator emt`; with `config`, `--config` instead: a small campaign
+    with these changes (a dict), a missing file ("missing"), or nothing at all ("neither")."""
     def make(here: Path) -> list[str]:
         path = here / "structure.traj"
         if structure == "cluster":
             write(path, rattled_cluster())
         elif structure == "junk":
             path.write_text("this is not a trajectory")
-        return ["locality", str(path), "--calculator", "emt", "--radii", "4,6", *options]
+        if config is None:
+            parent = ["--calculator", "emt"]
+        elif config == "missing":
+            parent = ["--config", str(here / "nope.toml")]
+        elif config == "neither":
+            parent = []
+        else:
+            parent = ["--config", str(write_campaign(here / "campaign", config))]
+        return ["locality", str(path), *parent, "--radii", "4,6", *options]
     return make
 
 
@@ -265,6 +275,11 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "locality structure missing": (locality(structure="missing"), ("structure.traj", "file not found")),
     "locality structure unreadable": (locality(structure="junk"), ("structure.traj", "not a readable structure file")),
     "locality unknown calculator": (locality("--calculator", "vasp"), ("--calculator", "vasp", "emt, gpaw")),
+    "locality no calculator": (locality(config="neither"), ("--calculator", "required", "--config")),
+    "locality calculator and config": (locality("--calculator", "emt", config={}), ("--calculator", "not with --config")),
+    "locality config missing": (locality(config="missing"), ("nope.toml", "no such config file")),
+    "locality config with a bad parent option": (locality(config={"parent": {"emt": {"retries": -1}}}),
+                                                 ("config.toml", "parent.emt.retries")),
     "locality radii empty": (locality("--radii", ""), ("--radii", "comma-separated chunk radii in Å")),
     "locality radii not numbers": (locality("--radii", "4,x"), ("--radii", "'4,x'")),
     "locality radius zero": (locality("--radii", "4,0"), ("--radii", "positive number of Å")),

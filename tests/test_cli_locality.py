@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.science.examples import rattled_cuboctahedron
 from pipeline.science.locality import central_force_locality, locality_sample_atoms
+from tests.plugins.campaign_fixtures import write_campaign
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -73,6 +74,7 @@ def test_json_rows_equal_the_direct_computation(emt_json, cluster_file):
     for through_parsl, in_process in zip(report["radii"], direct["radii"]):
         assert through_parsl == pytest.approx(in_process, rel=1e-9, abs=1e-12)
     assert (report["n_atoms"], report["calculator"], report["vacuum"], report["tolerance"]) == (260, "emt", 6.0, TOLERANCE)
+    assert report["parent_options"] == {}  # EMT has no physics options
 
 
 def test_suggestion_is_the_smallest_radius_under_the_tolerance(emt_json):
@@ -91,23 +93,32 @@ def test_plot_is_a_png_and_parsl_ran_in_the_workdir(emt_json):
     assert not (here / "work" / "jobs").exists()  # EMT keeps no job folders
 
 
-def test_table_says_when_no_radius_qualifies_and_leaves_no_temporary_folder(cluster_file, tmp_path, monkeypatch):
+def test_a_campaign_config_gives_parent_vacuum_and_site_and_no_temporary_folder_is_left(
+    cluster_file, tmp_path, monkeypatch
+):
+    """--config: the campaign's chunks.vacuum (4 Å) and [site.options]; the table says when no radius
+    qualifies; the default Parsl folder, a temporary one in the current folder, is gone afterwards."""
+    config = write_campaign(tmp_path / "campaign")
     monkeypatch.chdir(tmp_path)
-    result = nft("locality", cluster_file, "--calculator", "emt", "--radii", "4,3", "--atoms", 2)
+    result = nft("locality", cluster_file, "--config", config, "--radii", "4,3", "--atoms", 2)
     assert result.exit_code == 0, result.output
+    assert "emt locality of" in result.stdout and "chunks with 4 Å vacuum" in result.stdout
     assert "radius (Å)" in result.stdout and "max |ΔF| (eV/Å)" in result.stdout
     assert "no radius qualifies" in result.stdout and "tolerance 0.1 eV/Å" in result.stdout
     assert result.stdout.index("│ 3 ") < result.stdout.index("│ 4 ")  # rows by increasing radius
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["campaign"]
+    assert not (tmp_path / "campaign" / "run").exists()  # the campaign's workdir is not touched
 
 
 def test_a_parent_that_fails_every_attempt_fails_the_run_in_one_line(tmp_path):
+    """The config's `[parent.emt] retries = 0`: one attempt per job; EMT has no parameters for Fe."""
+    config = write_campaign(tmp_path / "campaign", {"parent": {"emt": {"retries": 0}}})
     iron = rattled_cuboctahedron()[:20]
-    iron.numbers[:] = 26  # EMT has no parameters for Fe
+    iron.numbers[:] = 26
     write(tmp_path / "iron.traj", iron)
-    result = nft("locality", tmp_path / "iron.traj", "--calculator", "emt", "--radii", "3", "--atoms", 1,
+    result = nft("locality", tmp_path / "iron.traj", "--config", config, "--radii", "3", "--atoms", 1,
                  "--workdir", tmp_path / "work")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 1, result.output
     assert len(lines) == 1 and lines[0].startswith("failed: emt on the ")
-    assert "after 3 attempt(s)" in lines[0]  # 1 + the parent's 2 retries, as in a campaign
+    assert "failed after 1 attempt(s)" in lines[0] and "No EMT-potential for Fe" in lines[0]

@@ -28,15 +28,16 @@ CHUNK_DEFAULTS = ChunksSection()
 @exit_codes
 def locality(
     structure: Path = typer.Argument(..., metavar="STRUCTURE", help="ASE-readable structure file (its last image is used)."),
-    calculator: str = typer.Option(..., "--calculator", help="Parent calculator with its default options: emt or gpaw."),
+    calculator: Optional[str] = typer.Option(None, "--calculator", help="Parent calculator with its default options: emt or gpaw."),
+    config: Optional[Path] = typer.Option(None, "--config", metavar="CONFIG.toml", help="Instead of --calculator: a campaign config, whose parent (with its options), chunks.vacuum and site are used."),
     radii: str = typer.Option(..., "--radii", help="Chunk radii in Å, comma-separated, e.g. 4,5,6,7,8."),
     sample_atoms: int = typer.Option(DEFAULT_SAMPLE_ATOMS, "--atoms", help="Sample atoms, half surface, half core (all atoms when the structure has fewer)."),
     tolerance: float = typer.Option(DEFAULT_TOLERANCE, "--tolerance", help="Largest max |ΔF| (eV/Å) the suggested chunks.radius may have."),
-    vacuum: float = typer.Option(CHUNK_DEFAULTS.vacuum, "--vacuum", help="Vacuum around each chunk, Å (as chunks.vacuum)."),
+    vacuum: Optional[float] = typer.Option(None, "--vacuum", help=f"Vacuum around each chunk, Å (default: the config's chunks.vacuum, else {CHUNK_DEFAULTS.vacuum:g})."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample-atom draw."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows and the suggestion as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Also write max and mean |ΔF| against the radius as a PNG."),
-    site: str = typer.Option("local", "--site", help="A site in site_configs/ (local, slurm, …) or a path to a site file."),
+    site: Optional[str] = typer.Option(None, "--site", help="A site in site_configs/ (local, slurm, …) or a path to a site file (default: the config's site, else local)."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for Parsl's run files and GPAW's job folders (kept); default: a temporary one in the current folder."),
 ) -> None:
     """Central-atom force of chunks of each radius against the same atom's force in the whole
@@ -47,14 +48,18 @@ def locality(
     from pipeline.execution.parents import PARENTS, parent_for
     from pipeline.science.locality import locality_sample_atoms
 
-    if calculator.lower() not in PARENTS:
+    if calculator is None and config is None:
+        raise BadInput(f"--calculator: required (a parent calculator: {', '.join(PARENTS)}), unless --config CONFIG.toml gives [parent]")
+    if calculator is not None and config is not None:
+        raise BadInput("--calculator: not with --config (the config's [parent] is the calculator)")
+    if calculator is not None and calculator.lower() not in PARENTS:
         raise BadInput(f"--calculator: unknown parent calculator {calculator!r} (known: {', '.join(PARENTS)})")
     radii_angstrom = parse_radii(radii)
     if sample_atoms < 1:
         raise BadInput(f"--atoms: expected a number of sample atoms >= 1, got {sample_atoms}")
     if not math.isfinite(tolerance) or tolerance <= 0:
         raise BadInput(f"--tolerance: expected a force difference in eV/Å > 0, got {tolerance:g}")
-    if not math.isfinite(vacuum) or vacuum < 0:
+    if vacuum is not None and (not math.isfinite(vacuum) or vacuum < 0):
         raise BadInput(f"--vacuum: expected a vacuum in Å >= 0, got {vacuum:g}")
     if plot is not None:
         if plot.suffix.lower() != ".png":
@@ -63,8 +68,18 @@ def locality(
             raise BadInput(f"--plot: folder {plot.parent} does not exist")
     if workdir is not None and workdir.exists() and not workdir.is_dir():
         raise BadInput(f"--workdir: {workdir} is a file, not a folder")
+    if config is not None:
+        from pipeline.campaign.config import load_config
+
+        campaign = load_config(config)
+        parent, site_options = campaign.parent, dict(campaign.file.site.options)
+        vacuum = campaign.file.chunks.vacuum if vacuum is None else vacuum
+        site = site or campaign.site
+    else:
+        parent, site_options = parent_for(calculator), {}
+        vacuum = CHUNK_DEFAULTS.vacuum if vacuum is None else vacuum
+        site = site or "local"
     atoms = read_images(structure)[-1]
-    parent = parent_for(calculator)
     samples = locality_sample_atoms(atoms, sample_atoms, seed=seed)
 
     console = Console(stderr=True)
@@ -72,8 +87,8 @@ def locality(
                   console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("jobs", total=None)
         result = site_locality(
-            atoms, parent, radii_angstrom, samples, site=site, vacuum=vacuum, workdir=workdir,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            atoms, parent, radii_angstrom, samples, site=site, site_options=site_options, vacuum=vacuum,
+            workdir=workdir, progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     report = locality_report(result, tolerance, structure, len(atoms), parent.name, parent.physics(), vacuum)
     if plot is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from pipeline.science.structures import atoms_to_payload
 PARSL_DIR_NAME = "runinfo"
 JOBS_DIR_NAME = "jobs"
 
-Progress = Callable[[int, int], None]
+JobProgress = Callable[[int, int], None]
 """Called with (jobs done, jobs in all) as reference jobs finish."""
 
 
@@ -39,7 +39,7 @@ def parent_locality(
     apps: SiteApps,
     vacuum: float = 6.0,
     workdir: Path | None = None,
-    progress: Progress | None = None,
+    progress: JobProgress | None = None,
 ) -> LocalityResult:
     """`central_force_locality` with every force (eV/Å) computed by `parent` as a reference job on
     the loaded site of `apps`: radii and `vacuum` in Å. A parent that keeps job folders (GPAW) keeps
@@ -59,29 +59,28 @@ def site_locality(
     radii: Sequence[float],
     sample_indices: Sequence[int],
     site: str | os.PathLike[str] = "local",
+    site_options: Mapping[str, Any] | None = None,
     vacuum: float = 6.0,
     workdir: Path | None = None,
-    progress: Progress | None = None,
+    progress: JobProgress | None = None,
 ) -> LocalityResult:
     """`parent_locality` in a Parsl session of `site` (a name in site_configs/ or a path, as `nft
-    run --site` takes). Parsl's run folder is ``workdir/runinfo``; without `workdir` a temporary
-    folder in the current directory (which a batch site's nodes can write to), removed afterwards.
-    A bad site raises `SiteError` (`BadInput`) before anything is computed or written."""
+    run --site` takes) with `site_options` (a campaign's `[site.options]`). Parsl's run folder is
+    ``workdir/runinfo``; without `workdir` a temporary folder in the current directory (which a
+    batch site's nodes can write to), removed afterwards. A bad site or option raises `SiteError`
+    (`BadInput`) before anything is computed or written."""
     with tempfile.TemporaryDirectory(prefix="nft-site-check-") as scratch:
-        load_site(site, Path(scratch) / PARSL_DIR_NAME)  # bad site: BadInput now, nothing written
+        load_site(site, Path(scratch) / PARSL_DIR_NAME, site_options)  # bad site: BadInput now, nothing written
+
+    def in_session(run_root: Path) -> LocalityResult:
+        config = load_site(site, run_root / PARSL_DIR_NAME, site_options)
+        with parsl_session(config):
+            return parent_locality(atoms, parent, radii, sample_indices, make_apps(config), vacuum, workdir, progress)
+
     if workdir is not None:
-        return _in_session(atoms, parent, radii, sample_indices, site, vacuum, Path(workdir), workdir, progress)
+        return in_session(Path(workdir))
     with tempfile.TemporaryDirectory(prefix=".nft-locality-", dir=Path.cwd()) as scratch:
-        return _in_session(atoms, parent, radii, sample_indices, site, vacuum, Path(scratch), None, progress)
-
-
-def _in_session(
-    atoms: Atoms, parent: Parent, radii: Sequence[float], sample_indices: Sequence[int], site: str | os.PathLike[str],
-    vacuum: float, run_root: Path, workdir: Path | None, progress: Progress | None,
-) -> LocalityResult:
-    config = load_site(site, run_root / PARSL_DIR_NAME)
-    with parsl_session(config):
-        return parent_locality(atoms, parent, radii, sample_indices, make_apps(config), vacuum, workdir, progress)
+        return in_session(Path(scratch))
 
 
 def _locality_jobs(plan: LocalityChunks) -> list[tuple[str, str, Atoms]]:
@@ -100,7 +99,7 @@ def _locality_jobs(plan: LocalityChunks) -> list[tuple[str, str, Atoms]]:
 
 def _reference_forces(
     jobs: Sequence[tuple[str, str, Atoms]], parent: Parent, apps: SiteApps, workdir: Path | None,
-    progress: Progress | None,
+    progress: JobProgress | None,
 ) -> list[np.ndarray]:
     """Forces (eV/Å) of every job's structure, in the order of `jobs`; each job gets 1 + `parent.retries`
     attempts, and one that fails them all raises `RunFailed` (the Parsl session's end stops the rest)."""
