@@ -149,10 +149,7 @@ def print_locality(console: Console, report: dict[str, Any]) -> None:
         f"{len(report['sample_indices'])} sample atoms, chunks with {report['vacuum']:g} Å vacuum",
         highlight=False, soft_wrap=True,
     )
-    table = Table(
-        "radius (Å)", "chunk atoms", "max |ΔF| (eV/Å)", "mean |ΔF| (eV/Å)",
-        caption="chunk atoms: mean (min–max) over the sample atoms", caption_justify="left",
-    )
+    table = Table("radius (Å)", "chunk atoms", "max |ΔF| (eV/Å)", "mean |ΔF| (eV/Å)")
     for row in report["radii"]:
         table.add_row(
             f"{row['radius']:g}",
@@ -162,6 +159,7 @@ def print_locality(console: Console, report: dict[str, Any]) -> None:
             style="green" if row["max_force_difference"] < tolerance else None,
         )
     console.print(table)
+    console.print("chunk atoms: mean (min–max) over the sample atoms", highlight=False, soft_wrap=True)
     suggested = report["suggested_radius"]
     if suggested is None:
         largest = report["radii"][-1]
