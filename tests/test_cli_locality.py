@@ -7,6 +7,8 @@ give the whole structure's central force to round-off, and a 4 Å chunk must not
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +124,14 @@ def test_a_parent_that_fails_every_attempt_fails_the_run_in_one_line(tmp_path):
     assert result.exit_code == 1, result.output
     assert len(lines) == 1 and lines[0].startswith("failed: emt on the ")
     assert "failed after 1 attempt(s)" in lines[0] and "No EMT-potential for Fe" in lines[0]
+
+
+def test_help_by_absolute_path_and_the_science_stays_free_of_parsl():
+    nft_command = Path(sys.executable).with_name("nft")
+    result = subprocess.run([str(nft_command), "locality", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "STRUCTURE" in result.stdout and "--radii" in result.stdout
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, pipeline.science.locality; print('parsl' in sys.modules)"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert imported.stdout.strip() == "False", imported.stderr
