@@ -182,6 +182,31 @@ def copper_atom(atoms: Atoms) -> Atoms:
     return atoms
 
 
+def locality(*options: str, structure: str = "cluster", config: str | dict | None = None) -> Callable[[Path], list[str]]:
+    """`nft locality` of a small cluster file ("cluster"), one with a NaN position ("nan"), a junk
+    file ("junk") or a missing one ("missing"), with valid arguments that `options` then override (typer keeps an option's last
+    value). The parent is `--calculator emt`; with `config`, `--config` instead: a small campaign
+    with these changes (a dict), a missing file ("missing"), or nothing at all ("neither")."""
+    def make(here: Path) -> list[str]:
+        path = here / "structure.traj"
+        if structure == "cluster":
+            write(path, rattled_cluster())
+        elif structure == "nan":
+            write(path, nan_positions())
+        elif structure == "junk":
+            path.write_text("this is not a trajectory")
+        if config is None:
+            parent = ["--calculator", "emt"]
+        elif config == "missing":
+            parent = ["--config", str(here / "nope.toml")]
+        elif config == "neither":
+            parent = []
+        else:
+            parent = ["--config", str(write_campaign(here / "campaign", config))]
+        return ["locality", str(path), *parent, "--radii", "4,6", *options]
+    return make
+
+
 def status_of_missing_database(here: Path) -> list[str]:
     return ["status", str(write_campaign(here / "campaign"))]
 
@@ -248,6 +273,32 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "element the model lacks in a second file's image 2": (
         evaluate_files([rattled_cluster()], [rattled_cluster(), rattled_cluster(), copper_atom(rattled_cluster())]),
         ("probe1.traj", "image 2", "Cu", "not in the model")),
+    # nft locality
+    "locality structure missing": (locality(structure="missing"), ("structure.traj", "file not found")),
+    "locality structure unreadable": (locality(structure="junk"), ("structure.traj", "not a readable structure file")),
+    "locality NaN positions": (locality(structure="nan"), ("structure.traj", "image 0", "not finite")),
+    "locality unknown calculator": (locality("--calculator", "vasp"), ("--calculator", "vasp", "emt, gpaw")),
+    "locality no calculator": (locality(config="neither"), ("--calculator", "required", "--config")),
+    "locality calculator and config": (locality("--calculator", "emt", config={}), ("--calculator", "not with --config")),
+    "locality config missing": (locality(config="missing"), ("nope.toml", "no such config file")),
+    "locality config with a bad parent option": (locality(config={"parent": {"emt": {"retries": -1}}}),
+                                                 ("config.toml", "parent.emt.retries")),
+    "locality radii empty": (locality("--radii", ""), ("--radii", "comma-separated chunk radii in Å")),
+    "locality radii not numbers": (locality("--radii", "4,x"), ("--radii", "'4,x'")),
+    "locality radius zero": (locality("--radii", "4,0"), ("--radii", "positive number of Å")),
+    "locality radius negative": (locality("--radii", "4,-6"), ("--radii", "positive number of Å")),
+    "locality radius inf": (locality("--radii", "inf"), ("--radii", "positive number of Å")),
+    "locality no sample atoms": (locality("--atoms", "0"), ("--atoms", ">= 1")),
+    "locality tolerance zero": (locality("--tolerance", "0"), ("--tolerance", "> 0")),
+    "locality tolerance negative": (locality("--tolerance", "-0.1"), ("--tolerance", "> 0")),
+    "locality tolerance nan": (locality("--tolerance", "nan"), ("--tolerance", "> 0")),
+    "locality negative vacuum": (locality("--vacuum", "-1"), ("--vacuum", ">= 0")),
+    "locality plot not a PNG": (lambda here: locality("--plot", str(here / "plot.pdf"))(here), ("--plot", ".png")),
+    "locality plot folder missing": (lambda here: locality("--plot", str(here / "no" / "plot.png"))(here),
+                                     ("--plot", "does not exist")),
+    "locality unknown site": (locality("--site", "nowhere"), ("--site", "nowhere")),
+    "locality workdir is a file": (lambda here: locality("--workdir", str(here / "structure.traj"))(here),
+                                   ("--workdir", "is a file")),
     # nft status
     "status without a database": (status_of_missing_database, ("nft.db",)),
 }

@@ -9,7 +9,9 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 
 from pipeline.science.examples import rattled_cuboctahedron
-from pipeline.science.locality import central_force_locality, locality_sample_atoms
+from pipeline.science.locality import (
+    central_force_locality, locality_chunks, locality_from_forces, locality_sample_atoms,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -64,7 +66,45 @@ def test_result_as_plain_data():
     assert summary["sample_indices"] == [10, 20]
     assert [row["radius"] for row in summary["radii"]] == [5.0, 6.0]
     assert summary["radii"][0]["max_force_difference"] == pytest.approx(result.max_difference[0])
-    assert set(summary["radii"][0]) == {"radius", "max_force_difference", "mean_force_difference", "mean_chunk_atoms"}
+    assert set(summary["radii"][0]) == {
+        "radius", "max_force_difference", "mean_force_difference", "mean_chunk_atoms", "min_chunk_atoms", "max_chunk_atoms"
+    }
+    assert summary["radii"][0]["min_chunk_atoms"] == result.chunk_sizes[0].min()
+    assert summary["radii"][0]["max_chunk_atoms"] == result.chunk_sizes[0].max()
+
+
+def test_suggested_radius_is_the_smallest_below_the_tolerance():
+    result = central_force_locality(rattled_cuboctahedron(), EMT, [7.0, 4.0, 6.0], [10, 20])
+    order = np.argsort(result.radii)
+    assert result.max_difference[order[0]] > result.max_difference[order[1]] > result.max_difference[order[2]]
+    between = 0.5 * (result.max_difference[order[0]] + result.max_difference[order[1]])
+    assert result.suggested_radius(between) == 6.0
+    assert result.suggested_radius(float(result.max_difference[order[1]])) == 7.0  # below, not equal
+    assert result.suggested_radius(10.0) == 4.0
+    assert result.suggested_radius(0.5 * float(result.max_difference.min())) is None
+
+
+def test_forces_computed_elsewhere_give_the_same_comparison():
+    """`locality_from_forces` on the parent's forces of the planned structures is what
+    `central_force_locality` computes; a non-periodic whole structure gets the chunks' vacuum box."""
+    cluster = rattled_cuboctahedron()
+    plan = locality_chunks(cluster, [5.0, 6.0], [10, 200], vacuum=4.0)
+    assert plan.whole.cell.rank == 3 and not plan.whole.pbc.any()
+    shift = plan.whole.positions[0] - cluster.positions[0]
+    np.testing.assert_allclose(plan.whole.positions - cluster.positions, np.tile(shift, (len(cluster), 1)), atol=1e-12)
+    np.testing.assert_allclose(plan.whole.positions.min(axis=0), 4.0, atol=1e-12)
+
+    def emt_forces(atoms):
+        atoms = atoms.copy()
+        atoms.calc = EMT()
+        return atoms.get_forces()
+
+    from_forces = locality_from_forces(
+        plan, emt_forces(plan.whole), [[emt_forces(chunk.atoms) for chunk in row] for row in plan.chunks]
+    )
+    direct = central_force_locality(cluster, EMT, [5.0, 6.0], [10, 200], vacuum=4.0)
+    np.testing.assert_allclose(from_forces.force_differences, direct.force_differences, atol=1e-12)
+    np.testing.assert_array_equal(from_forces.chunk_sizes, direct.chunk_sizes)
 
 
 def test_sample_atoms_are_deterministic_and_spread_over_surface_and_core():

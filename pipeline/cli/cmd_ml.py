@@ -10,32 +10,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.cli import app
-from pipeline.cli.common import exit_codes
+from pipeline.cli.common import exit_codes, read_images
 from pipeline.errors import BadInput, first_problem
 from pipeline.science.settings import TrainingSettings
-from pipeline.science.structures import LabelledStructure, structure_problem
+from pipeline.science.structures import LabelledStructure
 
 console = Console(stderr=True)
-
-
-def read_images(path: Path):
-    """Every image of an ASE-readable file; BadInput naming the file when it can't be read."""
-    from ase.io import read
-
-    if not path.is_file():
-        raise BadInput(f"{path}: file not found")
-    try:
-        images = read(str(path), index=":")
-    except Exception as error:  # ASE raises many types for unreadable files
-        reason = str(error).splitlines()[0][:120] if str(error) else error.__class__.__name__
-        raise BadInput(f"{path}: not a readable structure file ({reason})") from None
-    if not images:
-        raise BadInput(f"{path}: contains no structures")
-    for index, atoms in enumerate(images):
-        problem = structure_problem(atoms)
-        if problem:
-            raise BadInput(f"{path}: image {index} {problem}")
-    return images
 
 
 def labelled_structures(path: Path) -> list[LabelledStructure]:

@@ -1,0 +1,45 @@
+"""PNG figures the commands write (matplotlib's Agg canvas: no display, no global backend switch)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.science.locality import LocalityResult
+
+
+def write_locality_plot(result: LocalityResult, tolerance: float, path: Path, title: str) -> None:
+    """Max and mean |ΔF| (eV/Å, log axis) against the chunk radius (Å), with the tolerance line and
+    the suggested radius (`LocalityResult.suggested_radius`), written to `path` as PNG.
+
+    A difference of exactly 0 (a chunk that holds everything the force depends on can match to the
+    last bit) has no place on a log axis: it is drawn as a hollow marker on the axis floor, a decade
+    below the smallest value shown."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series = {"max |ΔF|": result.max_difference, "mean |ΔF|": result.mean_difference}
+    positive = np.concatenate([values[values > 0] for values in series.values()] + [np.array([tolerance])])
+    floor = 10.0 ** (np.floor(np.log10(positive.min())) - 1.0)
+
+    figure = Figure(figsize=(6.0, 4.0), dpi=120, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for (label, values), style in zip(series.items(), ("o-", "s--")):
+        line, = axes.plot(result.radii, np.where(values > 0, values, floor), style, label=label)
+        zero = values <= 0
+        if zero.any():
+            axes.plot(result.radii[zero], np.full(zero.sum(), floor), "o", markersize=11, markerfacecolor="none",
+                      color=line.get_color(), label=f"{label} = 0 (on the floor)")
+    axes.axhline(tolerance, color="black", linestyle=":", label=f"tolerance {tolerance:g} eV/Å")
+    suggested = result.suggested_radius(tolerance)
+    if suggested is not None:
+        axes.axvline(suggested, color="grey", linestyle="-.", label=f"suggested chunks.radius {suggested:g} Å")
+    axes.set_yscale("log")
+    axes.set_ylim(bottom=floor / 2.0)
+    axes.set_xlabel("chunk radius (Å)")
+    axes.set_ylabel("central-force difference |ΔF| (eV/Å)")
+    axes.set_title(title)
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend()
+    figure.savefig(path, format="png")
