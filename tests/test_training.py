@@ -172,6 +172,42 @@ def test_a_member_with_an_outlier_loss_is_fitted_again_from_fresh_starts():
     assert np.abs(pair.predict(cluster).member_forces[1] - warm.predict(cluster).member_forces[1]).max() > 1e-3
 
 
+def test_a_shard_judges_outliers_against_the_whole_ensemble():
+    """Distributed training trains shards of members; an outlier is judged against every member's
+    loss (`ensemble_losses`, gathered from all shards), so a shard refits exactly what one process
+    would: here a 2-member shard, which alone has no median to speak of, refits its stuck member."""
+    data = labelled(bulk_training_cells(5, seed=8))
+    settings = TrainingSettings(ensemble=4, epochs=60, lbfgs_steps=20, seed=3)
+    first, _ = train_ensemble(data, settings)
+    with torch.no_grad():  # member 1 leaves the previous iteration stuck (as in the test above)
+        first.networks.weights[0][1].mul_(60.0)
+    grown = data + chunk_structures(2, seed=5)
+    whole, whole_report = train_ensemble(grown, settings, start_from=first)
+    seeds = first.member_seeds
+    healthy_losses = []
+
+    def other_shard(losses):
+        healthy_losses.append(losses)
+        return losses
+
+    _, healthy_report = train_ensemble(grown, settings, start_from=first, member_seeds=seeds[2:], ensemble_losses=other_shard)
+    gathered = []
+
+    def whole_ensemble(losses):
+        gathered.append(losses)
+        return torch.cat([losses, healthy_losses[0]])
+
+    shard, shard_report = train_ensemble(grown, settings, start_from=first, member_seeds=seeds[:2],
+                                         ensemble_losses=whole_ensemble)
+    assert len(gathered) == 1, "one gather per training, at the outlier check"
+    assert shard_report.reset_members == whole_report.reset_members == (seeds[1],)
+    assert healthy_report.reset_members == ()
+    cluster = grown[-1].atoms
+    np.testing.assert_allclose(shard.predict(cluster).member_forces, whole.predict(cluster).member_forces[:2], atol=1e-8)
+    _, alone_report = train_ensemble(grown, settings, start_from=first, member_seeds=seeds[:2])
+    assert alone_report.reset_members == (), "judged alone, a 2-member shard refits nothing"
+
+
 def test_lbfgs_after_adam_reaches_a_lower_loss_than_adam_alone_in_as_many_steps():
     """The default optimiser (Adam, then per-member L-BFGS) against Adam for the same number of steps."""
     data = labelled(bulk_training_cells(6, seed=12)) + chunk_structures(3, seed=2)

@@ -154,7 +154,7 @@ def _rank_main(spec_file: Path) -> int:
         started = time.perf_counter()
         start = load_ensemble(spec["start_model_path"]) if spec.get("start_model_path") else None
         model, report = train_ensemble(structures, settings, start_from=start, elements=spec.get("elements"),
-                                       member_seeds=shard)
+                                       member_seeds=shard, ensemble_losses=_gathered_losses)
         state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
         shard_summary = {"rank": rank, "members": len(shard), "epochs_run": report.epochs_run,
                          "final_loss": report.final_loss, "warm_started": report.warm_started,
@@ -180,6 +180,17 @@ def _rank_main(spec_file: Path) -> int:
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def _gathered_losses(losses: Any) -> Any:
+    """Every rank's member losses, in rank order (= member order: `member_shards` is contiguous);
+    a collective, so every rank calls it at the same point of training."""
+    import torch
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, losses.detach().cpu().tolist())
+    return torch.tensor([value for shard in gathered for value in shard], dtype=losses.dtype)
 
 
 def ensemble_metrics(model: Any, structures: Sequence[Any]) -> dict[str, Any]:

@@ -26,6 +26,8 @@ from pipeline.science.settings import DeviceName, TrainingSettings
 from pipeline.science.structures import LabelledStructure
 
 ProgressCallback = Callable[[int, int, float], None]
+EnsembleLosses = Callable[[torch.Tensor], torch.Tensor]
+"""A shard's member losses (M_shard,) → the losses of every member of the ensemble (M,)."""
 
 
 @dataclass
@@ -274,6 +276,7 @@ def train_ensemble(
     start_from: EnsembleModel | None = None,
     elements: Sequence[int] | None = None,
     member_seeds: Sequence[int] | None = None,
+    ensemble_losses: EnsembleLosses | None = None,
 ) -> tuple[EnsembleModel, TrainingReport]:
     """Train an ensemble on labelled structures; deterministic for given settings (and start model).
 
@@ -282,10 +285,13 @@ def train_ensemble(
     on (or runs at `final_learning_rate`), so a grown data set costs a polish, not a fresh fit.
     A member whose loss ends as an outlier is fitted again from fresh starts (`_refit_outlier_members`).
     `elements` (atomic numbers; default: those in the data) may name more than the data hold;
-    `member_seeds` (default: `settings.seeds()`) trains a subset of members, e.g. one shard.
+    `member_seeds` (default: `settings.seeds()`) trains a subset of members, e.g. one shard; a
+    shard passes `ensemble_losses` (this shard's member losses → every member's, gathered from all
+    shards) so that outliers are judged against the whole ensemble, as in one process.
     """
     run = _Run(tuple(int(z) for z in elements) if elements else None,
-               tuple(int(s) for s in member_seeds) if member_seeds is not None else tuple(settings.seeds()))
+               tuple(int(s) for s in member_seeds) if member_seeds is not None else tuple(settings.seeds()),
+               ensemble_losses)
     return _train(structures, settings, run, progress, start_from, refit_outliers=True)
 
 
@@ -295,6 +301,7 @@ class _Run:
 
     elements: tuple[int, ...] | None
     member_seeds: tuple[int, ...]
+    ensemble_losses: EnsembleLosses | None = None  # None: these members are the whole ensemble
 
 
 def _train(
@@ -386,8 +393,9 @@ def _refit_outlier_members(
     The member keeps its seed as its name, so a later warm start still finds it.
     """
     losses = _member_losses(model, data, weights, settings, create_graph=False).detach()
-    outliers = np.flatnonzero((losses > OUTLIER_LOSS_FACTOR * losses.median()).cpu().numpy())
-    if len(outliers) == 0 or model.n_members < 3:
+    every_loss = run.ensemble_losses(losses) if run.ensemble_losses is not None else losses
+    outliers = np.flatnonzero((losses > OUTLIER_LOSS_FACTOR * every_loss.median()).cpu().numpy())
+    if len(outliers) == 0 or len(every_loss) < 3:
         return ()
     seeds = [int(model.member_seeds[m]) for m in outliers]
     restart_seeds = [seed + k * RESTART_SEED_STRIDE for seed in seeds for k in range(1, RESTARTS_PER_OUTLIER + 1)]
