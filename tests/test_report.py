@@ -96,3 +96,24 @@ def test_report_into_another_folder_needs_no_parsl(finished_campaign, tmp_path):
     assert set(facts["written"]) == EXPECTED_FIGURES | {"report.md"}
     assert facts["kept_delta"] == pytest.approx(facts["best"], rel=1e-5)
     assert facts["chunk_rows"] == facts["chunks"]
+
+
+def test_a_report_without_model_files_keeps_the_history_and_says_why(finished_campaign, tmp_path):
+    """Model figures need the stored models: without them report.md has the history figures and a
+    line saying what is left out; several targets get a figure each."""
+    from pipeline.campaign.config import load_config
+    from pipeline.campaign.report import CampaignReport, TargetDeltas, campaign_report
+    from pipeline.cli.report_figures import write_report
+
+    full = campaign_report(load_config(finished_campaign))
+    without_models = CampaignReport(full.status, 1, 2, None, None, [], "model file models/iteration-001.nft is missing")
+    written = write_report(without_models, tmp_path)
+    assert [path.name for path in written] == ["delta_per_iteration.png", "chunks_per_iteration.png", "report.md"]
+    assert "left out: model file models/iteration-001.nft is missing" in (tmp_path / "report.md").read_text()
+
+    target = full.targets[0]
+    swapped = TargetDeltas(target.atoms, first=target.kept, kept=target.first)
+    two_targets = CampaignReport(full.status, 1, 2, full.kept_model, full.labelled, [target, swapped])
+    (tmp_path / "two").mkdir()
+    names = [path.name for path in write_report(two_targets, tmp_path / "two")]
+    assert "target_0_delta.png" in names and "target_1_delta.png" in names and "target_delta.png" not in names

@@ -32,6 +32,8 @@ def _figure(width_inch: float = 6.0, height_inch: float = 4.0) -> Any:
 def write_delta_history_plot(history: Sequence[Mapping[str, Any]], threshold: float, path: Path, title: str) -> None:
     """Max δ over the targets (eV/Å, log axis) per iteration with the threshold line, and where the
     history has them, max δ at target atoms with a chunk and without one."""
+    from matplotlib.ticker import FormatStrFormatter
+
     figure = _figure()
     axes = figure.add_subplot()
     iterations = [entry["iteration"] for entry in history]
@@ -44,6 +46,8 @@ def write_delta_history_plot(history: Sequence[Mapping[str, Any]], threshold: fl
             axes.plot(*zip(*points), style, label=label)
     axes.axhline(threshold, color="black", linestyle="-.", label=f"threshold {threshold:g} eV/Å")
     axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # δ spans a decade or two: plain numbers read best
+    axes.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     axes.set_xlabel("iteration")
     axes.set_ylabel("uncertainty δ (eV/Å)")
     axes.set_xticks(iterations)
