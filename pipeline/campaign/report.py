@@ -13,6 +13,7 @@ from ase import Atoms
 from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.status import campaign_status, open_existing_store
 from pipeline.science.model import EnsembleModel
+from pipeline.storage.records import ResultRecord, StructureRecord
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def campaign_report(config: CampaignConfig) -> CampaignReport:
     with open_existing_store(config) as store:
         models = store.models()
         kept = store.best_model()
-        targets = [record for record in store.structures("target")]
+        targets = store.structures("target")
         labelled = store.labelled_structures(config.parent.name, config.parent.physics())
     if not models or kept is None:
         return CampaignReport(status, None, None, None, None, [], "the campaign has no trained model yet")
@@ -106,9 +107,12 @@ def campaign_report(config: CampaignConfig) -> CampaignReport:
 
 
 def _labelled_forces(
-    model: EnsembleModel, labelled: list[tuple[Any, Any]], on_target: dict[int, dict[str, np.ndarray]]
+    model: EnsembleModel,
+    labelled: list[tuple[StructureRecord, ResultRecord]],
+    on_target: dict[int, dict[str, np.ndarray]],
 ) -> LabelledForces:
-    """The model's force and δ_i against the stored reference on every labelled row (see LabelledForces)."""
+    """The model's force and δ_i against the stored reference on every labelled row (see LabelledForces);
+    `on_target` holds the model's prediction on each target, by structure id."""
     reference, predicted, deltas, centre = [], [], [], []
     for structure, result in labelled:
         if structure.kind == "chunk":

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.campaign.report import CampaignReport, LabelledForces, TargetDeltas
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DELTA_HISTORY_PNG = "delta_per_iteration.png"
 CHUNKS_PNG = "chunks_per_iteration.png"
@@ -20,7 +23,8 @@ TARGET_ATOM_RADIUS_SCALE = 0.7
 TARGET_VIEW_ROTATION = "10x,-15y"
 
 
-def _figure(width_inch: float = 6.0, height_inch: float = 4.0) -> Any:
+def _figure(width_inch: float = 6.0, height_inch: float = 4.0) -> Figure:
+    """A figure of that size (inches) on its own Agg canvas: no display, no global backend switch."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
