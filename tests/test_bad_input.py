@@ -211,6 +211,16 @@ def status_of_missing_database(here: Path) -> list[str]:
     return ["status", str(write_campaign(here / "campaign"))]
 
 
+def report_of_missing_database(here: Path) -> list[str]:
+    return ["report", str(write_campaign(here / "campaign"))]
+
+
+def report_into_a_file(here: Path) -> list[str]:
+    config = write_campaign(here / "campaign")
+    (here / "taken").write_text("a file, not a folder")
+    return ["report", str(config), "-o", str(here / "taken")]
+
+
 CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     # nft run: the config file
     "config file missing": (lambda here: ["run", str(here / "nope.toml")], ("nope.toml", "no such config file")),
@@ -301,6 +311,10 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
                                    ("--workdir", "is a file")),
     # nft status
     "status without a database": (status_of_missing_database, ("nft.db",)),
+    # nft report
+    "report without a database": (report_of_missing_database, ("config.toml", "campaign.database", "nft.db")),
+    "report config missing": (lambda here: ["report", str(here / "nope.toml")], ("nope.toml", "no such config file")),
+    "report output is a file": (report_into_a_file, ("-o", "taken", "is a file")),
 }
 
 

@@ -76,6 +76,6 @@ def test_status_of_a_campaign_never_run_is_bad_input_and_creates_nothing(small_c
 
 
 def test_every_campaign_command_has_help():
-    for command in ("run", "status", "export"):
+    for command in ("run", "status", "export", "report"):
         result = run_nft(command, "--help", timeout=60)
         assert result.returncode == 0 and "CONFIG" in result.stdout

@@ -22,6 +22,7 @@ from ase import Atoms
 
 from pipeline.campaign import history as campaign_history
 from pipeline.campaign.config import CampaignConfig
+from pipeline.campaign.files import MODEL_NAME, SUMMARY_NAME
 from pipeline.campaign.history import (
     CONVERGED, SELECTION_KEYS, Iteration, MeasuredIteration, delta_location, history_entry, history_with_measured,
     no_new_chunks_reason, stall_diagnosis, stop_reason,
@@ -39,8 +40,6 @@ from pipeline.storage.lease import held_lease
 from pipeline.storage.records import JobRecord
 from pipeline.storage.store import CLAIMED, ELSEWHERE, CampaignStore, JobAlreadyDone, file_sha256
 
-MODEL_NAME = "model.nft"
-SUMMARY_NAME = "summary.json"
 PARSL_DIR_NAME = "runinfo"
 WALL_TIME_PARTS = ("training", "prediction", "reference", "overhead")
 JOB_POLL_S = 1.0

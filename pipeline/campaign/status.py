@@ -6,7 +6,7 @@ from typing import Any
 
 from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.history import CONVERGED, best_iteration, history_entry, stall_diagnosis, stop_reason
-from pipeline.campaign.loop import MODEL_NAME
+from pipeline.campaign.files import MODEL_NAME
 from pipeline.campaign.training_set import training_structures
 from pipeline.errors import BadInput
 from pipeline.storage.engine import DatabaseError

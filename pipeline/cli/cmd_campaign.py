@@ -1,4 +1,4 @@
-"""`nft run`, `nft status` and `nft export`: the NFT campaign from the command line."""
+"""`nft run`, `nft status`, `nft export` and `nft report`: the NFT campaign from the command line."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,7 @@ from rich.text import Text
 from pipeline.campaign.observer import CampaignObserver
 from pipeline.cli import app
 from pipeline.cli.common import exit_codes
-from pipeline.errors import RunFailed
+from pipeline.errors import BadInput, RunFailed
 
 INTERRUPTED_EXIT_CODE = 130
 
@@ -92,6 +92,32 @@ def export(
 
     count = export_training_set(load_config(config), output)
     print(f"{count} structures written to {output}")
+
+
+@app.command()
+@exit_codes
+def report(
+    config: Path = typer.Argument(..., metavar="CONFIG.toml", help="Campaign config (TOML)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder to write (default WORKDIR/report)."),
+) -> None:
+    """Figures (PNG) and report.md of a campaign: δ and chunks per iteration, force parity, residual
+    against δ and the target coloured by δ; from its database and stored models only."""
+    from pipeline.campaign.config import load_config
+    from pipeline.campaign.files import REPORT_DIR_NAME
+    from pipeline.campaign.report import campaign_report
+    from pipeline.cli.report_figures import write_report
+
+    campaign = load_config(config)
+    directory = output if output is not None else campaign.workdir / REPORT_DIR_NAME
+    if directory.exists() and not directory.is_dir():
+        raise BadInput(f"-o: {directory} is a file, not a folder")
+    gathered = campaign_report(campaign)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInput(f"-o: cannot create {directory} ({error.strerror or error})") from None
+    written = write_report(gathered, directory)
+    print(f"{len(written)} files written to {directory}: " + ", ".join(path.name for path in written))
 
 
 def _interrupt(signum: int, frame: Any) -> None:

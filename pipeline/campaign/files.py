@@ -1,0 +1,7 @@
+"""Names of the files a campaign writes in its workdir (kept apart from the loop, so that readers
+of a campaign such as `nft status` and `nft report` need not import the Parsl-driven loop)."""
+
+MODEL_NAME = "model.nft"
+SUMMARY_NAME = "summary.json"
+REPORT_DIR_NAME = "report"
+"""`nft report` writes WORKDIR/report/ unless told otherwise."""

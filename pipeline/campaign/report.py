@@ -1,0 +1,142 @@
+"""What `nft report` shows, gathered from the campaign database and its stored model files only: no
+reference calculation runs and no Parsl is needed (the first and the kept model predict in-process).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+
+from pipeline.campaign.config import CampaignConfig
+from pipeline.campaign.status import campaign_status, open_existing_store
+from pipeline.science.model import EnsembleModel
+from pipeline.storage.records import ResultRecord, StructureRecord
+
+
+@dataclass(frozen=True)
+class LabelledForces:
+    """The model against the stored reference forces on the campaign's labelled rows: every atom of
+    the initial structures and the central atom of every chunk (its force predicted on the whole
+    target, where the model meets it). K rows."""
+
+    reference: np.ndarray  # parent's force, eV/Å, shape (K, 3)
+    predicted: np.ndarray  # ensemble-mean force, eV/Å, shape (K, 3)
+    deltas: np.ndarray  # δ_i of the row's atom, eV/Å, shape (K,)
+    is_chunk_centre: np.ndarray  # True for a chunk's central atom, False for an initial-set atom, shape (K,)
+
+    @property
+    def residuals(self) -> np.ndarray:
+        """|F_pred − F_ref| per row (vector norm), eV/Å, shape (K,)."""
+        return np.linalg.norm(self.predicted - self.reference, axis=1)
+
+    @property
+    def force_mae(self) -> float:
+        """Mean absolute force error over all components, eV/Å."""
+        return float(np.abs(self.predicted - self.reference).mean())
+
+    @property
+    def covered_fraction(self) -> float:
+        """Fraction of rows whose residual is ≤ δ_i (the check that δ bounds the error)."""
+        return float((self.residuals <= self.deltas).mean())
+
+
+@dataclass(frozen=True)
+class TargetDeltas:
+    """Per-atom δ_i (eV/Å) on one target structure of the first and of the kept model."""
+
+    atoms: Atoms
+    first: np.ndarray  # shape (N,)
+    kept: np.ndarray  # shape (N,)
+
+
+@dataclass(frozen=True)
+class CampaignReport:
+    """Everything `nft report` draws: the `nft status --json` report (`status`, the same numbers),
+    and, where the campaign has stored models, the first and kept model's predictions."""
+
+    status: dict[str, Any]
+    first_iteration: int | None
+    kept_iteration: int | None
+    kept_model: Path | None
+    labelled: LabelledForces | None
+    targets: list[TargetDeltas]
+    missing_model: str | None = None  # why the model figures are left out, when they are
+
+
+def campaign_report(config: CampaignConfig) -> CampaignReport:
+    """Read the campaign's history, its labelled rows and target structures from the database, and
+    predict them with the first and the kept (lowest-δ) model; BadInput when there is no database."""
+    from pipeline.science.calculator import PREDICTION_DTYPE
+    from pipeline.storage.model_file import load_ensemble
+
+    status = campaign_status(config)
+    with open_existing_store(config) as store:
+        models = store.models()
+        kept = store.best_model()
+        targets = store.structures("target")
+        labelled = store.labelled_structures(config.parent.name, config.parent.physics())
+    if not models or kept is None:
+        return CampaignReport(status, None, None, None, None, [], "the campaign has no trained model yet")
+    first = models[0]
+    missing = [record.path for record in (first, kept) if not Path(record.path).is_file()]
+    if missing:
+        return CampaignReport(status, first.iteration, kept.iteration, None, None, [],
+                              f"model file {missing[0]} is missing")
+    kept_model = load_ensemble(kept.path, dtype=PREDICTION_DTYPE)
+    first_model = kept_model if first.id == kept.id else load_ensemble(first.path, dtype=PREDICTION_DTYPE)
+    kept_on_target = {record.id: _predict(kept_model, record.atoms) for record in targets}
+    target_deltas = [
+        TargetDeltas(
+            record.atoms,
+            first=_predict(first_model, record.atoms)["uncertainties"],
+            kept=kept_on_target[record.id]["uncertainties"],
+        )
+        for record in targets
+    ]
+    return CampaignReport(
+        status=status,
+        first_iteration=first.iteration,
+        kept_iteration=kept.iteration,
+        kept_model=Path(kept.path),
+        labelled=_labelled_forces(kept_model, labelled, kept_on_target) if labelled else None,
+        targets=target_deltas,
+    )
+
+
+def _labelled_forces(
+    model: EnsembleModel,
+    labelled: list[tuple[StructureRecord, ResultRecord]],
+    on_target: dict[int, dict[str, np.ndarray]],
+) -> LabelledForces:
+    """The model's force and δ_i against the stored reference on every labelled row (see LabelledForces);
+    `on_target` holds the model's prediction on each target, by structure id."""
+    reference, predicted, deltas, centre = [], [], [], []
+    for structure, result in labelled:
+        if structure.kind == "chunk":
+            in_chunk = int(structure.center_in_chunk)
+            if structure.parent_id in on_target:
+                prediction, atom = on_target[structure.parent_id], int(structure.center_in_parent)
+            else:  # a chunk of a structure that is not a target: predicted in the chunk itself
+                prediction, atom = _predict(model, structure.atoms), in_chunk
+            reference.append(np.asarray(result.forces)[in_chunk][None, :])
+            predicted.append(prediction["forces"][atom][None, :])
+            deltas.append(prediction["uncertainties"][atom : atom + 1])
+            centre.append(np.ones(1, dtype=bool))
+            continue
+        prediction = _predict(model, structure.atoms)
+        reference.append(np.asarray(result.forces).reshape(-1, 3))
+        predicted.append(prediction["forces"])
+        deltas.append(prediction["uncertainties"])
+        centre.append(np.zeros(len(structure.atoms), dtype=bool))
+    return LabelledForces(np.concatenate(reference), np.concatenate(predicted), np.concatenate(deltas), np.concatenate(centre))
+
+
+def _predict(model: EnsembleModel, atoms: Atoms) -> dict[str, np.ndarray]:
+    """Ensemble-mean forces (N, 3) and δ_i (N,), eV/Å, predicted as the ASE calculator predicts."""
+    from pipeline.science.calculator import PREDICTION_BLOCK_SIZE
+
+    prediction = model.predict(atoms, block_size=PREDICTION_BLOCK_SIZE)
+    return {"forces": np.asarray(prediction.forces, dtype=float), "uncertainties": np.asarray(prediction.uncertainties, dtype=float)}

@@ -1,0 +1,255 @@
+"""`nft report`: the PNG figures (matplotlib's Agg canvas, as plots.py) and report.md linking them."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.campaign.report import CampaignReport, LabelledForces, TargetDeltas
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+DELTA_HISTORY_PNG = "delta_per_iteration.png"
+CHUNKS_PNG = "chunks_per_iteration.png"
+PARITY_PNG = "force_parity.png"
+RESIDUAL_PNG = "residual_vs_delta.png"
+TARGET_PNG = "target_delta.png"
+REPORT_MD = "report.md"
+TARGET_ATOM_RADIUS_SCALE = 0.7
+"""Atoms drawn at this fraction of their covalent radius, so that atoms behind the surface show."""
+TARGET_VIEW_ROTATION = "10x,-15y"
+
+
+def _figure(width_inch: float = 6.0, height_inch: float = 4.0) -> Figure:
+    """A figure of that size (inches) on its own Agg canvas: no display, no global backend switch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width_inch, height_inch), dpi=120, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def write_delta_history_plot(history: Sequence[Mapping[str, Any]], threshold: float, path: Path, title: str) -> None:
+    """Max δ over the targets (eV/Å, log axis) per iteration with the threshold line, and where the
+    history has them, max δ at target atoms with a chunk and without one."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    figure = _figure()
+    axes = figure.add_subplot()
+    iterations = [entry["iteration"] for entry in history]
+    axes.plot(iterations, [entry["uncertainty"] for entry in history], "o-", markersize=10, markerfacecolor="none",
+              linewidth=2.5, alpha=0.6, label="max δ (all target atoms)")
+    for key, label, style in (("delta_chunked_max", "max δ at atoms with a chunk", "s--"),
+                              ("delta_unchunked_max", "max δ at atoms without a chunk", "^:")):
+        points = [(entry["iteration"], entry[key]) for entry in history if entry.get(key) is not None]
+        if points:
+            axes.plot(*zip(*points), style, label=label)
+    axes.axhline(threshold, color="black", linestyle="-.", label=f"threshold {threshold:g} eV/Å")
+    axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # δ spans a decade or two: plain numbers read best
+    axes.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    axes.set_xlabel("iteration")
+    axes.set_ylabel("uncertainty δ (eV/Å)")
+    axes.set_xticks(iterations)
+    axes.set_title(title)
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend()
+    figure.savefig(path, format="png")
+
+
+def write_chunks_plot(history: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """Chunks added per iteration (bars) and their cumulative count (line, right axis)."""
+    figure = _figure()
+    axes = figure.add_subplot()
+    iterations = [entry["iteration"] for entry in history]
+    added = [entry["chunks_added"] for entry in history]
+    bars = axes.bar(iterations, added, color="tab:blue", alpha=0.7, label="chunks added")
+    axes.set_xlabel("iteration")
+    axes.set_ylabel("chunks added")
+    axes.set_xticks(iterations)
+    total_axes = axes.twinx()
+    line, = total_axes.plot(iterations, np.cumsum(added), "o-", color="tab:orange", label="cumulative chunks")
+    total_axes.set_ylabel("cumulative chunks")
+    total_axes.set_ylim(bottom=0)
+    axes.set_title(title)
+    axes.legend(handles=[bars, line], loc="upper left")
+    figure.savefig(path, format="png")
+
+
+def write_parity_plot(labelled: LabelledForces, path: Path, title: str) -> None:
+    """Predicted against reference force components (eV/Å) on the labelled rows, the diagonal and the MAE."""
+    figure = _figure(5.0, 5.0)
+    axes = figure.add_subplot()
+    groups = (("initial-set atoms", ~labelled.is_chunk_centre, "o"), ("chunk centres", labelled.is_chunk_centre, "^"))
+    for label, rows, marker in groups:
+        if rows.any():
+            axes.plot(labelled.reference[rows].ravel(), labelled.predicted[rows].ravel(), marker, linestyle="none",
+                      markersize=4, alpha=0.6, label=f"{label} ({rows.sum()} atoms × 3)")
+    low = float(min(labelled.reference.min(), labelled.predicted.min()))
+    high = float(max(labelled.reference.max(), labelled.predicted.max()))
+    margin = 0.05 * (high - low or 1.0)
+    limits = (low - margin, high + margin)
+    axes.plot(limits, limits, color="black", linewidth=0.8, label=f"y = x (MAE {labelled.force_mae:.4f} eV/Å)")
+    axes.set_xlim(limits)
+    axes.set_ylim(limits)
+    axes.set_aspect("equal")
+    axes.set_xlabel("reference force component (eV/Å)")
+    axes.set_ylabel("predicted force component (eV/Å)")
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="upper left")
+    figure.savefig(path, format="png")
+
+
+def write_residual_plot(labelled: LabelledForces, path: Path, title: str) -> None:
+    """Residual |F_pred − F_ref| against δ_i (eV/Å, log axes) on the labelled rows, with y = x: a
+    point on or under it is an error δ bounds. Zeros sit on the axis floor."""
+    figure = _figure(5.5, 5.0)
+    axes = figure.add_subplot()
+    residuals, deltas = labelled.residuals, labelled.deltas
+    positive = np.concatenate([residuals[residuals > 0], deltas[deltas > 0]])
+    floor = 10.0 ** np.floor(np.log10(positive.min())) if positive.size else 1e-6
+    top = 10.0 ** np.ceil(np.log10(positive.max())) if positive.size else 1.0
+    for label, rows, marker in (("initial-set atoms", ~labelled.is_chunk_centre, "o"),
+                                ("chunk centres", labelled.is_chunk_centre, "^")):
+        if rows.any():
+            axes.plot(np.maximum(deltas[rows], floor), np.maximum(residuals[rows], floor), marker, linestyle="none",
+                      markersize=4, alpha=0.6, label=f"{label} ({rows.sum()})")
+    axes.plot((floor, top), (floor, top), color="black", linewidth=0.8,
+              label=f"residual = δ ({100 * labelled.covered_fraction:.0f}% of rows on or under it)")
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlim(floor, top)
+    axes.set_ylim(floor, top)
+    axes.set_xlabel("uncertainty δ_i (eV/Å)")
+    axes.set_ylabel("residual |F_pred − F_ref| (eV/Å)")
+    axes.set_title(title)
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend(loc="upper left")
+    figure.savefig(path, format="png")
+
+
+def write_target_plot(target: TargetDeltas, first_iteration: int, kept_iteration: int, path: Path, title: str) -> None:
+    """The target (seen along z, tilted by TARGET_VIEW_ROTATION), each atom coloured by δ_i (eV/Å) of the first and the kept model,
+    one colour scale for both (ase.visualize.plot.plot_atoms)."""
+    from ase.visualize.plot import plot_atoms
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LogNorm
+
+    figure = _figure(9.0, 4.4)
+    values = np.concatenate([target.first, target.kept])
+    low = max(float(values[values > 0].min()) if (values > 0).any() else 1e-6, 1e-6)
+    norm = LogNorm(vmin=low, vmax=max(float(values.max()), low * 10))
+    colour_map = colormaps["viridis"]
+    panels = figure.subplots(1, 2)
+    for axes, deltas, label in zip(panels, (target.first, target.kept),
+                                   (f"first model (iteration {first_iteration})", f"kept model (iteration {kept_iteration})")):
+        plot_atoms(target.atoms, axes, colors=[colour_map(norm(max(value, low))) for value in deltas],
+                   radii=TARGET_ATOM_RADIUS_SCALE, rotation=TARGET_VIEW_ROTATION)
+        axes.set_title(f"{label}: max δ {deltas.max():.3f} eV/Å", fontsize=10)
+    figure.colorbar(ScalarMappable(norm=norm, cmap=colour_map), ax=list(panels), label="δ_i (eV/Å)", shrink=0.9)
+    figure.suptitle(title)
+    figure.savefig(path, format="png")
+
+
+def write_report(report: CampaignReport, directory: Path) -> list[Path]:
+    """Write every figure the campaign has data for and report.md linking them into `directory`
+    (which must exist); returns the files written, report.md last."""
+    status = report.status
+    name = status["campaign"]
+    history = status["history"]
+    written: list[Path] = []
+    figures: list[tuple[str, str, str]] = []  # (file, heading, caption)
+
+    def add(file: str, heading: str, caption: str) -> None:
+        written.append(directory / file)
+        figures.append((file, heading, caption))
+
+    if history:
+        write_delta_history_plot(history, status["threshold"], directory / DELTA_HISTORY_PNG, f"{name}: δ per iteration")
+        add(DELTA_HISTORY_PNG, "δ per iteration",
+            "Max δ over the targets (eV/Å, log axis) against the threshold; where recorded, max δ at target atoms "
+            "with a chunk and without one.")
+        write_chunks_plot(history, directory / CHUNKS_PNG, f"{name}: chunks")
+        add(CHUNKS_PNG, "Chunks", "Chunks added per iteration (bars) and their cumulative count (line).")
+    labelled = report.labelled
+    if labelled is not None:
+        write_parity_plot(labelled, directory / PARITY_PNG, f"{name}: kept model (iteration {report.kept_iteration})")
+        add(PARITY_PNG, "Force parity",
+            f"Force components of the kept model (ensemble mean, iteration {report.kept_iteration}) against the stored "
+            f"reference forces on the labelled rows: every initial-set atom and each chunk's central atom (predicted "
+            f"in the whole target). MAE {labelled.force_mae:.4f} eV/Å over {labelled.reference.size} components.")
+        write_residual_plot(labelled, directory / RESIDUAL_PNG, f"{name}: residual ≤ δ?")
+        add(RESIDUAL_PNG, "Residual against δ",
+            f"|F_pred − F_ref| against δ_i on the same rows; {100 * labelled.covered_fraction:.0f}% of "
+            f"{len(labelled.deltas)} rows lie on or under y = x (δ bounds their error).")
+    for index, target in enumerate(report.targets):
+        file = TARGET_PNG if len(report.targets) == 1 else f"target_{index}_delta.png"
+        write_target_plot(target, int(report.first_iteration), int(report.kept_iteration), directory / file,
+                          f"{name}: target {index} ({len(target.atoms)} atoms) coloured by δ_i")
+        add(file, f"Target {index} coloured by δ", "Per-atom δ_i (eV/Å) of the first and the kept model, one colour scale.")
+    report_path = directory / REPORT_MD
+    report_path.write_text(report_markdown(report, figures))
+    written.append(report_path)
+    return written
+
+
+def report_markdown(report: CampaignReport, figures: Sequence[tuple[str, str, str]]) -> str:
+    """report.md: a summary table, δ per iteration as recorded (`nft status --json`), the figures."""
+    status = report.status
+    if status["converged"]:
+        state = "yes"
+    elif status["finished"]:
+        state = "no"
+    else:
+        state = "no (in progress or interrupted)"
+    lines = [
+        f"# NFT campaign report: {status['campaign']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| iterations | {status['iterations']} |",
+        f"| final δ (eV/Å) | {_number(status['latest_uncertainty'])} |",
+        f"| best δ (eV/Å) | {_number(status['best_uncertainty'])} (iteration {status['best_iteration']}) |",
+        f"| threshold (eV/Å) | {status['threshold']:g} |",
+        f"| converged | {state} |",
+        f"| stop reason | {status['stop_reason'] or '-'} |",
+        f"| chunks | {status['chunks']} |",
+        f"| reference atoms | {status['reference_atoms']} |",
+        f"| kept model | {report.kept_model or '-'} |",
+        "",
+        "## History (as `nft status --json` reports it)",
+        "",
+        "| iteration | δ (eV/Å) | δ at atoms with a chunk | δ at atoms without | chunks added | train MAE (eV/Å) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for entry in status["history"]:
+        lines.append(
+            f"| {entry['iteration']} | {_number(entry['uncertainty'])} | {_number(entry.get('delta_chunked_max'))} | "
+            f"{_number(entry.get('delta_unchunked_max'))} | {entry['chunks_added']} | {_number(entry['train_force_mae'])} |"
+        )
+    lines.append("")
+    if status.get("stall"):
+        lines += [f"Stalled: a {status['stall']['kind']} problem. {status['stall']['advice']}", ""]
+    if report.missing_model:
+        lines += [f"Model figures (parity, residual, target) are left out: {report.missing_model}.", ""]
+    for file, heading, caption in figures:
+        lines += [f"## {heading}", "", caption, "", f"![{heading}]({file})", ""]
+    lines += [
+        "## Locality and relaxation",
+        "",
+        "The campaign database records no locality test (`nft locality`) or relaxation, so this report has no "
+        "section for them; they will appear here once nft stores those runs with the campaign.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    """δ and MAE values as `nft status` prints them (4 decimals, eV/Å); '-' where none."""
+    return "-" if value is None else f"{value:.4f}"
