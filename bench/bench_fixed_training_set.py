@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ase.calculators.emt import EMT
 from ase.io import read
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 from pipeline.campaign.config import load_config
 from pipeline.campaign.training_set import training_structures
+from pipeline.science.examples import emt_label
 from pipeline.science.settings import TrainingSettings
 from pipeline.science.structures import LabelledStructure
 from pipeline.science.training import train_ensemble
@@ -36,12 +36,11 @@ from pipeline.storage.store import CampaignStore
 
 def emt_labelled(atoms, energy: bool = True) -> LabelledStructure:
     """`atoms` with EMT's energy (or none: forces only) and every force row trained."""
-    atoms = atoms.copy()
-    atoms.calc = EMT()
-    forces = atoms.get_forces().copy()
-    value = float(atoms.get_potential_energy()) if energy else None
-    atoms.calc = None
-    return LabelledStructure(atoms, value, forces, np.ones(len(atoms), bool))
+    labelled = emt_label(atoms)
+    forces = labelled.get_forces().copy()
+    value = float(labelled.get_potential_energy()) if energy else None
+    labelled.calc = None
+    return LabelledStructure(labelled, value, forces, np.ones(len(labelled), bool))
 
 
 def stored_training_set(campaign_dir: Path) -> tuple[list[LabelledStructure], list[int], list[int]]:
@@ -60,7 +59,7 @@ def score(structures, elements, variant: dict, target, chunked: list[int]) -> di
     started = time.perf_counter()
     model, _ = train_ensemble(structures, TrainingSettings.model_validate(variant), elements=elements)
     wall = time.perf_counter() - started
-    reference = emt_labelled(target)
+    reference = emt_labelled(target, energy=False)
     prediction = model.predict(target)
     free = np.ones(len(target), bool)
     free[chunked] = False

@@ -15,6 +15,13 @@ class RunFailed(Exception):
     """A run could not complete for reasons other than bad input."""
 
 
+def error_text(error: BaseException) -> str:
+    """"Type: message" of an exception (its type alone when it has no message), as a job's failure
+    reason is stored and shown."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def first_problem(error: "ValidationError", field_names: Mapping[str, str] | None = None) -> str:
     """One line for the first pydantic error: the dotted field and what is wrong with it.
 

@@ -29,7 +29,7 @@ from pipeline.campaign.history import (
 )
 from pipeline.campaign.observer import CampaignObserver
 from pipeline.campaign.training_set import training_structures
-from pipeline.errors import RunFailed
+from pipeline.errors import RunFailed, error_text
 from pipeline.execution.apps import SiteApps, make_apps
 from pipeline.execution.payloads import labelled_to_payload
 from pipeline.execution.sites import load_site, parsl_session
@@ -422,7 +422,7 @@ class _Driver:
         try:
             result = future.result()
         except Exception as error:  # the job's own failure, or its worker's
-            return _reason(error)
+            return error_text(error)
         try:
             self.store.store_result(
                 job.id, result["energy"], np.asarray(result["forces"]), result.get("wall_time_s"),
@@ -431,7 +431,7 @@ class _Driver:
         except JobAlreadyDone:  # a driver that took the job over stored the same physics first
             pass
         except (ValueError, KeyError, TypeError) as error:  # not a result: the store's last line of defence
-            return f"invalid result: {_reason(error)}"
+            return f"invalid result: {error_text(error)}"
         return None
 
     # -- the end -------------------------------------------------------------------------------
@@ -510,7 +510,7 @@ class _Driver:
         try:
             return future.result()
         except Exception as error:
-            lines = [line for line in _reason(error).splitlines() if line.strip()]
+            lines = [line for line in error_text(error).splitlines() if line.strip()]
             detail = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1].strip()}"
             raise RunFailed(f"{what} job failed: {detail}") from error
 
@@ -528,11 +528,6 @@ def _labels(atoms: Atoms) -> tuple[float, np.ndarray] | None:
     if forces.shape != (len(atoms), 3) or not np.all(np.isfinite(forces)) or not math.isfinite(float(results["energy"])):
         return None
     return float(results["energy"]), forces
-
-
-def _reason(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _finite_or_none(value: Any) -> float | None:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
-from pipeline.errors import RunFailed
+from pipeline.errors import RunFailed, error_text
 from pipeline.execution.apps import SiteApps, make_apps
 from pipeline.execution.parents import Parent
 from pipeline.execution.sites import load_site, parsl_session
@@ -132,14 +132,9 @@ def _reference_forces(
                     submit(k)
                     continue
                 raise RunFailed(
-                    f"{parent.name} on {jobs[k][0]} failed after {attempts[k]} attempt(s): {_first_line(error)}"
+                    f"{parent.name} on {jobs[k][0]} failed after {attempts[k]} attempt(s): {error_text(error).splitlines()[0]}"
                 ) from None
             done += 1
             if progress:
                 progress(done, len(jobs))
     return forces  # type: ignore[return-value]
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
