@@ -1,6 +1,6 @@
 """One database, many campaigns, on real SQLite files and a real PostgreSQL server: each campaign
 reads only its own structures and jobs, shares results of the same geometry and parent physics,
-claims a job by compare-and-set, and holds a driver lease; a version-1 database is migrated."""
+claims a job by compare-and-set, and holds a driver lease; version-1 and version-2 databases are migrated."""
 from __future__ import annotations
 
 import sqlite3
@@ -24,6 +24,7 @@ pytestmark = pytest.mark.timeout(180)
 
 EMT = ("emt", {})
 V1_SCHEMA = Path(__file__).parent / "data" / "schema_v1_sqlite.sql"
+V2_SCHEMA = Path(__file__).parent / "data" / "schema_v2_sqlite.sql"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -205,7 +206,7 @@ def test_a_version_1_database_of_one_campaign_is_migrated_in_place(tmp_path: Pat
     url = f"sqlite:///{path}"
     with CampaignStore.open(url, "old", create=False) as store:
         note = store.migration_note
-        assert note is not None and "\n" not in note and "version 1 to 2" in note
+        assert note is not None and "\n" not in note and f"version 1 to {SCHEMA_VERSION}" in note
         assert [s.kind for s in store.structures()] == ["target", "initial", "chunk", "chunk"]
         assert [s.kind for s, _ in store.labelled_structures(*EMT)] == ["initial", "chunk"]
         assert [record.max_delta for record in store.iterations()] == [0.7]
@@ -232,3 +233,118 @@ def test_a_version_1_database_of_several_campaigns_or_an_unknown_version_is_refu
         raw.execute("UPDATE nft_metadata SET value = '7' WHERE key = 'schema_version'")
     with pytest.raises(DatabaseError, match=f"schema version 7, this nft reads version {SCHEMA_VERSION}"):
         CampaignStore(f"sqlite:///{path}")
+
+
+# -- migration from schema version 2 ------------------------------------------------------------
+
+
+def write_version_2_content(store: CampaignStore) -> tuple[int, int]:
+    """A target, a chunk of it with a done job and an iteration, as a version-2 campaign holds them;
+    returns (target id, chunk job id)."""
+    target = particle()
+    target_id = store.add_structure("target", target)
+    job_id = store.add_job(add_chunk(store, target_id, target, 3), *EMT)
+    finish(store, job_id)
+    store.record_iteration(1, {target_id: 0.5}, 1, 0.1, {"total": 1.0})
+    return target_id, job_id
+
+
+def downgrade_to_version_2(url: str) -> None:
+    """Make a fresh version-3 database look exactly like version 2 did (on PostgreSQL, where no
+    version-2 DDL file is kept): no end-geometry columns, the three-kind check, version 2."""
+    from pipeline.storage.engine import open_engine
+
+    engine, _, _ = open_engine(url, create=False)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE reference_results DROP COLUMN final_positions"))
+            connection.execute(text("ALTER TABLE reference_results DROP COLUMN final_cell"))
+            connection.execute(text("ALTER TABLE structures DROP CONSTRAINT ck_structure_kind"))
+            connection.execute(text("ALTER TABLE structures ADD CONSTRAINT ck_structure_kind CHECK (kind IN ('target', 'initial', 'chunk'))"))
+            connection.execute(text("UPDATE nft_metadata SET value = '2' WHERE key = 'schema_version'"))
+    finally:
+        engine.dispose()
+
+
+def version_2_database(database_url: str, tmp_path: Path) -> str:
+    """A version-2 database with one campaign's content: on SQLite built from the DDL nft db28e56
+    created, on PostgreSQL a fresh database downgraded."""
+    if database_url.startswith("sqlite"):
+        path = tmp_path / "v2.db"
+        with sqlite3.connect(path) as raw:
+            raw.executescript(V2_SCHEMA.read_text())
+            raw.executemany("INSERT INTO nft_metadata VALUES (?, ?)", [("application", "nft"), ("schema_version", "2")])
+        with sqlite3.connect(path) as raw:  # what a version-2 nft wrote: write_version_2_content's rows
+            target = particle()
+            blobs = (pack_array(np.asarray(target.numbers, dtype=np.int64)), pack_array(target.positions),
+                     pack_array(target.cell.array), pack_array(np.asarray(target.pbc, dtype=bool)))
+            insert = (
+                "INSERT INTO structures (id, kind, identity, geometry_hash, n_atoms, numbers, positions, cell, pbc, parent_id,"
+                " center_in_parent, center_in_chunk, radius, vacuum, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,'2026-01-01')"
+            )
+            raw.execute("INSERT INTO campaigns (id, name, config, created_at) VALUES (1, 'old', '{}', '2026-01-01')")
+            raw.execute(insert, (1, "target", "target:t", "t", len(target), *blobs, None, None, None, None, None))
+            raw.execute(insert, (2, "chunk", "chunk:1:3:4.000000", "c", len(target), *blobs, 1, 3, 3, 4.0, 4.0))
+            raw.execute("INSERT INTO campaign_structures (campaign_id, structure_id, created_at) VALUES (1, 1, '2026-01-01'), (1, 2, '2026-01-01')")
+            raw.execute(
+                "INSERT INTO reference_jobs (id, structure_id, calculator, params, params_hash, status, attempts, created_at, claimed_by)"
+                " VALUES (1, 2, 'emt', '{}', '44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a', 'done', 1, '2026-01-01', 1)"
+            )
+            raw.execute("INSERT INTO campaign_jobs (campaign_id, job_id, reused, created_at) VALUES (1, 1, 0, '2026-01-01')")
+            raw.execute("INSERT INTO reference_results VALUES (1, -1.0, ?, '2026-01-01')", (pack_array(np.full((len(target), 3), 0.5)),))
+        return f"sqlite:///{path}"
+    with CampaignStore.open(database_url, "old", {}) as store:
+        write_version_2_content(store)
+    downgrade_to_version_2(database_url)
+    return database_url
+
+
+def test_a_version_2_database_is_migrated_and_takes_snapshots_and_end_geometries(database_url: str, tmp_path: Path):
+    url = version_2_database(database_url, tmp_path)
+    with CampaignStore.open(url, "old", create=False) as store:
+        note = store.migration_note
+        assert note is not None and "\n" not in note and f"version 2 to {SCHEMA_VERSION}" in note
+        assert [s.kind for s in store.structures()] == ["target", "chunk"], "every structure kept, in order"
+        [(chunk, result)] = store.labelled_structures(*EMT)
+        assert chunk.parent_id == store.structures("target")[0].id
+        assert result.energy == -1.0 and np.all(result.forces == 0.5) and result.final_positions is None
+        snapshot = particle(seed=5)
+        snapshot_id = store.add_structure("snapshot", snapshot)  # the widened check
+        add_chunk(store, snapshot_id, snapshot, 2)
+        prototype = bulk("Cu", "fcc", 3.7)
+        job_id = store.add_job(store.add_structure("prototype", prototype), "emt", {"task": "relax-cell"})
+        relaxed_cell = prototype.cell.array * 0.98
+        store.store_result(job_id, -0.1, np.zeros((1, 3)), final_positions=prototype.positions * 0.98, final_cell=relaxed_cell)
+        stored = store.result(job_id)
+        assert np.array_equal(stored.final_cell, relaxed_cell) and stored.final_positions.shape == (1, 3)
+        with pytest.raises(Exception):
+            store.add_structure("crystal", prototype)  # still checked
+    with CampaignStore.open(url, "old", create=False) as again:
+        assert again.migration_note is None
+        assert [s.kind for s in again.structures()] == ["target", "chunk", "snapshot", "chunk", "prototype"]
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as raw:
+            assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
+            assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            indexes = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'structures'")}
+            assert {"ix_structures_kind", "ix_structures_geometry_hash"} <= indexes
+            raw.execute("PRAGMA foreign_keys = ON")
+            with pytest.raises(sqlite3.IntegrityError):  # foreign keys still point at the rebuilt table
+                raw.execute(
+                    "INSERT INTO reference_jobs (structure_id, calculator, params, params_hash, status, attempts, created_at)"
+                    " VALUES (999, 'emt', '{}', 'x', 'pending', 0, '2026-01-01')"
+                )
+
+
+def test_an_end_geometry_is_both_or_neither_finite_and_shaped(tmp_path: Path):
+    with CampaignStore.open(f"sqlite:///{tmp_path / 'g.db'}", "g", {}) as store:
+        cell = bulk("Cu", "fcc", 3.6)
+        job_id = store.add_job(store.add_structure("prototype", cell), "emt", {"task": "relax-cell"})
+        for positions, final_cell, match in (
+            (cell.positions, None, "only one"),
+            (np.zeros((2, 3)), cell.cell.array, "shapes"),
+            (np.full((1, 3), np.nan), cell.cell.array, "not finite"),
+        ):
+            with pytest.raises(ValueError, match=match):
+                store.store_result(job_id, -0.1, np.zeros((1, 3)), final_positions=positions, final_cell=final_cell)
+        assert store.job(job_id).status == "pending", "nothing stored by a refused result"

@@ -2,8 +2,9 @@
 
 Any SQLAlchemy URL works; SQLite (the default) runs in WAL mode with foreign keys on and a 30 s busy
 timeout, so a reader in another process never blocks the driver. Opening checks that the database is
-nft's, of this schema version, or creates the schema in an empty one; a version-1 database of one
-campaign is migrated in place (its structures and jobs join that campaign).
+nft's, of this schema version, or creates the schema in an empty one; a version-2 database, or a
+version-1 database of one campaign, is migrated in place (a version-1 campaign's structures and jobs
+join it).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from pipeline.errors import BadInput
 from pipeline.storage.schema import (
     APPLICATION,
     SCHEMA_VERSION,
+    STRUCTURE_KINDS,
+    STRUCTURE_KINDS_V2,
     Base,
     CampaignJobRow,
     CampaignStructureRow,
@@ -53,7 +56,7 @@ def resolve_database_url(url: str, workdir: str | os.PathLike[str]) -> str:
 def open_engine(url: str, *, create: bool) -> tuple[Engine, str, str | None]:
     """An engine on `url` with the schema checked (or, with `create`, made in an empty database),
     the name that messages use (the file of an SQLite database, else the URL without password), and
-    a one-line note when a version-1 database was migrated on opening (else None).
+    a one-line note when an older database was migrated on opening (else None).
 
     With `create=False` a missing SQLite file is refused rather than created; any refusal is a
     one-line `DatabaseError` naming the file or URL."""
@@ -68,7 +71,7 @@ def open_engine(url: str, *, create: bool) -> tuple[Engine, str, str | None]:
     engine = _make_engine(parsed)
     try:
         version = _open_schema(engine, name, create)
-        note = _migrate(engine, name) if version == MIGRATABLE_VERSION else None
+        note = _migrate(engine, name) if version in MIGRATABLE_VERSIONS else None
         _use_wal(engine, name, parsed)
     except BaseException:
         engine.dispose()
@@ -190,49 +193,113 @@ def _open_schema(engine: Engine, name: str, create: bool) -> str:
     if facts.get("application") != APPLICATION:
         raise DatabaseError(f"{name}: not an nft database")
     version = facts.get("schema_version")
-    if version not in (str(SCHEMA_VERSION), MIGRATABLE_VERSION):
+    if version not in (str(SCHEMA_VERSION), *MIGRATABLE_VERSIONS):
         raise DatabaseError(f"{name}: nft database schema version {version}, this nft reads version {SCHEMA_VERSION}")
     return str(version)
 
 
-MIGRATABLE_VERSION = "1"
-"""The schema version migrated on opening: 1 had no campaign membership, no job claims, no lease."""
+MIGRATABLE_VERSIONS = ("1", "2")
+"""Schema versions migrated on opening: 1 had no campaign membership, no job claims, no lease; 2 had
+no snapshot or prototype structures and no end geometry on results."""
 
 _V2_COLUMNS = {
     "campaigns": ("lease_id VARCHAR(64)", "lease_owner VARCHAR(255)", "lease_since {timestamp}", "lease_heartbeat {timestamp}"),
     "reference_jobs": ("claimed_by INTEGER REFERENCES campaigns (id)",),
     "iterations": ("carved BOOLEAN NOT NULL DEFAULT TRUE",),  # v1 never recorded it: as if selection ran
 }
+_V3_COLUMNS = {"reference_results": ("final_positions {blob}", "final_cell {blob}")}
 
 
-def _migrate(engine: Engine, name: str) -> str:
-    """Version 1 to 2 in one transaction: the new columns and tables, and every structure and job
-    joins the database's one campaign (several campaigns are refused: their data cannot be told apart)."""
+def _migrate(engine: Engine, name: str) -> str | None:
+    """An older database to `SCHEMA_VERSION` in one transaction; the one-line note for the user.
+
+    From 1: the new columns and tables, and every structure and job joins the database's one
+    campaign (several campaigns are refused: their data cannot be told apart). From 2: the wider
+    check on structure kinds and the end-geometry columns of results."""
+    version: str | None = None
     try:
         with engine.connect().execution_options(**{BEGIN_OPTION: "IMMEDIATE"}) as connection:
+            if connection.dialect.name == "sqlite":  # rebuilding a table needs foreign keys off, outside a transaction
+                connection.connection.driver_connection.execute("PRAGMA foreign_keys = OFF")
             with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
                 version = connection.scalar(select(MetadataRow.value).where(MetadataRow.key == "schema_version"))
-                if version != MIGRATABLE_VERSION:  # another process migrated it meanwhile
-                    return f"{name}: migrated from schema version {MIGRATABLE_VERSION} to {SCHEMA_VERSION} by another process"
+                if version not in MIGRATABLE_VERSIONS:  # another process migrated it meanwhile
+                    return None
                 campaign_ids = list(connection.scalars(text("SELECT id FROM campaigns ORDER BY id")))
-                if len(campaign_ids) > 1:
-                    raise DatabaseError(
-                        f"{name}: nft database schema version {MIGRATABLE_VERSION} with {len(campaign_ids)} campaigns; "
-                        f"this nft reads version {SCHEMA_VERSION} and migrates a version-{MIGRATABLE_VERSION} database "
-                        "only when it holds one campaign (their structures and jobs cannot be told apart)"
-                    )
-                _add_v2_columns_and_tables(connection)
-                if campaign_ids:
-                    _join_everything_to(connection, campaign_ids[0])
+                if version == "1":
+                    _migrate_1_to_2(connection, name, campaign_ids)
+                _migrate_2_to_3(connection)
+                if connection.dialect.name == "sqlite":
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise DatabaseError(f"{name}: migration would break {len(broken)} reference(s) between tables; left as it was")
                 connection.execute(
                     MetadataRow.__table__.update()
                     .where(MetadataRow.key == "schema_version")
                     .values(value=str(SCHEMA_VERSION))
                 )
     except sa_exc.SQLAlchemyError as exc:
-        raise DatabaseError(f"{name}: cannot migrate from schema version {MIGRATABLE_VERSION} ({error_reason(exc)})") from exc
-    owner = f"campaign {campaign_ids[0]}" if campaign_ids else "no campaign"
-    return f"{name}: migrated from schema version {MIGRATABLE_VERSION} to {SCHEMA_VERSION} (everything joins {owner})"
+        raise DatabaseError(f"{name}: cannot migrate from schema version {version} ({error_reason(exc)})") from exc
+    if version == "1":
+        owner = f"campaign {campaign_ids[0]}" if campaign_ids else "no campaign"
+        return f"{name}: migrated from schema version 1 to {SCHEMA_VERSION} (everything joins {owner})"
+    return f"{name}: migrated from schema version {version} to {SCHEMA_VERSION}"
+
+
+def _migrate_1_to_2(connection: Connection, name: str, campaign_ids: list[int]) -> None:
+    if len(campaign_ids) > 1:
+        raise DatabaseError(
+            f"{name}: nft database schema version 1 with {len(campaign_ids)} campaigns; "
+            f"this nft reads version {SCHEMA_VERSION} and migrates a version-1 database "
+            "only when it holds one campaign (their structures and jobs cannot be told apart)"
+        )
+    _add_v2_columns_and_tables(connection)
+    if campaign_ids:
+        _join_everything_to(connection, campaign_ids[0])
+
+
+def _migrate_2_to_3(connection: Connection) -> None:
+    """The end-geometry columns of results, and the structure kinds check widened to `STRUCTURE_KINDS`."""
+    blob = "BYTEA" if connection.dialect.name == "postgresql" else "BLOB"
+    for table, columns in _V3_COLUMNS.items():
+        for column in columns:
+            connection.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column.format(blob=blob)}")
+    old_check, new_check = _kinds_check(STRUCTURE_KINDS_V2), _kinds_check(STRUCTURE_KINDS)
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("ALTER TABLE structures DROP CONSTRAINT ck_structure_kind")
+        connection.exec_driver_sql(f"ALTER TABLE structures ADD CONSTRAINT ck_structure_kind CHECK ({new_check})")
+        return
+    _rebuild_sqlite_table(connection, "structures", old_check, new_check)
+
+
+def _kinds_check(kinds: tuple[str, ...]) -> str:
+    return "kind IN (" + ", ".join(f"'{kind}'" for kind in kinds) + ")"
+
+
+def _rebuild_sqlite_table(connection: Connection, table: str, old: str, new: str) -> None:
+    """SQLite cannot alter a check: copy `table` into one made from its own DDL with `old` replaced
+    by `new`, drop it and take its name (its indexes are made again; foreign keys are off)."""
+    ddl = connection.exec_driver_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).scalar_one()
+    indexes = [
+        row[0]
+        for row in connection.exec_driver_sql(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND sql IS NOT NULL", (table,)
+        )
+    ]
+    if old not in ddl:
+        raise DatabaseError(f"table {table} does not hold the check {old!r} that version 2 made")
+    staging = f"{table}_migrating"
+    head, rest = ddl.split("(", 1)
+    if head.split()[-1].strip('"') != table:
+        raise DatabaseError(f"table {table}: unexpected DDL {head!r}")
+    connection.exec_driver_sql(f"CREATE TABLE {staging} (" + rest.replace(old, new))
+    connection.exec_driver_sql(f"INSERT INTO {staging} SELECT * FROM {table}")
+    connection.exec_driver_sql(f"DROP TABLE {table}")
+    connection.exec_driver_sql(f"ALTER TABLE {staging} RENAME TO {table}")
+    for index in indexes:
+        connection.exec_driver_sql(index)
 
 
 def _add_v2_columns_and_tables(connection: Connection) -> None:

@@ -76,6 +76,10 @@ class ResultRecord:
     job_id: int
     energy: float
     forces: np.ndarray
+    final_positions: np.ndarray | None = None
+    """Where a relaxation job ended (Å, shape (n, 3)); None for a single point."""
+    final_cell: np.ndarray | None = None
+    """The cell a relaxation job ended with (Å, shape (3, 3)); None for a single point."""
 
 
 @dataclass(frozen=True)
@@ -154,8 +158,12 @@ def job_record(row: ReferenceJobRow) -> JobRecord:
 
 
 def result_record(row: ReferenceResultRow) -> ResultRecord:
-    """The record of a reference-result row: energy (eV) and forces (eV/Å)."""
-    return ResultRecord(row.job_id, row.energy, unpack_array(row.forces))
+    """The record of a reference-result row: energy (eV), forces (eV/Å), a relaxation's end geometry."""
+    return ResultRecord(
+        row.job_id, row.energy, unpack_array(row.forces),
+        None if row.final_positions is None else unpack_array(row.final_positions),
+        None if row.final_cell is None else unpack_array(row.final_cell),
+    )
 
 
 def model_record(row: ModelRow) -> ModelRecord:

@@ -2,7 +2,7 @@
 
 The schema carries `SCHEMA_VERSION` in the `nft_metadata` table; bump it with any change to the
 tables below, since a database of another version is refused rather than silently misread (engine.py
-migrates a version-1 database of one campaign).
+migrates version-2 databases, and version-1 databases of one campaign).
 
 Structures, reference jobs and their results are content-addressed and shared by the campaigns of a
 database; `campaign_structures` and `campaign_jobs` say which campaign registered which, so every
@@ -34,10 +34,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION = "nft"
 
-STRUCTURE_KINDS = ("target", "initial", "chunk")
+STRUCTURE_KINDS = ("target", "initial", "chunk", "snapshot", "prototype")
+"""target: what a campaign makes certain; initial: a training cell; chunk: carved around an atom of
+its parent; snapshot: a frame of a relaxation that chunks are carved from; prototype: a crystal
+before its cell relaxation (the relaxation job's result holds the relaxed geometry)."""
+STRUCTURE_KINDS_V2 = ("target", "initial", "chunk")
+"""The kinds a version-2 database allows (engine.py widens its check on migration)."""
 JOB_STATUSES = ("pending", "running", "done", "failed")
 
 POSITION_DECIMALS = 6
@@ -128,7 +133,8 @@ class CampaignRow(Base):
 
 
 class StructureRow(Base):
-    """A target, an initial training structure, or a chunk carved from a parent structure.
+    """A target, an initial training structure, a chunk carved from a parent structure, a relaxation
+    snapshot or a crystal prototype (`STRUCTURE_KINDS`).
 
     Non-chunks are unique by (kind, geometry hash); chunks by (parent, central index in parent,
     radius Å) — `identity` holds that key so one unique index covers both on every backend.
@@ -192,13 +198,16 @@ class ReferenceJobRow(Base):
 
 
 class ReferenceResultRow(Base):
-    """Energy (eV) and forces (eV/Å, `.npy` bytes) of a finished reference job."""
+    """Energy (eV) and forces (eV/Å, `.npy` bytes) of a finished reference job; for a relaxation
+    job also the geometry it ended at (positions and cell, Å), to which energy and forces belong."""
 
     __tablename__ = "reference_results"
 
     job_id: Mapped[int] = mapped_column(ForeignKey("reference_jobs.id"), primary_key=True)
     energy: Mapped[float] = mapped_column(Float)
     forces: Mapped[bytes] = mapped_column(LargeBinary)
+    final_positions: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
+    final_cell: Mapped[Optional[bytes]] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
 

@@ -420,9 +420,12 @@ class CampaignStore:
         wall_time_s: float | None = None,
         host: str | None = None,
         external_id: str | None = None,
+        final_positions: np.ndarray | None = None,
+        final_cell: np.ndarray | None = None,
     ) -> None:
         """Store energy (eV) and forces (eV/Å) and mark the job done, in one transaction; the
         external id is the batch system's job id (e.g. `SLURM_JOB_ID`) when the job ran under one.
+        A relaxation job also gives the geometry it ended at (positions (n, 3) and cell (3, 3), Å).
 
         A result is final: a second one raises `JobAlreadyDone`; a non-finite energy or force is never
         data (`ValueError`). Every other campaign that needs the job is recorded as reusing it."""
@@ -436,7 +439,8 @@ class CampaignStore:
                 raise ValueError(f"forces of job {job_id} have shape {forces.shape}, expected ({n_atoms}, 3)")
             if not (np.isfinite(energy) and np.all(np.isfinite(forces))):
                 raise ValueError(f"result of job {job_id} is not finite (energy {energy}); not stored")
-            session.add(ReferenceResultRow(job_id=row.id, energy=float(energy), forces=pack_array(forces)))
+            geometry = _final_geometry(job_id, n_atoms, final_positions, final_cell)
+            session.add(ReferenceResultRow(job_id=row.id, energy=float(energy), forces=pack_array(forces), **geometry))
             row.status = "done"
             row.error = None
             row.finished_at = utc_now()
@@ -825,3 +829,21 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _final_geometry(
+    job_id: int, n_atoms: int, positions: np.ndarray | None, cell: np.ndarray | None
+) -> dict[str, bytes | None]:
+    """The packed end geometry of a relaxation job (both or neither; finite; shapes (n, 3) and (3, 3))."""
+    if positions is None and cell is None:
+        return {"final_positions": None, "final_cell": None}
+    if positions is None or cell is None:
+        raise ValueError(f"result of job {job_id} gives only one of final_positions and final_cell")
+    positions, cell = np.asarray(positions, dtype=np.float64), np.asarray(cell, dtype=np.float64)
+    if positions.shape != (n_atoms, 3) or cell.shape != (3, 3):
+        raise ValueError(
+            f"final geometry of job {job_id} has shapes {positions.shape} and {cell.shape}, expected ({n_atoms}, 3) and (3, 3)"
+        )
+    if not (np.all(np.isfinite(positions)) and np.all(np.isfinite(cell))):
+        raise ValueError(f"final geometry of job {job_id} is not finite; not stored")
+    return {"final_positions": pack_array(positions), "final_cell": pack_array(cell)}
