@@ -12,10 +12,8 @@ environment it was made in, and elsewhere the comparison is skipped with the rea
 import json
 import os
 import platform
+from importlib import metadata
 from pathlib import Path
-
-import numpy
-import torch
 
 import pytest
 
@@ -58,7 +56,8 @@ def environment() -> dict[str, str]:
                 flags = set(line.split(":", 1)[1].split())
                 break
     vector = sorted(flag for flag in flags if flag.startswith(("avx", "fma", "sse4")))
-    return {"torch": torch.__version__, "numpy": numpy.__version__, "machine": platform.machine(), "vector_units": " ".join(vector)}
+    packages = {name: metadata.version(name) for name in ("torch", "numpy", "ase", "vesin", "scipy")}
+    return {**packages, "machine": platform.machine(), "vector_units": " ".join(vector)}
 
 
 def test_a_small_campaign_repeats_the_recorded_history(tmp_path):
