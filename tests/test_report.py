@@ -19,6 +19,7 @@ MIN_FIGURE_BYTES = 10_000
 """A figure with axes, labels and data is tens of kB; an empty canvas is a few."""
 EXPECTED_FIGURES = {
     "delta_per_iteration.png", "chunks_per_iteration.png", "force_parity.png", "residual_vs_delta.png", "target_delta.png",
+    "calibration_per_iteration.png",
 }
 
 
@@ -99,8 +100,9 @@ def test_report_into_another_folder_needs_no_parsl(finished_campaign, tmp_path):
 
 
 def test_a_report_without_model_files_keeps_the_history_and_says_why(finished_campaign, tmp_path):
-    """Model figures need the stored models: without them report.md has the history figures and a
-    line saying what is left out; several targets get a figure each."""
+    """Model figures need the stored models: without them report.md has the history and calibration
+    figures (from the database alone) and a line saying what is left out; several targets get a
+    figure each."""
     from pipeline.campaign.config import load_config
     from pipeline.campaign.report import CampaignReport, TargetDeltas, campaign_report
     from pipeline.cli.report_figures import write_report
@@ -108,7 +110,9 @@ def test_a_report_without_model_files_keeps_the_history_and_says_why(finished_ca
     full = campaign_report(load_config(finished_campaign))
     without_models = CampaignReport(full.status, 1, 2, None, None, [], "model file models/iteration-001.nft is missing")
     written = write_report(without_models, tmp_path)
-    assert [path.name for path in written] == ["delta_per_iteration.png", "chunks_per_iteration.png", "report.md"]
+    assert [path.name for path in written] == [
+        "delta_per_iteration.png", "chunks_per_iteration.png", "calibration_per_iteration.png", "report.md"
+    ]
     assert "left out: model file models/iteration-001.nft is missing" in (tmp_path / "report.md").read_text()
 
     target = full.targets[0]

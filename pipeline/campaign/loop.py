@@ -28,7 +28,8 @@ from pipeline.campaign.history import (
     no_new_chunks_reason, stall_diagnosis, stop_reason,
 )
 from pipeline.campaign.observer import CampaignObserver
-from pipeline.campaign.training_set import training_structures
+from pipeline.campaign.calibration import CALIBRATION_KEY, calibration, centre_predictions
+from pipeline.campaign.training_set import chunk_labels, training_structures
 from pipeline.errors import RunFailed, error_text
 from pipeline.execution.apps import SiteApps, make_apps
 from pipeline.execution.payloads import labelled_to_payload
@@ -236,6 +237,7 @@ class _Driver:
         centres, selection = self.select(predictions)  # also when stopping: the report says what was left
         if carved:
             chunks_added = self.add_chunks(centres)
+            model_metrics[CALIBRATION_KEY] = centre_predictions(centres, predictions, self.target_ids)
             if chunks_added == 0:
                 reason = no_new_chunks_reason(draft, config)
         model_metrics["selection"] = {**selection, "carved": carved}
@@ -267,7 +269,7 @@ class _Driver:
         timer = _Timer()
         timer.parts.update({part: value for part, value in last.wall_time.items() if part in timer.parts})
         predictions = self._predict(Path(model.path))
-        metrics = {key: value for key, value in model.metrics.items() if key != "selection"}
+        metrics = {key: value for key, value in model.metrics.items() if key not in ("selection", CALIBRATION_KEY)}
         return self.select_and_compute(last.iteration, Path(model.path), metrics, predictions, last.train_force_mae, timer, draft)
 
     def _warm_start_model(self, number: int) -> str | None:
@@ -331,14 +333,8 @@ class _Driver:
         return len(centres)
 
     def _chunk_labels(self) -> dict[int, dict[int, np.ndarray]]:
-        """Per target id, the label (the parent's force on the central atom, eV/Å, shape (3,)) of every
-        chunk centre with a done reference job: what training uses."""
-        labels: dict[int, dict[int, np.ndarray]] = {}
-        for structure, result in self.store.labelled_structures(self.calculator, self.job_params):
-            if structure.kind == "chunk" and structure.parent_id in self.target_atoms:
-                forces = np.asarray(result.forces, dtype=float)
-                labels.setdefault(structure.parent_id, {})[int(structure.center_in_parent)] = forces[int(structure.center_in_chunk)]
-        return labels
+        """Per target id, the label of every chunk centre with a done reference job (`chunk_labels`)."""
+        return chunk_labels(self.store, self.calculator, self.job_params, self.target_atoms)
 
     def _failed_chunk_centers(self) -> dict[int, set[int]]:
         """Per target id, the centres (at the configured radius) of chunks whose reference job failed."""
@@ -462,7 +458,10 @@ class _Driver:
             "jobs": summary_counts.jobs,
             "wall_time": wall,
             "stall": stall_diagnosis(entries[-1], reason, config) if entries else None,
+            "calibration": calibration(metrics, self._chunk_labels()),
         }
+        if summary["calibration"]["warning"]:
+            self.observer.message(summary["calibration"]["warning"])
         if self.parent.evaluates_targets and best_iteration is not None:
             summary["force_mae_vs_parent"] = self._force_mae_vs_parent(config.workdir / MODEL_NAME)
         if summary["stall"] is not None:

@@ -7,7 +7,8 @@ from typing import Any
 from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.history import CONVERGED, best_iteration, history_entry, stall_diagnosis, stop_reason
 from pipeline.campaign.files import MODEL_NAME
-from pipeline.campaign.training_set import training_structures
+from pipeline.campaign.calibration import calibration
+from pipeline.campaign.training_set import chunk_labels, training_structures
 from pipeline.errors import BadInput
 from pipeline.storage.engine import DatabaseError
 from pipeline.storage.store import CampaignStore, UnknownCampaign
@@ -35,6 +36,7 @@ def campaign_status(config: CampaignConfig) -> dict[str, Any]:
         counts = store.summary()
         failed = store.jobs(status="failed")
         metrics = {record.iteration: record.metrics for record in store.models()}
+        labels = chunk_labels(store, config.parent.name, config.parent.physics())
     history_entries = [history_entry(record, metrics.get(record.iteration)) for record in history]
     best = best_iteration(history)
     reason = stop_reason(history, config)
@@ -70,6 +72,7 @@ def campaign_status(config: CampaignConfig) -> dict[str, Any]:
         ],
         "history": history_entries,
         "stall": stall_diagnosis(history_entries[-1], reason, config) if finished and history_entries else None,
+        "calibration": calibration(metrics, labels),
     }
 
 

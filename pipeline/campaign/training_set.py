@@ -9,7 +9,7 @@ instead, as the paper does. See docs/campaign.md, "Where a chunk's force is trai
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -51,6 +51,20 @@ def training_structures(
             parents[structure.parent_id] = store.atoms(structure.parent_id)
         labelled.append(target_environment_row(parents[structure.parent_id], structure, result, cutoff_angstrom))
     return labelled
+
+
+def chunk_labels(
+    store: CampaignStore, calculator: str, params: Mapping[str, Any], parent_ids: Collection[int] | None = None
+) -> dict[int, dict[int, np.ndarray]]:
+    """Per parent id (of `parent_ids`, or all), the label of every chunk centre with a done reference
+    job: the parent's force on the central atom, eV/Å, shape (3,). What training uses."""
+    labels: dict[int, dict[int, np.ndarray]] = {}
+    for structure, result in store.labelled_structures(calculator, params):
+        if structure.kind != "chunk" or (parent_ids is not None and structure.parent_id not in parent_ids):
+            continue
+        forces = np.asarray(result.forces, dtype=float)
+        labels.setdefault(int(structure.parent_id), {})[int(structure.center_in_parent)] = forces[int(structure.center_in_chunk)]
+    return labels
 
 
 def central_force_row(atoms: Atoms, center: int, force: np.ndarray) -> LabelledStructure:

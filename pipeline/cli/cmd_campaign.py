@@ -161,6 +161,11 @@ def print_status(console: Console, report: Mapping[str, Any]) -> None:
         console.print(table)
         console.print(_where_delta_lives(report["history"]))
         console.print(_selection_table(report["history"]))
+    calibration = report.get("calibration") or {}
+    if calibration.get("iterations"):
+        console.print(_calibration_table(calibration))
+    if calibration.get("warning"):
+        console.print(f"warning: {calibration['warning']}", highlight=False)
     if report.get("stall"):
         console.print(f"stalled: a {report['stall']['kind']} problem. {report['stall']['advice']}", highlight=False)
     if report["failed_jobs"]:
@@ -182,6 +187,26 @@ def _failed_jobs_table(failed: list[Mapping[str, Any]], total: int) -> Table:
     )
     for job in failed:
         table.add_row(str(job["id"]), str(job["structure"]), str(job["attempts"]), job["error"])
+    return table
+
+
+def _calibration_table(calibration: Mapping[str, Any]) -> Table:
+    """Per iteration: the chunk centres it carved, their realised error against the parent and the
+    coverage (error ≤ δ_i predicted before the reference ran)."""
+    table = Table(
+        "iteration", "centres labelled", "error ≤ δ_i", "median error", "max error", "median δ_i",
+        title="calibration at the chunk centres (eV/Å; predicted before their reference ran)",
+    )
+    for row in [*calibration["iterations"], {"iteration": "all", **calibration["overall"]}]:
+        coverage = row.get("coverage")
+        table.add_row(
+            str(row["iteration"]),
+            f"{row['labelled']}" + (f" of {row['predicted']}" if "predicted" in row else ""),
+            "-" if coverage is None else f"{row['covered']} ({coverage:.0%})",
+            _number(row.get("error_median")),
+            _number(row.get("error_max")),
+            _number(row.get("delta_median")),
+        )
     return table
 
 

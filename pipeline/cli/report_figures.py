@@ -17,6 +17,7 @@ CHUNKS_PNG = "chunks_per_iteration.png"
 PARITY_PNG = "force_parity.png"
 RESIDUAL_PNG = "residual_vs_delta.png"
 TARGET_PNG = "target_delta.png"
+CALIBRATION_PNG = "calibration_per_iteration.png"
 REPORT_MD = "report.md"
 TARGET_ATOM_RADIUS_SCALE = 0.7
 """Atoms drawn at this fraction of their covalent radius, so that atoms behind the surface show."""
@@ -157,6 +158,43 @@ def write_target_plot(target: TargetDeltas, first_iteration: int, kept_iteration
     figure.savefig(path, format="png")
 
 
+def write_calibration_plot(calibration: Mapping[str, Any], path: Path, title: str) -> None:
+    """Per iteration, at the chunk centres it carved: the coverage (fraction with realised error ≤ δ_i
+    predicted before the reference ran) against the promised 99 %, and the median error beside the
+    median δ_i (eV/Å)."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    from pipeline.campaign.calibration import PROMISED_COVERAGE
+
+    rows = [row for row in calibration["iterations"] if row["labelled"]]
+    iterations = [row["iteration"] for row in rows]
+    figure = _figure(10.0, 4.0)
+    coverage_axes, error_axes = figure.subplots(1, 2)
+    coverage_axes.bar(iterations, [100 * row["coverage"] for row in rows], color="tab:green", alpha=0.7,
+                      label="error ≤ δ_i at the chunk centres")
+    for iteration, row in zip(iterations, rows):
+        coverage_axes.annotate(f"{row['covered']}/{row['labelled']}", (iteration, 100 * row["coverage"]),
+                               ha="center", va="bottom", fontsize=8)
+    coverage_axes.axhline(100 * PROMISED_COVERAGE, color="black", linestyle="-.", label=f"promised {PROMISED_COVERAGE:.0%}")
+    coverage_axes.set_ylim(0, 105)
+    coverage_axes.set_xlabel("iteration")
+    coverage_axes.set_ylabel("coverage (%)")
+    coverage_axes.set_xticks(iterations)
+    coverage_axes.legend(loc="lower left")
+    error_axes.plot(iterations, [row["error_median"] for row in rows], "o-", label="median |F_model − F_parent|")
+    error_axes.plot(iterations, [row["error_max"] for row in rows], "v:", label="max |F_model − F_parent|")
+    error_axes.plot(iterations, [row["delta_median"] for row in rows], "s--", label="median δ_i (predicted)")
+    error_axes.set_yscale("log")
+    error_axes.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    error_axes.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    error_axes.set_xlabel("iteration")
+    error_axes.set_ylabel("eV/Å")
+    error_axes.set_xticks(iterations)
+    error_axes.legend()
+    figure.suptitle(title)
+    figure.savefig(path, format="png")
+
+
 def write_report(report: CampaignReport, directory: Path) -> list[Path]:
     """Write every figure the campaign has data for and report.md linking them into `directory`
     (which must exist); returns the files written, report.md last."""
@@ -177,6 +215,15 @@ def write_report(report: CampaignReport, directory: Path) -> list[Path]:
             "with a chunk and without one.")
         write_chunks_plot(history, directory / CHUNKS_PNG, f"{name}: chunks")
         add(CHUNKS_PNG, "Chunks", "Chunks added per iteration (bars) and their cumulative count (line).")
+    calibration = status.get("calibration") or {}
+    if any(row["labelled"] for row in calibration.get("iterations", [])):
+        write_calibration_plot(calibration, directory / CALIBRATION_PNG, f"{name}: is δ honest?")
+        overall = calibration["overall"]
+        add(CALIBRATION_PNG, "Calibration per iteration",
+            f"At the chunk centres each iteration carved, the model's force error against the parent's label, with "
+            f"the force and δ_i predicted before the reference ran: the coverage (error ≤ δ_i; 2.58σ promises 99%) "
+            f"and the median error beside the median δ_i. Over all: {overall['covered']} of {overall['labelled']} "
+            f"({100 * overall['coverage']:.0f}%).")
     labelled = report.labelled
     if labelled is not None:
         write_parity_plot(labelled, directory / PARITY_PNG, f"{name}: kept model (iteration {report.kept_iteration})")
@@ -234,6 +281,23 @@ def report_markdown(report: CampaignReport, figures: Sequence[tuple[str, str, st
             f"{_number(entry.get('delta_unchunked_max'))} | {entry['chunks_added']} | {_number(entry['train_force_mae'])} |"
         )
     lines.append("")
+    calibration = status.get("calibration") or {}
+    if calibration.get("iterations"):
+        lines += [
+            "## Calibration (at the chunk centres, predicted before their reference ran)",
+            "",
+            "| iteration | centres labelled | error ≤ δ_i | median error (eV/Å) | max error (eV/Å) | median δ_i (eV/Å) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in [*calibration["iterations"], {"iteration": "all", **calibration["overall"]}]:
+            covered = "-" if row["coverage"] is None else f"{row['covered']} ({100 * row['coverage']:.0f}%)"
+            lines.append(
+                f"| {row['iteration']} | {row['labelled']} | {covered} | {_number(row['error_median'])} | "
+                f"{_number(row['error_max'])} | {_number(row['delta_median'])} |"
+            )
+        lines.append("")
+        if calibration.get("warning"):
+            lines += [f"Warning: {calibration['warning']}", ""]
     if status.get("stall"):
         lines += [f"Stalled: a {status['stall']['kind']} problem. {status['stall']['advice']}", ""]
     if report.missing_model:
