@@ -121,6 +121,9 @@ BAD_CONFIGS = {
     "workdir not writable": (lambda path, s: s["campaign"].update(workdir="target.traj/run"), "campaign.workdir"),
     "ensemble of one": (lambda path, s: s["model"].update(ensemble=1), "model.ensemble: must be >= 2"),
     "select_fraction above one": (lambda path, s: s["active"].update(select_fraction=1.5), "active.select_fraction"),
+    "unknown selection uncertainty": (
+        lambda path, s: s["active"].update(selection_uncertainty="spin"), "active.selection_uncertainty"
+    ),
     "descriptor centres without etas": (
         lambda path, s: s["model"].update(descriptor={"radial_centers": [0.0, 3.0], "radial_etas": [1.0]}),
         "model.descriptor: radial_centers and radial_etas must have the same length",

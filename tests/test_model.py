@@ -77,6 +77,27 @@ def test_batched_ensemble_equals_members_evaluated_one_by_one():
         np.testing.assert_allclose(forces[0].numpy(), batched.member_forces[m], atol=1e-10)
 
 
+def test_energy_uncertainty_is_the_spread_of_each_members_own_atomic_energies():
+    atoms = rattled_cluster(mixed=True)
+    seeds = (2, 3, 4, 5)
+    ensemble = untrained_model(elements=(29, 78), members=seeds)
+    prediction = ensemble.predict(atoms, block_size=7)
+    per_member = []
+    for m, seed in enumerate(seeds):  # each member alone, as a one-member model
+        single = EnsembleModel(ensemble.params, member_seeds=[seed])
+        single.load_state_dict(
+            {name: (t[m : m + 1] if name.startswith("networks.") else t) for name, t in ensemble.state_dict().items()}
+        )
+        atomic, _ = single.member_atomic_energies_and_forces(atoms, 2048)
+        per_member.append(atomic[0].numpy())
+    expected = [
+        2.58 * np.sqrt(sum((e[i] - np.mean([x[i] for x in per_member])) ** 2 for e in per_member) / (len(seeds) - 1))
+        for i in range(len(atoms))
+    ]
+    assert np.max(expected) > 1e-3, "untrained members disagree"
+    np.testing.assert_allclose(prediction.energy_uncertainties, expected, rtol=1e-9, atol=1e-12)
+
+
 def test_blocks_do_not_change_results():
     atoms = rattled_cluster()
     model = untrained_model()

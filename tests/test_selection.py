@@ -172,3 +172,13 @@ def test_the_report_picks_what_select_chunk_centers_picks_and_accounts_for_every
     assert counts["already_chunked"] == int(np.sum(delta[exclude[7:]] > 0.3))
     free = selection_report(delta, cluster, 0.3, 10_000, 4.0, exclude=exclude).picked
     assert free[:max_count] == report.picked and len(free) - len(report.picked) == counts["over_limit"]
+
+
+def test_a_ranking_orders_the_picks_and_the_fraction_while_the_threshold_stays_on_delta():
+    delta = np.array([0.9, 0.5, 0.05, 0.7])
+    energy_spread = np.array([0.01, 0.03, 0.09, 0.02])  # atom 2 is below the force threshold
+    report = selection_report(delta, _line(4), 0.1, 10, 6.5, ranking=energy_spread)
+    assert report.picked == [1, 3, 0] and report.selectable == 3
+    assert selection_report(delta, _line(4), None, 10, 6.5, select_fraction=0.5, ranking=energy_spread).picked == [2, 1]
+    with pytest.raises(ValueError, match="shape"):
+        selection_report(delta, _line(4), 0.1, 10, 6.5, ranking=energy_spread[:3])

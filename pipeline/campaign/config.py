@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ase import Atoms
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
@@ -81,6 +81,7 @@ class ActiveSection(_Section):
     max_iterations: int = Field(20, ge=1)
     patience: int | None = Field(None, ge=1)
     select_fraction: float | None = Field(None, gt=0, le=1)
+    selection_uncertainty: Literal["force", "energy"] = "force"  # what orders the atoms picked for chunks
 
 
 class SiteSection(_Section):

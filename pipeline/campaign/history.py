@@ -96,6 +96,7 @@ def history_entry(record: IterationRecord, metrics: Mapping[str, Any] | None = N
         "chunks_added": record.chunks_added,
         "train_force_mae": record.train_force_mae,
         "uncertainty_per_target": {str(key): value for key, value in record.delta_per_target.items()},
+        "energy_uncertainty": metrics.get("max_energy_delta"),  # max δE_i over the targets, eV
         "wall_time": dict(record.wall_time),
         **{key: location.get(key) for key in DELTA_LOCATION_KEYS},
         "selection": {key: selection.get(key) for key in SELECTION_KEYS} if selection else None,

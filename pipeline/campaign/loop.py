@@ -12,7 +12,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from pipeline.campaign.history import (
     no_new_chunks_reason, stall_diagnosis, stop_reason,
 )
 from pipeline.campaign.observer import CampaignObserver
+from pipeline.campaign.reference_jobs import ReferenceJobRunner
 from pipeline.campaign.calibration import CALIBRATION_KEY, calibration, centre_predictions
 from pipeline.campaign.training_set import chunk_labels, training_structures
 from pipeline.errors import RunFailed, error_text
@@ -39,12 +39,10 @@ from pipeline.science.selection import SelectionReport, selection_report
 from pipeline.science.structures import atoms_to_payload
 from pipeline.storage.lease import held_lease
 from pipeline.storage.records import JobRecord
-from pipeline.storage.store import CLAIMED, ELSEWHERE, CampaignStore, JobAlreadyDone, file_sha256
+from pipeline.storage.store import CampaignStore, file_sha256
 
 PARSL_DIR_NAME = "runinfo"
 WALL_TIME_PARTS = ("training", "prediction", "reference", "overhead")
-JOB_POLL_S = 1.0
-"""Seconds between two looks at a job another campaign's driver is computing."""
 
 
 @dataclass
@@ -208,6 +206,7 @@ class _Driver:
         model_metrics = {
             **_plain(metrics),
             "max_delta": max(deltas.values()),
+            "max_energy_delta": max(float(item["max_energy_delta"]) for item in predictions),
             "training_environment": config.file.chunks.training_environment,
             "delta_location": delta_location(predictions, [labels.get(target_id, {}) for target_id in self.target_ids]),
         }
@@ -284,7 +283,8 @@ class _Driver:
         return self._result(self.apps.prediction_app(str(model_path), payloads, self.config.file.model.device), "prediction")  # type: ignore[union-attr]
 
     def select(self, predictions: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[int, int]], dict[str, int]]:
-        """Chunk centres (target id, atom) over all targets, most uncertain first, at most
+        """Chunk centres (target id, atom) over all targets, most uncertain first (by δ_i, or by δE_i
+        with `active.selection_uncertainty = "energy"`), at most
         `chunks.max_per_iteration`; and the selection's counts summed over the targets (see
         `SelectionReport`; centres cut by the limit over all targets count as `over_limit`)."""
         config, store = self.config, self.store
@@ -295,6 +295,7 @@ class _Driver:
         reports: list[SelectionReport] = []
         for target_id, prediction in zip(self.target_ids, predictions):
             uncertainties = np.asarray(prediction["uncertainties"], dtype=float)
+            ranking = _selection_ranking(prediction, config.file.active.selection_uncertainty)
             report = selection_report(
                 uncertainties,
                 self.target_atoms[target_id],
@@ -304,9 +305,10 @@ class _Driver:
                 exclude=store.chunk_centers(target_id, chunks.radius),
                 select_fraction=config.file.active.select_fraction,
                 failed=failed.get(target_id, set()),
+                ranking=ranking,
             )
             reports.append(report)
-            candidates.extend((float(uncertainties[centre]), target_id, centre) for centre in report.picked)
+            candidates.extend((float(ranking[centre]), target_id, centre) for centre in report.picked)
         candidates.sort(key=lambda item: (-item[0], item[1], item[2]))
         centres = [(target_id, centre) for _, target_id, centre in candidates[:limit]]
         counts = {key: sum(report.counts()[key] for report in reports) for key in SELECTION_KEYS[:-1]}
@@ -353,82 +355,11 @@ class _Driver:
         return {record.iteration: record.metrics for record in self.store.models()}
 
     def run_reference_jobs(self, jobs: Sequence[JobRecord]) -> int:
-        """Submit the jobs this driver claims at once; store each result as it completes, or retry
-        the job (`parent.retries` times in this run) and then record it failed with the last
-        attempt's reason. A job another campaign's live driver computes is waited for, not submitted.
-        Returns how many of `jobs` are done now (computed, or settled by another campaign)."""
-        if not jobs:
-            return 0
-        store, observer = self.store, self.observer
-        futures: dict[Any, JobRecord] = {}
-        tries: dict[int, int] = {}  # attempts this run, per job id
-        done = failed = 0
-        unclaimed = list(jobs)
-        observer.jobs(done, len(jobs), failed, len(jobs))
-        while unclaimed or futures:
-            elsewhere = []
-            for job in unclaimed:
-                claim = store.claim_job(job.id)
-                if claim == ELSEWHERE:
-                    elsewhere.append(job)
-                    continue
-                if claim != CLAIMED:  # settled meanwhile by another campaign's driver: reused
-                    done, failed = done + (claim == "done"), failed + (claim == "failed")
-                    continue
-                futures[self._submit(job, tries)] = job
-            unclaimed = elsewhere
-            if not futures:
-                observer.jobs(done, len(jobs) - done - failed, failed, len(jobs))
-                time.sleep(JOB_POLL_S if unclaimed else 0.0)
-                continue
-            completed, _ = wait(futures, timeout=JOB_POLL_S if unclaimed else None, return_when=FIRST_COMPLETED)
-            for future in completed:
-                job = futures.pop(future)
-                reason = self._store_outcome(job, future)
-                if reason is None:
-                    done += 1
-                elif tries[job.id] <= self.parent.retries:
-                    observer.message(f"reference job {job.id} attempt {tries[job.id]} failed, retrying: {reason.splitlines()[0]}")
-                    try:
-                        store.mark_running(job.id)  # one more attempt
-                    except JobAlreadyDone:  # a driver that took the job over stored it meanwhile
-                        done += 1
-                    else:
-                        futures[self._submit(job, tries)] = job
-                else:
-                    store.mark_failed(job.id, reason)
-                    failed += 1
-                    observer.message(
-                        f"reference job {job.id} failed after {tries[job.id]} attempt(s): {reason.splitlines()[0]}"
-                    )
-                observer.jobs(done, len(jobs) - done - failed, failed, len(jobs))
-        return done
-
-    def _submit(self, job: JobRecord, tries: dict[int, int]) -> Any:
-        """Submit the next attempt of a job this driver has started (claimed or marked running)."""
-        tries[job.id] = tries.get(job.id, 0) + 1
-        structure = self.store.atoms(job.structure_id)
-        job_dir = str(self.config.workdir / "jobs" / f"job-{job.id:06d}") if self.parent.needs_job_dir else None
-        attempt = self.store.job(job.id).attempts  # over the job's life, so a retry differs from the try before
-        return self.apps.reference_app(self.parent, atoms_to_payload(structure), job_dir, attempt)  # type: ignore[union-attr]
-
-    def _store_outcome(self, job: JobRecord, future: Any) -> str | None:
-        """Store the result of a completed attempt; the reason it gave none (it raised, its worker
-        died, it passed its walltime, or its result was invalid or refused by the store), or None."""
-        try:
-            result = future.result()
-        except Exception as error:  # the job's own failure, or its worker's
-            return error_text(error)
-        try:
-            self.store.store_result(
-                job.id, result["energy"], np.asarray(result["forces"]), result.get("wall_time_s"),
-                result.get("host"), external_id=result.get("external_id"),
-            )
-        except JobAlreadyDone:  # a driver that took the job over stored the same physics first
-            pass
-        except (ValueError, KeyError, TypeError) as error:  # not a result: the store's last line of defence
-            return f"invalid result: {error_text(error)}"
-        return None
+        """Compute the jobs through the DAG into the store (`ReferenceJobRunner`); how many are done."""
+        runner = ReferenceJobRunner(
+            self.store, self.parent, self.observer, self.config.workdir, self.apps.reference_app  # type: ignore[union-attr]
+        )
+        return runner.run(jobs)
 
     # -- the end -------------------------------------------------------------------------------
 
@@ -455,6 +386,9 @@ class _Driver:
             "threshold": config.threshold,
             "stop_reason": reason,
             "best_iteration": best_iteration.iteration if best_iteration else None,
+            "best_model": self._model_path(best_iteration.iteration) if best_iteration else None,
+            "last_iteration": history[-1].iteration if history else None,
+            "last_model": self._model_path(history[-1].iteration) if history else None,
             "jobs": summary_counts.jobs,
             "wall_time": wall,
             "stall": stall_diagnosis(entries[-1], reason, config) if entries else None,
@@ -486,6 +420,10 @@ class _Driver:
                 f"force MAE {errors[f'target {k}']:.4f} eV/Å"
             )
         return errors
+
+    def _model_path(self, iteration: int) -> str | None:
+        """The stored model file of `iteration` (models/iteration-NNN.nft), or None."""
+        return next((record.path for record in self.store.models() if record.iteration == iteration), None)
 
     def _keep_best_model(self) -> Path | None:
         """Copy the model of the lowest-δ iteration to WORKDIR/model.nft (when it changed)."""
@@ -527,6 +465,12 @@ def _labels(atoms: Atoms) -> tuple[float, np.ndarray] | None:
     if forces.shape != (len(atoms), 3) or not np.all(np.isfinite(forces)) or not math.isfinite(float(results["energy"])):
         return None
     return float(results["energy"]), forces
+
+
+def _selection_ranking(prediction: Mapping[str, Any], measure: str) -> np.ndarray:
+    """What orders a target's atoms for selection: δ_i (eV/Å) for "force", δE_i (eV) for "energy"."""
+    key = "energy_uncertainties" if measure == "energy" else "uncertainties"
+    return np.asarray(prediction[key], dtype=float)
 
 
 def _finite_or_none(value: Any) -> float | None:

@@ -149,11 +149,12 @@ def print_status(console: Console, report: Mapping[str, Any]) -> None:
         highlight=False,
     )
     if report["history"]:
-        table = Table("iteration", "δ (eV/Å)", "chunks added", "train MAE (eV/Å)", "wall (s)")
+        table = Table("iteration", "δ (eV/Å)", "δE (eV)", "chunks added", "train MAE (eV/Å)", "wall (s)")
         for entry in report["history"]:
             table.add_row(
                 str(entry["iteration"]),
                 _number(entry["uncertainty"]),
+                _number(entry.get("energy_uncertainty")),
                 str(entry["chunks_added"]),
                 _number(entry["train_force_mae"]),
                 f"{entry['wall_time'].get('total', 0.0):.1f}",

@@ -158,7 +158,8 @@ def prediction_job(
     device: str = "auto",
     parsl_resource_specification: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Ensemble prediction per structure: energy (eV), forces (eV/Å), per-atom δ_i (eV/Å), δ = max δ_i.
+    """Ensemble prediction per structure: energy (eV), forces (eV/Å), per-atom δ_i (eV/Å), δ = max δ_i,
+    and the energy-based per-atom δE_i (eV) with its max.
 
     In the calculator's precision and block size (`PREDICTION_DTYPE`, `PREDICTION_BLOCK_SIZE`), on
     `device` ("auto": the worker's, see `worker_device`).
@@ -174,12 +175,15 @@ def prediction_job(
     for payload in payloads:
         prediction = model.predict(payload_to_atoms(dict(payload)), block_size=PREDICTION_BLOCK_SIZE)
         uncertainties = [float(value) for value in prediction.uncertainties]
+        energy_uncertainties = [float(value) for value in prediction.energy_uncertainties]
         results.append(
             {
                 "energy": float(prediction.energy),
                 "forces": np.asarray(prediction.forces, dtype=float).tolist(),
                 "uncertainties": uncertainties,
                 "max_delta": max(uncertainties),  # structures have atoms: checked on input
+                "energy_uncertainties": energy_uncertainties,
+                "max_energy_delta": max(energy_uncertainties),
             }
         )
     return results

@@ -30,13 +30,14 @@ def prediction_model(model: EnsembleModel, dtype: torch.dtype | None = PREDICTIO
 
 
 class EnsembleCalculator(Calculator):
-    """Ensemble-mean energy and forces; `results["uncertainties"]` holds δ_i of every atom.
+    """Ensemble-mean energy and forces; `results["uncertainties"]` holds δ_i of every atom (eV/Å),
+    `results["energy_uncertainties"]` the energy-based δE_i (eV).
 
     By default it predicts in `PREDICTION_DTYPE` with blocks of `PREDICTION_BLOCK_SIZE` atoms, on
     the GPU when torch sees one; `dtype=None` keeps the model's own precision.
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "uncertainties", "energies_members"]
+    implemented_properties = ["energy", "free_energy", "forces", "uncertainties", "energy_uncertainties", "energies_members"]
 
     def __init__(self, model: EnsembleModel, block_size: int = PREDICTION_BLOCK_SIZE,
                  dtype: torch.dtype | None = PREDICTION_DTYPE, device: str = "auto", **kwargs):
@@ -52,5 +53,6 @@ class EnsembleCalculator(Calculator):
             "free_energy": prediction.energy,
             "forces": prediction.forces,
             "uncertainties": prediction.uncertainties,
+            "energy_uncertainties": prediction.energy_uncertainties,
             "energies_members": prediction.member_energies,
         }

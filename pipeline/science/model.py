@@ -13,7 +13,7 @@ from ase import Atoms
 from torch import nn
 
 from pipeline.science.descriptors import SymmetryFunctionParams, make_descriptor
-from pipeline.science.uncertainty import atomic_uncertainty
+from pipeline.science.uncertainty import atomic_energy_uncertainty, atomic_uncertainty
 
 
 class EnsembleNetworks(nn.Module):
@@ -109,7 +109,8 @@ class EnsembleNetworks(nn.Module):
 
 @dataclass
 class Prediction:
-    """Ensemble prediction for one structure: mean energy (eV) and forces (eV/Å), δ_i (eV/Å)."""
+    """Ensemble prediction for one structure: mean energy (eV) and forces (eV/Å), δ_i (eV/Å), and
+    the energy-based δE_i (eV, the spread of the members' atomic energies)."""
 
     energy: float
     forces: np.ndarray
@@ -117,6 +118,7 @@ class Prediction:
     member_energies: np.ndarray
     member_forces: np.ndarray
     atomic_energies: np.ndarray
+    energy_uncertainties: np.ndarray
 
     @property
     def max_delta(self) -> float:
@@ -251,6 +253,7 @@ class EnsembleModel(nn.Module):
             member_energies=member_energies,
             member_forces=member_forces,
             atomic_energies=member_atomic.mean(axis=0),
+            energy_uncertainties=atomic_energy_uncertainty(member_atomic),
         )
 
     def member_energies_and_forces(self, atoms: Atoms, block_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:

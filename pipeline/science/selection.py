@@ -72,6 +72,7 @@ def selection_report(
     exclude: Iterable[int] = (),
     select_fraction: float | None = None,
     failed: Iterable[int] = (),
+    ranking: np.ndarray | None = None,
 ) -> SelectionReport:
     """`select_chunk_centers` with the reasons: the same picks, and every other selectable atom
     counted by why it was skipped (see `SelectionReport`). Atoms in `failed` (a subset of the
@@ -79,8 +80,11 @@ def selection_report(
 
     The rule is the greedy pass without the limit (most uncertain first, each free atom blocks the
     atoms within `min_separation_angstrom` of it); its first `max_count` free atoms are picked.
+    `ranking` (shape (N,), e.g. the energy-based δE_i) replaces δ_i in "most uncertain first" and
+    in choosing the `select_fraction`; the threshold still applies to δ_i (the campaign's δ).
     """
     delta = _validated_uncertainties(uncertainties, len(atoms))
+    order_by = delta if ranking is None else _validated_uncertainties(ranking, len(atoms))
     count_limit = _validated_count(max_count)
     min_separation = float(min_separation_angstrom)
     if not np.isfinite(min_separation) or min_separation < 0.0:
@@ -88,7 +92,7 @@ def selection_report(
     failed_atoms = _validated_exclude(failed, len(atoms))
     excluded = _validated_exclude(exclude, len(atoms)) | failed_atoms
 
-    by_uncertainty = np.argsort(-delta, kind="stable")
+    by_uncertainty = np.argsort(-order_by, kind="stable")
     if select_fraction is not None:
         candidates = by_uncertainty[: _fraction_count(select_fraction, len(atoms))]
     elif threshold is not None:

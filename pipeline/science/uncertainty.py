@@ -1,4 +1,5 @@
-"""Ensemble uncertainty (Zeng, Chen & Peterson 2022): δ_i = 2.58·σ of the members' force vectors."""
+"""Ensemble uncertainty (Zeng, Chen & Peterson 2022): δ_i = 2.58·σ of the members' force vectors;
+and, as the reference NFT code also offers, the spread of the members' atomic energies."""
 from __future__ import annotations
 
 import numpy as np
@@ -20,3 +21,12 @@ def atomic_uncertainty(member_forces: np.ndarray) -> np.ndarray:
 def structure_uncertainty(member_forces: np.ndarray) -> float:
     """δ = max_i δ_i (eV/Å)."""
     return float(atomic_uncertainty(member_forces).max(initial=0.0))
+
+
+def atomic_energy_uncertainty(member_atomic_energies: np.ndarray) -> np.ndarray:
+    """δE_i = 2.58·sqrt(Σ_m (E_i^m − Ē_i)² / (M − 1)) in eV, from atomic energies of shape (M, N):
+    the energy-based counterpart of δ_i (same factor, so both read as a 99 % bound)."""
+    energies = np.asarray(member_atomic_energies, dtype=float)
+    if energies.shape[0] < 2:
+        raise ValueError("uncertainty needs an ensemble of at least 2 members")
+    return CONFIDENCE_FACTOR * energies.std(axis=0, ddof=1)

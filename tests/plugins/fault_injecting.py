@@ -3,18 +3,22 @@ probabilities, raises, exits its worker process, hangs past its walltime, or ret
 forces; and `fault_injecting_env`, the environment in which `nft run` (driver and Parsl workers)
 knows it as ``[parent] calculator = "fault-injecting"``.
 
-A job's fault is decided by (seed, geometry, attempt): a run is reproducible, and a retry of the
-same job (the next attempt) draws again, so it can succeed.
+An attempt's fault is decided by (seed, geometry, attempt): a run is reproducible, and a retry of
+the same job (the next attempt) draws again, so it can succeed. A `schedule` of faults goes first:
+the first attempts of the run, in the order the workers start them (a locked counter file), take
+its faults one by one whatever the geometry, so a test sees every kind however the model chose its
+chunks.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import pytest
@@ -48,20 +52,42 @@ class FaultInjectingParent(EmtParent):
     absurd_probability: Probability = 0.0  # forces × ABSURD_FACTOR, beyond max_force
     hang_s: PositiveFloat = 3600.0  # seconds a hang sleeps
     seed: NonNegativeInt = 0
+    schedule: list[Literal["raise", "exit", "hang", "nan", "absurd", "none"]] = []  # the first attempts' faults
+    schedule_file: str | None = None  # the counter of attempts started, shared by the workers
 
     @model_validator(mode="after")
     def _probabilities_add_up(self) -> FaultInjectingParent:
         if sum(self.probabilities().values()) > 1 + 1e-12:
             raise option_error(f"fault probabilities sum to {sum(self.probabilities().values()):g}, more than 1")
+        if self.schedule and not self.schedule_file:
+            raise option_error("a fault schedule needs schedule_file, the counter its workers share")
         return self
 
     def probabilities(self) -> dict[str, float]:
         """Probability of each fault per attempt, in `FAULTS` order."""
         return {fault: getattr(self, f"{fault}_probability") for fault in FAULTS}
 
+    def scheduled_fault(self) -> str | None:
+        """The schedule's next entry ('none' is no fault), or None once it is used up: the counter in `schedule_file` is read and advanced under an exclusive lock."""
+        if not self.schedule:
+            return None
+        with open(self.schedule_file, "a+") as counter:
+            fcntl.flock(counter, fcntl.LOCK_EX)
+            counter.seek(0)
+            started = int(counter.read() or 0)
+            counter.seek(0)
+            counter.truncate()
+            counter.write(str(started + 1))
+        if started >= len(self.schedule):
+            return None
+        return self.schedule[started]
+
     def fault(self, payload: Mapping[str, Any], attempt: int) -> str | None:
-        """The fault of this attempt at this geometry (one of `FAULTS`), or None: a uniform draw from
-        sha256(seed, attempt, numbers, positions) against the cumulative probabilities."""
+        """The fault of this attempt at this geometry (one of `FAULTS`), or None: the schedule's next
+        entry while it lasts, else a uniform draw from sha256(seed, attempt, numbers, positions)
+        against the cumulative probabilities."""
+        if (scheduled := self.scheduled_fault()) is not None:
+            return None if scheduled == "none" else scheduled
         digest = hashlib.sha256(f"{self.seed}:{attempt}:".encode())
         digest.update(np.asarray(payload["numbers"], dtype=np.int64).tobytes())
         digest.update(np.asarray(payload["positions"], dtype=np.float64).tobytes())
