@@ -221,6 +221,22 @@ def report_into_a_file(here: Path) -> list[str]:
     return ["report", str(config), "-o", str(here / "taken")]
 
 
+def initial(*arguments: str) -> Callable[[Path], list[str]]:
+    """`nft initial ARGUMENTS -o HERE/init.traj` (a later -o in `arguments` wins)."""
+    return lambda here: ["initial", *arguments[:1], "-o", str(here / "init.traj"), *arguments[1:]]
+
+
+def generated_campaign(target: Atoms | None = None, **generate) -> Callable[[Path], list[str]]:
+    """A small campaign with `[data.initial_generate]` (`generate`) instead of data.initial."""
+    return campaign({"data": {"initial": None, "initial_generate": {"count": 4, **generate}}}, target=target)
+
+
+def iron_cluster() -> Atoms:
+    atoms = rattled_cluster()
+    atoms.symbols[:] = "Fe"
+    return atoms
+
+
 CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     # nft run: the config file
     "config file missing": (lambda here: ["run", str(here / "nope.toml")], ("nope.toml", "no such config file")),
@@ -309,6 +325,23 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "locality unknown site": (locality("--site", "nowhere"), ("--site", "nowhere")),
     "locality workdir is a file": (lambda here: locality("--workdir", str(here / "structure.traj"))(here),
                                    ("--workdir", "is a file")),
+    # nft initial, and [data.initial_generate]
+    "initial element EMT lacks": (initial("Fe"), ("ELEMENTS", "emt", "no parameters for Fe")),
+    "initial not an element": (initial("Pt,Xx"), ("ELEMENTS", "'Xx' is not a chemical symbol")),
+    "initial three elements": (initial("Cu,Au,Pt"), ("ELEMENTS", "no space group", "3 elements")),
+    "initial space group of two elements only": (initial("Pt", "--space-groups", "123"), ("--space-groups", "123")),
+    "initial space group number": (initial("Pt", "--space-groups", "fcc"), ("--space-groups", "numbers")),
+    "initial impossible separation": (initial("Pt", "--min-separation", "3.5"), ("--min-separation", "3.5 Å")),
+    "initial zero count": (initial("Pt", "--count", "0"), ("--count", ">= 1")),
+    "initial negative window": (initial("Pt", "--energy-window", "-0.1"), ("--energy-window", "> 0")),
+    "initial output folder missing": (lambda here: initial("Pt", "-o", str(here / "no" / "x.traj"))(here), ("-o", "does not exist")),
+    "initial unknown site": (initial("Pt", "--site", "nowhere"), ("--site", "nowhere")),
+    "initial and initial_generate": (campaign({"data": {"initial_generate": {"count": 4}}}), ("config.toml", "data", "exactly one")),
+    "neither initial nor initial_generate": (campaign({"data": {"initial": None}}), ("config.toml", "data", "exactly one")),
+    "generate an element EMT lacks": (generated_campaign(iron_cluster()), ("data.initial_generate.elements", "Fe")),
+    "generate without the targets' element": (generated_campaign(elements=["Cu"]), ("data.targets", "Pt")),
+    "generate zero count": (generated_campaign(count=0), ("data.initial_generate.count", ">= 1")),
+    "generate impossible separation": (generated_campaign(min_separation=9.0), ("data.initial_generate.min_separation", "9 Å")),
     # nft status
     "status without a database": (status_of_missing_database, ("nft.db",)),
     # nft report

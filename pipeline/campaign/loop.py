@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from pipeline.campaign.training_set import chunk_labels, training_structures
 from pipeline.errors import RunFailed, error_text
 from pipeline.execution.apps import SiteApps, make_apps
 from pipeline.execution.payloads import labelled_to_payload
-from pipeline.execution.sites import load_site, parsl_session
+from pipeline.execution.sites import PARSL_DIR_NAME, check_site, load_site, parsl_session
 from pipeline.science.chunks import carve_chunk
 from pipeline.science.selection import SelectionReport, selection_report
 from pipeline.science.structures import atoms_to_payload
@@ -41,7 +40,6 @@ from pipeline.storage.lease import held_lease
 from pipeline.storage.records import JobRecord
 from pipeline.storage.store import CampaignStore, file_sha256
 
-PARSL_DIR_NAME = "runinfo"
 WALL_TIME_PARTS = ("training", "prediction", "reference", "overhead")
 
 
@@ -79,9 +77,12 @@ def run_campaign(
     observer = observer or CampaignObserver()
     site_name = site or config.site
     site_options = dict(config.file.site.options)
-    with tempfile.TemporaryDirectory(prefix="nft-site-check-") as scratch:
-        load_site(site_name, Path(scratch) / PARSL_DIR_NAME, site_options)  # bad site or options: BadInput now
+    check_site(site_name, site_options)  # bad site or options: BadInput now
     config.workdir.mkdir(parents=True, exist_ok=True)
+    if config.initial_generate is not None:
+        from pipeline.campaign.initial_set import with_generated_initial_set
+
+        config = with_generated_initial_set(config, site_name, site_options, observer)
     with CampaignStore.open(config.database_url, config.name, config.as_dict()) as store, held_lease(store) as stale:
         if store.migration_note:
             observer.message(store.migration_note)

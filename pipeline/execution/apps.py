@@ -66,9 +66,32 @@ def reference_job(
     from pipeline.execution.parents import parent_for
 
     parent = parent_for(calculator, options)
+    return _limited(parent, lambda: parent.run(payload, job_dir, attempt))
+
+
+def cell_relaxation_job(
+    calculator: str,
+    options: Mapping[str, Any] | None,
+    payload: Mapping[str, Any],
+    job_dir: str | None = None,
+    attempt: int = 1,
+    fmax: float = 0.02,
+    steps: int = 200,
+    parsl_resource_specification: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`reference_job` for a cell relaxation (`Parent.relax_cell`, to `fmax` eV/Å or `steps` steps):
+    energy (eV) and forces (eV/Å) of the relaxed cell, and its `final_positions` and `final_cell` (Å)."""
+    from pipeline.execution.parents import parent_for
+
+    parent = parent_for(calculator, options)
+    return _limited(parent, lambda: parent.relax_cell(payload, job_dir, attempt, fmax, steps))
+
+
+def _limited(parent: Parent, call: Callable[[], T]) -> T:
+    """`call()` within the parent's `walltime_s` (unless the parent stops itself there)."""
     if parent.walltime_s is None or parent.stops_at_walltime:
-        return parent.run(payload, job_dir, attempt)
-    return within_walltime(lambda: parent.run(payload, job_dir, attempt), parent.walltime_s, parent.name)
+        return call()
+    return within_walltime(call, parent.walltime_s, parent.name)
 
 
 def within_walltime(call: Callable[[], T], walltime_s: float, what: str) -> T:
@@ -254,6 +277,18 @@ class SiteApps:
         resources = parent.mpi_resources() if self.reference_is_mpi else None
         return app(
             parent.name, parent.model_dump(mode="json"), dict(payload), job_dir, attempt, **_resource_kwargs(resources)
+        )
+
+    def cell_relaxation_app(
+        self, parent: Parent, payload: Mapping[str, Any], job_dir: str | None = None, attempt: int = 1,
+        fmax: float = 0.02, steps: int = 200,
+    ) -> AppFuture:
+        """Attempt `attempt` of a cell relaxation by `parent` (`cell_relaxation_job`), on the reference executors."""
+        app = python_app(cell_relaxation_job, executors=self.reference_executors)
+        resources = parent.mpi_resources() if self.reference_is_mpi else None
+        return app(
+            parent.name, parent.model_dump(mode="json"), dict(payload), job_dir, attempt, fmax, steps,
+            **_resource_kwargs(resources),
         )
 
     def training_app(

@@ -1,8 +1,9 @@
 """One GPAW reference calculation as an MPI program: ``gpaw python -m pipeline.execution.gpaw_runner IN OUT``.
 
-IN is the JSON written by `GpawParent.run` (payload, complete options, log name); rank 0
-writes OUT with energy (eV, the free energy that the forces derive from) and forces (eV/Å), or
-``{"error": reason}`` and exit code 3 when GPAW raised (SCF not converged, bad input).
+IN is the JSON written by `GpawParent.run` (payload, complete options, log name, and for a cell
+relaxation its `relax_cell` = {fmax, steps}); rank 0 writes OUT with energy (eV, the free energy that
+the forces derive from) and forces (eV/Å) (after a cell relaxation also `final_positions` and
+`final_cell`, Å), or ``{"error": reason}`` and exit code 3 when GPAW raised (SCF not converged, bad input).
 """
 from __future__ import annotations
 
@@ -26,10 +27,18 @@ def main(argv: list[str]) -> int:
 
     try:
         atoms, kwargs = GpawParent.model_validate(job["params"]).setup(job["payload"], txt=job["txt"])
-        atoms.calc = GPAW(**kwargs)
+        relax = job.get("relax_cell")
+        if relax:
+            from pipeline.science.initial_sets import relax_cell
+
+            atoms, _, _, _ = relax_cell(atoms, GPAW(**kwargs), relax["fmax"], relax["steps"])
+        else:
+            atoms.calc = GPAW(**kwargs)
         forces = atoms.get_forces()
         energy = atoms.get_potential_energy(force_consistent=True)
         result = {"energy": float(energy), "forces": forces.tolist(), "ranks": world.size}
+        if relax:
+            result.update(final_positions=atoms.positions.tolist(), final_cell=atoms.cell.array.tolist())
         exit_code = 0
     except Exception as error:
         result = {"error": describe_failure(error, job["params"])}

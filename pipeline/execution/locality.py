@@ -20,11 +20,10 @@ from ase import Atoms
 from pipeline.errors import RunFailed, error_text
 from pipeline.execution.apps import SiteApps, make_apps
 from pipeline.execution.parents import Parent
-from pipeline.execution.sites import load_site, parsl_session
+from pipeline.execution.sites import PARSL_DIR_NAME, check_site, load_site, parsl_session
 from pipeline.science.locality import LocalityChunks, LocalityResult, locality_chunks, locality_from_forces
 from pipeline.science.structures import atoms_to_payload
 
-PARSL_DIR_NAME = "runinfo"
 JOBS_DIR_NAME = "jobs"
 
 JobProgress = Callable[[int, int], None]
@@ -69,8 +68,7 @@ def site_locality(
     ``workdir/runinfo``; without `workdir` a temporary folder in the current directory (which a
     batch site's nodes can write to), removed afterwards. A bad site or option raises `SiteError`
     (`BadInput`) before anything is computed or written."""
-    with tempfile.TemporaryDirectory(prefix="nft-site-check-") as scratch:
-        load_site(site, Path(scratch) / PARSL_DIR_NAME, site_options)  # bad site: BadInput now, nothing written
+    check_site(site, site_options)  # bad site: BadInput now, nothing written
 
     def in_session(run_root: Path) -> LocalityResult:
         config = load_site(site, run_root / PARSL_DIR_NAME, site_options)

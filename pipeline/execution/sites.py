@@ -10,6 +10,7 @@ import importlib.util
 import os
 import shlex
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,8 @@ from pipeline.errors import BadInput
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SITE_DIR = REPO_ROOT / "site_configs"
+PARSL_DIR_NAME = "runinfo"
+"""Parsl's run directory inside a campaign's (or a command's) work folder."""
 
 
 class SiteError(BadInput):
@@ -126,6 +129,13 @@ def option_from_environment(options: Mapping[str, Any], name: str, variable: str
     """`options[name]` when set, else the environment variable `variable` (None when neither)."""
     value = options.get(name)
     return value if value not in (None, "") else os.environ.get(variable) or None
+
+
+def check_site(name_or_path: str | os.PathLike, options: Mapping[str, Any] | None = None) -> None:
+    """Load the site once in a scratch folder: a bad site or option is `SiteError` (`BadInput`)
+    before anything is written."""
+    with tempfile.TemporaryDirectory(prefix="nft-site-check-") as scratch:
+        load_site(name_or_path, Path(scratch) / PARSL_DIR_NAME, options)
 
 
 @contextmanager

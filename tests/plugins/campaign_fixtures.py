@@ -120,10 +120,12 @@ def small_campaign(tmp_path):
 
 PARENT_CALL_LOG_VARIABLE = "NFT_TEST_EMT_CALL_LOG"
 EMT_DELAY_VARIABLE = "NFT_TEST_EMT_DELAY_S"
+EMT_BULK_DELAY_VARIABLE = "NFT_TEST_EMT_BULK_DELAY_S"
 
 _COUNTING_SITECUSTOMIZE = f'''
 """Test-only hooks: log one line per EMT calculation when ${PARENT_CALL_LOG_VARIABLE} is set; fault
-injection: make every EMT calculation of a non-periodic structure (a chunk) take ${EMT_DELAY_VARIABLE} s longer."""
+injection: make every EMT calculation of a non-periodic structure (a chunk) take ${EMT_DELAY_VARIABLE} s longer,
+and of a periodic one (a bulk cell) ${EMT_BULK_DELAY_VARIABLE} s."""
 import os
 
 if os.environ.get("{PARENT_CALL_LOG_VARIABLE}"):
@@ -136,8 +138,9 @@ if os.environ.get("{PARENT_CALL_LOG_VARIABLE}"):
     _original_calculate = emt.EMT.calculate
 
     def _logged_calculate(self, atoms=None, *args, **kwargs):
-        if atoms is not None and not atoms.pbc.any():
-            time.sleep(float(os.environ.get("{EMT_DELAY_VARIABLE}") or 0))
+        if atoms is not None:
+            delay = "{EMT_BULK_DELAY_VARIABLE}" if atoms.pbc.any() else "{EMT_DELAY_VARIABLE}"
+            time.sleep(float(os.environ.get(delay) or 0))
         result = _original_calculate(self, atoms, *args, **kwargs)
         digest = hashlib.sha256(np.ascontiguousarray(self.atoms.positions, dtype=float).tobytes()).hexdigest()
         with open(os.environ["{PARENT_CALL_LOG_VARIABLE}"], "a") as log:

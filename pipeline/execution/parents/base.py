@@ -16,10 +16,11 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
+from ase.data import atomic_numbers
 from numpy.typing import ArrayLike
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
@@ -131,6 +132,8 @@ class Parent(BaseModel):
     stops_at_walltime: ClassVar[bool] = False
     """Whether `run` itself stops a job at `walltime_s` (GPAW kills its process group); else the
     reference app interrupts it there (`apps.reference_job`)."""
+    supported_elements: ClassVar[frozenset[str] | None] = None
+    """The chemical symbols the parent has parameters for; None: any element."""
 
     # execution, shared by all parents (not physics: a job's identity and result do not depend on them)
     retries: NonNegativeInt = 2  # a failed job is tried again up to this many times: 1 + retries attempts per run
@@ -194,6 +197,36 @@ class Parent(BaseModel):
     def calculate(self, payload: dict[str, Any], job_dir: str | None) -> tuple[float, ArrayLike, str | None]:
         """Energy (eV), forces (eV/Å, N×3) and the log file kept, if any; `ReferenceFailed` on failure."""
         raise NotImplementedError
+
+    def relax_cell(
+        self, payload: Mapping[str, Any], job_dir: str | None = None, attempt: int = 1,
+        fmax: float = 0.02, steps: int = 200,
+    ) -> dict[str, Any]:
+        """Relax positions and cell of one periodic structure (`science.initial_sets.relax_cell`: ASE's
+        cell filter and BFGS, to `fmax` eV/Å or `steps` steps): the `run` result of the relaxed cell
+        with its geometry as ``final_positions`` (N×3, Å) and ``final_cell`` (3×3, Å)."""
+        start = time.perf_counter()
+        energy, forces, positions, cell, log_file = self.calculate_cell_relaxation(dict(payload), job_dir, fmax, steps)
+        result = self.checked_result(payload, energy, forces, start, log_file)
+        result.update(final_positions=np.asarray(positions, dtype=float).tolist(), final_cell=np.asarray(cell, dtype=float).tolist())
+        return result
+
+    def calculate_cell_relaxation(
+        self, payload: dict[str, Any], job_dir: str | None, fmax: float, steps: int
+    ) -> tuple[float, ArrayLike, ArrayLike, ArrayLike, str | None]:
+        """Energy (eV), forces (eV/Å), positions and cell (Å) of the relaxed structure, and the log
+        file kept; `ReferenceFailed` on failure or where the parent gives no stress."""
+        raise ReferenceFailed(f"{self.name}: this parent cannot relax a cell")
+
+    def element_problem(self, symbols: Sequence[str]) -> str | None:
+        """What the parent lacks for `symbols` (elements without parameters), or None."""
+        if self.supported_elements is None:
+            return None
+        missing = [symbol for symbol in symbols if symbol not in self.supported_elements]
+        if not missing:
+            return None
+        known = " ".join(sorted(self.supported_elements, key=lambda symbol: atomic_numbers[symbol]))
+        return f"the {self.name} parent has no parameters for {', '.join(missing)} (it knows {known})"
 
 
 def result_problem(energy: Any, forces: ArrayLike, n_atoms: int, max_force: float) -> str | None:

@@ -144,19 +144,40 @@ class GpawParent(Parent):
 
     def calculate(self, payload: dict[str, Any], job_dir: str | None) -> tuple[float, Any, str | None]:
         """Energy (eV) and forces (eV/Å) from one MPI job; without `job_dir` in a scratch folder."""
+        result, log_file = self._job(payload, job_dir, None)
+        return result["energy"], result["forces"], log_file
+
+    def calculate_cell_relaxation(
+        self, payload: dict[str, Any], job_dir: str | None, fmax: float, steps: int
+    ) -> tuple[float, Any, Any, Any, str | None]:
+        """The cell relaxed inside one MPI job (`science.initial_sets.relax_cell`); plane waves only,
+        the mode that gives GPAW's stress."""
+        if self.mode != "pw":
+            raise ReferenceFailed(f"gpaw: cell relaxation needs the stress, which only mode = 'pw' gives (mode is {self.mode!r})")
+        result, log_file = self._job(payload, job_dir, {"fmax": fmax, "steps": steps})
+        return result["energy"], result["forces"], result["final_positions"], result["final_cell"], log_file
+
+    def _job(
+        self, payload: dict[str, Any], job_dir: str | None, relax_cell: dict[str, Any] | None
+    ) -> tuple[dict[str, Any], str | None]:
+        """The runner's result dict of one MPI job (a single point, or a cell relaxation with
+        `relax_cell` = {fmax, steps}) and the log kept; without `job_dir` in a scratch folder."""
         if payload_to_atoms(payload).cell.rank < 3:
             raise ReferenceFailed("gpaw: the structure needs a full cell (a box with vacuum for a chunk)")
         if job_dir is None:
             with tempfile.TemporaryDirectory(prefix="nft-gpaw-") as scratch:
-                energy, forces, _ = self._run_in(payload, Path(scratch))
-                return energy, forces, None
-        return self._run_in(payload, Path(job_dir))
+                return self._run_in(payload, Path(scratch), relax_cell)[0], None
+        return self._run_in(payload, Path(job_dir), relax_cell)
 
-    def _run_in(self, payload: dict[str, Any], job_dir: Path) -> tuple[float, Any, str]:
+    def _run_in(
+        self, payload: dict[str, Any], job_dir: Path, relax_cell: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], str]:
         job_dir.mkdir(parents=True, exist_ok=True)
         input_file, result_file, log_file = job_dir / "gpaw-input.json", job_dir / "gpaw-result.json", job_dir / GPAW_LOG_NAME
         result_file.unlink(missing_ok=True)
-        input_file.write_text(json.dumps({"payload": payload, "params": self.model_dump(mode="json"), "txt": GPAW_LOG_NAME}))
+        input_file.write_text(json.dumps(
+            {"payload": payload, "params": self.model_dump(mode="json"), "txt": GPAW_LOG_NAME, "relax_cell": relax_cell}
+        ))
         command = self.launch_prefix() + [
             gpaw_command(), "python", "-m", "pipeline.execution.gpaw_runner", input_file.name, result_file.name
         ]
@@ -172,7 +193,7 @@ class GpawParent(Parent):
         )
         result = json.loads(result_file.read_text()) if result_file.exists() else None
         if result is not None and "error" not in result:
-            return result["energy"], result["forces"], str(log_file)
+            return result, str(log_file)
         if returncode is None:
             reason = f"gpaw: timed out after {self.walltime_s} s (walltime_s)"
         elif result is not None:

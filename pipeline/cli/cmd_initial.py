@@ -1,0 +1,79 @@
+"""`nft initial`: an initial training set of small bulk cells generated from space groups."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+
+from pipeline.cli import app
+from pipeline.cli.common import exit_codes
+from pipeline.errors import BadInput, first_problem
+
+OPTION_NAMES = {
+    "elements": "ELEMENTS", "count": "--count", "space_groups": "--space-groups", "seed": "--seed",
+    "min_separation": "--min-separation", "energy_window": "--energy-window",
+}
+WORKDIR_SUFFIX = ".nft"
+
+
+@app.command()
+@exit_codes
+def initial(
+    elements: str = typer.Argument(..., metavar="ELEMENTS", help="Chemical symbols, comma-separated: Pt, or Cu,Au (at most two)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Labelled set to write (any ASE format by its name: .traj, .extxyz)."),
+    calculator: str = typer.Option("emt", "--calculator", help="Parent calculator with its default options: emt or gpaw."),
+    count: int = typer.Option(20, "--count", help="Cells to keep."),
+    space_groups: Optional[str] = typer.Option(None, "--space-groups", help="Space-group numbers of the prototypes to use, comma-separated (default: all that fit the elements)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the strains and rattles."),
+    min_separation: Optional[float] = typer.Option(None, "--min-separation", help="Smallest interatomic distance a cell may have, Å (default 0.75 × the smallest sum of covalent radii)."),
+    energy_window: float = typer.Option(0.3, "--energy-window", help="Largest energy above the relaxed cell, eV/atom."),
+    site: str = typer.Option("local", "--site", help="A site in site_configs/ (local, slurm, …) or a path to a site file."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder of the generation's database and job files (default FILE.nft beside the output); run again to resume."),
+) -> None:
+    """Relax a prototype crystal per space group with the parent (cell and positions), draw strained
+    and rattled supercells of 2-16 atoms that keep the minimum separation, label them with the parent
+    and keep those within the energy window, until --count cells. Every relaxation and label is a
+    reference job through Parsl into a database in the work folder: run the same command again after
+    a kill and nothing finished is computed again."""
+    from pipeline.campaign.initial_set import check_output, generate_initial_set, settings_problem, write_labelled_set
+    from pipeline.execution.parents import parent_for
+    from pipeline.execution.sites import check_site
+    from pipeline.science.initial_sets import InitialSetSettings
+
+    started = time.perf_counter()
+    try:
+        settings = InitialSetSettings(
+            elements=elements, count=count, space_groups=_numbers(space_groups), seed=seed,
+            min_separation=min_separation, energy_window=energy_window,
+        )
+    except ValidationError as error:
+        raise BadInput(first_problem(error, OPTION_NAMES)) from None
+    parent = parent_for(calculator)
+    problem = settings_problem(settings, parent)
+    if problem:
+        raise BadInput(f"{OPTION_NAMES[problem[0]]}: {problem[1]}")
+    check_output(output, "-o")
+    workdir = workdir if workdir is not None else output.with_name(output.name + WORKDIR_SUFFIX)
+    if workdir.exists() and not workdir.is_dir():
+        raise BadInput(f"--workdir: {workdir} is a file, not a folder")
+    check_site(site, {})
+    cells = generate_initial_set(f"sqlite:///{workdir.resolve() / 'nft.db'}", "initial", parent, settings, workdir.resolve(), site)
+    write_labelled_set(output, cells)
+    sizes = sorted(len(atoms) for atoms in cells)
+    print(
+        f"{len(cells)} cells of {sizes[0]}-{sizes[-1]} atoms written to {output} "
+        f"({time.perf_counter() - started:.1f} s; jobs in {workdir})"
+    )
+
+
+def _numbers(text: Optional[str]) -> Optional[list[int]]:
+    """Comma-separated space-group numbers; `BadInput` naming --space-groups for anything else."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise BadInput(f"--space-groups: expected space-group numbers separated by commas, e.g. 225,229, got {text!r}") from None

@@ -1,0 +1,228 @@
+"""Initial training sets from space groups: prototype crystals, their supercells, and strained and
+rattled variants drawn by rejection sampling (docs/campaign.md, "Generated initial sets").
+
+Pure functions of `ase.Atoms` and a seed. The energy filter needs the parent's energies, so it is
+split: `prototype_crystals` → (the caller relaxes each cell) → `propose_variants` (separation checked
+here) → (the caller labels them) → `within_energy_window`. Everything is deterministic for a seed.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import product, zip_longest
+from typing import Annotated, Any
+
+import numpy as np
+from ase import Atoms
+from ase.data import atomic_numbers, chemical_symbols, covalent_radii
+from ase.neighborlist import neighbor_list
+from ase.spacegroup import crystal
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SEPARATION_FRACTION = 0.75
+"""Default minimum interatomic separation, as a fraction of the smallest sum of two covalent radii."""
+HCP_C_OVER_A = math.sqrt(8.0 / 3.0)
+
+
+@dataclass(frozen=True)
+class Prototype:
+    """A crystal structure type: its name, space group and how to build it from species A (and B)."""
+
+    name: str
+    space_group: int
+    n_elements: int
+    build: Callable[[Sequence[str]], Atoms]  # species → the conventional cell at unit nearest-neighbour scale
+
+
+def _crystal(basis: Sequence[tuple[float, float, float]], space_group: int, cell: Sequence[float], species: str):
+    """`build` of a prototype: `species` is a pattern over A/B ("ABBB": the basis sites' elements)."""
+
+    def build(symbols: Sequence[str]) -> Atoms:
+        names = [symbols["AB".index(site)] for site in species]
+        return crystal(names, basis=list(basis), spacegroup=space_group, cellpar=list(cell), primitive_cell=True)
+
+    return build
+
+
+PROTOTYPES: tuple[Prototype, ...] = (
+    Prototype("fcc", 225, 1, _crystal([(0, 0, 0)], 225, [1, 1, 1, 90, 90, 90], "A")),
+    Prototype("bcc", 229, 1, _crystal([(0, 0, 0)], 229, [1, 1, 1, 90, 90, 90], "A")),
+    Prototype("hcp", 194, 1, _crystal([(1 / 3, 2 / 3, 0.25)], 194, [1, 1, HCP_C_OVER_A, 90, 90, 120], "A")),
+    Prototype("sc", 221, 1, _crystal([(0, 0, 0)], 221, [1, 1, 1, 90, 90, 90], "A")),
+    Prototype("diamond", 227, 1, _crystal([(0, 0, 0)], 227, [1, 1, 1, 90, 90, 90], "A")),
+    Prototype("L1_2 A3B", 221, 2, _crystal([(0, 0, 0), (0, 0.5, 0.5)], 221, [1, 1, 1, 90, 90, 90], "BA")),
+    Prototype("L1_2 AB3", 221, 2, _crystal([(0, 0, 0), (0, 0.5, 0.5)], 221, [1, 1, 1, 90, 90, 90], "AB")),
+    Prototype("L1_0", 123, 2, _crystal([(0, 0, 0), (0.5, 0.5, 0.5)], 123, [1, 1, math.sqrt(2), 90, 90, 90], "AB")),
+    Prototype("B2", 221, 2, _crystal([(0, 0, 0), (0.5, 0.5, 0.5)], 221, [1, 1, 1, 90, 90, 90], "AB")),
+    Prototype("rocksalt", 225, 2, _crystal([(0, 0, 0), (0.5, 0.5, 0.5)], 225, [1, 1, 1, 90, 90, 90], "AB")),
+)
+"""The default prototypes: one-element ones, and two-element ones of mixed composition (25, 50, 75 % B)."""
+
+
+class InitialSetSettings(BaseModel):
+    """What `nft initial` and `[data.initial_generate]` take; defaults live here only."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+    elements: tuple[str, ...] | None = None  # chemical symbols; a campaign's default: its targets' elements
+    count: int = Field(20, ge=1)  # cells kept
+    space_groups: tuple[Annotated[int, Field(ge=1, le=230)], ...] | None = None  # international numbers of the prototypes to use (default: all that fit)
+    seed: int = Field(0, ge=0)
+    min_separation: float | None = Field(None, gt=0)  # Å; default: 0.75 × the smallest sum of covalent radii
+    energy_window: float = Field(0.3, gt=0)  # eV/atom above the relaxed cell the variant came from
+    max_strain: float = Field(0.04, ge=0, lt=0.5)  # largest component of the symmetric strain
+    rattle: float = Field(0.1, ge=0)  # standard deviation of the displacements, Å
+    min_atoms: int = Field(2, ge=1)
+    max_atoms: int = Field(16, ge=1)
+    relax_fmax: float = Field(0.02, gt=0)  # eV/Å (and the stress in the same units) where a cell relaxation stops
+    relax_steps: int = Field(200, ge=1)  # optimiser steps of one cell relaxation
+    max_rounds: int = Field(10, ge=1)  # rounds of candidates before giving up on `count`
+
+    @field_validator("elements", "space_groups", mode="before")
+    @classmethod
+    def _listed(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("elements")
+    @classmethod
+    def _known_elements(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("must name at least one element")
+        for symbol in value:
+            if symbol not in atomic_numbers or symbol == "X":
+                raise ValueError(f"{symbol!r} is not a chemical symbol")
+        if len(set(value)) != len(value):
+            raise ValueError(f"names an element twice: {', '.join(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "InitialSetSettings":
+        if self.min_atoms > self.max_atoms:
+            raise ValueError(f"min_atoms {self.min_atoms} exceeds max_atoms {self.max_atoms}")
+        return self
+
+    def with_elements(self, elements: Sequence[str]) -> "InitialSetSettings":
+        return self.model_copy(update={"elements": tuple(elements)})
+
+
+def default_min_separation(elements: Sequence[str]) -> float:
+    """`SEPARATION_FRACTION` × the smallest sum of two covalent radii among `elements`, Å."""
+    radii = [covalent_radii[atomic_numbers[symbol]] for symbol in elements]
+    return SEPARATION_FRACTION * 2.0 * min(radii)
+
+
+def prototype_crystals(elements: Sequence[str], space_groups: Sequence[int] | None = None) -> list[tuple[str, Atoms]]:
+    """(name, primitive cell) of every prototype that fits `elements` (and `space_groups`), its
+    nearest-neighbour distance guessed as the sum of covalent radii (Å).
+
+    One element: the one-element prototypes. Two: those of each element alone, and the two-element
+    ones (both assignments of the species where the composition is not 1:1), interleaved so that the
+    first cells drawn already hold every element and mixed compositions. Empty when none fits.
+    """
+    elements = list(elements)
+    chosen = [p for p in PROTOTYPES if space_groups is None or p.space_group in space_groups]
+    if len(elements) > 2:
+        return []
+    groups = [[(f"{symbol} {p.name}", _scaled(p.build([symbol]))) for p in chosen if p.n_elements == 1] for symbol in elements]
+    if len(elements) == 2:
+        groups.append([(f"{'-'.join(elements)} {p.name}", _scaled(p.build(elements))) for p in chosen if p.n_elements == 2])
+    return [item for row in zip_longest(*groups) for item in row if item is not None]  # A, B, AB, A, B, AB, …
+
+
+def _scaled(atoms: Atoms) -> Atoms:
+    """The cell scaled so its shortest interatomic distance is the guessed bond (covalent radii sum)."""
+    shortest, pair = _shortest_pair(atoms)
+    bond = sum(covalent_radii[z] for z in pair)
+    atoms.set_cell(atoms.cell.array * (bond / shortest), scale_atoms=True)
+    atoms.pbc = True
+    return atoms
+
+
+def _shortest_pair(atoms: Atoms) -> tuple[float, tuple[int, int]]:
+    cutoff = 2.0 * float(np.max(atoms.cell.lengths()))
+    i, j, d = neighbor_list("ijd", atoms, cutoff)
+    k = int(np.argmin(d))
+    return float(d[k]), (int(atoms.numbers[i[k]]), int(atoms.numbers[j[k]]))
+
+
+def min_interatomic_distance(atoms: Atoms, cutoff_angstrom: float) -> float:
+    """The shortest distance (Å) between two atoms, periodic images (of an atom itself too)
+    included; `inf` when none is closer than `cutoff_angstrom`."""
+    distances = neighbor_list("d", atoms, cutoff_angstrom)
+    return float(distances.min()) if len(distances) else math.inf
+
+
+def supercell_repeats(n_atoms: int, min_atoms: int, max_atoms: int) -> list[tuple[int, int, int]]:
+    """Diagonal repeats (i ≤ 3, j ≤ 3, k ≤ 3) that give a supercell of `min_atoms`–`max_atoms` atoms."""
+    return [r for r in product(range(1, 4), repeat=3) if min_atoms <= n_atoms * r[0] * r[1] * r[2] <= max_atoms]
+
+
+def propose_variants(
+    relaxed: Sequence[Atoms], settings: InitialSetSettings, round_index: int, min_separation: float
+) -> list[tuple[int, Atoms]]:
+    """Round `round_index` of candidates: `settings.count` (relaxed cell index, variant) pairs, the
+    cells taken in turn; each a supercell of 2–16 atoms (`min_atoms`–`max_atoms`), strained by a
+    random symmetric strain (components ≤ `max_strain`) and rattled (`rattle` Å), redrawn until no two
+    atoms are closer than `min_separation` Å. Deterministic for (seed, round). `ValueError` when a
+    cell has no supercell of an allowed size or no draw keeps the separation."""
+    rng = np.random.default_rng([settings.seed, round_index])
+    candidates = []
+    for k in range(settings.count):
+        index = (round_index * settings.count + k) % len(relaxed)
+        candidates.append((index, _variant(relaxed[index], settings, rng, min_separation)))
+    return candidates
+
+
+MAX_DRAWS = 200
+"""Draws of one variant before its separation is called impossible."""
+
+
+def _variant(cell: Atoms, settings: InitialSetSettings, rng: np.random.Generator, min_separation: float) -> Atoms:
+    repeats = supercell_repeats(len(cell), settings.min_atoms, settings.max_atoms)
+    if not repeats:
+        raise ValueError(
+            f"a {cell.get_chemical_formula()} cell of {len(cell)} atoms has no supercell of "
+            f"{settings.min_atoms}-{settings.max_atoms} atoms"
+        )
+    for _ in range(MAX_DRAWS):
+        variant = cell.repeat(repeats[rng.integers(len(repeats))])
+        strain = rng.uniform(-settings.max_strain, settings.max_strain, size=(3, 3))
+        strain = 0.5 * (strain + strain.T)
+        variant.set_cell(variant.cell.array @ (np.eye(3) + strain), scale_atoms=True)
+        variant.positions += rng.normal(0.0, settings.rattle, size=variant.positions.shape)
+        variant.wrap()
+        if min_interatomic_distance(variant, min_separation) >= min_separation:
+            return variant
+    raise ValueError(
+        f"no variant of the relaxed {cell.get_chemical_formula()} cell keeps atoms {min_separation:g} Å apart "
+        f"in {MAX_DRAWS} draws (its shortest distance is {min_interatomic_distance(cell, 3 * min_separation):.3g} Å)"
+    )
+
+
+def within_energy_window(
+    energy_ev: float, n_atoms: int, relaxed_energy_ev: float, relaxed_n_atoms: int, window_ev_per_atom: float
+) -> bool:
+    """Whether a variant's energy per atom is at most `window_ev_per_atom` above its relaxed cell's."""
+    return energy_ev / n_atoms - relaxed_energy_ev / relaxed_n_atoms <= window_ev_per_atom
+
+
+def relax_cell(atoms: Atoms, calculator: Any, fmax: float, steps: int) -> tuple[Atoms, float, np.ndarray, bool]:
+    """Relax positions and cell of `atoms` with `calculator` (it must give the stress): ASE's
+    `FrechetCellFilter` under BFGS until forces (eV/Å) and stress × volume per atom fall below `fmax`
+    or after `steps`. Returns the relaxed copy, its energy (eV), forces (eV/Å), and whether it converged."""
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import BFGS
+
+    relaxed = atoms.copy()
+    relaxed.calc = calculator
+    converged = bool(BFGS(FrechetCellFilter(relaxed), logfile=None).run(fmax=fmax, steps=steps))
+    return relaxed, float(relaxed.get_potential_energy()), np.asarray(relaxed.get_forces(), dtype=float), converged
+
+
+def element_symbols(numbers: Sequence[int]) -> tuple[str, ...]:
+    return tuple(chemical_symbols[int(z)] for z in sorted(set(int(z) for z in numbers)))

@@ -1,0 +1,177 @@
+"""Initial sets generated from space groups (issue 13 items 1 and 4): real EMT, the real local Parsl
+site, a real SQLite work database. The set holds what was asked (count, sizes, separations, energy
+window), two elements give mixed cells, and a killed `nft initial` resumes computing nothing twice."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase.calculators.emt import EMT
+from ase.io import read, write
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.science.initial_sets import (
+    InitialSetSettings, default_min_separation, min_interatomic_distance, propose_variants, prototype_crystals,
+    relax_cell, within_energy_window,
+)
+from pipeline.storage.store import CampaignStore
+from tests.plugins.campaign_fixtures import (
+    EMT_BULK_DELAY_VARIABLE, NFT, logged_emt_calls, positions_digest, rattled_cluster, run_nft,
+)
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def emt_energy(atoms) -> float:
+    atoms = atoms.copy()
+    atoms.calc = EMT()
+    return atoms.get_potential_energy()
+
+
+def expected_set(settings: InitialSetSettings) -> tuple[list, int]:
+    """The set the generation must give, recomputed here without Parsl or a database: the relaxed
+    prototypes, round after round of variants, EMT energies, the window; and how many were rejected."""
+    relaxed = [relax_cell(atoms, EMT(), settings.relax_fmax, settings.relax_steps) for _, atoms in
+               prototype_crystals(settings.elements, settings.space_groups)]
+    kept, rejected = [], 0
+    for round_index in range(settings.max_rounds):
+        for index, atoms in propose_variants([r[0] for r in relaxed], settings, round_index, default_min_separation(settings.elements)):
+            cell = relaxed[index][0]
+            if within_energy_window(emt_energy(atoms), len(atoms), relaxed[index][1], len(cell), settings.energy_window):
+                kept.append(atoms)
+                if len(kept) == settings.count:
+                    return kept, rejected
+            else:
+                rejected += 1
+    raise AssertionError("the recomputation found too few cells")
+
+
+def test_a_generated_set_has_the_count_sizes_separations_and_energy_window(tmp_path):
+    output = tmp_path / "init.traj"
+    result = CliRunner().invoke(app, ["initial", "Pt", "-o", str(output), "--count", "8", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    cells = read(output, ":")
+    assert len(cells) == 8
+    separation = default_min_separation(["Pt"])
+    assert separation == pytest.approx(0.75 * 2 * 1.36)  # ASE's covalent radius of Pt, 1.36 Å
+    for atoms in cells:
+        assert 2 <= len(atoms) <= 16 and atoms.pbc.all()
+        assert min_interatomic_distance(atoms, 3 * separation) >= separation
+        reference = atoms.copy()
+        reference.calc = EMT()  # the stored labels are the parent's
+        assert atoms.get_potential_energy() == pytest.approx(reference.get_potential_energy(), abs=1e-9)
+        np.testing.assert_allclose(atoms.get_forces(), reference.get_forces(), atol=1e-9)
+    # The same cells as the science functions give without Parsl and the database, and the
+    # energy window did reject some candidates on the way (so it was applied, not vacuous).
+    expected, rejected = expected_set(InitialSetSettings(elements=("Pt",), count=8, seed=3))
+    assert rejected > 0
+    assert [len(a) for a in cells] == [len(a) for a in expected]
+    for atoms, want in zip(cells, expected):
+        np.testing.assert_allclose(atoms.positions, want.positions, atol=1e-6)
+        np.testing.assert_allclose(atoms.cell.array, want.cell.array, atol=1e-6)
+    # Every kept cell is within 0.3 eV/atom of the relaxed cell it was drawn from; the database holds
+    # one cell relaxation per prototype (kind prototype) and one label job per candidate.
+    with CampaignStore.open(f"sqlite:///{tmp_path / 'init.traj.nft' / 'nft.db'}", "initial", create=False) as store:
+        kinds = Counter(store.structure(job.structure_id).kind for job in store.jobs(status="done"))
+        relaxed = {}
+        for job in store.jobs(kind="prototype"):
+            outcome = store.result(job.id)
+            relaxed[job.structure_id] = outcome.energy / len(outcome.forces)
+    assert kinds["prototype"] == len(prototype_crystals(["Pt"])) == 5
+    assert kinds["initial"] == 8 + rejected
+    assert max(relaxed.values()) - min(relaxed.values()) > 0.3  # fcc against diamond: one window would not do
+    assert all(atoms.get_potential_energy() / len(atoms) <= max(relaxed.values()) + 0.3 for atoms in cells)
+
+
+def test_a_two_element_set_holds_both_elements_and_mixed_cells(tmp_path):
+    output = tmp_path / "cuau.extxyz"
+    result = CliRunner().invoke(app, ["initial", "Cu,Au", "-o", str(output), "--count", "6"])
+    assert result.exit_code == 0, result.output
+    cells = read(output, ":")
+    assert len(cells) == 6
+    symbols = [set(atoms.get_chemical_symbols()) for atoms in cells]
+    assert set().union(*symbols) == {"Cu", "Au"}
+    assert {"Cu"} in symbols and {"Au"} in symbols
+    mixed = [atoms for atoms, present in zip(cells, symbols) if present == {"Cu", "Au"}]
+    assert mixed, "no mixed-composition cell"
+    assert all(2 <= len(atoms) <= 16 for atoms in cells)
+
+
+def done_jobs(database: Path) -> dict[int, tuple[int, float, str]]:
+    """Done jobs of the generation: id → (attempts, energy, positions digest of its structure)."""
+    if not database.exists():
+        return {}
+    try:
+        with CampaignStore.open(f"sqlite:///{database}", "initial", create=False) as store:
+            return {job.id: (job.attempts, store.result(job.id).energy, positions_digest(store.atoms(job.structure_id)))
+                    for job in store.jobs(status="done")}
+    except Exception:  # not created yet, or mid-write
+        return {}
+
+
+def test_a_killed_generation_resumes_without_recomputing_finished_jobs(tmp_path, emt_call_log):
+    env, log = emt_call_log
+    output = tmp_path / "init.traj"
+    database = tmp_path / "init.traj.nft" / "nft.db"
+    slow = dict(env, **{EMT_BULK_DELAY_VARIABLE: "0.05"})  # every EMT call on a cell 50 ms: kill mid-run
+    process = subprocess.Popen(NFT + ["initial", "Pt", "-o", str(output), "--count", "10"], env=slow,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 180
+    try:
+        while len(done_jobs(database)) < 2:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no job finished"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+    before = done_jobs(database)
+    assert not output.exists()
+    log.unlink(missing_ok=True)
+
+    result = run_nft("initial", "Pt", "-o", output, "--count", "10", env=env)
+    assert result.returncode == 0, result.stderr
+    assert len(read(output, ":")) == 10
+    after = done_jobs(database)
+    for job_id, (attempts, energy, _) in before.items():  # finished before the kill: untouched
+        assert after[job_id][:2] == (attempts, energy) == (1, energy)
+    rerun_digests = {digest for _, _, digest in logged_emt_calls(log)}
+    assert rerun_digests, "the rerun computed nothing at all"
+    assert not rerun_digests & {digest for _, _, digest in before.values()}, "a finished job was recomputed"
+    assert set(after) > set(before)
+
+    log.unlink()
+    again = run_nft("initial", "Pt", "-o", output, "--count", "10", env=env)
+    assert again.returncode == 0, again.stderr
+    assert logged_emt_calls(log) == [] and done_jobs(database) == after  # a finished generation computes nothing
+
+
+def test_a_campaign_from_a_generated_set_alone_converges(tmp_path):
+    write(tmp_path / "target.traj", rattled_cluster((4, 1), rattle_angstrom=0.1))
+    (tmp_path / "config.toml").write_text(
+        '[campaign]\nname = "pt38-generated"\nworkdir = "run"\n\n'
+        '[data]\ntargets = ["target.traj"]\n\n[data.initial_generate]\ncount = 10\n\n'
+        '[parent]\ncalculator = "emt"\n\n[active]\nthreshold = 0.15\n'
+    )
+    result = run_nft("run", tmp_path / "config.toml", timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    history = " ".join(f"{entry['uncertainty']:.3f}" for entry in summary["history"])
+    print(f"Pt38 from a generated set: δ per iteration {history}, {summary['chunks']} chunks, "
+          f"{summary['wall_time']['total']:.0f} s")
+    assert summary["converged"] and summary["final_uncertainty"] < 0.15, history
+    generated = read(tmp_path / "run" / "initial.traj", ":")
+    assert len(generated) == 10
+    with CampaignStore.open(f"sqlite:///{tmp_path / 'run' / 'nft.db'}", "pt38-generated", create=False) as store:
+        initial_jobs = store.jobs(kind="initial")
+        assert len(initial_jobs) == 10 and all(job.attempts == 1 for job in initial_jobs)  # labelled once, by the generation
+    status = run_nft("status", tmp_path / "config.toml", "--json")
+    assert status.returncode == 0, status.stderr
