@@ -36,9 +36,10 @@ def emt_energy(atoms) -> float:
     return atoms.get_potential_energy()
 
 
-def expected_set(settings: InitialSetSettings) -> tuple[list, int]:
+def expected_set(settings: InitialSetSettings) -> tuple[list, int, int]:
     """The set the generation must give, recomputed here without Parsl or a database: the relaxed
-    prototypes, round after round of variants, EMT energies, the window; and how many were rejected."""
+    prototypes, round after round of variants, EMT energies, the window; how many were rejected
+    before the last one kept, and the rounds drawn (every candidate of a round is labelled)."""
     relaxed = [relax_cell(atoms, EMT(), settings.relax_fmax, settings.relax_steps) for _, atoms in
                prototype_crystals(settings.elements, settings.space_groups)]
     kept, rejected = [], 0
@@ -48,7 +49,7 @@ def expected_set(settings: InitialSetSettings) -> tuple[list, int]:
             if within_energy_window(emt_energy(atoms), len(atoms), relaxed[index][1], len(cell), settings.energy_window):
                 kept.append(atoms)
                 if len(kept) == settings.count:
-                    return kept, rejected
+                    return kept, rejected, round_index + 1
             else:
                 rejected += 1
     raise AssertionError("the recomputation found too few cells")
@@ -71,14 +72,14 @@ def test_a_generated_set_has_the_count_sizes_separations_and_energy_window(tmp_p
         np.testing.assert_allclose(atoms.get_forces(), reference.get_forces(), atol=1e-9)
     # The same cells as the science functions give without Parsl and the database, and the
     # energy window did reject some candidates on the way (so it was applied, not vacuous).
-    expected, rejected = expected_set(InitialSetSettings(elements=("Pt",), count=8, seed=3))
+    expected, rejected, rounds = expected_set(InitialSetSettings(elements=("Pt",), count=8, seed=3))
     assert rejected > 0
     assert [len(a) for a in cells] == [len(a) for a in expected]
     for atoms, want in zip(cells, expected):
         np.testing.assert_allclose(atoms.positions, want.positions, atol=1e-6)
         np.testing.assert_allclose(atoms.cell.array, want.cell.array, atol=1e-6)
     # Every kept cell is within 0.3 eV/atom of the relaxed cell it was drawn from; the database holds
-    # one cell relaxation per prototype (kind prototype) and one label job per candidate.
+    # one cell relaxation per prototype (kind prototype) and one label job per candidate drawn.
     with CampaignStore.open(f"sqlite:///{tmp_path / 'init.traj.nft' / 'nft.db'}", "initial", create=False) as store:
         kinds = Counter(store.structure(job.structure_id).kind for job in store.jobs(status="done"))
         relaxed = {}
@@ -86,7 +87,7 @@ def test_a_generated_set_has_the_count_sizes_separations_and_energy_window(tmp_p
             outcome = store.result(job.id)
             relaxed[job.structure_id] = outcome.energy / len(outcome.forces)
     assert kinds["prototype"] == len(prototype_crystals(["Pt"])) == 5
-    assert kinds["initial"] == 8 + rejected
+    assert kinds["initial"] == 8 * rounds
     assert max(relaxed.values()) - min(relaxed.values()) > 0.3  # fcc against diamond: one window would not do
     assert all(atoms.get_potential_energy() / len(atoms) <= max(relaxed.values()) + 0.3 for atoms in cells)
 
