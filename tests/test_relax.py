@@ -129,6 +129,18 @@ def test_relaxation_adds_chunks_and_ends_where_emt_relaxes(campaign_copy, tmp_pa
     csv_lines = out.with_name("relaxed-steps.csv").read_text().splitlines()
     assert csv_lines[0] == "step,model,energy,fmax,delta,chunks_added" and len(csv_lines) == len(table) + 1
 
+    # Run again: already relaxed, nothing computed or trained.
+    again = run_nft("relax", config, start, "-o", out, "--fmax", FMAX, "--json")
+    assert again.returncode == 0 and "already relaxed" in again.stderr, again.stderr
+    assert json.loads(again.stdout)["table"] == table and stored(config)["iterations"] == after["iterations"]
+
+    # nft report draws the relaxation curve from the steps file the run registered.
+    report = run_nft("report", config, "-o", tmp_path / "report")
+    assert report.returncode == 0, report.stderr
+    png = (tmp_path / "report" / "relaxation.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    assert "![Relaxation](relaxation.png)" in (tmp_path / "report" / "report.md").read_text()
+
     # Against EMT's own relaxation from the same start. δ_i bounds |F_model − F_EMT| on atom i (99 %),
     # so EMT's largest force on the ML-relaxed structure is at most fmax + δ; and the ML relaxation
     # must have done the EMT relaxation's work: what is left is a small part of the path.

@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 from ase import Atoms
-from ase.io import iread, write
+from ase.io import iread, read, write
 from ase.io.formats import filetype, ioformats
 
 from pipeline.campaign.config import CampaignConfig
+from pipeline.campaign.files import RELAXATIONS_NAME
 from pipeline.campaign.history import history_entry
 from pipeline.campaign.loop import PARSL_DIR_NAME, TRAINING_STRUCTURES_KEY, _Driver, _finite_or_none, _Timer
 from pipeline.campaign.observer import CampaignObserver
@@ -110,6 +111,7 @@ def relax_structure(
             raise BadInput(f"{config.path.name}: campaign {config.name} has no trained model yet (run `nft run {config.path.name}` first)")
         with held_lease(store):  # one driver at a time: nft run and nft relax take turns
             output.parent.mkdir(parents=True, exist_ok=True)
+            _register_relaxation(config, outputs.steps_json)
             driver = _Driver(config, store, observer)
             driver.prepare()
             parsl_config = load_site(site_name, config.workdir / PARSL_DIR_NAME, site_options)
@@ -141,6 +143,11 @@ class _Relaxation:
 
     def run(self) -> dict[str, Any]:
         rows: list[dict[str, Any]] = self.state["steps"]
+        if self.state.get("finished"):
+            self.observer.message(f"already relaxed ({self.outputs.steps_json.name}): nothing to run")
+            if not self.outputs.structure.is_file():
+                write(str(self.outputs.structure), read_last_frame(self.outputs.trajectory))
+            return self.summary()
         current = _atoms_from_state(self.state["current"]) if rows else self.start.copy()
         if rows:
             self.observer.message(f"resuming the relaxation at step {rows[-1]['step']} ({len(rows)} evaluation(s) written)")
@@ -266,6 +273,8 @@ class _Relaxation:
         same = all(earlier.get(key) == fresh[key] for key in ("campaign", "structure_hash", "optimizer", "threshold"))
         if not same or not earlier.get("steps") or "current" not in earlier:
             return fresh
+        if earlier.get("finished") and earlier.get("converged") and earlier.get("fmax") == self.fmax:
+            return earlier  # done before with these options: nothing to run
         earlier.pop("finished", None)
         return {**earlier, "fmax": self.fmax}
 
@@ -315,6 +324,23 @@ class _Relaxation:
             },
             "table": rows,
         }
+
+
+def _register_relaxation(config: CampaignConfig, steps_json: Path) -> None:
+    """Add the run's steps file to WORKDIR/relaxations.json, where `nft report` finds it."""
+    registry = config.workdir / RELAXATIONS_NAME
+    try:
+        paths = json.loads(registry.read_text())
+    except (OSError, ValueError):
+        paths = []
+    path = str(steps_json.resolve())
+    if path not in paths:
+        _write_atomically(registry, json.dumps([*paths, path], indent=1) + "\n")
+
+
+def read_last_frame(path: Path) -> Atoms:
+    """The last frame of a relaxation trajectory (its geometry, results and per-atom δ_i)."""
+    return read(str(path), index=-1, format="extxyz")
 
 
 def _writable_format(path: Path) -> bool:
