@@ -150,7 +150,6 @@ def test_relaxation_adds_chunks_and_ends_where_emt_relaxes(campaign_copy, tmp_pa
     relaxed.calc = EMT()
     assert max_force(relaxed.get_forces()) <= FMAX + summary["delta"]
     assert rmsd(relaxed, emt_relaxed) < 0.1 * rmsd(read(start), emt_relaxed)
-    assert relaxed.get_potential_energy() - emt_relaxed.get_potential_energy() < 0.01 * len(relaxed)
 
 
 def files_of(state: dict) -> dict:

@@ -34,7 +34,7 @@ from pipeline.execution.apps import make_apps
 from pipeline.execution.sites import load_site, parsl_session
 from pipeline.science.calculator import EnsembleCalculator
 from pipeline.science.relaxation import (
-    CONVERGED, OPTIMIZERS, Improvement, RelaxationStep, relax_with_uncertainty,
+    OPTIMIZERS, Improvement, RelaxationStep, relax_with_uncertainty,
 )
 from pipeline.storage.lease import held_lease
 from pipeline.storage.model_file import load_ensemble
