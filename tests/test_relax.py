@@ -234,3 +234,43 @@ def test_a_campaign_without_a_model_is_refused(tmp_path):
         f"error: config.toml: campaign {campaign.name} has no trained model yet (run `nft run config.toml` first)"
     ]
     assert files_of(disk_state(tmp_path)) == files_of(before)  # reading the database may touch its folder's time
+
+
+@pytest.mark.slow
+def test_a_relaxation_killed_between_steps_goes_on_from_its_last_geometry(campaign_copy, tmp_path):
+    config, start = campaign_copy
+    out = tmp_path / "relaxed.traj"
+    steps_json = tmp_path / "relaxed-steps.json"
+    process = subprocess.Popen(
+        NFT + ["relax", str(config), str(start), "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, f"nft relax ended before the kill:\n{process.stdout.read()}"
+            assert time.monotonic() < deadline, "no five evaluations written in time"
+            try:
+                if len(json.loads(steps_json.read_text())["steps"]) >= 5:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    time.sleep(2.0)
+    written = json.loads(steps_json.read_text())
+    rows_before, last = written["steps"], written["current"]
+
+    result = run_nft("relax", config, start, "-o", out, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resuming the relaxation at step {rows_before[-1]['step']}" in result.stderr
+    summary = json.loads(result.stdout)
+    table = summary["table"]
+    assert table[: len(rows_before)] == rows_before  # the rows written before the kill are kept
+    assert table[len(rows_before)]["step"] == rows_before[-1]["step"]  # and it went on from that step ...
+    frames = read(out.with_name("relaxed-trajectory.extxyz"), ":")
+    assert len(frames) == len(table)
+    np.testing.assert_allclose(frames[len(rows_before)].positions, np.asarray(last["positions"]), atol=1e-7)  # ... and geometry
+    assert summary["converged"] and summary["fmax"] < FMAX and summary["delta"] <= THRESHOLD
