@@ -23,7 +23,7 @@ def test_an_uncertain_geometry_gets_a_new_model_and_is_evaluated_again_at_the_sa
     asked = []
 
     def improve(frame, results):
-        asked.append((frame.positions.copy(), float(np.max(results["uncertainties"]))))
+        asked.append((frame.positions.copy(), float(np.max(results["uncertainties"])), frame.info["step"]))
         if len(asked) > 2:
             return None  # nothing more to learn: relax on with the model it has
         return Improvement(ensemble(10 * len(asked)), chunks_added=len(asked), model=len(asked))
@@ -34,9 +34,9 @@ def test_an_uncertain_geometry_gets_a_new_model_and_is_evaluated_again_at_the_sa
     rows = [(row.step, row.model, row.chunks_added) for row in result.steps]
     # Step 0: model 0 asks (2 chunks' worth of improvement, two new models), model 2 gets None and goes on.
     assert rows == [(0, 0, 1), (0, 1, 2), (0, 2, 0), (1, 2, 0), (2, 2, 0), (3, 2, 0)]
-    # Every evaluation was above the threshold 0, so each asked, with its own geometry and δ.
-    assert [delta for _, delta in asked] == [row.delta for row in result.steps]
-    for positions, _ in asked[:3]:
+    # Every evaluation was above the threshold 0, so each asked, with its own geometry, step and δ.
+    assert [(delta, step) for _, delta, step in asked] == [(row.delta, row.step) for row in result.steps]
+    for positions, _, _ in asked[:3]:
         np.testing.assert_array_equal(positions, start)  # the same geometry, asked again with each new model
     assert result.reason == "steps" and not result.converged
     np.testing.assert_array_equal(atoms.positions, start)  # the input is left as it was

@@ -138,6 +138,7 @@ class _Relaxation:
         self.max_steps = max_steps
         self.started = time.perf_counter()
         self.state = self._resumed_state()
+        self.trained_on = 0  # labelled structures the current model was trained on (set by run)
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -200,8 +201,7 @@ class _Relaxation:
         if self._labelled_count() <= self.trained_on:
             self.observer.message("no new reference result to learn from here: relaxing on with this model")
             return None
-        step = self.state["steps"][-1]["step"] if self.state["steps"] else 0
-        number = self._retrain(snapshot_id, step)
+        number = self._retrain(snapshot_id, int(frame.info["step"]))
         model = self.store.models()[-1]
         return Improvement(self._calculator(Path(model.path)), added, number)
 

@@ -35,8 +35,8 @@ class Improvement:
 
 
 Improve = Callable[[Atoms, Mapping[str, Any]], "Improvement | None"]
-"""(the uncertain geometry with its calculator results, those results) → a better calculator, or
-None when nothing more can be learnt there (no new chunk to add)."""
+"""(the uncertain geometry, its step in `info["step"]` and δ_i in `arrays["delta"]`; the calculator's
+results there) → a better calculator, or None when nothing more can be learnt there."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,7 @@ def _evaluate(atoms: Atoms, step: int, model: int | None) -> tuple[Atoms, Relaxa
     frame = atoms.copy()
     frame.calc = SinglePointCalculator(frame, energy=energy, forces=forces.copy())
     frame.arrays["delta"] = uncertainties.copy()
+    frame.info["step"] = step
     row = RelaxationStep(
         step=step,
         model=model,
