@@ -215,6 +215,20 @@ def report_of_missing_database(here: Path) -> list[str]:
     return ["report", str(write_campaign(here / "campaign"))]
 
 
+def relax(*options: str, structure: str = "cluster", output: str = "relaxed.traj") -> Callable[[Path], list[str]]:
+    """`nft relax` of a never-run small campaign with a Pt cluster ("cluster"), a Cu dimer ("copper":
+    an element the campaign lacks) or a missing file ("missing"), with `options` after the valid ones."""
+    def make(here: Path) -> list[str]:
+        config = write_campaign(here / "campaign")
+        path = here / "structure.traj"
+        if structure == "cluster":
+            write(path, rattled_cluster())
+        elif structure == "copper":
+            write(path, Atoms("Cu2", positions=[(0, 0, 0), (0, 0, 2.5)]))
+        return ["relax", str(config), str(path), "-o", str(here / output), *options]
+    return make
+
+
 def report_into_a_file(here: Path) -> list[str]:
     config = write_campaign(here / "campaign")
     (here / "taken").write_text("a file, not a folder")
@@ -342,6 +356,16 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "generate without the targets' element": (generated_campaign(elements=["Cu"]), ("data.targets", "Pt")),
     "generate zero count": (generated_campaign(count=0), ("data.initial_generate.count", ">= 1")),
     "generate impossible separation": (generated_campaign(min_separation=9.0), ("data.initial_generate.min_separation", "9 Å")),
+    # nft relax (a trained campaign without a model: tests/test_relax.py)
+    "relax structure missing": (relax(structure="missing"), ("structure.traj", "file not found")),
+    "relax unknown optimizer": (relax("--optimizer", "SD"), ("--optimizer", "BFGS, FIRE, LBFGS", "'SD'")),
+    "relax fmax zero": (relax("--fmax", "0"), ("--fmax", "positive")),
+    "relax fmax negative": (relax("--fmax", "-0.1"), ("--fmax", "positive")),
+    "relax fmax nan": (relax("--fmax", "nan"), ("--fmax", "positive")),
+    "relax steps negative": (relax("--steps", "-1"), ("--steps", "0 or more")),
+    "relax element not in the campaign": (relax(structure="copper"), ("structure.traj", "elements [29]")),
+    "relax output format unknown": (relax(output="relaxed.unknownformat"), ("-o", "relaxed.unknownformat", "no writer")),
+    "relax campaign never run": (relax(), ("config.toml", "campaign.database", "nft run")),
     # nft status
     "status without a database": (status_of_missing_database, ("nft.db",)),
     # nft report

@@ -41,6 +41,8 @@ from pipeline.storage.records import JobRecord
 from pipeline.storage.store import CampaignStore, file_sha256
 
 WALL_TIME_PARTS = ("training", "prediction", "reference", "overhead")
+TRAINING_STRUCTURES_KEY = "training_structures"
+"""Model metric: how many labelled structures (initial cells and chunk rows) the model was trained on."""
 
 
 @dataclass
@@ -176,14 +178,43 @@ class _Driver:
 
     def iteration(self, number: int, timer: _Timer) -> str | None:
         """One NFT iteration; returns the stop reason when the campaign ends with it."""
-        config, store, observer = self.config, self.store, self.observer
+        model_path, metrics = self.train(number, timer)
+        predictions, model_metrics = self.measure(number, model_path, metrics, timer)
+        draft = history_with_measured(self.store.iterations(), number, model_metrics["max_delta"])
+        train_mae = _finite_or_none(metrics.get("train_force_mae"))
+        return self.select_and_compute(number, model_path, model_metrics, predictions, train_mae, timer, draft)
+
+    def measure(
+        self, number: int, model_path: Path, metrics: Mapping[str, Any], timer: _Timer
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """δ of iteration `number`'s model on the targets: the predictions (one per target) and the
+        metrics to record with the model (training metrics, max δ and δE, where δ lives)."""
+        self.observer.phase(number, "prediction")
+        started = time.perf_counter()
+        predictions = self._predict(model_path)
+        timer.add("prediction", time.perf_counter() - started)
+        labels = self._chunk_labels()
+        model_metrics = {
+            **_plain(metrics),
+            "max_delta": max(float(item["max_delta"]) for item in predictions),
+            "max_energy_delta": max(float(item["max_energy_delta"]) for item in predictions),
+            "training_environment": self.config.file.chunks.training_environment,
+            "delta_location": delta_location(predictions, [labels.get(target_id, {}) for target_id in self.target_ids]),
+        }
+        return predictions, model_metrics
+
+    def train(self, number: int, timer: _Timer) -> tuple[Path, dict[str, Any]]:
+        """Train iteration `number`'s model on every labelled structure of the campaign (through the
+        DAG); returns its file (models/iteration-NNN.nft) and the training metrics, which record how
+        many labelled structures it saw (`training_structures`)."""
+        config = self.config
         training_set = training_structures(
-            store, self.calculator, self.job_params, config.file.chunks.training_environment, config.file.model.cutoff
+            self.store, self.calculator, self.job_params, config.file.chunks.training_environment, config.file.model.cutoff
         )
         if not training_set:
             raise RunFailed("no labelled structures to train on: every reference job of the initial set failed")
-        observer.phase(number, "training")
-        model_path = self.config.workdir / "models" / f"iteration-{number:03d}.nft"
+        self.observer.phase(number, "training")
+        model_path = config.workdir / "models" / f"iteration-{number:03d}.nft"
         started = time.perf_counter()
         metrics = self._result(
             self.apps.training_app(  # type: ignore[union-attr]
@@ -197,23 +228,7 @@ class _Driver:
             "training",
         )
         timer.add("training", time.perf_counter() - started)
-        observer.phase(number, "prediction")
-        started = time.perf_counter()
-        predictions = self._predict(model_path)
-        timer.add("prediction", time.perf_counter() - started)
-        deltas = {target_id: float(item["max_delta"]) for target_id, item in zip(self.target_ids, predictions)}
-        train_mae = _finite_or_none(metrics.get("train_force_mae"))
-        labels = self._chunk_labels()
-        model_metrics = {
-            **_plain(metrics),
-            "max_delta": max(deltas.values()),
-            "max_energy_delta": max(float(item["max_energy_delta"]) for item in predictions),
-            "training_environment": config.file.chunks.training_environment,
-            "delta_location": delta_location(predictions, [labels.get(target_id, {}) for target_id in self.target_ids]),
-        }
-
-        draft = history_with_measured(store.iterations(), number, max(deltas.values()))
-        return self.select_and_compute(number, model_path, model_metrics, predictions, train_mae, timer, draft)
+        return model_path, {**metrics, TRAINING_STRUCTURES_KEY: len(training_set)}
 
     def select_and_compute(
         self,
@@ -283,23 +298,27 @@ class _Driver:
         payloads = [atoms_to_payload(self.target_atoms[target_id]) for target_id in self.target_ids]
         return self._result(self.apps.prediction_app(str(model_path), payloads, self.config.file.model.device), "prediction")  # type: ignore[union-attr]
 
-    def select(self, predictions: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[int, int]], dict[str, int]]:
-        """Chunk centres (target id, atom) over all targets, most uncertain first (by δ_i, or by δE_i
-        with `active.selection_uncertainty = "energy"`), at most
-        `chunks.max_per_iteration`; and the selection's counts summed over the targets (see
-        `SelectionReport`; centres cut by the limit over all targets count as `over_limit`)."""
+    def select(
+        self, predictions: Sequence[Mapping[str, Any]], parents: Mapping[int, Atoms] | None = None
+    ) -> tuple[list[tuple[int, int]], dict[str, int]]:
+        """Chunk centres (parent id, atom) over the parent structures (the targets, or `parents`: id
+        → atoms in the order of `predictions`, e.g. a relaxation snapshot), most uncertain first (by
+        δ_i, or by δE_i with `active.selection_uncertainty = "energy"`), at most
+        `chunks.max_per_iteration`; and the selection's counts summed over the parents (see
+        `SelectionReport`; centres cut by the limit over all parents count as `over_limit`)."""
         config, store = self.config, self.store
+        parents = self.target_atoms if parents is None else parents
         chunks = config.file.chunks
         limit = chunks.max_per_iteration
-        failed = self._failed_chunk_centers()
-        candidates: list[tuple[float, int, int]] = []  # (δ_i, target id, centre)
+        failed = self._failed_chunk_centers(parents)
+        candidates: list[tuple[float, int, int]] = []  # (δ_i, parent id, centre)
         reports: list[SelectionReport] = []
-        for target_id, prediction in zip(self.target_ids, predictions):
+        for target_id, prediction in zip(parents, predictions):
             uncertainties = np.asarray(prediction["uncertainties"], dtype=float)
             ranking = _selection_ranking(prediction, config.file.active.selection_uncertainty)
             report = selection_report(
                 uncertainties,
-                self.target_atoms[target_id],
+                parents[target_id],
                 None if config.file.active.select_fraction is not None else config.threshold,
                 limit,
                 config.min_separation,
@@ -317,12 +336,13 @@ class _Driver:
         counts["selected"] = len(centres)
         return centres, counts
 
-    def add_chunks(self, centres: Sequence[tuple[int, int]]) -> int:
-        """Carve the chunks around `centres` (target id, atom) and store them with a pending reference
-        job each; returns how many were added."""
+    def add_chunks(self, centres: Sequence[tuple[int, int]], parents: Mapping[int, Atoms] | None = None) -> int:
+        """Carve the chunks around `centres` (parent id, atom; parents are the targets unless given)
+        and store them with a pending reference job each; returns how many were added."""
         chunks = self.config.file.chunks
+        parents = self.target_atoms if parents is None else parents
         for target_id, centre in centres:
-            chunk = carve_chunk(self.target_atoms[target_id], centre, chunks.radius, chunks.vacuum)
+            chunk = carve_chunk(parents[target_id], centre, chunks.radius, chunks.vacuum)
             structure_id = self.store.add_structure(
                 "chunk",
                 chunk.atoms,
@@ -339,15 +359,15 @@ class _Driver:
         """Per target id, the label of every chunk centre with a done reference job (`chunk_labels`)."""
         return chunk_labels(self.store, self.calculator, self.job_params, self.target_atoms)
 
-    def _failed_chunk_centers(self) -> dict[int, set[int]]:
-        """Per target id, the centres (at the configured radius) of chunks whose reference job failed."""
+    def _failed_chunk_centers(self, parents: Mapping[int, Atoms]) -> dict[int, set[int]]:
+        """Per parent id, the centres (at the configured radius) of chunks whose reference job failed."""
         radius = self.config.file.chunks.radius
         failed: dict[int, set[int]] = {}
         for job in self.store.jobs(status="failed", kind="chunk"):
             if job.calculator != self.calculator:
                 continue
             structure = self.store.structure(job.structure_id)
-            if structure.parent_id in self.target_atoms and abs(float(structure.radius) - radius) < 1e-6:
+            if structure.parent_id in parents and abs(float(structure.radius) - radius) < 1e-6:
                 failed.setdefault(structure.parent_id, set()).add(int(structure.center_in_parent))
         return failed
 

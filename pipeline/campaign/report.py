@@ -3,7 +3,8 @@ reference calculation runs and no Parsl is needed (the first and the kept model 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 from ase import Atoms
 
 from pipeline.campaign.config import CampaignConfig
+from pipeline.campaign.files import RELAXATIONS_NAME
 from pipeline.campaign.status import campaign_status, open_existing_store
 from pipeline.science.model import EnsembleModel
 from pipeline.storage.records import ResultRecord, StructureRecord
@@ -64,6 +66,7 @@ class CampaignReport:
     labelled: LabelledForces | None
     targets: list[TargetDeltas]
     missing_model: str | None = None  # why the model figures are left out, when they are
+    relaxations: list[dict[str, Any]] = field(default_factory=list)  # `nft relax` steps files (OUT-steps.json)
 
 
 def campaign_report(config: CampaignConfig) -> CampaignReport:
@@ -73,18 +76,19 @@ def campaign_report(config: CampaignConfig) -> CampaignReport:
     from pipeline.storage.model_file import load_ensemble
 
     status = campaign_status(config)
+    relaxations = recorded_relaxations(config)
     with open_existing_store(config) as store:
         models = store.models()
         kept = store.best_model()
         targets = store.structures("target")
         labelled = store.labelled_structures(config.parent.name, config.parent.physics())
     if not models or kept is None:
-        return CampaignReport(status, None, None, None, None, [], "the campaign has no trained model yet")
+        return CampaignReport(status, None, None, None, None, [], "the campaign has no trained model yet", relaxations)
     first = models[0]
     missing = [record.path for record in (first, kept) if not Path(record.path).is_file()]
     if missing:
         return CampaignReport(status, first.iteration, kept.iteration, None, None, [],
-                              f"model file {missing[0]} is missing")
+                              f"model file {missing[0]} is missing", relaxations)
     kept_model = load_ensemble(kept.path, dtype=PREDICTION_DTYPE)
     first_model = kept_model if first.id == kept.id else load_ensemble(first.path, dtype=PREDICTION_DTYPE)
     kept_on_target = {record.id: _predict(kept_model, record.atoms) for record in targets}
@@ -103,7 +107,25 @@ def campaign_report(config: CampaignConfig) -> CampaignReport:
         kept_model=Path(kept.path),
         labelled=_labelled_forces(kept_model, labelled, kept_on_target) if labelled else None,
         targets=target_deltas,
+        relaxations=relaxations,
     )
+
+
+def recorded_relaxations(config: CampaignConfig) -> list[dict[str, Any]]:
+    """The steps files of the campaign's `nft relax` runs that still exist (path added as `file`)."""
+    try:
+        paths = json.loads((config.workdir / RELAXATIONS_NAME).read_text())
+    except (OSError, ValueError):
+        return []
+    relaxations = []
+    for path in paths:
+        try:
+            steps = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            continue
+        if steps.get("campaign") == config.name and steps.get("steps"):
+            relaxations.append({**steps, "file": str(path)})
+    return relaxations
 
 
 def _labelled_forces(

@@ -18,6 +18,7 @@ PARITY_PNG = "force_parity.png"
 RESIDUAL_PNG = "residual_vs_delta.png"
 TARGET_PNG = "target_delta.png"
 CALIBRATION_PNG = "calibration_per_iteration.png"
+RELAXATION_PNG = "relaxation.png"
 REPORT_MD = "report.md"
 TARGET_ATOM_RADIUS_SCALE = 0.7
 """Atoms drawn at this fraction of their covalent radius, so that atoms behind the surface show."""
@@ -195,6 +196,32 @@ def write_calibration_plot(calibration: Mapping[str, Any], path: Path, title: st
     figure.savefig(path, format="png")
 
 
+def write_relaxation_plot(relaxation: Mapping[str, Any], path: Path, title: str) -> None:
+    """One `nft relax` run: fmax and δ (eV/Å, log axis) at every evaluation against the force target
+    and the threshold, with a line where chunks were added and the model retrained."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    rows = relaxation["steps"]
+    evaluations = np.arange(len(rows))
+    figure = _figure(7.0, 4.0)
+    axes = figure.add_subplot()
+    axes.plot(evaluations, [row["fmax"] for row in rows], "o-", markersize=3, label="fmax (model)")
+    axes.plot(evaluations, [row["delta"] for row in rows], "s-", markersize=3, label="δ = max δ_i")
+    axes.axhline(relaxation["fmax"], color="tab:blue", linestyle=":", label=f"fmax target {relaxation['fmax']:g} eV/Å")
+    axes.axhline(relaxation["threshold"], color="black", linestyle="-.", label=f"δ threshold {relaxation['threshold']:g} eV/Å")
+    retrained = [k for k, row in enumerate(rows) if row["chunks_added"]]
+    for number, k in enumerate(retrained):
+        axes.axvline(k + 0.5, color="tab:red", alpha=0.4, label="chunks added, retrained" if number == 0 else None)
+    axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    axes.set_xlabel(f"evaluation ({rows[-1]['step']} optimizer steps; a retrained model evaluates its step again)")
+    axes.set_ylabel("eV/Å")
+    axes.set_title(title)
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.savefig(path, format="png")
+
+
 def write_report(report: CampaignReport, directory: Path) -> list[Path]:
     """Write every figure the campaign has data for and report.md linking them into `directory`
     (which must exist); returns the files written, report.md last."""
@@ -240,6 +267,15 @@ def write_report(report: CampaignReport, directory: Path) -> list[Path]:
         write_target_plot(target, int(report.first_iteration), int(report.kept_iteration), directory / file,
                           f"{name}: target {index} ({len(target.atoms)} atoms) coloured by δ_i")
         add(file, f"Target {index} coloured by δ", "Per-atom δ_i (eV/Å) of the first and the kept model, one colour scale.")
+    for index, relaxation in enumerate(report.relaxations):
+        file = RELAXATION_PNG if len(report.relaxations) == 1 else f"relaxation_{index}.png"
+        rows = relaxation["steps"]
+        write_relaxation_plot(relaxation, directory / file, f"{name}: nft relax → {Path(relaxation['file']).name}")
+        add(file, f"Relaxation {index}" if len(report.relaxations) > 1 else "Relaxation",
+            f"`nft relax` ({relaxation['optimizer']}, steps in {relaxation['file']}): fmax and δ at each of "
+            f"{len(rows)} evaluations over {rows[-1]['step']} steps; {sum(row['chunks_added'] for row in rows)} chunks "
+            f"added at {sum(1 for row in rows if row['chunks_added'])} geometries; ended with fmax "
+            f"{rows[-1]['fmax']:.4f} eV/Å and δ {rows[-1]['delta']:.4f} eV/Å ({relaxation.get('reason', 'in progress')}).")
     report_path = directory / REPORT_MD
     report_path.write_text(report_markdown(report, figures))
     written.append(report_path)
@@ -307,8 +343,8 @@ def report_markdown(report: CampaignReport, figures: Sequence[tuple[str, str, st
     lines += [
         "## Locality and relaxation",
         "",
-        "The campaign database records no locality test (`nft locality`) or relaxation, so this report has no "
-        "section for them; they will appear here once nft stores those runs with the campaign.",
+        "The campaign database records no locality test (`nft locality`), so this report has no section for it; "
+        "relaxations (`nft relax`) appear above when the campaign has run one.",
         "",
     ]
     return "\n".join(lines)
