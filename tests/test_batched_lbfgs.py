@@ -73,12 +73,12 @@ def test_compact_inverse_hessian_equals_the_two_loop_recursion():
     n_members, n_params, size = 3, 20, 5
     history = CurvatureHistory(n_members, n_params, size, torch.float64, torch.device("cpu"))
     pairs = []
-    for k in range(8):  # more pairs than the history keeps: the oldest are dropped
+    for k in range(23):  # more pairs than the history keeps: the oldest are dropped, the window moves
         a = torch.randn(n_members, n_params, n_params, dtype=torch.float64, generator=generator)
         hessian = a @ a.transpose(1, 2) + n_params * torch.eye(n_params, dtype=torch.float64)
         s = torch.randn(n_members, n_params, dtype=torch.float64, generator=generator)
         y = torch.bmm(hessian, s[:, :, None])[:, :, 0]
-        if k == 5:  # a member whose pair was not kept
+        if k in (5, 20):  # a member whose pair was not kept
             s[1], y[1] = 0.0, 0.0
         history.append(s, y)
         pairs.append((s, y))

@@ -83,3 +83,47 @@ def test_a_chunk_trains_only_its_central_force_in_either_environment(tmp_path: P
     chunk_row = in_chunk[1]
     in_small_chunk = model.predict(chunk_row.atoms).member_forces[:, np.flatnonzero(chunk_row.force_mask)[0]]
     assert not np.allclose(in_small_chunk, in_parent, atol=1e-6)
+
+
+@pytest.mark.parametrize("make_parent", [rattled_particle, rattled_slab])
+def test_rows_of_one_target_share_an_environment_and_train_the_same_forces(tmp_path: Path, make_parent):
+    """Several chunks of one target become one structure with a force row per centre; an untrained
+    model's force on every centre there equals its force in the target (the environment is complete),
+    and each row carries its own chunk's label."""
+    parent = make_parent()
+    centres = [0, 3, 7, 12, 20]
+    with CampaignStore(f"sqlite:///{tmp_path / 'nft.db'}") as store:
+        store.ensure_campaign("c", {})
+        parent_id = store.add_structure("target", parent)
+        labels = {centre: store_chunk(store, parent, parent_id, centre)[1] for centre in centres}
+        rows = training_structures(store, *PARENT, environment="target", cutoff_angstrom=CUTOFF)
+    assert len(rows) == 1, "five nearby centres of a small target share one environment"
+    shared = rows[0]
+    trained = np.flatnonzero(shared.force_mask)
+    assert shared.energy is None and len(trained) == len(centres) and not shared.atoms.pbc.any()
+    model = EnsembleModel(SymmetryFunctionParams(elements=tuple(sorted(set(parent.numbers))), cutoff=CUTOFF),
+                          member_seeds=[0, 1])
+    in_parent = model.predict(parent).member_forces[:, centres]
+    in_shared = model.predict(shared.atoms).member_forces[:, trained]
+    assert np.allclose(in_shared, in_parent, atol=1e-10)
+    assert np.array_equal(shared.forces[trained], np.array([labels[c] for c in centres]))
+    # the shared structure holds each image once: fewer atoms than the five environments together
+    separate = sum(len(carve_chunk(parent, c, 2 * CUTOFF + 0.01, 0.0).atoms) for c in centres)
+    assert len(shared.atoms) < separate
+
+
+def test_far_apart_centres_of_a_large_target_are_grouped_within_the_budget(monkeypatch):
+    """The grouping bounds each group's force rows × model rows, and every centre lands in one group."""
+    from pipeline.campaign import training_set
+
+    parent = Octahedron("Cu", 12, 4)  # 1,156 atoms
+    monkeypatch.setattr(training_set, "SHARED_ROWS_BUDGET", 2_000)
+    centres = list(range(0, len(parent), 37))
+    groups = training_set.proximity_groups(parent, centres, CUTOFF)
+    assert sorted(c for group in groups for c in group) == centres
+    assert len(groups) > 1
+    for group in groups:
+        rows = set()
+        for c in group:
+            rows |= set(np.flatnonzero(parent.get_distances(c, range(len(parent))) <= CUTOFF).tolist())
+        assert len(group) == 1 or len(group) * len(rows) <= 2_000

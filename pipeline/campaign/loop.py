@@ -42,7 +42,7 @@ from pipeline.storage.store import CampaignStore, file_sha256
 
 WALL_TIME_PARTS = ("training", "prediction", "reference", "overhead")
 TRAINING_STRUCTURES_KEY = "training_structures"
-"""Model metric: how many labelled structures (initial cells and chunk rows) the model was trained on."""
+"""Model metric: how many labelled reference results (initial cells and chunks) the model was trained on."""
 
 
 @dataclass
@@ -206,8 +206,9 @@ class _Driver:
     def train(self, number: int, timer: _Timer) -> tuple[Path, dict[str, Any]]:
         """Train iteration `number`'s model on every labelled structure of the campaign (through the
         DAG); returns its file (models/iteration-NNN.nft) and the training metrics, which record how
-        many labelled structures it saw (`training_structures`)."""
+        many labelled reference results it saw (chunk rows of one target share a training structure)."""
         config = self.config
+        results = len(self.store.labelled_structures(self.calculator, self.job_params))
         training_set = training_structures(
             self.store, self.calculator, self.job_params, config.file.chunks.training_environment, config.file.model.cutoff
         )
@@ -228,7 +229,7 @@ class _Driver:
             "training",
         )
         timer.add("training", time.perf_counter() - started)
-        return model_path, {**metrics, TRAINING_STRUCTURES_KEY: len(training_set)}
+        return model_path, {**metrics, TRAINING_STRUCTURES_KEY: results}
 
     def select_and_compute(
         self,

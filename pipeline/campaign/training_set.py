@@ -6,6 +6,12 @@ nearsighted), so by default the row is trained in the target's own environment o
 target atom within 2·Rc of it, the atoms the model's force on it depends on. The chunk's cut
 surface then never enters the model. `environment = "chunk"` trains the row in the carved chunk
 instead, as the paper does. See docs/campaign.md, "Where a chunk's force is trained".
+
+Rows in the target share their environment: the centres of one target are grouped by proximity and
+each group is one structure (the union of its centres' 2·Rc spheres) with one force row per centre.
+The loss is the same as with one structure per row (the model's force on a centre sees the same
+atoms), but an atom near many centres is featurised once instead of once per centre, which makes a
+campaign's training several times cheaper once chunks cover much of a target.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 from ase import Atoms
 
-from pipeline.science.chunks import carve_chunk
+from pipeline.science.chunks import shared_environment
 from pipeline.science.structures import LabelledStructure
 from pipeline.storage.records import ResultRecord, StructureRecord
 from pipeline.storage.store import CampaignStore
@@ -25,6 +31,9 @@ TRAINING_ENVIRONMENTS: tuple[str, ...] = get_args(TrainingEnvironment)
 
 ENVIRONMENT_SLACK_ANGSTROM = 0.01
 """The target environment reaches this much beyond 2·Rc, so no atom at exactly 2·Rc is lost to rounding."""
+SHARED_ROWS_BUDGET = 60_000
+"""A group of centres sharing one environment holds at most this many (force row × model row) pairs,
+the size of its dense force Jacobian before sparsification (≈ 100 MB with two elements)."""
 
 
 def training_structures(
@@ -37,19 +46,19 @@ def training_structures(
     """Everything the campaign's reference results train, oldest first (see the module docstring)."""
     if environment not in TRAINING_ENVIRONMENTS:
         raise ValueError(f"environment must be one of {TRAINING_ENVIRONMENTS}, not {environment!r}")
-    parents: dict[int, Atoms] = {}
     labelled = []
+    rows_by_parent: dict[int, dict[int, np.ndarray]] = {}  # parent id → centre index → label, eV/Å
     for structure, result in store.labelled_structures(calculator, params):
         if structure.kind != "chunk":
             labelled.append(LabelledStructure(structure.atoms, result.energy, result.forces))
             continue
+        center = int(structure.center_in_chunk)
         if environment == "chunk" or structure.parent_id is None:
-            center = int(structure.center_in_chunk)
             labelled.append(central_force_row(structure.atoms, center, result.forces[center]))
             continue
-        if structure.parent_id not in parents:
-            parents[structure.parent_id] = store.atoms(structure.parent_id)
-        labelled.append(target_environment_row(parents[structure.parent_id], structure, result, cutoff_angstrom))
+        rows_by_parent.setdefault(int(structure.parent_id), {})[int(structure.center_in_parent)] = result.forces[center]
+    for parent_id, labels in rows_by_parent.items():
+        labelled.extend(target_environment_rows(store.atoms(parent_id), labels, cutoff_angstrom))
     return labelled
 
 
@@ -76,9 +85,48 @@ def central_force_row(atoms: Atoms, center: int, force: np.ndarray) -> LabelledS
     return LabelledStructure(atoms, None, forces, mask)
 
 
-def target_environment_row(
-    parent: Atoms, chunk: StructureRecord, result: ResultRecord, cutoff_angstrom: float
-) -> LabelledStructure:
-    """The chunk's central force (from `result`) as a row of the parent's atoms within 2·Rc of it."""
-    environment = carve_chunk(parent, int(chunk.center_in_parent), 2.0 * cutoff_angstrom + ENVIRONMENT_SLACK_ANGSTROM, 0.0)
-    return central_force_row(environment.atoms, environment.center_in_chunk, result.forces[chunk.center_in_chunk])
+def target_environment_rows(
+    parent: Atoms, labels: Mapping[int, np.ndarray], cutoff_angstrom: float
+) -> list[LabelledStructure]:
+    """The central forces `labels` (parent atom index → force, eV/Å) as rows of the parent's own
+    atoms within 2·Rc of them, nearby centres grouped into one structure (`SHARED_ROWS_BUDGET`)."""
+    radius = 2.0 * cutoff_angstrom + ENVIRONMENT_SLACK_ANGSTROM
+    rows = []
+    for group in proximity_groups(parent, sorted(labels), cutoff_angstrom):
+        atoms, centers = shared_environment(parent, group, radius)
+        forces = np.zeros((len(atoms), 3))
+        mask = np.zeros(len(atoms), dtype=bool)
+        forces[centers] = [labels[index] for index in group]
+        mask[centers] = True
+        rows.append(LabelledStructure(atoms, None, forces, mask))
+    return rows
+
+
+def proximity_groups(parent: Atoms, centers: list[int], cutoff_angstrom: float) -> list[list[int]]:
+    """The centres in groups of nearby ones: each group starts at the first centre left and takes the
+    nearest remaining ones (minimum-image distance) while its force rows × model rows (atoms within
+    Rc of a centre, counted once) stay within `SHARED_ROWS_BUDGET`. Each group is in ascending order."""
+    if not centers:
+        return []
+    periodic, everyone = bool(np.any(parent.pbc)), np.arange(len(parent))
+    model_rows, between = {}, {}
+    for center in centers:
+        distances = parent.get_distances(center, everyone, mic=periodic)
+        model_rows[center] = set(np.flatnonzero(distances <= cutoff_angstrom).tolist())
+        between[center] = dict(zip(centers, distances[centers].tolist()))
+    left = list(centers)
+    groups = []
+    while left:
+        seed = left[0]
+        ordered = sorted(left, key=lambda c: (between[seed][c], c))
+        group, covered = [], set()
+        for center in ordered:
+            grown = covered | model_rows[center]
+            if group and (len(group) + 1) * len(grown) > SHARED_ROWS_BUDGET:
+                break
+            group.append(center)
+            covered = grown
+        groups.append(sorted(group))
+        taken = set(group)
+        left = [c for c in left if c not in taken]
+    return groups

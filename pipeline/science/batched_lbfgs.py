@@ -71,34 +71,79 @@ class CurvatureHistory:
     """
 
     def __init__(self, n_members: int, n_parameters: int, size: int, dtype: torch.dtype, device: torch.device):
+        # The pairs live in buffers twice the history long; the window [start, end) holds them oldest
+        # first. Appending writes one row and column; the window is moved back to the front only when
+        # it reaches the end of the buffers, once every `size` pairs, instead of copying every step.
         self.size = size
-        self.s = torch.zeros(n_members, 0, n_parameters, dtype=dtype, device=device)
-        self.y = torch.zeros_like(self.s)
-        self.sy = torch.zeros(n_members, 0, 0, dtype=dtype, device=device)  # (M, m, m): s_i · y_j
-        self.yy = torch.zeros_like(self.sy)  # (M, m, m): y_i · y_j
+        capacity = 2 * max(size, 1)
+        self._s = torch.zeros(n_members, capacity, n_parameters, dtype=dtype, device=device)
+        self._y = torch.zeros_like(self._s)
+        # R = triu(SᵀY) with 1 on the diagonal where a pair was not kept (zeros), so it decouples
+        self._r = torch.zeros(n_members, capacity, capacity, dtype=dtype, device=device)
+        self._d = torch.zeros(n_members, capacity, dtype=dtype, device=device)  # D = diag(SᵀY), zeros kept
+        self._yy = torch.zeros_like(self._r)  # y_i · y_j
+        self._start = self._end = 0
+
+    @property
+    def s(self) -> torch.Tensor:
+        """The kept s pairs (M, m, P), oldest first."""
+        return self._s[:, self._start : self._end]
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self._y[:, self._start : self._end]
+
+    @property
+    def r(self) -> torch.Tensor:
+        """(M, m, m): R = triu(SᵀY) of the kept pairs (s_i · y_j for i ≤ j, zero below, 1 on the
+        diagonal of a pair that is zeros)."""
+        return self._r[:, self._start : self._end, self._start : self._end]
+
+    @property
+    def d(self) -> torch.Tensor:
+        """(M, m): D = diag(SᵀY) of the kept pairs."""
+        return self._d[:, self._start : self._end]
+
+    @property
+    def yy(self) -> torch.Tensor:
+        return self._yy[:, self._start : self._end, self._start : self._end]
 
     def append(self, s: torch.Tensor, y: torch.Tensor) -> None:
         """Add one pair (M, P) per member, dropping the oldest beyond `size`."""
-        s_new, y_new = s.unsqueeze(1), y.unsqueeze(1)
-        s_y = torch.bmm(self.s, y_new.transpose(1, 2))  # (M, m, 1): old s · new y
-        snew_y = torch.bmm(s_new, self.y.transpose(1, 2))  # (M, 1, m): new s · old y
-        y_ynew = torch.bmm(self.y, y_new.transpose(1, 2))  # (M, m, 1)
-        corner_sy = (s * y).sum(1)[:, None, None]
-        corner_yy = (y * y).sum(1)[:, None, None]
-        self.sy = torch.cat([torch.cat([self.sy, s_y], 2), torch.cat([snew_y, corner_sy], 2)], 1)
-        self.yy = torch.cat([torch.cat([self.yy, y_ynew], 2), torch.cat([y_ynew.transpose(1, 2), corner_yy], 2)], 1)
-        self.s = torch.cat([self.s, s_new], 1)
-        self.y = torch.cat([self.y, y_new], 1)
-        if self.s.shape[1] > self.size:
-            self.s, self.y = self.s[:, 1:], self.y[:, 1:]
-            self.sy, self.yy = self.sy[:, 1:, 1:], self.yy[:, 1:, 1:]
+        if self.size == 0:
+            return
+        if self._end - self._start == self.size:
+            self._start += 1
+        if self._end == self._s.shape[1]:
+            self._compact()
+        old_s, old_y = self.s, self.y
+        new = self._end
+        self._s[:, new], self._y[:, new] = s, y
+        window = slice(self._start, new)
+        self._r[:, window, new] = torch.bmm(old_s, y.unsqueeze(2)).squeeze(2)  # old s · new y
+        self._r[:, new, window] = 0.0  # below the diagonal (the buffer row may hold an older pair's)
+        y_old_new = torch.bmm(old_y, y.unsqueeze(2)).squeeze(2)
+        self._yy[:, window, new] = y_old_new
+        self._yy[:, new, window] = y_old_new
+        self._d[:, new] = (s * y).sum(1)
+        self._r[:, new, new] = torch.where(self._d[:, new] == 0, 1.0, self._d[:, new])
+        self._yy[:, new, new] = (y * y).sum(1)
+        self._end = new + 1
+
+    def _compact(self) -> None:
+        """Move the window to the front of the buffers."""
+        count = self._end - self._start
+        for buffer in (self._s, self._y, self._d):
+            buffer[:, :count] = buffer[:, self._start : self._end].clone()
+        for buffer in (self._r, self._yy):
+            buffer[:, :count, :count] = buffer[:, self._start : self._end, self._start : self._end].clone()
+        self._start, self._end = 0, count
 
     def forget(self, members: torch.Tensor) -> None:
         """Drop every pair of the members flagged (M,) True."""
-        for name in ("s", "y", "sy", "yy"):
-            value = getattr(self, name).clone()
-            value[members] = 0.0
-            setattr(self, name, value)
+        for buffer in (self._s, self._y, self._r, self._d, self._yy):
+            buffer[members] = 0.0
+        torch.diagonal(self._r, dim1=1, dim2=2)[members] = 1.0
 
     def apply_inverse_hessian(self, grad: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         """H·g per member (M, P) for the stored pairs and initial scaling γ (M,)."""
@@ -108,10 +153,7 @@ class CurvatureHistory:
         gam = gamma[:, None, None]
         s_g = torch.bmm(self.s, g)  # (M, m, 1)
         y_g = torch.bmm(self.y, g)
-        upper = torch.triu(self.sy)
-        diagonal = torch.diagonal(self.sy, dim1=1, dim2=2)
-        unit = torch.diag_embed((diagonal == 0).to(upper.dtype))
-        upper = upper + unit
+        upper, diagonal = self.r, self.d
         r_inv_sg = torch.linalg.solve_triangular(upper, s_g, upper=True)
         inner = diagonal.unsqueeze(2) * r_inv_sg + gam * torch.bmm(self.yy, r_inv_sg) - gam * y_g
         p = torch.linalg.solve_triangular(upper.transpose(1, 2), inner, upper=False)

@@ -74,8 +74,41 @@ def carve_chunk(
     )
 
 
+def shared_environment(parent: Atoms, center_indices, radius_angstrom: float) -> tuple[Atoms, np.ndarray]:
+    """Every atom image within `radius_angstrom` of any of the centres, once, as one non-periodic
+    structure; returns it and the positions of the centres in it.
+
+    The union of the spheres `carve_chunk` would cut around each centre: an atom near two centres
+    appears once (the same parent index and cell shift), so several central-force rows of one
+    parent can share their environment. Centres come first, in the given order.
+    """
+    centers = np.asarray([_validated_center(parent, int(c)) for c in center_indices], dtype=np.int64)
+    if len(np.unique(centers)) != len(centers):
+        raise ValueError("shared_environment: a centre is given twice")
+    radius = _positive_finite(radius_angstrom, "radius_angstrom")
+    _, neighbours, shifts, _ = _images_near(parent, centers, radius)
+    keys = np.concatenate([
+        np.column_stack([centers, np.zeros((len(centers), 3), dtype=np.int64)]),
+        np.column_stack([neighbours, shifts]),
+    ])
+    _, first_seen = np.unique(keys, axis=0, return_index=True)
+    first_seen = np.sort(first_seen)  # the centres first, then the neighbours in search order
+    indices, image_shifts = keys[first_seen, 0], keys[first_seen, 1:]
+    positions = parent.positions[indices] + image_shifts @ np.asarray(parent.cell.array, dtype=float)
+    return Atoms(numbers=parent.numbers[indices], positions=positions, pbc=False), np.arange(len(centers))
+
+
 def _neighbours_of(parent: Atoms, center: int, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Parent index, cell shift and displacement (Å) of every image within `radius` of `center`."""
+    _, neighbours, shifts, displacements = _images_near(parent, np.asarray([center]), radius)
+    return neighbours, shifts, displacements
+
+
+def _images_near(
+    parent: Atoms, centers: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For every image within `radius` of one of `centers`: that centre, the image's parent index,
+    its cell shift and its displacement (Å) from the centre. One neighbour search for all centres."""
     pbc = np.asarray(parent.pbc, dtype=bool)
     cell = np.asarray(parent.cell.array, dtype=float)
     if np.any(np.linalg.norm(cell[pbc], axis=1) < 1e-12):
@@ -90,13 +123,16 @@ def _neighbours_of(parent: Atoms, center: int, radius: float) -> tuple[np.ndarra
     )
     shifts = np.asarray(shifts, dtype=np.int64).reshape(-1, 3)
     displacements = np.asarray(displacements, dtype=float).reshape(-1, 3)
-    outgoing = first == center
-    incoming = second == center  # includes the centre's own images, which need both directions
+    is_center = np.zeros(len(parent), dtype=bool)
+    is_center[centers] = True
+    outgoing = is_center[first]
+    incoming = is_center[second]  # includes a centre's own images, which need both directions
+    owners = np.concatenate([first[outgoing], second[incoming]]).astype(np.int64)
     neighbours = np.concatenate([second[outgoing], first[incoming]]).astype(np.int64)
     shifts = np.concatenate([shifts[outgoing], -shifts[incoming]])
     displacements = np.concatenate([displacements[outgoing], -displacements[incoming]])
     keep = np.linalg.norm(displacements, axis=1) <= radius
-    return neighbours[keep], shifts[keep], displacements[keep]
+    return owners[keep], neighbours[keep], shifts[keep], displacements[keep]
 
 
 def _validated_center(parent: Atoms, center_index: int) -> int:
