@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ase import Atoms
 from ase.calculators.emt import EMT
 from ase.io import read, write
 from typer.testing import CliRunner
@@ -158,28 +159,42 @@ def test_a_killed_generation_resumes_without_recomputing_finished_jobs(tmp_path,
     assert logged_emt_calls(log) == [] and done_jobs(database) == after  # a finished generation computes nothing
 
 
-def test_a_campaign_from_a_generated_set_alone_converges(tmp_path):
-    """Nothing but the targets, `[data.initial_generate]` and the default model: δ 9.19 → 0.60 → 0.15
-    → 0.084 eV/Å, 22 chunks, 443 s on 2 shared cores (README)."""
-    write(tmp_path / "target.traj", rattled_cluster((4, 1), rattle_angstrom=0.1))
+def random_alloy_cluster(seed: int = 5) -> Atoms:
+    """A Pt38 truncated octahedron with half its atoms Au at random, rattled by 0.1 Å (EMT forces up
+    to a few eV/Å, the paper's range)."""
+    atoms = rattled_cluster((4, 1), rattle_angstrom=0.1)
+    atoms.numbers[np.random.default_rng(seed).permutation(len(atoms))[: len(atoms) // 2]] = 79
+    return atoms
+
+
+def test_an_alloy_campaign_from_a_generated_set_alone_converges(tmp_path):
+    """Nothing but a PtAu alloy target, `[data.initial_generate]` (both elements, mixed cells) and the
+    default model: the campaign converges to δ < 0.15 eV/Å and is accurate against EMT on the target
+    (issue 13 items 2 and 4; README, "Generated initial sets")."""
+    target = random_alloy_cluster()
+    write(tmp_path / "target.traj", target)
     (tmp_path / "config.toml").write_text(
-        '[campaign]\nname = "pt38-generated"\nworkdir = "run"\n\n'
-        '[data]\ntargets = ["target.traj"]\n\n[data.initial_generate]\ncount = 10\n\n'
+        '[campaign]\nname = "ptau38-generated"\nworkdir = "run"\n\n'
+        '[data]\ntargets = ["target.traj"]\n\n[data.initial_generate]\ncount = 20\n\n'
         '[parent]\ncalculator = "emt"\n\n[active]\nthreshold = 0.15\n'
     )
     result = run_nft("run", tmp_path / "config.toml", timeout=840)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     history = " ".join(f"{entry['uncertainty']:.3f}" for entry in summary["history"])
-    print(f"Pt38 from a generated set: δ per iteration {history}, {summary['chunks']} chunks, "
-          f"{summary['wall_time']['total']:.0f} s")
+    print(f"PtAu38 from a generated set: δ per iteration {history}, {summary['chunks']} chunks, "
+          f"{summary['wall_time']['total']:.0f} s, MAE {summary['force_mae_vs_parent']['target 0']:.4f} eV/Å")
     assert summary["converged"] and summary["final_uncertainty"] < 0.15, history
-    assert summary["force_mae_vs_parent"]["target 0"] < 0.03  # accurate against EMT, not just confident
+    assert summary["force_mae_vs_parent"]["target 0"] < 0.02  # pure metals reach 0.002–0.008 (bench/RESULTS.md)
     generated = read(tmp_path / "run" / "initial.traj", ":")
-    assert len(generated) == 10
-    with CampaignStore.open(f"sqlite:///{tmp_path / 'run' / 'nft.db'}", "pt38-generated", create=False) as store:
+    assert len(generated) == 20
+    symbols = [set(atoms.get_chemical_symbols()) for atoms in generated]
+    assert {"Pt"} in symbols and {"Au"} in symbols and {"Pt", "Au"} in symbols
+    with CampaignStore.open(f"sqlite:///{tmp_path / 'run' / 'nft.db'}", "ptau38-generated", create=False) as store:
         initial_jobs = store.jobs(kind="initial")
-        assert len(initial_jobs) == 10 and all(job.attempts == 1 for job in initial_jobs)  # labelled once, by the generation
+        assert len(initial_jobs) == 20 and all(job.attempts == 1 for job in initial_jobs)  # labelled once, by the generation
+        chunk_elements = {symbol for chunk in store.structures("chunk") for symbol in chunk.atoms.get_chemical_symbols()}
+        assert chunk_elements == {"Pt", "Au"}
     status = run_nft("status", tmp_path / "config.toml", "--json")
     assert status.returncode == 0, status.stderr
 
