@@ -109,7 +109,10 @@ def test_a_campaign_config_gives_parent_vacuum_and_site_and_no_temporary_folder_
     assert "no radius qualifies" in result.stdout and "tolerance 0.1 eV/Å" in result.stdout
     assert result.stdout.index("│ 3 ") < result.stdout.index("│ 4 ")  # rows by increasing radius
     assert sorted(path.name for path in tmp_path.iterdir()) == ["campaign"]
-    assert not (tmp_path / "campaign" / "run").exists()  # the campaign's workdir is not touched
+    workdir = tmp_path / "campaign" / "run"  # the campaign's workdir gets the report only, for nft report
+    assert sorted(path.name for path in workdir.iterdir()) == ["locality.json"]
+    recorded = json.loads((workdir / "locality.json").read_text())
+    assert [row["radius"] for row in recorded["radii"]] == [3.0, 4.0] and recorded["suggested_radius"] is None
 
 
 def test_a_parent_that_fails_every_attempt_fails_the_run_in_one_line(tmp_path):

@@ -49,7 +49,29 @@ def test_report_md_links_every_figure_and_each_is_a_real_png(default_report):
         assert data.startswith(PNG_SIGNATURE), name
         assert len(data) > MIN_FIGURE_BYTES, f"{name}: {len(data)} bytes"
     assert sorted(path.name for path in default_report.iterdir()) == sorted(EXPECTED_FIGURES | {"report.md"})
-    assert "records no locality test" in text and "## Relaxation" not in text  # no nft relax ran here
+    assert "No locality test of this campaign's parent is recorded" in text and "## Relaxation" not in text  # neither ran here
+
+
+def test_the_report_draws_the_locality_curve_that_nft_locality_config_recorded(finished_campaign, tmp_path):
+    """`nft locality --config` leaves WORKDIR/locality.json (what --json prints); the report draws it."""
+    from ase.io import read, write
+
+    target = read(finished_campaign.parent / "target.traj")
+    write(tmp_path / "target.traj", target)
+    locality = run_nft("locality", tmp_path / "target.traj", "--config", finished_campaign, "--radii", "3,4",
+                       "--atoms", "2", "--json", timeout=180)
+    assert locality.returncode == 0, locality.stderr
+    recorded = json.loads((finished_campaign.parent / "run" / "locality.json").read_text())
+    assert recorded == json.loads(locality.stdout)
+    out = tmp_path / "report"
+    result = run_nft("report", finished_campaign, "-o", out, timeout=120)
+    assert result.returncode == 0, result.stderr
+    data = (out / "locality.png").read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > MIN_FIGURE_BYTES
+    text = (out / "report.md").read_text()
+    assert "## Locality of the parent" in text and "![Locality of the parent](locality.png)" in text
+    assert "No locality test" not in text
+    (finished_campaign.parent / "run" / "locality.json").unlink()  # the module's other tests expect none
 
 
 def test_report_delta_figures_equal_the_database(finished_campaign, default_report):

@@ -12,7 +12,7 @@ import numpy as np
 from ase import Atoms
 
 from pipeline.campaign.config import CampaignConfig
-from pipeline.campaign.files import RELAXATIONS_NAME
+from pipeline.campaign.files import LOCALITY_NAME, RELAXATIONS_NAME
 from pipeline.campaign.status import campaign_status, open_existing_store
 from pipeline.science.model import EnsembleModel
 from pipeline.storage.records import ResultRecord, StructureRecord
@@ -67,6 +67,7 @@ class CampaignReport:
     targets: list[TargetDeltas]
     missing_model: str | None = None  # why the model figures are left out, when they are
     relaxations: list[dict[str, Any]] = field(default_factory=list)  # `nft relax` steps files (OUT-steps.json)
+    locality: dict[str, Any] | None = None  # the last `nft locality --config` report (WORKDIR/locality.json)
 
 
 def campaign_report(config: CampaignConfig) -> CampaignReport:
@@ -77,18 +78,19 @@ def campaign_report(config: CampaignConfig) -> CampaignReport:
 
     status = campaign_status(config)
     relaxations = recorded_relaxations(config)
+    locality = recorded_locality(config)
     with open_existing_store(config) as store:
         models = store.models()
         kept = store.best_model()
         targets = store.structures("target")
         labelled = store.labelled_structures(config.parent.name, config.parent.physics())
     if not models or kept is None:
-        return CampaignReport(status, None, None, None, None, [], "the campaign has no trained model yet", relaxations)
+        return CampaignReport(status, None, None, None, None, [], "the campaign has no trained model yet", relaxations, locality)
     first = models[0]
     missing = [record.path for record in (first, kept) if not Path(record.path).is_file()]
     if missing:
         return CampaignReport(status, first.iteration, kept.iteration, None, None, [],
-                              f"model file {missing[0]} is missing", relaxations)
+                              f"model file {missing[0]} is missing", relaxations, locality)
     kept_model = load_ensemble(kept.path, dtype=PREDICTION_DTYPE)
     first_model = kept_model if first.id == kept.id else load_ensemble(first.path, dtype=PREDICTION_DTYPE)
     kept_on_target = {record.id: _predict(kept_model, record.atoms) for record in targets}
@@ -108,7 +110,17 @@ def campaign_report(config: CampaignConfig) -> CampaignReport:
         labelled=_labelled_forces(kept_model, labelled, kept_on_target) if labelled else None,
         targets=target_deltas,
         relaxations=relaxations,
+        locality=locality,
     )
+
+
+def recorded_locality(config: CampaignConfig) -> dict[str, Any] | None:
+    """The last `nft locality --config` report of the campaign's parent, or None (none, or unreadable)."""
+    try:
+        report = json.loads((config.workdir / LOCALITY_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and report.get("radii") else None
 
 
 def recorded_relaxations(config: CampaignConfig) -> list[dict[str, Any]]:

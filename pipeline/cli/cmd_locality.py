@@ -91,6 +91,8 @@ def locality(
             workdir=workdir, progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     report = locality_report(result, tolerance, structure, len(atoms), parent.name, parent.physics(), vacuum)
+    if config is not None:  # the campaign's report draws the curve (docs/campaign.md, nft report)
+        _record_in_campaign(campaign.workdir, report)
     if plot is not None:
         from pipeline.cli.plots import write_locality_plot
 
@@ -101,6 +103,16 @@ def locality(
     print_locality(Console(), report)
     if plot is not None:
         typer.echo(f"plot: {plot}")
+
+
+def _record_in_campaign(workdir: Path, report: dict[str, Any]) -> None:
+    """Write the report as WORKDIR/locality.json (whole or not at all), where `nft report` finds it."""
+    from pipeline.campaign.files import LOCALITY_NAME
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    temporary = workdir / f".{LOCALITY_NAME}.tmp"
+    temporary.write_text(json.dumps(report, indent=2))
+    temporary.replace(workdir / LOCALITY_NAME)
 
 
 def parse_radii(text: str) -> list[float]:

@@ -9,8 +9,27 @@ from pipeline.science.locality import LocalityResult
 
 
 def write_locality_plot(result: LocalityResult, tolerance: float, path: Path, title: str) -> None:
+    """`write_locality_curve` of a locality analysis (its suggested radius for `tolerance`)."""
+    write_locality_curve(result.radii, result.max_difference, result.mean_difference, tolerance,
+                         result.suggested_radius(tolerance), path, title)
+
+
+def write_locality_report_plot(report: dict, path: Path, title: str) -> None:
+    """`write_locality_curve` of a stored `nft locality --json` report (its rows and suggestion)."""
+    rows = report["radii"]
+    write_locality_curve(
+        np.array([row["radius"] for row in rows]), np.array([row["max_force_difference"] for row in rows]),
+        np.array([row["mean_force_difference"] for row in rows]), float(report["tolerance"]),
+        report.get("suggested_radius"), path, title,
+    )
+
+
+def write_locality_curve(
+    radii: np.ndarray, max_difference: np.ndarray, mean_difference: np.ndarray, tolerance: float,
+    suggested: float | None, path: Path, title: str,
+) -> None:
     """Max and mean |ΔF| (eV/Å, log axis) against the chunk radius (Å), with the tolerance line and
-    the suggested radius (`LocalityResult.suggested_radius`), written to `path` as PNG.
+    the suggested radius (Å, or None), written to `path` as PNG.
 
     A difference of exactly 0 (a chunk that holds everything the force depends on can match to the
     last bit) has no place on a log axis: it is drawn as a hollow marker on the axis floor, a decade
@@ -18,7 +37,8 @@ def write_locality_plot(result: LocalityResult, tolerance: float, path: Path, ti
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    series = {"max |ΔF|": result.max_difference, "mean |ΔF|": result.mean_difference}
+    radii = np.asarray(radii, dtype=float)
+    series = {"max |ΔF|": np.asarray(max_difference, dtype=float), "mean |ΔF|": np.asarray(mean_difference, dtype=float)}
     positive = np.concatenate([values[values > 0] for values in series.values()] + [np.array([tolerance])])
     floor = 10.0 ** (np.floor(np.log10(positive.min())) - 1.0)
 
@@ -26,13 +46,12 @@ def write_locality_plot(result: LocalityResult, tolerance: float, path: Path, ti
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for (label, values), style in zip(series.items(), ("o-", "s--")):
-        line, = axes.plot(result.radii, np.where(values > 0, values, floor), style, label=label)
+        line, = axes.plot(radii, np.where(values > 0, values, floor), style, label=label)
         zero = values <= 0
         if zero.any():
-            axes.plot(result.radii[zero], np.full(zero.sum(), floor), "o", markersize=11, markerfacecolor="none",
+            axes.plot(radii[zero], np.full(zero.sum(), floor), "o", markersize=11, markerfacecolor="none",
                       color=line.get_color(), label=f"{label} = 0 (on the floor)")
     axes.axhline(tolerance, color="black", linestyle=":", label=f"tolerance {tolerance:g} eV/Å")
-    suggested = result.suggested_radius(tolerance)
     if suggested is not None:
         axes.axvline(suggested, color="grey", linestyle="-.", label=f"suggested chunks.radius {suggested:g} Å")
     axes.set_yscale("log")

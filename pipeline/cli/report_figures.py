@@ -19,6 +19,7 @@ RESIDUAL_PNG = "residual_vs_delta.png"
 TARGET_PNG = "target_delta.png"
 CALIBRATION_PNG = "calibration_per_iteration.png"
 RELAXATION_PNG = "relaxation.png"
+LOCALITY_PNG = "locality.png"
 REPORT_MD = "report.md"
 TARGET_ATOM_RADIUS_SCALE = 0.7
 """Atoms drawn at this fraction of their covalent radius, so that atoms behind the surface show."""
@@ -276,6 +277,18 @@ def write_report(report: CampaignReport, directory: Path) -> list[Path]:
             f"{len(rows)} evaluations over {rows[-1]['step']} steps; {sum(row['chunks_added'] for row in rows)} chunks "
             f"added at {sum(1 for row in rows if row['chunks_added'])} geometries; ended with fmax "
             f"{rows[-1]['fmax']:.4f} eV/Å and δ {rows[-1]['delta']:.4f} eV/Å ({relaxation.get('reason', 'in progress')}).")
+    if report.locality is not None:
+        from pipeline.cli.plots import write_locality_report_plot
+
+        locality = report.locality
+        write_locality_report_plot(locality, directory / LOCALITY_PNG,
+                                   f"{name}: {locality['calculator']} locality, {Path(locality['structure']).name}")
+        suggested = locality.get("suggested_radius")
+        add(LOCALITY_PNG, "Locality of the parent",
+            f"`nft locality --config` on {locality['structure']} ({locality['n_atoms']} atoms, "
+            f"{len(locality['sample_indices'])} sample atoms): max and mean |ΔF| of the central force against the chunk "
+            f"radius; " + (f"suggested chunks.radius {suggested:g} Å (max |ΔF| < {locality['tolerance']:g} eV/Å)."
+                           if suggested is not None else f"no radius reached max |ΔF| < {locality['tolerance']:g} eV/Å."))
     report_path = directory / REPORT_MD
     report_path.write_text(report_markdown(report, figures))
     written.append(report_path)
@@ -340,13 +353,15 @@ def report_markdown(report: CampaignReport, figures: Sequence[tuple[str, str, st
         lines += [f"Model figures (parity, residual, target) are left out: {report.missing_model}.", ""]
     for file, heading, caption in figures:
         lines += [f"## {heading}", "", caption, "", f"![{heading}]({file})", ""]
-    lines += [
-        "## Locality and relaxation",
-        "",
-        "The campaign database records no locality test (`nft locality`), so this report has no section for it; "
-        "relaxations (`nft relax`) appear above when the campaign has run one.",
-        "",
-    ]
+    if report.locality is None:
+        lines += [
+            "## Locality",
+            "",
+            "No locality test of this campaign's parent is recorded: `nft locality STRUCTURE --config CONFIG.toml "
+            "--radii …` writes WORKDIR/locality.json, and the report then draws its curve. Relaxations (`nft relax`) "
+            "appear above when the campaign has run one.",
+            "",
+        ]
     return "\n".join(lines)
 
 
