@@ -4,6 +4,7 @@
     python examples/pt260-emt/reproduce_paper.py campaign RUN_DIR [--target FILE]
     python examples/pt260-emt/reproduce_paper.py cutoff-scan RUN_DIR --score FILE… [--cutoffs 4,5,6,6.5,7,8]
         [--seeds 0,1,2] [--plot PNG]
+    python examples/pt260-emt/reproduce_paper.py ml-relax MODEL STRUCTURE -o OUT [--fmax 0.05 --steps 300]
 
 `particles` writes rattled Pt cuboctahedra larger than the target (`ase.cluster.Octahedron`), made
 like it: the same normal rattle (0.085 Å) and the first seed whose EMT forces stay within the
@@ -11,7 +12,9 @@ paper's [0.1, 5.1] eV/Å upper bound. `campaign` copies the example (config and 
 replaces the target) into RUN_DIR, runs `nft run` there and prints δ, chunks, the fraction of target
 atoms that got a chunk and the force MAE vs EMT as JSON. `cutoff-scan` trains a fresh ensemble on the
 finished campaign's training set for each model cutoff (the chunk rows built for that cutoff, as the
-campaign would) and each `--seeds` seed, and scores the force MAE vs EMT on each `--score` file. Outputs go where you say
+campaign would) and each `--seeds` seed, and scores the force MAE vs EMT on each `--score` file. `ml-relax` relaxes a
+structure with a model's ensemble mean alone (BFGS; `nft relax` is the one that adds chunks) and
+prints its max δ and EMT's largest force on the result. Outputs go where you say
 (put them under /tmp); nothing in the repository is written.
 """
 from __future__ import annotations
@@ -157,6 +160,25 @@ def plot_cutoff_scan(rows: list[dict], names: list[str], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def cmd_ml_relax(args: argparse.Namespace) -> None:
+    """Relax STRUCTURE with the model's ensemble mean alone (no chunks added; `nft relax` adds them)."""
+    import torch
+    from ase.optimize import BFGS
+
+    import pipeline
+
+    torch.set_num_threads(1)
+    atoms = read(args.structure)
+    atoms.calc = pipeline.load_model(str(args.model))
+    converged = BFGS(atoms, logfile=None).run(fmax=args.fmax, steps=args.steps)
+    delta = float(atoms.calc.results["uncertainties"].max())
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    relaxed = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    write(args.output, relaxed)
+    print(json.dumps({"output": str(args.output), "converged": bool(converged), "max_delta": round(delta, 3),
+                      "emt_max_force": round(float(np.linalg.norm(emt_label(relaxed).get_forces(), axis=1).max()), 4)}))
+
+
 def _floats(text: str) -> list[float]:
     return [float(item) for item in text.split(",") if item.strip()]
 
@@ -177,10 +199,16 @@ def main(argv: list[str] | None = None) -> None:
     scan.add_argument("--seeds", type=lambda text: [int(v) for v in _floats(text)], default=[0],
                       help="ensemble seeds (model.seed) trained at every cutoff")
     scan.add_argument("--plot", type=Path, default=None)
+    relax = commands.add_parser("ml-relax", help="relax a structure with a model's ensemble mean (BFGS)")
+    relax.add_argument("model", type=Path)
+    relax.add_argument("structure", type=Path)
+    relax.add_argument("-o", "--output", type=Path, required=True)
+    relax.add_argument("--fmax", type=float, default=0.05)
+    relax.add_argument("--steps", type=int, default=300)
     args = parser.parse_args(argv)
     if args.command == "particles" and any(size not in OCTAHEDRA for size in args.sizes):
         parser.error(f"--sizes: each size must be one of {sorted(OCTAHEDRA)}")
-    {"particles": cmd_particles, "campaign": cmd_campaign, "cutoff-scan": cmd_cutoff_scan}[args.command](args)
+    {"particles": cmd_particles, "campaign": cmd_campaign, "cutoff-scan": cmd_cutoff_scan, "ml-relax": cmd_ml_relax}[args.command](args)
 
 
 if __name__ == "__main__":
