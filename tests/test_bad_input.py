@@ -342,7 +342,14 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     # nft initial, and [data.initial_generate]
     "initial element EMT lacks": (initial("Fe"), ("ELEMENTS", "emt", "no parameters for Fe")),
     "initial not an element": (initial("Pt,Xx"), ("ELEMENTS", "'Xx' is not a chemical symbol")),
-    "initial three elements": (initial("Cu,Au,Pt"), ("ELEMENTS", "no space group", "3 elements")),
+    "initial three elements in two-atom cells": (initial("Cu,Au,Pt", "--max-atoms", "2"), ("ELEMENTS", "3 elements", "at most 2 atoms")),
+    "initial three elements, a two-element space group": (initial("Cu,Au,Pt", "--space-groups", "123"),
+                                                          ("--space-groups", "123", "3 element(s)")),
+    "initial negative random alloys": (initial("Cu,Au", "--random-alloys", "-1"), ("--random-alloys", ">= 0")),
+    "initial parent option without a value": (initial("Pt", "--calculator", "gpaw", "--parent-option", "ecut"),
+                                              ("--parent-option", "KEY=VALUE")),
+    "initial unknown parent option": (initial("Pt", "--calculator", "gpaw", "--parent-option", "encut=300"),
+                                      ("--parent-option encut", "unknown option")),
     "initial space group of two elements only": (initial("Pt", "--space-groups", "123"), ("--space-groups", "123")),
     "initial space group number": (initial("Pt", "--space-groups", "fcc"), ("--space-groups", "numbers")),
     "initial impossible separation": (initial("Pt", "--min-separation", "3.5"), ("--min-separation", "3.5 Å")),
@@ -355,6 +362,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "generate an element EMT lacks": (generated_campaign(iron_cluster()), ("data.initial_generate.elements", "Fe")),
     "generate without the targets' element": (generated_campaign(elements=["Cu"]), ("data.targets", "Pt")),
     "generate zero count": (generated_campaign(count=0), ("data.initial_generate.count", ">= 1")),
+    "generate negative random alloys": (generated_campaign(random_alloys=-1), ("data.initial_generate.random_alloys", ">= 0")),
     "generate impossible separation": (generated_campaign(min_separation=9.0), ("data.initial_generate.min_separation", "9 Å")),
     # nft relax (a trained campaign without a model: tests/test_relax.py)
     "relax structure missing": (relax(structure="missing"), ("structure.traj", "file not found")),

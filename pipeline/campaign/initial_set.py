@@ -25,7 +25,7 @@ from pipeline.execution.apps import SiteApps, make_apps
 from pipeline.execution.parents import Parent
 from pipeline.execution.sites import PARSL_DIR_NAME, load_site, parsl_session
 from pipeline.science.initial_sets import (
-    InitialSetSettings, default_min_separation, min_interatomic_distance, propose_variants, prototype_crystals,
+    InitialSetSettings, default_min_separation, initial_crystals, min_interatomic_distance, propose_variants,
     within_energy_window,
 )
 from pipeline.storage.lease import held_lease
@@ -39,17 +39,18 @@ GENERATION_SUFFIX = "/initial"
 
 def settings_problem(settings: InitialSetSettings, parent: Parent) -> tuple[str, str] | None:
     """(settings field, what is wrong) when `settings` cannot make a set with `parent`, else None:
-    elements the parent lacks, no prototype for the element count (or the chosen space groups), a
-    minimum separation no crystal of these elements keeps."""
+    elements the parent lacks, no prototype for the elements (or the chosen space groups), more
+    elements than a random alloy's sites, a minimum separation no crystal of these elements keeps."""
     elements = settings.elements or ()
     problem = parent.element_problem(elements)
     if problem:
         return "elements", problem
-    crystals = prototype_crystals(elements, settings.space_groups)
+    try:
+        crystals = initial_crystals(settings)
+    except ValueError as error:
+        return "elements", str(error)
     if not crystals:
-        if settings.space_groups is None:
-            return "elements", f"no space group has a prototype for {len(elements)} elements ({', '.join(elements)}): give one or two"
-        groups = ", ".join(map(str, settings.space_groups))
+        groups = ", ".join(map(str, settings.space_groups or ()))
         return "space_groups", f"no space group among {groups} has a prototype for {len(elements)} element(s) ({', '.join(elements)})"
     separation = min_separation(settings)
     bond = max(min_interatomic_distance(atoms, 4.0 * separation) for _, atoms in crystals)
@@ -118,7 +119,7 @@ class InitialSetGenerator:
     def relaxed_cells(self) -> list[tuple[Atoms, float]]:
         """(relaxed cell, its energy in eV) of every prototype whose cell relaxation succeeded."""
         store = self.store
-        prototypes = prototype_crystals(self.settings.elements or (), self.settings.space_groups)
+        prototypes = initial_crystals(self.settings)
         jobs = []
         for name, atoms in prototypes:
             jobs.append((name, atoms, store.add_job(store.add_structure("prototype", atoms), self.parent.name, self.relax_params)))

@@ -59,6 +59,9 @@ PROTOTYPES: tuple[Prototype, ...] = (
 )
 """The default prototypes: one-element ones, and two-element ones of mixed composition (25, 50, 75 % B)."""
 
+RANDOM_ALLOY_STREAM = 1
+"""Second word of the random alloys' rng seed (seed, 1), apart from the variants' (seed, round)."""
+
 
 class InitialSetSettings(BaseModel):
     """What `nft initial` and `[data.initial_generate]` take; defaults live here only."""
@@ -78,6 +81,7 @@ class InitialSetSettings(BaseModel):
     relax_fmax: float = Field(0.02, gt=0)  # eV/Å (and the stress in the same units) where a cell relaxation stops
     relax_steps: int = Field(200, ge=1)  # optimiser steps of one cell relaxation
     max_rounds: int = Field(10, ge=1)  # rounds of candidates before giving up on `count`
+    random_alloys: int = Field(6, ge=0)  # randomly decorated supercells of the one-element prototypes (two or more elements)
 
     @field_validator("elements", "space_groups", mode="before")
     @classmethod
@@ -117,27 +121,97 @@ def default_min_separation(elements: Sequence[str]) -> float:
 
 
 def prototype_crystals(elements: Sequence[str], space_groups: Sequence[int] | None = None) -> list[tuple[str, Atoms]]:
-    """(name, primitive cell) of every prototype that fits `elements` (and `space_groups`), its
-    nearest-neighbour distance guessed as the sum of covalent radii (Å).
+    """(name, primitive cell) of every ordered prototype that fits `elements` (and `space_groups`),
+    its nearest-neighbour distance guessed as the sum of covalent radii (Å).
 
-    One element: the one-element prototypes. Two: those of each element alone, and the two-element
-    ones (both assignments of the species where the composition is not 1:1), interleaved so that the
+    The one-element prototypes of each element; for exactly two elements also the two-element ones
+    (both assignments of the species where the composition is not 1:1), interleaved so that the
     first cells drawn already hold every element and mixed compositions. Empty when none fits.
     """
-    elements = list(elements)
-    chosen = [p for p in PROTOTYPES if space_groups is None or p.space_group in space_groups]
-    if len(elements) > 2:
-        return []
+    return _interleaved(_ordered_groups(list(elements), space_groups))
+
+
+def initial_crystals(settings: InitialSetSettings) -> list[tuple[str, Atoms]]:
+    """(name, cell) of every crystal a generation relaxes: the ordered prototypes and, for two or more
+    elements, `settings.random_alloys` random alloys, interleaved (A, B, …, AB, random, A, B, …).
+    `ValueError` when the elements cannot all sit in a random alloy of at most `max_atoms` atoms."""
+    elements = list(settings.elements or ())
+    groups = _ordered_groups(elements, settings.space_groups)
+    groups.append(random_alloy_crystals(elements, settings))
+    return _interleaved(groups)
+
+
+def _ordered_groups(elements: list[str], space_groups: Sequence[int] | None) -> list[list[tuple[str, Atoms]]]:
+    """The ordered prototypes in groups: one per element, then the two-element ones (two elements only)."""
+    chosen = _chosen_prototypes(space_groups)
     groups = [[(f"{symbol} {p.name}", _scaled(p.build([symbol]))) for p in chosen if p.n_elements == 1] for symbol in elements]
     if len(elements) == 2:
         groups.append([(f"{'-'.join(elements)} {p.name}", _scaled(p.build(elements))) for p in chosen if p.n_elements == 2])
-    return [item for row in zip_longest(*groups) for item in row if item is not None]  # A, B, AB, A, B, AB, …
+    return groups
 
 
-def _scaled(atoms: Atoms) -> Atoms:
-    """The cell scaled so its shortest interatomic distance is the guessed bond (covalent radii sum)."""
+def _chosen_prototypes(space_groups: Sequence[int] | None) -> list[Prototype]:
+    return [p for p in PROTOTYPES if space_groups is None or p.space_group in space_groups]
+
+
+def _interleaved(groups: list[list[tuple[str, Atoms]]]) -> list[tuple[str, Atoms]]:
+    """The groups' items taken in turn, one of each group per turn, while any is left."""
+    return [item for row in zip_longest(*groups) for item in row if item is not None]
+
+
+def random_alloy_crystals(elements: Sequence[str], settings: InitialSetSettings) -> list[tuple[str, Atoms]]:
+    """`settings.random_alloys` random substitutional alloys of `elements` (two or more; none for one):
+    supercells of the one-element prototypes (taken in turn, those among `space_groups`) whose sites
+    are decorated at random, with compositions drawn uniformly over the simplex and every element on
+    at least one site; the nearest-neighbour distance is twice the cell's mean covalent radius (Å).
+    Ordered prototypes alone under-sample the environments of a disordered alloy. Deterministic for
+    `settings.seed`; `ValueError` when no supercell of at most `max_atoms` atoms holds every element."""
+    lattices = [p for p in _chosen_prototypes(settings.space_groups) if p.n_elements == 1]
+    if len(elements) < 2 or not lattices:
+        return []
+    rng = np.random.default_rng([settings.seed, RANDOM_ALLOY_STREAM])
+    cells = []
+    for k in range(settings.random_alloys):
+        lattice = lattices[k % len(lattices)]
+        atoms = _random_alloy(lattice, elements, settings.min_atoms, settings.max_atoms, rng)
+        cells.append((f"{'-'.join(elements)} random {lattice.name} {atoms.get_chemical_formula()}", atoms))
+    return cells
+
+
+def _random_alloy(lattice: Prototype, elements: Sequence[str], min_atoms: int, max_atoms: int, rng: np.random.Generator) -> Atoms:
+    """One random decoration of a supercell of `lattice`: among the upper half of the allowed sizes
+    (a random alloy of two sites is an ordered one), every element present."""
+    base = lattice.build([elements[0]])
+    repeats = supercell_repeats(len(base), max(min_atoms, len(elements)), max_atoms)
+    if not repeats:
+        raise ValueError(f"{len(elements)} elements do not all fit a random {lattice.name} alloy of at most {max_atoms} atoms")
+    largest = max(len(base) * int(np.prod(r)) for r in repeats)
+    repeats = [r for r in repeats if len(base) * int(np.prod(r)) >= largest / 2]
+    atoms = base.repeat(repeats[rng.integers(len(repeats))])
+    counts = composition_counts(rng.dirichlet(np.ones(len(elements))), len(atoms))
+    symbols = np.repeat(np.asarray(elements), counts)
+    rng.shuffle(symbols)
+    atoms.set_chemical_symbols(list(symbols))
+    mean_radius = float(np.mean(covalent_radii[atoms.numbers]))
+    return _scaled(atoms, 2.0 * mean_radius)
+
+
+def composition_counts(fractions: np.ndarray, n_atoms: int) -> np.ndarray:
+    """Atoms per element for `n_atoms` sites (≥ the element count): one each, the rest shared by
+    `fractions` (summing to 1) with largest remainders, so the counts sum to `n_atoms`."""
+    spare = n_atoms - len(fractions)
+    shares = np.asarray(fractions, dtype=float) * spare
+    counts = np.floor(shares).astype(int)
+    counts[np.argsort(counts - shares)[: spare - int(counts.sum())]] += 1
+    return counts + 1
+
+
+def _scaled(atoms: Atoms, bond: float | None = None) -> Atoms:
+    """The cell scaled so its shortest interatomic distance is `bond` Å (default: the guessed bond
+    of the closest pair, its covalent radii summed)."""
     shortest, pair = _shortest_pair(atoms)
-    bond = sum(covalent_radii[z] for z in pair)
+    if bond is None:
+        bond = sum(covalent_radii[z] for z in pair)
     atoms.set_cell(atoms.cell.array * (bond / shortest), scale_atoms=True)
     atoms.pbc = True
     return atoms
