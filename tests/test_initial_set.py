@@ -4,6 +4,7 @@ window), two elements give mixed cells, and a killed `nft initial` resumes compu
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -20,8 +21,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.science.initial_sets import (
-    InitialSetSettings, default_min_separation, min_interatomic_distance, propose_variants, prototype_crystals,
-    relax_cell, within_energy_window,
+    InitialSetSettings, composition_counts, default_min_separation, initial_crystals, min_interatomic_distance,
+    propose_variants, prototype_crystals, random_alloy_crystals, relax_cell, within_energy_window,
 )
 from pipeline.storage.store import CampaignStore
 from tests.plugins.campaign_fixtures import (
@@ -40,10 +41,10 @@ def emt_energy(atoms) -> float:
 
 def expected_set(settings: InitialSetSettings) -> tuple[list, int, int]:
     """The set the generation must give, recomputed here without Parsl or a database: the relaxed
-    prototypes, round after round of variants, EMT energies, the window; how many were rejected
-    before the last one kept, and the rounds drawn (every candidate of a round is labelled)."""
-    relaxed = [relax_cell(atoms, EMT(), settings.relax_fmax, settings.relax_steps) for _, atoms in
-               prototype_crystals(settings.elements, settings.space_groups)]
+    prototypes (and random alloys), round after round of variants, EMT energies, the window; how
+    many were rejected before the last one kept, and the rounds drawn (every candidate of a round is
+    labelled)."""
+    relaxed = [relax_cell(atoms, EMT(), settings.relax_fmax, settings.relax_steps) for _, atoms in initial_crystals(settings)]
     kept, rejected = [], 0
     for round_index in range(settings.max_rounds):
         for index, atoms in propose_variants([r[0] for r in relaxed], settings, round_index, default_min_separation(settings.elements)):
@@ -106,6 +107,65 @@ def test_a_two_element_set_holds_both_elements_and_mixed_cells(tmp_path):
     mixed = [atoms for atoms, present in zip(cells, symbols) if present == {"Cu", "Au"}]
     assert mixed, "no mixed-composition cell"
     assert all(2 <= len(atoms) <= 16 for atoms in cells)
+
+
+def test_a_three_element_set_has_the_count_sizes_separations_window_and_every_element(tmp_path):
+    """Cu, Ag, Au (issue 13: any number of elements): the pure prototypes of each and random ternary
+    alloys; the kept cells are those the science functions give, so the window was applied."""
+    output = tmp_path / "cuagau.traj"
+    options = dict(elements=("Cu", "Ag", "Au"), count=8, seed=2, space_groups=(225, 229), random_alloys=2)
+    result = CliRunner().invoke(app, ["initial", "Cu,Ag,Au", "-o", str(output), "--count", "8", "--seed", "2",
+                                      "--space-groups", "225,229", "--random-alloys", "2"])
+    assert result.exit_code == 0, result.output
+    cells = read(output, ":")
+    assert len(cells) == 8
+    separation = default_min_separation(["Cu", "Ag", "Au"])
+    assert separation == pytest.approx(0.75 * 2 * 1.32)  # Cu's covalent radius, the smallest
+    for atoms in cells:
+        assert 2 <= len(atoms) <= 16 and atoms.pbc.all()
+        assert min_interatomic_distance(atoms, 3 * separation) >= separation
+    symbols = [set(atoms.get_chemical_symbols()) for atoms in cells]
+    assert {"Cu"} in symbols and {"Ag"} in symbols and {"Au"} in symbols
+    assert any(present == {"Cu", "Ag", "Au"} for present in symbols), "no ternary cell"
+    expected, _, _ = expected_set(InitialSetSettings(**options))
+    assert [atoms.get_chemical_formula() for atoms in cells] == [atoms.get_chemical_formula() for atoms in expected]
+    for atoms, want in zip(cells, expected):
+        np.testing.assert_allclose(atoms.positions, want.positions, atol=1e-6)
+        assert atoms.get_potential_energy() == pytest.approx(emt_energy(want), abs=1e-9)
+
+
+def test_random_alloys_hold_every_element_with_compositions_spread_over_the_simplex():
+    settings = InitialSetSettings(elements=("Cu", "Ag", "Au"), random_alloys=12, seed=4)
+    alloys = random_alloy_crystals(settings.elements, settings)
+    assert len(alloys) == 12
+    names = [name.split()[2] for name, _ in alloys]
+    assert names[:5] == ["fcc", "bcc", "hcp", "sc", "diamond"]  # the one-element lattices in turn
+    fractions = []
+    for k, (_, atoms) in enumerate(alloys):
+        counts = Counter(atoms.get_chemical_symbols())
+        assert set(counts) == {"Cu", "Ag", "Au"} and 3 <= len(atoms) <= 16
+        assert counts[settings.elements[k % 3]] == max(counts.values())  # each element the majority in turn
+        fractions.append([counts[symbol] / len(atoms) for symbol in settings.elements])
+        radius = np.mean([{"Cu": 1.32, "Ag": 1.45, "Au": 1.36}[symbol] for symbol in atoms.get_chemical_symbols()])
+        assert min_interatomic_distance(atoms, 6.0) == pytest.approx(2 * radius, rel=1e-9)
+    fractions = np.array(fractions)
+    assert fractions.max(axis=0).min() >= 0.5 and fractions.min(axis=0).max() <= 0.2  # corners of the simplex reached
+    assert len({tuple(row) for row in fractions}) >= 8
+    again = random_alloy_crystals(settings.elements, settings)
+    assert all(np.array_equal(a.numbers, b.numbers) and np.allclose(a.positions, b.positions)
+               for (_, a), (_, b) in zip(alloys, again))
+    other = random_alloy_crystals(settings.elements, settings.model_copy(update={"seed": 5}))
+    assert any(not np.array_equal(a.numbers, b.numbers) for (_, a), (_, b) in zip(alloys, other))
+    # Two elements: the ordered prototypes and random binary alloys interleaved; one: no alloys.
+    binary = [name for name, _ in initial_crystals(InitialSetSettings(elements=("Pt", "Au")))]
+    assert binary[:4] == ["Pt fcc", "Au fcc", "Pt-Au L1_2 A3B", binary[3]] and "random fcc" in binary[3]
+    assert sum("random" in name for name in binary) == 6 and len(binary) == 5 + 5 + 5 + 6
+    assert [name for name, _ in initial_crystals(InitialSetSettings(elements=("Pt",)))] == [
+        name for name, _ in prototype_crystals(["Pt"])]
+    for fractions_in, n_atoms in (([0.05, 0.05, 0.9], 4), ([0.5, 0.5], 7), ([1 / 3] * 3, 12)):
+        counts = composition_counts(np.array(fractions_in), n_atoms)
+        assert counts.sum() == n_atoms and counts.min() >= 1
+    assert composition_counts(np.array([1 / 3] * 3), 12).tolist() == [4, 4, 4]
 
 
 def done_jobs(database: Path) -> dict[int, tuple[int, float, str, str]]:
@@ -219,6 +279,41 @@ def test_gpaw_relaxes_a_cell_in_plane_wave_mode_and_refuses_other_modes(gpaw_ins
     assert np.asarray(relaxed["final_positions"]).shape == (1, 3)
     with pytest.raises(ReferenceFailed, match="mode = 'pw'"):
         parent_for("gpaw", {"mode": "lcao"}).relax_cell(atoms_to_payload(atoms))
+
+
+@pytest.mark.gpaw
+@pytest.mark.slow
+def test_nft_initial_with_gpaw_labels_cells_with_k_points_from_the_density(tmp_path, gpaw_installed):
+    """`nft initial --calculator gpaw` end to end, tiny: fcc Al only, plane waves 200 eV, one MPI
+    rank, cells of 2-4 atoms. Every job (the cell relaxation and the labels) ran GPAW with
+    k_i = ceil(kpt_density / |a_i|), kpt_density = 6 Å, read back from GPAW's own text output."""
+    output = tmp_path / "al.traj"
+    result = CliRunner().invoke(app, [
+        "initial", "Al", "-o", str(output), "--calculator", "gpaw", "--parent-option", "ecut=200",
+        "--parent-option", "kpt_density=6", "--space-groups", "225", "--count", "2", "--max-atoms", "4",
+    ])
+    assert result.exit_code == 0, result.output
+    cells = read(output, ":")
+    assert len(cells) == 2 and all(2 <= len(atoms) <= 4 and set(atoms.get_chemical_symbols()) == {"Al"} for atoms in cells)
+    job_dirs = sorted((tmp_path / "al.traj.nft" / "jobs").iterdir())
+    relaxations = 0
+    for job_dir in job_dirs:
+        job = json.loads((job_dir / "gpaw-input.json").read_text())
+        lengths = np.linalg.norm(np.asarray(job["payload"]["cell"]), axis=1)
+        expected = tuple(math.ceil(6.0 / length) for length in lengths)
+        log = (job_dir / "gpaw.txt").read_text()
+        assert f"kpts=MonkhorstPack(size={expected}" in log, (job_dir.name, expected)
+        assert "ecut=200.0" in log
+        relaxations += job["relax_cell"] is not None
+    assert relaxations == 1 and len(job_dirs) >= 3  # one prototype relaxed, every candidate labelled
+    with CampaignStore.open(f"sqlite:///{tmp_path / 'al.traj.nft' / 'nft.db'}", "initial", create=False) as store:
+        (prototype,) = store.jobs(kind="prototype")
+        relaxed = store.result(prototype.id)
+    volume = abs(np.linalg.det(np.asarray(relaxed.final_cell)))
+    assert volume == pytest.approx(16.5, abs=1.0)  # Å³ per atom, Al with PBE (10.0 as built from the radii)
+    for atoms in cells:  # within the 0.3 eV/atom window of the relaxed cell, and labelled by GPAW
+        assert atoms.get_potential_energy() / len(atoms) <= relaxed.energy + 0.3
+        assert np.abs(atoms.get_forces()).max() > 0.0
 
 
 def test_variants_are_deterministic_for_a_seed_and_an_impossible_separation_is_refused():

@@ -162,8 +162,8 @@ def _interleaved(groups: list[list[tuple[str, Atoms]]]) -> list[tuple[str, Atoms
 def random_alloy_crystals(elements: Sequence[str], settings: InitialSetSettings) -> list[tuple[str, Atoms]]:
     """`settings.random_alloys` random substitutional alloys of `elements` (two or more; none for one):
     supercells of the one-element prototypes (taken in turn, those among `space_groups`) whose sites
-    are decorated at random, with compositions drawn uniformly over the simplex and every element on
-    at least one site; the nearest-neighbour distance is twice the cell's mean covalent radius (Å).
+    are decorated at random, with compositions drawn uniformly over the simplex (each element the
+    majority in turn) and every element on at least one site; the nearest-neighbour distance is twice the cell's mean covalent radius (Å).
     Ordered prototypes alone under-sample the environments of a disordered alloy. Deterministic for
     `settings.seed`; `ValueError` when no supercell of at most `max_atoms` atoms holds every element."""
     lattices = [p for p in _chosen_prototypes(settings.space_groups) if p.n_elements == 1]
@@ -173,14 +173,17 @@ def random_alloy_crystals(elements: Sequence[str], settings: InitialSetSettings)
     cells = []
     for k in range(settings.random_alloys):
         lattice = lattices[k % len(lattices)]
-        atoms = _random_alloy(lattice, elements, settings.min_atoms, settings.max_atoms, rng)
+        atoms = _random_alloy(lattice, elements, k % len(elements), settings.min_atoms, settings.max_atoms, rng)
         cells.append((f"{'-'.join(elements)} random {lattice.name} {atoms.get_chemical_formula()}", atoms))
     return cells
 
 
-def _random_alloy(lattice: Prototype, elements: Sequence[str], min_atoms: int, max_atoms: int, rng: np.random.Generator) -> Atoms:
+def _random_alloy(
+    lattice: Prototype, elements: Sequence[str], majority: int, min_atoms: int, max_atoms: int, rng: np.random.Generator
+) -> Atoms:
     """One random decoration of a supercell of `lattice`: among the upper half of the allowed sizes
-    (a random alloy of two sites is an ordered one), every element present."""
+    (a random alloy of two sites is an ordered one), every element present, `elements[majority]`
+    the most abundant (ties allowed)."""
     base = lattice.build([elements[0]])
     repeats = supercell_repeats(len(base), max(min_atoms, len(elements)), max_atoms)
     if not repeats:
@@ -188,12 +191,23 @@ def _random_alloy(lattice: Prototype, elements: Sequence[str], min_atoms: int, m
     largest = max(len(base) * int(np.prod(r)) for r in repeats)
     repeats = [r for r in repeats if len(base) * int(np.prod(r)) >= largest / 2]
     atoms = base.repeat(repeats[rng.integers(len(repeats))])
-    counts = composition_counts(rng.dirichlet(np.ones(len(elements))), len(atoms))
+    counts = composition_counts(spread_composition(len(elements), majority, rng), len(atoms))
     symbols = np.repeat(np.asarray(elements), counts)
     rng.shuffle(symbols)
     atoms.set_chemical_symbols(list(symbols))
     mean_radius = float(np.mean(covalent_radii[atoms.numbers]))
     return _scaled(atoms, 2.0 * mean_radius)
+
+
+def spread_composition(n_elements: int, majority: int, rng: np.random.Generator) -> np.ndarray:
+    """Fractions drawn uniformly over the simplex (a flat Dirichlet), reordered so that element
+    `majority` has the largest, the others in random order: cells drawn in turn spread over every
+    corner of the simplex, not only where the draws happen to fall."""
+    fractions = np.sort(rng.dirichlet(np.ones(n_elements)))[::-1]
+    order = [majority, *rng.permutation([i for i in range(n_elements) if i != majority])]
+    spread = np.empty(n_elements)
+    spread[order] = fractions
+    return spread
 
 
 def composition_counts(fractions: np.ndarray, n_atoms: int) -> np.ndarray:
