@@ -227,6 +227,8 @@ def random_alloy_cluster(seed: int = 5) -> Atoms:
     return atoms
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # the campaign's own limit is 840 s; 240 s is too short on 2 shared cores
 def test_an_alloy_campaign_from_a_generated_set_alone_converges(tmp_path):
     """Nothing but a PtAu alloy target, `[data.initial_generate]` (both elements, mixed cells) and the
     default model: the campaign converges to δ < 0.15 eV/Å and is accurate against EMT on the target
