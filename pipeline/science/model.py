@@ -106,6 +106,154 @@ class EnsembleNetworks(nn.Module):
             delta = torch.bmm(delta, weights[layer].transpose(1, 2)) * slopes[layer - 1]
         return out, torch.bmm(delta, weights[0].transpose(1, 2))
 
+    def training_pass(self, features: torch.Tensor, element_index: torch.Tensor) -> "TrainingPass":
+        """Outputs (R, M) and input gradients (R, F, M) from inputs (R, F) shared by all members,
+        keeping each element's activations for `accumulate_parameter_gradients` (no autograd).
+
+        Rows come first and members last: every layer is then one GEMM with a block-diagonal weight
+        matrix (members side by side), and the input gradients come out in the (R·F, M) layout the
+        sparse force product takes, with no transposed copies.
+        """
+        present = torch.unique(element_index).tolist()
+        if len(present) == 1:
+            only = self._element_training_pass(features, present[0], slice(None))
+            return TrainingPass(only.outputs, only.input_gradients, [only])
+        out = features.new_zeros(features.shape[0], self.n_members)
+        grads = features.new_zeros(*features.shape, self.n_members)
+        passes = []
+        for element in present:
+            rows = _as_slice((element_index == element).nonzero(as_tuple=True)[0])
+            element_pass = self._element_training_pass(features[rows], element, rows)
+            out[rows] = element_pass.outputs
+            grads[rows] = element_pass.input_gradients
+            passes.append(element_pass)
+        return TrainingPass(out, grads, passes)
+
+    def _element_layers(self, element: int) -> "_BlockLayers":
+        """One element's layers as block-diagonal matrices over the members (detached)."""
+        first = element * self.n_layers
+        weights = [self.weights[first + layer].detach() for layer in range(self.n_layers)]
+        biases = [self.biases[first + layer].detach().reshape(-1) for layer in range(self.n_layers)]
+        n_members, n_in, width = weights[0].shape
+        # input → first hidden, (F, M·H): column m·H + h is member m's unit h
+        first_layer = weights[0].permute(1, 0, 2).reshape(n_in, n_members * width)
+        # first hidden → input gradient, (M·H, F·M): member m's W0ᵀ in rows m·H.., columns f·M + m
+        to_inputs = weights[0].new_zeros(n_members, width, n_in, n_members)
+        members = torch.arange(n_members, device=weights[0].device)
+        to_inputs[members, :, :, members] = weights[0].transpose(1, 2)
+        blocks = [torch.block_diag(*w) for w in weights[1:]]
+        return _BlockLayers(first_layer, to_inputs.reshape(n_members * width, n_in * n_members), blocks, biases)
+
+    def _element_training_pass(self, features: torch.Tensor, element: int, rows: torch.Tensor | slice) -> "_ElementPass":
+        """One element's network, input gradient and activations for inputs (B, F)."""
+        layers = self._element_layers(element)
+        activations = [torch.tanh(torch.addmm(layers.biases[0], features, layers.first))]
+        for layer in range(1, self.n_layers - 1):
+            activations.append(torch.tanh(torch.addmm(layers.biases[layer], activations[-1], layers.blocks[layer - 1])))
+        slopes = [1.0 - a * a for a in activations]
+        out = torch.addmm(layers.biases[-1], activations[-1], layers.blocks[-1])  # (B, M)
+        delta = layers.blocks[-1].sum(1) * slopes[-1]  # ∂out/∂z of the last hidden layer, (B, M·H)
+        for layer in range(self.n_layers - 2, 0, -1):
+            delta = (delta @ layers.blocks[layer - 1].T) * slopes[layer - 1]
+        input_gradients = (delta @ layers.to_inputs).reshape(features.shape[0], features.shape[1], -1)
+        return _ElementPass(element, rows, features, layers, activations, slopes, out, input_gradients)
+
+    def accumulate_parameter_gradients(
+        self, training_pass: "TrainingPass", output_weights: torch.Tensor, input_weights: torch.Tensor
+    ) -> None:
+        """Add ∂Q/∂θ to every parameter's .grad for Q = Σ a·out + Σ u·(∂out/∂x), a = `output_weights`
+        (R, M), u = `input_weights` (R, F, M): the chain rule of a loss on energies and forces.
+
+        Written out by hand (a tangent pass along u, then one reverse sweep over primal and tangent)
+        instead of autograd's backward through the input gradient: the same products as GEMMs,
+        without the graph, which is most of a force-trained step's cost on these tiny networks.
+        """
+        for element_pass in training_pass.elements:
+            rows = element_pass.rows
+            self._element_parameter_gradients(element_pass, output_weights[rows], input_weights[rows])
+
+    def _element_parameter_gradients(self, p: "_ElementPass", a: torch.Tensor, u: torch.Tensor) -> None:
+        layers, last, n_members = p.layers, self.n_layers - 1, self.n_members
+        flat_u = u.reshape(u.shape[0], -1)  # (B, F·M)
+        # tangent pass: t_l = ∂z_l along u, and the activations' tangents s_l·t_l
+        tangents = [flat_u @ layers.to_inputs.T]
+        tangent_activations = [p.slopes[0] * tangents[0]]
+        for layer in range(1, last):
+            tangents.append(tangent_activations[-1] @ layers.blocks[layer - 1])
+            tangent_activations.append(p.slopes[layer] * tangents[-1])
+        gradients_w: list[torch.Tensor] = [None] * self.n_layers  # type: ignore[list-item]
+        gradients_b: list[torch.Tensor] = [None] * self.n_layers  # type: ignore[list-item]
+        width = p.activations[-1].shape[1] // n_members
+        output_row = layers.blocks[-1].sum(1)  # (M·H,): member m's output weights at m·H..
+        a_wide = a.repeat_interleave(width, dim=1)  # (B, M·H)
+        gradients_w[last] = ((p.activations[-1] * a_wide).sum(0) + tangent_activations[-1].sum(0)).reshape(n_members, width, 1)
+        gradients_b[last] = a.sum(0).reshape(n_members, 1, 1)
+        h_bar = a_wide * output_row  # adjoint of the last activations (primal)
+        th_bar = output_row.expand_as(h_bar)  # adjoint of their tangents (Σ of the tangent output)
+        for layer in range(last - 1, -1, -1):
+            h, slope, t = p.activations[layer], p.slopes[layer], tangents[layer]
+            t_bar = th_bar * slope
+            z_bar = (h_bar - 2.0 * h * th_bar * t) * slope
+            n_out = h.shape[1] // n_members
+            if layer == 0:
+                n_in = p.features.shape[1]
+                shared = (p.features.T @ z_bar).reshape(n_in, n_members, n_out).transpose(0, 1)
+                cross = (flat_u.T @ t_bar).reshape(n_in, n_members, n_members, n_out)
+                gradients_w[0] = shared + torch.diagonal(cross, dim1=1, dim2=2).permute(2, 0, 1)
+            else:
+                below, tangent_below = p.activations[layer - 1], tangent_activations[layer - 1]
+                n_in = below.shape[1] // n_members
+                full = (below.T @ z_bar + tangent_below.T @ t_bar).reshape(n_members, n_in, n_members, n_out)
+                gradients_w[layer] = torch.diagonal(full, dim1=0, dim2=2).permute(2, 0, 1)
+                h_bar = z_bar @ layers.blocks[layer - 1].T
+                th_bar = t_bar @ layers.blocks[layer - 1].T
+            gradients_b[layer] = z_bar.sum(0).reshape(n_members, 1, n_out)
+        first = p.element * self.n_layers
+        for layer in range(self.n_layers):
+            for parameter, gradient in ((self.weights[first + layer], gradients_w[layer]),
+                                        (self.biases[first + layer], gradients_b[layer])):
+                parameter.grad = gradient if parameter.grad is None else parameter.grad + gradient
+
+
+def _as_slice(rows: torch.Tensor) -> torch.Tensor | slice:
+    """A run of consecutive row indices as a slice (views instead of gathers), else the indices."""
+    if len(rows) and int(rows[-1]) - int(rows[0]) + 1 == len(rows):
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
+
+
+@dataclass
+class _BlockLayers:
+    """One element's layers for all members at once: members side by side in every matrix."""
+
+    first: torch.Tensor  # (F, M·H₀)
+    to_inputs: torch.Tensor  # (M·H₀, F·M): back from the first hidden layer to the inputs
+    blocks: list[torch.Tensor]  # block-diagonal (M·H_{l−1}, M·H_l) for the later layers, the last (M·H, M)
+    biases: list[torch.Tensor]  # (M·H_l,) per layer
+
+
+@dataclass
+class _ElementPass:
+    """One element's rows of a training pass: inputs, layers, tanh activations and slopes (B, M·H_l)."""
+
+    element: int
+    rows: torch.Tensor | slice
+    features: torch.Tensor  # (B, F), shared by the members
+    layers: _BlockLayers
+    activations: list[torch.Tensor]
+    slopes: list[torch.Tensor]  # 1 − tanh²
+    outputs: torch.Tensor  # (B, M)
+    input_gradients: torch.Tensor  # (B, F, M)
+
+
+@dataclass
+class TrainingPass:
+    """A batched forward pass with input gradients, rows first and members last."""
+
+    outputs: torch.Tensor  # (R, M)
+    input_gradients: torch.Tensor  # (R, F, M)
+    elements: list[_ElementPass]
+
 
 @dataclass
 class Prediction:

@@ -243,6 +243,48 @@ def _member_losses(model, data, weights, settings, create_graph=True) -> torch.T
     return loss
 
 
+def _member_losses_with_gradients(model: EnsembleModel, data: TrainingData, weights: torch.Tensor, settings) -> torch.Tensor:
+    """`_member_losses` (M,), with ∂loss_m/∂θ_m added to every network parameter's .grad.
+
+    The chain rule is written out: ∂L/∂E and ∂L/∂F from the residuals, ∂L/∂F through the transposed
+    force Jacobian to the weights u of the networks' input gradients, and the networks' own
+    hand-written parameter gradient (`EnsembleNetworks.accumulate_parameter_gradients`). Falls back
+    to autograd for unscaled data or networks without a hidden layer.
+    """
+    if not data.scaled or model.networks.n_layers < 2:
+        losses = _member_losses(model, data, weights, settings)
+        losses.sum().backward()
+        return losses.detach()
+    scale = model.energy_scale
+    network_pass = model.networks.training_pass(data.features, data.element_index)
+    n_rows, n_members = network_pass.outputs.shape
+    losses = network_pass.outputs.new_zeros(n_members)
+    output_weights = network_pass.outputs.new_zeros(n_rows, n_members)
+    if len(data.energies):
+        rows = data.energy_rows
+        atomic = network_pass.outputs[rows] * scale + model.energy_offset[data.element_index[rows]].unsqueeze(1)
+        energies = atomic.new_zeros(len(data.energies), n_members).index_add(0, data.energy_segment, atomic).T
+        w = weights[:, data.energy_structure]
+        residual = (energies - data.energies) / data.energy_atoms
+        losses = losses + settings.energy_weight * (w * residual**2).sum(1)
+        d_energies = settings.energy_weight * 2.0 * w * residual / data.energy_atoms  # (M, S_E)
+        output_weights[rows] = d_energies.T[data.energy_segment] * scale
+    if len(data.forces):
+        flat_grads = network_pass.input_gradients.reshape(-1, n_members)  # (R·width, M), no copy
+        forces = (data.force_jacobian @ flat_grads).T.reshape(n_members, -1, 3) * -scale
+        w = weights[:, data.force_structure]
+        normaliser = w.sum(1).clamp_min(1.0)
+        residual = forces - data.forces
+        losses = losses + settings.force_weight * (w * (residual**2).sum(-1)).sum(1) / normaliser
+        d_forces = (2.0 * settings.force_weight) * residual * (w / normaliser[:, None]).unsqueeze(2)
+        d_grads = data.force_jacobian_t @ (d_forces * -scale).reshape(n_members, -1).T.contiguous()  # (R·width, M)
+        input_weights = d_grads.view(network_pass.input_gradients.shape)
+    else:
+        input_weights = torch.zeros_like(network_pass.input_gradients)
+    model.networks.accumulate_parameter_gradients(network_pass, output_weights, input_weights)
+    return losses
+
+
 def force_mae(model: EnsembleModel, data: TrainingData, structure_mask: np.ndarray) -> float:
     """Mean absolute error of the ensemble-mean force components over the selected structures."""
     rows = torch.from_numpy(structure_mask)[data.force_structure]
@@ -453,8 +495,7 @@ def _adam(model, data, weights, val_weights, settings, progress) -> tuple[int, f
     epoch = 0
     for epoch in range(1, epochs + 1):
         optimizer.zero_grad()
-        total = _member_losses(model, data, weights, settings).sum()
-        total.backward()
+        total = _member_losses_with_gradients(model, data, weights, settings).sum()
         optimizer.step()
         scheduler.step()
         if val_weights is not None and (epoch % 10 == 0 or epoch == epochs):
@@ -496,10 +537,9 @@ def _lbfgs(model, data, weights, settings) -> float:
         assign(flat)
         for p in parameters:
             p.grad = None
-        losses = _member_losses(model, data, weights, settings)
-        losses.sum().backward()
+        losses = _member_losses_with_gradients(model, data, weights, settings)
         grad = torch.cat([p.grad.reshape(n_members, -1) for p in parameters], dim=1)
-        return losses.detach(), grad
+        return losses, grad
 
     start = torch.cat([p.detach().reshape(n_members, -1) for p in parameters], dim=1)
     final, losses = minimize_members(objective, start, settings.lbfgs_steps)
