@@ -82,6 +82,10 @@ class CurvatureHistory:
         self._r = torch.zeros(n_members, capacity, capacity, dtype=dtype, device=device)
         self._d = torch.zeros(n_members, capacity, dtype=dtype, device=device)  # D = diag(SᵀY), zeros kept
         self._yy = torch.zeros_like(self._r)  # y_i · y_j
+        # R⁻¹, kept up to date as pairs come and go: the window of an upper triangular matrix that
+        # drops its first row and column has the window of the inverse as its inverse, and a new
+        # column costs one matrix-vector product, so applying H needs no triangular solves.
+        self._r_inv = torch.zeros_like(self._r)
         self._start = self._end = 0
 
     @property
@@ -128,6 +132,12 @@ class CurvatureHistory:
         self._d[:, new] = (s * y).sum(1)
         self._r[:, new, new] = torch.where(self._d[:, new] == 0, 1.0, self._d[:, new])
         self._yy[:, new, new] = (y * y).sum(1)
+        diagonal_inverse = 1.0 / self._r[:, new, new]
+        old_inverse = self._r_inv[:, window, window]
+        column = torch.bmm(old_inverse, self._r[:, window, new].unsqueeze(2)).squeeze(2)
+        self._r_inv[:, window, new] = -column * diagonal_inverse[:, None]
+        self._r_inv[:, new, window] = 0.0
+        self._r_inv[:, new, new] = diagonal_inverse
         self._end = new + 1
 
     def _compact(self) -> None:
@@ -135,15 +145,16 @@ class CurvatureHistory:
         count = self._end - self._start
         for buffer in (self._s, self._y, self._d):
             buffer[:, :count] = buffer[:, self._start : self._end].clone()
-        for buffer in (self._r, self._yy):
+        for buffer in (self._r, self._yy, self._r_inv):
             buffer[:, :count, :count] = buffer[:, self._start : self._end, self._start : self._end].clone()
         self._start, self._end = 0, count
 
     def forget(self, members: torch.Tensor) -> None:
         """Drop every pair of the members flagged (M,) True."""
-        for buffer in (self._s, self._y, self._r, self._d, self._yy):
+        for buffer in (self._s, self._y, self._r, self._d, self._yy, self._r_inv):
             buffer[members] = 0.0
         torch.diagonal(self._r, dim1=1, dim2=2)[members] = 1.0
+        torch.diagonal(self._r_inv, dim1=1, dim2=2)[members] = 1.0
 
     def apply_inverse_hessian(self, grad: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         """H·g per member (M, P) for the stored pairs and initial scaling γ (M,)."""
@@ -153,10 +164,11 @@ class CurvatureHistory:
         gam = gamma[:, None, None]
         s_g = torch.bmm(self.s, g)  # (M, m, 1)
         y_g = torch.bmm(self.y, g)
-        upper, diagonal = self.r, self.d
-        r_inv_sg = torch.linalg.solve_triangular(upper, s_g, upper=True)
-        inner = diagonal.unsqueeze(2) * r_inv_sg + gam * torch.bmm(self.yy, r_inv_sg) - gam * y_g
-        p = torch.linalg.solve_triangular(upper.transpose(1, 2), inner, upper=False)
+        window = slice(self._start, self._end)
+        upper_inverse = self._r_inv[:, window, window]
+        r_inv_sg = torch.bmm(upper_inverse, s_g)
+        inner = self.d.unsqueeze(2) * r_inv_sg + gam * torch.bmm(self.yy, r_inv_sg) - gam * y_g
+        p = torch.bmm(upper_inverse.transpose(1, 2), inner)
         q = -r_inv_sg
         step = gam * g + torch.bmm(self.s.transpose(1, 2), p) + gam * torch.bmm(self.y.transpose(1, 2), q)
         return step.squeeze(2)
