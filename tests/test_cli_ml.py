@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ase import Atoms
 from ase.io import read, write
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.science.examples import bulk_training_cells, emt_label
 from tests.core_helpers import rattled_bulk, rattled_cluster
+from tests.test_gpaw_jobs import gpaw_installed  # noqa: F401  (a fixture: skip without GPAW, fail in CI)
 
 pytestmark = pytest.mark.timeout(300)
 NFT = [str(Path(sys.executable).with_name("nft"))]
@@ -156,6 +158,60 @@ def test_unreadable_data(tmp_path):
     path = tmp_path / "junk.traj"
     path.write_text("this is not a trajectory")
     one_line_error(run("train", path, "-o", tmp_path / "m.nft"), "junk.traj")
+
+
+TINY_LCAO_CONFIG = """
+[campaign]
+name = "gpaw-evaluate"
+[data]
+targets = ["dimer.traj"]
+initial = "dimer.traj"
+[parent]
+calculator = "gpaw"
+[parent.gpaw]
+mode = "lcao"
+basis = "sz(dzp)"
+setups = { Pt = "10" }
+h = 0.3
+[chunks]
+vacuum = 3.0
+"""
+
+
+@pytest.mark.gpaw
+@pytest.mark.usefixtures("gpaw_installed")
+def test_evaluate_against_a_campaign_configs_gpaw_parent(trained_model, tmp_path):
+    """`--config` takes the config's parent with its options and boxes a cell-less cluster with the
+    config's chunks.vacuum: the force residuals equal a GPAW run made here with those settings."""
+    from gpaw import GPAW
+
+    from pipeline.science.calculator import PREDICTION_BLOCK_SIZE, PREDICTION_DTYPE
+    from pipeline.storage.model_file import load_ensemble
+
+    dimer = Atoms("Pt2", positions=[[0.0, 0.0, 0.0], [2.45, 0.1, 0.0]])
+    structure = tmp_path / "dimer.traj"
+    write(structure, dimer)
+    config = tmp_path / "config.toml"
+    config.write_text(TINY_LCAO_CONFIG)
+    result = run("evaluate", trained_model, structure, "--config", config, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+
+    boxed = dimer.copy()
+    boxed.center(vacuum=3.0)
+    boxed.calc = GPAW(mode="lcao", basis="sz(dzp)", setups={"Pt": "10"}, h=0.3, xc="PBE",
+                      occupations={"name": "fermi-dirac", "width": 0.1}, txt=None)
+    prediction = load_ensemble(trained_model, dtype=PREDICTION_DTYPE).predict(dimer, block_size=PREDICTION_BLOCK_SIZE)
+    residuals = np.linalg.norm(prediction.forces - boxed.get_forces(), axis=1)
+    assert report["residual_max"] == pytest.approx(residuals.max(), abs=1e-4)
+    assert report["force_mae"] == pytest.approx(np.abs(prediction.forces - boxed.get_forces()).mean(), abs=1e-4)
+
+
+def test_evaluate_takes_one_reference(trained_model, data_files, tmp_path):
+    _, _, test = data_files
+    one_line_error(run("evaluate", trained_model, test), "--reference")
+    one_line_error(run("evaluate", trained_model, test, "--reference", "emt", "--config", tmp_path / "c.toml"), "--config")
+    one_line_error(run("evaluate", trained_model, test, "--reference", "emt", "--vacuum", "-1"), "--vacuum")
 
 
 def test_bad_hidden_option(data_files, tmp_path):

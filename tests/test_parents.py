@@ -44,13 +44,13 @@ def test_every_gpaw_option_can_be_overridden():
     overrides = {
         "mode": "lcao", "basis": "szp(dzp)", "ecut": 300, "h": 0.25, "smearing_width": 0.05,
         "convergence": {"energy": 1e-4, "density": 1e-3}, "maxiter": 50, "spinpol": True, "magmom": 0.5,
-        "ranks": 4, "launcher": "srun", "launcher_args": "--mpi=pmix", "kpts": [2, 2, 1],
+        "ranks": 4, "launcher": "srun", "launcher_args": "--mpi=pmix", "kpts": [2, 2, 1], "setups": {"Pt": "10"},
     }
     params = parent_for("gpaw", overrides).model_dump()
     assert params["mode"] == "lcao" and params["basis"] == "szp(dzp)" and params["ecut"] == 300.0
     assert params["convergence"] == {"energy": 1e-4, "density": 1e-3} and params["maxiter"] == 50
     assert params["spinpol"] is True and params["ranks"] == 4 and params["launcher_args"] == ["--mpi=pmix"]
-    assert params["kpts"] == [2, 2, 1]
+    assert params["kpts"] == [2, 2, 1] and params["setups"] == {"Pt": "10"}
     assert parent_for("gpaw", params) == parent_for("gpaw", overrides)  # the dump is what a Parsl app receives
 
 
@@ -66,6 +66,8 @@ def test_every_gpaw_option_can_be_overridden():
         ("gpaw", {"spinpol": "yes"}, "parent.gpaw.spinpol"),
         ("gpaw", {"convergence": {"eigenstate": 1e-8}}, "parent.gpaw.convergence"),
         ("gpaw", {"kpts": [1, 1]}, "parent.gpaw.kpts"),
+        ("gpaw", {"setups": {"Pt": 10}}, "parent.gpaw.setups"),
+        ("gpaw", {"setups": ""}, "parent.gpaw.setups"),
         ("emt", {"asap": True}, "parent.emt.asap"),
         ("emt", {"retries": -1}, "parent.emt.retries"),
         ("emt", {"retries": 1.5}, "parent.emt.retries"),
@@ -154,6 +156,16 @@ def test_the_physics_of_a_job_is_the_json_stored_databases_hold():
         '"smearing_width": 0.1, "kpt_density": 30.0, "kpts": null, "convergence": {"energy": 1e-06}, '
         '"maxiter": 333, "spinpol": false, "magmom": 0.0, "charge": 0.0}'
     )
+
+
+def test_other_setups_are_part_of_the_physics_and_reach_gpaw():
+    """A job with the 10-electron Pt datasets is another result than one with the default ones;
+    the default is left out of the physics, so jobs stored before the option keep their hash."""
+    default, ten = parent_for("gpaw"), parent_for("gpaw", {"setups": {"Pt": "10"}})
+    assert "setups" not in default.physics() and ten.physics()["setups"] == {"Pt": "10"}
+    assert parent_for("gpaw", {"setups": "10"}).physics()["setups"] == "10"
+    box = {"numbers": [78], "positions": [[2.5, 2.5, 2.5]], "cell": (5.0 * np.eye(3)).tolist(), "pbc": [False] * 3}
+    assert ten.setup(box)[1]["setups"] == {"Pt": "10"} and default.setup(box)[1]["setups"] == "paw"
 
 
 def test_kpoints_meet_the_density_on_periodic_axes_and_gamma_elsewhere():

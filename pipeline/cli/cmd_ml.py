@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Optional
+
 import numpy as np
 import typer
 from pydantic import ValidationError
@@ -122,21 +125,39 @@ def train(
 def evaluate(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file written by nft train / nft run."),
     structures: list[Path] = typer.Argument(..., metavar="FILES...", help="ASE-readable structure files (every image of each is evaluated)."),
-    parent: str = typer.Option(..., "--reference", help="Parent calculator to compare with, e.g. emt."),
+    parent: Optional[str] = typer.Option(None, "--reference", help="Parent calculator to compare with, with its default options, e.g. emt."),
+    config: Optional[Path] = typer.Option(None, "--config", metavar="CONFIG.toml", help="Instead of --reference: a campaign config, whose parent (with its options) and chunks.vacuum are used."),
+    vacuum: Optional[float] = typer.Option(None, "--vacuum", help="Vacuum (Å) of the box a non-periodic structure without a cell gets for the parent (default: the config's chunks.vacuum, else 6)."),
     as_json: bool = typer.Option(False, "--json", help="Print the aggregate and per-structure metrics as JSON."),
     device: str = typer.Option("auto", help="auto (cuda when torch sees a GPU, else cpu), cpu or cuda."),
 ):
     """Errors of a model against a parent calculator (eV/Å, eV/atom) on every image of every file,
     per structure and in total, predicted as the ASE calculator predicts (its default precision and
     block size); coverage is the fraction of atoms whose force residual norm is ≤ their δ_i."""
+    from pipeline.campaign.config import ChunksSection
     from pipeline.errors import RunFailed
     from pipeline.execution.evaluation import Evaluation, evaluate_model
     from pipeline.execution.parents import PARENTS, ReferenceFailed, parent_for
     from pipeline.science.calculator import PREDICTION_DTYPE
     from pipeline.storage.model_file import load_ensemble
 
-    if parent not in PARENTS:
+    if parent is None and config is None:
+        raise BadInput(f"--reference: required (a parent calculator: {', '.join(PARENTS)}), unless --config CONFIG.toml gives [parent]")
+    if parent is not None and config is not None:
+        raise BadInput("--reference: not with --config (the config's [parent] is the reference)")
+    if parent is not None and parent not in PARENTS:
         raise BadInput(f"--reference: unknown parent calculator {parent!r} (known: {', '.join(PARENTS)})")
+    if vacuum is not None and (not math.isfinite(vacuum) or vacuum < 0):
+        raise BadInput(f"--vacuum: expected a vacuum in Å >= 0, got {vacuum:g}")
+    if config is not None:
+        from pipeline.campaign.config import load_config
+
+        campaign = load_config(config)
+        reference = campaign.parent
+        vacuum = campaign.file.chunks.vacuum if vacuum is None else vacuum
+    else:
+        reference = parent_for(parent)
+        vacuum = ChunksSection().vacuum if vacuum is None else vacuum
     model = load_ensemble(model_path, dtype=PREDICTION_DTYPE, device=checked_device(device))
     files = [(path, read_images(path)) for path in structures]
     for path, images in files:
@@ -148,9 +169,9 @@ def evaluate(
     rows, evaluated = [], []
     for path, images in files:
         try:
-            evaluation = evaluate_model(model, images, parent_for(parent))
+            evaluation = evaluate_model(model, images, reference, vacuum=vacuum)
         except ReferenceFailed as error:
-            raise RunFailed(f"parent {parent} on {path}: {error.reason}") from None
+            raise RunFailed(f"parent {reference.name} on {path}: {error.reason}") from None
         for index, item in enumerate(evaluation.structures):
             rows.append({"file": str(path), "image": index, **item.metrics()})
         evaluated.extend(evaluation.structures)

@@ -96,9 +96,12 @@ def evaluate_model(
     parent: Parent,
     device: str = "auto",
     skip_failed: bool = False,
+    vacuum: float | None = None,
 ) -> Evaluation:
     """Errors of `model` against `parent` on every image, predicted in the ASE calculator's blocks of
     atoms; a model file is loaded as the calculator loads it (its precision, on `device`).
+    With `vacuum` (Å), a non-periodic image without a full cell is centred in a box with that
+    vacuum for the parent (a GPAW job needs a cell; the prediction does not depend on it).
 
     A structure the parent cannot label raises `ReferenceFailed`, or with `skip_failed` is kept with
     the reason and left out of the totals. An element the model lacks raises `ValueError`.
@@ -113,7 +116,7 @@ def evaluate_model(
     for atoms in images:
         prediction = model.predict(atoms, block_size=PREDICTION_BLOCK_SIZE)
         try:
-            labels = parent.run(atoms_to_payload(atoms))
+            labels = parent.run(atoms_to_payload(boxed(atoms, vacuum)))
         except ReferenceFailed as error:
             if not skip_failed:
                 raise
@@ -128,3 +131,14 @@ def evaluate_model(
             )
         )
     return Evaluation(structures)
+
+
+def boxed(atoms: Atoms, vacuum: float | None) -> Atoms:
+    """`atoms` centred in a box with `vacuum` (Å) on every side when it is non-periodic without a
+    full cell (as a chunk is boxed); otherwise, or without `vacuum`, `atoms` as it is."""
+    if vacuum is None or atoms.pbc.any() or atoms.cell.rank == 3:
+        return atoms
+    box = atoms.copy()
+    box.calc = None
+    box.center(vacuum=vacuum)
+    return box

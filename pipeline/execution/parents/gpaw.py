@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 from ase import Atoms
-from pydantic import BaseModel, BeforeValidator, ConfigDict, field_serializer, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_serializer, model_validator
 
 from pipeline.execution.parents.base import (
     Flag,
@@ -45,6 +45,11 @@ LOG_TAIL_LINES = 25
 Mode = one_of("pw", "lcao", "fd")
 Smearing = one_of("fermi-dirac", "marzari-vanderbilt", "methfessel-paxton")
 Launcher = one_of("auto", "mpiexec", "srun")
+Setups = Annotated[
+    str | dict[str, str], Field(min_length=1),
+    rejects("must be a setup name ('paw', '10', ...) or a table element = name, got {value}"),
+]
+DEFAULT_SETUPS = "paw"
 Bands = Annotated[int | str, rejects("bands must be an integer or 'occupied'/'all', got {value}")]
 
 
@@ -89,7 +94,7 @@ class GpawParent(Parent):
     name: ClassVar[str] = "gpaw"
     physics_fields: ClassVar[tuple[str, ...]] = (
         "mode", "ecut", "h", "basis", "xc", "smearing", "smearing_width", "kpt_density", "kpts",
-        "convergence", "maxiter", "spinpol", "magmom", "charge",
+        "convergence", "maxiter", "spinpol", "magmom", "charge", "setups",
     )
     needs_job_dir: ClassVar[bool] = True
     stops_at_walltime: ClassVar[bool] = True  # past walltime_s its process group is killed (run_process_group)
@@ -109,6 +114,7 @@ class GpawParent(Parent):
     spinpol: Flag = False
     magmom: Number = 0.0  # initial moment per atom, μB (spinpol)
     charge: Number = 0.0  # total charge, e
+    setups: Setups = DEFAULT_SETUPS  # PAW datasets: GPAW's `setups`, e.g. "10" or {Pt = "10"} (10-electron Pt)
     # execution (do not change the result)
     ranks: PositiveInt = 1  # MPI ranks of one job
     ranks_per_node: PositiveInt | None = None  # defaults to ranks (one node per job)
@@ -125,6 +131,14 @@ class GpawParent(Parent):
                 raise option_error("timeout_s is the old name of walltime_s: give walltime_s only")
             value = {("walltime_s" if key == "timeout_s" else key): item for key, item in value.items()}
         return value
+
+    def physics(self) -> dict[str, Any]:
+        """As every parent's, but `setups` only when not GPAW's default: jobs stored before the
+        option existed keep their identity (and are not recomputed on resume)."""
+        physics = super().physics()
+        if physics.get("setups") == DEFAULT_SETUPS:
+            del physics["setups"]
+        return physics
 
     @field_serializer("convergence")
     def _set_criteria(self, convergence: ScfConvergence) -> dict[str, Any]:
@@ -252,6 +266,7 @@ class GpawParent(Parent):
             "maxiter": self.maxiter,
             "spinpol": self.spinpol,
             "charge": self.charge,
+            "setups": dict(self.setups) if isinstance(self.setups, dict) else self.setups,
             "txt": txt,
         }
         if self.mode in ("fd", "lcao"):
