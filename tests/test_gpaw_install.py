@@ -103,3 +103,32 @@ def test_two_ranks_agree_with_serial(gpaw_executable, tmp_path, mode):
     forces_serial, forces_parallel = np.array(serial["forces"]), np.array(parallel["forces"])
     assert np.abs(forces_serial).max() > 0.1  # a real force to compare
     np.testing.assert_allclose(forces_parallel, forces_serial, atol=1e-3, rtol=0)
+
+
+DATASETS_USED = ("Pt.PBE", "Pt.10.PBE", "Pt.dzp.basis", "Pt.10.dzp.basis", "Al.PBE", "Na.PBE", "H.PBE", "O.PBE")
+"""PAW datasets and basis sets of the examples and tests (Pt, Al, Na, H2O)."""
+
+
+@pytest.mark.timeout(120)
+def test_the_datasets_are_the_same_with_or_without_env_sh(gpaw_executable):
+    """Without `scripts/env.sh` GPAW reads the gpaw-data wheel's datasets; with it, Debian's
+    /usr/share/gpaw-setups: the same content, so a campaign's results do not depend on which."""
+    if not Path("/usr/share/gpaw-setups").is_dir():
+        pytest.skip("no /usr/share/gpaw-setups (Debian's gpaw-data, scripts/setup.sh installs it)")
+    script = (
+        "import hashlib, json\n"
+        "from gpaw.setup_data import search_for_file\n"
+        f"names = {list(DATASETS_USED)!r}\n"
+        "found = {name: search_for_file(name) for name in names}\n"
+        "print(json.dumps({name: [path, hashlib.sha256(source).hexdigest()] for name, (path, source) in found.items()}))\n"
+    )
+    without = {key: value for key, value in os.environ.items() if key != "GPAW_SETUP_PATH"}
+    runs = {}
+    for label, env in (("wheel", without), ("debian", {**without, "GPAW_SETUP_PATH": "/usr/share/gpaw-setups"})):
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        runs[label] = json.loads(result.stdout)
+    for name in DATASETS_USED:
+        assert runs["debian"][name][0].startswith("/usr/share/gpaw-setups/"), runs["debian"][name]
+        assert not runs["wheel"][name][0].startswith("/usr/share/gpaw-setups/"), runs["wheel"][name]
+        assert runs["wheel"][name][1] == runs["debian"][name][1], name
