@@ -92,3 +92,30 @@ def test_the_example_config_is_the_default_config_plus_its_structures():
     assert config.file.chunks == ChunksSection()
     assert config.file.active == ActiveSection()
     assert config.file.parent.calculator == "emt"
+
+
+GPAW_EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "pt79-gpaw"
+
+
+def test_the_gpaw_example_files_are_what_its_script_makes_and_its_config_loads():
+    """examples/pt79-gpaw: the committed Pt79 target and unlabelled bulk cells equal what
+    make_structures.py builds; the config's GPAW parent carries the reduced-scale settings."""
+    import importlib.util
+
+    from pipeline.campaign.config import load_config
+
+    spec = importlib.util.spec_from_file_location("make_pt79", GPAW_EXAMPLE_DIR / "make_structures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    target = read(GPAW_EXAMPLE_DIR / "pt79_rattled.traj")
+    np.testing.assert_array_equal(target.positions, module.rattled_pt79().positions)
+    assert len(target) == 79 and not target.pbc.any()
+    cells = read(GPAW_EXAMPLE_DIR / "bulk_cells.traj", ":")
+    expected = bulk_training_cells(count=module.INITIAL_CELLS, seed=0)
+    assert len(cells) == len(expected) == 8
+    for cell, made in zip(cells, expected):
+        np.testing.assert_array_equal(cell.positions, made.positions)
+        assert cell.calc is None  # unlabelled: the campaign's GPAW parent computes them
+    config = load_config(GPAW_EXAMPLE_DIR / "config.toml")
+    assert config.parent.name == "gpaw" and config.parent.mode == "lcao" and config.parent.setups == {"Pt": "10"}
+    assert config.threshold == pytest.approx(0.3)  # the DFT default
