@@ -13,7 +13,7 @@ from rich.table import Table
 
 from pipeline.campaign.config import ChunksSection
 from pipeline.cli import app
-from pipeline.cli.common import exit_codes, read_images
+from pipeline.cli.common import exit_codes, parent_and_vacuum, read_images
 from pipeline.errors import BadInput
 from pipeline.science.locality import LocalityResult
 
@@ -45,7 +45,7 @@ def locality(
     the site as `nft run` runs its chunks. Prints max and mean |ΔF| (eV/Å) per radius and the
     smallest radius whose max |ΔF| is below the tolerance, the chunks.radius to use."""
     from pipeline.execution.locality import site_locality
-    from pipeline.execution.parents import PARENTS, parent_for
+    from pipeline.execution.parents import PARENTS
     from pipeline.science.locality import locality_sample_atoms
 
     if calculator is None and config is None:
@@ -59,8 +59,6 @@ def locality(
         raise BadInput(f"--atoms: expected a number of sample atoms >= 1, got {sample_atoms}")
     if not math.isfinite(tolerance) or tolerance <= 0:
         raise BadInput(f"--tolerance: expected a force difference in eV/Å > 0, got {tolerance:g}")
-    if vacuum is not None and (not math.isfinite(vacuum) or vacuum < 0):
-        raise BadInput(f"--vacuum: expected a vacuum in Å >= 0, got {vacuum:g}")
     if plot is not None:
         if plot.suffix.lower() != ".png":
             raise BadInput(f"--plot: expected a .png file name, got {str(plot)!r}")
@@ -68,17 +66,9 @@ def locality(
             raise BadInput(f"--plot: folder {plot.parent} does not exist")
     if workdir is not None and workdir.exists() and not workdir.is_dir():
         raise BadInput(f"--workdir: {workdir} is a file, not a folder")
-    if config is not None:
-        from pipeline.campaign.config import load_config
-
-        campaign = load_config(config)
-        parent, site_options = campaign.parent, dict(campaign.file.site.options)
-        vacuum = campaign.file.chunks.vacuum if vacuum is None else vacuum
-        site = site or campaign.site
-    else:
-        parent, site_options = parent_for(calculator), {}
-        vacuum = CHUNK_DEFAULTS.vacuum if vacuum is None else vacuum
-        site = site or "local"
+    parent, vacuum, campaign = parent_and_vacuum(calculator, config, vacuum)
+    site_options = dict(campaign.file.site.options) if campaign is not None else {}
+    site = site or (campaign.site if campaign is not None else "local")
     atoms = read_images(structure)[-1]
     samples = locality_sample_atoms(atoms, sample_atoms, seed=seed)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.cli import app
-from pipeline.cli.common import exit_codes, read_images
+from pipeline.cli.common import exit_codes, parent_and_vacuum, read_images
 from pipeline.errors import BadInput, first_problem
 from pipeline.science.settings import TrainingSettings
 from pipeline.science.structures import LabelledStructure
@@ -134,10 +133,9 @@ def evaluate(
     """Errors of a model against a parent calculator (eV/Å, eV/atom) on every image of every file,
     per structure and in total, predicted as the ASE calculator predicts (its default precision and
     block size); coverage is the fraction of atoms whose force residual norm is ≤ their δ_i."""
-    from pipeline.campaign.config import ChunksSection
     from pipeline.errors import RunFailed
     from pipeline.execution.evaluation import Evaluation, evaluate_model
-    from pipeline.execution.parents import PARENTS, ReferenceFailed, parent_for
+    from pipeline.execution.parents import PARENTS, ReferenceFailed
     from pipeline.science.calculator import PREDICTION_DTYPE
     from pipeline.storage.model_file import load_ensemble
 
@@ -147,17 +145,7 @@ def evaluate(
         raise BadInput("--reference: not with --config (the config's [parent] is the reference)")
     if parent is not None and parent not in PARENTS:
         raise BadInput(f"--reference: unknown parent calculator {parent!r} (known: {', '.join(PARENTS)})")
-    if vacuum is not None and (not math.isfinite(vacuum) or vacuum < 0):
-        raise BadInput(f"--vacuum: expected a vacuum in Å >= 0, got {vacuum:g}")
-    if config is not None:
-        from pipeline.campaign.config import load_config
-
-        campaign = load_config(config)
-        reference = campaign.parent
-        vacuum = campaign.file.chunks.vacuum if vacuum is None else vacuum
-    else:
-        reference = parent_for(parent)
-        vacuum = ChunksSection().vacuum if vacuum is None else vacuum
+    reference, vacuum, _ = parent_and_vacuum(parent, config, vacuum)
     model = load_ensemble(model_path, dtype=PREDICTION_DTYPE, device=checked_device(device))
     files = [(path, read_images(path)) for path in structures]
     for path, images in files:

@@ -13,6 +13,9 @@ from pipeline.errors import BadInput, RunFailed
 if TYPE_CHECKING:
     from ase import Atoms
 
+    from pipeline.campaign.config import CampaignConfig
+    from pipeline.execution.parents import Parent
+
 F = TypeVar("F", bound=Callable)
 
 
@@ -31,6 +34,26 @@ def exit_codes(command: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def parent_and_vacuum(
+    calculator: str | None, config: Path | None, vacuum: float | None
+) -> tuple[Parent, float, CampaignConfig | None]:
+    """The parent a command computes with and the vacuum (Å) its boxes get: a campaign config's
+    parent (with its options) and `chunks.vacuum`, else `calculator` with its default options and
+    the default `chunks.vacuum`; `vacuum` overrides either. Returns the loaded config too (None
+    without one). BadInput for a negative or non-finite `vacuum`."""
+    import math
+
+    from pipeline.campaign.config import ChunksSection, load_config
+    from pipeline.execution.parents import parent_for
+
+    if vacuum is not None and (not math.isfinite(vacuum) or vacuum < 0):
+        raise BadInput(f"--vacuum: expected a vacuum in Å >= 0, got {vacuum:g}")
+    if config is not None:
+        campaign = load_config(config)
+        return campaign.parent, campaign.file.chunks.vacuum if vacuum is None else vacuum, campaign
+    return parent_for(calculator), ChunksSection().vacuum if vacuum is None else vacuum, None  # type: ignore[arg-type]
 
 
 def read_images(path: Path) -> list[Atoms]:
