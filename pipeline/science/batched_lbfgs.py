@@ -22,6 +22,7 @@ def minimize_members(
     history_size: int = 300,
     max_backtracks: int = 12,
     gradient_tolerance: float = 1e-9,
+    deadline: Callable[[], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise M independent objectives; return (parameters (M, P), losses (M,)).
 
@@ -29,14 +30,14 @@ def minimize_members(
     A member whose line search fails keeps its point and drops its history (steepest descent next).
     A long history pays on ensemble training (bench/RESULTS.md, "Campaign"). The inverse Hessian is
     applied in its compact form (`CurvatureHistory`), a few batched matrix products instead of a loop
-    over the pairs.
+    over the pairs. `deadline()` True ends the run early (a wall-time budget).
     """
     x = start.detach().clone()
     loss, grad = objective(x)
     history = CurvatureHistory(x.shape[0], x.shape[1], history_size, x.dtype, x.device)
     gamma = 1.0 / grad.norm(dim=1).clamp_min(1.0)  # first step no longer than 1 in parameter space
     for _ in range(max_iterations):
-        if bool((grad.norm(dim=1) <= gradient_tolerance).all()):
+        if bool((grad.norm(dim=1) <= gradient_tolerance).all()) or (deadline is not None and deadline()):
             break
         direction = -history.apply_inverse_hessian(grad, gamma)
         slope = (grad * direction).sum(1)

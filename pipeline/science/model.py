@@ -215,6 +215,57 @@ class EnsembleNetworks(nn.Module):
                 parameter.grad = gradient if parameter.grad is None else parameter.grad + gradient
 
 
+    def row_parameter_gradients(
+        self, features: torch.Tensor, element: int, output_weights: torch.Tensor, input_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """∂(a_k·out_k + u_k·∂out_k/∂x)/∂θ (M, K, P_e) for every member of one element's network at
+        K scaled inputs (K, F), each row on its own (not summed), and the columns (P_e,) of those
+        parameters in a member's flat parameter vector (`parameters()` order).
+
+        The rows of a Gauss–Newton Jacobian: an energy residual is a sum of a·out over its atoms, a
+        force residual a sum of u·∂out/∂x over the ≈20 feature rows its force depends on.
+        """
+        parameters = list(self.parameters())
+        offsets = np.concatenate([[0], np.cumsum([p[0].numel() for p in parameters])])
+        first = element * self.n_layers
+        weights = [self.weights[first + layer].detach() for layer in range(self.n_layers)]
+        biases = [self.biases[first + layer].detach() for layer in range(self.n_layers)]
+        a = output_weights.view(1, -1, 1)
+        # primal h_l and tangent ḣ_l (along u) of every hidden layer, (M, K, H_l)
+        below, tangent_below = [features], [input_weights]
+        tangents, slopes = [], []
+        for layer in range(self.n_layers - 1):
+            h = torch.tanh(below[-1] @ weights[layer] + biases[layer])
+            tangent = tangent_below[-1] @ weights[layer]
+            slope = 1.0 - h * h
+            tangents.append(tangent)
+            slopes.append(slope)
+            below.append(h)
+            tangent_below.append(slope * tangent)
+        last = weights[-1].transpose(1, 2)  # (M, 1, H)
+        grad_w = [None] * self.n_layers
+        grad_b = [None] * self.n_layers
+        grad_w[-1] = (a * below[-1] + tangent_below[-1]).unsqueeze(3)
+        grad_b[-1] = a.expand(self.n_members, -1, 1).unsqueeze(2)
+        h_bar, tangent_bar = a * last, last.expand_as(below[-1])  # adjoints of h and ḣ of the last hidden layer
+        for layer in range(self.n_layers - 2, -1, -1):
+            h, slope = below[layer + 1], slopes[layer]
+            z_tangent_bar = tangent_bar * slope
+            z_bar = (h_bar - 2.0 * h * tangent_bar * tangents[layer]) * slope
+            grad_w[layer] = (below[layer].unsqueeze(-1) * z_bar.unsqueeze(-2)
+                             + tangent_below[layer].unsqueeze(-1) * z_tangent_bar.unsqueeze(-2))
+            grad_b[layer] = z_bar.unsqueeze(2)
+            if layer > 0:
+                h_bar = z_bar @ weights[layer].transpose(1, 2)
+                tangent_bar = z_tangent_bar @ weights[layer].transpose(1, 2)
+        n_rows = features.shape[0]
+        pieces = [g.expand(self.n_members, n_rows, *g.shape[2:]).reshape(self.n_members, n_rows, -1) for g in grad_w + grad_b]
+        indices = [first + layer for layer in range(self.n_layers)]
+        indices = indices + [len(self.weights) + k for k in indices]  # its weights, then its biases
+        columns = torch.cat([torch.arange(int(offsets[k]), int(offsets[k + 1])) for k in indices])
+        return torch.cat(pieces, dim=2), columns.to(features.device)
+
+
 def _as_slice(rows: torch.Tensor) -> torch.Tensor | slice:
     """A run of consecutive row indices as a slice (views instead of gathers), else the indices."""
     if len(rows) and int(rows[-1]) - int(rows[0]) + 1 == len(rows):

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 DeviceName = Literal["auto", "cpu", "cuda"]
 """Training and prediction device: "auto" (cuda when torch sees a GPU, else cpu), "cpu" or "cuda"."""
 DescriptorKind = Literal["g5-moments", "g4"]
+OptimizerName = Literal["lbfgs", "levenberg-marquardt"]
 
 
 class _Settings(BaseModel):
@@ -66,7 +67,9 @@ class TrainingSettings(_Settings):
     epochs: int = Field(300, ge=0)  # Adam epochs before L-BFGS
     learning_rate: float = Field(1e-2, gt=0)
     final_learning_rate: float = Field(5e-4, gt=0)
-    lbfgs_steps: int = Field(1000, ge=0)
+    optimizer: OptimizerName = "lbfgs"  # the second-order fit after Adam
+    lbfgs_steps: int = Field(1000, ge=0)  # with optimizer "lbfgs"
+    lm_steps: int = Field(60, ge=0)  # Levenberg–Marquardt iterations (one Jacobian each), with optimizer "levenberg-marquardt"
     energy_weight: float = Field(1.0, ge=0)
     force_weight: float = Field(1.0, ge=0)
     validation_fraction: float = Field(0.0, ge=0, lt=1)
@@ -101,6 +104,11 @@ class TrainingSettings(_Settings):
     def seeds(self) -> list[int]:
         """One initialisation seed per member."""
         return [self.seed * 1000 + m for m in range(self.ensemble)]
+
+    @property
+    def second_order_steps(self) -> int:
+        """Iterations of the chosen second-order optimiser (0: Adam alone)."""
+        return self.lm_steps if self.optimizer == "levenberg-marquardt" else self.lbfgs_steps
 
     def with_changes(self, **changes: Any) -> "TrainingSettings":
         """A validated copy with some fields changed."""

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.science.batched_lbfgs import minimize_members
+from pipeline.science.levenberg_marquardt import minimize_members_lm
 from pipeline.science.descriptors import (
     DATA_ANGULAR_ETAS,
     SymmetryFunctionParams,
@@ -376,15 +377,14 @@ def _train(
     val_weights = torch.from_numpy(np.tile(validation.astype(float), (model.n_members, 1))).to(device)
     adam_settings = settings
     if warm:
-        adam_settings = settings.model_copy(update={"epochs": 0 if settings.lbfgs_steps else settings.epochs,
+        adam_settings = settings.model_copy(update={"epochs": 0 if settings.second_order_steps else settings.epochs,
                                                     "learning_rate": settings.final_learning_rate})
     epochs_run, loss, best_validation = _adam(
         model, data, weights, val_weights if validation.any() else None, adam_settings, progress
     )
-    if settings.lbfgs_steps:
-        loss = _lbfgs(model, data, weights, settings)
+    loss = _second_order(model, data, weights, settings, loss)
     reset: tuple[int, ...] = ()
-    if refit_outliers and (adam_settings.epochs or settings.lbfgs_steps):
+    if refit_outliers and (adam_settings.epochs or settings.second_order_steps):
         reset = _refit_outlier_members(model, data, weights, structures, settings, run)
         if reset:
             loss = float(_member_losses(model, data, weights, settings, create_graph=False).sum())
@@ -522,7 +522,18 @@ def _track_best(model, data, val_weights, settings, best_val, best_state, since_
     return since_best
 
 
-def _lbfgs(model, data, weights, settings) -> float:
+def _second_order(model, data, weights, settings, loss: float) -> float:
+    """The settings' second-order fit after Adam; returns the summed member loss."""
+    if settings.optimizer == "levenberg-marquardt" and settings.lm_steps:
+        if data.scaled and model.networks.n_layers > 1:
+            return _levenberg_marquardt(model, data, weights, settings, settings.lm_steps)
+        raise ValueError("Levenberg–Marquardt needs scaled data and at least one hidden layer")
+    if settings.optimizer == "lbfgs" and settings.lbfgs_steps:
+        return _lbfgs(model, data, weights, settings)
+    return loss
+
+
+def _lbfgs(model, data, weights, settings, deadline: Callable[[], bool] | None = None) -> float:
     """L-BFGS polish with a history and line search of its own per member (batched_lbfgs)."""
     parameters = list(model.networks.parameters())
     n_members = model.n_members
@@ -542,9 +553,109 @@ def _lbfgs(model, data, weights, settings) -> float:
         return losses, grad
 
     start = torch.cat([p.detach().reshape(n_members, -1) for p in parameters], dim=1)
-    final, losses = minimize_members(objective, start, settings.lbfgs_steps)
+    final, losses = minimize_members(objective, start, settings.lbfgs_steps, deadline=deadline)
     assign(final)
     return float(losses.sum())
+
+
+def _residual_factors(data: TrainingData, weights: torch.Tensor, settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-member factors (M, S_E) and (M, F) that turn energy and force errors into residuals whose
+    squares sum to `_member_losses`: √(w_E·w)/N per structure, √(w_F·w/Σw) per force row."""
+    energy = (settings.energy_weight * weights[:, data.energy_structure]).sqrt() / data.energy_atoms
+    w = weights[:, data.force_structure]
+    force = (settings.force_weight * w / w.sum(1, keepdim=True).clamp_min(1.0)).sqrt()
+    return energy, force
+
+
+def _member_residuals(model: EnsembleModel, data: TrainingData, weights: torch.Tensor, settings) -> torch.Tensor:
+    """Residuals (M, S_E + 3F): energy errors, then force components, each times its factor."""
+    energies, forces = predict_labels(model, data, create_graph=False)
+    energy_factor, force_factor = _residual_factors(data, weights, settings)
+    energy_part = (energies.detach() - data.energies) * energy_factor
+    force_part = (forces.detach() - data.forces) * force_factor.unsqueeze(2)
+    return torch.cat([energy_part, force_part.reshape(force_part.shape[0], -1)], dim=1)
+
+
+@dataclass
+class _JacobianTerms:
+    """The (residual, feature row) pairs a Gauss–Newton Jacobian sums over, built once per data set.
+
+    Residual k is an energy (its atoms' outputs, weight a = 1) or a force component (u·∂out/∂G of
+    the ≈20 rows it depends on, u its slice of the force Jacobian); each pair is one row's share.
+    """
+
+    residual: torch.Tensor  # (K,) residual index: energies first, then 3 per force row
+    row: torch.Tensor  # (K,) feature row
+    output_weight: torch.Tensor  # (K,) a
+    input_weight: torch.Tensor  # (K, F) u
+
+
+def _jacobian_terms(data: TrainingData) -> _JacobianTerms:
+    """Pairs of every energy residual with its atoms' rows and every force component with its rows."""
+    n_rows, width = data.features.shape
+    jac = data.force_jacobian
+    component = torch.repeat_interleave(torch.arange(jac.shape[0], device=jac.device), jac.crow_indices().diff())
+    columns = jac.col_indices()
+    keys, pair = torch.unique(component * n_rows + columns // width, return_inverse=True)
+    input_weight = data.features.new_zeros(len(keys), width).index_put_((pair, columns % width), jac.values(), accumulate=True)
+    n_energies = len(data.energies)
+    rows = torch.cat([data.energy_rows, keys % n_rows])
+    return _JacobianTerms(
+        residual=torch.cat([data.energy_segment, n_energies + keys // n_rows]),
+        row=rows,
+        output_weight=torch.cat([data.features.new_ones(len(data.energy_rows)), data.features.new_zeros(len(keys))]),
+        input_weight=torch.cat([data.features.new_zeros(len(data.energy_rows), width), input_weight]),
+    )
+
+
+def _member_residual_jacobians(
+    model: EnsembleModel, data: TrainingData, weights: torch.Tensor, settings, terms: _JacobianTerms
+) -> torch.Tensor:
+    """∂residuals/∂θ (M, S_E + 3F, P): each (residual, row) pair's parameter gradient, summed per
+    residual, times the residual's factor and the output scale (negative for forces)."""
+    energy_factor, force_factor = _residual_factors(data, weights, settings)
+    scale = model.energy_scale
+    factors = torch.cat([energy_factor * scale, (force_factor * -scale).repeat_interleave(3, dim=1)], dim=1)  # (M, N)
+    n_residuals = factors.shape[1]
+    n_parameters = sum(p[0].numel() for p in model.networks.parameters())
+    row_elements = data.element_index[terms.row]
+    jacobians = data.features.new_zeros(model.n_members, n_residuals, n_parameters)
+    for element in torch.unique(row_elements).tolist():
+        pairs = (row_elements == element).nonzero(as_tuple=True)[0]
+        inputs = data.features[terms.row[pairs]]
+        gradients, columns = model.networks.row_parameter_gradients(
+            inputs, element, terms.output_weight[pairs], terms.input_weight[pairs])  # (M, K_e, P_e)
+        summed = gradients.new_zeros(model.n_members, n_residuals, gradients.shape[2])
+        jacobians[:, :, columns] += summed.index_add_(1, terms.residual[pairs], gradients)
+    return jacobians * factors.unsqueeze(2)
+
+
+def _levenberg_marquardt(model, data, weights, settings, steps: int, deadline: Callable[[], bool] | None = None) -> float:
+    """Levenberg–Marquardt on the members' residuals (levenberg_marquardt); needs scaled data."""
+    parameters = list(model.networks.parameters())
+    n_members = model.n_members
+    sizes = [p[0].numel() for p in parameters]
+
+    def assign(flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            for p, chunk in zip(parameters, flat.split(sizes, dim=1)):
+                p.copy_(chunk.reshape(p.shape))
+
+    terms = _jacobian_terms(data)
+
+    def residuals_and_jacobian(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assign(flat)
+        residuals = _member_residuals(model, data, weights, settings)
+        return residuals, _member_residual_jacobians(model, data, weights, settings, terms)
+
+    def losses(flat: torch.Tensor) -> torch.Tensor:
+        assign(flat)
+        return _member_losses(model, data, weights, settings, create_graph=False).detach()
+
+    start = torch.cat([p.detach().reshape(n_members, -1) for p in parameters], dim=1)
+    final, final_losses = minimize_members_lm(residuals_and_jacobian, losses, start, steps, deadline=deadline)
+    assign(final)
+    return float(final_losses.sum())
 
 
 DEVICES: tuple[str, ...] = get_args(DeviceName)
