@@ -235,3 +235,18 @@ def test_corrupt_model(data_files, tmp_path):
 def test_unknown_reference(trained_model, data_files):
     _, _, test = data_files
     one_line_error(run("evaluate", trained_model, test, "--reference", "vasp"), "--reference")
+
+
+def test_train_with_levenberg_marquardt_records_the_optimizer_and_no_adam(data_files, tmp_path):
+    """`--optimizer levenberg-marquardt --lm N` trains without Adam epochs by default and says so in the file."""
+    from pipeline.storage.model_file import read_metadata
+
+    _, train, _ = data_files
+    model = tmp_path / "lm.nft"
+    result = run("train", train, "-o", model, "--ensemble", "3", "--optimizer", "levenberg-marquardt", "--lm", "10")
+    assert result.exit_code == 0, result.output
+    extra = read_metadata(model)["extra"]
+    assert extra["training"]["optimizer"] == "levenberg-marquardt" and extra["training"]["lm_steps"] == 10
+    assert extra["training"]["epochs"] == 0 and extra["report"]["epochs_run"] == 0
+    bad = run("train", train, "-o", tmp_path / "x.nft", "--optimizer", "newton")
+    assert bad.exit_code == 2 and "--optimizer" in bad.output and not (tmp_path / "x.nft").exists()

@@ -233,6 +233,10 @@ def test_the_fit_or_coverage_rule_on_hand_made_entries(small_campaign):
     fit = stall_diagnosis(entry(0.5, 0.3), "patience", config)
     assert fit["kind"] == "fit" and fit["settings"] == ["model.lbfgs_steps", "model.descriptor"]
     assert "0.2 max, 0.05 median" in fit["advice"]
+    lm_config = load_config(small_campaign({"active": {"threshold": 0.1, "max_iterations": 5},
+                                            "model": {"optimizer": "levenberg-marquardt"}}))
+    lm_fit = stall_diagnosis(entry(0.5, 0.3), "patience", lm_config)
+    assert lm_fit["settings"] == ["model.lm_steps", "model.descriptor"] and "model.lm_steps" in lm_fit["advice"]
     assert stall_diagnosis(entry(0.5, 0.5), "patience", config)["kind"] == "fit"  # ties: fit
     coverage = stall_diagnosis(entry(0.3, 0.5), "max_iterations", config)
     assert coverage["kind"] == "coverage"

@@ -149,14 +149,15 @@ def stall_diagnosis(entry: Mapping[str, Any], reason: str | None, config: Campai
     threshold = config.threshold
     selection = entry.get("selection") or {}
     if chunked is not None and chunked >= threshold and chunked >= (unchunked if unchunked is not None else -math.inf):
+        steps = "model.lm_steps" if config.file.model.optimizer == "levenberg-marquardt" else "model.lbfgs_steps"
         advice = (
             f"δ is largest at atoms that already have a chunk ({chunked:.3g} eV/Å, {_text(unchunked)} at atoms "
             f"without one); the model's error at the chunk centres is {_text(entry.get('chunk_force_error_max'))} "
             f"max, {_text(entry.get('chunk_force_error_median'))} median (eV/Å): the ensemble does not fit its "
-            "training data. Raise model.lbfgs_steps (or model.epochs), or check model.descriptor (finer radial "
+            f"training data. Raise {steps}, or check model.descriptor (finer radial "
             "shells, more angular terms); more chunks alone will not lower it."
         )
-        settings = ["model.lbfgs_steps", "model.descriptor"]
+        settings = [steps, "model.descriptor"]
         return {"kind": FIT, "advice": advice, "settings": settings, "iteration": entry.get("iteration")}
     settings = []
     reasons = []

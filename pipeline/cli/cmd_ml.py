@@ -65,7 +65,7 @@ DEFAULTS = TrainingSettings()
 """`nft train`'s option defaults: the settings schema's own."""
 TRAIN_OPTIONS = {
     "ensemble": "--ensemble", "cutoff": "--cutoff", "hidden": "--hidden", "epochs": "--epochs",
-    "lbfgs_steps": "--lbfgs", "validation_fraction": "--validation", "bootstrap": "--bootstrap",
+    "lbfgs_steps": "--lbfgs", "optimizer": "--optimizer", "lm_steps": "--lm", "validation_fraction": "--validation", "bootstrap": "--bootstrap",
     "descriptor.kind": "--descriptor", "seed": "--seed", "device": "--device",
 }
 """The settings field behind each option, to name the option in a one-line error."""
@@ -79,8 +79,10 @@ def train(
     ensemble: int = typer.Option(DEFAULTS.ensemble, help="Number of ensemble members."),
     cutoff: float = typer.Option(DEFAULTS.cutoff, help="Descriptor cutoff radius in Å."),
     hidden: str = typer.Option(",".join(map(str, DEFAULTS.hidden)), help="Hidden layer widths, comma-separated."),
-    epochs: int = typer.Option(DEFAULTS.epochs, help="Adam epochs, before L-BFGS."),
-    lbfgs: int = typer.Option(DEFAULTS.lbfgs_steps, help="L-BFGS iterations after Adam (per-member batched L-BFGS)."),
+    epochs: Optional[int] = typer.Option(None, help="Adam epochs before the second-order fit (default: the settings' default for the optimizer)."),
+    optimizer: str = typer.Option(DEFAULTS.optimizer, help="Second-order fit after Adam: levenberg-marquardt or lbfgs."),
+    lbfgs: int = typer.Option(DEFAULTS.lbfgs_steps, help="L-BFGS iterations after Adam (with --optimizer lbfgs; per-member batched)."),
+    lm: int = typer.Option(DEFAULTS.lm_steps, help="Levenberg–Marquardt iterations (with --optimizer levenberg-marquardt)."),
     validation: float = typer.Option(DEFAULTS.validation_fraction, help="Fraction of structures held out for early stopping."),
     bootstrap: bool = typer.Option(DEFAULTS.bootstrap, help="Bootstrap-resample the data per member."),
     descriptor: str = typer.Option(DEFAULTS.descriptor.kind, help="Angular terms: g5-moments or g4."),
@@ -93,9 +95,12 @@ def train(
 
     checked_device(device)
     options = dict(
-        ensemble=ensemble, hidden=parse_hidden(hidden), cutoff=cutoff, epochs=epochs, lbfgs_steps=lbfgs,
+        ensemble=ensemble, hidden=parse_hidden(hidden), cutoff=cutoff, lbfgs_steps=lbfgs,
+        optimizer=optimizer, lm_steps=lm,
         validation_fraction=validation, bootstrap=bootstrap, seed=seed, descriptor={"kind": descriptor}, device=device,
     )
+    if epochs is not None:
+        options["epochs"] = epochs
     try:
         settings = TrainingSettings.model_validate(options)
     except ValidationError as error:
@@ -106,7 +111,7 @@ def train(
     with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
                   TextColumn("loss {task.fields[loss]:.4g}"), TimeRemainingColumn(), console=console,
                   disable=not console.is_terminal) as progress:
-        task = progress.add_task("train", total=epochs, loss=float("nan"))
+        task = progress.add_task("train", total=settings.epochs, loss=float("nan"))
         model, report = train_ensemble(
             structures, settings, progress=lambda epoch, total, loss: progress.update(task, completed=epoch, loss=loss)
         )

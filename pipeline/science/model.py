@@ -242,28 +242,31 @@ class EnsembleNetworks(nn.Module):
             slopes.append(slope)
             below.append(h)
             tangent_below.append(slope * tangent)
+        n_rows = features.shape[0]
+        indices = [first + layer for layer in range(self.n_layers)]
+        indices = indices + [len(self.weights) + k for k in indices]  # its weights, then its biases
+        sizes = [int(offsets[k + 1] - offsets[k]) for k in indices]
+        gradients = features.new_empty(self.n_members, n_rows, sum(sizes))
+        blocks = list(gradients.split(sizes, dim=2))  # views: each parameter's columns, filled in place
+        grad_w = [block.unflatten(2, weight.shape[1:]) for block, weight in zip(blocks[: self.n_layers], weights)]
+        grad_b = blocks[self.n_layers:]
         last = weights[-1].transpose(1, 2)  # (M, 1, H)
-        grad_w = [None] * self.n_layers
-        grad_b = [None] * self.n_layers
-        grad_w[-1] = (a * below[-1] + tangent_below[-1]).unsqueeze(3)
-        grad_b[-1] = a.expand(self.n_members, -1, 1).unsqueeze(2)
+        torch.mul(a, below[-1], out=grad_w[-1].squeeze(3))
+        grad_w[-1].squeeze(3).add_(tangent_below[-1])
+        grad_b[-1].copy_(a.expand(self.n_members, -1, 1))
         h_bar, tangent_bar = a * last, last.expand_as(below[-1])  # adjoints of h and ḣ of the last hidden layer
         for layer in range(self.n_layers - 2, -1, -1):
             h, slope = below[layer + 1], slopes[layer]
             z_tangent_bar = tangent_bar * slope
             z_bar = (h_bar - 2.0 * h * tangent_bar * tangents[layer]) * slope
-            grad_w[layer] = (below[layer].unsqueeze(-1) * z_bar.unsqueeze(-2)
-                             + tangent_below[layer].unsqueeze(-1) * z_tangent_bar.unsqueeze(-2))
-            grad_b[layer] = z_bar.unsqueeze(2)
+            torch.mul(below[layer].unsqueeze(-1), z_bar.unsqueeze(-2), out=grad_w[layer])
+            grad_w[layer].addcmul_(tangent_below[layer].unsqueeze(-1), z_tangent_bar.unsqueeze(-2))
+            grad_b[layer].copy_(z_bar)
             if layer > 0:
                 h_bar = z_bar @ weights[layer].transpose(1, 2)
                 tangent_bar = z_tangent_bar @ weights[layer].transpose(1, 2)
-        n_rows = features.shape[0]
-        pieces = [g.expand(self.n_members, n_rows, *g.shape[2:]).reshape(self.n_members, n_rows, -1) for g in grad_w + grad_b]
-        indices = [first + layer for layer in range(self.n_layers)]
-        indices = indices + [len(self.weights) + k for k in indices]  # its weights, then its biases
         columns = torch.cat([torch.arange(int(offsets[k]), int(offsets[k + 1])) for k in indices])
-        return torch.cat(pieces, dim=2), columns.to(features.device)
+        return gradients, columns.to(features.device)
 
 
 def _as_slice(rows: torch.Tensor) -> torch.Tensor | slice:

@@ -15,6 +15,9 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 """Training and prediction device: "auto" (cuda when torch sees a GPU, else cpu), "cpu" or "cuda"."""
 DescriptorKind = Literal["g5-moments", "g4"]
 OptimizerName = Literal["lbfgs", "levenberg-marquardt"]
+ADAM_EPOCHS_BEFORE_LBFGS = 300
+"""`epochs` left unset: L-BFGS starts from 300 Adam epochs, Levenberg–Marquardt from the initial
+weights (its damped steps need no pre-fit: bench/RESULTS.md, "Optimisers at equal wall time")."""
 
 
 class _Settings(BaseModel):
@@ -64,12 +67,12 @@ class TrainingSettings(_Settings):
     cutoff: float = Field(6.5, gt=0)  # Å
     hidden: tuple[int, ...] = Field((5, 5), min_length=1)  # neurons per hidden layer
     ensemble: int = Field(10, ge=2)  # members
-    epochs: int = Field(300, ge=0)  # Adam epochs before L-BFGS
+    epochs: int = Field(ADAM_EPOCHS_BEFORE_LBFGS, ge=0)  # Adam epochs before the second-order fit; default by optimizer
     learning_rate: float = Field(1e-2, gt=0)
     final_learning_rate: float = Field(5e-4, gt=0)
     optimizer: OptimizerName = "lbfgs"  # the second-order fit after Adam
     lbfgs_steps: int = Field(1000, ge=0)  # with optimizer "lbfgs"
-    lm_steps: int = Field(60, ge=0)  # Levenberg–Marquardt iterations (one Jacobian each), with optimizer "levenberg-marquardt"
+    lm_steps: int = Field(30, ge=0)  # Levenberg–Marquardt iterations (one Jacobian each), with optimizer "levenberg-marquardt"
     energy_weight: float = Field(1.0, ge=0)
     force_weight: float = Field(1.0, ge=0)
     validation_fraction: float = Field(0.0, ge=0, lt=1)
@@ -82,6 +85,15 @@ class TrainingSettings(_Settings):
     descriptor: DescriptorSettings = DescriptorSettings()
 
     _hidden = field_validator("hidden", mode="before")(lambda cls, value: _tuple(value))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_epochs(cls, data: Any) -> Any:
+        """Fill an unset `epochs` with the chosen optimizer's default."""
+        if isinstance(data, dict) and "epochs" not in data:
+            optimizer = data.get("optimizer", cls.model_fields["optimizer"].default)
+            data = {**data, "epochs": ADAM_EPOCHS_BEFORE_LBFGS if optimizer == "lbfgs" else 0}
+        return data
 
     @field_validator("hidden")
     @classmethod

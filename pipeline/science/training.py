@@ -608,6 +608,10 @@ def _jacobian_terms(data: TrainingData) -> _JacobianTerms:
     )
 
 
+JACOBIAN_PAIRS_PER_BLOCK = 16384
+"""(residual, row) pairs per block of the Jacobian: ≈ 190 MB of per-row gradients for 10 members."""
+
+
 def _member_residual_jacobians(
     model: EnsembleModel, data: TrainingData, weights: torch.Tensor, settings, terms: _JacobianTerms
 ) -> torch.Tensor:
@@ -621,12 +625,15 @@ def _member_residual_jacobians(
     row_elements = data.element_index[terms.row]
     jacobians = data.features.new_zeros(model.n_members, n_residuals, n_parameters)
     for element in torch.unique(row_elements).tolist():
-        pairs = (row_elements == element).nonzero(as_tuple=True)[0]
-        inputs = data.features[terms.row[pairs]]
-        gradients, columns = model.networks.row_parameter_gradients(
-            inputs, element, terms.output_weight[pairs], terms.input_weight[pairs])  # (M, K_e, P_e)
-        summed = gradients.new_zeros(model.n_members, n_residuals, gradients.shape[2])
-        jacobians[:, :, columns] += summed.index_add_(1, terms.residual[pairs], gradients)
+        element_pairs = (row_elements == element).nonzero(as_tuple=True)[0]
+        summed = None
+        for pairs in element_pairs.split(JACOBIAN_PAIRS_PER_BLOCK):  # bounds the (M, K, P_e) buffer
+            gradients, columns = model.networks.row_parameter_gradients(
+                data.features[terms.row[pairs]], element, terms.output_weight[pairs], terms.input_weight[pairs])
+            if summed is None:
+                summed = gradients.new_zeros(model.n_members, n_residuals, gradients.shape[2])
+            summed.index_add_(1, terms.residual[pairs], gradients)
+        jacobians[:, :, columns] += summed
     return jacobians * factors.unsqueeze(2)
 
 
