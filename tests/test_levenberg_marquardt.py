@@ -1,13 +1,11 @@
 """Levenberg–Marquardt: the residual Jacobian against autograd, the batched solver, and the fit."""
 
-import numpy as np
 import pytest
 import torch
 
 from pipeline.science.examples import bulk_training_cells
 from pipeline.science.levenberg_marquardt import minimize_members_lm
 from pipeline.science.settings import TrainingSettings
-from pipeline.science.structures import LabelledStructure
 from pipeline.science.training import (
     _jacobian_terms,
     _member_losses,
@@ -15,33 +13,11 @@ from pipeline.science.training import (
     _member_residuals,
     _residual_factors,
     predict_labels,
-    prepare_training_data,
     train_ensemble,
 )
-from tests.core_helpers import rattled_cluster, untrained_model
-from tests.test_training import chunk_structures, labelled
+from tests.test_training import chunk_structures, labelled, two_element_problem
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def two_element_problem(hidden):
-    """A Cu/Pt model and scaled data with energies, full forces, chunk rows and bootstrap weights."""
-    from pipeline.science.model import EnsembleModel
-
-    cluster = rattled_cluster(mixed=True)
-    mask = np.zeros(len(cluster), dtype=bool)
-    mask[[2, 9, 30]] = True
-    rng = np.random.default_rng(7)
-    items = labelled(bulk_training_cells(3, seed=2)) + [LabelledStructure(cluster, None, rng.normal(size=(len(cluster), 3)), mask)]
-    reference = untrained_model(elements=(29, 78), members=(0, 1, 2))
-    model = EnsembleModel(reference.params, hidden=hidden, member_seeds=[0, 1, 2])
-    model.load_state_dict({k: v for k, v in reference.state_dict().items() if not k.startswith("networks.")}, strict=False)
-    with torch.no_grad():
-        model.energy_scale.fill_(0.7)
-        model.energy_offset.copy_(torch.tensor([-3.0, -5.5], dtype=torch.float64))
-    data = prepare_training_data(items, model.descriptor).scaled_by(model)
-    weights = torch.from_numpy(rng.integers(0, 3, size=(3, len(items))).astype(float))
-    return model, data, weights, TrainingSettings(energy_weight=2.0, force_weight=3.0)
 
 
 @pytest.mark.parametrize("hidden, pairs_per_block", [((5, 5), None), ((7,), None), ((4, 3, 2), None), ((5, 5), 7)])
@@ -51,7 +27,7 @@ def test_residual_jacobian_equals_autograd(hidden, pairs_per_block, monkeypatch)
     residuals' squares sum to the training loss."""
     if pairs_per_block is not None:
         monkeypatch.setattr("pipeline.science.training.JACOBIAN_PAIRS_PER_BLOCK", pairs_per_block)
-    model, data, weights, settings = two_element_problem(hidden)
+    model, data, weights, settings = two_element_problem(hidden, n_members=3, seed=7)
     residuals = _member_residuals(model, data, weights, settings)
     torch.testing.assert_close((residuals**2).sum(1), _member_losses(model, data, weights, settings, create_graph=False).detach(),
                                rtol=1e-12, atol=1e-12)

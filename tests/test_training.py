@@ -54,28 +54,35 @@ def test_prepared_labels_equal_direct_prediction():
     np.testing.assert_allclose(forces.detach().numpy(), direct.numpy()[:, [2, 9, 30]], atol=1e-10)
 
 
-@pytest.mark.parametrize("hidden", [(5, 5), (7,), (4, 3, 2)])
-def test_hand_written_loss_gradient_equals_autograd(hidden):
-    """The training step's hand-written chain rule (energies, masked force rows through the sparse
-    Jacobian, the networks' tangent and reverse sweeps) gives autograd's loss and gradient, for a
-    two-element data set with energies, full forces and chunk rows, bootstrap weights per member."""
+def two_element_problem(hidden, n_members, seed):
+    """A Cu/Pt model and its scaled data with energies, full forces and chunk rows of a mixed
+    cluster, bootstrap-like weights per member and unequal loss weights: (model, data, weights, settings)."""
     from pipeline.science.model import EnsembleModel
 
     cluster = rattled_cluster(mixed=True)
     mask = np.zeros(len(cluster), dtype=bool)
     mask[[2, 9, 30]] = True
-    rng = np.random.default_rng(4)
+    rng = np.random.default_rng(seed)
     cells = labelled(bulk_training_cells(3, seed=2))
     items = cells + [LabelledStructure(cluster, None, rng.normal(size=(len(cluster), 3)), mask)]
-    reference = untrained_model(elements=(29, 78), members=(0, 1, 2, 3))
-    model = EnsembleModel(reference.params, hidden=hidden, member_seeds=[0, 1, 2, 3])
+    members = tuple(range(n_members))
+    reference = untrained_model(elements=(29, 78), members=members)
+    model = EnsembleModel(reference.params, hidden=hidden, member_seeds=list(members))
     model.load_state_dict({k: v for k, v in reference.state_dict().items() if not k.startswith("networks.")}, strict=False)
     with torch.no_grad():
         model.energy_scale.fill_(0.7)
         model.energy_offset.copy_(torch.tensor([-3.0, -5.5], dtype=torch.float64))
     data = prepare_training_data(items, model.descriptor).scaled_by(model)
-    weights = torch.from_numpy(rng.integers(0, 3, size=(4, len(items))).astype(float))
-    settings = TrainingSettings(energy_weight=2.0, force_weight=3.0)
+    weights = torch.from_numpy(rng.integers(0, 3, size=(n_members, len(items))).astype(float))
+    return model, data, weights, TrainingSettings(energy_weight=2.0, force_weight=3.0)
+
+
+@pytest.mark.parametrize("hidden", [(5, 5), (7,), (4, 3, 2)])
+def test_hand_written_loss_gradient_equals_autograd(hidden):
+    """The training step's hand-written chain rule (energies, masked force rows through the sparse
+    Jacobian, the networks' tangent and reverse sweeps) gives autograd's loss and gradient, for a
+    two-element data set with energies, full forces and chunk rows, bootstrap weights per member."""
+    model, data, weights, settings = two_element_problem(hidden, n_members=4, seed=4)
     parameters = list(model.networks.parameters())
     losses = _member_losses(model, data, weights, settings)
     expected = torch.autograd.grad(losses.sum(), parameters)

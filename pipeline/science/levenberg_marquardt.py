@@ -2,7 +2,7 @@
 
 Each member minimises ‖r_m(θ_m)‖² with damped Gauss–Newton steps (J_mᵀJ_m + λ_m d_m I) δ = −J_mᵀr_m,
 d_m the mean of the diagonal of J_mᵀJ_m (Levenberg's damping, made scale-free; Marquardt's
-per-parameter diagonal stalled these networks at a 15× higher loss in the same time, see
+per-parameter diagonal stalled these networks at a 14× higher loss in the same iterations, see
 bench/RESULTS.md). Every member has its own damping λ_m: it falls
 after a step that lowered the loss and rises after one that did not, so a member that is far from
 its minimum takes short gradient-like steps while one near it takes full Gauss–Newton steps. The

@@ -214,7 +214,6 @@ class EnsembleNetworks(nn.Module):
                                         (self.biases[first + layer], gradients_b[layer])):
                 parameter.grad = gradient if parameter.grad is None else parameter.grad + gradient
 
-
     def row_parameter_gradients(
         self, features: torch.Tensor, element: int, output_weights: torch.Tensor, input_weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -525,9 +525,7 @@ def _track_best(model, data, val_weights, settings, best_val, best_state, since_
 def _second_order(model, data, weights, settings, loss: float) -> float:
     """The settings' second-order fit after Adam; returns the summed member loss."""
     if settings.optimizer == "levenberg-marquardt" and settings.lm_steps:
-        if data.scaled and model.networks.n_layers > 1:
-            return _levenberg_marquardt(model, data, weights, settings, settings.lm_steps)
-        raise ValueError("Levenberg–Marquardt needs scaled data and at least one hidden layer")
+        return _levenberg_marquardt(model, data, weights, settings, settings.lm_steps)
     if settings.optimizer == "lbfgs" and settings.lbfgs_steps:
         return _lbfgs(model, data, weights, settings)
     return loss
@@ -537,25 +535,30 @@ def _lbfgs(model, data, weights, settings, deadline: Callable[[], bool] | None =
     """L-BFGS polish with a history and line search of its own per member (batched_lbfgs)."""
     parameters = list(model.networks.parameters())
     n_members = model.n_members
-    sizes = [p[0].numel() for p in parameters]
-
-    def assign(flat: torch.Tensor) -> None:
-        with torch.no_grad():
-            for p, chunk in zip(parameters, flat.split(sizes, dim=1)):
-                p.copy_(chunk.reshape(p.shape))
 
     def objective(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assign(flat)
+        _assign_flat(parameters, flat)
         for p in parameters:
             p.grad = None
         losses = _member_losses_with_gradients(model, data, weights, settings)
         grad = torch.cat([p.grad.reshape(n_members, -1) for p in parameters], dim=1)
         return losses, grad
 
-    start = torch.cat([p.detach().reshape(n_members, -1) for p in parameters], dim=1)
-    final, losses = minimize_members(objective, start, settings.lbfgs_steps, deadline=deadline)
-    assign(final)
+    final, losses = minimize_members(objective, _flat(parameters, n_members), settings.lbfgs_steps, deadline=deadline)
+    _assign_flat(parameters, final)
     return float(losses.sum())
+
+
+def _flat(parameters: list[torch.Tensor], n_members: int) -> torch.Tensor:
+    """The members' parameters as one (M, P) matrix, in `parameters` order (what the optimisers move)."""
+    return torch.cat([p.detach().reshape(n_members, -1) for p in parameters], dim=1)
+
+
+def _assign_flat(parameters: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy an (M, P) matrix laid out as `_flat` back into the parameters."""
+    with torch.no_grad():
+        for p, chunk in zip(parameters, flat.split([p[0].numel() for p in parameters], dim=1)):
+            p.copy_(chunk.reshape(p.shape))
 
 
 def _residual_factors(data: TrainingData, weights: torch.Tensor, settings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -638,30 +641,22 @@ def _member_residual_jacobians(
 
 
 def _levenberg_marquardt(model, data, weights, settings, steps: int, deadline: Callable[[], bool] | None = None) -> float:
-    """Levenberg–Marquardt on the members' residuals (levenberg_marquardt); needs scaled data."""
+    """Levenberg–Marquardt on the members' residuals (levenberg_marquardt); `data` scaled, as `_train` makes it."""
     parameters = list(model.networks.parameters())
-    n_members = model.n_members
-    sizes = [p[0].numel() for p in parameters]
-
-    def assign(flat: torch.Tensor) -> None:
-        with torch.no_grad():
-            for p, chunk in zip(parameters, flat.split(sizes, dim=1)):
-                p.copy_(chunk.reshape(p.shape))
-
     terms = _jacobian_terms(data)
 
     def residuals_and_jacobian(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assign(flat)
+        _assign_flat(parameters, flat)
         residuals = _member_residuals(model, data, weights, settings)
         return residuals, _member_residual_jacobians(model, data, weights, settings, terms)
 
     def losses(flat: torch.Tensor) -> torch.Tensor:
-        assign(flat)
+        _assign_flat(parameters, flat)
         return _member_losses(model, data, weights, settings, create_graph=False).detach()
 
-    start = torch.cat([p.detach().reshape(n_members, -1) for p in parameters], dim=1)
+    start = _flat(parameters, model.n_members)
     final, final_losses = minimize_members_lm(residuals_and_jacobian, losses, start, steps, deadline=deadline)
-    assign(final)
+    _assign_flat(parameters, final)
     return float(final_losses.sum())
 
 
