@@ -124,6 +124,7 @@ BAD_CONFIGS = {
     "unknown selection uncertainty": (
         lambda path, s: s["active"].update(selection_uncertainty="spin"), "active.selection_uncertainty"
     ),
+    "unknown selection rule": (lambda path, s: s["active"].update(selection_rule="random"), "active.selection_rule"),
     "descriptor centres without etas": (
         lambda path, s: s["model"].update(descriptor={"radial_centers": [0.0, 3.0], "radial_etas": [1.0]}),
         "model.descriptor: radial_centers and radial_etas must have the same length",

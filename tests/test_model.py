@@ -5,6 +5,7 @@ import torch
 
 import pipeline
 from pipeline.science.model import EnsembleModel
+from pipeline.science.structures import LabelledStructure
 from pipeline.storage.model_file import ModelFileError, load_ensemble, save_model
 from tests.core_helpers import finite_difference_forces, random_rotation, rattled_bulk, rattled_cluster, untrained_model
 
@@ -183,3 +184,20 @@ def test_renormalising_keeps_every_members_energies_and_forces(hidden):
     assert float(model.energy_scale) == pytest.approx(0.37)
     np.testing.assert_allclose(after.member_energies, before.member_energies, atol=1e-10)
     np.testing.assert_allclose(after.member_forces, before.member_forces, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["g5-moments", "g4"])
+def test_prediction_features_are_the_scaled_inputs_of_the_training_path(kind):
+    """The features kept by predict(with_features=True) are, atom by atom and in any block size, the
+    training path's features scaled by each atom's own element (what selection compares)."""
+    atoms = rattled_cluster(mixed=True)
+    model = untrained_model(elements=(29, 78), kind=kind)
+    item = LabelledStructure(atoms, 0.0, np.zeros((len(atoms), 3)))
+    rows, pair_sums, _, _ = model.descriptor.training_terms(item, torch.float64)
+    element = torch.from_numpy(model.element_indices(atoms.numbers[rows]))
+    expected = ((model.descriptor.features(pair_sums) - model.feature_mean[element]) / model.feature_std[element]).numpy()
+    for block_size in (5, 4096):
+        prediction = model.predict(atoms, block_size=block_size, with_features=True)
+        assert prediction.features.shape == (len(atoms), model.params.n_features)
+        np.testing.assert_allclose(prediction.features[rows], expected, atol=1e-10)
+    assert model.predict(atoms).features is None

@@ -7,7 +7,7 @@ from ase import Atoms
 from ase.build import bulk
 
 from pipeline.science.examples import rattled_cuboctahedron
-from pipeline.science.selection import select_chunk_centers, selection_report
+from pipeline.science.selection import candidate_pool, farthest_point_reports, select_chunk_centers, selection_report
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -182,3 +182,64 @@ def test_a_ranking_orders_the_picks_and_the_fraction_while_the_threshold_stays_o
     assert selection_report(delta, _line(4), None, 10, 6.5, select_fraction=0.5, ranking=energy_spread).picked == [2, 1]
     with pytest.raises(ValueError, match="shape"):
         selection_report(delta, _line(4), 0.1, 10, 6.5, ranking=energy_spread[:3])
+
+
+# -- farthest-point selection in descriptor space --------------------------------------------------
+
+def _pool(delta, atoms=None, exclude=(), threshold=0.1):
+    delta = np.asarray(delta, dtype=float)
+    return candidate_pool(delta, atoms if atoms is not None else _line(len(delta)), threshold, exclude=exclude)
+
+
+def test_farthest_point_takes_one_per_cluster_where_most_uncertain_takes_one_cluster():
+    """Three tight clusters of environments; the most uncertain atoms are all in the first. The
+    greedy rule picks them; farthest-point takes the most uncertain atom, then one of each other cluster."""
+    features = np.array([[0.0, 0.0], [0.01, 0.0], [0.0, 0.01], [5.01, 0.0], [5.0, 0.0], [0.0, 5.0]])
+    delta = [0.9, 0.8, 0.7, 0.3, 0.2, 0.25]
+    pool = _pool(delta)
+    assert selection_report(np.asarray(delta), pool.atoms, 0.1, 3, 0.0).picked == [0, 1, 2]
+    picks, (report,) = farthest_point_reports([pool], [features], [pool.atoms.numbers], [()], 3, 0.0)
+    assert [atom for _, atom in picks] == [0, 3, 5]
+    assert report.picked == [0, 3, 5]
+    assert report.counts()["selectable"] == 6 and report.over_limit == 3
+
+
+def test_farthest_point_avoids_environments_already_trained_in_any_parent():
+    """An atom whose environment equals a chunk centre's (here in the other parent) is picked last."""
+    first, second = _line(3), _line(2)
+    features_first = np.array([[0.0], [1.0], [3.0]])
+    features_second = np.array([[3.0], [9.0]])  # atom 1 has a chunk; atom 0 looks like first's atom 2
+    pools = [_pool([0.5, 0.4, 0.9], first), _pool([0.2, 0.95], second, exclude=[1])]
+    picks, reports = farthest_point_reports(
+        pools, [features_first, features_second], [first.numbers, second.numbers], [(), [1]], 10, 0.0
+    )
+    assert picks[0] == (0, 0)  # 9 away from the trained environment: the farthest
+    assert picks[-1] in {(0, 2), (1, 0)}  # the two copies of the same environment come last
+    assert reports[1].already_chunked == 1 and len(picks) == 4
+
+
+def test_farthest_point_never_compares_different_elements():
+    """A candidate of an element with nothing trained is infinitely far: it is picked first even with
+    the lowest δ, and its features (whatever their values) do not shrink other elements' distances."""
+    atoms = _line(3)
+    atoms.numbers[2] = 29
+    features = np.array([[0.0], [0.1], [0.05]])
+    pool = _pool([0.9, 0.8, 0.2], atoms)
+    picks, _ = farthest_point_reports([pool], [features], [atoms.numbers], [[0]], 2, 0.0)
+    assert picks == [(0, 2), (0, 1)]
+
+
+def test_farthest_point_blocks_close_atoms_in_the_same_parent_only():
+    close = Atoms("Pt3", positions=[[0, 0, 0], [2.0, 0, 0], [20.0, 0, 0]])
+    other = Atoms("Pt1", positions=[[1.0, 0, 0]])
+    features = [np.array([[0.0], [10.0], [4.0]]), np.array([[7.0]])]
+    pools = [_pool([0.9, 0.5, 0.4], close), _pool([0.3], other)]
+    picks, reports = farthest_point_reports(pools, features, [close.numbers, other.numbers], [(), ()], 10, 6.5)
+    assert (0, 1) not in picks and set(picks) == {(0, 0), (0, 2), (1, 0)}
+    assert reports[0].too_close == 1 and reports[0].over_limit == 0
+
+
+def test_farthest_point_with_nothing_selectable():
+    pool = _pool([0.01, 0.02])
+    picks, (report,) = farthest_point_reports([pool], [np.zeros((2, 3))], [pool.atoms.numbers], [()], 5, 0.0)
+    assert picks == [] and report.counts()["selectable"] == 0

@@ -93,6 +93,10 @@ class ActiveSection(_Section):
     patience: int | None = Field(None, ge=1)
     select_fraction: float | None = Field(None, gt=0, le=1)
     selection_uncertainty: Literal["force", "energy"] = "force"  # what orders the atoms picked for chunks
+    # how the centres are picked among the selectable atoms: "most-uncertain" first (each pick blocks
+    # the atoms within chunks.min_separation), or "farthest-point" in the model's descriptor space
+    # from the environments already trained and from earlier picks, over all targets at once
+    selection_rule: Literal["most-uncertain", "farthest-point"] = "most-uncertain"
 
 
 class SiteSection(_Section):

@@ -34,7 +34,7 @@ from pipeline.execution.apps import SiteApps, make_apps
 from pipeline.execution.payloads import labelled_to_payload
 from pipeline.execution.sites import PARSL_DIR_NAME, check_site, load_site, parsl_session
 from pipeline.science.chunks import carve_chunk
-from pipeline.science.selection import SelectionReport, selection_report
+from pipeline.science.selection import candidate_pool, farthest_point_reports, most_uncertain_report
 from pipeline.science.structures import atoms_to_payload
 from pipeline.storage.lease import held_lease
 from pipeline.storage.records import JobRecord
@@ -297,43 +297,57 @@ class _Driver:
 
     def _predict(self, model_path: Path) -> list[dict[str, Any]]:
         payloads = [atoms_to_payload(self.target_atoms[target_id]) for target_id in self.target_ids]
-        return self._result(self.apps.prediction_app(str(model_path), payloads, self.config.file.model.device), "prediction")  # type: ignore[union-attr]
+        with_features = self.config.file.active.selection_rule == "farthest-point"
+        future = self.apps.prediction_app(str(model_path), payloads, self.config.file.model.device, with_features)  # type: ignore[union-attr]
+        return self._result(future, "prediction")
 
     def select(
         self, predictions: Sequence[Mapping[str, Any]], parents: Mapping[int, Atoms] | None = None
     ) -> tuple[list[tuple[int, int]], dict[str, int]]:
         """Chunk centres (parent id, atom) over the parent structures (the targets, or `parents`: id
-        → atoms in the order of `predictions`, e.g. a relaxation snapshot), most uncertain first (by
-        δ_i, or by δE_i with `active.selection_uncertainty = "energy"`), at most
-        `chunks.max_per_iteration`; and the selection's counts summed over the parents (see
+        → atoms in the order of `predictions`, e.g. a relaxation snapshot), at most
+        `chunks.max_per_iteration`, by `active.selection_rule`: most uncertain first (by δ_i, or by
+        δE_i with `active.selection_uncertainty = "energy"`), or farthest-point in descriptor space
+        when the predictions carry features; and the selection's counts summed over the parents (see
         `SelectionReport`; centres cut by the limit over all parents count as `over_limit`)."""
         config, store = self.config, self.store
         parents = self.target_atoms if parents is None else parents
-        chunks = config.file.chunks
+        chunks, active = config.file.chunks, config.file.active
         limit = chunks.max_per_iteration
         failed = self._failed_chunk_centers(parents)
-        candidates: list[tuple[float, int, int]] = []  # (δ_i, parent id, centre)
-        reports: list[SelectionReport] = []
+        pools = []
+        trained = []
         for target_id, prediction in zip(parents, predictions):
-            uncertainties = np.asarray(prediction["uncertainties"], dtype=float)
-            ranking = _selection_ranking(prediction, config.file.active.selection_uncertainty)
-            report = selection_report(
-                uncertainties,
-                parents[target_id],
-                None if config.file.active.select_fraction is not None else config.threshold,
-                limit,
-                config.min_separation,
-                exclude=store.chunk_centers(target_id, chunks.radius),
-                select_fraction=config.file.active.select_fraction,
-                failed=failed.get(target_id, set()),
-                ranking=ranking,
+            trained.append(store.chunk_centers(target_id, chunks.radius))
+            pools.append(
+                candidate_pool(
+                    np.asarray(prediction["uncertainties"], dtype=float),
+                    parents[target_id],
+                    None if active.select_fraction is not None else config.threshold,
+                    exclude=trained[-1],
+                    select_fraction=active.select_fraction,
+                    failed=failed.get(target_id, set()),
+                    ranking=_selection_ranking(prediction, active.selection_uncertainty),
+                )
             )
-            reports.append(report)
-            candidates.extend((float(ranking[centre]), target_id, centre) for centre in report.picked)
-        candidates.sort(key=lambda item: (-item[0], item[1], item[2]))
-        centres = [(target_id, centre) for _, target_id, centre in candidates[:limit]]
+        parent_ids = list(parents)
+        if active.selection_rule == "farthest-point" and all("features" in prediction for prediction in predictions):
+            elements = [parents[target_id].numbers for target_id in parent_ids]  # rows compared within an element
+            features = [np.asarray(prediction["features"], dtype=float) for prediction in predictions]
+            picks, reports = farthest_point_reports(pools, features, elements, trained, limit, config.min_separation)
+            centres = [(parent_ids[position], atom) for position, atom in picks]
+            over_limit = 0
+        else:  # most uncertain first; also for relaxation snapshots, whose predictions carry no features
+            reports = [most_uncertain_report(pool, limit, config.min_separation) for pool in pools]
+            candidates = [
+                (float(pool.priority[centre]), target_id, centre)
+                for target_id, pool, report in zip(parent_ids, pools, reports) for centre in report.picked
+            ]
+            candidates.sort(key=lambda item: (-item[0], item[1], item[2]))
+            centres = [(target_id, centre) for _, target_id, centre in candidates[:limit]]
+            over_limit = len(candidates) - len(centres)
         counts = {key: sum(report.counts()[key] for report in reports) for key in SELECTION_KEYS[:-1]}
-        counts["over_limit"] += len(candidates) - len(centres)
+        counts["over_limit"] += over_limit
         counts["selected"] = len(centres)
         return centres, counts
 

@@ -179,10 +179,12 @@ def prediction_job(
     model_path: str,
     payloads: Sequence[Mapping[str, Any]],
     device: str = "auto",
+    with_features: bool = False,
     parsl_resource_specification: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Ensemble prediction per structure: energy (eV), forces (eV/Å), per-atom δ_i (eV/Å), δ = max δ_i,
-    and the energy-based per-atom δE_i (eV) with its max.
+    and the energy-based per-atom δE_i (eV) with its max; with `with_features`, also each atom's
+    scaled model features (N × F, for selection in descriptor space).
 
     In the calculator's precision and block size (`PREDICTION_DTYPE`, `PREDICTION_BLOCK_SIZE`), on
     `device` ("auto": the worker's, see `worker_device`).
@@ -196,9 +198,10 @@ def prediction_job(
     model = load_ensemble(model_path, dtype=PREDICTION_DTYPE, device=worker_device(device))
     results = []
     for payload in payloads:
-        prediction = model.predict(payload_to_atoms(dict(payload)), block_size=PREDICTION_BLOCK_SIZE)
+        prediction = model.predict(payload_to_atoms(dict(payload)), block_size=PREDICTION_BLOCK_SIZE, with_features=with_features)
         uncertainties = [float(value) for value in prediction.uncertainties]
         energy_uncertainties = [float(value) for value in prediction.energy_uncertainties]
+        features = {} if prediction.features is None else {"features": prediction.features.tolist()}
         results.append(
             {
                 "energy": float(prediction.energy),
@@ -207,6 +210,7 @@ def prediction_job(
                 "max_delta": max(uncertainties),  # structures have atoms: checked on input
                 "energy_uncertainties": energy_uncertainties,
                 "max_energy_delta": max(energy_uncertainties),
+                **features,
             }
         )
     return results
@@ -308,11 +312,15 @@ class SiteApps:
             list(elements) if elements else None, **_resource_kwargs(resources),
         )
 
-    def prediction_app(self, model_path: str, payloads: Sequence[Mapping[str, Any]], device: str = "auto") -> AppFuture:
-        """Ensemble prediction (energies, forces, δ_i) on plain-data structures, on `device`."""
+    def prediction_app(
+        self, model_path: str, payloads: Sequence[Mapping[str, Any]], device: str = "auto", with_features: bool = False
+    ) -> AppFuture:
+        """Ensemble prediction (energies, forces, δ_i; scaled features if asked) on plain-data
+        structures, on `device`."""
         app = python_app(prediction_job, executors=self.prediction_executors)
         resources = _node_resources(1) if self.prediction_is_mpi else None
-        return app(str(model_path), [dict(payload) for payload in payloads], device, **_resource_kwargs(resources))
+        payload_list = [dict(payload) for payload in payloads]
+        return app(str(model_path), payload_list, device, with_features, **_resource_kwargs(resources))
 
 
 def make_apps(config: Config) -> SiteApps:

@@ -320,6 +320,7 @@ class Prediction:
     member_forces: np.ndarray
     atomic_energies: np.ndarray
     energy_uncertainties: np.ndarray
+    features: np.ndarray | None = None  # (N, F) each atom's features scaled by its element's mean/std, if asked
 
     @property
     def max_delta(self) -> float:
@@ -441,12 +442,18 @@ class EnsembleModel(nn.Module):
         return energies, gradients
 
     # ----- inference ----------------------------------------------------------------------
-    def predict(self, atoms: Atoms, block_size: int = 2048) -> Prediction:
-        """Energy, forces and per-atom uncertainty δ_i for a structure, in blocks of centre atoms."""
-        atomic, forces = self.member_atomic_energies_and_forces(atoms, block_size)
+    def predict(self, atoms: Atoms, block_size: int = 2048, with_features: bool = False) -> Prediction:
+        """Energy, forces and per-atom uncertainty δ_i for a structure, in blocks of centre atoms;
+        `with_features` also keeps each atom's scaled features (the model's input), from the same pass."""
+        kept: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if with_features else None
+        atomic, forces = self.member_atomic_energies_and_forces(atoms, block_size, kept)
         member_forces = forces.cpu().numpy().astype(np.float64)
         member_atomic = atomic.cpu().numpy().astype(np.float64)
         member_energies = member_atomic.sum(axis=1)
+        features = None
+        if kept is not None:
+            scaled = [(self.descriptor.features(sums) - self.feature_mean[el]) / self.feature_std[el] for sums, el in kept]
+            features = torch.cat(scaled).cpu().numpy().astype(np.float64)
         return Prediction(
             energy=float(member_energies.mean()),
             forces=member_forces.mean(axis=0),
@@ -455,6 +462,7 @@ class EnsembleModel(nn.Module):
             member_forces=member_forces,
             atomic_energies=member_atomic.mean(axis=0),
             energy_uncertainties=atomic_energy_uncertainty(member_atomic),
+            features=features,
         )
 
     def member_energies_and_forces(self, atoms: Atoms, block_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -462,9 +470,17 @@ class EnsembleModel(nn.Module):
         atomic, forces = self.member_atomic_energies_and_forces(atoms, block_size)
         return atomic.sum(dim=1), forces
 
-    def member_atomic_energies_and_forces(self, atoms: Atoms, block_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-        """Atomic energies (M, N) eV and forces (M, N, 3) eV/Å of every member."""
+    def member_atomic_energies_and_forces(
+        self, atoms: Atoms, block_size: int = 2048, kept_pair_sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Atomic energies (M, N) eV and forces (M, N, 3) eV/Å of every member; each block's pair
+        sums and centre elements are appended to `kept_pair_sums` when one is given (in atom order)."""
         element_index = torch.from_numpy(self.element_indices(atoms.numbers)).to(self.feature_mean.device)
-        return self.descriptor.atomic_energies_and_forces(
-            atoms, element_index, self.energies_and_pair_sum_gradients, self.n_members, block_size
-        )
+        energies_and_gradients = self.energies_and_pair_sum_gradients
+        if kept_pair_sums is not None:
+
+            def energies_and_gradients(pair_sums: torch.Tensor, centre_elements: torch.Tensor):
+                kept_pair_sums.append((pair_sums.detach(), centre_elements))
+                return self.energies_and_pair_sum_gradients(pair_sums, centre_elements)
+
+        return self.descriptor.atomic_energies_and_forces(atoms, element_index, energies_and_gradients, self.n_members, block_size)
