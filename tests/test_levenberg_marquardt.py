@@ -20,13 +20,13 @@ from tests.test_training import chunk_structures, labelled, two_element_problem
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.mark.parametrize("hidden, pairs_per_block", [((5, 5), None), ((7,), None), ((4, 3, 2), None), ((5, 5), 7)])
-def test_residual_jacobian_equals_autograd(hidden, pairs_per_block, monkeypatch):
+@pytest.mark.parametrize("hidden, slots_per_block", [((5, 5), None), ((7,), None), ((4, 3, 2), None), ((5, 5), 7)])
+def test_residual_jacobian_equals_autograd(hidden, slots_per_block, monkeypatch):
     """Every row of the hand-built Jacobian equals autograd's gradient of that residual, for every
-    member and both elements (also when its pairs are summed in many small blocks), and the
-    residuals' squares sum to the training loss."""
-    if pairs_per_block is not None:
-        monkeypatch.setattr("pipeline.science.training.JACOBIAN_PAIRS_PER_BLOCK", pairs_per_block)
+    member and both elements (also when its residuals are summed in many small blocks, down to one
+    residual a block), and the residuals' squares sum to the training loss."""
+    if slots_per_block is not None:
+        monkeypatch.setattr("pipeline.science.training.JACOBIAN_SLOTS_PER_BLOCK", slots_per_block)
     model, data, weights, settings = two_element_problem(hidden, n_members=3, seed=7)
     residuals = _member_residuals(model, data, weights, settings)
     torch.testing.assert_close((residuals**2).sum(1), _member_losses(model, data, weights, settings, create_graph=False).detach(),

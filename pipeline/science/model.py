@@ -214,21 +214,26 @@ class EnsembleNetworks(nn.Module):
                                         (self.biases[first + layer], gradients_b[layer])):
                 parameter.grad = gradient if parameter.grad is None else parameter.grad + gradient
 
-    def row_parameter_gradients(
-        self, features: torch.Tensor, element: int, output_weights: torch.Tensor, input_weights: torch.Tensor
+    def residual_parameter_jacobian(
+        self, features: torch.Tensor, element: int, output_weights: torch.Tensor, input_weights: torch.Tensor,
+        pairs: "ResidualPairs",
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """∂(a_k·out_k + u_k·∂out_k/∂x)/∂θ (M, K, P_e) for every member of one element's network at
-        K scaled inputs (K, F), each row on its own (not summed), and the columns (P_e,) of those
-        parameters in a member's flat parameter vector (`parameters()` order).
+        """∂r/∂θ (M, R, P_e) of R residuals r = Σ_k (a_k·out_k + u_k·∂out_k/∂x) over their pairs k
+        (K scaled inputs (K, F) of one element, a (K,), u (K, F)) for every member, and the columns
+        (P_e,) of those parameters in a member's flat parameter vector (`parameters()` order).
 
-        The rows of a Gauss–Newton Jacobian: an energy residual is a sum of a·out over its atoms, a
-        force residual a sum of u·∂out/∂x over the ≈20 feature rows its force depends on.
+        The rows of a Gauss–Newton Jacobian: an energy residual sums a·out over its atoms, a force
+        residual u·∂out/∂x over the feature rows its force depends on. The first layer's weights are
+        most of P_e; each layer's block is Σ_k (x_k ⊗ z̄_k + u_k ⊗ ż̄_k), summed per residual as one
+        batched product over the residual's pairs laid out in `pairs.slot` (never one row of F·H per
+        pair, which cost 2.5× more on a two-element set); the biases are summed pair by pair.
         """
         parameters = list(self.parameters())
         offsets = np.concatenate([[0], np.cumsum([p[0].numel() for p in parameters])])
         first = element * self.n_layers
         weights = [self.weights[first + layer].detach() for layer in range(self.n_layers)]
         biases = [self.biases[first + layer].detach() for layer in range(self.n_layers)]
+        n_members, n_residuals = self.n_members, pairs.n_residuals
         a = output_weights.view(1, -1, 1)
         # primal h_l and tangent ḣ_l (along u) of every hidden layer, (M, K, H_l)
         below, tangent_below = [features], [input_weights]
@@ -241,31 +246,75 @@ class EnsembleNetworks(nn.Module):
             slopes.append(slope)
             below.append(h)
             tangent_below.append(slope * tangent)
-        n_rows = features.shape[0]
         indices = [first + layer for layer in range(self.n_layers)]
         indices = indices + [len(self.weights) + k for k in indices]  # its weights, then its biases
         sizes = [int(offsets[k + 1] - offsets[k]) for k in indices]
-        gradients = features.new_empty(self.n_members, n_rows, sum(sizes))
-        blocks = list(gradients.split(sizes, dim=2))  # views: each parameter's columns, filled in place
-        grad_w = [block.unflatten(2, weight.shape[1:]) for block, weight in zip(blocks[: self.n_layers], weights)]
-        grad_b = blocks[self.n_layers:]
+        jacobian = features.new_zeros(n_members, n_residuals, sum(sizes))
+        blocks = list(jacobian.split(sizes, dim=2))  # views: each parameter's columns
+        grad_w, grad_b = blocks[: self.n_layers], blocks[self.n_layers:]
+
+        def add_pairs(block: torch.Tensor, per_pair: torch.Tensor) -> None:  # (M, K, n) summed per residual
+            block.index_add_(1, pairs.residual, per_pair.reshape(n_members, per_pair.shape[1], -1))
+
         last = weights[-1].transpose(1, 2)  # (M, 1, H)
-        torch.mul(a, below[-1], out=grad_w[-1].squeeze(3))
-        grad_w[-1].squeeze(3).add_(tangent_below[-1])
-        grad_b[-1].copy_(a.expand(self.n_members, -1, 1))
+        add_pairs(grad_w[-1], a * below[-1] + tangent_below[-1])
+        add_pairs(grad_b[-1], a.expand(n_members, -1, 1))
         h_bar, tangent_bar = a * last, last.expand_as(below[-1])  # adjoints of h and ḣ of the last hidden layer
         for layer in range(self.n_layers - 2, -1, -1):
             h, slope = below[layer + 1], slopes[layer]
             z_tangent_bar = tangent_bar * slope
             z_bar = (h_bar - 2.0 * h * tangent_bar * tangents[layer]) * slope
-            torch.mul(below[layer].unsqueeze(-1), z_bar.unsqueeze(-2), out=grad_w[layer])
-            grad_w[layer].addcmul_(tangent_below[layer].unsqueeze(-1), z_tangent_bar.unsqueeze(-2))
-            grad_b[layer].copy_(z_bar)
+            grad_w[layer].copy_(pairs.outer_sums(below[layer], tangent_below[layer], z_bar, z_tangent_bar))
+            add_pairs(grad_b[layer], z_bar)
             if layer > 0:
                 h_bar = z_bar @ weights[layer].transpose(1, 2)
                 tangent_bar = z_tangent_bar @ weights[layer].transpose(1, 2)
         columns = torch.cat([torch.arange(int(offsets[k]), int(offsets[k + 1])) for k in indices])
-        return gradients, columns.to(features.device)
+        return jacobian, columns.to(features.device)
+
+
+@dataclass
+class ResidualPairs:
+    """Which of R residuals each of K (residual, feature row) pairs belongs to, and its slot among
+    that residual's pairs (0 … `n_slots` − 1): the layout of the batched per-residual sums."""
+
+    residual: torch.Tensor  # (K,) in 0 … n_residuals − 1
+    slot: torch.Tensor  # (K,)
+    n_residuals: int
+    n_slots: int
+
+    @classmethod
+    def of(cls, residual: torch.Tensor) -> "ResidualPairs":
+        """The layout for pairs whose residuals are `residual` (K,), values 0 … R − 1, any order."""
+        order = torch.argsort(residual, stable=True)
+        counts = torch.bincount(residual)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.empty_like(residual)
+        slot[order] = torch.arange(len(residual), device=residual.device) - starts[residual[order]]
+        return cls(residual, slot, len(counts), int(counts.max()) if len(counts) else 0)
+
+    def outer_sums(self, x: torch.Tensor, u: torch.Tensor, z_bar: torch.Tensor, z_tangent_bar: torch.Tensor) -> torch.Tensor:
+        """Σ_k∈r (x_k ⊗ z̄_k + u_k ⊗ ż̄_k) (M, R, F·H) from a layer's inputs and their tangents x, u
+        ((K, F) shared by the members, or (M, K, F)) and the adjoints z̄, ż̄ (M, K, H) of its outputs:
+        one (F × 2S)·(2S × H) product per residual, its pairs padded to S = `n_slots`."""
+        n_members, n_pairs, width = z_bar.shape
+        n_in, n_slots, n_residuals = x.shape[-1], self.n_slots, self.n_residuals
+        slots, tangent_slots = self.slot, n_slots + self.slot
+        adjoints = x.new_zeros(n_residuals, 2 * n_slots, n_members, width)
+        adjoints[self.residual, slots] = z_bar.transpose(0, 1)
+        adjoints[self.residual, tangent_slots] = z_tangent_bar.transpose(0, 1)
+        if x.dim() == 2:  # the first layer: inputs shared, all members in one product per residual
+            inputs = x.new_zeros(n_residuals, 2 * n_slots, n_in)
+            inputs[self.residual, slots] = x
+            inputs[self.residual, tangent_slots] = u
+            sums = torch.bmm(inputs.transpose(1, 2), adjoints.reshape(n_residuals, 2 * n_slots, n_members * width))
+            return sums.reshape(n_residuals, n_in, n_members, width).permute(2, 0, 1, 3).reshape(n_members, n_residuals, -1)
+        inputs = x.new_zeros(n_residuals, 2 * n_slots, n_members, n_in)
+        inputs[self.residual, slots] = x.transpose(0, 1)
+        inputs[self.residual, tangent_slots] = u.transpose(0, 1)
+        sums = torch.bmm(inputs.permute(2, 0, 3, 1).reshape(n_members * n_residuals, n_in, 2 * n_slots),
+                         adjoints.permute(2, 0, 1, 3).reshape(n_members * n_residuals, 2 * n_slots, width))
+        return sums.reshape(n_members, n_residuals, n_in * width)
 
 
 def _as_slice(rows: torch.Tensor) -> torch.Tensor | slice:

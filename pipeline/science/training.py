@@ -22,7 +22,7 @@ from pipeline.science.descriptors import (
     median_nearest_neighbour_distance,
     radial_shells,
 )
-from pipeline.science.model import EnsembleModel
+from pipeline.science.model import EnsembleModel, ResidualPairs
 from pipeline.science.settings import DeviceName, TrainingSettings
 from pipeline.science.structures import LabelledStructure
 
@@ -584,13 +584,30 @@ class _JacobianTerms:
     """The (residual, feature row) pairs a Gauss–Newton Jacobian sums over, built once per data set.
 
     Residual k is an energy (its atoms' outputs, weight a = 1) or a force component (u·∂out/∂G of
-    the ≈20 rows it depends on, u its slice of the force Jacobian); each pair is one row's share.
+    the rows it depends on, u its slice of the force Jacobian); each pair is one row's share.
+    `blocks` groups the pairs by the element of their row and by residual, as they are summed.
     """
 
     residual: torch.Tensor  # (K,) residual index: energies first, then 3 per force row
     row: torch.Tensor  # (K,) feature row
     output_weight: torch.Tensor  # (K,) a
     input_weight: torch.Tensor  # (K, F) u
+    blocks: list["_PairBlock"]
+
+
+@dataclass
+class _PairBlock:
+    """Some residuals' pairs with rows of one element: summed in one call, in the layout `pairs`."""
+
+    element: int
+    pairs: torch.Tensor  # (K_b,) indices into the terms' pairs
+    residuals: torch.Tensor  # (R_b,) the residuals these pairs sum into (global indices)
+    layout: ResidualPairs  # pair → position in `residuals`, and its slot there
+
+
+JACOBIAN_SLOTS_PER_BLOCK = 16384
+"""Residuals × padded pairs per residual in one block of the Jacobian: bounds its buffers to ≈ 50 MB
+(the first layer's padded inputs and adjoints, and the other parameters' per-pair gradients)."""
 
 
 def _jacobian_terms(data: TrainingData) -> _JacobianTerms:
@@ -603,40 +620,58 @@ def _jacobian_terms(data: TrainingData) -> _JacobianTerms:
     input_weight = data.features.new_zeros(len(keys), width).index_put_((pair, columns % width), jac.values(), accumulate=True)
     n_energies = len(data.energies)
     rows = torch.cat([data.energy_rows, keys % n_rows])
+    residual = torch.cat([data.energy_segment, n_energies + keys // n_rows])
     return _JacobianTerms(
-        residual=torch.cat([data.energy_segment, n_energies + keys // n_rows]),
+        residual=residual,
         row=rows,
         output_weight=torch.cat([data.features.new_ones(len(data.energy_rows)), data.features.new_zeros(len(keys))]),
         input_weight=torch.cat([data.features.new_zeros(len(data.energy_rows), width), input_weight]),
+        blocks=_pair_blocks(residual, data.element_index[rows]),
     )
 
 
-JACOBIAN_PAIRS_PER_BLOCK = 16384
-"""(residual, row) pairs per block of the Jacobian: ≈ 190 MB of per-row gradients for 10 members."""
+def _pair_blocks(residual: torch.Tensor, row_element: torch.Tensor) -> list[_PairBlock]:
+    """Per element, its residuals in order of their pair count, cut into blocks of at most
+    `JACOBIAN_SLOTS_PER_BLOCK` residuals × largest count (one residual over that is a block alone),
+    so that padding every residual's pairs to the block's largest count wastes little."""
+    blocks = []
+    for element in torch.unique(row_element).tolist():
+        element_pairs = (row_element == element).nonzero(as_tuple=True)[0]
+        residuals, local, counts = torch.unique(residual[element_pairs], return_inverse=True, return_counts=True)
+        order = torch.argsort(counts, stable=True).tolist()
+        sizes = counts.tolist()
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end + 1 - start) * sizes[order[end]] <= JACOBIAN_SLOTS_PER_BLOCK:
+                end += 1
+            chosen = torch.tensor(order[start:end], device=residual.device)
+            position = torch.full((len(residuals),), -1, dtype=torch.int64, device=residual.device)
+            position[chosen] = torch.arange(len(chosen), device=residual.device)
+            in_block = position[local] >= 0
+            blocks.append(_PairBlock(element, element_pairs[in_block], residuals[chosen],
+                                     ResidualPairs.of(position[local[in_block]])))
+            start = end
+    return blocks
 
 
 def _member_residual_jacobians(
     model: EnsembleModel, data: TrainingData, weights: torch.Tensor, settings, terms: _JacobianTerms
 ) -> torch.Tensor:
-    """∂residuals/∂θ (M, S_E + 3F, P): each (residual, row) pair's parameter gradient, summed per
-    residual, times the residual's factor and the output scale (negative for forces)."""
+    """∂residuals/∂θ (M, S_E + 3F, P): each residual's parameter gradient, summed over its pairs,
+    times the residual's factor and the output scale (negative for forces)."""
     energy_factor, force_factor = _residual_factors(data, weights, settings)
     scale = model.energy_scale
     factors = torch.cat([energy_factor * scale, (force_factor * -scale).repeat_interleave(3, dim=1)], dim=1)  # (M, N)
     n_residuals = factors.shape[1]
     n_parameters = sum(p[0].numel() for p in model.networks.parameters())
-    row_elements = data.element_index[terms.row]
     jacobians = data.features.new_zeros(model.n_members, n_residuals, n_parameters)
-    for element in torch.unique(row_elements).tolist():
-        element_pairs = (row_elements == element).nonzero(as_tuple=True)[0]
-        summed = None
-        for pairs in element_pairs.split(JACOBIAN_PAIRS_PER_BLOCK):  # bounds the (M, K, P_e) buffer
-            gradients, columns = model.networks.row_parameter_gradients(
-                data.features[terms.row[pairs]], element, terms.output_weight[pairs], terms.input_weight[pairs])
-            if summed is None:
-                summed = gradients.new_zeros(model.n_members, n_residuals, gradients.shape[2])
-            summed.index_add_(1, terms.residual[pairs], gradients)
-        jacobians[:, :, columns] += summed
+    for block in terms.blocks:
+        pairs = block.pairs
+        sums, columns = model.networks.residual_parameter_jacobian(
+            data.features[terms.row[pairs]], block.element, terms.output_weight[pairs], terms.input_weight[pairs],
+            block.layout)
+        jacobians[:, block.residuals.unsqueeze(1), columns.unsqueeze(0)] = sums
     return jacobians * factors.unsqueeze(2)
 
 
