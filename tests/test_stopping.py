@@ -4,7 +4,7 @@ from datetime import datetime, timezone
 import pytest
 
 from pipeline.campaign.config import load_config
-from pipeline.campaign.history import MeasuredIteration, history_with_measured, stop_reason
+from pipeline.campaign.history import MeasuredIteration, history_with_measured, stop_reason, trains_from_scratch
 from pipeline.storage.records import IterationRecord
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,8 +41,25 @@ def test_nothing_new_to_compute_stops_unless_warm_training_still_helps(config):
     still_falling = history((0.5, 5), (0.3, 0))
     assert stop_reason(still_falling, cold) == "no_new_chunks"  # retraining from scratch gives the same model
     assert stop_reason(still_falling, warm) is None  # continuing the optimisation lowered δ: go on
-    assert stop_reason(history((0.5, 5), (0.3, 0), (0.31, 0)), warm) == "no_new_chunks"
-    assert stop_reason(history((0.5, 0)), warm) == "no_new_chunks"
+    assert stop_reason(history((0.5, 0)), warm) == "no_new_chunks"  # iteration 1 was trained from scratch
+
+
+def test_a_warm_start_stuck_with_nothing_new_restarts_once_from_fresh_weights(config):
+    """A warm-started iteration that found no new chunk and did not lower δ does not stop the campaign:
+    the next iteration trains from fresh weights; only when that one does not lower δ either does it stop."""
+    cold, warm = config(warm_start=False), config()
+    stuck = history((0.5, 5), (0.3, 0), (0.31, 0))
+    assert stop_reason(stuck, cold) == "no_new_chunks"
+    assert stop_reason(stuck, warm) is None
+    assert [trains_from_scratch(stuck, k) for k in (1, 2, 3, 4)] == [False, False, False, True]
+    restart_no_better = history((0.5, 5), (0.3, 0), (0.31, 0), (0.32, 0))
+    assert stop_reason(restart_no_better, warm) == "no_new_chunks"
+    assert not trains_from_scratch(restart_no_better, 5)  # one restart per stall, not one per iteration
+    restart_better = history((0.5, 5), (0.3, 0), (0.31, 0), (0.25, 0))
+    assert stop_reason(restart_better, warm) is None  # the fresh fit lowered δ: warm again from it
+    assert not trains_from_scratch(restart_better, 5)
+    with_chunks = history((0.5, 5), (0.3, 4), (0.31, 3))
+    assert not trains_from_scratch(with_chunks, 4)  # new chunks came in: the usual warm start
 
 
 def test_an_iteration_measured_before_selection_is_judged_by_delta_alone(config):

@@ -65,11 +65,28 @@ def stop_reason(history: Sequence[Iteration], config: CampaignConfig) -> str | N
 
 
 def no_new_chunks_reason(history: Sequence[Iteration], config: CampaignConfig) -> str | None:
-    """Nothing new to compute: stop, unless training is warm-started and the last iteration still
-    lowered δ (then another round of training on the same data may lower it further)."""
-    if config.file.model.warm_start and len(history) >= 2 and history[-1].max_delta < history[-2].max_delta:
+    """Nothing new to compute: stop, unless training is warm-started and either the last iteration
+    still lowered δ (another round of training on the same data may lower it further) or it was a
+    warm start that did not (the next iteration then trains from fresh weights, `trains_from_scratch`)."""
+    if not config.file.model.warm_start or len(history) < 2:
+        return NO_NEW_CHUNKS
+    if history[-1].max_delta < history[-2].max_delta:
         return None
-    return NO_NEW_CHUNKS
+    return None if not trains_from_scratch(history, history[-1].iteration) else NO_NEW_CHUNKS
+
+
+def trains_from_scratch(history: Sequence[Iteration], number: int) -> bool:
+    """Whether iteration `number` of a warm-started campaign trains from fresh weights instead of
+    the previous model: the iteration before it was itself warm-started, found no new chunk and did
+    not lower δ, so its members sit in minima where more of the same optimisation changes nothing.
+    A fresh fit on all the data finds other minima (seen on Al561 with Levenberg–Marquardt: stuck
+    at δ 0.158 eV/Å with every uncertain atom chunked, bench/RESULTS.md)."""
+    recorded = {entry.iteration: entry for entry in history if isinstance(entry, IterationRecord)}
+    previous, before = recorded.get(number - 1), recorded.get(number - 2)
+    if previous is None or before is None:
+        return False  # iteration 1 is trained from scratch anyway; iteration 2 is warm
+    stuck = previous.carved and previous.chunks_added == 0 and previous.max_delta >= before.max_delta
+    return stuck and not trains_from_scratch(history, number - 1)
 
 
 def best_iteration(history: Sequence[Iteration]) -> Iteration | None:

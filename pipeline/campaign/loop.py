@@ -23,7 +23,7 @@ from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.files import MODEL_NAME, SUMMARY_NAME
 from pipeline.campaign.history import (
     CONVERGED, SELECTION_KEYS, Iteration, MeasuredIteration, delta_location, history_entry, history_with_measured,
-    no_new_chunks_reason, stall_diagnosis, stop_reason,
+    no_new_chunks_reason, stall_diagnosis, stop_reason, trains_from_scratch,
 )
 from pipeline.campaign.observer import CampaignObserver
 from pipeline.campaign.reference_jobs import ReferenceJobRunner
@@ -289,8 +289,13 @@ class _Driver:
         return self.select_and_compute(last.iteration, Path(model.path), metrics, predictions, last.train_force_mae, timer, draft)
 
     def _warm_start_model(self, number: int) -> str | None:
-        """The latest earlier iteration's model file, to start training from (None: from scratch)."""
+        """The latest earlier iteration's model file, to start training from (None: from scratch,
+        also when the warm start before found nothing new and did not lower δ: `trains_from_scratch`)."""
         if not self.config.file.model.warm_start:
+            return None
+        if trains_from_scratch(self.store.iterations(), number):
+            self.observer.message(f"iteration {number}: the last warm start found no new chunk and did not lower δ; "
+                                  "training from fresh weights")
             return None
         earlier = [record for record in self.store.models() if record.iteration < number and Path(record.path).is_file()]
         return earlier[-1].path if earlier else None
