@@ -44,7 +44,7 @@ def train_model(path: str, epochs: int) -> None:
 
     cells = [emt_label(atoms) for atoms in bulk_training_cells(16, seed=1)]
     structures = [LabelledStructure(a, a.get_potential_energy(), a.get_forces()) for a in cells]
-    model, _ = train_ensemble(structures, TrainingSettings(ensemble=10, epochs=epochs, lbfgs_steps=300))
+    model, _ = train_ensemble(structures, TrainingSettings(ensemble=10, epochs=epochs, optimizer="lbfgs", lbfgs_steps=300))
     save_model(model, path)
 
 

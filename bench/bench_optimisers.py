@@ -62,6 +62,7 @@ def scores(model, data, weights, settings, target, target_forces) -> dict:
 
 def run_optimiser(name: str, start, data, weights, settings, warm: bool, budget_s: float | None) -> tuple[object, float]:
     """Train a copy of `start` with one optimiser for `budget_s` seconds (None: its default steps)."""
+    from pipeline.science.settings import ADAM_EPOCHS_BEFORE_LBFGS
     from pipeline.science.training import _adam, _lbfgs, _levenberg_marquardt
 
     model = copy.deepcopy(start)
@@ -74,10 +75,11 @@ def run_optimiser(name: str, start, data, weights, settings, warm: bool, budget_
         lr = settings.final_learning_rate if warm else settings.learning_rate
         _adam(model, data, weights, None, settings.with_changes(epochs=epochs, learning_rate=lr), None)
     elif name == "L-BFGS":
+        lbfgs_settings = settings.with_changes(optimizer="lbfgs", epochs=ADAM_EPOCHS_BEFORE_LBFGS)
         if not warm:
-            _adam(model, data, weights, None, settings, None)
+            _adam(model, data, weights, None, lbfgs_settings, None)
         steps = settings.lbfgs_steps if budget_s is None else unlimited
-        _lbfgs(model, data, weights, settings.with_changes(lbfgs_steps=steps), deadline)
+        _lbfgs(model, data, weights, lbfgs_settings.with_changes(lbfgs_steps=steps), deadline)
     else:
         steps = settings.lm_steps if budget_s is None else unlimited
         _levenberg_marquardt(model, data, weights, settings, steps, deadline)

@@ -136,7 +136,7 @@ def diverged_model(here: Path) -> list[str]:
 
     cells = [emt_label(cell) for cell in bulk_training_cells(count=2, seed=3)]
     model, _ = train_ensemble([LabelledStructure(c, c.get_potential_energy(), c.get_forces()) for c in cells],
-                              TrainingSettings(ensemble=2, epochs=1, lbfgs_steps=0))
+                              TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0))
     with torch.no_grad():
         model.networks.weights[0][0, 0, 0] = float("nan")
     save_model(model, here / "model.nft")
@@ -160,7 +160,7 @@ def evaluate_files(*files: list[Atoms] | None, reference: str = "emt") -> Callab
 
         cells = [emt_label(cell) for cell in bulk_training_cells(count=2, seed=3)]
         data = [LabelledStructure(c, c.get_potential_energy(), c.get_forces()) for c in cells]
-        model, _ = train_ensemble(data, TrainingSettings(ensemble=2, epochs=1, lbfgs_steps=0))
+        model, _ = train_ensemble(data, TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0))
         save_model(model, here / "model.nft")
         paths = [here / ("probe.traj" if len(files) == 1 else f"probe{k}.traj") for k in range(len(files))]
         for path, images in zip(paths, files):

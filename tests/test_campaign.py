@@ -224,7 +224,8 @@ def test_export_trains_with_nft_train_to_the_model_the_campaign_rows_train(conve
 
     settings = campaign.file.model
     options = {"ensemble": settings.ensemble, "cutoff": settings.cutoff, "hidden": ",".join(map(str, settings.hidden)),
-               "epochs": settings.epochs, "lbfgs": settings.lbfgs_steps, "validation": settings.validation_fraction,
+               "epochs": settings.epochs, "optimizer": settings.optimizer, "lbfgs": settings.lbfgs_steps, "lm": settings.lm_steps,
+               "validation": settings.validation_fraction,
                "descriptor": settings.descriptor.kind, "seed": settings.seed, "device": settings.device}
     untrainable = {"learning_rate", "final_learning_rate", "energy_weight", "force_weight", "patience_epochs"}
     assert all(getattr(settings, key) == getattr(TrainingSettings(), key) for key in untrainable), "not an nft train option"

@@ -34,7 +34,7 @@ def data_files(tmp_path_factory):
 def trained_model(data_files):
     folder, train, _ = data_files
     model = folder / "model.nft"
-    result = subprocess.run(NFT + ["train", str(train), "-o", str(model), "--ensemble", "3", "--epochs", "30", "--lbfgs", "50"],
+    result = subprocess.run(NFT + ["train", str(train), "-o", str(model), "--ensemble", "3", "--epochs", "30", "--optimizer", "lbfgs", "--lbfgs", "50"],
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr
     assert "train force MAE" in result.stdout

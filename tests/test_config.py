@@ -49,7 +49,8 @@ def test_defaults_fill_everything_but_name_and_data(small_campaign, tmp_path):
     assert config.file.chunks.training_environment == "target"
     settings = config.file.model
     assert config.elements == (78,) and settings.cutoff == 6.5
-    assert (settings.epochs, settings.lbfgs_steps) == (300, 1000)
+    assert (settings.optimizer, settings.epochs, settings.lm_steps) == ("levenberg-marquardt", 0, 30)
+    assert settings.with_changes(optimizer="lbfgs").lbfgs_steps == 1000
     assert settings.descriptor.derives_radial_shells and settings.warm_start is True
     assert not config.workdir.exists()  # loading writes nothing
 

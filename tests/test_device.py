@@ -42,7 +42,7 @@ def labelled(count: int, seed: int) -> list[LabelledStructure]:
 @pytest.fixture(scope="module")
 def trained_model_file(tmp_path_factory) -> Path:
     """10 members trained on 16 EMT-labelled bulk cells (float64 on file, as every model)."""
-    settings = TrainingSettings(ensemble=10, epochs=300, lbfgs_steps=300, device="cpu")
+    settings = TrainingSettings(ensemble=10, epochs=300, optimizer="lbfgs", lbfgs_steps=300, device="cpu")
     model, _ = train_ensemble(labelled(16, seed=1), settings)
     return save_model(model, tmp_path_factory.mktemp("device") / "model.nft")
 
@@ -68,7 +68,7 @@ def test_cuda_without_a_gpu_and_unknown_devices_are_errors():
         TrainingSettings(device="gpu")
     with pytest.raises(ValueError, match="no CUDA GPU"):
         TrainingSettings(device="cuda")  # refused where it is validated: no GPU here
-    on_a_gpu_host = TrainingSettings(ensemble=2, epochs=1, lbfgs_steps=0).model_copy(update={"device": "cuda"})
+    on_a_gpu_host = TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0).model_copy(update={"device": "cuda"})
     with pytest.raises(ValueError, match="no CUDA GPU"):
         train_ensemble(labelled(2, seed=3), on_a_gpu_host)
 
@@ -109,7 +109,7 @@ def run(*args):
 
 def test_nft_train_on_the_cpu(training_file, tmp_path):
     model = tmp_path / "m.nft"
-    result = run("train", training_file, "-o", model, "--ensemble", "2", "--epochs", "5", "--lbfgs", "0", "--device", "cpu")
+    result = run("train", training_file, "-o", model, "--ensemble", "2", "--epochs", "5", "--optimizer", "lbfgs", "--lbfgs", "0", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert model.exists() and "train force MAE" in result.stdout
     evaluated = run("evaluate", model, training_file, "--reference", "emt", "--json", "--device", "auto")
@@ -120,9 +120,9 @@ def test_nft_train_on_the_cpu(training_file, tmp_path):
 def test_device_cuda_without_a_gpu_is_one_line_exit_2(training_file, tmp_path, command):
     model = tmp_path / "m.nft"
     if command == "train":
-        result = run("train", training_file, "-o", model, "--ensemble", "2", "--epochs", "5", "--lbfgs", "0", "--device", "cuda")
+        result = run("train", training_file, "-o", model, "--ensemble", "2", "--epochs", "5", "--optimizer", "lbfgs", "--lbfgs", "0", "--device", "cuda")
     else:
-        save_model(train_ensemble(labelled(2, seed=3), TrainingSettings(ensemble=2, epochs=1, lbfgs_steps=0))[0], model)
+        save_model(train_ensemble(labelled(2, seed=3), TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0))[0], model)
         result = run("evaluate", model, training_file, "--reference", "emt", "--device", "cuda")
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -146,7 +146,7 @@ def test_a_site_device_decides_what_auto_means_on_its_workers(monkeypatch, tmp_p
     # a GPU worker whose torch sees no GPU fails instead of training on its CPUs
     payload = [labelled_to_payload(s) for s in labelled(2, seed=3)]
     with pytest.raises(ValueError, match="no CUDA GPU"):
-        training_job(payload, {"ensemble": 2, "epochs": 1, "lbfgs_steps": 0}, str(tmp_path / "m.nft"))
+        training_job(payload, {"ensemble": 2, "epochs": 1, "optimizer": "lbfgs", "lbfgs_steps": 0}, str(tmp_path / "m.nft"))
 
 
 def test_the_gpu_site_exports_its_device_to_the_training_node_only(tmp_path):
@@ -162,7 +162,7 @@ def test_the_gpu_site_exports_its_device_to_the_training_node_only(tmp_path):
 def test_training_job_reports_the_device_it_trained_on(monkeypatch, tmp_path):
     monkeypatch.delenv(SITE_DEVICE_VARIABLE, raising=False)
     payload = [labelled_to_payload(s) for s in labelled(2, seed=3)]
-    metrics = training_job(payload, {"ensemble": 2, "epochs": 1, "lbfgs_steps": 0, "device": "auto"}, str(tmp_path / "m.nft"))
+    metrics = training_job(payload, {"ensemble": 2, "epochs": 1, "optimizer": "lbfgs", "lbfgs_steps": 0, "device": "auto"}, str(tmp_path / "m.nft"))
     assert metrics["device"] == "cpu" and metrics["world_size"] == 1  # no GPU: one process
 
 
@@ -170,7 +170,7 @@ def test_distributed_training_uses_gloo_on_the_cpu_and_refuses_cuda_without_a_gp
     assert _default_backend("cpu") == "gloo"
     payload = [labelled_to_payload(s) for s in labelled(2, seed=3)]
     with pytest.raises(ValueError, match="no CUDA GPU"):
-        on_a_gpu_host = TrainingSettings(ensemble=2, epochs=1, lbfgs_steps=0).model_copy(update={"device": "cuda"})
+        on_a_gpu_host = TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0).model_copy(update={"device": "cuda"})
         train_distributed(payload, on_a_gpu_host, tmp_path / "m.nft", 2)
     assert not (tmp_path / "m.nft").exists()
 

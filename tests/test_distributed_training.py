@@ -22,7 +22,7 @@ from pipeline.storage.model_file import load_ensemble
 pytestmark = pytest.mark.timeout(300)
 
 # explicit shells: derived ones follow the data, and the warm-start test trains on two different sets
-SETTINGS = {"ensemble": 4, "hidden": [5, 5], "cutoff": 5.0, "epochs": 40, "lbfgs_steps": 0, "seed": 11,
+SETTINGS = {"ensemble": 4, "hidden": [5, 5], "cutoff": 5.0, "epochs": 40, "optimizer": "lbfgs", "lbfgs_steps": 0, "seed": 11,
             "descriptor": {"radial_centers": [0.0, 2.4, 3.2, 4.0], "radial_etas": [0.1, 2.0, 2.0, 2.0]}}
 
 
@@ -68,7 +68,7 @@ def test_a_warm_start_sharded_over_two_processes_equals_one_process(tmp_path):
     structures = labelled_platinum_cells()
     previous, _ = train_ensemble(structures[:3], TrainingSettings(**SETTINGS))
     save_model(previous, tmp_path / "previous.nft")
-    settings = {**SETTINGS, "epochs": 10, "lbfgs_steps": 5}
+    settings = {**SETTINGS, "epochs": 10, "optimizer": "lbfgs", "lbfgs_steps": 5}
     single, report = train_ensemble(structures, TrainingSettings(**settings), start_from=load_ensemble(tmp_path / "previous.nft"))
     metrics = train_distributed(
         [labelled_to_payload(s) for s in structures], TrainingSettings(**settings), tmp_path / "ddp.nft", world_size=2,

@@ -30,7 +30,7 @@ from tests.test_gpaw_jobs import gpaw_installed  # noqa: F401  (fixture: skip, o
 pytestmark = [pytest.mark.gpaw, pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.usefixtures("gpaw_installed")]
 
 TINY_LCAO = {"mode": "lcao", "basis": "sz(dzp)", "h": 0.3}
-TINY_MODEL = {"cutoff": 4.0, "hidden": [3], "ensemble": 2, "epochs": 20, "lbfgs_steps": 0, "seed": 1}
+TINY_MODEL = {"cutoff": 4.0, "hidden": [3], "ensemble": 2, "epochs": 20, "optimizer": "lbfgs", "lbfgs_steps": 0, "seed": 1}
 # select_fraction = 1 makes every atom a candidate and a 2-member ensemble never agrees to 1e-6 eV/Å,
 # so the first iteration always carves chunks (chunks.max_per_iteration); the second trains on them and stops.
 ALWAYS_SELECT = {"threshold": 1e-6, "select_fraction": 1.0, "max_iterations": 2}

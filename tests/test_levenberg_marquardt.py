@@ -75,8 +75,8 @@ def test_levenberg_marquardt_fits_tighter_than_lbfgs_with_a_tenth_of_the_steps()
     epochs, and far below Adam alone; LM's fit also predicts the training forces better."""
     data = labelled(bulk_training_cells(6, seed=12)) + chunk_structures(3, seed=2)
     base = TrainingSettings(ensemble=3, seed=5)
-    _, adam = train_ensemble(data, base.with_changes(epochs=400, lbfgs_steps=0))
-    _, lbfgs = train_ensemble(data, base.with_changes(epochs=100, lbfgs_steps=300))
+    _, adam = train_ensemble(data, base.with_changes(epochs=400, optimizer="lbfgs", lbfgs_steps=0))
+    _, lbfgs = train_ensemble(data, base.with_changes(epochs=100, optimizer="lbfgs", lbfgs_steps=300))
     _, lm = train_ensemble(data, base.with_changes(epochs=0, optimizer="levenberg-marquardt", lm_steps=30))
     assert lm.final_loss < lbfgs.final_loss < adam.final_loss, (lm.final_loss, lbfgs.final_loss, adam.final_loss)
     assert lm.train_force_mae < lbfgs.train_force_mae

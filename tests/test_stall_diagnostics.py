@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(240)
 
 THRESHOLD = 1.2
 TWO_ITERATIONS = {"active": {"threshold": THRESHOLD, "max_iterations": 2}}
-CHEAP_TRAINING = {"epochs": 20, "lbfgs_steps": 20}
+CHEAP_TRAINING = {"epochs": 20, "optimizer": "lbfgs", "lbfgs_steps": 20}
 SKIP_REASONS = ("already_chunked", "reference_failed", "too_close", "over_limit")
 
 

@@ -96,7 +96,7 @@ def test_hand_written_loss_gradient_equals_autograd(hidden):
 
 
 def test_masked_rows_do_not_influence_training():
-    settings = TrainingSettings(ensemble=3, epochs=40, lbfgs_steps=0, seed=1)
+    settings = TrainingSettings(ensemble=3, epochs=40, optimizer="lbfgs", lbfgs_steps=0, seed=1)
     data = labelled(bulk_training_cells(4, seed=3)) + chunk_structures()
     model_a, _ = train_ensemble(data, settings)
     changed = []
@@ -116,7 +116,7 @@ def test_masked_rows_do_not_influence_training():
 
 def test_training_is_deterministic_and_members_differ():
     data = labelled(bulk_training_cells(4, seed=5))
-    settings = TrainingSettings(ensemble=3, epochs=20, lbfgs_steps=0, seed=4, bootstrap=True)
+    settings = TrainingSettings(ensemble=3, epochs=20, optimizer="lbfgs", lbfgs_steps=0, seed=4, bootstrap=True)
     a, report_a = train_ensemble(data, settings)
     b, report_b = train_ensemble(data, settings)
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
@@ -131,7 +131,7 @@ def test_early_stopping_stops_and_restores_each_members_best_weights():
     back every member at its lowest validation loss, not at its last epoch."""
     data = labelled(bulk_training_cells(10, seed=6))
     settings = TrainingSettings(ensemble=2, epochs=2000, validation_fraction=0.2, patience_epochs=30,
-                                learning_rate=0.05, final_learning_rate=0.05, lbfgs_steps=0, seed=0)
+                                learning_rate=0.05, final_learning_rate=0.05, optimizer="lbfgs", lbfgs_steps=0, seed=0)
     model, report = train_ensemble(data, settings)
     assert report.validation_force_mae is not None
     assert report.epochs_run < settings.epochs, "early stopping never stopped"
@@ -157,7 +157,7 @@ def test_model_trained_on_emt_cells_predicts_held_out_forces():
 def test_warm_start_continues_from_the_previous_members():
     """A warm start on a grown set begins where the previous model ended and keeps each member's identity."""
     data = labelled(bulk_training_cells(5, seed=8))
-    settings = TrainingSettings(ensemble=3, epochs=30, lbfgs_steps=15, seed=2)
+    settings = TrainingSettings(ensemble=3, epochs=30, optimizer="lbfgs", lbfgs_steps=15, seed=2)
     first, first_report = train_ensemble(data, settings)
     grown = data + chunk_structures(3, seed=4)
     warm, warm_report = train_ensemble(grown, settings, start_from=first)
@@ -165,22 +165,22 @@ def test_warm_start_continues_from_the_previous_members():
     assert warm_report.epochs_run == 0, "with L-BFGS on, a warm start skips Adam"
 
     # no steps at all: the warm model is the first model, rescaled to the grown set's statistics
-    frozen, frozen_report = train_ensemble(grown, TrainingSettings(ensemble=3, epochs=0, lbfgs_steps=0, seed=2), start_from=first)
+    frozen, frozen_report = train_ensemble(grown, TrainingSettings(ensemble=3, epochs=0, optimizer="lbfgs", lbfgs_steps=0, seed=2), start_from=first)
     assert warm_report.train_force_mae < frozen_report.train_force_mae
     cluster = grown[-1].atoms
     np.testing.assert_allclose(frozen.predict(cluster).member_forces, first.predict(cluster).member_forces, atol=1e-9)
     assert not torch.equal(frozen.feature_mean, first.feature_mean)
 
     # a shard of the members (distributed training) picks its own members by seed
-    shard, _ = train_ensemble(grown, TrainingSettings(ensemble=3, epochs=0, lbfgs_steps=0, seed=2), start_from=first, member_seeds=(2001,))
+    shard, _ = train_ensemble(grown, TrainingSettings(ensemble=3, epochs=0, optimizer="lbfgs", lbfgs_steps=0, seed=2), start_from=first, member_seeds=(2001,))
     _, shard_forces = shard.member_energies_and_forces(cluster)
     np.testing.assert_allclose(shard_forces[0].numpy(), first.predict(cluster).member_forces[1], atol=1e-9)
 
 
 def test_an_incompatible_start_model_is_ignored():
     data = labelled(bulk_training_cells(4, seed=9))
-    first, _ = train_ensemble(data, TrainingSettings(ensemble=2, epochs=5, lbfgs_steps=0, hidden=(4,), seed=1))
-    settings = TrainingSettings(ensemble=2, epochs=5, lbfgs_steps=0, seed=1)
+    first, _ = train_ensemble(data, TrainingSettings(ensemble=2, epochs=5, optimizer="lbfgs", lbfgs_steps=0, hidden=(4,), seed=1))
+    settings = TrainingSettings(ensemble=2, epochs=5, optimizer="lbfgs", lbfgs_steps=0, seed=1)
     model, report = train_ensemble(data, settings, start_from=first)
     reference, _ = train_ensemble(data, settings)
     assert not report.warm_started
@@ -192,7 +192,7 @@ def test_a_member_with_an_outlier_loss_is_fitted_again_from_fresh_starts():
     """Warm start cannot get stuck: a member whose loss ends far above the others' is replaced by the
     best of fresh fits from other initialisations; the healthy members keep their warm start."""
     data = labelled(bulk_training_cells(5, seed=8))
-    settings = TrainingSettings(ensemble=4, epochs=60, lbfgs_steps=20, seed=3)
+    settings = TrainingSettings(ensemble=4, epochs=60, optimizer="lbfgs", lbfgs_steps=20, seed=3)
     first, _ = train_ensemble(data, settings)
     with torch.no_grad():  # member 1 leaves the previous iteration stuck: a saturated first layer
         first.networks.weights[0][1].mul_(60.0)
@@ -219,7 +219,7 @@ def test_a_shard_judges_outliers_against_the_whole_ensemble():
     loss (`ensemble_losses`, gathered from all shards), so a shard refits exactly what one process
     would: here a 2-member shard, which alone has no median to speak of, refits its stuck member."""
     data = labelled(bulk_training_cells(5, seed=8))
-    settings = TrainingSettings(ensemble=4, epochs=60, lbfgs_steps=20, seed=3)
+    settings = TrainingSettings(ensemble=4, epochs=60, optimizer="lbfgs", lbfgs_steps=20, seed=3)
     first, _ = train_ensemble(data, settings)
     with torch.no_grad():  # member 1 leaves the previous iteration stuck (as in the test above)
         first.networks.weights[0][1].mul_(60.0)
@@ -254,7 +254,7 @@ def test_lbfgs_after_adam_reaches_a_lower_loss_than_adam_alone_in_as_many_steps(
     """The default optimiser (Adam, then per-member L-BFGS) against Adam for the same number of steps."""
     data = labelled(bulk_training_cells(6, seed=12)) + chunk_structures(3, seed=2)
     adam_steps, lbfgs_steps = 100, 150
-    _, adam = train_ensemble(data, TrainingSettings(ensemble=3, epochs=adam_steps + lbfgs_steps, lbfgs_steps=0, seed=5))
-    _, lbfgs = train_ensemble(data, TrainingSettings(ensemble=3, epochs=adam_steps, lbfgs_steps=lbfgs_steps, seed=5))
+    _, adam = train_ensemble(data, TrainingSettings(ensemble=3, epochs=adam_steps + lbfgs_steps, optimizer="lbfgs", lbfgs_steps=0, seed=5))
+    _, lbfgs = train_ensemble(data, TrainingSettings(ensemble=3, epochs=adam_steps, optimizer="lbfgs", lbfgs_steps=lbfgs_steps, seed=5))
     assert lbfgs.final_loss < 0.5 * adam.final_loss, (lbfgs.final_loss, adam.final_loss)
     assert lbfgs.train_force_mae < adam.train_force_mae
