@@ -324,8 +324,9 @@ def train_ensemble(
     """Train an ensemble on labelled structures; deterministic for given settings (and start model).
 
     `start_from` (the previous NFT iteration's model) warm-starts every member whose seed it holds,
-    when its descriptor and network shape match the settings; Adam is then skipped when L-BFGS is
-    on (or runs at `final_learning_rate`), so a grown data set costs a polish, not a fresh fit.
+    when its descriptor and network shape match the settings; Adam is then skipped when the
+    second-order fit has steps (or runs at `final_learning_rate`), so a grown data set costs a
+    polish, not a fresh fit.
     A member whose loss ends as an outlier is fitted again from fresh starts (`_refit_outlier_members`).
     `elements` (atomic numbers; default: those in the data) may name more than the data hold;
     `member_seeds` (default: `settings.seeds()`) trains a subset of members, e.g. one shard; a
