@@ -297,7 +297,7 @@ class ResidualPairs:
         """Σ_k∈r (x_k ⊗ z̄_k + u_k ⊗ ż̄_k) (M, R, F·H) from a layer's inputs and their tangents x, u
         ((K, F) shared by the members, or (M, K, F)) and the adjoints z̄, ż̄ (M, K, H) of its outputs:
         one (F × 2S)·(2S × H) product per residual, its pairs padded to S = `n_slots`."""
-        n_members, n_pairs, width = z_bar.shape
+        n_members, _, width = z_bar.shape
         n_in, n_slots, n_residuals = x.shape[-1], self.n_slots, self.n_residuals
         slots, tangent_slots = self.slot, n_slots + self.slot
         adjoints = x.new_zeros(n_residuals, 2 * n_slots, n_members, width)
