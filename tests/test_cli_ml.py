@@ -250,3 +250,18 @@ def test_train_with_levenberg_marquardt_records_the_optimizer_and_no_adam(data_f
     assert extra["training"]["epochs"] == 0 and extra["report"]["epochs_run"] == 0
     bad = run("train", train, "-o", tmp_path / "x.nft", "--optimizer", "newton")
     assert bad.exit_code == 2 and "--optimizer" in bad.output and not (tmp_path / "x.nft").exists()
+
+
+def test_train_defaults_to_levenberg_marquardt_and_lbfgs_alone_selects_lbfgs(data_files, tmp_path):
+    """No optimizer option: the settings' default (LM, no Adam); `--lbfgs N` alone: L-BFGS after Adam."""
+    from pipeline.storage.model_file import read_metadata
+
+    _, train, _ = data_files
+    default = run("train", train, "-o", tmp_path / "d.nft", "--ensemble", "2", "--lm", "3")
+    assert default.exit_code == 0, default.output
+    training = read_metadata(tmp_path / "d.nft")["extra"]["training"]
+    assert (training["optimizer"], training["epochs"], training["lm_steps"]) == ("levenberg-marquardt", 0, 3)
+    lbfgs = run("train", train, "-o", tmp_path / "l.nft", "--ensemble", "2", "--epochs", "5", "--lbfgs", "4")
+    assert lbfgs.exit_code == 0, lbfgs.output
+    training = read_metadata(tmp_path / "l.nft")["extra"]["training"]
+    assert (training["optimizer"], training["epochs"], training["lbfgs_steps"]) == ("lbfgs", 5, 4)

@@ -156,3 +156,16 @@ def test_a_read_only_workdir_is_refused(small_campaign, tmp_path):
 def test_a_missing_config_file_is_bad_input(tmp_path):
     with pytest.raises(BadInput, match="no such config file"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_lbfgs_steps_without_an_optimizer_keeps_a_config_written_for_lbfgs():
+    """Before Levenberg–Marquardt became the default, `lbfgs_steps` alone meant L-BFGS; it still does,
+    with L-BFGS's Adam epochs; an explicit optimizer wins, and a dumped settings object round-trips."""
+    from pipeline.science.settings import TrainingSettings
+
+    written_for_lbfgs = TrainingSettings.model_validate({"lbfgs_steps": 200})
+    assert (written_for_lbfgs.optimizer, written_for_lbfgs.epochs, written_for_lbfgs.second_order_steps) == ("lbfgs", 300, 200)
+    explicit = TrainingSettings.model_validate({"lbfgs_steps": 200, "optimizer": "levenberg-marquardt"})
+    assert (explicit.optimizer, explicit.epochs, explicit.second_order_steps) == ("levenberg-marquardt", 0, 30)
+    for settings in (written_for_lbfgs, explicit, TrainingSettings()):
+        assert TrainingSettings.model_validate(settings.model_dump(mode="json")) == settings

@@ -80,9 +80,9 @@ def train(
     cutoff: float = typer.Option(DEFAULTS.cutoff, help="Descriptor cutoff radius in Å."),
     hidden: str = typer.Option(",".join(map(str, DEFAULTS.hidden)), help="Hidden layer widths, comma-separated."),
     epochs: Optional[int] = typer.Option(None, help="Adam epochs before the second-order fit (default: the settings' default for the optimizer)."),
-    optimizer: str = typer.Option(DEFAULTS.optimizer, help="Second-order fit after Adam: levenberg-marquardt or lbfgs."),
-    lbfgs: int = typer.Option(DEFAULTS.lbfgs_steps, help="L-BFGS iterations after Adam (with --optimizer lbfgs; per-member batched)."),
-    lm: int = typer.Option(DEFAULTS.lm_steps, help="Levenberg–Marquardt iterations (with --optimizer levenberg-marquardt)."),
+    optimizer: Optional[str] = typer.Option(None, help=f"Second-order fit: levenberg-marquardt or lbfgs (default {DEFAULTS.optimizer}; lbfgs when only --lbfgs is given)."),
+    lbfgs: Optional[int] = typer.Option(None, help=f"L-BFGS iterations after Adam (with --optimizer lbfgs; default {DEFAULTS.lbfgs_steps})."),
+    lm: Optional[int] = typer.Option(None, help=f"Levenberg–Marquardt iterations (with --optimizer levenberg-marquardt; default {DEFAULTS.lm_steps})."),
     validation: float = typer.Option(DEFAULTS.validation_fraction, help="Fraction of structures held out for early stopping."),
     bootstrap: bool = typer.Option(DEFAULTS.bootstrap, help="Bootstrap-resample the data per member."),
     descriptor: str = typer.Option(DEFAULTS.descriptor.kind, help="Angular terms: g5-moments or g4."),
@@ -94,13 +94,12 @@ def train(
     from pipeline.storage.model_file import save_model
 
     checked_device(device)
-    options = dict(
-        ensemble=ensemble, hidden=parse_hidden(hidden), cutoff=cutoff, lbfgs_steps=lbfgs,
-        optimizer=optimizer, lm_steps=lm,
+    options: dict = dict(
+        ensemble=ensemble, hidden=parse_hidden(hidden), cutoff=cutoff,
         validation_fraction=validation, bootstrap=bootstrap, seed=seed, descriptor={"kind": descriptor}, device=device,
     )
-    if epochs is not None:
-        options["epochs"] = epochs
+    given = {"epochs": epochs, "optimizer": optimizer, "lbfgs_steps": lbfgs, "lm_steps": lm}
+    options.update({key: value for key, value in given.items() if value is not None})  # unset: the settings decide
     try:
         settings = TrainingSettings.model_validate(options)
     except ValidationError as error:

@@ -72,7 +72,7 @@ class TrainingSettings(_Settings):
     learning_rate: float = Field(1e-2, gt=0)
     final_learning_rate: float = Field(5e-4, gt=0)
     optimizer: OptimizerName = "levenberg-marquardt"  # the second-order fit (after `epochs` of Adam, none by default)
-    lbfgs_steps: int = Field(1000, ge=0)  # with optimizer "lbfgs"
+    lbfgs_steps: int = Field(1000, ge=0)  # with optimizer "lbfgs" (set without `optimizer`, it selects "lbfgs")
     lm_steps: int = Field(30, ge=0)  # Levenberg–Marquardt iterations (one Jacobian each), with optimizer "levenberg-marquardt"
     energy_weight: float = Field(1.0, ge=0)
     force_weight: float = Field(1.0, ge=0)
@@ -89,8 +89,11 @@ class TrainingSettings(_Settings):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_epochs(cls, data: Any) -> Any:
-        """Fill an unset `epochs` with the chosen optimizer's default."""
+    def _defaults_by_optimizer(cls, data: Any) -> Any:
+        """An unset `optimizer` with `lbfgs_steps` set is "lbfgs" (a config written for L-BFGS, the
+        default before Levenberg–Marquardt, keeps it); an unset `epochs` is the optimizer's default."""
+        if isinstance(data, dict) and "optimizer" not in data and "lbfgs_steps" in data:
+            data = {**data, "optimizer": "lbfgs"}
         if isinstance(data, dict) and "epochs" not in data:
             optimizer = data.get("optimizer", cls.model_fields["optimizer"].default)
             data = {**data, "epochs": ADAM_EPOCHS_BEFORE_LBFGS if optimizer == "lbfgs" else 0}
