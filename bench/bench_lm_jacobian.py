@@ -28,40 +28,27 @@ CASES = ("Pt-decahedron-383", "PtAu-alloy-cuboctahedron-309")
 
 
 def data_set(case_name: str, n_chunks: int):
-    """(structures, settings): initial set + central-atom chunks of the case's target, LM settings."""
-    import numpy as np
-
+    """Initial set + central-atom chunks of the case's target."""
+    from bench_training import central_force_chunks
     from convergence_set import CASES as BENCH_CASES, bulk_cells, rattle_to_force
-    from pipeline.science.chunks import carve_chunk
-    from pipeline.science.examples import emt_label
-    from pipeline.science.settings import TrainingSettings
     from pipeline.science.structures import LabelledStructure
 
     case = {c.name: c for c in BENCH_CASES}[case_name]
     structures = [LabelledStructure(a, a.get_potential_energy(), a.get_forces()) for a in bulk_cells(case.elements, 20, seed=0)]
-    parent = rattle_to_force(case.target(), seed=1000)
-    for centre in np.random.default_rng(0).choice(len(parent), n_chunks, replace=False):
-        chunk = carve_chunk(parent, int(centre), radius_angstrom=8.0)
-        labelled = emt_label(chunk.atoms)
-        mask = np.zeros(len(chunk.atoms), dtype=bool)
-        mask[chunk.center_in_chunk] = True
-        structures.append(LabelledStructure(labelled, None, labelled.get_forces(), mask))
-    return structures, TrainingSettings(optimizer="levenberg-marquardt", epochs=0)
+    return structures + central_force_chunks(rattle_to_force(case.target(), seed=1000), n_chunks)
 
 
 def measure(case_name: str, n_chunks: int, rounds: int, jacobian_file: str) -> dict:
     """Best-of-rounds seconds of one Jacobian and of a cold `train_ensemble`; saves the Jacobian."""
     import torch
 
+    from bench_training_step import prepared
     from pipeline.science import training as T
-    from pipeline.science.model import EnsembleModel
 
-    structures, settings = data_set(case_name, n_chunks)
-    params = T.descriptor_params(structures, T.elements_of(structures), settings)
-    model = EnsembleModel(params, hidden=settings.hidden, member_seeds=list(settings.seeds()))
-    data = T.prepare_training_data(structures, model.descriptor)
-    T._fit_scaling(model, data, structures)
-    data = data.scaled_by(model)
+    structures = data_set(case_name, n_chunks)
+    model, data, settings = prepared(structures)
+    # LM named, not taken as the default: the reference commit's default may be another optimiser
+    settings = settings.with_changes(optimizer="levenberg-marquardt", epochs=0)
     weights = torch.ones(model.n_members, len(structures), dtype=data.features.dtype)
     terms = T._jacobian_terms(data)
     jacobian_s = []

@@ -30,7 +30,6 @@ TARGET_SPEEDUP = 5.0
 
 def training_set(n_bulk: int, n_chunks: int, seed: int = 0):
     """Labelled bulk cells (energy + forces) and central-atom-only chunks of the rattled Pt260."""
-    from pipeline.science.chunks import carve_chunk
     from pipeline.science.examples import bulk_training_cells, emt_label, rattled_cuboctahedron
     from pipeline.science.structures import LabelledStructure
 
@@ -38,17 +37,25 @@ def training_set(n_bulk: int, n_chunks: int, seed: int = 0):
     for atoms in bulk_training_cells(n_bulk, seed=seed):
         labelled = emt_label(atoms)
         structures.append(LabelledStructure(labelled, labelled.get_potential_energy(), labelled.get_forces()))
-    parent = rattled_cuboctahedron()
-    centres = np.random.default_rng(seed).choice(len(parent), size=min(n_chunks, len(parent)), replace=False)
-    chunk_sizes = []
-    for centre in centres:
+    chunks = central_force_chunks(rattled_cuboctahedron(), n_chunks, seed)
+    return structures + chunks, [len(chunk.atoms) for chunk in chunks]
+
+
+def central_force_chunks(parent, n_chunks: int, seed: int = 0):
+    """8 Å chunks of `parent` around `n_chunks` random atoms, EMT-labelled, training only the central
+    atom's force (what a campaign trains on)."""
+    from pipeline.science.chunks import carve_chunk
+    from pipeline.science.examples import emt_label
+    from pipeline.science.structures import LabelledStructure
+
+    chunks = []
+    for centre in np.random.default_rng(seed).choice(len(parent), size=min(n_chunks, len(parent)), replace=False):
         chunk = carve_chunk(parent, int(centre), radius_angstrom=8.0)
         labelled = emt_label(chunk.atoms)
         mask = np.zeros(len(chunk.atoms), dtype=bool)
         mask[chunk.center_in_chunk] = True
-        structures.append(LabelledStructure(labelled, None, labelled.get_forces(), mask))
-        chunk_sizes.append(len(chunk.atoms))
-    return structures, chunk_sizes
+        chunks.append(LabelledStructure(labelled, None, labelled.get_forces(), mask))
+    return chunks
 
 
 class FeatureJacobianPrototype:

@@ -72,7 +72,7 @@ def no_new_chunks_reason(history: Sequence[Iteration], config: CampaignConfig) -
         return NO_NEW_CHUNKS
     if history[-1].max_delta < history[-2].max_delta:
         return None
-    return None if not trains_from_scratch(history, history[-1].iteration) else NO_NEW_CHUNKS
+    return NO_NEW_CHUNKS if trains_from_scratch(history, history[-1].iteration) else None
 
 
 def trains_from_scratch(history: Sequence[Iteration], number: int) -> bool:
@@ -82,11 +82,13 @@ def trains_from_scratch(history: Sequence[Iteration], number: int) -> bool:
     A fresh fit on all the data finds other minima (seen on Al561 with Levenberg–Marquardt: stuck
     at δ 0.158 eV/Å with every uncertain atom chunked, bench/RESULTS.md)."""
     recorded = {entry.iteration: entry for entry in history if isinstance(entry, IterationRecord)}
-    previous, before = recorded.get(number - 1), recorded.get(number - 2)
-    if previous is None or before is None:
-        return False  # iteration 1 is trained from scratch anyway; iteration 2 is warm
-    stuck = previous.carved and previous.chunks_added == 0 and previous.max_delta >= before.max_delta
-    return stuck and not trains_from_scratch(history, number - 1)
+    restarts = False  # iterations 1 and 2: from scratch anyway, and warm
+    for k in range(3, number + 1):
+        previous, before = recorded.get(k - 1), recorded.get(k - 2)
+        stuck = (previous is not None and before is not None and previous.carved and previous.chunks_added == 0
+                 and previous.max_delta >= before.max_delta)
+        restarts = stuck and not restarts  # a restart itself stuck does not restart again
+    return restarts
 
 
 def best_iteration(history: Sequence[Iteration]) -> Iteration | None:

@@ -226,7 +226,8 @@ class EnsembleNetworks(nn.Module):
         residual u·∂out/∂x over the feature rows its force depends on. The first layer's weights are
         most of P_e; each layer's block is Σ_k (x_k ⊗ z̄_k + u_k ⊗ ż̄_k), summed per residual as one
         batched product over the residual's pairs laid out in `pairs.slot` (never one row of F·H per
-        pair, which cost 2.5× more on a two-element set); the biases are summed pair by pair.
+        pair: 2.9× slower on the two-element bench data, `bench/bench_lm_jacobian.py`); the biases are
+        summed pair by pair.
         """
         parameters = list(self.parameters())
         offsets = np.concatenate([[0], np.cumsum([p[0].numel() for p in parameters])])
