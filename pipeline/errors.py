@@ -27,8 +27,7 @@ def first_problem(error: "ValidationError", field_names: Mapping[str, str] | Non
 
     `field_names` renames fields for the reader (e.g. a settings field to its CLI option)."""
     problem = error.errors()[0]
-    field = ".".join(str(part) for part in problem["loc"] if not str(part).startswith("function-"))
-    field = (field_names or {}).get(field, field)
+    field = _renamed(".".join(str(part) for part in problem["loc"] if not str(part).startswith("function-")), field_names or {})
     kind, context = problem["type"], problem.get("ctx") or {}
     value = problem.get("input")
     if kind == "extra_forbidden":
@@ -56,3 +55,14 @@ def first_problem(error: "ValidationError", field_names: Mapping[str, str] | Non
         return f"{field}: must be one of {context.get('expected')} (got {value!r})"
     message = problem["msg"].removeprefix("Value error, ")
     return f"{field}: {message[:1].lower()}{message[1:]}"
+
+
+def _renamed(field: str, field_names: Mapping[str, str]) -> str:
+    """`field` by its name for the reader: the name of the field itself or, for an item of a list
+    (``space_groups.1``), of the list it is in."""
+    parts = field.split(".")
+    for end in range(len(parts), 0, -1):
+        name = field_names.get(".".join(parts[:end]))
+        if name is not None:
+            return name
+    return field

@@ -8,6 +8,7 @@ import os
 
 from parsl.config import Config
 from parsl.executors import HighThroughputExecutor
+from parsl.jobs.error_handlers import windowed_error_handler
 from parsl.providers import LocalProvider
 
 from pipeline.execution.sites import worker_environment
@@ -27,10 +28,12 @@ def make_config(run_dir, options):
                 address="127.0.0.1",
                 max_workers_per_node=workers,
                 cores_per_worker=1,
-                encrypted=False,  # workers are on this host
-                heartbeat_period=5,
-                heartbeat_threshold=60,
+                encrypted=True,  # CurveZMQ: other users of a shared machine can reach these local ports
+                heartbeat_period=2,
+                heartbeat_threshold=20,  # a lost worker pool fails its jobs after 20 s (they are retried); a loaded pool still beats
                 poll_period=10,
+                # a lost block is replaced; three failed blocks in a row (a broken worker_init) fail the run
+                block_error_handler=windowed_error_handler,
                 provider=LocalProvider(
                     init_blocks=1,
                     min_blocks=1,
@@ -41,7 +44,7 @@ def make_config(run_dir, options):
         ],
         run_dir=str(run_dir),
         retries=0,
-        strategy="none",
+        strategy="simple",  # starts a fresh block when the one block is lost and jobs are waiting
         # the one block starts at the poller's first tick: 0.25 s instead of Parsl's 5 s saves ~5 s of
         # every `nft run` (provider status is still polled at the provider's own interval)
         strategy_period=0.25,

@@ -23,13 +23,17 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def disk_state(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file and folder under `root` with its size and modification time."""
+    """Every file under `root` with its size and modification time, and every folder. A folder's own
+    modification time is left out: reading a campaign's SQLite database creates and removes its
+    journal files beside it, which leaves nothing but changes the folder's time."""
     state = {}
     for folder, folders, files in os.walk(root):
-        for name in folders + files:
+        for name in folders:
+            state[str((Path(folder) / name).relative_to(root))] = (-1, 0)
+        for name in files:
             path = Path(folder) / name
             info = path.stat()
-            state[str(path.relative_to(root))] = (info.st_size if path.is_file() else -1, info.st_mtime_ns)
+            state[str(path.relative_to(root))] = (info.st_size, info.st_mtime_ns)
     return state
 
 
@@ -184,7 +188,7 @@ def copper_atom(atoms: Atoms) -> Atoms:
 
 def locality(*options: str, structure: str = "cluster", config: str | dict | None = None) -> Callable[[Path], list[str]]:
     """`nft locality` of a small cluster file ("cluster"), one with a NaN position ("nan"), a junk
-    file ("junk") or a missing one ("missing"), with valid arguments that `options` then override (typer keeps an option's last
+    file ("junk"), an Fe cluster ("iron"), a periodic Pt cell ("bulk"), a folder ("folder") or a missing one ("missing"), with valid arguments that `options` then override (typer keeps an option's last
     value). The parent is `--calculator emt`; with `config`, `--config` instead: a small campaign
     with these changes (a dict), a missing file ("missing"), or nothing at all ("neither")."""
     def make(here: Path) -> list[str]:
@@ -195,6 +199,12 @@ def locality(*options: str, structure: str = "cluster", config: str | dict | Non
             write(path, nan_positions())
         elif structure == "junk":
             path.write_text("this is not a trajectory")
+        elif structure == "iron":
+            write(path, iron_cluster())
+        elif structure == "bulk":
+            write(path, periodic_platinum())
+        elif structure == "folder":
+            path.mkdir()
         if config is None:
             parent = ["--calculator", "emt"]
         elif config == "missing":
@@ -217,7 +227,7 @@ def report_of_missing_database(here: Path) -> list[str]:
 
 def relax(*options: str, structure: str = "cluster", output: str = "relaxed.traj") -> Callable[[Path], list[str]]:
     """`nft relax` of a never-run small campaign with a Pt cluster ("cluster"), a Cu dimer ("copper":
-    an element the campaign lacks) or a missing file ("missing"), with `options` after the valid ones."""
+    an element the campaign lacks), an Fe cluster ("iron": one EMT lacks) or a missing file ("missing"), with `options` after the valid ones."""
     def make(here: Path) -> list[str]:
         config = write_campaign(here / "campaign")
         path = here / "structure.traj"
@@ -225,6 +235,8 @@ def relax(*options: str, structure: str = "cluster", output: str = "relaxed.traj
             write(path, rattled_cluster())
         elif structure == "copper":
             write(path, Atoms("Cu2", positions=[(0, 0, 0), (0, 0, 2.5)]))
+        elif structure == "iron":
+            write(path, iron_cluster())
         return ["relax", str(config), str(path), "-o", str(here / output), *options]
     return make
 
@@ -251,6 +263,36 @@ def iron_cluster() -> Atoms:
     return atoms
 
 
+def periodic_platinum() -> Atoms:
+    """A periodic fcc Pt cell (4 atoms): its chunks grow as r³."""
+    from ase.build import bulk
+
+    return bulk("Pt", "fcc", a=3.92, cubic=True)
+
+
+def relax_with_a_changed_model(here: Path) -> list[str]:
+    """`nft relax` of a campaign whose recorded latest model file had one byte flipped afterwards."""
+    from pipeline.campaign.config import load_config
+    from pipeline.science.settings import TrainingSettings
+    from pipeline.science.structures import LabelledStructure
+    from pipeline.science.training import train_ensemble
+    from pipeline.storage.model_file import save_model
+    from pipeline.storage.store import CampaignStore
+
+    arguments = relax()(here)
+    campaign = load_config(arguments[1])
+    cells = [emt_label(cell) for cell in bulk_training_cells(count=2, seed=3)]
+    model, _ = train_ensemble([LabelledStructure(c, c.get_potential_energy(), c.get_forces()) for c in cells],
+                              TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0))
+    path = save_model(model, campaign.workdir / "models" / "iteration-001.nft")
+    with CampaignStore.open(campaign.database_url, campaign.name, campaign.as_dict(), files_root=campaign.workdir) as store:
+        store.record_model(1, path, {})
+    data = bytearray(path.read_bytes())
+    data[-9] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return arguments
+
+
 CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     # nft run: the config file
     "config file missing": (lambda here: ["run", str(here / "nope.toml")], ("nope.toml", "no such config file")),
@@ -272,12 +314,29 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "not a database URL": (campaign({"campaign": {"database": "not a url"}}), ("campaign.database",)),
     "database driver not installed": (campaign({"campaign": {"database": "mysql+mysqldb://me:secret@127.0.0.1/nft"}}),
                                       ("campaign.database", "driver is not installed", "me:***@")),
+    "unreachable PostgreSQL server": (campaign({"campaign": {"database": "postgresql://me:secret@127.0.0.1:1/nft"}}),
+                                      ("cannot open as a database", "me:***@127.0.0.1:1")),
     "unknown parent": (campaign({"parent": {"calculator": "vasp"}}), ("parent.calculator", "vasp")),
     "options of another parent": (campaign({"parent": {"gpaw": {"xc": "PBE"}}}), ("parent.gpaw", "emt")),
     "negative retries": (campaign({"parent": {"emt": {"retries": -1}}}), ("parent.emt.retries", "integer >= 0")),
     "zero walltime": (campaign({"parent": {"emt": {"walltime_s": 0.0}}}), ("parent.emt.walltime_s", "positive")),
     "zero max_force": (campaign({"parent": {"emt": {"max_force": 0.0}}}), ("parent.emt.max_force", "positive")),
+    "zero lm_steps": (campaign({"model": {"optimizer": "levenberg-marquardt", "lm_steps": 0, "epochs": 0, "lbfgs_steps": None}}),
+                      ("model.lm_steps", "trains nothing")),
+    "zero lbfgs_steps and epochs": (campaign({"model": {"lbfgs_steps": 0, "epochs": 0}}), ("model.lbfgs_steps", "trains nothing")),
+    "both loss weights zero": (campaign({"model": {"energy_weight": 0.0, "force_weight": 0.0}}),
+                               ("model.force_weight", "energy_weight = 0", "nothing is trained")),
+    "cutoff 0.5": (campaign({"model": {"cutoff": 0.5}}), ("model.cutoff", "> 0.5 Å", "no neighbour")),
+    "cutoff short of the nearest neighbours": (campaign({"model": {"cutoff": 1.0}}), ("model.cutoff", "nearest neighbours")),
+    "chunk radius below the cutoff": (campaign({"chunks": {"radius": 1.0}}), ("chunks.radius", "below model.cutoff")),
+    "chunk radius huge on a periodic target": (campaign({"chunks": {"radius": 1e6}}, target=periodic_platinum()),
+                                               ("chunks.radius", "1e+06 Å sphere", "at most 100,000")),
+    "workdir the filesystem root": (campaign({"campaign": {"workdir": "/"}}), ("campaign.workdir", "filesystem root")),
+    "workdir above the config": (campaign({"campaign": {"workdir": "../.."}}), ("campaign.workdir", "contains the config's folder")),
+    "workdir the home folder": (campaign({"campaign": {"workdir": str(Path.home())}}), ("campaign.workdir", "home folder")),
     # nft run: the structures
+    "target is a folder": (campaign({"data": {"targets": ["."]}}), ("data.targets[0]", "is a folder")),
+    "target element EMT lacks": (campaign_target(iron_cluster()), ("data.targets", "emt parent has no parameters for Fe")),
     "target file missing": (campaign({"data": {"targets": ["missing.traj"]}}), ("data.targets[0]", "no such file")),
     "no targets": (campaign({"data": {"targets": []}}), ("data.targets", "must not be empty")),
     "NaN positions": (campaign_target(nan_positions()), ("data.targets[0]", "not finite")),
@@ -300,11 +359,17 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "unknown device to train": (good_training_file("--device", "tpu"), ("--device",)),
     "output folder missing": (lambda here: good_training_file()(here)[:2] + ["-o", str(here / "no" / "m.nft")],
                               ("does not exist",)),
+    "output not writable to train": (lambda here: good_training_file()(here)[:2] + ["-o", "/proc/m.nft"], ("-o", "/proc", "not writable")),
+    "cutoff 1 Å to train": (good_training_file("--cutoff", "1.0"), ("--cutoff", "nearest neighbours", "2.69 Å")),
+    "cutoff 0.5 Å to train": (good_training_file("--cutoff", "0.5"), ("--cutoff", "> 0.5 Å")),
+    "cutoff 1e6 Å to train": (good_training_file("--cutoff", "1e6"), ("--cutoff", "sphere", "at most 100,000")),
+    "no LM steps to train": (good_training_file("--lm", "0"), ("--lm", "trains nothing")),
     # nft evaluate
     "junk model file": (model_file(junk=True), ("model.nft",)),
     "model with NaN weights": (diverged_model, ("model.nft", "not finite")),
     "model header asks for a huge network": (model_file(header_hidden=[100_000_000]), ("model.nft", "out of bounds")),
     "unknown reference": (evaluate_structure(rattled_cluster(), reference="vasp"), ("--reference", "vasp")),
+    "element the reference lacks to evaluate": (evaluate_structure(iron_cluster()), ("probe.traj", "emt parent has no parameters for Fe")),
     "NaN positions to evaluate": (evaluate_structure(nan_positions()), ("probe.traj", "not finite")),
     "second file missing to evaluate": (evaluate_files([rattled_cluster()], None), ("probe1.traj", "not found")),
     "second file unreadable to evaluate": (junk_file_second, ("probe1.traj", "not a readable structure file")),
@@ -317,6 +382,12 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "locality structure missing": (locality(structure="missing"), ("structure.traj", "file not found")),
     "locality structure unreadable": (locality(structure="junk"), ("structure.traj", "not a readable structure file")),
     "locality NaN positions": (locality(structure="nan"), ("structure.traj", "image 0", "not finite")),
+    "locality structure is a folder": (locality(structure="folder"), ("structure.traj", "is a folder")),
+    "locality element EMT lacks": (locality(structure="iron"), ("structure.traj", "emt parent has no parameters for Fe")),
+    "locality element the config's parent lacks": (locality(structure="iron", config={}), ("structure.traj", "no parameters for Fe")),
+    "locality radius huge on a periodic structure": (locality("--radii", "4,1e6", structure="bulk"), ("--radii", "1e+06 Å sphere")),
+    "locality plot not writable": (locality("--plot", "/proc/plot.png"), ("--plot", "/proc", "not writable")),
+    "locality workdir not writable": (locality("--workdir", "/proc/work"), ("--workdir", "not writable")),
     "locality unknown calculator": (locality("--calculator", "vasp"), ("--calculator", "vasp", "emt, gpaw")),
     "locality no calculator": (locality(config="neither"), ("--calculator", "required", "--config")),
     "locality calculator and config": (locality("--calculator", "emt", config={}), ("--calculator", "not with --config")),
@@ -356,6 +427,11 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "initial zero count": (initial("Pt", "--count", "0"), ("--count", ">= 1")),
     "initial negative window": (initial("Pt", "--energy-window", "-0.1"), ("--energy-window", "> 0")),
     "initial output folder missing": (lambda here: initial("Pt", "-o", str(here / "no" / "x.traj"))(here), ("-o", "does not exist")),
+    "initial output not writable": (initial("Pt", "-o", "/proc/x.traj"), ("-o", "/proc", "not writable")),
+    "initial output format unknown": (lambda here: initial("Pt", "-o", str(here / "x.foo"))(here), ("-o", "x.foo", "no writer")),
+    "initial output is a folder": (lambda here: initial("Pt", "-o", str(here))(here), ("-o", "is a folder")),
+    "initial fewer atoms allowed than required": (initial("Pt", "--min-atoms", "20"), ("--max-atoms", "min_atoms 20")),
+    "initial space group 0 in a list": (initial("Pt", "--space-groups", "225,0"), ("--space-groups: must be >= 1",)),
     "initial unknown site": (initial("Pt", "--site", "nowhere"), ("--site", "nowhere")),
     "initial and initial_generate": (campaign({"data": {"initial_generate": {"count": 4}}}), ("config.toml", "data", "exactly one")),
     "neither initial nor initial_generate": (campaign({"data": {"initial": None}}), ("config.toml", "data", "exactly one")),
@@ -374,12 +450,19 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "relax element not in the campaign": (relax(structure="copper"), ("structure.traj", "elements [29]")),
     "relax output format unknown": (relax(output="relaxed.unknownformat"), ("-o", "relaxed.unknownformat", "no writer")),
     "relax campaign never run": (relax(), ("config.toml", "campaign.database", "nft run")),
+    "relax element EMT lacks": (relax(structure="iron"), ("structure.traj", "emt parent has no parameters for Fe")),
+    "relax output not writable": (relax(output="/proc/x.traj"), ("-o", "/proc", "not writable")),
+    "relax with a changed model file": (relax_with_a_changed_model, ("iteration-001.nft",)),
     # nft status
     "status without a database": (status_of_missing_database, ("nft.db",)),
     # nft report
     "report without a database": (report_of_missing_database, ("config.toml", "campaign.database", "nft.db")),
     "report config missing": (lambda here: ["report", str(here / "nope.toml")], ("nope.toml", "no such config file")),
     "report output is a file": (report_into_a_file, ("-o", "taken", "is a file")),
+    "export into a missing folder": (lambda here: ["export", str(write_campaign(here / "campaign")), "-o",
+                                                   str(here / "missing" / "set.extxyz")], ("-o", "missing", "does not exist")),
+    "export into a folder": (lambda here: ["export", str(write_campaign(here / "campaign")), "-o", str(here)],
+                             ("-o", "is a folder")),
 }
 
 
@@ -407,3 +490,25 @@ def test_passwords_are_masked_in_messages_and_the_stored_config(tmp_path):
     config = write_campaign(tmp_path / "campaign", {"campaign": {"database": "postgresql://me:secret@127.0.0.1:1/nft"}})
     stored = json.dumps(load_config(config).as_dict())
     assert "secret" not in stored and "me:***@127.0.0.1:1/nft" in stored
+
+
+@pytest.mark.timeout(30)
+def test_a_huge_radius_is_searched_at_once_or_refused_never_hangs():
+    """Issue 25, item 4: `chunks.radius = 1e6` hung in the neighbour search (its C loop never saw
+    SIGTERM). A non-periodic structure is searched no further than its extent, so the chunk is the
+    whole structure at once; a periodic one is refused before the search with the reason."""
+    import time
+
+    from pipeline.science.chunks import carve_chunk
+    from pipeline.science.neighbours import neighbour_pairs
+
+    cluster = rattled_cluster()
+    started = time.perf_counter()
+    chunk = carve_chunk(cluster, 0, 1e6)
+    pairs = neighbour_pairs(cluster, 1e6)
+    assert time.perf_counter() - started < 2.0
+    assert len(chunk.atoms) == len(cluster) and sorted(chunk.parent_indices) == list(range(len(cluster)))
+    assert len(pairs.centers) == len(cluster) * (len(cluster) - 1)
+    for search in (lambda: carve_chunk(periodic_platinum(), 0, 1e6), lambda: neighbour_pairs(periodic_platinum(), 1e6)):
+        with pytest.raises(ValueError, match="1e\\+06 Å sphere"):
+            search()

@@ -151,32 +151,35 @@ def test_an_unlabelled_initial_set_is_computed_by_the_parent(small_campaign):
 
 
 def test_failed_reference_jobs_are_recorded_and_the_campaign_goes_on(small_campaign):
-    """A real failure: one Fe atom in the target, an element EMT has no parameters for. The initial set
-    carries (made-up) labels for an Fe-containing cell, so only the chunks around Fe fail."""
-    from ase.build import bulk
-    from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.io import read, write
-
+    """A real failure: a surface vertex of the target pushed to 1.4 Å of its neighbour, where EMT's
+    forces exceed the parent's max_force (50 eV/Å), so every chunk holding the pair is refused as an
+    invalid result; 4 Å chunks on the far side do not hold it and succeed. (An element EMT lacks is
+    refused before any job now: tests/test_bad_input.py.)"""
     target = rattled_cluster()
     centre = target.positions.mean(axis=0)
     vertex = int(np.argmax(np.linalg.norm(target.positions - centre, axis=1)))
-    target.numbers[vertex] = 26  # a surface vertex: 4 Å chunks on the far side hold no Fe and succeed
+    squeeze_to_neighbour(target, vertex, 1.4)
     config = small_campaign(
-        {"active": {"threshold": 0.05, "max_iterations": 2}, "chunks": {"radius": 4.0, "max_per_iteration": 6, "min_separation": 2.0}},
+        {"active": {"threshold": 0.05, "max_iterations": 2}, "model": {"cutoff": 4.0},
+         "chunks": {"radius": 4.0, "max_per_iteration": 6, "min_separation": 2.0}},
         target=target,
     )
-    cells = read(config.parent / "initial.traj", ":")
-    iron_cell = bulk("Pt", "fcc", a=3.92, cubic=True)
-    iron_cell.numbers[0] = 26
-    iron_cell.calc = SinglePointCalculator(iron_cell, energy=-1.0, forces=np.zeros((4, 3)))
-    write(config.parent / "initial.traj", [*cells, iron_cell])
     result = run_nft("run", config)
     assert result.returncode == 0, result.stderr
     status = json.loads(run_nft("status", config, "--json").stdout)
     assert status["jobs"]["failed"] > 0 and status["jobs"]["done"] > 7
-    assert all("emt" in job["error"] for job in status["failed_jobs"])
+    assert all("emt: invalid result" in job["error"] and "max_force" in job["error"] for job in status["failed_jobs"])
     summary = json.loads((config.parent / "run" / "summary.json").read_text())
     assert summary["iterations"] == 2 and summary["jobs"]["failed"] == status["jobs"]["failed"]
+
+
+def squeeze_to_neighbour(atoms, index: int, distance_angstrom: float) -> None:
+    """Move atom `index` along the line to its nearest neighbour until they are `distance_angstrom` apart."""
+    offsets = atoms.positions - atoms.positions[index]
+    lengths = np.linalg.norm(offsets, axis=1)
+    lengths[index] = np.inf
+    nearest = int(np.argmin(lengths))
+    atoms.positions[index] = atoms.positions[nearest] - offsets[nearest] / lengths[nearest] * distance_angstrom
 
 
 def test_warm_start_trains_each_iteration_from_the_previous_model(tmp_path):

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from ase.calculators.emt import EMT
 from ase.io import read, write
@@ -116,17 +115,16 @@ def test_a_campaign_config_gives_parent_vacuum_and_site_and_no_temporary_folder_
 
 
 def test_a_parent_that_fails_every_attempt_fails_the_run_in_one_line(tmp_path):
-    """The config's `[parent.emt] retries = 0`: one attempt per job; EMT has no parameters for Fe."""
-    config = write_campaign(tmp_path / "campaign", {"parent": {"emt": {"retries": 0}}})
-    iron = rattled_cuboctahedron()[:20]
-    iron.numbers[:] = 26
-    write(tmp_path / "iron.traj", iron)
-    result = nft("locality", tmp_path / "iron.traj", "--config", config, "--radii", "3", "--atoms", 1,
+    """The config's `[parent.emt] retries = 0`: one attempt per job; `max_force = 0.001` eV/Å refuses
+    every EMT result as invalid (an element EMT lacks is refused before any job: test_bad_input.py)."""
+    config = write_campaign(tmp_path / "campaign", {"parent": {"emt": {"retries": 0, "max_force": 0.001}}})
+    write(tmp_path / "cluster.traj", rattled_cuboctahedron()[:20])
+    result = nft("locality", tmp_path / "cluster.traj", "--config", config, "--radii", "3", "--atoms", 1,
                  "--workdir", tmp_path / "work")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 1, result.output
     assert len(lines) == 1 and lines[0].startswith("failed: emt on the ")
-    assert "failed after 1 attempt(s)" in lines[0] and "No EMT-potential for Fe" in lines[0]
+    assert "failed after 1 attempt(s)" in lines[0] and "exceeds max_force = 0.001 eV/Å" in lines[0]
 
 
 def test_help_by_absolute_path_and_the_science_stays_free_of_parsl():

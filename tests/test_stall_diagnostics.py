@@ -160,23 +160,17 @@ def test_a_campaign_stopped_after_one_iteration_is_a_coverage_problem(small_camp
 
 
 def test_atoms_whose_chunk_failed_are_counted_apart(small_campaign):
-    """An Fe atom at the centre of the target (EMT has no Fe): every chunk containing it fails."""
-    from ase.build import bulk
-    from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.io import write
+    """The centre atom of the target pushed to 1.4 Å of a neighbour (EMT's forces there exceed the
+    parent's max_force): every chunk containing the pair fails as an invalid result."""
+    from tests.test_campaign import squeeze_to_neighbour
 
     target = rattled_cluster()
-    target.numbers[0] = 26
+    squeeze_to_neighbour(target, 0, 1.4)
     threshold = 0.05
     config = small_campaign(
         {"active": {"threshold": threshold, "max_iterations": 2}, "chunks": {"max_per_iteration": 6, "min_separation": 2.0}, "model": CHEAP_TRAINING},
         target=target,
     )
-    cells = read(config.parent / "initial.traj", ":")
-    iron_cell = bulk("Pt", "fcc", a=3.92, cubic=True)
-    iron_cell.numbers[0] = 26
-    iron_cell.calc = SinglePointCalculator(iron_cell, energy=-1.0, forces=np.zeros((4, 3)))
-    write(config.parent / "initial.traj", [*cells, iron_cell])
     result = run_nft("run", config)
     assert result.returncode == 0, result.stderr
     summary = json.loads((config.parent / "run" / "summary.json").read_text())

@@ -437,3 +437,124 @@ def test_a_result_records_the_batch_job_id_known_only_after_the_run(tmp_path):
     store.store_result(job_id, -1.0, np.zeros((1, 3)), wall_time_s=0.1, host="node-7", external_id=77)
     job = store.job(job_id)
     assert (job.status, job.host, job.external_id) == ("done", "node-7", "77")
+
+
+# ---------------------------------------------------------------------------------------------
+# One transaction for what only makes sense together (issue 25, item 6), model files recorded
+# relative to the campaign's folder and checked against their sha256 (items 7 and 17).
+
+def _chunk_of(store: CampaignStore, target: int, centre: int) -> int:
+    atoms = rattled_particle()
+    return store.add_structure("chunk", atoms, parent_id=target, center_in_parent=centre, center_in_chunk=0, radius=6.0)
+
+
+def test_a_transaction_stores_all_of_its_writes_or_none(store: CampaignStore):
+    target = store.add_structure("target", rattled_particle())
+    with pytest.raises(RuntimeError, match="cut short"):
+        with store.transaction():
+            for centre in range(3):
+                store.add_job(_chunk_of(store, target, centre), *EMT)
+            assert len(store.structures("chunk")) == 3  # the transaction reads its own writes
+            raise RuntimeError("cut short")
+    assert store.structures("chunk") == [] and store.jobs() == []
+    with store.transaction():
+        with store.transaction():  # a nested block joins the outer one
+            store.add_job(_chunk_of(store, target, 0), *EMT)
+        store.add_job(_chunk_of(store, target, 0), *EMT)  # idempotent inside one transaction too
+        store.record_iteration(1, {target: 0.5}, chunks_added=1)
+    assert len(store.structures("chunk")) == 1 and len(store.jobs()) == 1 and len(store.iterations()) == 1
+
+
+KILLED_IN_A_TRANSACTION = """
+import os, signal, sys
+from ase.cluster import Octahedron
+from pipeline.storage.store import CampaignStore
+with CampaignStore.open(sys.argv[1], "test", {}) as store:
+    target = store.add_structure("target", Octahedron("Pt", 4, 1))
+    with store.transaction():
+        for centre in range(4):
+            chunk = store.add_structure("chunk", Octahedron("Pt", 4, 1), parent_id=target, center_in_parent=centre,
+                                        center_in_chunk=0, radius=6.0)
+            if centre == 2:
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection: the driver dies between a chunk and its job
+            store.add_job(chunk, "emt", {})
+"""
+
+
+def test_a_process_killed_inside_a_transaction_leaves_none_of_it(db_path: Path):
+    url = f"sqlite:///{db_path}"
+    process = subprocess.run([sys.executable, "-c", KILLED_IN_A_TRANSACTION, url], cwd=REPO, timeout=60)
+    assert process.returncode == -9
+    with CampaignStore.open(url, "test", create=False) as store:
+        assert len(store.structures("target")) == 1
+        assert store.structures("chunk") == [] and store.jobs() == []
+
+
+def test_forgotten_structures_leave_the_campaign_and_come_back_with_their_results(store: CampaignStore, db_path: Path):
+    target = store.add_structure("target", rattled_particle())
+    chunks = [_chunk_of(store, target, centre) for centre in range(3)]
+    jobs = [store.add_job(chunk, *EMT) for chunk in chunks]
+    store.store_result(jobs[2], -1.0, np.zeros((len(rattled_particle()), 3)))
+    assert store.forget_structures(chunks[1:]) == 2
+    assert [record.id for record in store.structures("chunk")] == chunks[:1] and [job.id for job in store.jobs()] == jobs[:1]
+    with CampaignStore(f"sqlite:///{db_path}", create=False) as whole:  # the shared rows stay
+        assert len(whole.structures("chunk")) == 3
+    assert _chunk_of(store, target, 2) == chunks[2] and store.add_job(chunks[2], *EMT) == jobs[2]
+    assert store.job(jobs[2]).status == "done"  # carved again: its result is reused, not recomputed
+
+
+def test_model_paths_are_recorded_relative_to_the_campaign_folder(tmp_path: Path):
+    workdir = tmp_path / "a" / "run"
+    (workdir / "models").mkdir(parents=True)
+    model = workdir / "models" / "iteration-001.nft"
+    model.write_bytes(b"model one")
+    url = f"sqlite:///{workdir / 'nft.db'}"
+    with CampaignStore.open(url, "a", {}, files_root=workdir) as store:
+        store.record_model(1, model)
+        assert store.models()[0].path == str(model)
+    with sqlite3.connect(workdir / "nft.db") as raw:
+        assert raw.execute("SELECT path FROM models").fetchall() == [("models/iteration-001.nft",)]
+    copy = tmp_path / "b" / "run"
+    import shutil
+
+    shutil.copytree(workdir, copy)
+    (copy / "models" / "iteration-001.nft").write_bytes(b"model one")  # the copy's own file
+    model.write_bytes(b"the original goes on")  # the original campaign trains on
+    with CampaignStore.open(f"sqlite:///{copy / 'nft.db'}", "a", create=False, files_root=copy) as store:
+        [record] = store.models()
+        assert record.path == str(copy / "models" / "iteration-001.nft")
+        assert store.model_file(record).read_bytes() == b"model one"
+
+
+def test_an_absolute_model_path_of_an_older_nft_resolves_to_the_copied_campaigns_file(tmp_path: Path):
+    original, copy = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    for workdir in (original, copy):
+        (workdir / "models").mkdir(parents=True)
+        (workdir / "models" / "iteration-001.nft").write_bytes(b"model one")
+    url = f"sqlite:///{copy / 'nft.db'}"
+    with CampaignStore.open(url, "a", {}, files_root=copy) as store:
+        store.record_model(1, copy / "models" / "iteration-001.nft")
+    with sqlite3.connect(copy / "nft.db") as raw:  # as an older nft recorded it: the original's absolute path
+        raw.execute("UPDATE models SET path = ?", (str(original / "models" / "iteration-001.nft"),))
+    with CampaignStore.open(url, "a", create=False, files_root=copy) as store:
+        assert store.models()[0].path == str(copy / "models" / "iteration-001.nft")
+    (copy / "models" / "iteration-001.nft").unlink()  # no copy of its own: the recorded file
+    with CampaignStore.open(url, "a", create=False, files_root=copy) as store:
+        assert store.models()[0].path == str(original / "models" / "iteration-001.nft")
+
+
+def test_a_model_file_that_differs_from_its_recorded_sha256_is_refused_in_one_line(store: CampaignStore, tmp_path: Path):
+    from pipeline.storage.store import ModelFileChanged
+
+    model = tmp_path / "models" / "iteration-001.nft"
+    model.parent.mkdir()
+    model.write_bytes(b"campaign test's model")
+    store.record_model(1, model)
+    [record] = store.models()
+    assert store.model_file(record) == model
+    model.write_bytes(b"another campaign's model")
+    with pytest.raises(ModelFileChanged) as refused:
+        store.model_file(record)
+    message = str(refused.value)
+    assert isinstance(refused.value, BadInput) and "\n" not in message
+    assert str(model) in message and "campaign 'test'" in message and "iteration 1" in message

@@ -20,7 +20,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.observer import CampaignObserver
 from pipeline.campaign.reference_jobs import ReferenceJobRunner, Submit
-from pipeline.errors import BadInput, RunFailed
+from pipeline.errors import RunFailed
 from pipeline.execution.apps import SiteApps, make_apps
 from pipeline.execution.parents import Parent
 from pipeline.execution.sites import PARSL_DIR_NAME, load_site, parsl_session
@@ -206,16 +206,3 @@ def write_labelled_set(path: Path, cells: list[Atoms]) -> None:
         temporary.unlink(missing_ok=True)
         raise RunFailed(f"{path}: cannot write the initial set ({error})") from None
 
-
-def check_output(path: Path, field: str) -> None:
-    """The output file must be one ASE can write, in a folder that exists; `BadInput` naming `field`."""
-    from ase.io.formats import filetype
-
-    if not path.parent.is_dir():
-        raise BadInput(f"{field}: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise BadInput(f"{field}: {path} is a folder")
-    try:
-        filetype(str(path), read=False)
-    except Exception:
-        raise BadInput(f"{field}: ASE cannot tell the file format from the name {path.name} (use e.g. .traj or .extxyz)") from None

@@ -10,7 +10,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,8 @@ from ase import Atoms
 
 from pipeline.campaign import history as campaign_history
 from pipeline.campaign.config import CampaignConfig
-from pipeline.campaign.files import MODEL_NAME, SUMMARY_NAME
+from pipeline.campaign.files import MODEL_NAME, SUMMARY_NAME, claim_workdir
+from pipeline.campaign.identity import check_same_campaign, check_stored_campaign
 from pipeline.campaign.history import (
     CONVERGED, SELECTION_KEYS, Iteration, MeasuredIteration, delta_location, history_entry, history_with_measured,
     no_new_chunks_reason, stall_diagnosis, stop_reason, trains_from_scratch,
@@ -80,12 +81,16 @@ def run_campaign(
     site_name = site or config.site
     site_options = dict(config.file.site.options)
     check_site(site_name, site_options)  # bad site or options: BadInput now
-    config.workdir.mkdir(parents=True, exist_ok=True)
+    stored = check_stored_campaign(config)  # another campaign under this name: BadInput now
+    claim_workdir(config.workdir, config.name, new_campaign=not stored)  # another campaign's workdir: BadInput now
     if config.initial_generate is not None:
         from pipeline.campaign.initial_set import with_generated_initial_set
 
         config = with_generated_initial_set(config, site_name, site_options, observer)
-    with CampaignStore.open(config.database_url, config.name, config.as_dict()) as store, held_lease(store) as stale:
+    with CampaignStore.open(
+        config.database_url, config.name, config.as_dict(), files_root=config.workdir
+    ) as store, held_lease(store) as stale:
+        check_same_campaign(store, config)  # again under the lease: a driver may have created it meanwhile
         if store.migration_note:
             observer.message(store.migration_note)
         if stale:
@@ -135,6 +140,7 @@ class _Driver:
             if labels is not None and store.job(job_id).status != "done":
                 store.store_result(job_id, labels[0], labels[1], host="input file")  # no calculation ran: no wall time
                 labelled += 1
+        self.repair_chunks()
         reset = store.reset_unfinished()
         if retry_failed:
             self.observer.message(f"{store.reset_unfinished(include_failed=True)} failed reference job(s) back to pending")
@@ -147,6 +153,29 @@ class _Driver:
             )
         if labelled:
             self.observer.message(f"initial set: {labelled} structure(s) labelled in the input file")
+
+    def repair_chunks(self) -> None:
+        """Make the campaign's chunks those of its recorded iterations, each with its reference job,
+        as an uninterrupted run has them. Carving is one transaction with its iteration's record
+        now; a database from an older nft killed while carving may hold chunks carved after the last
+        recorded iteration (its selection will run again from the same model and pick them again:
+        they are forgotten, their results kept for reuse) and chunks without a job (given theirs)."""
+        store = self.store
+        chunks = store.structures("chunk")  # in the order they were carved
+        counted = sum(record.chunks_added for record in store.iterations())
+        unrecorded = chunks[counted:]
+        if unrecorded:
+            store.forget_structures([chunk.id for chunk in unrecorded])
+            self.observer.message(f"{len(unrecorded)} chunk(s) carved by an interrupted selection whose iteration "
+                                  "was not recorded: it runs again")
+        with_job = {job.structure_id for job in store.jobs(kind="chunk")
+                    if job.calculator == self.calculator and job.params == self.job_params}
+        jobless = [chunk for chunk in chunks[:counted] if chunk.id not in with_job]
+        if jobless:
+            with store.transaction():
+                for chunk in jobless:
+                    store.add_job(chunk.id, self.calculator, self.job_params)
+            self.observer.message(f"{len(jobless)} chunk(s) without a reference job (an interrupted carving): job(s) added")
 
     def pending_jobs(self) -> list[JobRecord]:
         """The campaign's jobs without a result: pending, or running under another campaign's driver."""
@@ -217,17 +246,15 @@ class _Driver:
         self.observer.phase(number, "training")
         model_path = config.workdir / "models" / f"iteration-{number:03d}.nft"
         started = time.perf_counter()
-        metrics = self._result(
-            self.apps.training_app(  # type: ignore[union-attr]
-                [labelled_to_payload(item) for item in training_set],
-                config.file.model.model_dump(mode="json"),
-                str(model_path),
-                config.file.model.training_processes,
-                self._warm_start_model(number),
-                list(config.elements),
-            ),
-            "training",
+        arguments = (
+            [labelled_to_payload(item) for item in training_set],
+            config.file.model.model_dump(mode="json"),
+            str(model_path),
+            config.file.model.training_processes,
+            self._warm_start_model(number),
+            list(config.elements),
         )
+        metrics = self._result(lambda: self.apps.training_app(*arguments), "training")  # type: ignore[union-attr]
         timer.add("training", time.perf_counter() - started)
         return model_path, {**metrics, TRAINING_STRUCTURES_KEY: results}
 
@@ -251,14 +278,15 @@ class _Driver:
         if carved:
             observer.phase(number, "selection")
         centres, selection = self.select(predictions)  # also when stopping: the report says what was left
-        if carved:
-            chunks_added = self.add_chunks(centres)
-            model_metrics[CALIBRATION_KEY] = centre_predictions(centres, predictions, self.target_ids)
-            if chunks_added == 0:
-                reason = no_new_chunks_reason(draft, config)
-        model_metrics["selection"] = {**selection, "carved": carved}
-        store.record_model(number, model_path, model_metrics)
-        store.record_iteration(number, deltas, chunks_added, train_mae, timer.split(), carved=carved)
+        with store.transaction():  # the chunks, their jobs, the model and the iteration: all or none
+            if carved:
+                chunks_added = self.add_chunks(centres)
+                model_metrics[CALIBRATION_KEY] = centre_predictions(centres, predictions, self.target_ids)
+                if chunks_added == 0:
+                    reason = no_new_chunks_reason(draft, config)
+            model_metrics["selection"] = {**selection, "carved": carved}
+            store.record_model(number, model_path, model_metrics)
+            store.record_iteration(number, deltas, chunks_added, train_mae, timer.split(), carved=carved)
         self._keep_best_model()
         if reason is None:
             observer.phase(number, "reference jobs")
@@ -284,9 +312,10 @@ class _Driver:
         self.observer.message(f"iteration {last.iteration} stopped before selection; the config now goes on: carving its chunks")
         timer = _Timer()
         timer.parts.update({part: value for part, value in last.wall_time.items() if part in timer.parts})
-        predictions = self._predict(Path(model.path))
+        model_path = self.store.model_file(model)
+        predictions = self._predict(model_path)
         metrics = {key: value for key, value in model.metrics.items() if key not in ("selection", CALIBRATION_KEY)}
-        return self.select_and_compute(last.iteration, Path(model.path), metrics, predictions, last.train_force_mae, timer, draft)
+        return self.select_and_compute(last.iteration, model_path, metrics, predictions, last.train_force_mae, timer, draft)
 
     def _warm_start_model(self, number: int) -> str | None:
         """The latest earlier iteration's model file, to start training from (None: from scratch,
@@ -298,13 +327,15 @@ class _Driver:
                                   "training from fresh weights")
             return None
         earlier = [record for record in self.store.models() if record.iteration < number and Path(record.path).is_file()]
-        return earlier[-1].path if earlier else None
+        return str(self.store.model_file(earlier[-1])) if earlier else None
 
     def _predict(self, model_path: Path) -> list[dict[str, Any]]:
         payloads = [atoms_to_payload(self.target_atoms[target_id]) for target_id in self.target_ids]
         with_features = self.config.file.active.selection_rule == "farthest-point"
-        future = self.apps.prediction_app(str(model_path), payloads, self.config.file.model.device, with_features)  # type: ignore[union-attr]
-        return self._result(future, "prediction")
+        device = self.config.file.model.device
+        return self._result(
+            lambda: self.apps.prediction_app(str(model_path), payloads, device, with_features), "prediction"  # type: ignore[union-attr]
+        )
 
     def select(
         self, predictions: Sequence[Mapping[str, Any]], parents: Mapping[int, Atoms] | None = None
@@ -358,21 +389,24 @@ class _Driver:
 
     def add_chunks(self, centres: Sequence[tuple[int, int]], parents: Mapping[int, Atoms] | None = None) -> int:
         """Carve the chunks around `centres` (parent id, atom; parents are the targets unless given)
-        and store them with a pending reference job each; returns how many were added."""
-        chunks = self.config.file.chunks
+        and store them with a pending reference job each, in one transaction (a kill leaves all of
+        them or none: never a chunk without its job); returns how many were added."""
+        settings = self.config.file.chunks
         parents = self.target_atoms if parents is None else parents
-        for target_id, centre in centres:
-            chunk = carve_chunk(parents[target_id], centre, chunks.radius, chunks.vacuum)
-            structure_id = self.store.add_structure(
-                "chunk",
-                chunk.atoms,
-                parent_id=target_id,
-                center_in_parent=chunk.center_in_parent,
-                center_in_chunk=chunk.center_in_chunk,
-                radius=chunk.radius,
-                vacuum=chunk.vacuum,
-            )
-            self.store.add_job(structure_id, self.calculator, self.job_params)
+        carved = [(target_id, carve_chunk(parents[target_id], centre, settings.radius, settings.vacuum))
+                  for target_id, centre in centres]
+        with self.store.transaction():
+            for target_id, chunk in carved:
+                structure_id = self.store.add_structure(
+                    "chunk",
+                    chunk.atoms,
+                    parent_id=target_id,
+                    center_in_parent=chunk.center_in_parent,
+                    center_in_chunk=chunk.center_in_chunk,
+                    radius=chunk.radius,
+                    vacuum=chunk.vacuum,
+                )
+                self.store.add_job(structure_id, self.calculator, self.job_params)
         return len(centres)
 
     def _chunk_labels(self) -> dict[int, dict[int, np.ndarray]]:
@@ -471,10 +505,11 @@ class _Driver:
         record = self.store.best_model()
         if record is None or not Path(record.path).is_file():
             return None
+        source = self.store.model_file(record)
         destination = self.config.workdir / MODEL_NAME
         if not destination.is_file() or file_sha256(destination) != record.sha256:
             temporary = destination.with_name(destination.name + ".tmp")
-            shutil.copyfile(record.path, temporary)
+            shutil.copyfile(source, temporary)
             temporary.replace(destination)
         return destination
 
@@ -482,15 +517,28 @@ class _Driver:
         history = self.store.iterations()
         return history[-1].iteration if history else 0
 
-    @staticmethod
-    def _result(future: Any, what: str) -> Any:
-        """The result of a training or prediction future; its failure fails the run (RunFailed)."""
-        try:
-            return future.result()
-        except Exception as error:
-            lines = [line for line in error_text(error).splitlines() if line.strip()]
-            detail = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1].strip()}"
-            raise RunFailed(f"{what} job failed: {detail}") from error
+    def _result(self, submit: Callable[[], Any], what: str) -> Any:
+        """The result of a training or prediction job, `submit()` returning its future. A job whose
+        worker was lost (its worker pool or node gone) is submitted again, to run on the executor's
+        fresh block, at most `lost_worker_retries` times, each with the reason shown; any other
+        failure, or one loss too many, fails the run (RunFailed)."""
+        apps = self.apps
+        assert apps is not None, "the driver runs with its site's apps"
+        lost = 0
+        while True:
+            try:
+                return submit().result()
+            except Exception as error:
+                lines = [line for line in error_text(error).splitlines() if line.strip()]
+                detail = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1].strip()}"
+                if not apps.is_lost_worker(error):
+                    raise RunFailed(f"{what} job failed: {detail}") from error
+                lost += 1
+                if lost > apps.lost_worker_retries:
+                    raise RunFailed(f"{what} job failed: its worker was lost {lost} times; the last: {detail}") from error
+                self.observer.message(
+                    f"{what} job lost its worker ({detail}); submitting it again (retry {lost} of {apps.lost_worker_retries})"
+                )
 
 
 # ---------------------------------------------------------------------------------------------

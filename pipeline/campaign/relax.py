@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.io import iread, read, write
-from ase.io.formats import filetype, ioformats
 
 from pipeline.campaign.config import CampaignConfig
-from pipeline.campaign.files import RELAXATIONS_NAME
+from pipeline.campaign.files import RELAXATIONS_NAME, check_workdir_owner
+from pipeline.campaign.identity import check_same_campaign
 from pipeline.campaign.history import history_entry
 from pipeline.campaign.loop import PARSL_DIR_NAME, TRAINING_STRUCTURES_KEY, _Driver, _finite_or_none, _Timer
 from pipeline.campaign.observer import CampaignObserver
@@ -33,6 +33,7 @@ from pipeline.errors import BadInput
 from pipeline.execution.apps import make_apps
 from pipeline.execution.sites import load_site, parsl_session
 from pipeline.science.calculator import EnsembleCalculator
+from pipeline.science.structures import ase_can_write
 from pipeline.science.relaxation import (
     OPTIMIZERS, Improvement, RelaxationStep, relax_with_uncertainty,
 )
@@ -99,16 +100,19 @@ def relax_structure(
     unknown = sorted(set(int(z) for z in atoms.numbers) - set(config.elements))
     if unknown:
         raise BadInput(f"{structure_label}: elements {unknown} are not in the campaign's initial set {list(config.elements)}")
-    if not _writable_format(output):
+    if not ase_can_write(output):
         raise BadInput(f"-o: {output.name}: ASE has no writer for this file name (use e.g. .traj, .extxyz, .xyz)")
     site_name = site or config.site
     site_options = dict(config.file.site.options)
     with tempfile.TemporaryDirectory(prefix="nft-site-check-") as scratch:
         load_site(site_name, Path(scratch) / PARSL_DIR_NAME, site_options)
     outputs = RelaxOutputs(output)
+    check_workdir_owner(config.workdir, config.name)
     with open_existing_store(config) as store:
         if not store.models():
             raise BadInput(f"{config.path.name}: campaign {config.name} has no trained model yet (run `nft run {config.path.name}` first)")
+        check_same_campaign(store, config)
+        store.model_file(store.models()[-1])  # the model it starts from is the one recorded: BadInput now
         with held_lease(store):  # one driver at a time: nft run and nft relax take turns
             output.parent.mkdir(parents=True, exist_ok=True)
             _register_relaxation(config, outputs.steps_json)
@@ -184,17 +188,18 @@ class _Relaxation:
         selection), compute them and train the next iteration; None when nothing new was learnt."""
         store, driver = self.store, self.driver
         frame.calc = None
-        snapshot_id = store.add_structure("snapshot", frame)
-        parents = {snapshot_id: frame}
         prediction = {key: np.asarray(results[key], dtype=float) for key in ("uncertainties", "energy_uncertainties")}
-        centres, selection = driver.select([prediction], parents)
-        added = driver.add_chunks(centres, parents)
+        with store.transaction():  # the snapshot, its chunks with their jobs and their count: all or none
+            snapshot_id = store.add_structure("snapshot", frame)
+            parents = {snapshot_id: frame}
+            centres, selection = driver.select([prediction], parents)
+            added = driver.add_chunks(centres, parents)
+            if added:
+                self._count_chunks(added)
         self.observer.message(
             f"δ {prediction['uncertainties'].max():.3f} eV/Å above the threshold {self.config.threshold:g}: "
             f"snapshot {snapshot_id}, {added} chunk(s) added ({selection['already_chunked']} already chunked)"
         )
-        if added:
-            self._count_chunks(added)
         pending = driver.pending_jobs()
         if pending:
             driver.run_reference_jobs(pending)
@@ -250,8 +255,11 @@ class _Relaxation:
         return len(self.store.labelled_structures(self.driver.calculator, self.driver.job_params))
 
     def _calculator(self, model_path: Path) -> EnsembleCalculator:
-        """The model in float64 (a relaxation compares forces near zero, step after step)."""
-        return EnsembleCalculator(load_ensemble(model_path, dtype=torch.float64), dtype=torch.float64, device=self.config.file.model.device)
+        """The model in float64 (a relaxation compares forces near zero, step after step); the file
+        must be the one the campaign recorded (`CampaignStore.model_file`)."""
+        record = next((item for item in self.store.models() if Path(item.path) == Path(model_path)), None)
+        checked = self.store.model_file(record) if record is not None else model_path
+        return EnsembleCalculator(load_ensemble(checked, dtype=torch.float64), dtype=torch.float64, device=self.config.file.model.device)
 
     # -- outputs --------------------------------------------------------------------------------
 
@@ -341,15 +349,6 @@ def _register_relaxation(config: CampaignConfig, steps_json: Path) -> None:
 def read_last_frame(path: Path) -> Atoms:
     """The last frame of a relaxation trajectory (its geometry, results and per-atom δ_i)."""
     return read(str(path), index=-1, format="extxyz")
-
-
-def _writable_format(path: Path) -> bool:
-    """Whether ASE can write a structure to `path`, going by its name."""
-    try:
-        name = filetype(str(path), read=False)
-    except Exception:  # ASE raises several types for names it cannot place
-        return False
-    return name in ioformats and ioformats[name].can_write
 
 
 def _state_geometry(atoms: Atoms) -> dict[str, Any]:

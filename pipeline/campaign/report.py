@@ -84,6 +84,8 @@ def campaign_report(config: CampaignConfig) -> CampaignReport:
         kept = store.best_model()
         targets = store.structures("target")
         labelled = store.labelled_structures(config.parent.name, config.parent.physics())
+        # each file must be the one the campaign recorded (BadInput otherwise), before any is loaded
+        files = {record.id: store.model_file(record) for record in (models[:1] + [kept] if models and kept else [])}
     if not models or kept is None:
         return CampaignReport(status, None, None, None, None, [], "the campaign has no trained model yet", relaxations, locality)
     first = models[0]
@@ -91,8 +93,8 @@ def campaign_report(config: CampaignConfig) -> CampaignReport:
     if missing:
         return CampaignReport(status, first.iteration, kept.iteration, None, None, [],
                               f"model file {missing[0]} is missing", relaxations, locality)
-    kept_model = load_ensemble(kept.path, dtype=PREDICTION_DTYPE)
-    first_model = kept_model if first.id == kept.id else load_ensemble(first.path, dtype=PREDICTION_DTYPE)
+    kept_model = load_ensemble(files[kept.id], dtype=PREDICTION_DTYPE)
+    first_model = kept_model if first.id == kept.id else load_ensemble(files[first.id], dtype=PREDICTION_DTYPE)
     kept_on_target = {record.id: _predict(kept_model, record.atoms) for record in targets}
     target_deltas = [
         TargetDeltas(

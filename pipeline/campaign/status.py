@@ -20,7 +20,7 @@ FAILED_JOBS_SHOWN = 20
 def open_existing_store(config: CampaignConfig) -> CampaignStore:
     """The campaign's database, which must exist (nothing is created); BadInput naming it otherwise."""
     try:
-        return CampaignStore.open(config.database_url, config.name, create=False)
+        return CampaignStore.open(config.database_url, config.name, create=False, files_root=config.workdir)
     except UnknownCampaign as error:
         raise BadInput(f"{config.path.name}: campaign.name: {error}") from None
     except DatabaseError as error:

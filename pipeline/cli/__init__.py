@@ -1,7 +1,41 @@
 """The `nft` command: argument parsing, printing and exit codes only."""
 from __future__ import annotations
 
-import typer
+import os
+import signal
+import sys
+from typing import Any
+
+INTERRUPTED_EXIT_CODE = 130
+INTERRUPTED_MESSAGE = "interrupted: run the same command again to resume"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Signals that stop any command the way Ctrl-C does: a terminal's Ctrl-C or a closed session, and
+`kill` or `timeout`, often sent to the whole process group."""
+
+
+def _exit_at_once(signum: int, frame: Any) -> None:
+    """Before a command starts (imports) and after it ended (interpreter shutdown) there is nothing
+    to clean up: say so and exit 130 at once, instead of a traceback or a silent death by signal."""
+    print(INTERRUPTED_MESSAGE, file=sys.stderr, flush=True)
+    os._exit(INTERRUPTED_EXIT_CODE)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    """While a command runs, a stopping signal unwinds it like Ctrl-C (Parsl and files cleaned up on
+    the way out; `common.exit_codes` then exits 130)."""
+    raise KeyboardInterrupt
+
+
+for _signal in STOP_SIGNALS:  # first, so that a signal during the imports below exits 130 too
+    signal.signal(_signal, _exit_at_once)
+
+import typer  # noqa: E402
+
+PRIVATE_BITS = 0o022
+"""Never group- or world-writable: whatever the user's umask, nft's folders, model files and the
+scripts Parsl runs with bash are writable by their owner only (a umask of 000 would let any local
+user swap a model or a submit script)."""
+os.umask(os.umask(PRIVATE_BITS) | PRIVATE_BITS)  # tighten, never loosen: the umask can only be read by setting it
 
 app = typer.Typer(
     name="nft",
@@ -10,5 +44,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def main() -> None:
+    """The `nft` entry point: the command runs with stopping signals unwinding it (exit 130), and
+    its end (exit code set, interpreter shutting down) exits 130 at once on a late signal."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, _raise_interrupt)
+    try:
+        app()
+    finally:
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, _exit_at_once)
+
 
 from pipeline.cli import _register  # noqa: E402,F401  (attaches the subcommands)

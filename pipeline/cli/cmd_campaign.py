@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,10 +16,8 @@ from rich.text import Text
 
 from pipeline.campaign.observer import CampaignObserver
 from pipeline.cli import app
-from pipeline.cli.common import exit_codes
-from pipeline.errors import BadInput, RunFailed
-
-INTERRUPTED_EXIT_CODE = 130
+from pipeline.cli.common import check_output_file, exit_codes
+from pipeline.errors import BadInput
 
 
 @app.command()
@@ -38,22 +35,15 @@ def run(
     input or while another `nft run` drives the campaign. Run it again on the same config to resume
     after a kill or Ctrl-C.
     """
-    signal.signal(signal.SIGTERM, _interrupt)  # a kill cleans up Parsl like Ctrl-C does
     signal.signal(signal.SIGUSR1, _interrupt)  # Slurm's warning before the walltime (slurm/nft-driver.sbatch)
-    try:
-        from pipeline.campaign.config import load_config
-        from pipeline.campaign.loop import run_campaign
+    from pipeline.campaign.config import load_config
+    from pipeline.campaign.loop import run_campaign
 
-        campaign = load_config(config)
-        console = Console()
-        display = LiveDisplay(console, campaign.threshold) if console.is_terminal else PlainDisplay(console)
-        with display:
-            summary = run_campaign(campaign, site=site, observer=display, retry_failed=retry_failed)
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
-    except RunFailed:
-        raise
+    campaign = load_config(config)
+    console = Console()
+    display = LiveDisplay(console, campaign.threshold) if console.is_terminal else PlainDisplay(console)
+    with display:
+        summary = run_campaign(campaign, site=site, observer=display, retry_failed=retry_failed)
     state = "converged" if summary["converged"] else f"not converged ({summary['stop_reason']})"
     console.print(
         f"{campaign.name}: {state} after {summary['iterations']} iteration(s); "
@@ -90,6 +80,7 @@ def export(
     from pipeline.campaign.config import load_config
     from pipeline.campaign.status import export_training_set
 
+    check_output_file(output, "-o", structure=False)
     count = export_training_set(load_config(config), output)
     print(f"{count} structures written to {output}")
 
@@ -121,6 +112,8 @@ def report(
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    """Slurm's warning before the walltime (SIGUSR1) ends the run as Ctrl-C does: Parsl is cleaned up
+    on the way out and the run exits 130 (the job then requeues itself and resumes)."""
     raise KeyboardInterrupt
 
 

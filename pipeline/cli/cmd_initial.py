@@ -10,7 +10,7 @@ import typer
 from pydantic import ValidationError
 
 from pipeline.cli import app
-from pipeline.cli.common import exit_codes
+from pipeline.cli.common import check_output_file, exit_codes
 from pipeline.errors import BadInput, first_problem
 
 OPTION_NAMES = {
@@ -45,7 +45,8 @@ def initial(
     and keep those within the energy window, until --count cells. Every relaxation and label is a
     reference job through Parsl into a database in the work folder: run the same command again after
     a kill and nothing finished is computed again."""
-    from pipeline.campaign.initial_set import check_output, generate_initial_set, settings_problem, write_labelled_set
+    from pipeline.campaign.config import writable_problem
+    from pipeline.campaign.initial_set import generate_initial_set, settings_problem, write_labelled_set
     from pipeline.execution.sites import check_site
     from pipeline.science.initial_sets import InitialSetSettings
 
@@ -62,10 +63,13 @@ def initial(
     problem = settings_problem(settings, parent)
     if problem:
         raise BadInput(f"{OPTION_NAMES[problem[0]]}: {problem[1]}")
-    check_output(output, "-o")
+    check_output_file(output, "-o", structure=True)
     workdir = workdir if workdir is not None else output.with_name(output.name + WORKDIR_SUFFIX)
     if workdir.exists() and not workdir.is_dir():
         raise BadInput(f"--workdir: {workdir} is a file, not a folder")
+    problem = writable_problem(workdir)
+    if problem:
+        raise BadInput(f"--workdir: {problem}")
     check_site(site, {})
     cells = generate_initial_set(f"sqlite:///{workdir.resolve() / 'nft.db'}", "initial", parent, settings, workdir.resolve(), site)
     write_labelled_set(output, cells)

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from pipeline.campaign.config import ChunksSection
 from pipeline.cli import app
-from pipeline.cli.common import exit_codes, parent_and_vacuum, read_images
+from pipeline.cli.common import check_output_file, check_parent_elements, exit_codes, parent_and_vacuum, read_images
 from pipeline.errors import BadInput
 from pipeline.science.locality import LocalityResult
 
@@ -44,7 +44,6 @@ def locality(
     structure, for sample atoms; every force is a reference job of the parent, run through Parsl on
     the site as `nft run` runs its chunks. Prints max and mean |ΔF| (eV/Å) per radius and the
     smallest radius whose max |ΔF| is below the tolerance, the chunks.radius to use."""
-    from pipeline.execution.locality import site_locality
     from pipeline.execution.parents import PARENTS
     from pipeline.science.locality import locality_sample_atoms
 
@@ -62,15 +61,17 @@ def locality(
     if plot is not None:
         if plot.suffix.lower() != ".png":
             raise BadInput(f"--plot: expected a .png file name, got {str(plot)!r}")
-        if not plot.parent.is_dir():
-            raise BadInput(f"--plot: folder {plot.parent} does not exist")
-    if workdir is not None and workdir.exists() and not workdir.is_dir():
-        raise BadInput(f"--workdir: {workdir} is a file, not a folder")
+        check_output_file(plot, "--plot", structure=False)
+    if workdir is not None:
+        _check_workdir(workdir)
     parent, vacuum, campaign = parent_and_vacuum(calculator, config, vacuum)
     site_options = dict(campaign.file.site.options) if campaign is not None else {}
     site = site or (campaign.site if campaign is not None else "local")
     atoms = read_images(structure)[-1]
+    check_parent_elements(parent, [atoms], structure)
+    _check_radii_fit(atoms, radii_angstrom)
     samples = locality_sample_atoms(atoms, sample_atoms, seed=seed)
+    from pipeline.execution.locality import site_locality  # Parsl: loaded once the input is known good
 
     console = Console(stderr=True)
     with Progress(TextColumn("reference jobs"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -103,6 +104,27 @@ def _record_in_campaign(workdir: Path, report: dict[str, Any]) -> None:
     temporary = workdir / f".{LOCALITY_NAME}.tmp"
     temporary.write_text(json.dumps(report, indent=2))
     temporary.replace(workdir / LOCALITY_NAME)
+
+
+def _check_workdir(workdir: Path) -> None:
+    """--workdir must be a folder (or one that can be made) where files can be written."""
+    from pipeline.campaign.config import writable_problem
+
+    if workdir.exists() and not workdir.is_dir():
+        raise BadInput(f"--workdir: {workdir} is a file, not a folder")
+    problem = writable_problem(workdir)
+    if problem:
+        raise BadInput(f"--workdir: {problem}")
+
+
+def _check_radii_fit(atoms: Any, radii: list[float]) -> None:
+    """No radius may make chunks absurdly large for the structure (`neighbours.sphere_problem`): a
+    periodic structure's chunk grows as r³ and would never be carved, let alone computed."""
+    from pipeline.science.neighbours import sphere_problem
+
+    problem = sphere_problem(atoms, max(radii))
+    if problem:
+        raise BadInput(f"--radii: {problem}")
 
 
 def parse_radii(text: str) -> list[float]:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.cli import app
-from pipeline.cli.common import exit_codes, parent_and_vacuum, read_images
+from pipeline.cli.common import check_output_file, check_parent_elements, exit_codes, parent_and_vacuum, read_images
 from pipeline.errors import BadInput, first_problem
 from pipeline.science.settings import TrainingSettings
 from pipeline.science.structures import LabelledStructure
@@ -104,9 +104,14 @@ def train(
         settings = TrainingSettings.model_validate(options)
     except ValidationError as error:
         raise BadInput(first_problem(error, TRAIN_OPTIONS)) from None
-    if not output.parent.exists():
-        raise BadInput(f"{output}: folder {output.parent} does not exist")
+    problem = settings.fit_problem()
+    if problem:
+        raise BadInput(f"{TRAIN_OPTIONS.get(problem[0], problem[0])}: {problem[1]}")
+    check_output_file(output, "-o", structure=False)
     structures = labelled_structures(data)
+    cutoff_problem = settings.cutoff_problem([item.atoms for item in structures])
+    if cutoff_problem:
+        raise BadInput(f"--cutoff: {cutoff_problem}")
     with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
                   TextColumn("loss {task.fields[loss]:.4g}"), TimeRemainingColumn(), console=console,
                   disable=not console.is_terminal) as progress:
@@ -153,6 +158,7 @@ def evaluate(
     model = load_ensemble(model_path, dtype=PREDICTION_DTYPE, device=checked_device(device))
     files = [(path, read_images(path)) for path in structures]
     for path, images in files:
+        check_parent_elements(reference, images, path)
         for index, atoms in enumerate(images):
             try:
                 model.element_indices(atoms.numbers)

@@ -2,20 +2,21 @@
 from __future__ import annotations
 
 import json
-import signal
-import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli import app
-from pipeline.cli.cmd_campaign import INTERRUPTED_EXIT_CODE, PlainDisplay, _interrupt
-from pipeline.cli.common import exit_codes, read_images
-from pipeline.errors import RunFailed
+from pipeline.cli.cmd_campaign import PlainDisplay
+from pipeline.cli.common import check_output_file, check_parent_elements, exit_codes, read_images
+from pipeline.errors import BadInput, RunFailed
+
+if TYPE_CHECKING:
+    from pipeline.campaign.config import CampaignConfig
 
 
 @app.command()
@@ -38,20 +39,18 @@ def relax(
     up, or δ above the threshold with nothing more to learn) or fails, 2 on bad input. Run the same
     command again to resume after a kill.
     """
-    signal.signal(signal.SIGTERM, _interrupt)
     from pipeline.campaign.config import load_config
     from pipeline.campaign.relax import check_relax_options, relax_structure
 
     check_relax_options(fmax, optimizer, steps)
+    check_output_file(output, "-o", structure=True, create_folder=True)
     campaign = load_config(config)
     atoms = read_images(structure)[-1]
+    check_parent_elements(campaign.parent, [atoms], structure)
+    verify_latest_model(campaign)
     console = Console()
-    try:
-        summary = relax_structure(campaign, atoms, str(structure), output, fmax, optimizer, steps, site,
-                                  observer=PlainDisplay(Console(stderr=True)))
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
+    summary = relax_structure(campaign, atoms, str(structure), output, fmax, optimizer, steps, site,
+                              observer=PlainDisplay(Console(stderr=True)))
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
@@ -64,6 +63,23 @@ def relax(
         )
     if not summary["converged"]:
         raise RunFailed(f"relaxation stopped short ({summary['reason']}); outputs written, see {summary['outputs']['steps_csv']}")
+
+
+def verify_latest_model(campaign: CampaignConfig) -> None:
+    """Load the campaign's latest model, its recorded sha256 checked, before Parsl starts or a file
+    is written: a corrupt or replaced model is refused in one line with the disk as it was. A
+    campaign without a database or a model is left to `relax_structure`, which says so in its turn."""
+    from pipeline.campaign.status import open_existing_store
+    from pipeline.storage.model_file import load_ensemble
+
+    try:
+        store = open_existing_store(campaign)
+    except BadInput:
+        return
+    with store:
+        models = store.models()
+        if models:
+            load_ensemble(store.model_file(models[-1]))
 
 
 def steps_table(summary: Mapping[str, Any]) -> Table:

@@ -4,10 +4,12 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 import typer
 
+from pipeline.cli import INTERRUPTED_EXIT_CODE, INTERRUPTED_MESSAGE
 from pipeline.errors import BadInput, RunFailed
 
 if TYPE_CHECKING:
@@ -20,7 +22,7 @@ F = TypeVar("F", bound=Callable)
 
 
 def exit_codes(command: F) -> F:
-    """Run a command body; BadInput exits 2 and RunFailed exits 1, each with one line on stderr."""
+    """Run a command body; BadInput exits 2, RunFailed 1 and an interruption 130, each with one line on stderr."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -32,6 +34,9 @@ def exit_codes(command: F) -> F:
         except RunFailed as error:
             print(f"failed: {error}", file=sys.stderr)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:  # Ctrl-C, or a stopping signal (`pipeline.cli.STOP_SIGNALS`)
+            print(INTERRUPTED_MESSAGE, file=sys.stderr)
+            raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -56,12 +61,44 @@ def parent_and_vacuum(
     return parent_for(calculator), ChunksSection().vacuum if vacuum is None else vacuum, None  # type: ignore[arg-type]
 
 
+def check_output_file(path: Path, option: str, *, structure: bool, create_folder: bool = False) -> None:
+    """An output file a command will write, checked before any work: not a folder, in a folder that
+    exists (with `create_folder`: in one that can be made) and can be written, and with `structure`
+    a name whose format ASE can write. BadInput naming `option` (e.g. ``-o``) otherwise."""
+    from pipeline.campaign.config import writable_problem
+    from pipeline.science.structures import ase_can_write
+
+    if path.is_dir():
+        raise BadInput(f"{option}: {path} is a folder, not a file")
+    if not create_folder and not path.parent.is_dir():
+        raise BadInput(f"{option}: folder {path.parent} does not exist")
+    problem = writable_problem(path.parent)
+    if problem:
+        raise BadInput(f"{option}: {problem}")
+    if structure and not ase_can_write(path):
+        raise BadInput(f"{option}: {path.name}: ASE has no writer for this file name (use e.g. .traj, .extxyz, .xyz)")
+
+
+def check_parent_elements(parent: Parent, images: Sequence[Atoms], label: Path | str) -> None:
+    """BadInput naming `label` (a file) when `parent` has no parameters for an element of `images`:
+    `Parent.element_problem`, the check `nft initial` and a campaign config make, before any job."""
+    from pipeline.science.initial_sets import element_symbols
+
+    for index, atoms in enumerate(images):
+        problem = parent.element_problem(element_symbols([int(z) for z in atoms.numbers]))
+        if problem:
+            where = f"image {index}: " if len(images) > 1 else ""
+            raise BadInput(f"{label}: {where}{problem}")
+
+
 def read_images(path: Path) -> list[Atoms]:
     """Every image of an ASE-readable file; BadInput naming the file when it can't be read."""
     from ase.io import read
 
     from pipeline.science.structures import structure_problem
 
+    if path.is_dir():
+        raise BadInput(f"{path}: is a folder, not a structure file")
     if not path.is_file():
         raise BadInput(f"{path}: file not found")
     try:

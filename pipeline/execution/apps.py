@@ -29,6 +29,7 @@ from parsl.app.app import python_app
 from parsl.config import Config
 from parsl.dataflow.futures import AppFuture
 from parsl.executors import MPIExecutor
+from parsl.executors.high_throughput.errors import ManagerLost, WorkerLost
 
 from pipeline.execution.parents import Parent
 from pipeline.execution.sites import SiteError
@@ -37,6 +38,9 @@ SITE_DEVICE_VARIABLE = "NFT_DEVICE"
 """Set by a site's worker_init to the device its workers train and predict on when asked for "auto"."""
 
 T = TypeVar("T")
+
+LOST_WORKER_RETRIES = 2
+"""How many times a training or prediction job whose worker was lost is submitted again."""
 
 ROUTES: dict[str, tuple[str, ...]] = {
     "reference": ("reference",),
@@ -271,6 +275,14 @@ class SiteApps:
     reference_is_mpi: bool = False
     training_is_mpi: bool = False
     prediction_is_mpi: bool = False
+    lost_worker_retries: int = LOST_WORKER_RETRIES
+
+    @staticmethod
+    def is_lost_worker(error: BaseException) -> bool:
+        """Whether `error` says a job's worker was lost (its worker process, worker pool or node
+        gone) rather than that the job failed. Such a job deserves another try, which the
+        executor's next block (started once the lost one is seen gone) runs."""
+        return isinstance(error, (ManagerLost, WorkerLost))
 
     def reference_app(
         self, parent: Parent, payload: Mapping[str, Any], job_dir: str | None = None, attempt: int = 1

@@ -13,6 +13,8 @@ import numpy as np
 import vesin
 from ase import Atoms
 
+from pipeline.science.neighbours import checked_search_cutoff
+
 # Atoms at exactly `radius` belong to the chunk; the neighbour search reaches this much further so
 # that rounding in the search cannot drop them.
 _BOUNDARY_SLACK_ANGSTROM = 1e-6
@@ -114,7 +116,8 @@ def _images_near(
     if np.any(np.linalg.norm(cell[pbc], axis=1) < 1e-12):
         raise ValueError("parent is periodic along a direction with a zero-length cell vector")
     # A half list is enough and twice as fast: a pair (i, j, S, D) seen from j is (i, -S, -D).
-    calculator = vesin.NeighborList(cutoff=radius + _BOUNDARY_SLACK_ANGSTROM, full_list=False)
+    search = checked_search_cutoff(parent, radius + _BOUNDARY_SLACK_ANGSTROM)  # ValueError: an absurd radius
+    calculator = vesin.NeighborList(cutoff=search, full_list=False)
     first, second, shifts, displacements = calculator.compute(
         points=np.asarray(parent.positions, dtype=float),
         box=cell,

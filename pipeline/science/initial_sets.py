@@ -18,7 +18,7 @@ from ase import Atoms
 from ase.data import atomic_numbers, chemical_symbols, covalent_radii
 from ase.neighborlist import neighbor_list
 from ase.spacegroup import crystal
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 SEPARATION_FRACTION = 0.75
 """Default minimum interatomic separation, as a fraction of the smallest sum of two covalent radii."""
@@ -104,11 +104,14 @@ class InitialSetSettings(BaseModel):
             raise ValueError(f"names an element twice: {', '.join(value)}")
         return value
 
-    @model_validator(mode="after")
-    def _sizes(self) -> "InitialSetSettings":
-        if self.min_atoms > self.max_atoms:
-            raise ValueError(f"min_atoms {self.min_atoms} exceeds max_atoms {self.max_atoms}")
-        return self
+    @field_validator("max_atoms")
+    @classmethod
+    def _sizes(cls, value: int, info: ValidationInfo) -> int:
+        """A field check (not a whole-model one) so that the error names `max_atoms`."""
+        min_atoms = info.data.get("min_atoms")
+        if min_atoms is not None and min_atoms > value:
+            raise ValueError(f"{value} is below min_atoms {min_atoms}")
+        return value
 
     def with_elements(self, elements: Sequence[str]) -> "InitialSetSettings":
         return self.model_copy(update={"elements": tuple(elements)})

@@ -1,4 +1,10 @@
-"""Neighbour lists within a cutoff (vesin's cell lists), as flat pairs or padded per-atom rows."""
+"""Neighbour lists within a cutoff (vesin's cell lists), as flat pairs or padded per-atom rows.
+
+Every search goes through `checked_search_cutoff` first: a cutoff whose sphere would hold more atoms
+than any structure nft computes is refused up front (a C search over ~10¹⁸ images never returns
+and, holding the interpreter, never sees a signal), and a non-periodic structure is searched no
+further than its own extent (vesin's cost grows as (cutoff / extent)³; no pair lies beyond it).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +12,56 @@ from dataclasses import dataclass
 import numpy as np
 import vesin
 from ase import Atoms
+
+MAX_SPHERE_ATOMS = 100_000
+"""Most atoms (periodic images included) a neighbour sphere may be estimated to hold. A chunk of that
+radius is one structure the parent labels: DFT parents stop near 10⁴ atoms and ASE's EMT needs
+minutes at 10⁵, so no chunk radius or descriptor cutoff that makes sense comes near it (Pt: a 57 Å
+sphere by `sphere_atoms`; chunks are 3–12 Å, cutoffs 4–8 Å)."""
+_EXTENT_SLACK_ANGSTROM = 1.0
+"""A non-periodic search reaches this far beyond the structure's largest extent (any pair is within it)."""
+
+
+def sphere_atoms(atoms: Atoms, radius_angstrom: float) -> float:
+    """Estimated atoms within `radius_angstrom` (Å) of an atom, periodic images included: the atoms in
+    a cube of side 2·r, i.e. N · Π (2r / h_i) over the periodic axes (h_i the distance between the
+    cell's lattice planes: images grow as r per periodic axis, r³ in bulk); N for a non-periodic
+    structure, whose spheres cannot hold more than the structure."""
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if not pbc.any():
+        return float(len(atoms))
+    cell = np.asarray(atoms.cell.array, dtype=float)
+    volume = abs(float(np.linalg.det(cell)))
+    if not np.isfinite(volume) or volume <= 0.0:
+        return float("inf")
+    heights = volume / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+    return float(len(atoms) * np.prod(2.0 * float(radius_angstrom) / heights[pbc]))
+
+
+def sphere_problem(atoms: Atoms, radius_angstrom: float) -> str | None:
+    """Why a neighbour sphere of `radius_angstrom` (Å) cannot be searched in `atoms` (more than
+    `MAX_SPHERE_ATOMS` atoms estimated by `sphere_atoms`), or None."""
+    estimate = sphere_atoms(atoms, radius_angstrom)
+    if estimate <= MAX_SPHERE_ATOMS:
+        return None
+    return (f"a {radius_angstrom:g} Å sphere in this periodic structure holds ~{estimate:.3g} atoms "
+            f"(at most {MAX_SPHERE_ATOMS:,} make sense: more than any parent labels as one structure)")
+
+
+def checked_search_cutoff(atoms: Atoms, cutoff_angstrom: float) -> float:
+    """The cutoff (Å) to hand vesin for `atoms`: `cutoff_angstrom`, no more than the extent of a
+    non-periodic structure (+1 Å); `ValueError` (`sphere_problem`) when the sphere is absurdly large."""
+    cutoff = float(cutoff_angstrom)
+    if not np.isfinite(cutoff) or cutoff <= 0.0:
+        raise ValueError(f"cutoff must be a positive number of Å, got {cutoff}")
+    problem = sphere_problem(atoms, cutoff)
+    if problem:
+        raise ValueError(problem)
+    if not np.any(atoms.pbc) and len(atoms):
+        positions = np.asarray(atoms.positions, dtype=float)
+        extent = float(np.linalg.norm(positions.max(axis=0) - positions.min(axis=0)))
+        cutoff = min(cutoff, extent + _EXTENT_SLACK_ANGSTROM)
+    return cutoff
 
 
 @dataclass
@@ -26,7 +82,8 @@ def neighbour_pairs(atoms: Atoms, cutoff_angstrom: float) -> NeighbourPairs:
         box = np.zeros((3, 3))
     elif abs(np.linalg.det(box)) < 1e-12:
         raise ValueError("periodic structure needs a cell with non-zero volume")
-    calculator = vesin.NeighborList(cutoff=float(cutoff_angstrom), full_list=True)
+    search = checked_search_cutoff(atoms, cutoff_angstrom)
+    calculator = vesin.NeighborList(cutoff=search, full_list=True)
     centers, neighbours, vectors = calculator.compute(positions, box, pbc, quantities="ijD")
     order = np.argsort(centers, kind="stable")
     return NeighbourPairs(

@@ -7,9 +7,15 @@ config never trains a different model silently.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.science.structures import MIN_INTERATOMIC_DISTANCE_ANGSTROM
+
+if TYPE_CHECKING:
+    from ase import Atoms
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 """Training and prediction device: "auto" (cuda when torch sees a GPU, else cpu), "cpu" or "cuda"."""
@@ -99,6 +105,16 @@ class TrainingSettings(_Settings):
             data = {**data, "epochs": ADAM_EPOCHS_BEFORE_LBFGS if optimizer == "lbfgs" else 0}
         return data
 
+    @field_validator("cutoff")
+    @classmethod
+    def _cutoff_reaches_a_neighbour(cls, value: float) -> float:
+        """No structure nft accepts has atoms closer than 0.5 Å (`structure_problem`), so a cutoff at
+        or below that sees no neighbour anywhere: every descriptor is zero."""
+        if value <= MIN_INTERATOMIC_DISTANCE_ANGSTROM:
+            raise ValueError(f"must be > {MIN_INTERATOMIC_DISTANCE_ANGSTROM:g} Å (got {value!r}): no structure has atoms "
+                             "that close, so the model would see no neighbour")
+        return value
+
     @field_validator("hidden")
     @classmethod
     def _positive_widths(cls, value: tuple[int, ...]) -> tuple[int, ...]:
@@ -120,6 +136,43 @@ class TrainingSettings(_Settings):
     def seeds(self) -> list[int]:
         """One initialisation seed per member."""
         return [self.seed * 1000 + m for m in range(self.ensemble)]
+
+    def fit_problem(self) -> tuple[str, str] | None:
+        """(field, why) when these settings train nothing, else None: no Adam epoch and no step of
+        the second-order optimiser, or both loss weights 0 (the loss is 0). Valid for a program (a
+        warm start with no steps rescales a model), refused as user input by `nft run` and `nft train`."""
+        if self.epochs == 0 and self.second_order_steps == 0:
+            field = "lm_steps" if self.optimizer == "levenberg-marquardt" else "lbfgs_steps"
+            return field, f"0 with epochs = 0 trains nothing (give {field} >= 1 or epochs >= 1)"
+        if self.energy_weight == 0 and self.force_weight == 0:
+            return "force_weight", "0 with energy_weight = 0 makes the loss 0: nothing is trained"
+        return None
+
+    def cutoff_problem(self, structures: Sequence["Atoms"]) -> str | None:
+        """Why `cutoff` (Å) cannot describe `structures` (the training data), or None: a sphere that
+        holds absurdly many atoms (`neighbours.sphere_problem`), or a cutoff that does not reach past
+        the data's median nearest-neighbour distance d (the model would see no neighbour) nor, with
+        radial shells derived from the data, past the first shell (`descriptors.radial_shells`)."""
+        from pipeline.science.descriptors import median_nearest_neighbour_distance, radial_shells
+        from pipeline.science.neighbours import sphere_problem
+
+        for index, atoms in enumerate(structures):
+            problem = sphere_problem(atoms, self.cutoff)
+            if problem:
+                return f"{problem} (structure {index})"
+        try:
+            nearest = median_nearest_neighbour_distance(structures)
+        except ValueError:
+            return None  # no neighbours within 5 Å: nothing to compare with (training says why)
+        if self.cutoff <= nearest:
+            return (f"{self.cutoff:g} Å does not reach the nearest neighbours of the data ({nearest:g} Å, median): "
+                    "the model would see no neighbour")
+        if self.descriptor.derives_radial_shells:
+            try:
+                radial_shells(nearest, self.cutoff)
+            except ValueError as error:
+                return str(error)
+        return None
 
     @property
     def second_order_steps(self) -> int:

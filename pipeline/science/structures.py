@@ -1,6 +1,7 @@
 """Plain-data forms of atomic structures: what the science core trains on and what crosses process boundaries."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,3 +78,14 @@ def structure_problem(atoms: Atoms, min_distance_angstrom: float = MIN_INTERATOM
         return (f"has atoms {int(pairs.centers[k])} and {int(pairs.neighbours[k])} {distances[k]:.3g} Å apart "
                 f"(closer than {min_distance_angstrom} Å)")
     return None
+
+
+def ase_can_write(path: str | os.PathLike[str]) -> bool:
+    """Whether ASE can write a structure to `path`, going by its name (e.g. .traj, .extxyz yes; .foo no)."""
+    from ase.io.formats import filetype, ioformats
+
+    try:
+        name = filetype(os.fspath(path), read=False)
+    except Exception:  # ASE raises several types for names it cannot place
+        return False
+    return name in ioformats and ioformats[name].can_write

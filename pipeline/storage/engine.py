@@ -42,6 +42,11 @@ class DatabaseError(BadInput):
     A `BadInput`, so the CLI exits 2 with the one-line message (it names the file or URL)."""
 
 
+class NoDatabaseYet(DatabaseError):
+    """Opened without `create`: the SQLite file or the schema is not there yet (a campaign not yet
+    run), as opposed to a database that cannot be reached or is not nft's."""
+
+
 def resolve_database_url(url: str, workdir: str | os.PathLike[str]) -> str:
     """A relative SQLite path resolved inside `workdir`; other URLs and absolute paths unchanged."""
     parsed = make_url(url)
@@ -67,7 +72,7 @@ def open_engine(url: str, *, create: bool) -> tuple[Engine, str, str | None]:
     name = _display_name(parsed)
     if _is_sqlite(parsed) and _is_sqlite_file(parsed) and not create:
         if not Path(parsed.database).is_file():
-            raise DatabaseError(f"{name}: no such database file")
+            raise NoDatabaseYet(f"{name}: no such database file")
     engine = _make_engine(parsed)
     try:
         version = _open_schema(engine, name, create)
@@ -175,7 +180,7 @@ def _open_schema(engine: Engine, name: str, create: bool) -> str:
                 tables = set(inspect(connection).get_table_names())
                 if not tables:
                     if not create:
-                        raise DatabaseError(f"{name}: empty database, no nft campaign in it")
+                        raise NoDatabaseYet(f"{name}: empty database, no nft campaign in it")
                     Base.metadata.create_all(connection)
                     connection.execute(
                         MetadataRow.__table__.insert(),

@@ -1,6 +1,11 @@
-"""Model files: tensors in safetensors (no code is executed on load) plus JSON metadata in its header."""
+"""Model files: tensors in safetensors (no code is executed on load) plus JSON metadata in its header.
+
+The header also holds a sha256 over the metadata and every tensor (`checksum`), so a file with one
+flipped byte is refused on load instead of predicting with a silently changed weight or setting;
+files written before the checksum load unchecked."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +21,10 @@ from pipeline.science.training import resolve_device
 
 FORMAT_NAME = "nft-ensemble"
 FORMAT_VERSION = 1
+CHECKSUM_KEY = "checksum"
+"""Header metadata key of the file's content sha256 (`content_checksum`)."""
+MIN_MEMBERS = 2
+"""δ is the spread of the members' forces: an ensemble of one has none."""
 
 
 class ModelFileError(BadInput):
@@ -35,24 +44,47 @@ def save_model(model: EnsembleModel, path: str | Path, extra: dict[str, Any] | N
         "extra": json.dumps(extra or {}),
     }
     tensors = {name: t.detach().to(torch.float64).contiguous().clone() for name, t in model.state_dict().items()}
+    metadata[CHECKSUM_KEY] = content_checksum(metadata, tensors)
     temporary = path.with_name(path.name + ".tmp")
     save_file(tensors, str(temporary), metadata=metadata)
     temporary.replace(path)
     return path
 
 
+def content_checksum(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the metadata (but the checksum itself) and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    plain = {key: value for key, value in metadata.items() if key != CHECKSUM_KEY}
+    digest.update(json.dumps(plain, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _raw_metadata(path: Path) -> dict[str, str]:
+    """The header's `__metadata__` strings (ValueError/OSError when the header is unreadable)."""
+    with open(path, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        if not 0 < header_size < 100_000_000:
+            raise ValueError("bad header size")
+        header = json.loads(handle.read(header_size))
+    raw = header.get("__metadata__") or {}
+    if not isinstance(raw, dict):
+        raise ValueError("metadata is not a table")
+    return raw
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON metadata of a model file; ModelFileError if it is not an nft model."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a folder, not a model file")
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
     try:
-        with open(path, "rb") as handle:
-            header_size = int.from_bytes(handle.read(8), "little")
-            if not 0 < header_size < 100_000_000:
-                raise ValueError("bad header size")
-            header = json.loads(handle.read(header_size))
-        raw = header.get("__metadata__") or {}
+        raw = _raw_metadata(path)
         if raw.get("format") != FORMAT_NAME:
             raise ModelFileError(f"{path}: not an nft model file (format {raw.get('format')!r})")
         if raw.get("version") != str(FORMAT_VERSION):
@@ -62,6 +94,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             "hidden": json.loads(raw["hidden"]),
             "member_seeds": json.loads(raw["member_seeds"]),
             "extra": json.loads(raw.get("extra", "{}")),
+            "raw": raw,
         }
     except ModelFileError:
         raise
@@ -78,6 +111,7 @@ def load_ensemble(path: str | Path, dtype: torch.dtype = torch.float64, device: 
         _check_size(params, meta["hidden"], meta["member_seeds"], path)
         model = EnsembleModel(params, hidden=tuple(meta["hidden"]), member_seeds=meta["member_seeds"])
         state = load_file(str(path))
+        _check_checksum(meta["raw"], state, path)
         state.pop("lowering", None)  # files before the descriptor registered its own constants held a copy
         model.load_state_dict(state)
     except (SafetensorError, RuntimeError, ValueError, TypeError, KeyError) as error:
@@ -96,17 +130,27 @@ MAX_FEATURES = 100_000
 """Bounds on what a model file's header may ask for, checked before any tensor is allocated."""
 
 
+def _check_checksum(raw: dict[str, str], state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """ModelFileError when the file's content differs from the checksum written with it."""
+    recorded = raw.get(CHECKSUM_KEY)
+    if recorded is None:
+        return  # written before files carried one
+    if recorded != content_checksum(raw, state):
+        raise ModelFileError(f"{path}: corrupt nft model file (its content does not match the checksum written with it)")
+
+
 def _check_size(params: SymmetryFunctionParams, hidden: Any, member_seeds: Any, path: str | Path) -> None:
     """ModelFileError unless the header's network is of a size an nft model can have."""
     widths_ok = (isinstance(hidden, list) and 1 <= len(hidden) <= MAX_LAYERS
                  and all(isinstance(w, int) and 1 <= w <= MAX_LAYER_WIDTH for w in hidden))
-    seeds_ok = isinstance(member_seeds, list) and 1 <= len(member_seeds) <= MAX_MEMBERS and all(
+    seeds_ok = isinstance(member_seeds, list) and MIN_MEMBERS <= len(member_seeds) <= MAX_MEMBERS and all(
         isinstance(seed, int) for seed in member_seeds)
     if not widths_ok:
         raise ModelFileError(f"{path}: hidden layer widths {str(hidden)[:60]} are out of bounds "
                              f"(1–{MAX_LAYERS} layers of 1–{MAX_LAYER_WIDTH})")
     if not seeds_ok:
-        raise ModelFileError(f"{path}: member seeds must be 1–{MAX_MEMBERS} integers")
+        raise ModelFileError(f"{path}: an ensemble of {MIN_MEMBERS}–{MAX_MEMBERS} members is needed (δ is their spread), "
+                             f"the file gives member seeds {str(member_seeds)[:60]}")
     if params.n_elements > 118 or params.n_features > MAX_FEATURES:
         raise ModelFileError(f"{path}: descriptor of {params.n_features} features for {params.n_elements} elements "
                              f"is out of bounds (at most {MAX_FEATURES})")

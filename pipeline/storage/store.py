@@ -5,16 +5,20 @@
 it writes joins that campaign. Structures, jobs and results themselves are shared, so a result another
 campaign computed for the same geometry and parent physics is reused, not recomputed. Every method
 runs in its own short transaction, so the driver can write as each future completes and a kill loses
-nothing already returned. Structures go in as `ase.Atoms`; everything returned is a frozen record
+nothing already returned; writes that only make sense together (a chunk, its job and the iteration
+that carved it) go in one `transaction()`, so a kill leaves all of them or none. Model files are
+recorded relative to the campaign's folder (`files_root`), so a copied campaign reads its own. Structures go in as `ase.Atoms`; everything returned is a frozen record
 (see `records`), never a live ORM object.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +27,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy.exc as sa_exc
 from ase import Atoms
-from sqlalchemy import Engine, Select, func, select, update
+from sqlalchemy import Engine, Select, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.errors import BadInput, RunFailed
@@ -60,8 +64,8 @@ from pipeline.storage.schema import (
 )
 
 __all__ = [
-    "CLAIMED", "ELSEWHERE", "CampaignBusy", "CampaignStore", "JobAlreadyDone", "LeaseLost", "UnknownCampaign",
-    "atoms_geometry_hash", "file_sha256",
+    "CLAIMED", "ELSEWHERE", "CampaignBusy", "CampaignStore", "JobAlreadyDone", "LeaseLost", "ModelFileChanged",
+    "UnknownCampaign", "atoms_geometry_hash", "file_sha256",
 ]
 
 RADIUS_DECIMALS = 6
@@ -88,6 +92,10 @@ class LeaseLost(RunFailed):
     """This driver's lease was taken over (no heartbeat for `LEASE_STALE_S`); its writes are refused."""
 
 
+class ModelFileChanged(BadInput):
+    """A model file's bytes differ from the sha256 its campaign recorded (overwritten or edited)."""
+
+
 class JobAlreadyDone(ValueError):
     """A result or a start for a job that already has its result (a result is final)."""
 
@@ -111,22 +119,34 @@ class CampaignStore:
     (`CampaignStore(url)`, for tools and tests) sees every structure and job and registers nothing.
     """
 
-    def __init__(self, url: str, *, create: bool = True) -> None:
+    def __init__(self, url: str, *, create: bool = True, files_root: str | os.PathLike[str] | None = None) -> None:
         self._engine, self.name, self.migration_note = open_engine(url, create=create)
         self._write_engine = write_engine(self._engine)
         self._campaign_id: int | None = None
+        self._campaign_name: str | None = None
         self._lease_id: str | None = None
+        self._batch = threading.local()  # the session of this thread's open `transaction()`, if any
+        self.files_root = _files_root(self._engine, files_root)
 
     @classmethod
     def open(
-        cls, url: str, campaign: str, config: Mapping[str, Any] | None = None, *, create: bool = True
+        cls,
+        url: str,
+        campaign: str,
+        config: Mapping[str, Any] | None = None,
+        *,
+        create: bool = True,
+        files_root: str | os.PathLike[str] | None = None,
     ) -> CampaignStore:
         """The database at `url`, opened for campaign `campaign`: its models and iterations.
 
         With `create=True` a new campaign is created with `config` (an existing one keeps its own);
         with `create=False` the database and the campaign must exist (`UnknownCampaign` otherwise).
+        Model files are recorded relative to `files_root` (the campaign's workdir; by default the
+        folder of an SQLite file, where the default database lives).
         """
-        store = cls(url, create=create)
+        store = cls(url, create=create, files_root=files_root)
+        store._campaign_name = campaign
         try:
             campaign_id = store.ensure_campaign(campaign, config or {}) if create else store.campaign_id(campaign)
             if campaign_id is None:
@@ -156,6 +176,23 @@ class CampaignStore:
     def engine(self) -> Engine:
         """The SQLAlchemy engine, for inspection in tests and tools; write through the methods."""
         return self._engine
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run every store call inside the block (in this thread) in one transaction: all of its
+        writes are stored or, if the block raises or the process dies, none. Nested blocks join
+        the outer one. Used where a partial write would leave the campaign inconsistent, e.g. chunks
+        without their jobs or without the iteration that carved them."""
+        if getattr(self._batch, "session", None) is not None:
+            yield
+            return
+        with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
+            self._check_fence(session)
+            self._batch.session = session
+            try:
+                yield
+            finally:
+                self._batch.session = None
 
     # -- campaigns -----------------------------------------------------------------------------
 
@@ -329,6 +366,28 @@ class CampaignStore:
         with self._read() as session:
             row = session.scalar(query)
             return None if row is None else job_record(row)
+
+    def forget_structures(self, structure_ids: Sequence[int]) -> int:
+        """The campaign no longer registers these structures nor their jobs (one transaction);
+        returns how many it forgot. The shared rows stay: another campaign may use them, and a
+        structure registered again later finds its job and any result already computed."""
+        ids = [int(structure_id) for structure_id in structure_ids]
+        if not ids:
+            return 0
+        campaign = self._campaign()
+        jobs = select(ReferenceJobRow.id).where(ReferenceJobRow.structure_id.in_(ids))
+        with self._write() as session:
+            session.execute(
+                delete(CampaignJobRow).where(CampaignJobRow.campaign_id == campaign, CampaignJobRow.job_id.in_(jobs)),
+                execution_options={"synchronize_session": False},
+            )
+            result = session.execute(
+                delete(CampaignStructureRow).where(
+                    CampaignStructureRow.campaign_id == campaign, CampaignStructureRow.structure_id.in_(ids)
+                ),
+                execution_options={"synchronize_session": False},
+            )
+            return int(result.rowcount or 0)
 
     # -- reference jobs ------------------------------------------------------------------------
 
@@ -529,7 +588,8 @@ class CampaignStore:
         path: str | os.PathLike[str],
         metrics: Mapping[str, Any] | None = None,
     ) -> int:
-        """Record the model file trained in `iteration` with its sha256; replaces that iteration's entry."""
+        """Record the model file trained in `iteration` with its sha256; replaces that iteration's entry.
+        A file inside `files_root` is recorded by its path relative to it."""
         digest = file_sha256(Path(path))
         campaign = self._campaign()
         with self._write() as session:
@@ -539,7 +599,7 @@ class CampaignStore:
             if row is None:
                 row = ModelRow(campaign_id=campaign, iteration=int(iteration))
                 session.add(row)
-            row.path = str(path)
+            row.path = _stored_path(Path(path), self.files_root)
             row.sha256 = digest
             row.metrics = _plain_json(metrics or {})
             row.created_at = utc_now()
@@ -551,7 +611,27 @@ class CampaignStore:
         campaign = self._campaign()
         query = select(ModelRow).where(ModelRow.campaign_id == campaign).order_by(ModelRow.iteration)
         with self._read() as session:
-            return [model_record(row) for row in session.scalars(query)]
+            return [self._model_record(row) for row in session.scalars(query)]
+
+    def model_file(self, record: ModelRecord) -> Path:
+        """The file of a recorded model, checked against the sha256 recorded with it, so a campaign
+        never uses a model another campaign (or an edit) put in its place. `ModelFileChanged` (one
+        line naming the file) when its bytes differ; a missing file is returned as is (callers say
+        what they do without it)."""
+        path = Path(record.path)
+        if path.is_file() and file_sha256(path) != record.sha256:
+            owner = f"campaign {self._campaign_name!r}" if self._campaign_name else "its campaign"
+            raise ModelFileChanged(
+                f"{path}: not the model {owner} recorded for iteration {record.iteration} in {self.name} "
+                f"(sha256 {file_sha256(path)[:12]}…, recorded {record.sha256[:12]}…): overwritten or edited; "
+                "give each campaign a workdir of its own and rerun"
+            )
+        return path
+
+    def _model_record(self, row: ModelRow) -> ModelRecord:
+        """The record of a model row, its stored path resolved (`_resolved_path`)."""
+        record = model_record(row)
+        return dataclasses.replace(record, path=str(_resolved_path(record.path, self.files_root)))
 
     def best_model(self) -> ModelRecord | None:
         """The model of the iteration with the lowest max δ (later wins ties); the latest if none has δ."""
@@ -571,7 +651,7 @@ class CampaignStore:
         )
         with self._read() as session:
             row = session.scalar(scored) or session.scalar(latest)
-            return None if row is None else model_record(row)
+            return None if row is None else self._model_record(row)
 
     def record_iteration(
         self,
@@ -725,22 +805,40 @@ class CampaignStore:
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
+        """A read transaction, or inside `transaction()` its session (which sees its own writes)."""
+        batch = getattr(self._batch, "session", None)
+        if batch is not None:
+            yield batch
+            return
         with Session(self._engine, expire_on_commit=False) as session, session.begin():
             yield session
 
     @contextmanager
     def _write(self, fenced: bool = True) -> Iterator[Session]:
-        """A write transaction; with a lease held (and `fenced`), refused unless the lease is still ours."""
+        """A write transaction; with a lease held (and `fenced`), refused unless the lease is still ours.
+        Inside `transaction()`, a savepoint of its session: a refused write (e.g. a unique key
+        already held) undoes only itself, the caller decides."""
+        batch = getattr(self._batch, "session", None)
+        if batch is not None:
+            with batch.begin_nested():
+                yield batch
+            return
         with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
-            if fenced and self._lease_id is not None:
-                holder = session.get(CampaignRow, self._campaign_id)
-                if holder is None or holder.lease_id != self._lease_id:
-                    owner = holder.lease_owner if holder is not None else None
-                    raise LeaseLost(
-                        f"campaign {holder.name if holder else self._campaign_id!r}: the driver lease was taken over by "
-                        f"{owner or 'another driver'} (no heartbeat from this one for {LEASE_STALE_S:.0f} s); this run stops"
-                    )
+            if fenced:
+                self._check_fence(session)
             yield session
+
+    def _check_fence(self, session: Session) -> None:
+        """LeaseLost unless this store's lease (if it holds one) is still the campaign's."""
+        if self._lease_id is None:
+            return
+        holder = session.get(CampaignRow, self._campaign_id)
+        if holder is None or holder.lease_id != self._lease_id:
+            owner = holder.lease_owner if holder is not None else None
+            raise LeaseLost(
+                f"campaign {holder.name if holder else self._campaign_id!r}: the driver lease was taken over by "
+                f"{owner or 'another driver'} (no heartbeat from this one for {LEASE_STALE_S:.0f} s); this run stops"
+            )
 
     def _own_jobs(self, query: Select, ordered: bool = True) -> Select:
         """`query` (over reference_jobs) limited to the campaign's jobs, in its registration order."""
@@ -847,3 +945,42 @@ def _final_geometry(
     if not (np.all(np.isfinite(positions)) and np.all(np.isfinite(cell))):
         raise ValueError(f"final geometry of job {job_id} is not finite; not stored")
     return {"final_positions": pack_array(positions), "final_cell": pack_array(cell)}
+
+
+def _files_root(engine: Engine, files_root: str | os.PathLike[str] | None) -> Path | None:
+    """The folder model paths are recorded relative to: `files_root`, else an SQLite file's folder."""
+    if files_root is not None:
+        return Path(files_root).resolve()
+    database = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    if database and database != ":memory:" and not database.startswith("file:"):
+        return Path(database).resolve().parent
+    return None
+
+
+def _stored_path(path: Path, root: Path | None) -> str:
+    """How a file is recorded: relative to `root` when inside it (a copied campaign then reads its
+    own copy), else absolute."""
+    absolute = path.resolve()
+    if root is not None and absolute.is_relative_to(root):
+        return absolute.relative_to(root).as_posix()
+    return str(absolute)
+
+
+def _resolved_path(stored: str, root: Path | None) -> Path:
+    """A recorded file path as a usable one. Relative: inside `root`. Absolute (recorded by an older
+    nft): as is when inside `root` or no file under `root` ends the same way; else that file of
+    `root` (the campaign was copied or moved: its own copy, e.g. models/iteration-001.nft, not the
+    original's). Whichever is chosen, `model_file` checks its sha256."""
+    path = Path(stored)
+    if root is None:
+        return path
+    if not path.is_absolute():
+        return root / path
+    if path.is_relative_to(root):
+        return path
+    parts = path.parts[1:]
+    for start in range(len(parts) - 1, -1, -1):  # the shortest tail first: models/iteration-001.nft
+        candidate = root.joinpath(*parts[start:])
+        if start < len(parts) - 1 and candidate.is_file():
+            return candidate
+    return path

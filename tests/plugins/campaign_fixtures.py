@@ -198,3 +198,30 @@ def run_nft(*args: Any, env: dict[str, str] | None = None, timeout: float = 240)
             process.communicate()
             raise
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def processes_using(directory: Path) -> set[int]:
+    """Pids of the processes with a file under `directory` open: Parsl's interchange (its log), whose
+    command line names no path, as well as worker pools and workers writing their logs there."""
+    prefix = str(Path(directory).resolve()) + os.sep
+    found = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            descriptors = os.listdir(f"/proc/{entry}/fd")
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}").startswith(prefix) for fd in descriptors):
+                found.add(int(entry))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def orphaned_chunks(database_url: str, campaign: str) -> tuple[int, int]:
+    """(chunks without a reference job, chunks of no recorded iteration) of a campaign: both 0 in a
+    consistent database (every iteration records the chunks it carved, and each has its job)."""
+    from pipeline.storage.store import CampaignStore
+
+    with CampaignStore.open(database_url, campaign, create=False) as store:
+        chunks = store.structures("chunk")
+        with_job = {job.structure_id for job in store.jobs(kind="chunk")}
+        counted = sum(record.chunks_added for record in store.iterations())
+    return sum(chunk.id not in with_job for chunk in chunks), len(chunks) - counted

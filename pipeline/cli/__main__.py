@@ -1,0 +1,4 @@
+"""`python -m pipeline.cli`: the `nft` command."""
+from pipeline.cli import main
+
+main()
