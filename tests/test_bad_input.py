@@ -328,7 +328,10 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
                                ("model.force_weight", "energy_weight = 0", "nothing is trained")),
     "cutoff 0.5": (campaign({"model": {"cutoff": 0.5}}), ("model.cutoff", "> 0.5 Å", "no neighbour")),
     "cutoff short of the nearest neighbours": (campaign({"model": {"cutoff": 1.0}}), ("model.cutoff", "nearest neighbours")),
-    "chunk radius below the cutoff": (campaign({"chunks": {"radius": 1.0}}), ("chunks.radius", "below model.cutoff")),
+    "chunk radius holding no neighbour": (campaign({"chunks": {"radius": 1.0}}), ("chunks.radius", "no neighbour", "lone atoms")),
+    "chunk radius below the cutoff, trained on the chunk": (
+        campaign({"chunks": {"radius": 4.0, "training_environment": "chunk"}, "model": {"cutoff": 5.0}}),
+        ("chunks.radius", "below model.cutoff", "training_environment")),
     "chunk radius huge on a periodic target": (campaign({"chunks": {"radius": 1e6}}, target=periodic_platinum()),
                                                ("chunks.radius", "1e+06 Å sphere", "at most 100,000")),
     "workdir the filesystem root": (campaign({"campaign": {"workdir": "/"}}), ("campaign.workdir", "filesystem root")),

@@ -160,8 +160,7 @@ def test_failed_reference_jobs_are_recorded_and_the_campaign_goes_on(small_campa
     vertex = int(np.argmax(np.linalg.norm(target.positions - centre, axis=1)))
     squeeze_to_neighbour(target, vertex, 1.4)
     config = small_campaign(
-        {"active": {"threshold": 0.05, "max_iterations": 2}, "model": {"cutoff": 4.0},
-         "chunks": {"radius": 4.0, "max_per_iteration": 6, "min_separation": 2.0}},
+        {"active": {"threshold": 0.05, "max_iterations": 2}, "chunks": {"radius": 4.0, "max_per_iteration": 6, "min_separation": 2.0}},
         target=target,
     )
     result = run_nft("run", config)

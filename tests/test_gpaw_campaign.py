@@ -163,7 +163,7 @@ def test_a_gpaw_campaign_on_the_slurm_cluster_runs_its_chunk_jobs_as_slurm_jobs(
         sections={
             "parent": {"calculator": "gpaw", "gpaw": {**TINY_LCAO, "ranks": 2}},
             "chunks": {"radius": 3.2, "vacuum": 3.0, "max_per_iteration": 2, "min_separation": 0.0},
-            "model": {**TINY_MODEL, "cutoff": 3.2},  # chunks.radius >= model.cutoff
+            "model": TINY_MODEL,
             "site": {"name": "slurm", "options": {"partition": slurm_cluster.partition, "walltime": "00:10:00",
                                                   "training_executor": "shared"}},
         },
@@ -225,7 +225,7 @@ def test_a_chunk_whose_scf_cannot_converge_is_recorded_failed_and_the_campaign_g
         sections={
             "parent": {"calculator": "gpaw", "gpaw": limited},
             "chunks": {"radius": 3.0, "vacuum": 3.0, "max_per_iteration": 5, "min_separation": 0.0},
-            "model": {**TINY_MODEL, "cutoff": 3.0},  # chunks.radius >= model.cutoff
+            "model": TINY_MODEL,
             "site": {"name": "local", "options": {"workers": 2, "worker_init": "export OMP_NUM_THREADS=1"}},
         },
     )

@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -330,20 +331,54 @@ def _labelled(atoms: Atoms) -> bool:
 
 
 def _check_chunk_radius(file: ConfigFile, targets: tuple[Atoms, ...], label: str) -> None:
-    """`chunks.radius` at least `model.cutoff` (a chunk's central force is a label for the model's
-    input only if the chunk holds the central atom's whole cutoff sphere; smaller chunks give forces
-    of another environment, at 1 Å a lone atom with force 0) and not absurdly large for a target
-    (`sphere_problem`: a periodic target's chunk grows as r³)."""
+    """`chunks.radius` that gives every chunk a label worth training (`chunk_radius_problem`) and is
+    not absurdly large for a target (`sphere_problem`: a periodic target's chunk grows as r³)."""
     from pipeline.science.neighbours import sphere_problem
 
-    radius, cutoff = file.chunks.radius, file.model.cutoff
-    if radius < cutoff:
-        raise BadInput(f"{label}: chunks.radius: {radius:g} Å is below model.cutoff = {cutoff:g} Å; a chunk must hold "
-                       "its central atom's whole model neighbourhood, or its force belongs to another environment")
     for k, atoms in enumerate(targets):
-        problem = sphere_problem(atoms, radius)
+        problem = sphere_problem(atoms, file.chunks.radius) or chunk_radius_problem(file, atoms)
         if problem:
             raise BadInput(f"{label}: chunks.radius: {problem} (target structure {k})")
+
+
+NEAR_NEIGHBOUR_SEARCH_ANGSTROM = 3.5
+"""First search range when looking for atoms with no neighbour within the chunk radius (covers the
+nearest neighbours of every solid); the full radius is searched only if it leaves some alone."""
+
+
+def chunk_radius_problem(file: ConfigFile, target: Atoms) -> str | None:
+    """Why `chunks.radius` gives chunks of `target` that teach nothing true, or None: a centre with no
+    neighbour within the radius is a lone atom whose force is 0 by symmetry (the label says nothing
+    of the target); with `training_environment = "chunk"` the model's side of the row is the chunk
+    itself, so a radius below `model.cutoff` feeds the networks an environment cut inside their own
+    cutoff sphere."""
+    from pipeline.science.neighbours import neighbour_pairs
+
+    radius, cutoff = file.chunks.radius, file.model.cutoff
+    if file.chunks.training_environment == "chunk" and radius < cutoff:
+        return (f"{radius:g} Å is below model.cutoff = {cutoff:g} Å, and chunks.training_environment = \"chunk\" "
+                "trains the model on the chunk: it must hold its centre's whole cutoff sphere")
+    if len(target) < 2:
+        return None
+    near = min(radius, NEAR_NEIGHBOUR_SEARCH_ANGSTROM)  # a short search settles almost every atom at once
+    alone = len(target) - len(np.unique(neighbour_pairs(target, near).centers))
+    if alone and near < radius:
+        alone = len(target) - len(np.unique(neighbour_pairs(target, radius).centers))
+    if alone:
+        return (f"{radius:g} Å holds no neighbour of {alone} atom(s): their chunks would be lone atoms whose "
+                "force is 0 whatever the target's (use a radius beyond several neighbour shells, see nft locality)")
+    return None
+
+
+def radius_warning(file: ConfigFile) -> str | None:
+    """A line for the start of a run when chunks are smaller than the model's cutoff sphere: accepted
+    (the label is the parent's force, trained in the target), but its error is the parent's locality
+    error at that radius, which no model can learn away."""
+    radius, cutoff = file.chunks.radius, file.model.cutoff
+    if radius >= cutoff:
+        return None
+    return (f"chunks.radius = {radius:g} Å is below model.cutoff = {cutoff:g} Å: each label differs from the "
+            "parent's force in the target by the parent's locality error at that radius (measure it with nft locality)")
 
 
 def _check_training(model: TrainingSettings, initial: tuple[Atoms, ...], label: str) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from ase import Atoms
 
 from pipeline.campaign import history as campaign_history
-from pipeline.campaign.config import CampaignConfig
+from pipeline.campaign.config import CampaignConfig, radius_warning
 from pipeline.campaign.files import MODEL_NAME, SUMMARY_NAME, claim_workdir
 from pipeline.campaign.identity import check_same_campaign, check_stored_campaign
 from pipeline.campaign.history import (
@@ -78,6 +78,9 @@ def run_campaign(
     raises `RunFailed`.
     """
     observer = observer or CampaignObserver()
+    warning = radius_warning(config.file)
+    if warning:
+        observer.message(f"warning: {warning}")
     site_name = site or config.site
     site_options = dict(config.file.site.options)
     check_site(site_name, site_options)  # bad site or options: BadInput now
