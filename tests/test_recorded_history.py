@@ -7,7 +7,9 @@ To record it again (only when a change of behaviour is intended, and say so in t
 The training's 1000 L-BFGS steps amplify last-bit differences of the floating-point libraries:
 another torch or numpy build, or a CPU with other vector units, gives another history from the
 same code (seen: δ 2.29 vs 2.15 eV/Å at iteration 1). The recording therefore names the
-environment it was made in, and elsewhere the comparison is skipped with the reason.
+environment it was made in. Everywhere the campaign runs and its discrete history (iterations,
+chunks added, the stop reason) must equal the recording; the floats are compared where the
+environment is the recording's, and elsewhere the test says so in its output.
 """
 import json
 import os
@@ -61,22 +63,26 @@ def environment() -> dict[str, str]:
 
 
 def test_a_small_campaign_repeats_the_recorded_history(tmp_path):
+    recording = bool(os.environ.get("NFT_RECORD_HISTORY"))
     recorded = json.loads(RECORDED.read_text()) if RECORDED.is_file() else {}
-    if not os.environ.get("NFT_RECORD_HISTORY") and recorded.get("environment") != environment():
-        pytest.skip(f"history recorded in {recorded.get('environment')}, this is {environment()}: record it here to compare")
+    assert recording or recorded, f"{RECORDED} is missing: record it (NFT_RECORD_HISTORY=1)"
     config = write_campaign(tmp_path / "campaign", THREE_ITERATIONS)
     result = run_nft("run", config, timeout=540)
     assert result.returncode == 0, result.stderr
     history = campaign_history(json.loads((config.parent / "run" / "summary.json").read_text()))
-    if os.environ.get("NFT_RECORD_HISTORY"):
+    if recording:
         history["environment"] = environment()
         RECORDED.parent.mkdir(exist_ok=True)
         RECORDED.write_text(json.dumps(history, indent=1) + "\n")
         pytest.skip(f"recorded {RECORDED}")
+    assert [entry["iteration"] for entry in history["iterations"]] == [entry["iteration"] for entry in recorded["iterations"]]
     assert [entry["chunks_added"] for entry in history["iterations"]] == [
         entry["chunks_added"] for entry in recorded["iterations"]
     ]
     assert (history["chunks"], history["stop_reason"]) == (recorded["chunks"], recorded["stop_reason"])
+    if recorded.get("environment") != environment():
+        print(f"\nδ floats not compared: recorded in {recorded.get('environment')}, this is {environment()}")
+        return
     for got, expected in zip(history["iterations"], recorded["iterations"]):
         assert got["uncertainty"] == pytest.approx(expected["uncertainty"], rel=RELATIVE_TOLERANCE), got["iteration"]
         assert got["uncertainty_per_target"] == pytest.approx(expected["uncertainty_per_target"], rel=RELATIVE_TOLERANCE)

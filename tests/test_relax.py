@@ -26,6 +26,7 @@ from tests.plugins.campaign_fixtures import (
     EMT_DELAY_VARIABLE, NFT, logged_emt_calls, positions_digest, rattled_cluster, run_nft, write_campaign,
 )
 from tests.test_bad_input import disk_state
+from tests.test_resume import WORKERS_END_WITHIN_S, campaign_processes
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -189,7 +190,7 @@ def test_a_killed_relaxation_resumes_without_recomputing(campaign_copy, tmp_path
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
-    time.sleep(2.0)  # the killed driver's workers notice and end (test_resume checks that they do)
+    wait_for_workers_to_end(config)  # the killed driver's workers notice and end (test_resume checks that they do)
     before = stored(config)
     done_before = {job.id: job for job in done_snapshot_chunk_jobs(config)}
     unfinished = [job for job in before["jobs"].values() if job.status in ("pending", "running")]
@@ -259,7 +260,7 @@ def test_a_relaxation_killed_between_steps_goes_on_from_its_last_geometry(campai
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
-    time.sleep(2.0)
+    wait_for_workers_to_end(config)
     written = json.loads(steps_json.read_text())
     rows_before, last = written["steps"], written["current"]
 
@@ -274,3 +275,13 @@ def test_a_relaxation_killed_between_steps_goes_on_from_its_last_geometry(campai
     assert len(frames) == len(table)
     np.testing.assert_allclose(frames[len(rows_before)].positions, np.asarray(last["positions"]), atol=1e-7)  # ... and geometry
     assert summary["converged"] and summary["fmax"] < FMAX and summary["delta"] <= THRESHOLD
+
+
+def wait_for_workers_to_end(config: Path) -> None:
+    """Poll until the campaign's worker pools (left by a SIGKILLed driver) are gone, at most
+    `WORKERS_END_WITHIN_S`; they must not write while the test reads the store."""
+    workdir = load_config(config).workdir
+    deadline = time.monotonic() + WORKERS_END_WITHIN_S
+    while campaign_processes(workdir):
+        assert time.monotonic() < deadline, f"workers of {workdir} still running {WORKERS_END_WITHIN_S} s after the kill"
+        time.sleep(0.1)
