@@ -126,7 +126,7 @@ def _torchani_model(dtype):
     from torchani.aev import AEVComputer
     from torchani.aev._terms import ANIAngular, _BaseRadial
 
-    from pipeline.science.descriptors import DEFAULT_RADIAL_CENTERS, DEFAULT_RADIAL_ETAS
+    from pipeline.science.descriptor_types import DEFAULT_RADIAL_CENTERS, DEFAULT_RADIAL_ETAS
 
     class G2Radial(_BaseRadial):
         """exp(−η_k (r − Rs_k)²)·fc(r) with one η per shift (our 8 radial G2 functions)."""

@@ -44,17 +44,21 @@ def measure(case_name: str, n_chunks: int, rounds: int, jacobian_file: str) -> d
 
     from bench_training_step import prepared
     from pipeline.science import training as T
+    try:
+        from pipeline.science.losses import jacobian_terms, member_residual_jacobians
+    except ImportError:  # a commit before the trainer's split
+        jacobian_terms, member_residual_jacobians = T._jacobian_terms, T._member_residual_jacobians
 
     structures = data_set(case_name, n_chunks)
     model, data, settings = prepared(structures)
     # LM named, not taken as the default: the reference commit's default may be another optimiser
     settings = settings.with_changes(optimizer="levenberg-marquardt", epochs=0)
     weights = torch.ones(model.n_members, len(structures), dtype=data.features.dtype)
-    terms = T._jacobian_terms(data)
+    terms = jacobian_terms(data)
     jacobian_s = []
     for _ in range(rounds):
         start = time.perf_counter()
-        jacobian = T._member_residual_jacobians(model, data, weights, settings, terms)
+        jacobian = member_residual_jacobians(model, data, weights, settings, terms)
         jacobian_s.append(time.perf_counter() - start)
     torch.save(jacobian, jacobian_file)
     fit_s, report = [], None

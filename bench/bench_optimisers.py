@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,9 +49,10 @@ def starts(structures, n_bulk: int):
 
 def scores(model, data, weights, settings, target, target_forces) -> dict:
     """Median member loss, training force MAE, and MAE / max δ on the target (eV/Å)."""
-    from pipeline.science.training import _member_losses, force_mae
+    from pipeline.science.losses import member_losses
+    from pipeline.science.training_data import force_mae
 
-    losses = _member_losses(model, data, weights, settings, create_graph=False).detach()
+    losses = member_losses(model, data, weights, settings, create_graph=False).detach()
     prediction = model.predict(target)
     return {"loss": float(losses.median()),
             "train MAE": force_mae(model, data, np.ones(weights.shape[1], dtype=bool)),
@@ -63,7 +63,7 @@ def scores(model, data, weights, settings, target, target_forces) -> dict:
 def run_optimiser(name: str, start, data, weights, settings, warm: bool, budget_s: float | None) -> tuple[object, float]:
     """Train a copy of `start` with one optimiser for `budget_s` seconds (None: its default steps)."""
     from pipeline.science.settings import ADAM_EPOCHS_BEFORE_LBFGS
-    from pipeline.science.training import _adam, _lbfgs, _levenberg_marquardt
+    from pipeline.science.optimisers import adam, lbfgs, levenberg_marquardt
 
     model = copy.deepcopy(start)
     began = time.perf_counter()
@@ -73,27 +73,27 @@ def run_optimiser(name: str, start, data, weights, settings, warm: bool, budget_
         epoch_s = _epoch_seconds(copy.deepcopy(start), data, weights, settings)
         epochs = max(1, int(budget_s / epoch_s))
         lr = settings.final_learning_rate if warm else settings.learning_rate
-        _adam(model, data, weights, None, settings.with_changes(epochs=epochs, learning_rate=lr), None)
+        adam(model, data, weights, None, settings.with_changes(epochs=epochs, learning_rate=lr), None)
     elif name == "L-BFGS":
         lbfgs_settings = settings.with_changes(optimizer="lbfgs", epochs=ADAM_EPOCHS_BEFORE_LBFGS)
         if not warm:
-            _adam(model, data, weights, None, lbfgs_settings, None)
+            adam(model, data, weights, None, lbfgs_settings, None)
         steps = settings.lbfgs_steps if budget_s is None else unlimited
-        _lbfgs(model, data, weights, lbfgs_settings.with_changes(lbfgs_steps=steps), deadline)
+        lbfgs(model, data, weights, lbfgs_settings.with_changes(lbfgs_steps=steps), deadline)
     else:
         steps = settings.lm_steps if budget_s is None else unlimited
-        _levenberg_marquardt(model, data, weights, settings, steps, deadline)
+        levenberg_marquardt(model, data, weights, settings, steps, deadline)
     return model, time.perf_counter() - began
 
 
 def _epoch_seconds(model, data, weights, settings) -> float:
     """Seconds per Adam epoch on this data (best of a few short runs)."""
-    from pipeline.science.training import _adam
+    from pipeline.science.optimisers import adam
 
     best = float("inf")
     for _ in range(3):
         began = time.perf_counter()
-        _adam(model, data, weights, None, settings.with_changes(epochs=10), None)
+        adam(model, data, weights, None, settings.with_changes(epochs=10), None)
         best = min(best, (time.perf_counter() - began) / 10)
     return best
 

@@ -9,7 +9,7 @@ training only the central atom's force (force_mask, no energy) — what a campai
 
 Both sides use the same precomputed pair sums and force Jacobians (`prepare_training_data`, timed
 separately as the one-off preparation): the batched side is one `EnsembleModel` of 10 members and
-`_member_losses(...).sum().backward()`; the one-by-one side is 10 1-member models with the same
+`member_losses(...).sum().backward()`; the one-by-one side is 10 1-member models with the same
 initial weights, each with its own Adam, stepped in a Python loop. Epoch times are interleaved
 (batched, one-by-one, batched, …) and the best round is reported.
 """
@@ -99,7 +99,7 @@ class FeatureJacobianPrototype:
     def labels(self, model, data):
         import torch
 
-        from pipeline.science.training import _SparseProduct
+        from pipeline.science.training_data import SparseProduct
 
         n_members = model.n_members
         inputs = self.features.unsqueeze(0).expand(n_members, -1, -1).clone().requires_grad_(True)
@@ -107,7 +107,7 @@ class FeatureJacobianPrototype:
         (grads,) = torch.autograd.grad(atomic.sum(), inputs, create_graph=True)
         energies = atomic.new_zeros(n_members, len(data.energies)).index_add(1, data.energy_segment,
                                                                              atomic[:, data.energy_rows])
-        forces = -_SparseProduct.apply(self.jacobian, self.jacobian_t, grads.reshape(n_members, -1).T)
+        forces = -SparseProduct.apply(self.jacobian, self.jacobian_t, grads.reshape(n_members, -1).T)
         return energies, forces.T.reshape(n_members, -1, 3)
 
     def losses(self, model, data, weights, settings):
@@ -201,7 +201,9 @@ def main() -> None:
 
     from pipeline.science.model import EnsembleModel
     from pipeline.science.settings import TrainingSettings
-    from pipeline.science.training import _fit_scaling, _member_losses, prepare_training_data
+    from pipeline.science.losses import member_losses
+    from pipeline.science.training import fit_scaling
+    from pipeline.science.training_data import prepare_training_data
 
     n_bulk, n_chunks = (10, 30) if args.quick else (20, 200)
     rounds = args.rounds or (2 if args.quick else 5)
@@ -228,7 +230,7 @@ def main() -> None:
     n_rows = int((data.features if hasattr(data, "features") else data.pair_sums).shape[0])
     n_force_rows = int(data.forces.shape[0])
     nnz = int(data.force_jacobian.values().numel())
-    _fit_scaling(model, data, structures)
+    fit_scaling(model, data, structures)
     if hasattr(data, "scaled_by"):  # as train_ensemble does: features and Jacobians scaled once
         scale_times, data = common.timed(lambda: data.scaled_by(model))
         prep = {k: prep[k] + scale_times[k] for k in prep}
@@ -239,8 +241,8 @@ def main() -> None:
     single_weights = torch.ones(1, len(structures), dtype=torch.float64)
 
     # same losses before any step: the one-by-one models are the batched members
-    batched_losses = _member_losses(model, data, weights, settings, create_graph=False).detach()
-    single_losses = torch.cat([_member_losses(s, data, single_weights, settings, create_graph=False).detach()
+    batched_losses = member_losses(model, data, weights, settings, create_graph=False).detach()
+    single_losses = torch.cat([member_losses(s, data, single_weights, settings, create_graph=False).detach()
                                for s in singles])
     loss_diff = float((batched_losses - single_losses).abs().max() / batched_losses.abs().max())
 
@@ -249,13 +251,13 @@ def main() -> None:
 
     def batched_epoch():
         optimizer.zero_grad()
-        _member_losses(model, data, weights, settings).sum().backward()
+        member_losses(model, data, weights, settings).sum().backward()
         optimizer.step()
 
     def one_by_one_epoch():
         for single, opt in zip(singles, single_optimizers):
             opt.zero_grad()
-            _member_losses(single, data, single_weights, settings).sum().backward()
+            member_losses(single, data, single_weights, settings).sum().backward()
             opt.step()
 
     def run(epoch_fn):
@@ -271,8 +273,8 @@ def main() -> None:
         times, _ = common.timed(lambda: run(one_by_one_epoch))
         single.append({k: v / epochs for k, v in times.items()})
     # after identical steps the members must still agree
-    after_b = _member_losses(model, data, weights, settings, create_graph=False).detach()
-    after_s = torch.cat([_member_losses(s, data, single_weights, settings, create_graph=False).detach()
+    after_b = member_losses(model, data, weights, settings, create_graph=False).detach()
+    after_s = torch.cat([member_losses(s, data, single_weights, settings, create_graph=False).detach()
                          for s in singles])
     after_diff = float((after_b - after_s).abs().max() / after_b.abs().max())
 
@@ -287,7 +289,7 @@ def main() -> None:
             p_model.load_state_dict(model.state_dict())
             p_singles = [common.single_member(p_model, m) for m in range(members)]
             check = float((proto.losses(p_model, data, weights, settings).detach()
-                           - _member_losses(p_model, data, weights, settings, create_graph=False).detach()).abs().max()
+                           - member_losses(p_model, data, weights, settings, create_graph=False).detach()).abs().max()
                           / after_b.abs().max())
             p_opt = torch.optim.Adam(p_model.networks.parameters(), lr=settings.learning_rate)
             p_opts = [torch.optim.Adam(x.networks.parameters(), lr=settings.learning_rate) for x in p_singles]
@@ -335,7 +337,7 @@ def main() -> None:
             n_model = EnsembleModel(params, hidden=(5, 5), member_seeds=list(range(members)))
             n_model.load_state_dict(model.state_dict())
             n_singles = [common.single_member(n_model, m) for m in range(members)]
-            reference = _member_losses(n_model, data, weights, settings, create_graph=False).detach()
+            reference = member_losses(n_model, data, weights, settings, create_graph=False).detach()
             check = max(abs(float(plain.loss(x, settings)) - float(reference[m])) / float(reference.abs().max())
                         for m, x in enumerate(n_singles))
             n_opts = [torch.optim.Adam(x.networks.parameters(), lr=settings.learning_rate) for x in n_singles]

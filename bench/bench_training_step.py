@@ -7,8 +7,8 @@ costs), the hand-written chain rule that training uses against autograd, on the 
 Data as bench_training.py (EMT-labelled bulk fcc Pt cells and 8 Å chunks of the rattled Pt260,
 central force only); 41 chunks is the Pt260 example campaign's last iteration. Both sides start
 from the same default-config model (10 members, [5, 5], the data's radial shells) and the same
-scaled `TrainingData`: autograd is `_member_losses(...).sum().backward()`, the hand-written side
-`_member_losses_with_gradients` (what `train_ensemble` calls). Evaluations are interleaved, best
+scaled `TrainingData`: autograd is `member_losses(...).sum().backward()`, the hand-written side
+`member_losses_with_gradients` (what `train_ensemble` calls). Evaluations are interleaved, best
 of the rounds; the table also gives the largest relative difference of the gradients.
 """
 from __future__ import annotations
@@ -27,13 +27,18 @@ def prepared(structures):
     """A default-config ensemble and its scaled training data, as train_ensemble builds them."""
     from pipeline.science.model import EnsembleModel
     from pipeline.science.settings import TrainingSettings
-    from pipeline.science.training import _fit_scaling, descriptor_params, elements_of, prepare_training_data
+    from pipeline.science.training import descriptor_params
+    try:
+        from pipeline.science.training import fit_scaling
+        from pipeline.science.training_data import elements_of, prepare_training_data
+    except ImportError:  # a commit before the trainer's split (bench_lm_jacobian measures old commits)
+        from pipeline.science.training import _fit_scaling as fit_scaling, elements_of, prepare_training_data
 
     settings = TrainingSettings()
     params = descriptor_params(structures, elements_of(structures), settings)
     model = EnsembleModel(params, hidden=settings.hidden, member_seeds=list(settings.seeds()))
     data = prepare_training_data(structures, model.descriptor)
-    _fit_scaling(model, data, structures)
+    fit_scaling(model, data, structures)
     return model, data.scaled_by(model), settings
 
 
@@ -41,7 +46,7 @@ def measure(structures, rounds: int, evaluations: int) -> dict:
     """Milliseconds per evaluation for both sides, and how far their gradients differ."""
     import torch
 
-    from pipeline.science.training import _member_losses, _member_losses_with_gradients
+    from pipeline.science.losses import member_losses, member_losses_with_gradients
 
     model, data, settings = prepared(structures)
     weights = torch.ones(model.n_members, len(structures), dtype=torch.float64)
@@ -50,13 +55,13 @@ def measure(structures, rounds: int, evaluations: int) -> dict:
     def autograd_step():
         for p in parameters:
             p.grad = None
-        _member_losses(model, data, weights, settings).sum().backward()
+        member_losses(model, data, weights, settings).sum().backward()
         return [p.grad.clone() for p in parameters]
 
     def hand_step():
         for p in parameters:
             p.grad = None
-        _member_losses_with_gradients(model, data, weights, settings)
+        member_losses_with_gradients(model, data, weights, settings)
         return [p.grad.clone() for p in parameters]
 
     reference, hand = autograd_step(), hand_step()

@@ -219,7 +219,6 @@ def make_params(kind: str = "g5-moments"):
 def make_ensemble(kind: str = "g5-moments", members: int = 10, dtype=None, scaled: bool = True):
     """An untrained ensemble of `members` [5, 5] nets; with `scaled`, feature scaling is fitted on a
     small bulk cell so that the nets see O(1) inputs (as a trained model does)."""
-    import torch
 
     from pipeline.science.model import EnsembleModel
 
@@ -233,21 +232,20 @@ def make_ensemble(kind: str = "g5-moments", members: int = 10, dtype=None, scale
 
 def fit_scaling_on(model, atoms) -> None:
     """Feature mean/std of `model` from one structure (through the public training path)."""
-    import torch
 
     from pipeline.science.structures import LabelledStructure
-    from pipeline.science.training import _fit_scaling, prepare_training_data
+    from pipeline.science.training import fit_scaling
+    from pipeline.science.training_data import prepare_training_data
 
     item = LabelledStructure(atoms=atoms, energy=0.0, forces=np.zeros((len(atoms), 3)))
     data = prepare_training_data([item], model.descriptor)
-    _fit_scaling(model, data, [item])
+    fit_scaling(model, data, [item])
     model.energy_offset.zero_()
     model.energy_scale.fill_(1.0)
 
 
 def single_member(model, member: int):
     """A 1-member EnsembleModel carrying member `member`'s weights and the ensemble's scaling."""
-    import torch
 
     from pipeline.science.model import EnsembleModel
 

@@ -40,12 +40,14 @@ def main() -> None:
 
         from pipeline.science.model import EnsembleModel
         from pipeline.science.settings import TrainingSettings
-        from pipeline.science.training import _fit_scaling, _member_losses, prepare_training_data
+        from pipeline.science.losses import member_losses
+        from pipeline.science.training import fit_scaling
+        from pipeline.science.training_data import prepare_training_data
 
         structures, _ = training_set(20, 200)
         model = EnsembleModel(common.make_params(args.kind), hidden=(5, 5), member_seeds=list(range(10)))
         data = prepare_training_data(structures, model.descriptor)
-        _fit_scaling(model, data, structures)
+        fit_scaling(model, data, structures)
         if hasattr(data, "scaled_by"):  # as train_ensemble does
             data = data.scaled_by(model)
         weights = torch.ones(10, len(structures), dtype=torch.float64)
@@ -54,7 +56,7 @@ def main() -> None:
 
         def work():
             optimizer.zero_grad()
-            _member_losses(model, data, weights, settings).sum().backward()
+            member_losses(model, data, weights, settings).sum().backward()
             optimizer.step()
 
         work()

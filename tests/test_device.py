@@ -23,7 +23,8 @@ from pipeline.science.calculator import PREDICTION_BLOCK_SIZE, PREDICTION_DTYPE,
 from pipeline.science.examples import bulk_training_cells, emt_label, rattled_cuboctahedron
 from pipeline.science.structures import LabelledStructure, atoms_to_payload
 from pipeline.science.settings import TrainingSettings
-from pipeline.science.training import resolve_device, train_ensemble
+from pipeline.science.device import resolve_device
+from pipeline.science.training import train_ensemble
 from pipeline.storage.model_file import load_ensemble, save_model
 
 pytestmark = [
@@ -187,11 +188,11 @@ def test_default_prediction_gives_the_float64_delta(trained_model_file, structur
     atoms = rattled_crystal((7, 7, 7)) if structure == "crystal" else rattled_cuboctahedron()  # 1,372: two blocks
     reference = load_ensemble(trained_model_file).predict(atoms, block_size=2048)  # float64, the old default
     (job,) = prediction_job(str(trained_model_file), [atoms_to_payload(atoms)])
-    relative = abs(job["max_delta"] - reference.max_delta) / reference.max_delta
+    relative = abs(job.max_delta - reference.max_delta) / reference.max_delta
     assert relative < DELTA_RELATIVE_TOLERANCE
-    np.testing.assert_allclose(job["uncertainties"], reference.uncertainties, rtol=DELTA_RELATIVE_TOLERANCE, atol=1e-5)
-    np.testing.assert_allclose(job["forces"], reference.forces, atol=1e-4)
-    assert abs(job["energy"] - reference.energy) / len(atoms) < 1e-6  # eV/atom
+    np.testing.assert_allclose(job.uncertainties, reference.uncertainties, rtol=DELTA_RELATIVE_TOLERANCE, atol=1e-5)
+    np.testing.assert_allclose(job.forces, reference.forces, atol=1e-4)
+    assert abs(job.energy - reference.energy) / len(atoms) < 1e-6  # eV/atom
 
 
 def test_the_calculator_predicts_as_the_prediction_app_and_leaves_the_model_alone(trained_model_file, monkeypatch):
@@ -202,7 +203,7 @@ def test_the_calculator_predicts_as_the_prediction_app_and_leaves_the_model_alon
     forces = atoms.get_forces()
     assert model.dtype == torch.float64 and atoms.calc.model.dtype == PREDICTION_DTYPE
     (job,) = prediction_job(str(trained_model_file), [atoms_to_payload(atoms)])
-    np.testing.assert_allclose(forces, job["forces"], atol=1e-6)
-    np.testing.assert_allclose(atoms.calc.results["uncertainties"], job["uncertainties"], rtol=1e-5)
+    np.testing.assert_allclose(forces, job.forces, atol=1e-6)
+    np.testing.assert_allclose(atoms.calc.results["uncertainties"], job.uncertainties, rtol=1e-5)
     exact = EnsembleCalculator(model, dtype=None)  # the model's own precision
     assert exact.model is model

@@ -125,10 +125,10 @@ def test_training_app_through_parsl_writes_a_loadable_model(tmp_path):
     assert one["train_force_mae"] == pytest.approx(two["train_force_mae"], rel=1e-6)
     model = load_ensemble(tmp_path / "one.nft")
     expected = model.predict(structures[0].atoms)
-    assert len(predicted) == 1 and len(predicted[0]["uncertainties"]) == 4
+    assert len(predicted) == 1 and len(predicted[0].uncertainties) == 4
     # the prediction app predicts in float32 (calculator.PREDICTION_DTYPE): float32 agreement
-    np.testing.assert_allclose(predicted[0]["forces"], expected.forces, atol=1e-4)
-    assert predicted[0]["max_delta"] == pytest.approx(max(expected.uncertainties), rel=1e-4, abs=1e-6)
+    np.testing.assert_allclose(predicted[0].forces, expected.forces, atol=1e-4)
+    assert predicted[0].max_delta == pytest.approx(max(expected.uncertainties), rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.slurm
@@ -143,4 +143,4 @@ def test_training_on_a_slurm_mpi_block_takes_its_world_size_from_the_resource_sp
         metrics = apps.training_app([labelled_to_payload(s) for s in structures], SETTINGS, str(tmp_path / "m.nft"), 2).result(timeout=240)
         predicted = apps.prediction_app(str(tmp_path / "m.nft"), [atoms_to_payload(structures[0].atoms)]).result(timeout=120)
     assert metrics["world_size"] == 2 and [shard["members"] for shard in metrics["shards"]] == [2, 2]
-    assert len(predicted[0]["uncertainties"]) == len(structures[0].atoms)
+    assert len(predicted[0].uncertainties) == len(structures[0].atoms)

@@ -6,15 +6,15 @@ import torch
 from pipeline.science.examples import bulk_training_cells
 from pipeline.science.levenberg_marquardt import minimize_members_lm
 from pipeline.science.settings import TrainingSettings
-from pipeline.science.training import (
-    _jacobian_terms,
-    _member_losses,
-    _member_residual_jacobians,
-    _member_residuals,
-    _residual_factors,
-    predict_labels,
-    train_ensemble,
+from pipeline.science.losses import (
+    jacobian_terms,
+    member_losses,
+    member_residual_jacobians,
+    member_residuals,
+    residual_factors,
 )
+from pipeline.science.training import train_ensemble
+from pipeline.science.training_data import predict_labels
 from tests.test_training import chunk_structures, labelled, two_element_problem
 
 pytestmark = pytest.mark.timeout(300)
@@ -26,15 +26,15 @@ def test_residual_jacobian_equals_autograd(hidden, slots_per_block, monkeypatch)
     member and both elements (also when its residuals are summed in many small blocks, down to one
     residual a block), and the residuals' squares sum to the training loss."""
     if slots_per_block is not None:
-        monkeypatch.setattr("pipeline.science.training.JACOBIAN_SLOTS_PER_BLOCK", slots_per_block)
+        monkeypatch.setattr("pipeline.science.losses.JACOBIAN_SLOTS_PER_BLOCK", slots_per_block)
     model, data, weights, settings = two_element_problem(hidden, n_members=3, seed=7)
-    residuals = _member_residuals(model, data, weights, settings)
-    torch.testing.assert_close((residuals**2).sum(1), _member_losses(model, data, weights, settings, create_graph=False).detach(),
+    residuals = member_residuals(model, data, weights, settings)
+    torch.testing.assert_close((residuals**2).sum(1), member_losses(model, data, weights, settings, create_graph=False).detach(),
                                rtol=1e-12, atol=1e-12)
-    jacobian = _member_residual_jacobians(model, data, weights, settings, _jacobian_terms(data))
+    jacobian = member_residual_jacobians(model, data, weights, settings, jacobian_terms(data))
     parameters = list(model.networks.parameters())
     energies, forces = predict_labels(model, data, create_graph=True)
-    energy_factor, force_factor = _residual_factors(data, weights, settings)
+    energy_factor, force_factor = residual_factors(data, weights, settings)
     graph = torch.cat([(energies - data.energies) * energy_factor,
                        ((forces - data.forces) * force_factor.unsqueeze(2)).reshape(forces.shape[0], -1)], dim=1)
     assert jacobian.shape == (*graph.shape, sum(p[0].numel() for p in parameters))

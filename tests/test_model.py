@@ -151,7 +151,7 @@ def test_unknown_element_is_named():
 def test_g4_option_forces_and_training_path_are_exact():
     """The paper's G4 descriptor: autograd forces equal finite differences and the trainer's Jacobians."""
     from pipeline.science.structures import LabelledStructure
-    from pipeline.science.training import predict_labels, prepare_training_data
+    from pipeline.science.training_data import predict_labels, prepare_training_data
 
     atoms = rattled_cluster(mixed=True)
     model = untrained_model(elements=(29, 78), kind="g4")

@@ -60,7 +60,7 @@ def test_a_parent_job_dies_with_the_worker_that_started_it(tmp_path):
     marker = tmp_path / "job.pid"
     worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         from pathlib import Path
-        from pipeline.execution.parents.gpaw import run_process_group
+        from pipeline.execution.process_group import run_process_group
         run_process_group(["bash", "-c", "echo $$ > {marker}; exec sleep 120"], Path("{tmp_path}"), {{"PATH": "/usr/bin:/bin"}}, None)
     """)], start_new_session=True)
     try:

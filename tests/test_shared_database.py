@@ -16,9 +16,10 @@ from sqlalchemy import text
 
 from pipeline.errors import BadInput, RunFailed
 from pipeline.storage.engine import DatabaseError
-from pipeline.storage.lease import held_lease, owner_is_gone, this_process
+from pipeline.storage.jobs import CLAIMED, ELSEWHERE, JobAlreadyDone
+from pipeline.storage.lease import CampaignBusy, LeaseLost, held_lease, owner_is_gone, this_process
 from pipeline.storage.schema import SCHEMA_VERSION, pack_array, utc_now
-from pipeline.storage.store import CLAIMED, ELSEWHERE, CampaignBusy, CampaignStore, JobAlreadyDone, LeaseLost
+from pipeline.storage.store import CampaignStore
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from pipeline import load_model
 from pipeline.campaign.config import load_config
 from pipeline.campaign.history import delta_location, stall_diagnosis
+from pipeline.execution.payloads import TargetPrediction
 from pipeline.campaign.status import campaign_status
 from pipeline.cli.cmd_campaign import print_status
 from pipeline.storage.store import CampaignStore
@@ -250,8 +251,8 @@ def test_the_fit_or_coverage_rule_on_hand_made_entries(small_campaign):
 
 def test_delta_location_on_hand_made_numbers():
     predictions = [
-        {"uncertainties": [0.1, 0.7, 0.3], "forces": [[0, 0, 0], [1, 0, 0], [0, 0, 2]]},
-        {"uncertainties": [0.9, 0.2], "forces": [[0, 0, 0], [0, 3, 0]]},
+        TargetPrediction(0.0, [[0, 0, 0], [1, 0, 0], [0, 0, 2]], [0.1, 0.7, 0.3], energy_uncertainties=[0.0] * 3),
+        TargetPrediction(0.0, [[0, 0, 0], [0, 3, 0]], [0.9, 0.2], energy_uncertainties=[0.0] * 2),
     ]
     labels = [{1: np.array([1.0, 0.0, 0.0]), 2: np.array([0.0, 0.0, 1.0])}, {1: np.array([0.0, 0.0, 4.0])}]
     # chunked: δ 0.7, 0.3, 0.2; errors |0|, |(0,0,1)| = 1, |(0,3,-4)| = 5; unchunked: δ 0.1, 0.9

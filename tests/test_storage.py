@@ -21,10 +21,12 @@ from ase.cluster import Octahedron
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from pipeline.campaign.history import best_model
 from pipeline.errors import BadInput
 from pipeline.storage.engine import DatabaseError, resolve_database_url
+from pipeline.storage.hashing import atoms_geometry_hash
 from pipeline.storage.schema import StructureRow, pack_array
-from pipeline.storage.store import CampaignStore, UnknownCampaign, atoms_geometry_hash
+from pipeline.storage.store import CampaignStore, UnknownCampaign
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -290,12 +292,12 @@ def test_models_and_iterations(store: CampaignStore, tmp_path: Path):
     assert [record.max_delta for record in history] == [0.9, 0.4, 0.6]
     assert history[1].delta_per_target == {targets[0]: 0.4, targets[1]: 0.3}
     assert history[0].wall_time["reference"] == 4.0
-    best = store.best_model()
+    best = best_model(store.models(), store.iterations())
     assert best is not None and best.iteration == 1
     assert best.sha256 == hashlib.sha256(Path(best.path).read_bytes()).hexdigest()
 
     store.record_iteration(2, {targets[0]: 0.1}, chunks_added=0)  # recorded again after a resume
-    assert len(store.iterations()) == 3 and store.best_model().iteration == 2
+    assert len(store.iterations()) == 3 and best_model(store.models(), store.iterations()).iteration == 2
     assert store.summary().iterations == 3 and store.summary().models == 3
 
 
@@ -304,7 +306,7 @@ def test_models_and_iterations_are_those_of_the_campaign_the_store_was_opened_fo
     url = f"sqlite:///{db_path}"
     store.record_iteration(1, {}, chunks_added=0, max_delta=0.5)
     with CampaignStore.open(url, "other", {}) as other:
-        assert other.iterations() == [] and other.best_model() is None
+        assert other.iterations() == [] and best_model(other.models(), other.iterations()) is None
         other.record_iteration(1, {}, chunks_added=0, max_delta=0.2)
     assert store.campaign_id("other") is not None
     assert [record.max_delta for record in store.iterations()] == [0.5]
@@ -544,7 +546,7 @@ def test_an_absolute_model_path_of_an_older_nft_resolves_to_the_copied_campaigns
 
 
 def test_a_model_file_that_differs_from_its_recorded_sha256_is_refused_in_one_line(store: CampaignStore, tmp_path: Path):
-    from pipeline.storage.store import ModelFileChanged
+    from pipeline.storage.iterations import ModelFileChanged
 
     model = tmp_path / "models" / "iteration-001.nft"
     model.parent.mkdir()

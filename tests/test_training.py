@@ -8,14 +8,9 @@ from pipeline.science.chunks import carve_chunk
 from pipeline.science.examples import bulk_training_cells, emt_label, rattled_cuboctahedron
 from pipeline.science.structures import LabelledStructure
 from pipeline.science.settings import TrainingSettings
-from pipeline.science.training import (
-    _member_losses,
-    _member_losses_with_gradients,
-    _split,
-    predict_labels,
-    prepare_training_data,
-    train_ensemble,
-)
+from pipeline.science.losses import member_losses, member_losses_with_gradients
+from pipeline.science.training import _split, train_ensemble
+from pipeline.science.training_data import predict_labels, prepare_training_data
 from tests.core_helpers import rattled_cluster, untrained_model
 
 pytestmark = pytest.mark.timeout(300)
@@ -84,11 +79,11 @@ def test_hand_written_loss_gradient_equals_autograd(hidden):
     two-element data set with energies, full forces and chunk rows, bootstrap weights per member."""
     model, data, weights, settings = two_element_problem(hidden, n_members=4, seed=4)
     parameters = list(model.networks.parameters())
-    losses = _member_losses(model, data, weights, settings)
+    losses = member_losses(model, data, weights, settings)
     expected = torch.autograd.grad(losses.sum(), parameters)
     for p in parameters:
         p.grad = None
-    hand = _member_losses_with_gradients(model, data, weights, settings)
+    hand = member_losses_with_gradients(model, data, weights, settings)
     torch.testing.assert_close(hand, losses.detach(), rtol=1e-12, atol=1e-12)
     assert sum(float(grad.abs().max() > 0) for grad in expected) >= len(expected) - 1  # Cu's output bias: no Cu energy
     for p, grad in zip(parameters, expected):
@@ -138,7 +133,7 @@ def test_early_stopping_stops_and_restores_each_members_best_weights():
     validation = _split(len(data), settings.validation_fraction, np.random.default_rng(settings.seed))
     prepared = prepare_training_data(data, model.descriptor).scaled_by(model)
     weights = torch.from_numpy(np.tile(validation.astype(float), (model.n_members, 1)))
-    kept = _member_losses(model, prepared, weights, settings, create_graph=False).detach().numpy()
+    kept = member_losses(model, prepared, weights, settings, create_graph=False).detach().numpy()
     np.testing.assert_allclose(kept, report.best_validation_loss, rtol=1e-9)
 
 
@@ -203,7 +198,7 @@ def test_a_member_with_an_outlier_loss_is_fitted_again_from_fresh_starts():
     assert warm.member_seeds == first.member_seeds, "the refitted member keeps its seed as its name"
     prepared = prepare_training_data(grown, warm.descriptor).scaled_by(warm)
     weights = torch.ones(warm.n_members, len(grown), dtype=torch.float64)
-    losses = _member_losses(warm, prepared, weights, settings, create_graph=False).detach()
+    losses = member_losses(warm, prepared, weights, settings, create_graph=False).detach()
     assert losses[1] < 3.0 * losses.median(), losses
     cluster = grown[-1].atoms
     _, healthy_report = train_ensemble(grown, settings, start_from=train_ensemble(data, settings)[0])

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.execution.payloads import TargetPrediction
+
 CALIBRATION_KEY = "calibration_predictions"
 """Model-metrics key: per carved centre, the target id, atom index, δ_i (eV/Å) and force (eV/Å) predicted."""
 PROMISED_COVERAGE = 0.99
@@ -24,7 +26,7 @@ WARNING_P_VALUE = 0.05
 
 
 def centre_predictions(
-    centres: Sequence[tuple[int, int]], predictions: Sequence[Mapping[str, Any]], target_ids: Sequence[int]
+    centres: Sequence[tuple[int, int]], predictions: Sequence[TargetPrediction], target_ids: Sequence[int]
 ) -> list[dict[str, Any]]:
     """What the model predicted at each chunk centre (target id, atom) before its reference ran:
     δ_i (eV/Å) and the ensemble-mean force (eV/Å), from the per-target `predictions`."""
@@ -32,12 +34,12 @@ def centre_predictions(
     recorded = []
     for target_id, atom in centres:
         prediction = by_target[target_id]
-        force = np.asarray(prediction["forces"], dtype=float).reshape(-1, 3)[atom]
+        force = prediction.forces[atom]
         recorded.append(
             {
                 "target": int(target_id),
                 "atom": int(atom),
-                "delta": float(prediction["uncertainties"][atom]),
+                "delta": float(prediction.uncertainties[atom]),
                 "force": [float(value) for value in force],
             }
         )

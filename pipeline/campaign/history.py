@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.campaign.config import CampaignConfig
-from pipeline.storage.records import IterationRecord
+from pipeline.execution.payloads import TargetPrediction
+from pipeline.storage.records import IterationRecord, ModelRecord
 
 CONVERGED = "converged"
 MAX_ITERATIONS = "max_iterations"
@@ -92,10 +93,20 @@ def trains_from_scratch(history: Sequence[Iteration], number: int) -> bool:
 
 
 def best_iteration(history: Sequence[Iteration]) -> Iteration | None:
-    """The iteration with the lowest max δ (the later one on ties), as `CampaignStore.best_model`."""
+    """The iteration with the lowest max δ (the later one on ties)."""
     if not history:
         return None
     return min(history, key=lambda record: (record.max_delta, -record.iteration))
+
+
+def best_model(models: Sequence[ModelRecord], history: Sequence[IterationRecord]) -> ModelRecord | None:
+    """The model the campaign keeps: that of the `best_iteration` among the iterations with a model;
+    the latest model when none of them has a recorded iteration. `models` in iteration order."""
+    by_iteration = {model.iteration: model for model in models}
+    best = best_iteration([record for record in history if record.iteration in by_iteration])
+    if best is not None:
+        return by_iteration[best.iteration]
+    return models[-1] if models else None
 
 
 def history_with_measured(history: Sequence[IterationRecord], number: int, max_delta: float) -> list[Iteration]:
@@ -126,12 +137,12 @@ def history_entry(record: IterationRecord, metrics: Mapping[str, Any] | None = N
 # Where δ lives, and why a campaign that stops without converging stalled (docs/campaign.md).
 
 def delta_location(
-    predictions: Sequence[Mapping[str, Any]], labels: Sequence[Mapping[int, np.ndarray]]
+    predictions: Sequence[TargetPrediction], labels: Sequence[Mapping[int, np.ndarray]]
 ) -> dict[str, Any]:
     """δ at target atoms with a labelled chunk and without one, and the model's error at the chunk
     centres, over all targets (eV/Å; None where a group is empty).
 
-    `predictions[k]` holds the model's "uncertainties" (N,) and "forces" (N, 3) on target k;
+    `predictions[k]` is the model's prediction on target k (its δ_i and forces are read);
     `labels[k]` maps a chunk centre of target k to its label, the parent's force on it (3,).
     The error at a centre is |F_model − F_label|, F_model predicted on the whole target.
     """
@@ -139,8 +150,7 @@ def delta_location(
     unchunked: list[float] = []
     errors: list[float] = []
     for prediction, centres in zip(predictions, labels):
-        uncertainties = np.asarray(prediction["uncertainties"], dtype=float)
-        forces = np.asarray(prediction["forces"], dtype=float).reshape(len(uncertainties), 3)
+        uncertainties, forces = prediction.uncertainties, prediction.forces
         mask = np.zeros(len(uncertainties), dtype=bool)
         mask[list(centres)] = True
         chunked.extend(uncertainties[mask].tolist())

@@ -14,7 +14,8 @@ from ase import Atoms
 from pipeline.campaign.config import CampaignConfig
 from pipeline.errors import BadInput
 from pipeline.storage.engine import NoDatabaseYet
-from pipeline.storage.store import CampaignStore, UnknownCampaign, atoms_geometry_hash
+from pipeline.storage.hashing import atoms_geometry_hash
+from pipeline.storage.store import CampaignStore, UnknownCampaign
 
 
 def check_stored_campaign(config: CampaignConfig) -> bool:

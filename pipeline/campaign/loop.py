@@ -29,17 +29,19 @@ from pipeline.campaign.history import (
 from pipeline.campaign.observer import CampaignObserver
 from pipeline.campaign.reference_jobs import ReferenceJobRunner
 from pipeline.campaign.calibration import CALIBRATION_KEY, calibration, centre_predictions
+from pipeline.campaign.metrics import finite_or_none
 from pipeline.campaign.training_set import chunk_labels, training_structures
 from pipeline.errors import RunFailed, error_text
 from pipeline.execution.apps import SiteApps, make_apps
-from pipeline.execution.payloads import labelled_to_payload
+from pipeline.execution.payloads import TargetPrediction, labelled_to_payload
 from pipeline.execution.sites import PARSL_DIR_NAME, check_site, load_site, parsl_session
 from pipeline.science.chunks import carve_chunk
 from pipeline.science.selection import candidate_pool, farthest_point_reports, most_uncertain_report
 from pipeline.science.structures import atoms_to_payload
 from pipeline.storage.lease import held_lease
 from pipeline.storage.records import JobRecord
-from pipeline.storage.store import CampaignStore, file_sha256
+from pipeline.storage.hashing import file_sha256
+from pipeline.storage.store import CampaignStore
 
 WALL_TIME_PARTS = ("training", "prediction", "reference", "overhead")
 TRAINING_STRUCTURES_KEY = "training_structures"
@@ -47,7 +49,7 @@ TRAINING_STRUCTURES_KEY = "training_structures"
 
 
 @dataclass
-class _Timer:
+class IterationTimer:
     """Wall time of one iteration by part, seconds; overhead is what the parts leave of the total."""
 
     started: float = field(default_factory=time.perf_counter)
@@ -98,19 +100,22 @@ def run_campaign(
             observer.message(store.migration_note)
         if stale:
             observer.message(f"took over the driver lease of {stale} (no heartbeat, or its process is gone)")
-        driver = _Driver(config, store, observer)
-        driver.prepare(retry_failed)
-        if driver.finished_reason() is None or driver.pending_jobs():
+        campaign = Campaign(config, store, observer)
+        campaign.prepare(retry_failed)
+        reason = None
+        if campaign.finished_reason() is None or campaign.pending_jobs():
             parsl_config = load_site(site_name, config.workdir / PARSL_DIR_NAME, site_options)
             with parsl_session(parsl_config):
-                driver.run(make_apps(parsl_config))
+                reason = Driver(campaign, make_apps(parsl_config)).run()
         else:
-            observer.message(f"campaign already finished ({driver.finished_reason()}); nothing to run")
-        return driver.finish()
+            observer.message(f"campaign already finished ({campaign.finished_reason()}); nothing to run")
+        return campaign.finish(reason)
 
 
-class _Driver:
-    """One run of the loop over one store; all database writes of a campaign happen here."""
+class Campaign:
+    """A campaign's records over one store, as a driver keeps them: set-up, selection and carving,
+    recording iterations, the kept model and the summary; all database writes of a campaign happen
+    here. Needs no Parsl: the `Driver` runs the jobs."""
 
     def __init__(self, config: CampaignConfig, store: CampaignStore, observer: CampaignObserver) -> None:
         self.config = config
@@ -121,8 +126,6 @@ class _Driver:
         self.job_params = config.parent.physics()  # what identifies a reference job in the store
         self.target_ids: list[int] = []
         self.target_atoms: dict[int, Atoms] = {}
-        self.apps: SiteApps | None = None
-        self.stop_reason: str | None = None
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -188,160 +191,32 @@ class _Driver:
         """Why the recorded history says the campaign is over, or None if it should go on."""
         return stop_reason(self.store.iterations(), self.config)
 
-    # -- the loop ------------------------------------------------------------------------------
+    # -- selection, carving and records -------------------------------------------------------
 
-    def run(self, apps: SiteApps) -> None:
-        self.apps = apps
-        timer = _Timer()  # the first iteration also pays for Parsl's start and leftover jobs
-        pending = self.pending_jobs()
-        labelled = 0
-        if pending:
-            self.observer.message(f"{len(pending)} pending reference job(s) from set-up or an earlier run")
-            started = time.perf_counter()
-            labelled = self.run_reference_jobs(pending)
-            timer.add("reference", time.perf_counter() - started)
-        self.stop_reason = self.carve_for_stopped_iteration()
-        if self.stop_reason is not None and labelled:  # results after the campaign stopped (--retry-failed): train on them
-            self.observer.message(f"{labelled} new result(s) since the campaign stopped ({self.stop_reason}): one more iteration")
-            self.stop_reason = None
-        while self.stop_reason is None:
-            self.stop_reason = self.iteration(self._last_iteration() + 1, timer)
-            timer = _Timer()
+    def target_deltas(self, predictions: Sequence[TargetPrediction]) -> dict[int, float]:
+        """δ (eV/Å) per target id, from one prediction per target in the campaign's target order."""
+        return {target_id: item.max_delta for target_id, item in zip(self.target_ids, predictions)}
 
-    def iteration(self, number: int, timer: _Timer) -> str | None:
-        """One NFT iteration; returns the stop reason when the campaign ends with it."""
-        model_path, metrics = self.train(number, timer)
-        predictions, model_metrics = self.measure(number, model_path, metrics, timer)
-        draft = history_with_measured(self.store.iterations(), number, model_metrics["max_delta"])
-        train_mae = _finite_or_none(metrics.get("train_force_mae"))
-        return self.select_and_compute(number, model_path, model_metrics, predictions, train_mae, timer, draft)
-
-    def measure(
-        self, number: int, model_path: Path, metrics: Mapping[str, Any], timer: _Timer
-    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """δ of iteration `number`'s model on the targets: the predictions (one per target) and the
-        metrics to record with the model (training metrics, max δ and δE, where δ lives)."""
-        self.observer.phase(number, "prediction")
-        started = time.perf_counter()
-        predictions = self._predict(model_path)
-        timer.add("prediction", time.perf_counter() - started)
-        labels = self._chunk_labels()
-        model_metrics = {
-            **_plain(metrics),
-            "max_delta": max(float(item["max_delta"]) for item in predictions),
-            "max_energy_delta": max(float(item["max_energy_delta"]) for item in predictions),
-            "training_environment": self.config.file.chunks.training_environment,
-            "delta_location": delta_location(predictions, [labels.get(target_id, {}) for target_id in self.target_ids]),
-        }
-        return predictions, model_metrics
-
-    def train(self, number: int, timer: _Timer) -> tuple[Path, dict[str, Any]]:
-        """Train iteration `number`'s model on every labelled structure of the campaign (through the
-        DAG); returns its file (models/iteration-NNN.nft) and the training metrics, which record how
-        many labelled reference results it saw (chunk rows of one target share a training structure)."""
-        config = self.config
-        results = len(self.store.labelled_structures(self.calculator, self.job_params))
-        training_set = training_structures(
-            self.store, self.calculator, self.job_params, config.file.chunks.training_environment, config.file.model.cutoff
-        )
-        if not training_set:
-            raise RunFailed("no labelled structures to train on: every reference job of the initial set failed")
-        self.observer.phase(number, "training")
-        model_path = config.workdir / "models" / f"iteration-{number:03d}.nft"
-        started = time.perf_counter()
-        arguments = (
-            [labelled_to_payload(item) for item in training_set],
-            config.file.model.model_dump(mode="json"),
-            str(model_path),
-            config.file.model.training_processes,
-            self._warm_start_model(number),
-            list(config.elements),
-        )
-        metrics = self._result(lambda: self.apps.training_app(*arguments), "training")  # type: ignore[union-attr]
-        timer.add("training", time.perf_counter() - started)
-        return model_path, {**metrics, TRAINING_STRUCTURES_KEY: results}
-
-    def select_and_compute(
+    def record_iteration(
         self,
         number: int,
         model_path: Path,
-        model_metrics: dict[str, Any],
-        predictions: Sequence[Mapping[str, Any]],
-        train_mae: float | None,
-        timer: _Timer,
-        draft: Sequence[Iteration],
-    ) -> str | None:
-        """The second half of iteration `number` (its model trained and δ measured): stop, or carve
-        chunks and compute them; record the model and the iteration; returns the stop reason."""
-        config, store, observer = self.config, self.store, self.observer
-        deltas = {target_id: float(item["max_delta"]) for target_id, item in zip(self.target_ids, predictions)}
-        reason = stop_reason(draft, config)
-        chunks_added = 0
-        carved = reason is None
-        if carved:
-            observer.phase(number, "selection")
-        centres, selection = self.select(predictions)  # also when stopping: the report says what was left
-        with store.transaction():  # the chunks, their jobs, the model and the iteration: all or none
-            if carved:
-                chunks_added = self.add_chunks(centres)
-                model_metrics[CALIBRATION_KEY] = centre_predictions(centres, predictions, self.target_ids)
-                if chunks_added == 0:
-                    reason = no_new_chunks_reason(draft, config)
-            model_metrics["selection"] = {**selection, "carved": carved}
-            store.record_model(number, model_path, model_metrics)
-            store.record_iteration(number, deltas, chunks_added, train_mae, timer.split(), carved=carved)
-        self._keep_best_model()
-        if reason is None:
-            observer.phase(number, "reference jobs")
-            started = time.perf_counter()
-            self.run_reference_jobs(self.pending_jobs())
-            timer.add("reference", time.perf_counter() - started)
-            store.record_iteration(number, deltas, chunks_added, train_mae, timer.split(), carved=carved)
-        observer.iteration_done(history_entry(store.iterations()[-1], self._metrics().get(number)))
-        return reason
-
-    def carve_for_stopped_iteration(self) -> str | None:
-        """When the last iteration stopped the campaign before selection and the config now lets it
-        go on (a raised `max_iterations` or `patience`, a lower threshold), carve and compute its
-        chunks from its own model, as it would have; returns the stop reason (None: go on)."""
-        history = self.store.iterations()
-        if not history or history[-1].carved:
-            return self.finished_reason()
-        last = history[-1]
-        draft = [*history[:-1], MeasuredIteration(last.iteration, last.max_delta)]
-        if stop_reason(draft, self.config) is not None:
-            return stop_reason(draft, self.config)
-        model = next(record for record in self.store.models() if record.iteration == last.iteration)
-        self.observer.message(f"iteration {last.iteration} stopped before selection; the config now goes on: carving its chunks")
-        timer = _Timer()
-        timer.parts.update({part: value for part, value in last.wall_time.items() if part in timer.parts})
-        model_path = self.store.model_file(model)
-        predictions = self._predict(model_path)
-        metrics = {key: value for key, value in model.metrics.items() if key not in ("selection", CALIBRATION_KEY)}
-        return self.select_and_compute(last.iteration, model_path, metrics, predictions, last.train_force_mae, timer, draft)
-
-    def _warm_start_model(self, number: int) -> str | None:
-        """The latest earlier iteration's model file, to start training from (None: from scratch,
-        also when the warm start before found nothing new and did not lower δ: `trains_from_scratch`)."""
-        if not self.config.file.model.warm_start:
-            return None
-        if trains_from_scratch(self.store.iterations(), number):
-            self.observer.message(f"iteration {number}: the last warm start found no new chunk and did not lower δ; "
-                                  "training from fresh weights")
-            return None
-        earlier = [record for record in self.store.models() if record.iteration < number and Path(record.path).is_file()]
-        return str(self.store.model_file(earlier[-1])) if earlier else None
-
-    def _predict(self, model_path: Path) -> list[dict[str, Any]]:
-        payloads = [atoms_to_payload(self.target_atoms[target_id]) for target_id in self.target_ids]
-        with_features = self.config.file.active.selection_rule == "farthest-point"
-        device = self.config.file.model.device
-        return self._result(
-            lambda: self.apps.prediction_app(str(model_path), payloads, device, with_features), "prediction"  # type: ignore[union-attr]
+        model_metrics: Mapping[str, Any],
+        predictions: Sequence[TargetPrediction],
+        train_force_mae: float | None,
+        timer: IterationTimer,
+        chunks_added: int = 0,
+        carved: bool = False,
+    ) -> None:
+        """Record iteration `number`: its model (file and metrics) and its row (δ per target from
+        `predictions`, chunks added, train force MAE eV/Å, the wall time so far, whether it carved)."""
+        self.store.record_model(number, model_path, model_metrics)
+        self.store.record_iteration(
+            number, self.target_deltas(predictions), chunks_added, train_force_mae, timer.split(), carved=carved
         )
 
     def select(
-        self, predictions: Sequence[Mapping[str, Any]], parents: Mapping[int, Atoms] | None = None
+        self, predictions: Sequence[TargetPrediction], parents: Mapping[int, Atoms] | None = None
     ) -> tuple[list[tuple[int, int]], dict[str, int]]:
         """Chunk centres (parent id, atom) over the parent structures (the targets, or `parents`: id
         → atoms in the order of `predictions`, e.g. a relaxation snapshot), at most
@@ -360,7 +235,7 @@ class _Driver:
             trained.append(store.chunk_centers(target_id, chunks.radius))
             pools.append(
                 candidate_pool(
-                    np.asarray(prediction["uncertainties"], dtype=float),
+                    prediction.uncertainties,
                     parents[target_id],
                     None if active.select_fraction is not None else config.threshold,
                     exclude=trained[-1],
@@ -370,9 +245,9 @@ class _Driver:
                 )
             )
         parent_ids = list(parents)
-        if active.selection_rule == "farthest-point" and all("features" in prediction for prediction in predictions):
+        features = [prediction.features for prediction in predictions if prediction.features is not None]
+        if active.selection_rule == "farthest-point" and len(features) == len(predictions):
             elements = [parents[target_id].numbers for target_id in parent_ids]  # rows compared within an element
-            features = [np.asarray(prediction["features"], dtype=float) for prediction in predictions]
             picks, reports = farthest_point_reports(pools, features, elements, trained, limit, config.min_separation)
             centres = [(parent_ids[position], atom) for position, atom in picks]
             over_limit = 0
@@ -412,7 +287,7 @@ class _Driver:
                 self.store.add_job(structure_id, self.calculator, self.job_params)
         return len(centres)
 
-    def _chunk_labels(self) -> dict[int, dict[int, np.ndarray]]:
+    def chunk_centre_labels(self) -> dict[int, dict[int, np.ndarray]]:
         """Per target id, the label of every chunk centre with a done reference job (`chunk_labels`)."""
         return chunk_labels(self.store, self.calculator, self.job_params, self.target_atoms)
 
@@ -428,29 +303,23 @@ class _Driver:
                 failed.setdefault(structure.parent_id, set()).add(int(structure.center_in_parent))
         return failed
 
-    def _metrics(self) -> dict[int, dict[str, Any]]:
+    def recorded_metrics(self) -> dict[int, dict[str, Any]]:
         """The recorded model metrics per iteration."""
         return {record.iteration: record.metrics for record in self.store.models()}
 
-    def run_reference_jobs(self, jobs: Sequence[JobRecord]) -> int:
-        """Compute the jobs through the DAG into the store (`ReferenceJobRunner`); how many are done."""
-        runner = ReferenceJobRunner(
-            self.store, self.parent, self.observer, self.config.workdir, self.apps.reference_app  # type: ignore[union-attr]
-        )
-        return runner.run(jobs)
-
     # -- the end -------------------------------------------------------------------------------
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self, reason: str | None = None) -> dict[str, Any]:
         """Write summary.json (docs/campaign.md, "WORKDIR/summary.json": with the wall-time split and,
-        for a cheap parent such as EMT, the final model's force MAE) and return it."""
+        for a cheap parent such as EMT, the final model's force MAE) and return it; the stop reason
+        is `reason` (the driver's) or the recorded history's."""
         config, store = self.config, self.store
         history = store.iterations()
-        reason = self.stop_reason or stop_reason(history, config)
-        best = self._keep_best_model()
+        reason = reason or stop_reason(history, config)
+        best = self.keep_best_model()
         summary_counts = store.summary()
         best_iteration = campaign_history.best_iteration(history)
-        metrics = self._metrics()
+        metrics = self.recorded_metrics()
         entries = [history_entry(record, metrics.get(record.iteration)) for record in history]
         wall = {part: sum(entry["wall_time"].get(part, 0.0) for entry in entries) for part in (*WALL_TIME_PARTS, "total")}
         summary: dict[str, Any] = {
@@ -470,7 +339,7 @@ class _Driver:
             "jobs": summary_counts.jobs,
             "wall_time": wall,
             "stall": stall_diagnosis(entries[-1], reason, config) if entries else None,
-            "calibration": calibration(metrics, self._chunk_labels()),
+            "calibration": calibration(metrics, self.chunk_centre_labels()),
         }
         if summary["calibration"]["warning"]:
             self.observer.message(summary["calibration"]["warning"])
@@ -503,9 +372,9 @@ class _Driver:
         """The stored model file of `iteration` (models/iteration-NNN.nft), or None."""
         return next((record.path for record in self.store.models() if record.iteration == iteration), None)
 
-    def _keep_best_model(self) -> Path | None:
+    def keep_best_model(self) -> Path | None:
         """Copy the model of the lowest-δ iteration to WORKDIR/model.nft (when it changed)."""
-        record = self.store.best_model()
+        record = campaign_history.best_model(self.store.models(), self.store.iterations())
         if record is None or not Path(record.path).is_file():
             return None
         source = self.store.model_file(record)
@@ -516,9 +385,183 @@ class _Driver:
             temporary.replace(destination)
         return destination
 
-    def _last_iteration(self) -> int:
+    def last_iteration(self) -> int:
+        """The number of the last recorded iteration (0: none yet)."""
         history = self.store.iterations()
         return history[-1].iteration if history else 0
+
+class Driver:
+    """One run of the loop: a campaign (`Campaign`, which records everything) and its site's apps,
+    which run the training, prediction and reference jobs."""
+
+    def __init__(self, campaign: Campaign, apps: SiteApps) -> None:
+        self.campaign = campaign
+        self.apps = apps
+        self.config = campaign.config
+        self.store = campaign.store
+        self.observer = campaign.observer
+
+    def run(self) -> str | None:
+        """Run the loop until the campaign stops; returns why (`history.stop_reason`'s reasons)."""
+        timer = IterationTimer()  # the first iteration also pays for Parsl's start and leftover jobs
+        pending = self.campaign.pending_jobs()
+        labelled = 0
+        if pending:
+            self.observer.message(f"{len(pending)} pending reference job(s) from set-up or an earlier run")
+            started = time.perf_counter()
+            labelled = self.run_reference_jobs(pending)
+            timer.add("reference", time.perf_counter() - started)
+        reason = self.carve_for_stopped_iteration()
+        if reason is not None and labelled:  # results after the campaign stopped (--retry-failed): train on them
+            self.observer.message(f"{labelled} new result(s) since the campaign stopped ({reason}): one more iteration")
+            reason = None
+        while reason is None:
+            reason = self.iteration(self.campaign.last_iteration() + 1, timer)
+            timer = IterationTimer()
+        return reason
+
+    def iteration(self, number: int, timer: IterationTimer) -> str | None:
+        """One NFT iteration; returns the stop reason when the campaign ends with it."""
+        model_path, metrics = self.train(number, timer)
+        predictions, model_metrics = self.measure(number, model_path, metrics, timer)
+        draft = history_with_measured(self.store.iterations(), number, model_metrics["max_delta"])
+        train_mae = finite_or_none(metrics.get("train_force_mae"))
+        return self.select_and_compute(number, model_path, model_metrics, predictions, train_mae, timer, draft)
+
+    def measure(
+        self, number: int, model_path: Path, metrics: Mapping[str, Any], timer: IterationTimer
+    ) -> tuple[list[TargetPrediction], dict[str, Any]]:
+        """δ of iteration `number`'s model on the targets: the predictions (one per target) and the
+        metrics to record with the model (training metrics, max δ and δE, where δ lives)."""
+        self.observer.phase(number, "prediction")
+        started = time.perf_counter()
+        predictions = self._predict(model_path)
+        timer.add("prediction", time.perf_counter() - started)
+        labels = self.campaign.chunk_centre_labels()
+        target_ids = self.campaign.target_ids
+        model_metrics = {
+            **_plain(metrics),
+            "max_delta": max(item.max_delta for item in predictions),
+            "max_energy_delta": max(item.max_energy_delta for item in predictions),
+            "training_environment": self.config.file.chunks.training_environment,
+            "delta_location": delta_location(predictions, [labels.get(target_id, {}) for target_id in target_ids]),
+        }
+        return predictions, model_metrics
+
+    def train(self, number: int, timer: IterationTimer) -> tuple[Path, dict[str, Any]]:
+        """Train iteration `number`'s model on every labelled structure of the campaign (through the
+        DAG); returns its file (models/iteration-NNN.nft) and the training metrics, which record how
+        many labelled reference results it saw (chunk rows of one target share a training structure)."""
+        config = self.config
+        calculator, job_params = self.campaign.calculator, self.campaign.job_params
+        results = len(self.store.labelled_structures(calculator, job_params))
+        training_set = training_structures(
+            self.store, calculator, job_params, config.file.chunks.training_environment, config.file.model.cutoff
+        )
+        if not training_set:
+            raise RunFailed("no labelled structures to train on: every reference job of the initial set failed")
+        self.observer.phase(number, "training")
+        model_path = config.workdir / "models" / f"iteration-{number:03d}.nft"
+        started = time.perf_counter()
+        arguments = (
+            [labelled_to_payload(item) for item in training_set],
+            config.file.model.model_dump(mode="json"),
+            str(model_path),
+            config.file.model.training_processes,
+            self._warm_start_model(number),
+            list(config.elements),
+        )
+        metrics = self._result(lambda: self.apps.training_app(*arguments), "training")
+        timer.add("training", time.perf_counter() - started)
+        return model_path, {**metrics, TRAINING_STRUCTURES_KEY: results}
+
+    def select_and_compute(
+        self,
+        number: int,
+        model_path: Path,
+        model_metrics: dict[str, Any],
+        predictions: Sequence[TargetPrediction],
+        train_mae: float | None,
+        timer: IterationTimer,
+        draft: Sequence[Iteration],
+    ) -> str | None:
+        """The second half of iteration `number` (its model trained and δ measured): stop, or carve
+        chunks and compute them; record the model and the iteration; returns the stop reason."""
+        campaign, config, store, observer = self.campaign, self.config, self.store, self.observer
+        deltas = campaign.target_deltas(predictions)
+        reason = stop_reason(draft, config)
+        chunks_added = 0
+        carved = reason is None
+        if carved:
+            observer.phase(number, "selection")
+        centres, selection = campaign.select(predictions)  # also when stopping: the report says what was left
+        with store.transaction():  # the chunks, their jobs, the model and the iteration: all or none
+            if carved:
+                chunks_added = campaign.add_chunks(centres)
+                model_metrics[CALIBRATION_KEY] = centre_predictions(centres, predictions, campaign.target_ids)
+                if chunks_added == 0:
+                    reason = no_new_chunks_reason(draft, config)
+            model_metrics["selection"] = {**selection, "carved": carved}
+            campaign.record_iteration(
+                number, model_path, model_metrics, predictions, train_mae, timer, chunks_added=chunks_added, carved=carved
+            )
+        campaign.keep_best_model()
+        if reason is None:
+            observer.phase(number, "reference jobs")
+            started = time.perf_counter()
+            self.run_reference_jobs(campaign.pending_jobs())
+            timer.add("reference", time.perf_counter() - started)
+            store.record_iteration(number, deltas, chunks_added, train_mae, timer.split(), carved=carved)
+        observer.iteration_done(history_entry(store.iterations()[-1], campaign.recorded_metrics().get(number)))
+        return reason
+
+    def carve_for_stopped_iteration(self) -> str | None:
+        """When the last iteration stopped the campaign before selection and the config now lets it
+        go on (a raised `max_iterations` or `patience`, a lower threshold), carve and compute its
+        chunks from its own model, as it would have; returns the stop reason (None: go on)."""
+        history = self.store.iterations()
+        if not history or history[-1].carved:
+            return self.campaign.finished_reason()
+        last = history[-1]
+        draft = [*history[:-1], MeasuredIteration(last.iteration, last.max_delta)]
+        if stop_reason(draft, self.config) is not None:
+            return stop_reason(draft, self.config)
+        model = next(record for record in self.store.models() if record.iteration == last.iteration)
+        self.observer.message(f"iteration {last.iteration} stopped before selection; the config now goes on: carving its chunks")
+        timer = IterationTimer()
+        timer.parts.update({part: value for part, value in last.wall_time.items() if part in timer.parts})
+        model_path = self.store.model_file(model)
+        predictions = self._predict(model_path)
+        metrics = {key: value for key, value in model.metrics.items() if key not in ("selection", CALIBRATION_KEY)}
+        return self.select_and_compute(last.iteration, model_path, metrics, predictions, last.train_force_mae, timer, draft)
+
+    def _warm_start_model(self, number: int) -> str | None:
+        """The latest earlier iteration's model file, to start training from (None: from scratch,
+        also when the warm start before found nothing new and did not lower δ: `trains_from_scratch`)."""
+        if not self.config.file.model.warm_start:
+            return None
+        if trains_from_scratch(self.store.iterations(), number):
+            self.observer.message(f"iteration {number}: the last warm start found no new chunk and did not lower δ; "
+                                  "training from fresh weights")
+            return None
+        earlier = [record for record in self.store.models() if record.iteration < number and Path(record.path).is_file()]
+        return str(self.store.model_file(earlier[-1])) if earlier else None
+
+    def _predict(self, model_path: Path) -> list[TargetPrediction]:
+        """The model's prediction on each target, in the campaign's target order."""
+        payloads = [atoms_to_payload(self.campaign.target_atoms[target_id]) for target_id in self.campaign.target_ids]
+        with_features = self.config.file.active.selection_rule == "farthest-point"
+        device = self.config.file.model.device
+        return self._result(
+            lambda: self.apps.prediction_app(str(model_path), payloads, device, with_features), "prediction"
+        )
+
+    def run_reference_jobs(self, jobs: Sequence[JobRecord]) -> int:
+        """Compute the jobs through the DAG into the store (`ReferenceJobRunner`); how many are done."""
+        runner = ReferenceJobRunner(
+            self.store, self.campaign.parent, self.observer, self.config.workdir, self.apps.reference_app
+        )
+        return runner.run(jobs)
 
     def _result(self, submit: Callable[[], Any], what: str) -> Any:
         """The result of a training or prediction job, `submit()` returning its future. A job whose
@@ -526,7 +569,6 @@ class _Driver:
         fresh block, at most `lost_worker_retries` times, each with the reason shown; any other
         failure, or one loss too many, fails the run (RunFailed)."""
         apps = self.apps
-        assert apps is not None, "the driver runs with its site's apps"
         lost = 0
         while True:
             try:
@@ -544,6 +586,7 @@ class _Driver:
                 )
 
 
+
 # ---------------------------------------------------------------------------------------------
 # Small helpers.
 
@@ -559,17 +602,9 @@ def _labels(atoms: Atoms) -> tuple[float, np.ndarray] | None:
     return float(results["energy"]), forces
 
 
-def _selection_ranking(prediction: Mapping[str, Any], measure: str) -> np.ndarray:
+def _selection_ranking(prediction: TargetPrediction, measure: str) -> np.ndarray:
     """What orders a target's atoms for selection: δ_i (eV/Å) for "force", δE_i (eV) for "energy"."""
-    key = "energy_uncertainties" if measure == "energy" else "uncertainties"
-    return np.asarray(prediction[key], dtype=float)
-
-
-def _finite_or_none(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+    return prediction.energy_uncertainties if measure == "energy" else prediction.uncertainties
 
 
 def _plain(metrics: Mapping[str, Any]) -> dict[str, Any]:

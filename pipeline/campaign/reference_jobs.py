@@ -16,8 +16,9 @@ from pipeline.campaign.observer import CampaignObserver
 from pipeline.errors import error_text
 from pipeline.execution.parents.base import Parent
 from pipeline.science.structures import atoms_to_payload
+from pipeline.storage.jobs import CLAIMED, ELSEWHERE, JobAlreadyDone
 from pipeline.storage.records import JobRecord
-from pipeline.storage.store import CLAIMED, ELSEWHERE, CampaignStore, JobAlreadyDone
+from pipeline.storage.store import CampaignStore
 
 JOB_POLL_S = 1.0
 """Seconds between two looks at a job another campaign's driver is computing."""

@@ -26,11 +26,13 @@ from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.files import RELAXATIONS_NAME, check_workdir_owner
 from pipeline.campaign.identity import check_same_campaign
 from pipeline.campaign.history import history_entry
-from pipeline.campaign.loop import PARSL_DIR_NAME, TRAINING_STRUCTURES_KEY, _Driver, _finite_or_none, _Timer
+from pipeline.campaign.loop import PARSL_DIR_NAME, TRAINING_STRUCTURES_KEY, Campaign, Driver, IterationTimer
+from pipeline.campaign.metrics import finite_or_none
 from pipeline.campaign.observer import CampaignObserver
 from pipeline.campaign.status import open_existing_store
 from pipeline.errors import BadInput
 from pipeline.execution.apps import make_apps
+from pipeline.execution.payloads import TargetPrediction
 from pipeline.execution.sites import load_site, parsl_session
 from pipeline.science.calculator import EnsembleCalculator
 from pipeline.science.structures import ase_can_write
@@ -39,7 +41,7 @@ from pipeline.science.relaxation import (
 )
 from pipeline.storage.lease import held_lease
 from pipeline.storage.model_file import load_ensemble
-from pipeline.storage.store import atoms_geometry_hash
+from pipeline.storage.hashing import atoms_geometry_hash
 
 RELAXATION_KEY = "relaxation"
 """Model metric of an iteration trained by `nft relax`: the snapshot and step it was trained for."""
@@ -116,11 +118,11 @@ def relax_structure(
         with held_lease(store):  # one driver at a time: nft run and nft relax take turns
             output.parent.mkdir(parents=True, exist_ok=True)
             _register_relaxation(config, outputs.steps_json)
-            driver = _Driver(config, store, observer)
-            driver.prepare()
+            campaign = Campaign(config, store, observer)
+            campaign.prepare()
             parsl_config = load_site(site_name, config.workdir / PARSL_DIR_NAME, site_options)
             with parsl_session(parsl_config):
-                driver.apps = make_apps(parsl_config)
+                driver = Driver(campaign, make_apps(parsl_config))
                 return _Relaxation(driver, outputs, atoms, fmax, optimizer, max_steps).run()
 
 
@@ -129,9 +131,10 @@ class _Relaxation:
     model, and the outputs written as it goes."""
 
     def __init__(
-        self, driver: _Driver, outputs: RelaxOutputs, start: Atoms, fmax: float, optimizer: str, max_steps: int
+        self, driver: Driver, outputs: RelaxOutputs, start: Atoms, fmax: float, optimizer: str, max_steps: int
     ) -> None:
         self.driver = driver
+        self.campaign = driver.campaign
         self.store = driver.store
         self.config = driver.config
         self.observer = driver.observer
@@ -157,7 +160,7 @@ class _Relaxation:
         if rows:
             self.observer.message(f"resuming the relaxation at step {rows[-1]['step']} ({len(rows)} evaluation(s) written)")
         self._trim_trajectory(len(rows))
-        leftover = self.driver.pending_jobs()
+        leftover = self.campaign.pending_jobs()
         if leftover:
             self.observer.message(f"{len(leftover)} pending reference job(s) from an earlier run")
             self.driver.run_reference_jobs(leftover)
@@ -186,23 +189,28 @@ class _Relaxation:
     def improve(self, frame: Atoms, results: Mapping[str, Any]) -> Improvement | None:
         """Store the geometry as a snapshot, carve chunks around its most uncertain atoms (the loop's
         selection), compute them and train the next iteration; None when nothing new was learnt."""
-        store, driver = self.store, self.driver
+        store, campaign = self.store, self.campaign
         frame.calc = None
-        prediction = {key: np.asarray(results[key], dtype=float) for key in ("uncertainties", "energy_uncertainties")}
+        prediction = TargetPrediction(
+            energy=results["energy"],
+            forces=results["forces"],
+            uncertainties=results["uncertainties"],
+            energy_uncertainties=results["energy_uncertainties"],
+        )
         with store.transaction():  # the snapshot, its chunks with their jobs and their count: all or none
             snapshot_id = store.add_structure("snapshot", frame)
             parents = {snapshot_id: frame}
-            centres, selection = driver.select([prediction], parents)
-            added = driver.add_chunks(centres, parents)
+            centres, selection = campaign.select([prediction], parents)
+            added = campaign.add_chunks(centres, parents)
             if added:
                 self._count_chunks(added)
         self.observer.message(
-            f"δ {prediction['uncertainties'].max():.3f} eV/Å above the threshold {self.config.threshold:g}: "
+            f"δ {prediction.max_delta:.3f} eV/Å above the threshold {self.config.threshold:g}: "
             f"snapshot {snapshot_id}, {added} chunk(s) added ({selection['already_chunked']} already chunked)"
         )
-        pending = driver.pending_jobs()
+        pending = campaign.pending_jobs()
         if pending:
-            driver.run_reference_jobs(pending)
+            self.driver.run_reference_jobs(pending)
         if self._labelled_count() <= self.trained_on:
             self.observer.message("no new reference result to learn from here: relaxing on with this model")
             return None
@@ -229,16 +237,16 @@ class _Relaxation:
     def _retrain(self, snapshot_id: int | None, step: int) -> int:
         """Train the campaign's next iteration on everything labelled, record it like the loop's
         (δ on the targets, no selection on them); returns its number."""
-        driver, store = self.driver, self.store
-        number = driver._last_iteration() + 1
-        timer = _Timer()
+        driver, campaign, store = self.driver, self.campaign, self.store
+        number = campaign.last_iteration() + 1
+        timer = IterationTimer()
         model_path, metrics = driver.train(number, timer)
         predictions, model_metrics = driver.measure(number, model_path, metrics, timer)
         model_metrics[RELAXATION_KEY] = {"snapshot": snapshot_id, "step": step, "structure": str(self.outputs.structure)}
-        deltas = {target_id: float(item["max_delta"]) for target_id, item in zip(driver.target_ids, predictions)}
-        store.record_model(number, model_path, model_metrics)
-        store.record_iteration(number, deltas, 0, _finite_or_none(metrics.get("train_force_mae")), timer.split(), carved=False)
-        driver._keep_best_model()
+        campaign.record_iteration(
+            number, model_path, model_metrics, predictions, finite_or_none(metrics.get("train_force_mae")), timer
+        )
+        campaign.keep_best_model()
         self.trained_on = int(metrics[TRAINING_STRUCTURES_KEY])
         self.observer.iteration_done(history_entry(store.iterations()[-1], model_metrics))
         return number
@@ -252,7 +260,7 @@ class _Relaxation:
         )
 
     def _labelled_count(self) -> int:
-        return len(self.store.labelled_structures(self.driver.calculator, self.driver.job_params))
+        return len(self.store.labelled_structures(self.campaign.calculator, self.campaign.job_params))
 
     def _calculator(self, model_path: Path) -> EnsembleCalculator:
         """The model in float64 (a relaxation compares forces near zero, step after step); the file

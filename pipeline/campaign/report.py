@@ -13,6 +13,7 @@ from ase import Atoms
 
 from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.files import LOCALITY_NAME, RELAXATIONS_NAME
+from pipeline.campaign.history import best_model
 from pipeline.campaign.status import campaign_status, open_existing_store
 from pipeline.science.model import EnsembleModel
 from pipeline.storage.records import ResultRecord, StructureRecord
@@ -81,7 +82,7 @@ def campaign_report(config: CampaignConfig) -> CampaignReport:
     locality = recorded_locality(config)
     with open_existing_store(config) as store:
         models = store.models()
-        kept = store.best_model()
+        kept = best_model(models, store.iterations())
         targets = store.structures("target")
         labelled = store.labelled_structures(config.parent.name, config.parent.physics())
         # each file must be the one the campaign recorded (BadInput otherwise), before any is loaded

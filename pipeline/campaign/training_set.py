@@ -23,7 +23,6 @@ from ase import Atoms
 
 from pipeline.science.chunks import shared_environment
 from pipeline.science.structures import LabelledStructure
-from pipeline.storage.records import ResultRecord, StructureRecord
 from pipeline.storage.store import CampaignStore
 
 TrainingEnvironment = Literal["target", "chunk"]

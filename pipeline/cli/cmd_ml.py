@@ -39,7 +39,7 @@ def labelled_structures(path: Path) -> list[LabelledStructure]:
 
 def checked_device(name: str) -> str:
     """A --device value ("auto", "cpu", "cuda") that this machine can honour; BadInput otherwise."""
-    from pipeline.science.training import DEVICES, resolve_device
+    from pipeline.science.device import DEVICES, resolve_device
 
     if name not in DEVICES:
         raise BadInput(f"--device: expected {', '.join(DEVICES)}, got {name!r}")

@@ -32,6 +32,7 @@ from parsl.executors import MPIExecutor
 from parsl.executors.high_throughput.errors import ManagerLost, WorkerLost
 
 from pipeline.execution.parents import Parent
+from pipeline.execution.payloads import TargetPrediction
 from pipeline.execution.sites import SiteError
 
 SITE_DEVICE_VARIABLE = "NFT_DEVICE"
@@ -185,16 +186,14 @@ def prediction_job(
     device: str = "auto",
     with_features: bool = False,
     parsl_resource_specification: Mapping[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Ensemble prediction per structure: energy (eV), forces (eV/Å), per-atom δ_i (eV/Å), δ = max δ_i,
-    and the energy-based per-atom δE_i (eV) with its max; with `with_features`, also each atom's
+) -> list[TargetPrediction]:
+    """Ensemble prediction per structure (`TargetPrediction`): energy (eV), forces (eV/Å), per-atom
+    δ_i (eV/Å) and the energy-based per-atom δE_i (eV); with `with_features`, also each atom's
     scaled model features (N × F, for selection in descriptor space).
 
     In the calculator's precision and block size (`PREDICTION_DTYPE`, `PREDICTION_BLOCK_SIZE`), on
     `device` ("auto": the worker's, see `worker_device`).
     """
-    import numpy as np
-
     from pipeline.science.calculator import PREDICTION_BLOCK_SIZE, PREDICTION_DTYPE
     from pipeline.science.structures import payload_to_atoms
     from pipeline.storage.model_file import load_ensemble
@@ -203,19 +202,14 @@ def prediction_job(
     results = []
     for payload in payloads:
         prediction = model.predict(payload_to_atoms(dict(payload)), block_size=PREDICTION_BLOCK_SIZE, with_features=with_features)
-        uncertainties = [float(value) for value in prediction.uncertainties]
-        energy_uncertainties = [float(value) for value in prediction.energy_uncertainties]
-        features = {} if prediction.features is None else {"features": prediction.features.tolist()}
         results.append(
-            {
-                "energy": float(prediction.energy),
-                "forces": np.asarray(prediction.forces, dtype=float).tolist(),
-                "uncertainties": uncertainties,
-                "max_delta": max(uncertainties),  # structures have atoms: checked on input
-                "energy_uncertainties": energy_uncertainties,
-                "max_energy_delta": max(energy_uncertainties),
-                **features,
-            }
+            TargetPrediction(
+                energy=prediction.energy,
+                forces=prediction.forces,
+                uncertainties=prediction.uncertainties,
+                energy_uncertainties=prediction.energy_uncertainties,
+                features=prediction.features,
+            )
         )
     return results
 
@@ -230,7 +224,7 @@ def worker_device(device: str) -> str:
 
 def _default_world_size(device: str) -> int:
     """One process per visible GPU when training on cuda, else 1."""
-    from pipeline.science.training import resolve_device
+    from pipeline.science.device import resolve_device
 
     if resolve_device(device).type != "cuda":
         return 1
@@ -240,7 +234,7 @@ def _default_world_size(device: str) -> int:
 
 
 def _device_name(device: str) -> str:
-    from pipeline.science.training import resolve_device
+    from pipeline.science.device import resolve_device
 
     return resolve_device(device).type
 
@@ -327,8 +321,8 @@ class SiteApps:
     def prediction_app(
         self, model_path: str, payloads: Sequence[Mapping[str, Any]], device: str = "auto", with_features: bool = False
     ) -> AppFuture:
-        """Ensemble prediction (energies, forces, δ_i; scaled features if asked) on plain-data
-        structures, on `device`."""
+        """Ensemble prediction (one `TargetPrediction` per structure: energy, forces, δ_i; scaled
+        features if asked) on plain-data structures, on `device`."""
         app = python_app(prediction_job, executors=self.prediction_executors)
         resources = _node_resources(1) if self.prediction_is_mpi else None
         payload_list = [dict(payload) for payload in payloads]

@@ -68,7 +68,7 @@ def train_distributed(
     """
     import torch
 
-    from pipeline.science.training import resolve_device
+    from pipeline.science.device import resolve_device
 
     device = resolve_device(settings.device).type  # "auto" decided once, here, for every rank
     settings = settings.with_changes(device=device)
@@ -195,7 +195,7 @@ def _gathered_losses(losses: Any) -> Any:
 
 def ensemble_metrics(model: Any, structures: Sequence[Any]) -> dict[str, Any]:
     """Training errors of the ensemble mean over all structures: force MAE (eV/Å), energy RMSE (eV/atom)."""
-    from pipeline.science.training import force_mae, predict_labels, prepare_training_data
+    from pipeline.science.training_data import force_mae, predict_labels, prepare_training_data
 
     data = prepare_training_data(structures, model.descriptor)
     every = np.ones(len(structures), dtype=bool)

@@ -7,7 +7,7 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 
 from pipeline.science.model import EnsembleModel
-from pipeline.science.training import resolve_device
+from pipeline.science.device import resolve_device
 
 PREDICTION_BLOCK_SIZE = 1024
 """Centre atoms per block of a prediction: the fastest float32 block of 256–2048 in bench/bench_block_size.py

@@ -13,82 +13,16 @@ basis, forces need only ∂E/∂S (cheap, per atom) pushed through the per-pair 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import combinations_with_replacement
-from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from ase import Atoms
 
+from pipeline.science.cutoff import cosine_cutoff
+from pipeline.science.descriptor_types import PairSumEnergies, SymmetryFunctionParams, TrainingTerms
 from pipeline.science.structures import LabelledStructure
-
-if TYPE_CHECKING:
-    from pipeline.science.g4 import G4Descriptor
-
-TrainingTerms = tuple[np.ndarray, torch.Tensor, np.ndarray, torch.Tensor]
-"""(rows, pair sums (R, n_el, C), trained force atoms, ∂S/∂R (F, 3, R, n_el·C)) of one structure."""
-PairSumEnergies = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""Atomic energies (M, B) eV and ∂E^m/∂S (M, B, n_el, C) from pair sums (B, n_el, C) and centre elements (B,)."""
-
-DEFAULT_RADIAL_CENTERS = (0.0, 2.4, 3.0, 3.6, 4.2, 4.8, 5.4, 6.0)
-DEFAULT_RADIAL_ETAS = (0.1, 1.4, 1.4, 1.4, 1.4, 1.4, 1.4, 1.4)
-DEFAULT_ANGULAR_ETAS = (0.005, 0.03, 0.1)
-
-
-@dataclass(frozen=True)
-class SymmetryFunctionParams:
-    """Descriptor parameters: cutoff Å, radial (Rs Å, η Å⁻²) pairs, angular η Å⁻², ζ, λ.
-
-    Defaults give 20 features per element for one-element systems: 8 radial + 3 η × 2 ζ × 2 λ.
-    """
-
-    elements: tuple[int, ...]
-    cutoff: float = 6.5
-    radial_centers: tuple[float, ...] = DEFAULT_RADIAL_CENTERS
-    radial_etas: tuple[float, ...] = DEFAULT_RADIAL_ETAS
-    angular_etas: tuple[float, ...] = DEFAULT_ANGULAR_ETAS
-    angular_zetas: tuple[int, ...] = (1, 2)
-    angular_lambdas: tuple[int, ...] = (1, -1)
-    kind: str = "g5-moments"
-
-    def __post_init__(self) -> None:
-        if self.cutoff <= 0:
-            raise ValueError(f"cutoff must be > 0 Å, got {self.cutoff}")
-        if len(self.radial_centers) != len(self.radial_etas):
-            raise ValueError("radial_centers and radial_etas must have the same length")
-        if any(int(z) != z or z < 1 for z in self.angular_zetas):
-            raise ValueError("angular_zetas must be positive integers")
-        if any(lam not in (1, -1) for lam in self.angular_lambdas):
-            raise ValueError("angular_lambdas must be +1 or −1")
-        if self.kind not in ("g5-moments", "g4"):
-            raise ValueError(f"descriptor kind must be 'g5-moments' or 'g4', got {self.kind!r}")
-
-    @property
-    def n_elements(self) -> int:
-        return len(self.elements)
-
-    @property
-    def n_features(self) -> int:
-        n = self.n_elements
-        radial = len(self.radial_centers) * n
-        angular = len(self.angular_etas) * len(self.angular_zetas) * len(self.angular_lambdas)
-        return radial + angular * n * (n + 1) // 2
-
-    def element_lookup(self) -> np.ndarray:
-        """Array mapping atomic number → element index (0 for numbers not in `elements`)."""
-        lookup = np.zeros(max(self.elements) + 1, dtype=np.int64)
-        lookup[list(self.elements)] = np.arange(self.n_elements)
-        return lookup
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SymmetryFunctionParams":
-        tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**tuples)
-
 
 SHELL_START_NEAREST_NEIGHBOURS = 0.8
 """Data-derived radial shells start at this fraction of the nearest-neighbour distance d."""
@@ -150,15 +84,6 @@ def monomial_exponents(max_degree: int) -> list[tuple[int, int, int]]:
     ]
 
 
-def cosine_cutoff(r: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """fc(r) = ½(cos(πr/Rc) + 1) inside the cutoff, 0 outside; returns (fc, dfc/dr)."""
-    inside = r < cutoff
-    phase = math.pi * r / cutoff
-    fc = torch.where(inside, 0.5 * (torch.cos(phase) + 1.0), torch.zeros_like(r))
-    dfc = torch.where(inside, -0.5 * math.pi / cutoff * torch.sin(phase), torch.zeros_like(r))
-    return fc, dfc
-
-
 @dataclass
 class PairBasis:
     """Per-pair basis of the pair sums B_c = ρ_c(r) u_c(r̂) and what its gradient needs:
@@ -187,10 +112,12 @@ class ChannelLayout:
 
 
 class MomentDescriptor(torch.nn.Module):
-    """G2 + G5-type features from per-atom moment tensors; see the module docstring.
+    """G2 + G5-type features from per-atom moment tensors; see the module docstring. A `Descriptor`
+    (descriptor_types.py).
 
-    Its constants (the lowering matrix, the G5 weights) are buffers registered once, so they follow
-    the model's device and dtype; they derive from `params` and are not saved in model files.
+    Its constants (Rs Å, η Å⁻², the monomial degrees, the lowering matrix, the G5 weights) are
+    buffers registered once, so they follow the model's device and dtype; they derive from `params`
+    and are not saved in model files.
     """
 
     def __init__(self, params: SymmetryFunctionParams):
@@ -202,6 +129,11 @@ class MomentDescriptor(torch.nn.Module):
         self.register_buffer("lowering", torch.from_numpy(self.layout.lowering), persistent=False)
         self.register_buffer("quad_weights", torch.from_numpy(weights["quad"]), persistent=False)
         self.register_buffer("diag_weights", torch.from_numpy(weights["diag"]), persistent=False)
+        self.register_buffer("radial_centers", torch.tensor(params.radial_centers, dtype=torch.float64), persistent=False)
+        self.register_buffer("radial_etas", torch.tensor(params.radial_etas, dtype=torch.float64), persistent=False)
+        self.register_buffer("angular_etas", torch.tensor(params.angular_etas, dtype=torch.float64), persistent=False)
+        degrees = [sum(exps) for exps in self.layout.exponents]
+        self.register_buffer("monomial_degrees", torch.tensor(degrees, dtype=torch.float64), persistent=False)
 
     # ----- layout -------------------------------------------------------------------------
     def _channel_layout(self) -> ChannelLayout:
@@ -273,14 +205,12 @@ class MomentDescriptor(torch.nn.Module):
     # ----- per-pair basis -----------------------------------------------------------------
     def pair_basis(self, vectors: torch.Tensor) -> PairBasis:
         """Basis values and derivatives for pair vectors (…, 3) in Å."""
-        p, lay = self.params, self.layout
-        dtype = vectors.dtype
+        like = {"dtype": vectors.dtype, "device": vectors.device}
         r = torch.linalg.vector_norm(vectors, dim=-1)
         unit = vectors / r.clamp_min(1e-12).unsqueeze(-1)
-        fc, dfc = cosine_cutoff(r, p.cutoff)
-        rs = torch.tensor(p.radial_centers, dtype=dtype, device=vectors.device)
-        eta_r = torch.tensor(p.radial_etas, dtype=dtype, device=vectors.device)
-        eta_a = torch.tensor(p.angular_etas, dtype=dtype, device=vectors.device)
+        fc, dfc = cosine_cutoff(r, self.params.cutoff)
+        rs, eta_r = self.radial_centers.to(**like), self.radial_etas.to(**like)
+        eta_a = self.angular_etas.to(**like)
         rr = r.unsqueeze(-1)
         g2 = torch.exp(-eta_r * (rr - rs) ** 2)
         g2_value = g2 * fc.unsqueeze(-1)
@@ -294,7 +224,7 @@ class MomentDescriptor(torch.nn.Module):
         outer_deriv = (dw.unsqueeze(-1) * mono.unsqueeze(-2)).flatten(-2)
         # channel order: G2 | w² per η | w_η·u_n (η-major, monomials by degree), as in _channel_layout
         values = torch.cat([g2_value, w * w, outer], dim=-1)
-        degree = torch.tensor([sum(e) for e in self.layout.exponents], dtype=dtype, device=vectors.device)
+        degree = self.monomial_degrees.to(**like)
         homogeneous = ((w / rr).unsqueeze(-1) * (mono * degree).unsqueeze(-2)).flatten(-2)
         along = torch.cat([g2_deriv, 2 * w * dw, outer_deriv - homogeneous], dim=-1)
         lowered = (w.unsqueeze(-1) * mono[..., :n_low].unsqueeze(-2)).flatten(-2)
@@ -339,7 +269,7 @@ class MomentDescriptor(torch.nn.Module):
             blocks.append(angular)
         return torch.cat(blocks, dim=-1)
 
-    # ----- the descriptor interface shared with G4Descriptor (see g4.py) ---------------------
+    # ----- the Descriptor interface (descriptor_types.py) -------------------------------------
     def training_terms(self, item: LabelledStructure, dtype: torch.dtype) -> TrainingTerms:
         """Rows one structure needs, their pair sums, the trained force atoms and a dense ∂S/∂R.
 
@@ -455,13 +385,3 @@ class MomentDescriptor(torch.nn.Module):
         unit = basis.unit_vectors
         pair_vectors = radial.unsqueeze(-1) * unit + tangential / basis.distances.unsqueeze(-1)
         return energies, pair_vectors
-
-
-def make_descriptor(params: SymmetryFunctionParams) -> "MomentDescriptor | G4Descriptor":
-    """The descriptor of `params.kind`: G5 through moments (default) or explicit G4; both offer
-    `features`, `training_terms` and `atomic_energies_and_forces`, so callers never ask which."""
-    if params.kind == "g4":
-        from pipeline.science.g4 import G4Descriptor
-
-        return G4Descriptor(params)
-    return MomentDescriptor(params)

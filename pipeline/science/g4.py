@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from pipeline.science.descriptors import PairSumEnergies, SymmetryFunctionParams, TrainingTerms, cosine_cutoff
+from pipeline.science.cutoff import cosine_cutoff
+from pipeline.science.descriptor_types import PairSumEnergies, SymmetryFunctionParams, TrainingTerms
 from pipeline.science.neighbours import NeighbourPairs, neighbour_pairs, pad_pairs
 from pipeline.science.structures import LabelledStructure
 
@@ -22,7 +23,8 @@ FORCE_BLOCK_ATOMS = 64
 
 
 class G4Descriptor(torch.nn.Module):
-    """Radial G2 + angular G4 features computed directly from padded neighbour vectors.
+    """Radial G2 + angular G4 features computed directly from padded neighbour vectors; a
+    `Descriptor` (descriptor_types.py).
 
     The radial centres (Å) and η (Å⁻²) are buffers registered once, so they follow the model's
     device and dtype; they derive from `params` and are not saved in model files.
@@ -113,10 +115,11 @@ class G4Descriptor(torch.nn.Module):
         neighbour_el = torch.from_numpy(element_lookup[atoms.numbers[padded.neighbours]]).to(positions.device)
         return self.block_features(vectors, neighbour_el)
 
-    # ----- the descriptor interface shared with MomentDescriptor -----------------------------
+    # ----- the Descriptor interface (descriptor_types.py) -------------------------------------
     def training_terms(self, item: LabelledStructure, dtype: torch.dtype) -> TrainingTerms:
-        """As `MomentDescriptor.training_terms`, with the features as (R, 1, F) 'pair sums' and
-        their Jacobian by forward-mode autograd."""
+        """Rows one structure needs (every atom if energy-labelled, else the trained force atoms and
+        their neighbours), the features as (R, 1, F) 'pair sums', the trained force atoms and the
+        features' Jacobian (F_atoms, 3, R, F) by forward-mode autograd."""
         params = self.params
         atoms = item.atoms
         pairs = neighbour_pairs(atoms, params.cutoff)

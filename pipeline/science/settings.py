@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.science.descriptor_types import DescriptorKind
 from pipeline.science.structures import MIN_INTERATOMIC_DISTANCE_ANGSTROM
 
 if TYPE_CHECKING:
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 """Training and prediction device: "auto" (cuda when torch sees a GPU, else cpu), "cpu" or "cuda"."""
-DescriptorKind = Literal["g5-moments", "g4"]
 OptimizerName = Literal["lbfgs", "levenberg-marquardt"]
 ADAM_EPOCHS_BEFORE_LBFGS = 300
 """`epochs` left unset: L-BFGS starts from 300 Adam epochs, Levenberg–Marquardt (the default) from
@@ -53,7 +53,7 @@ class DescriptorSettings(_Settings):
 
     @model_validator(mode="after")
     def _valid_set(self) -> "DescriptorSettings":
-        from pipeline.science.descriptors import SymmetryFunctionParams
+        from pipeline.science.descriptor_types import SymmetryFunctionParams
 
         SymmetryFunctionParams(elements=(1,), **self.explicit())  # ValueError: e.g. one η per radial centre
         return self
@@ -126,11 +126,10 @@ class TrainingSettings(_Settings):
     @classmethod
     def _gpu_present(cls, value: str) -> str:
         if value == "cuda":
-            import torch
+            from pipeline.science.device import missing_gpu
 
-            if not torch.cuda.is_available():
-                raise ValueError(f"'cuda' but torch {torch.__version__} sees no CUDA GPU on this machine "
-                                 "(use 'auto': a GPU site's training nodes pick their GPUs)")
+            if why := missing_gpu():
+                raise ValueError(f"'cuda' but {why} (use 'auto': a GPU site's training nodes pick their GPUs)")
         return value
 
     def seeds(self) -> list[int]:

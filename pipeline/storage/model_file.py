@@ -15,9 +15,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import BadInput
-from pipeline.science.descriptors import SymmetryFunctionParams
+from pipeline.science.descriptor_types import SymmetryFunctionParams
 from pipeline.science.model import EnsembleModel
-from pipeline.science.training import resolve_device
+from pipeline.science.device import resolve_device
 
 FORMAT_NAME = "nft-ensemble"
 FORMAT_VERSION = 1

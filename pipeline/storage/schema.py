@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -68,6 +69,11 @@ def unpack_array(blob: bytes) -> np.ndarray:
 def canonical_json(value: Any) -> str:
     """JSON with sorted keys and no whitespace, numpy scalars and arrays as plain numbers/lists."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def plain_json(value: Mapping[str, Any]) -> dict[str, Any]:
+    """A mapping reduced to plain JSON types (numpy scalars become numbers), so hashes are stable."""
+    return json.loads(canonical_json(dict(value)))
 
 
 def _json_default(value: Any) -> Any:

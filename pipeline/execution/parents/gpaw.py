@@ -10,8 +10,6 @@ import math
 import os
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -36,6 +34,7 @@ from pipeline.execution.parents.base import (
     option_error,
     rejects,
 )
+from pipeline.execution.process_group import run_process_group
 from pipeline.science.structures import payload_to_atoms
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -281,51 +280,6 @@ class GpawParent(Parent):
         if self.mode == "pw":
             atoms.pbc = True
         return atoms, kwargs
-
-
-def run_process_group(
-    command: list[str], cwd: Path, env: dict[str, str], timeout_s: float | None
-) -> tuple[int | None, str, str]:
-    """Run `command` in its own process group; past `timeout_s` stop the whole group (launcher and
-    ranks: SIGTERM, then SIGKILL). Returns (exit code or None on timeout, stdout, stderr).
-
-    A sidecar in the group (`caller_watchdog`) kills the group when this process dies, so a worker
-    killed with its driver leaves no MPI job computing."""
-    process = subprocess.Popen(
-        caller_watchdog(command, os.getpid()), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout_s)
-        return process.returncode, stdout, stderr
-    except subprocess.TimeoutExpired:
-        _signal_group(process.pid, signal.SIGTERM)
-        try:
-            stdout, stderr = process.communicate(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            _signal_group(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
-        return None, stdout or "", stderr or ""
-    finally:
-        _signal_group(process.pid, signal.SIGKILL)  # ranks the launcher left behind
-        if process.poll() is None:
-            process.wait()
-
-
-def caller_watchdog(command: list[str], caller_pid: int, period_s: int = 1) -> list[str]:
-    """`command` behind a shell that first starts a sidecar in the job's process group: every
-    `period_s` it checks that `caller_pid` lives, and when it is gone it SIGKILLs the whole group
-    (the launcher and its ranks). The shell then execs `command`, which keeps the group's pid."""
-    sidecar = (f"( while kill -0 {int(caller_pid)} 2>/dev/null; do sleep {int(period_s)}; done; "
-               "kill -KILL -- -$$ ) </dev/null >/dev/null 2>&1 & exec \"$@\"")
-    return ["bash", "-c", sidecar, "nft-job", *command]
-
-
-def _signal_group(group_id: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(group_id, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def gpaw_command() -> str:

@@ -1,0 +1,118 @@
+"""The optimisers that fit the members on scaled training data: Adam with per-member early
+stopping, then the settings' second-order polish (L-BFGS or Levenberg–Marquardt)."""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+
+from pipeline.science.batched_lbfgs import minimize_members
+from pipeline.science.levenberg_marquardt import minimize_members_lm
+from pipeline.science.losses import jacobian_terms, member_losses, member_losses_with_gradients, member_residual_jacobians, member_residuals
+
+
+def adam(model, data, weights, val_weights, settings, progress) -> tuple[int, float, tuple[float, ...] | None]:
+    """Adam with exponential learning-rate decay; early stopping per member on validation loss.
+
+    Returns the epochs run, the last training loss and, with a validation set, each member's lowest
+    validation loss, whose weights the model is left with."""
+    parameters = list(model.networks.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate)
+    epochs = settings.epochs
+    decay = (settings.final_learning_rate / settings.learning_rate) ** (1.0 / max(epochs, 1))
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay)
+    best_val = torch.full((model.n_members,), float("inf"), dtype=torch.float64, device=weights.device)
+    best_state = copy.deepcopy(model.networks.state_dict()) if val_weights is not None else None
+    since_best = 0
+    total = torch.tensor(0.0)
+    epoch = 0
+    for epoch in range(1, epochs + 1):
+        optimizer.zero_grad()
+        total = member_losses_with_gradients(model, data, weights, settings).sum()
+        optimizer.step()
+        scheduler.step()
+        if val_weights is not None and (epoch % 10 == 0 or epoch == epochs):
+            since_best = _track_best(model, data, val_weights, settings, best_val, best_state, since_best + 10)
+            if since_best >= settings.patience_epochs:
+                break
+        if progress is not None:
+            progress(epoch, epochs, float(total.detach()))
+    if best_state is None:
+        return epoch, float(total.detach()), None
+    model.networks.load_state_dict(best_state)
+    return epoch, float(total.detach()), tuple(float(v) for v in best_val)
+
+
+def _track_best(model, data, val_weights, settings, best_val, best_state, since_best) -> int:
+    """Keep each member's weights at its lowest validation loss; return epochs since any improved."""
+    val = member_losses(model, data, val_weights, settings, create_graph=False).detach()
+    improved = val < best_val
+    if improved.any():
+        best_val[improved] = val[improved]
+        for name, tensor in model.networks.state_dict().items():
+            best_state[name][improved] = tensor[improved]
+        return 0
+    return since_best
+
+
+def second_order(model, data, weights, settings, loss: float) -> float:
+    """The settings' second-order fit after Adam (`lbfgs` or `levenberg_marquardt`, its steps from the
+    settings); returns the summed member loss, `loss` (Adam's) when it has no steps."""
+    if settings.optimizer == "levenberg-marquardt" and settings.lm_steps:
+        return levenberg_marquardt(model, data, weights, settings, settings.lm_steps)
+    if settings.optimizer == "lbfgs" and settings.lbfgs_steps:
+        return lbfgs(model, data, weights, settings)
+    return loss
+
+
+def lbfgs(model, data, weights, settings, deadline: Callable[[], bool] | None = None) -> float:
+    """L-BFGS polish for `settings.lbfgs_steps` steps (or until `deadline()`), with a history and line
+    search of its own per member (batched_lbfgs); returns the summed member loss."""
+    parameters = list(model.networks.parameters())
+    n_members = model.n_members
+
+    def objective(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _assign_flat(parameters, flat)
+        for p in parameters:
+            p.grad = None
+        losses = member_losses_with_gradients(model, data, weights, settings)
+        grad = torch.cat([p.grad.reshape(n_members, -1) for p in parameters], dim=1)
+        return losses, grad
+
+    final, losses = minimize_members(objective, _flat(parameters, n_members), settings.lbfgs_steps, deadline=deadline)
+    _assign_flat(parameters, final)
+    return float(losses.sum())
+
+
+def _flat(parameters: list[torch.Tensor], n_members: int) -> torch.Tensor:
+    """The members' parameters as one (M, P) matrix, in `parameters` order (what the optimisers move)."""
+    return torch.cat([p.detach().reshape(n_members, -1) for p in parameters], dim=1)
+
+
+def _assign_flat(parameters: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy an (M, P) matrix laid out as `_flat` back into the parameters."""
+    with torch.no_grad():
+        for p, chunk in zip(parameters, flat.split([p[0].numel() for p in parameters], dim=1)):
+            p.copy_(chunk.reshape(p.shape))
+
+
+def levenberg_marquardt(model, data, weights, settings, steps: int, deadline: Callable[[], bool] | None = None) -> float:
+    """Levenberg–Marquardt for `steps` steps (or until `deadline()`) on the members' residuals
+    (levenberg_marquardt); `data` scaled, as `train_ensemble` makes it; returns the summed member loss."""
+    parameters = list(model.networks.parameters())
+    terms = jacobian_terms(data)
+
+    def residuals_and_jacobian(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _assign_flat(parameters, flat)
+        residuals = member_residuals(model, data, weights, settings)
+        return residuals, member_residual_jacobians(model, data, weights, settings, terms)
+
+    def losses(flat: torch.Tensor) -> torch.Tensor:
+        _assign_flat(parameters, flat)
+        return member_losses(model, data, weights, settings, create_graph=False).detach()
+
+    start = _flat(parameters, model.n_members)
+    final, final_losses = minimize_members_lm(residuals_and_jacobian, losses, start, steps, deadline=deadline)
+    _assign_flat(parameters, final)
+    return float(final_losses.sum())
