@@ -11,6 +11,9 @@ bash scripts/setup.sh || { echo "run-tests.sh: set-up failed" >&2; exit 1; }
 # shellcheck source=env.sh
 . scripts/env.sh
 
+# Lint first (pyproject.toml [tool.ruff]): an unused or undefined name fails CI in seconds.
+ruff check --quiet . || { echo "run-tests.sh: ruff check failed" >&2; exit 1; }
+
 python -m pytest "$@"
 status=$?
 if [ "$status" -eq 5 ]; then
