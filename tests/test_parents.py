@@ -27,7 +27,7 @@ def test_known_calculators_are_emt_and_gpaw():
 
 def test_each_parent_says_what_it_needs():
     emt, gpaw = parent_for("emt"), parent_for("gpaw")
-    assert (emt.default_threshold, gpaw.default_threshold) == (0.1, 0.3)  # eV/Å (SPEC §1)
+    assert (emt.default_threshold, gpaw.default_threshold) == (0.1, 0.3)  # eV/Å: the paper's DFT threshold, a tighter one for EMT
     assert not emt.needs_job_dir and gpaw.needs_job_dir
     assert emt.evaluates_targets and not gpaw.evaluates_targets
     assert set(gpaw.physics_fields) < set(GpawParent.model_fields)

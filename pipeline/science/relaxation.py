@@ -1,5 +1,5 @@
-"""Relaxation with uncertainty (SPEC §1): relax with the ensemble mean and, whenever δ of the current
-geometry exceeds the threshold, ask for a better model there before going on.
+"""Relaxation with uncertainty (the paper's method, docs/campaign.md): relax with the ensemble mean
+and, whenever δ of the current geometry exceeds the threshold, ask for a better model there before going on.
 
 Pure logic: the caller supplies the calculator and the callback that improves it (the campaign
 layer carves chunks, computes them and retrains); a notebook can pass any function.
