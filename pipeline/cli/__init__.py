@@ -1,6 +1,7 @@
 """The `nft` command: argument parsing, printing and exit codes only."""
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -47,15 +48,34 @@ app = typer.Typer(
 
 
 def main() -> None:
-    """The `nft` entry point: the command runs with stopping signals unwinding it (exit 130), and
-    its end (exit code set, interpreter shutting down) exits 130 at once on a late signal."""
+    """The `nft` entry point: the command runs with stopping signals unwinding it (exit 130); then
+    the exit handlers run and the process ends at once with the command's exit code. Python's own
+    finalisation is skipped: it puts the default handlers back first, so a late Ctrl-C or SIGTERM
+    would kill the process by the signal instead of exiting 130, and a stray non-daemon thread
+    could keep it alive."""
     for stop in STOP_SIGNALS:
         signal.signal(stop, _raise_interrupt)
     try:
         app()
-    finally:
-        for stop in STOP_SIGNALS:
-            signal.signal(stop, _exit_at_once)
+        code = 0
+    except SystemExit as ended:
+        code = _exit_status(ended.code)
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, _exit_at_once)
+    atexit._run_exitfuncs()  # what Python would run on exit (logging's flush, libraries' clean-ups)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _exit_status(code: object) -> int:
+    """The exit status `sys.exit(code)` gives: 0 for None, the number, else 1 with the text on stderr."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
 
 
 from pipeline.cli import _register  # noqa: E402,F401  (attaches the subcommands)
