@@ -26,7 +26,8 @@ import pytest
 from pipeline.campaign.config import load_config
 from pipeline.storage.store import CampaignStore
 from tests.plugins.campaign_fixtures import (
-    EMT_DELAY_VARIABLE, NFT, logged_emt_calls, orphaned_chunks, positions_digest, run_nft, write_campaign,
+    EMT_DELAY_VARIABLE, NFT, default_stop_signals, logged_emt_calls, orphaned_chunks, positions_digest, run_nft,
+    write_campaign,
 )
 from tests.test_resume import WORKERS_END_WITHIN_S, campaign_processes, kill_workers_of
 
@@ -124,7 +125,7 @@ def run_and_kill(config, env, target: str, rng: random.Random, signum: int = sig
     within `GROUP_SIGNAL_STOPS_WITHIN_S` is followed by SIGKILL, and the exit code is None (hung)."""
     started = time.monotonic()
     process = subprocess.Popen(NFT + ["run", str(config)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+                               text=True, start_new_session=True, preexec_fn=default_stop_signals)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.campaign.config import load_config
-from tests.plugins.campaign_fixtures import NFT, processes_using, run_nft
+from tests.plugins.campaign_fixtures import NFT, default_stop_signals, processes_using, run_nft
 from tests.test_resume import campaign_processes, kill_workers_of
 
 pytestmark = pytest.mark.timeout(240)
@@ -34,7 +34,7 @@ ONE_ITERATION = {"active": {"max_iterations": 1}}
 def start_nft_run(config: Path) -> subprocess.Popen:
     """`nft run CONFIG` in a session of its own (the group a terminal would signal)."""
     return subprocess.Popen(
-        NFT + ["run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        NFT + ["run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=default_stop_signals
     )
 
 
@@ -164,7 +164,7 @@ def test_a_signal_while_nft_starts_exits_130_with_the_message(tmp_path, signum, 
     not a traceback or a silent death by the signal; `nft status` of a missing config would exit 2."""
     process = subprocess.Popen(
         NFT + ["status", str(tmp_path / "missing.toml")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=default_stop_signals,
     )
     time.sleep(delay_s)
     os.killpg(process.pid, signum)

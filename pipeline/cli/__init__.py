@@ -9,9 +9,11 @@ from typing import Any
 
 INTERRUPTED_EXIT_CODE = 130
 INTERRUPTED_MESSAGE = "interrupted: run the same command again to resume"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = tuple(stop for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                     if signal.getsignal(stop) is not signal.SIG_IGN)
 """Signals that stop any command the way Ctrl-C does: a terminal's Ctrl-C or a closed session, and
-`kill` or `timeout`, often sent to the whole process group."""
+`kill` or `timeout`, often sent to the whole process group. A signal the caller ignores stays
+ignored (`nohup nft run …` must outlive the session; a shell's background job ignores Ctrl-C)."""
 
 
 def _exit_at_once(signum: int, frame: Any) -> None:
@@ -27,8 +29,21 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-for _signal in STOP_SIGNALS:  # first, so that a signal during the imports below exits 130 too
-    signal.signal(_signal, _exit_at_once)
+_handles_signals = os.path.basename(sys.argv[0]) == "nft"
+"""Whether this process is the `nft` command (its console script, or `main`), whose signal handlers
+nft sets; a process that only imports the CLI (pytest's CliRunner, a notebook) keeps its own."""
+
+
+def stop_at_once() -> None:
+    """In the `nft` command, from now on a stopping signal exits 130 at once: before a command runs
+    and after it ended."""
+    if not _handles_signals:
+        return
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, _exit_at_once)
+
+
+stop_at_once()  # first, so that a signal during the imports below exits 130 too
 
 import typer  # noqa: E402
 
@@ -53,6 +68,8 @@ def main() -> None:
     finalisation is skipped: it puts the default handlers back first, so a late Ctrl-C or SIGTERM
     would kill the process by the signal instead of exiting 130, and a stray non-daemon thread
     could keep it alive."""
+    global _handles_signals
+    _handles_signals = True
     for stop in STOP_SIGNALS:
         signal.signal(stop, _raise_interrupt)
     try:
@@ -60,8 +77,7 @@ def main() -> None:
         code = 0
     except SystemExit as ended:
         code = _exit_status(ended.code)
-    for stop in STOP_SIGNALS:
-        signal.signal(stop, _exit_at_once)
+    stop_at_once()
     atexit._run_exitfuncs()  # what Python would run on exit (logging's flush, libraries' clean-ups)
     sys.stdout.flush()
     sys.stderr.flush()

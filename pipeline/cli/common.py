@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 
 import typer
 
-from pipeline.cli import INTERRUPTED_EXIT_CODE, INTERRUPTED_MESSAGE
+from pipeline.cli import INTERRUPTED_EXIT_CODE, INTERRUPTED_MESSAGE, stop_at_once
 from pipeline.errors import BadInput, RunFailed
 
 if TYPE_CHECKING:
@@ -22,21 +22,28 @@ F = TypeVar("F", bound=Callable)
 
 
 def exit_codes(command: F) -> F:
-    """Run a command body; BadInput exits 2, RunFailed 1 and an interruption 130, each with one line on stderr."""
+    """Run a command body; BadInput exits 2, RunFailed 1 and an interruption 130, each with one line
+    on stderr. Once the body has ended there is nothing left to clean up: a stopping signal from
+    then on exits 130 at once (`stop_at_once`), not inside click, which would print "Aborted!"."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            result = command(*args, **kwargs)
         except BadInput as error:
+            stop_at_once()
             print(f"error: {error}", file=sys.stderr)
             raise typer.Exit(2) from None
         except RunFailed as error:
+            stop_at_once()
             print(f"failed: {error}", file=sys.stderr)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:  # Ctrl-C, or a stopping signal (`pipeline.cli.STOP_SIGNALS`)
+            stop_at_once()
             print(INTERRUPTED_MESSAGE, file=sys.stderr)
             raise typer.Exit(INTERRUPTED_EXIT_CODE) from None
+        stop_at_once()
+        return result
 
     return wrapper  # type: ignore[return-value]
 

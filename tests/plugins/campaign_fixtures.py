@@ -225,3 +225,11 @@ def orphaned_chunks(database_url: str, campaign: str) -> tuple[int, int]:
         with_job = {job.structure_id for job in store.jobs(kind="chunk")}
         counted = sum(record.chunks_added for record in store.iterations())
     return sum(chunk.id not in with_job for chunk in chunks), len(chunks) - counted
+
+
+def default_stop_signals() -> None:
+    """`preexec_fn` for an `nft` the test signals: SIGINT, SIGTERM and SIGHUP at their defaults. A
+    background job of a non-interactive shell (a CI runner's) inherits SIGINT ignored, and nft keeps a
+    signal its caller ignores, as `nohup` relies on; the tests send the signals a terminal would."""
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_DFL)
