@@ -29,6 +29,11 @@ from pipeline.execution.parents.base import NonNegativeInt, PositiveFloat, Refer
 from pipeline.execution.parents.emt import EmtParent
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKER_DIES_AFTER_S = 0.5
+"""An injected worker death comes this long into the job, as a lost node's does (mid-calculation).
+Within milliseconds of the worker's previous result, the death would take that result with it
+(Parsl's worker hands results to a queue that a background thread flushes) and Parsl would wait for
+it forever: a race of Parsl's, not a fault the campaign is meant to survive here."""
 FAULTS = ("raise", "exit", "hang", "nan", "absurd")
 EXIT_CODE = 17
 """The exit status of a worker the injector ends (`os._exit`)."""
@@ -107,6 +112,7 @@ class FaultInjectingParent(EmtParent):
         if fault == "raise":
             raise ReferenceFailed(f"{self.name}: injected failure (attempt {attempt})")
         if fault == "exit":
+            time.sleep(WORKER_DIES_AFTER_S)
             os._exit(EXIT_CODE)
         if fault == "hang":
             time.sleep(self.hang_s)
