@@ -1,4 +1,4 @@
-"""A kill storm: `nft run` stopped at 20 random moments over a small campaign, then let finish.
+"""A kill storm: `nft run` stopped at up to 20 random moments over a small campaign, then let finish.
 
 Most stops are a SIGKILL of the run's process group; some are SIGINT or SIGTERM to the whole group,
 as a terminal's Ctrl-C, `timeout` or a batch system sends them: those must end the run within
@@ -34,6 +34,11 @@ from tests.test_resume import WORKERS_END_WITHIN_S, campaign_processes, kill_wor
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 KILLS = 20
+"""Stops aimed at, in at most 3 × KILLS runs."""
+MIN_STOPS = 10
+"""Stops that must land before the campaign finishes. A finished run now exits at once (no slow
+interpreter shutdown to land in), so once the campaign has finished the later runs end before
+their stop: on a clean clone of 0d4906f 14 stops landed in 60 runs."""
 THREE_ITERATIONS = {"active": {"threshold": 0.05, "max_iterations": 3}}
 TARGETS = ("start-up", "selection", "training", "selection", "reference jobs", "selection", "prediction", "final model")
 """Each run is stopped a random moment (up to `KILL_DELAY_S`) after announcing one of these phases,
@@ -217,7 +222,7 @@ def test_kill_storm_loses_nothing_duplicates_nothing_and_repeats_the_history(tmp
           f"chunks duplicated {duplicated}, chunks without a job {jobless}, chunks of no iteration {unrecorded}, "
           f"jobs recomputed after stored {recomputed}, stops leaving processes alive {alive_after}; "
           f"δ history {history(summary)} (uninterrupted {history(expected)})")
-    assert kills == KILLS and sum(group_signals.values()) > 0
+    assert kills >= MIN_STOPS and sum(group_signals.values()) > 0
     assert (lost, changed, duplicated, jobless, unrecorded, recomputed, alive_after) == (0, 0, 0, 0, 0, 0, 0)
     assert (hung, wrong_exit) == (0, [])
     assert [entry[2] for entry in history(summary)] == [entry[2] for entry in history(expected)]
