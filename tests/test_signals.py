@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,16 @@ def wait_until_nothing_left(workdir: Path, timeout_s: float) -> set[int]:
     return alive
 
 
+def stop_and_wait(process: subprocess.Popen, workdir: Path, send: Callable[[], None]) -> tuple[str, float, set[int]]:
+    """`send()` a signal, wait for `nft run` to exit: its stderr, the seconds it took, and the
+    campaign's processes still alive `NOTHING_LEFT_WITHIN_S` later."""
+    sent = time.monotonic()
+    send()
+    _, stderr = process.communicate(timeout=60)
+    seconds = time.monotonic() - sent
+    return stderr, seconds, wait_until_nothing_left(workdir, NOTHING_LEFT_WITHIN_S)
+
+
 def kill_everything(process: subprocess.Popen, workdir: Path) -> None:
     """Cleanup after a failed assertion: the run's group, then whatever of the campaign is left."""
     try:
@@ -86,11 +97,7 @@ def test_a_signal_to_the_process_group_stops_the_run_and_everything_it_started(s
         wait_for_line(process, "training")
         time.sleep(1.0)  # the training job is on a worker
         assert campaign_processes(workdir), "no worker pool running: nothing to test"
-        signalled = time.monotonic()
-        os.killpg(process.pid, signum)
-        _, stderr = process.communicate(timeout=60)
-        stopped_after = time.monotonic() - signalled
-        alive = wait_until_nothing_left(workdir, NOTHING_LEFT_WITHIN_S)
+        stderr, stopped_after, alive = stop_and_wait(process, workdir, lambda: os.killpg(process.pid, signum))
     finally:
         kill_everything(process, workdir)
     print(f"\n{signal.Signals(signum).name} to the group: nft run exited {process.returncode} after {stopped_after:.1f} s")
@@ -142,11 +149,7 @@ def test_an_interchange_killed_alone_fails_the_run_in_one_line_and_leaves_nothin
             children = [int(pid) for pid in handle.read().split()]
         interchange = [pid for pid in children if b"interchange" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(interchange) == 1, children
-        killed = time.monotonic()
-        os.kill(interchange[0], signal.SIGKILL)
-        _, stderr = process.communicate(timeout=60)
-        failed_after = time.monotonic() - killed
-        alive = wait_until_nothing_left(workdir, NOTHING_LEFT_WITHIN_S)
+        stderr, failed_after, alive = stop_and_wait(process, workdir, lambda: os.kill(interchange[0], signal.SIGKILL))
     finally:
         kill_everything(process, workdir)
     print(f"\nSIGKILL of the interchange alone: nft run exited {process.returncode} after {failed_after:.1f} s")
