@@ -22,17 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def labelled(cells):
-    from pipeline.science.examples import emt_label
-    from pipeline.science.structures import LabelledStructure
-
-    out = []
-    for atoms in cells:
-        lab = emt_label(atoms)
-        out.append(LabelledStructure(lab, lab.get_potential_energy(), lab.get_forces()))
-    return out
-
-
 def errors(model, items) -> dict:
     """Force MAE / max error (eV/Å) over all atoms, energy RMSE per atom (eV), max δ (eV/Å)."""
     diffs, energy_errors, deltas = [], [], []
@@ -56,14 +45,14 @@ def main() -> None:
     args = parser.parse_args()
     common.set_threads(args.threads)
 
-    from pipeline.science.examples import bulk_training_cells, rattled_cuboctahedron
+    from pipeline.science.examples import bulk_training_cells, emt_labelled, rattled_cuboctahedron
     from pipeline.science.settings import TrainingSettings
     from pipeline.science.training import train_ensemble
 
     epochs = args.epochs or (300 if args.quick else 1500)
-    train = labelled(bulk_training_cells(30, seed=1))
-    test = labelled(bulk_training_cells(10, seed=2))
-    pt260 = labelled([rattled_cuboctahedron()])
+    train = [emt_labelled(atoms) for atoms in bulk_training_cells(30, seed=1)]
+    test = [emt_labelled(atoms) for atoms in bulk_training_cells(10, seed=2)]
+    pt260 = [emt_labelled(rattled_cuboctahedron())]
     print(f"# Accuracy: G5-moments vs G4, ensemble of 10, [5,5], 20 features, Rc 6.5 Å, {epochs} Adam epochs;"
           f" train 30 bulk EMT cells ({sum(len(i.atoms) for i in train)} atoms), test 10 others "
           f"({sum(len(i.atoms) for i in test)} atoms) + rattled Pt260")

@@ -36,14 +36,12 @@ OLD_DEFAULT = ("float64", 2048)
 
 def train_model(path: str, epochs: int) -> None:
     """10 members on 16 EMT-labelled bulk cells (Adam, then 300 L-BFGS steps), written to `path`."""
-    from pipeline.science.examples import bulk_training_cells, emt_label
-    from pipeline.science.structures import LabelledStructure
+    from pipeline.science.examples import bulk_training_cells, emt_labelled
     from pipeline.science.settings import TrainingSettings
     from pipeline.science.training import train_ensemble
     from pipeline.storage.model_file import save_model
 
-    cells = [emt_label(atoms) for atoms in bulk_training_cells(16, seed=1)]
-    structures = [LabelledStructure(a, a.get_potential_energy(), a.get_forces()) for a in cells]
+    structures = [emt_labelled(atoms) for atoms in bulk_training_cells(16, seed=1)]
     model, _ = train_ensemble(structures, TrainingSettings(ensemble=10, epochs=epochs, optimizer="lbfgs", lbfgs_steps=300))
     save_model(model, path)
 

@@ -7,7 +7,7 @@ Data: 20 strained/rattled bulk fcc Pt cells (2–16 atoms, energy + all forces) 
 carved around 200 atoms of the rattled Pt260 cuboctahedron (`carve_chunk`), labelled with EMT,
 training only the central atom's force (force_mask, no energy) — what a campaign trains on.
 
-Both sides use the same precomputed pair sums and force Jacobians (`prepare_training_data`, timed
+Both sides use the same precomputed features and force Jacobians (`prepare_training_data`, timed
 separately as the one-off preparation): the batched side is one `EnsembleModel` of 10 members and
 `member_losses(...).sum().backward()`; the one-by-one side is 10 1-member models with the same
 initial weights, each with its own Adam, stepped in a Python loop. Epoch times are interleaved
@@ -30,13 +30,9 @@ TARGET_SPEEDUP = 5.0
 
 def training_set(n_bulk: int, n_chunks: int, seed: int = 0):
     """Labelled bulk cells (energy + forces) and central-atom-only chunks of the rattled Pt260."""
-    from pipeline.science.examples import bulk_training_cells, emt_label, rattled_cuboctahedron
-    from pipeline.science.structures import LabelledStructure
+    from pipeline.science.examples import bulk_training_cells, emt_labelled, rattled_cuboctahedron
 
-    structures = []
-    for atoms in bulk_training_cells(n_bulk, seed=seed):
-        labelled = emt_label(atoms)
-        structures.append(LabelledStructure(labelled, labelled.get_potential_energy(), labelled.get_forces()))
+    structures = [emt_labelled(atoms) for atoms in bulk_training_cells(n_bulk, seed=seed)]
     chunks = central_force_chunks(rattled_cuboctahedron(), n_chunks, seed)
     return structures + chunks, [len(chunk.atoms) for chunk in chunks]
 
@@ -45,78 +41,15 @@ def central_force_chunks(parent, n_chunks: int, seed: int = 0):
     """8 Å chunks of `parent` around `n_chunks` random atoms, EMT-labelled, training only the central
     atom's force (what a campaign trains on)."""
     from pipeline.science.chunks import carve_chunk
-    from pipeline.science.examples import emt_label
-    from pipeline.science.structures import LabelledStructure
+    from pipeline.science.examples import emt_labelled
 
     chunks = []
     for centre in np.random.default_rng(seed).choice(len(parent), size=min(n_chunks, len(parent)), replace=False):
         chunk = carve_chunk(parent, int(centre), radius_angstrom=8.0)
-        labelled = emt_label(chunk.atoms)
         mask = np.zeros(len(chunk.atoms), dtype=bool)
         mask[chunk.center_in_chunk] = True
-        chunks.append(LabelledStructure(labelled, None, labelled.get_forces(), mask))
+        chunks.append(emt_labelled(chunk.atoms, mask))
     return chunks
-
-
-class FeatureJacobianPrototype:
-    """Bench-only prototype of the training layout proposed in RESULTS.md §5 (not nft code).
-
-    Scaled features G (R, F) and the force Jacobian contracted with ∂G/∂S, i.e. ∂G/∂R (3F × R·F),
-    are computed once; an epoch is then the MLP on (M, R, F), its input gradient (double backward
-    only through the MLP) and one sparse product with M columns.
-    """
-
-    def __init__(self, model, data):
-        import torch
-        from torch.func import jacrev, vmap
-
-        descriptor = model.descriptor
-        sums = data.pair_sums
-        n_rows = sums.shape[0]
-        element = data.element_index
-        mean, std = model.feature_mean[element], model.feature_std[element]
-        self.features = (descriptor.features(sums) - mean) / std  # (R, F)
-        n_feat = self.features.shape[1]
-        d_features = vmap(jacrev(lambda s: descriptor.features(s)))(sums)  # (R, F, n_el, C)
-        d_features = d_features.flatten(2) / std.unsqueeze(-1)  # (R, F, W)
-        width = d_features.shape[2]
-        coo = data.force_jacobian.to_sparse_coo().coalesce()
-        i, col = coo.indices()
-        values = coo.values()
-        r, c = col // width, col % width
-        keys, inverse = torch.unique(i * n_rows + r, return_inverse=True)
-        dense = values.new_zeros(len(keys), width).index_put_((inverse, c), values, accumulate=True)
-        block_i, block_r = keys // n_rows, keys % n_rows
-        blocks = torch.einsum("bw,bfw->bf", dense, d_features[block_r])  # (n_blocks, F)
-        rows = block_i.repeat_interleave(n_feat)
-        cols = (block_r[:, None] * n_feat + torch.arange(n_feat)).reshape(-1)
-        shape = (coo.shape[0], n_rows * n_feat)
-        jac = torch.sparse_coo_tensor(torch.stack([rows, cols]), blocks.reshape(-1), shape).coalesce()
-        jac_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), blocks.reshape(-1), shape[::-1]).coalesce()
-        self.jacobian, self.jacobian_t = jac.to_sparse_csr(), jac_t.to_sparse_csr()
-        self.nnz = int(blocks.numel())
-
-    def labels(self, model, data):
-        import torch
-
-        from pipeline.science.training_data import SparseProduct
-
-        n_members = model.n_members
-        inputs = self.features.unsqueeze(0).expand(n_members, -1, -1).clone().requires_grad_(True)
-        atomic = model.networks(inputs, data.element_index) * model.energy_scale + model.energy_offset[data.element_index]
-        (grads,) = torch.autograd.grad(atomic.sum(), inputs, create_graph=True)
-        energies = atomic.new_zeros(n_members, len(data.energies)).index_add(1, data.energy_segment,
-                                                                             atomic[:, data.energy_rows])
-        forces = -SparseProduct.apply(self.jacobian, self.jacobian_t, grads.reshape(n_members, -1).T)
-        return energies, forces.T.reshape(n_members, -1, 3)
-
-    def losses(self, model, data, weights, settings):
-        energies, forces = self.labels(model, data)
-        w = weights[:, data.energy_structure]
-        loss = settings.energy_weight * (w * ((energies - data.energies) / data.energy_atoms) ** 2).sum(1)
-        w = weights[:, data.force_structure]
-        sq = ((forces - data.forces) ** 2).sum(-1)
-        return loss + settings.force_weight * (w * sq).sum(1) / w.sum(1).clamp_min(1.0)
 
 
 class PlainAutogradMember:
@@ -192,7 +125,6 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per round and side (default 5, quick 2)")
     parser.add_argument("--no-plain-autograd", action="store_true", help="skip the plain-autograd peer")
     parser.add_argument("--plain-rounds", type=int, default=1, help="epochs of the plain-autograd peer (slow: ~30 CPU-s)")
-    parser.add_argument("--no-prototype", action="store_true", help="skip the bench-only ∂G/∂R prototype rows")
     common.add_common_arguments(parser)
     args = parser.parse_args()
     common.set_threads(args.threads)
@@ -227,13 +159,12 @@ def main() -> None:
         times, data = common.timed(lambda: prepare_training_data(structures, model.descriptor))
         prep_times.append(times)
     prep = min(prep_times, key=lambda t: t["seconds"])
-    n_rows = int((data.features if hasattr(data, "features") else data.pair_sums).shape[0])
+    n_rows = int(data.features.shape[0])
     n_force_rows = int(data.forces.shape[0])
     nnz = int(data.force_jacobian.values().numel())
     fit_scaling(model, data, structures)
-    if hasattr(data, "scaled_by"):  # as train_ensemble does: features and Jacobians scaled once
-        scale_times, data = common.timed(lambda: data.scaled_by(model))
-        prep = {k: prep[k] + scale_times[k] for k in prep}
+    scale_times, data = common.timed(lambda: data.scaled_by(model))  # as train_ensemble does: scaled once
+    prep = {k: prep[k] + scale_times[k] for k in prep}
 
     settings = TrainingSettings()
     weights = torch.ones(members, len(structures), dtype=torch.float64)
@@ -277,58 +208,6 @@ def main() -> None:
     after_s = torch.cat([member_losses(s, data, single_weights, settings, create_graph=False).detach()
                          for s in singles])
     after_diff = float((after_b - after_s).abs().max() / after_b.abs().max())
-
-    proto_rows = []
-    if not hasattr(data, "pair_sums"):
-        proto_note = ("prototype rows skipped: nft itself now trains on precomputed features and ∂G/∂R "
-                      "(TrainingData has no pair sums)")
-    elif not args.no_prototype:
-        try:
-            proto_times, proto = common.timed(lambda: FeatureJacobianPrototype(model, data))
-            p_model = EnsembleModel(params, hidden=(5, 5), member_seeds=list(range(members)))
-            p_model.load_state_dict(model.state_dict())
-            p_singles = [common.single_member(p_model, m) for m in range(members)]
-            check = float((proto.losses(p_model, data, weights, settings).detach()
-                           - member_losses(p_model, data, weights, settings, create_graph=False).detach()).abs().max()
-                          / after_b.abs().max())
-            p_opt = torch.optim.Adam(p_model.networks.parameters(), lr=settings.learning_rate)
-            p_opts = [torch.optim.Adam(x.networks.parameters(), lr=settings.learning_rate) for x in p_singles]
-
-            def p_batched():
-                p_opt.zero_grad()
-                proto.losses(p_model, data, weights, settings).sum().backward()
-                p_opt.step()
-
-            def p_one_by_one():
-                for single, opt in zip(p_singles, p_opts):
-                    opt.zero_grad()
-                    proto.losses(single, data, single_weights, settings).sum().backward()
-                    opt.step()
-
-            p_batched()
-            p_one_by_one()
-            pb, ps = [], []
-            for _ in range(rounds):
-                times, _ = common.timed(lambda: run(p_batched))
-                pb.append({k: v / epochs for k, v in times.items()})
-                times, _ = common.timed(lambda: run(p_one_by_one))
-                ps.append({k: v / epochs for k, v in times.items()})
-            pbb, psb = min(pb, key=lambda t: t["seconds"]), min(ps, key=lambda t: t["seconds"])
-            proto_rows = [
-                ["prototype (bench only): features + ∂G/∂R precomputed, 10 members batched", pbb["seconds"] * 1e3,
-                 min(t["cpu_seconds"] for t in pb) * 1e3, np.median([t["seconds"] for t in pb]) * 1e3, "1.00×"],
-                ["prototype (bench only): same, 10 members one by one", psb["seconds"] * 1e3,
-                 min(t["cpu_seconds"] for t in ps) * 1e3, np.median([t["seconds"] for t in ps]) * 1e3,
-                 f"{psb['seconds'] / pbb['seconds']:.2f}×"],
-            ]
-            proto_note = (f"prototype: extra one-off {proto_times['seconds']:.2f} s wall for ∂G/∂R "
-                          f"({proto.nnz:,} non-zeros); its member losses equal nft's to {check:.1e} (relative); "
-                          f"batched prototype epoch vs nft batched epoch: "
-                          f"{min(t['seconds'] for t in batched) / pbb['seconds']:.1f}× faster")
-        except Exception as error:  # noqa: BLE001 - the prototype must not break the benchmark
-            proto_note = f"prototype failed: {type(error).__name__}: {error}"
-    else:
-        proto_note = ""
 
     naive_rows, naive_note = [], ""
     if not args.no_plain_autograd:
@@ -374,7 +253,7 @@ def main() -> None:
     ]
     print()
     print(common.markdown_table(["case", "best wall ms/epoch", "best CPU ms/epoch", "median wall ms/epoch",
-                                 "batched faster by"], rows + naive_rows + proto_rows))
+                                 "batched faster by"], rows + naive_rows))
     print()
     print(common.markdown_table(
         ["one-off preparation (descriptors + Jacobians)", "wall s", "CPU s", "rows", "trained force rows",
@@ -389,8 +268,6 @@ def main() -> None:
           f"{s_cpu / b_cpu:.2f}× (CPU) → {'MET' if ratio >= TARGET_SPEEDUP else 'NOT MET'}")
     if naive_note:
         print(naive_note)
-    if proto_note:
-        print(proto_note)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ fi
 
 # The project with its dev and PostgreSQL extras (editable).
 KEY="$(fingerprint pyproject.toml)"
-if ! stamp_ok project "$KEY" || ! "$PY" -c 'import pipeline' >/dev/null 2>&1; then
+if ! stamp_ok project "$KEY" || ! "$PY" -c 'import pipeline, mypy' >/dev/null 2>&1; then
     log "pip: -e .[dev,postgresql]"
     pip_install "$TORCH_SPEC" -e ".[dev,postgresql]"
     stamp_set project "$KEY"

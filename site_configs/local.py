@@ -1,6 +1,5 @@
 """This machine: one HighThroughputExecutor on a LocalProvider, one worker per core.
 
-Options: `workers` (default: the machine's cores), `worker_init` (extra shell lines).
 GPAW jobs started here use `mpiexec` directly (no batch scheduler to share nodes); with R ranks per
 job, `workers` ≈ cores / R keeps the machine from being oversubscribed.
 """
@@ -11,22 +10,23 @@ from parsl.executors import HighThroughputExecutor
 from parsl.jobs.error_handlers import windowed_error_handler
 from parsl.providers import LocalProvider
 
-from pipeline.execution.sites import worker_environment
+from pipeline.execution.options import PositiveInt, String
+from pipeline.execution.sites import SiteOptions, worker_environment
 
-OPTIONS = {"workers": None, "worker_init": None}
+
+class Options(SiteOptions):
+    workers: PositiveInt | None = None  # worker processes; default: the machine's cores
+    worker_init: String | None = None  # shell lines run before the workers start; else $NFT_WORKER_INIT
 
 
-def make_config(run_dir, options):
+def make_config(run_dir, options: Options) -> Config:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = cores if options["workers"] is None else options["workers"]
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"option workers must be an integer >= 1, got {workers!r}")
     return Config(
         executors=[
             HighThroughputExecutor(
                 label="local",
                 address="127.0.0.1",
-                max_workers_per_node=workers,
+                max_workers_per_node=options.workers or cores,
                 cores_per_worker=1,
                 encrypted=True,  # CurveZMQ: other users of a shared machine can reach these local ports
                 heartbeat_period=2,
@@ -38,7 +38,7 @@ def make_config(run_dir, options):
                     init_blocks=1,
                     min_blocks=1,
                     max_blocks=1,
-                    worker_init=worker_environment(options, end_with_driver=True),  # workers die with the driver
+                    worker_init=worker_environment(options.worker_init, end_with_driver=True),  # workers die with the driver
                 ),
             )
         ],

@@ -16,7 +16,7 @@ from ase.io import write
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.science.examples import bulk_training_cells, emt_label
+from pipeline.science.examples import bulk_training_cells, emt_label, emt_labelled
 from tests.plugins.campaign_fixtures import rattled_cluster, write_campaign
 
 pytestmark = pytest.mark.timeout(120)
@@ -134,12 +134,10 @@ def diverged_model(here: Path) -> list[str]:
     import torch
 
     from pipeline.science.settings import TrainingSettings
-    from pipeline.science.structures import LabelledStructure
     from pipeline.science.training import train_ensemble
     from pipeline.storage.model_file import save_model
 
-    cells = [emt_label(cell) for cell in bulk_training_cells(count=2, seed=3)]
-    model, _ = train_ensemble([LabelledStructure(c, c.get_potential_energy(), c.get_forces()) for c in cells],
+    model, _ = train_ensemble([emt_labelled(cell) for cell in bulk_training_cells(count=2, seed=3)],
                               TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0))
     with torch.no_grad():
         model.networks.weights[0][0, 0, 0] = float("nan")
@@ -158,12 +156,10 @@ def evaluate_files(*files: list[Atoms] | None, reference: str = "emt") -> Callab
     holding the given images (None: the file is not written, so it is missing)."""
     def make(here: Path) -> list[str]:
         from pipeline.science.settings import TrainingSettings
-        from pipeline.science.structures import LabelledStructure
         from pipeline.science.training import train_ensemble
         from pipeline.storage.model_file import save_model
 
-        cells = [emt_label(cell) for cell in bulk_training_cells(count=2, seed=3)]
-        data = [LabelledStructure(c, c.get_potential_energy(), c.get_forces()) for c in cells]
+        data = [emt_labelled(cell) for cell in bulk_training_cells(count=2, seed=3)]
         model, _ = train_ensemble(data, TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0))
         save_model(model, here / "model.nft")
         paths = [here / ("probe.traj" if len(files) == 1 else f"probe{k}.traj") for k in range(len(files))]
@@ -274,15 +270,13 @@ def relax_with_a_changed_model(here: Path) -> list[str]:
     """`nft relax` of a campaign whose recorded latest model file had one byte flipped afterwards."""
     from pipeline.campaign.config import load_config
     from pipeline.science.settings import TrainingSettings
-    from pipeline.science.structures import LabelledStructure
     from pipeline.science.training import train_ensemble
     from pipeline.storage.model_file import save_model
     from pipeline.storage.store import CampaignStore
 
     arguments = relax()(here)
     campaign = load_config(arguments[1])
-    cells = [emt_label(cell) for cell in bulk_training_cells(count=2, seed=3)]
-    model, _ = train_ensemble([LabelledStructure(c, c.get_potential_energy(), c.get_forces()) for c in cells],
+    model, _ = train_ensemble([emt_labelled(cell) for cell in bulk_training_cells(count=2, seed=3)],
                               TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0))
     path = save_model(model, campaign.workdir / "models" / "iteration-001.nft")
     with CampaignStore.open(campaign.database_url, campaign.name, campaign.as_dict(), files_root=campaign.workdir) as store:

@@ -1,7 +1,8 @@
 """The device and precision a user gets by default: "auto" (cuda when torch sees a GPU, else cpu),
 float32 prediction in blocks of 1024 atoms with the campaign's δ within 1e-4 of float64's.
 
-No GPU here: "auto" must resolve to the CPU and an explicit "cuda" must be a one-line bad input.
+Every check runs everywhere but those marked `without_a_gpu`: on a machine without a GPU "auto"
+must resolve to the CPU and an explicit "cuda" must be a one-line bad input.
 """
 from pathlib import Path
 
@@ -20,24 +21,21 @@ from pipeline.execution.distributed_training import _default_backend, train_dist
 from pipeline.execution.payloads import labelled_to_payload
 from pipeline.execution.sites import load_site
 from pipeline.science.calculator import PREDICTION_BLOCK_SIZE, PREDICTION_DTYPE, EnsembleCalculator
-from pipeline.science.examples import bulk_training_cells, emt_label, rattled_cuboctahedron
+from pipeline.science.examples import bulk_training_cells, emt_label, emt_labelled, rattled_cuboctahedron
 from pipeline.science.structures import LabelledStructure, atoms_to_payload
 from pipeline.science.settings import TrainingSettings
 from pipeline.science.device import resolve_device
 from pipeline.science.training import train_ensemble
 from pipeline.storage.model_file import load_ensemble, save_model
 
-pytestmark = [
-    pytest.mark.timeout(300),
-    pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour of a machine without a GPU"),
-]
+pytestmark = pytest.mark.timeout(300)
+without_a_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour of a machine without a GPU")
 
 DELTA_RELATIVE_TOLERANCE = 1e-4  # the campaign decides convergence on max δ
 
 
 def labelled(count: int, seed: int) -> list[LabelledStructure]:
-    cells = [emt_label(atoms) for atoms in bulk_training_cells(count, seed=seed)]
-    return [LabelledStructure(a, a.get_potential_energy(), a.get_forces()) for a in cells]
+    return [emt_labelled(atoms) for atoms in bulk_training_cells(count, seed=seed)]
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +54,22 @@ def rattled_crystal(repeat=(3, 3, 3)):
 
 # ----- resolving the device -----------------------------------------------------------------
 
-def test_auto_is_the_default_and_resolves_to_the_cpu_here():
+def test_auto_is_the_default_and_unknown_devices_are_errors():
     assert TrainingSettings().device == "auto"
-    assert resolve_device("auto") == torch.device("cpu")
     assert resolve_device("cpu") == torch.device("cpu")
-
-
-def test_cuda_without_a_gpu_and_unknown_devices_are_errors():
-    with pytest.raises(ValueError, match="device 'cuda'.*no CUDA GPU"):
-        resolve_device("cuda")
     with pytest.raises(ValueError, match="device\n.*'auto', 'cpu' or 'cuda'"):
         TrainingSettings(device="gpu")
+
+
+@without_a_gpu
+def test_auto_resolves_to_the_cpu_here():
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+@without_a_gpu
+def test_cuda_without_a_gpu_is_an_error():
+    with pytest.raises(ValueError, match="device 'cuda'.*no CUDA GPU"):
+        resolve_device("cuda")
     with pytest.raises(ValueError, match="no CUDA GPU"):
         TrainingSettings(device="cuda")  # refused where it is validated: no GPU here
     on_a_gpu_host = TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0).model_copy(update={"device": "cuda"})
@@ -87,7 +90,9 @@ def test_config_device_defaults_to_auto(small_campaign):
     assert load_config(small_campaign()).file.model.device == "auto"
 
 
-@pytest.mark.parametrize("device, needle", [("gpu", "'auto', 'cpu' or 'cuda'"), ("cuda", "no CUDA GPU")])
+@pytest.mark.parametrize("device, needle", [
+    ("gpu", "'auto', 'cpu' or 'cuda'"), pytest.param("cuda", "no CUDA GPU", marks=without_a_gpu),
+])
 def test_config_device_errors_are_one_line_naming_the_field(small_campaign, device, needle):
     with pytest.raises(BadInput) as raised:
         load_config(small_campaign({"model": {"device": device}}))
@@ -117,6 +122,7 @@ def test_nft_train_on_the_cpu(training_file, tmp_path):
     assert evaluated.exit_code == 0, evaluated.output
 
 
+@without_a_gpu
 @pytest.mark.parametrize("command", ["train", "evaluate"])
 def test_device_cuda_without_a_gpu_is_one_line_exit_2(training_file, tmp_path, command):
     model = tmp_path / "m.nft"
@@ -139,12 +145,16 @@ def test_unknown_device_option_is_one_line_exit_2(training_file, tmp_path):
 
 # ----- the apps and the sites ---------------------------------------------------------------
 
-def test_a_site_device_decides_what_auto_means_on_its_workers(monkeypatch, tmp_path):
+def test_a_site_device_decides_what_auto_means_on_its_workers(monkeypatch):
     monkeypatch.delenv(SITE_DEVICE_VARIABLE, raising=False)
     assert worker_device("auto") == "auto" and worker_device("cpu") == "cpu"
     monkeypatch.setenv(SITE_DEVICE_VARIABLE, "cuda")
     assert worker_device("auto") == "cuda" and worker_device("cpu") == "cpu"
-    # a GPU worker whose torch sees no GPU fails instead of training on its CPUs
+
+
+@without_a_gpu
+def test_a_gpu_worker_without_a_gpu_fails_instead_of_training_on_its_cpus(monkeypatch, tmp_path):
+    monkeypatch.setenv(SITE_DEVICE_VARIABLE, "cuda")
     payload = [labelled_to_payload(s) for s in labelled(2, seed=3)]
     with pytest.raises(ValueError, match="no CUDA GPU"):
         training_job(payload, {"ensemble": 2, "epochs": 1, "optimizer": "lbfgs", "lbfgs_steps": 0}, str(tmp_path / "m.nft"))
@@ -156,10 +166,11 @@ def test_the_gpu_site_exports_its_device_to_the_training_node_only(tmp_path):
     assert f"export {SITE_DEVICE_VARIABLE}=cuda" in by_label["training"].provider.worker_init
     assert SITE_DEVICE_VARIABLE not in by_label["reference"].provider.worker_init
     assert "--gpus-per-node=2" in by_label["training"].provider.scheduler_options
-    with pytest.raises(Exception, match="device must be 'cuda' or 'auto'"):
+    with pytest.raises(Exception, match="site option 'device': must be one of cuda, auto"):
         load_site("slurm_gpu", tmp_path / "cpu", {"device": "cpu"})
 
 
+@without_a_gpu
 def test_training_job_reports_the_device_it_trained_on(monkeypatch, tmp_path):
     monkeypatch.delenv(SITE_DEVICE_VARIABLE, raising=False)
     payload = [labelled_to_payload(s) for s in labelled(2, seed=3)]
@@ -167,8 +178,12 @@ def test_training_job_reports_the_device_it_trained_on(monkeypatch, tmp_path):
     assert metrics["device"] == "cpu" and metrics["world_size"] == 1  # no GPU: one process
 
 
-def test_distributed_training_uses_gloo_on_the_cpu_and_refuses_cuda_without_a_gpu(tmp_path):
+def test_distributed_training_uses_gloo_on_the_cpu():
     assert _default_backend("cpu") == "gloo"
+
+
+@without_a_gpu
+def test_distributed_training_refuses_cuda_without_a_gpu(tmp_path):
     payload = [labelled_to_payload(s) for s in labelled(2, seed=3)]
     with pytest.raises(ValueError, match="no CUDA GPU"):
         on_a_gpu_host = TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0).model_copy(update={"device": "cuda"})

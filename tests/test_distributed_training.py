@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 from ase.build import bulk
-from ase.calculators.emt import EMT
 
 from pipeline.execution.apps import make_apps
 from pipeline.execution.distributed_training import member_shards, merge_member_states, train_distributed
 from pipeline.execution.payloads import labelled_to_payload
-from pipeline.execution.sites import load_site, parsl_session
-from pipeline.science.structures import LabelledStructure, atoms_to_payload
+from pipeline.execution.parsl_session import parsl_session
+from pipeline.execution.sites import load_site
+from pipeline.science.examples import emt_labelled
+from pipeline.science.structures import atoms_to_payload
 from pipeline.science.settings import TrainingSettings
 from pipeline.science.training import train_ensemble
 from pipeline.storage.model_file import load_ensemble
@@ -31,15 +32,13 @@ def labelled_platinum_cells():
     for k, (scale, cells) in enumerate([(1.00, (1, 1, 1)), (1.02, (2, 1, 1)), (0.98, (1, 1, 1)), (1.01, (1, 2, 1))]):
         atoms = bulk("Pt", "fcc", a=3.92 * scale, cubic=True) * cells
         atoms.rattle(0.08, seed=k)
-        atoms.calc = EMT()
-        structures.append(LabelledStructure(atoms, atoms.get_potential_energy(), atoms.get_forces()))
+        structures.append(emt_labelled(atoms))
     # a chunk-like structure: only the central force is trained, no energy
     chunk = bulk("Pt", "fcc", a=3.92, cubic=True) * (2, 2, 2)
     chunk.rattle(0.1, seed=9)
-    chunk.calc = EMT()
     mask = np.zeros(len(chunk), dtype=bool)
     mask[0] = True
-    structures.append(LabelledStructure(chunk, None, chunk.get_forces(), mask))
+    structures.append(emt_labelled(chunk, mask))
     return structures
 
 

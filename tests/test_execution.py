@@ -16,7 +16,8 @@ from parsl.executors.high_throughput.errors import WorkerLost
 from pipeline.errors import BadInput
 from pipeline.execution.apps import make_apps, route
 from pipeline.execution.parents import EmtParent, ReferenceFailed, parent_for
-from pipeline.execution.sites import SiteError, load_site, parsl_session, site_names
+from pipeline.execution.parsl_session import parsl_session
+from pipeline.execution.sites import SiteError, load_site, site_names
 from pipeline.science.structures import atoms_to_payload
 
 pytestmark = pytest.mark.timeout(180)

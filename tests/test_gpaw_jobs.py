@@ -15,7 +15,8 @@ from ase.build import molecule
 
 from pipeline.execution.apps import make_apps
 from pipeline.execution.parents import ReferenceFailed, parent_for
-from pipeline.execution.sites import load_site, parsl_session
+from pipeline.execution.parsl_session import parsl_session
+from pipeline.execution.sites import load_site
 from pipeline.science.structures import atoms_to_payload
 
 HAVE_GPAW = importlib.util.find_spec("gpaw") is not None

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.science.initial_sets import (
-    InitialSetSettings, composition_counts, default_min_separation, initial_crystals, min_interatomic_distance,
+    InitialSetSettings, composition_counts, default_min_distance, initial_crystals, min_interatomic_distance,
     propose_variants, prototype_crystals, random_alloy_crystals, relax_cell, within_energy_window,
 )
 from pipeline.storage.store import CampaignStore
@@ -47,7 +47,7 @@ def expected_set(settings: InitialSetSettings) -> tuple[list, int, int]:
     relaxed = [relax_cell(atoms, EMT(), settings.relax_fmax, settings.relax_steps) for _, atoms in initial_crystals(settings)]
     kept, rejected = [], 0
     for round_index in range(settings.max_rounds):
-        for index, atoms in propose_variants([r[0] for r in relaxed], settings, round_index, default_min_separation(settings.elements)):
+        for index, atoms in propose_variants([r[0] for r in relaxed], settings, round_index, default_min_distance(settings.elements)):
             cell = relaxed[index][0]
             if within_energy_window(emt_energy(atoms), len(atoms), relaxed[index][1], len(cell), settings.energy_window):
                 kept.append(atoms)
@@ -64,7 +64,7 @@ def test_a_generated_set_has_the_count_sizes_separations_and_energy_window(tmp_p
     assert result.exit_code == 0, result.output
     cells = read(output, ":")
     assert len(cells) == 8
-    separation = default_min_separation(["Pt"])
+    separation = default_min_distance(["Pt"])
     assert separation == pytest.approx(0.75 * 2 * 1.36)  # ASE's covalent radius of Pt, 1.36 Å
     for atoms in cells:
         assert 2 <= len(atoms) <= 16 and atoms.pbc.all()
@@ -119,7 +119,7 @@ def test_a_three_element_set_has_the_count_sizes_separations_window_and_every_el
     assert result.exit_code == 0, result.output
     cells = read(output, ":")
     assert len(cells) == 8
-    separation = default_min_separation(["Cu", "Ag", "Au"])
+    separation = default_min_distance(["Cu", "Ag", "Au"])
     assert separation == pytest.approx(0.75 * 2 * 1.32)  # Cu's covalent radius, the smallest
     for atoms in cells:
         assert 2 <= len(atoms) <= 16 and atoms.pbc.all()

@@ -14,7 +14,8 @@ from ase.build import bulk
 
 from pipeline.execution.apps import make_apps
 from pipeline.execution.parents import EmtParent
-from pipeline.execution.sites import SAFE_ALIAS_PREFIX, load_site, parsl_session
+from pipeline.execution.parsl_session import SAFE_ALIAS_PREFIX, parsl_session
+from pipeline.execution.sites import load_site
 from pipeline.science.structures import atoms_to_payload
 from tests.plugins.campaign_fixtures import run_nft, write_campaign
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.science.chunks import carve_chunk
-from pipeline.science.examples import bulk_training_cells, emt_label, rattled_cuboctahedron
+from pipeline.science.examples import bulk_training_cells, emt_labelled, rattled_cuboctahedron
 from pipeline.science.structures import LabelledStructure
 from pipeline.science.settings import TrainingSettings
 from pipeline.science.losses import member_losses, member_losses_with_gradients
@@ -17,11 +17,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def labelled(atoms_list):
-    out = []
-    for atoms in atoms_list:
-        labelled_atoms = emt_label(atoms)
-        out.append(LabelledStructure(labelled_atoms, labelled_atoms.get_potential_energy(), labelled_atoms.get_forces()))
-    return out
+    return [emt_labelled(atoms) for atoms in atoms_list]
 
 
 def chunk_structures(count=4, seed=0):
@@ -29,10 +25,10 @@ def chunk_structures(count=4, seed=0):
     parent = rattled_cuboctahedron()
     chunks = []
     for center in np.random.default_rng(seed).choice(len(parent), count, replace=False):
-        chunk = emt_label(carve_chunk(parent, int(center), 6.0, 4.0).atoms)
+        chunk = carve_chunk(parent, int(center), 6.0, 4.0).atoms
         mask = np.zeros(len(chunk), dtype=bool)
         mask[0] = True
-        chunks.append(LabelledStructure(chunk, None, chunk.get_forces(), mask))
+        chunks.append(emt_labelled(chunk, mask))
     return chunks
 
 

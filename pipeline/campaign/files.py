@@ -3,10 +3,10 @@ of a campaign such as `nft status` and `nft report` need not import the Parsl-dr
 marker that gives each campaign a workdir of its own."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pipeline.errors import BadInput
+from pipeline.storage.atomic import write_text_atomically
 
 MODEL_NAME = "model.nft"
 SUMMARY_NAME = "summary.json"
@@ -56,7 +56,5 @@ def claim_workdir(workdir: Path, campaign: str, *, new_campaign: bool) -> None:
         )
     workdir.mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
-        temporary = marker.with_name(f"{OWNER_NAME}.{os.getpid()}.tmp")
-        temporary.write_text(campaign + "\n", encoding="utf-8")
-        os.replace(temporary, marker)
+        write_text_atomically(marker, campaign + "\n")
         check_workdir_owner(workdir, campaign)  # two first runs at once: the last rename won

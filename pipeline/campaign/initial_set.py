@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -23,11 +22,13 @@ from pipeline.campaign.reference_jobs import ReferenceJobRunner, Submit
 from pipeline.errors import RunFailed
 from pipeline.execution.apps import SiteApps, make_apps
 from pipeline.execution.parents import Parent
-from pipeline.execution.sites import PARSL_DIR_NAME, load_site, parsl_session
+from pipeline.execution.parsl_session import parsl_session
+from pipeline.execution.sites import PARSL_DIR_NAME, load_site
 from pipeline.science.initial_sets import (
-    InitialSetSettings, default_min_separation, initial_crystals, min_interatomic_distance, propose_variants,
+    InitialSetSettings, default_min_distance, initial_crystals, min_interatomic_distance, propose_variants,
     within_energy_window,
 )
+from pipeline.storage.atomic import write_atomically
 from pipeline.storage.lease import held_lease
 from pipeline.storage.store import CampaignStore
 
@@ -52,7 +53,7 @@ def settings_problem(settings: InitialSetSettings, parent: Parent) -> tuple[str,
     if not crystals:
         groups = ", ".join(map(str, settings.space_groups or ()))
         return "space_groups", f"no space group among {groups} has a prototype for {len(elements)} element(s) ({', '.join(elements)})"
-    separation = min_separation(settings)
+    separation = min_distance(settings)
     bond = max(min_interatomic_distance(atoms, 4.0 * separation) for _, atoms in crystals)
     if separation >= bond:
         return "min_separation", (
@@ -62,11 +63,12 @@ def settings_problem(settings: InitialSetSettings, parent: Parent) -> tuple[str,
     return None
 
 
-def min_separation(settings: InitialSetSettings) -> float:
-    """The minimum interatomic separation (Å): the setting, or the default from covalent radii."""
+def min_distance(settings: InitialSetSettings) -> float:
+    """The closest two atoms of a generated cell may be, Å: `min_separation`, or the default from
+    covalent radii (not `chunks.min_separation`, the spacing of chunk centres)."""
     if settings.min_separation is not None:
         return settings.min_separation
-    return default_min_separation(settings.elements or ())
+    return default_min_distance(settings.elements or ())
 
 
 class InitialSetGenerator:
@@ -90,7 +92,7 @@ class InitialSetGenerator:
         settings, store = self.settings, self.store
         store.reset_unfinished()
         relaxed = self.relaxed_cells()
-        separation = min_separation(settings)
+        separation = min_distance(settings)
         kept: list[Atoms] = []
         for round_index in range(settings.max_rounds):
             try:
@@ -198,11 +200,9 @@ def write_labelled_set(path: Path, cells: list[Atoms]) -> None:
     """Write the labelled cells to `path` (format from its name) atomically: all of it or nothing."""
     from ase.io import write
 
-    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
-        write(str(temporary), cells)
-        os.replace(temporary, path)
+        with write_atomically(path) as temporary:
+            write(str(temporary), cells)
     except Exception as error:
-        temporary.unlink(missing_ok=True)
         raise RunFailed(f"{path}: cannot write the initial set ({error})") from None
 

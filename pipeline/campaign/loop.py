@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,14 +33,17 @@ from pipeline.campaign.training_set import chunk_labels, training_structures
 from pipeline.errors import RunFailed, error_text
 from pipeline.execution.apps import SiteApps, make_apps
 from pipeline.execution.payloads import TargetPrediction, labelled_to_payload
-from pipeline.execution.sites import PARSL_DIR_NAME, check_site, load_site, parsl_session
+from pipeline.execution.parsl_session import parsl_session
+from pipeline.execution.sites import PARSL_DIR_NAME, check_site, load_site
 from pipeline.science.chunks import carve_chunk
 from pipeline.science.selection import candidate_pool, farthest_point_reports, most_uncertain_report
 from pipeline.science.structures import atoms_to_payload
+from pipeline.storage.atomic import write_atomically, write_text_atomically
 from pipeline.storage.lease import held_lease
 from pipeline.storage.records import JobRecord
 from pipeline.storage.hashing import file_sha256
 from pipeline.storage.store import CampaignStore
+from pipeline.storage.structure_file import stored_labels
 
 WALL_TIME_PARTS = ("training", "prediction", "reference", "overhead")
 TRAINING_STRUCTURES_KEY = "training_structures"
@@ -142,9 +144,9 @@ class Campaign:
         for atoms in config.initial:
             structure_id = store.add_structure("initial", atoms)
             job_id = store.add_job(structure_id, self.calculator, self.job_params)
-            labels = _labels(atoms)
-            if labels is not None and store.job(job_id).status != "done":
-                store.store_result(job_id, labels[0], labels[1], host="input file")  # no calculation ran: no wall time
+            labels = stored_labels(atoms)
+            if labels is not None and labels.energy is not None and store.job(job_id).status != "done":
+                store.store_result(job_id, labels.energy, labels.forces, host="input file")  # no calculation ran: no wall time
                 labelled += 1
         self.repair_chunks()
         reset = store.reset_unfinished()
@@ -299,8 +301,9 @@ class Campaign:
             if job.calculator != self.calculator:
                 continue
             structure = self.store.structure(job.structure_id)
-            if structure.parent_id in parents and abs(float(structure.radius) - radius) < 1e-6:
-                failed.setdefault(structure.parent_id, set()).add(int(structure.center_in_parent))
+            parent = structure.parent_id
+            if parent is not None and parent in parents and abs(structure.chunk_radius - radius) < 1e-6:
+                failed.setdefault(parent, set()).add(structure.parent_center)
         return failed
 
     def recorded_metrics(self) -> dict[int, dict[str, Any]]:
@@ -358,13 +361,13 @@ class Campaign:
         evaluation = evaluate_model(model_path, targets, self.parent, self.config.file.model.device, skip_failed=True)
         errors = {}
         for k, (atoms, item) in enumerate(zip(targets, evaluation.structures)):
-            if item.failure is not None:
+            mae = item.force_mae
+            if item.failure is not None or mae is None:
                 self.observer.message(f"no force MAE for target {k}: {item.failure}")
                 continue
-            errors[f"target {k}"] = item.force_mae
+            errors[f"target {k}"] = mae
             self.observer.message(
-                f"final model vs {self.parent.name.upper()} on target {k} ({len(atoms)} atoms): "
-                f"force MAE {errors[f'target {k}']:.4f} eV/Å"
+                f"final model vs {self.parent.name.upper()} on target {k} ({len(atoms)} atoms): force MAE {mae:.4f} eV/Å"
             )
         return errors
 
@@ -380,9 +383,8 @@ class Campaign:
         source = self.store.model_file(record)
         destination = self.config.workdir / MODEL_NAME
         if not destination.is_file() or file_sha256(destination) != record.sha256:
-            temporary = destination.with_name(destination.name + ".tmp")
-            shutil.copyfile(source, temporary)
-            temporary.replace(destination)
+            with write_atomically(destination) as temporary:
+                shutil.copyfile(source, temporary)
         return destination
 
     def last_iteration(self) -> int:
@@ -523,7 +525,7 @@ class Driver:
         if not history or history[-1].carved:
             return self.campaign.finished_reason()
         last = history[-1]
-        draft = [*history[:-1], MeasuredIteration(last.iteration, last.max_delta)]
+        draft: list[Iteration] = [*history[:-1], MeasuredIteration(last.iteration, last.max_delta)]
         if stop_reason(draft, self.config) is not None:
             return stop_reason(draft, self.config)
         model = next(record for record in self.store.models() if record.iteration == last.iteration)
@@ -590,18 +592,6 @@ class Driver:
 # ---------------------------------------------------------------------------------------------
 # Small helpers.
 
-def _labels(atoms: Atoms) -> tuple[float, np.ndarray] | None:
-    """Energy (eV) and forces (eV/Å) stored with a structure in its file, or None."""
-    calc = atoms.calc
-    results = getattr(calc, "results", None) or {}
-    if "energy" not in results or "forces" not in results:
-        return None
-    forces = np.asarray(results["forces"], dtype=float)
-    if forces.shape != (len(atoms), 3) or not np.all(np.isfinite(forces)) or not math.isfinite(float(results["energy"])):
-        return None
-    return float(results["energy"]), forces
-
-
 def _selection_ranking(prediction: TargetPrediction, measure: str) -> np.ndarray:
     """What orders a target's atoms for selection: δ_i (eV/Å) for "force", δE_i (eV) for "energy"."""
     return prediction.energy_uncertainties if measure == "energy" else prediction.uncertainties
@@ -614,7 +604,5 @@ def _plain(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
+    """Write JSON atomically (`write_text_atomically`)."""
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,21 +24,23 @@ from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.files import RELAXATIONS_NAME, check_workdir_owner
 from pipeline.campaign.identity import check_same_campaign
 from pipeline.campaign.history import history_entry
-from pipeline.campaign.loop import PARSL_DIR_NAME, TRAINING_STRUCTURES_KEY, Campaign, Driver, IterationTimer
+from pipeline.campaign.loop import TRAINING_STRUCTURES_KEY, Campaign, Driver, IterationTimer
 from pipeline.campaign.metrics import finite_or_none
 from pipeline.campaign.observer import CampaignObserver
 from pipeline.campaign.status import open_existing_store
 from pipeline.errors import BadInput
 from pipeline.execution.apps import make_apps
 from pipeline.execution.payloads import TargetPrediction
-from pipeline.execution.sites import load_site, parsl_session
+from pipeline.execution.parsl_session import parsl_session
+from pipeline.execution.sites import PARSL_DIR_NAME, check_site, load_site
 from pipeline.science.calculator import EnsembleCalculator
 from pipeline.science.structures import ase_can_write
 from pipeline.science.relaxation import (
-    OPTIMIZERS, Improvement, RelaxationStep, relax_with_uncertainty,
+    DEFAULT_FMAX, DEFAULT_MAX_STEPS, DEFAULT_OPTIMIZER, OPTIMIZERS, Improvement, RelaxationStep, relax_with_uncertainty,
 )
 from pipeline.storage.lease import held_lease
 from pipeline.storage.model_file import load_ensemble
+from pipeline.storage.atomic import write_atomically, write_text_atomically
 from pipeline.storage.hashing import atoms_geometry_hash
 
 RELAXATION_KEY = "relaxation"
@@ -84,9 +84,9 @@ def relax_structure(
     atoms: Atoms,
     structure_label: str,
     output: Path,
-    fmax: float = 0.05,
-    optimizer: str = "BFGS",
-    max_steps: int = 200,
+    fmax: float = DEFAULT_FMAX,
+    optimizer: str = DEFAULT_OPTIMIZER,
+    max_steps: int = DEFAULT_MAX_STEPS,
     site: str | None = None,
     observer: CampaignObserver | None = None,
 ) -> dict[str, Any]:
@@ -106,8 +106,7 @@ def relax_structure(
         raise BadInput(f"-o: {output.name}: ASE has no writer for this file name (use e.g. .traj, .extxyz, .xyz)")
     site_name = site or config.site
     site_options = dict(config.file.site.options)
-    with tempfile.TemporaryDirectory(prefix="nft-site-check-") as scratch:
-        load_site(site_name, Path(scratch) / PARSL_DIR_NAME, site_options)
+    check_site(site_name, site_options)  # bad site or options: BadInput now
     outputs = RelaxOutputs(output)
     check_workdir_owner(config.workdir, config.name)
     with open_existing_store(config) as store:
@@ -313,7 +312,7 @@ class _Relaxation:
     def _write_state(self) -> None:
         self.state["wall_time_s"] = self.state.get("wall_time_s", 0.0) + (time.perf_counter() - self.started)
         self.started = time.perf_counter()
-        _write_atomically(self.outputs.steps_json, json.dumps(self.state, indent=1) + "\n")
+        write_text_atomically(self.outputs.steps_json, json.dumps(self.state, indent=1) + "\n")
         _write_steps_csv(self.outputs.steps_csv, self.state["steps"])
 
     def summary(self) -> dict[str, Any]:
@@ -351,12 +350,15 @@ def _register_relaxation(config: CampaignConfig, steps_json: Path) -> None:
         paths = []
     path = str(steps_json.resolve())
     if path not in paths:
-        _write_atomically(registry, json.dumps([*paths, path], indent=1) + "\n")
+        write_text_atomically(registry, json.dumps([*paths, path], indent=1) + "\n")
 
 
 def read_last_frame(path: Path) -> Atoms:
     """The last frame of a relaxation trajectory (its geometry, results and per-atom δ_i)."""
-    return read(str(path), index=-1, format="extxyz")
+    frame = read(str(path), index=-1, format="extxyz")
+    if not isinstance(frame, Atoms):  # one index reads one frame
+        raise ValueError(f"{path}: no single last frame")
+    return frame
 
 
 def _state_geometry(atoms: Atoms) -> dict[str, Any]:
@@ -374,16 +376,8 @@ def _atoms_from_state(state: Mapping[str, Any]) -> Atoms:
 
 
 def _write_steps_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", newline="") as handle:
+    with write_atomically(path) as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=STEP_COLUMNS)
         writer.writeheader()
         for row in rows:
             writer.writerow({key: ("" if row[key] is None else row[key]) for key in STEP_COLUMNS})
-    os.replace(temporary, path)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)

@@ -153,9 +153,9 @@ def _labelled_forces(
     reference, predicted, deltas, centre = [], [], [], []
     for structure, result in labelled:
         if structure.kind == "chunk":
-            in_chunk = int(structure.center_in_chunk)
+            in_chunk = structure.chunk_center
             if structure.parent_id in on_target:
-                prediction, atom = on_target[structure.parent_id], int(structure.center_in_parent)
+                prediction, atom = on_target[structure.parent_id], structure.parent_center
             else:  # a chunk of a structure that is not a target: predicted in the chunk itself
                 prediction, atom = _predict(model, structure.atoms), in_chunk
             reference.append(np.asarray(result.forces)[in_chunk][None, :])

@@ -22,6 +22,7 @@ import numpy as np
 from ase import Atoms
 
 from pipeline.science.chunks import shared_environment
+from pipeline.science.settings import TrainingSettings
 from pipeline.science.structures import LabelledStructure
 from pipeline.storage.store import CampaignStore
 
@@ -40,7 +41,7 @@ def training_structures(
     calculator: str,
     params: Mapping[str, Any],
     environment: TrainingEnvironment = "target",
-    cutoff_angstrom: float = 6.5,
+    cutoff_angstrom: float = TrainingSettings.model_fields["cutoff"].default,
 ) -> list[LabelledStructure]:
     """Everything the campaign's reference results train, oldest first (see the module docstring)."""
     if environment not in TRAINING_ENVIRONMENTS:
@@ -51,11 +52,11 @@ def training_structures(
         if structure.kind != "chunk":
             labelled.append(LabelledStructure(structure.atoms, result.energy, result.forces))
             continue
-        center = int(structure.center_in_chunk)
+        center = structure.chunk_center
         if environment == "chunk" or structure.parent_id is None:
             labelled.append(central_force_row(structure.atoms, center, result.forces[center]))
             continue
-        rows_by_parent.setdefault(int(structure.parent_id), {})[int(structure.center_in_parent)] = result.forces[center]
+        rows_by_parent.setdefault(structure.parent_id, {})[structure.parent_center] = result.forces[center]
     for parent_id, labels in rows_by_parent.items():
         labelled.extend(target_environment_rows(store.atoms(parent_id), labels, cutoff_angstrom))
     return labelled
@@ -68,10 +69,11 @@ def chunk_labels(
     job: the parent's force on the central atom, eV/Å, shape (3,). What training uses."""
     labels: dict[int, dict[int, np.ndarray]] = {}
     for structure, result in store.labelled_structures(calculator, params):
-        if structure.kind != "chunk" or (parent_ids is not None and structure.parent_id not in parent_ids):
+        parent = structure.parent_id
+        if structure.kind != "chunk" or parent is None or (parent_ids is not None and parent not in parent_ids):
             continue
         forces = np.asarray(result.forces, dtype=float)
-        labels.setdefault(int(structure.parent_id), {})[int(structure.center_in_parent)] = forces[int(structure.center_in_chunk)]
+        labels.setdefault(parent, {})[structure.parent_center] = forces[structure.chunk_center]
     return labels
 
 
@@ -118,7 +120,8 @@ def proximity_groups(parent: Atoms, centers: list[int], cutoff_angstrom: float) 
     while left:
         seed = left[0]
         ordered = sorted(left, key=lambda c: (between[seed][c], c))
-        group, covered = [], set()
+        group: list[int] = []
+        covered: set[int] = set()
         for center in ordered:
             grown = covered | model_rows[center]
             if group and (len(group) + 1) * len(grown) > SHARED_ROWS_BUDGET:

@@ -6,6 +6,7 @@ import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Optional
 
 import typer
@@ -297,8 +298,10 @@ class LiveDisplay(CampaignObserver):
         self.live.__enter__()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.live.__exit__(*exc_info)
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.live.__exit__(exc_type, exc, traceback)
 
     def _render(self) -> Group:
         table = Table("iteration", "δ (eV/Å)", "chunks added", "train MAE", "wall (s)", title=f"NFT campaign (δ threshold {self.threshold:g} eV/Å)")

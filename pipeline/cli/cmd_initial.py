@@ -52,11 +52,11 @@ def initial(
 
     started = time.perf_counter()
     try:
-        settings = InitialSetSettings(
+        settings = InitialSetSettings.model_validate(dict(
             elements=elements, count=count, space_groups=_numbers(space_groups), seed=seed,
             min_separation=min_separation, energy_window=energy_window, random_alloys=random_alloys,
             min_atoms=min_atoms, max_atoms=max_atoms,
-        )
+        ))
     except ValidationError as error:
         raise BadInput(first_problem(error, OPTION_NAMES)) from None
     parent = checked_parent(calculator, _parent_options(parent_options or []))
@@ -67,9 +67,9 @@ def initial(
     workdir = workdir if workdir is not None else output.with_name(output.name + WORKDIR_SUFFIX)
     if workdir.exists() and not workdir.is_dir():
         raise BadInput(f"--workdir: {workdir} is a file, not a folder")
-    problem = writable_problem(workdir)
-    if problem:
-        raise BadInput(f"--workdir: {problem}")
+    workdir_problem = writable_problem(workdir)
+    if workdir_problem:
+        raise BadInput(f"--workdir: {workdir_problem}")
     check_site(site, {})
     cells = generate_initial_set(f"sqlite:///{workdir.resolve() / 'nft.db'}", "initial", parent, settings, workdir.resolve(), site)
     write_labelled_set(output, cells)

@@ -82,7 +82,7 @@ def locality(
             workdir=workdir, progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     report = locality_report(result, tolerance, structure, len(atoms), parent.name, parent.physics(), vacuum)
-    if config is not None:  # the campaign's report draws the curve (docs/campaign.md, nft report)
+    if campaign is not None:  # the campaign's report draws the curve (docs/campaign.md, nft report)
         _record_in_campaign(campaign.workdir, report)
     if plot is not None:
         from pipeline.cli.plots import write_locality_plot
@@ -99,11 +99,10 @@ def locality(
 def _record_in_campaign(workdir: Path, report: dict[str, Any]) -> None:
     """Write the report as WORKDIR/locality.json (whole or not at all), where `nft report` finds it."""
     from pipeline.campaign.files import LOCALITY_NAME
+    from pipeline.storage.atomic import write_text_atomically
 
     workdir.mkdir(parents=True, exist_ok=True)
-    temporary = workdir / f".{LOCALITY_NAME}.tmp"
-    temporary.write_text(json.dumps(report, indent=2))
-    temporary.replace(workdir / LOCALITY_NAME)
+    write_text_atomically(workdir / LOCALITY_NAME, json.dumps(report, indent=2))
 
 
 def _check_workdir(workdir: Path) -> None:

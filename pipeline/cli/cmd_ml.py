@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-import numpy as np
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -22,18 +21,15 @@ console = Console(stderr=True)
 
 def labelled_structures(path: Path) -> list[LabelledStructure]:
     """Images with their stored energies and forces (and optional per-atom `force_mask`)."""
+    from pipeline.storage.structure_file import stored_labels
+
     structures = []
     for index, atoms in enumerate(read_images(path)):
-        calc = atoms.calc
-        forces = calc.results.get("forces") if calc is not None else None
-        if forces is None:
-            raise BadInput(f"{path}: image {index} has no forces (a labelled file with forces is expected)")
-        energy = calc.results.get("energy", calc.results.get("free_energy"))
-        mask = atoms.arrays.get("force_mask")
-        labelled = atoms.copy()
-        structures.append(
-            LabelledStructure(labelled, None if energy is None else float(energy), np.array(forces), mask)
-        )
+        labels = stored_labels(atoms)
+        if labels is None:
+            raise BadInput(f"{path}: image {index} has no forces, or forces that are not finite and N×3 "
+                           "(a labelled file with forces is expected)")
+        structures.append(LabelledStructure(atoms.copy(), labels.energy, labels.forces, atoms.arrays.get("force_mask")))
     return structures
 
 
@@ -164,7 +160,8 @@ def evaluate(
                 model.element_indices(atoms.numbers)
             except ValueError as error:
                 raise BadInput(f"{path}: image {index}: {error}") from None
-    rows, evaluated = [], []
+    rows: list[dict[str, Any]] = []
+    evaluated = []
     for path, images in files:
         try:
             evaluation = evaluate_model(model, images, reference, vacuum=vacuum)

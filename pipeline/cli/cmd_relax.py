@@ -14,6 +14,7 @@ from pipeline.cli import app
 from pipeline.cli.cmd_campaign import PlainDisplay
 from pipeline.cli.common import check_output_file, check_parent_elements, exit_codes, read_images
 from pipeline.errors import BadInput, RunFailed
+from pipeline.science.relaxation import DEFAULT_FMAX, DEFAULT_MAX_STEPS, DEFAULT_OPTIMIZER
 
 if TYPE_CHECKING:
     from pipeline.campaign.config import CampaignConfig
@@ -26,9 +27,9 @@ def relax(
     structure: Path = typer.Argument(..., metavar="STRUCTURE", help="ASE-readable file; its last image is relaxed."),
     output: Path = typer.Option(..., "-o", "--output", help="Relaxed structure to write (e.g. relaxed.traj); "
                                 "OUT-trajectory.extxyz and OUT-steps.csv/json go beside it."),
-    fmax: float = typer.Option(0.05, "--fmax", help="Stop when the largest force is below this (eV/Å)."),
-    optimizer: str = typer.Option("BFGS", "--optimizer", help="ASE optimizer: BFGS, FIRE or LBFGS."),
-    steps: int = typer.Option(200, "--steps", help="At most this many optimizer steps."),
+    fmax: float = typer.Option(DEFAULT_FMAX, "--fmax", help="Stop when the largest force is below this (eV/Å)."),
+    optimizer: str = typer.Option(DEFAULT_OPTIMIZER, "--optimizer", help="ASE optimizer: BFGS, FIRE or LBFGS."),
+    steps: int = typer.Option(DEFAULT_MAX_STEPS, "--steps", help="At most this many optimizer steps."),
     site: Optional[str] = typer.Option(None, "--site", help="A site in site_configs/ or a path (default: the config's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
 ) -> None:

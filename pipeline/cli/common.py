@@ -5,7 +5,7 @@ import functools
 import sys
 from pathlib import Path
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, ParamSpec, TypeVar
 
 import typer
 
@@ -18,16 +18,17 @@ if TYPE_CHECKING:
     from pipeline.campaign.config import CampaignConfig
     from pipeline.execution.parents import Parent
 
-F = TypeVar("F", bound=Callable)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def exit_codes(command: F) -> F:
+def exit_codes(command: Callable[P, R]) -> Callable[P, R]:
     """Run a command body; BadInput exits 2, RunFailed 1 and an interruption 130, each with one line
     on stderr. Once the body has ended there is nothing left to clean up: a stopping signal from
     then on exits 130 at once (`stop_at_once`), not inside click, which would print "Aborted!"."""
 
     @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             result = command(*args, **kwargs)
         except BadInput as error:
@@ -45,7 +46,7 @@ def exit_codes(command: F) -> F:
         stop_at_once()
         return result
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def parent_and_vacuum(
@@ -65,7 +66,7 @@ def parent_and_vacuum(
     if config is not None:
         campaign = load_config(config)
         return campaign.parent, campaign.file.chunks.vacuum if vacuum is None else vacuum, campaign
-    return parent_for(calculator), ChunksSection().vacuum if vacuum is None else vacuum, None  # type: ignore[arg-type]
+    return parent_for(calculator), ChunksSection().vacuum if vacuum is None else vacuum, None
 
 
 def check_output_file(path: Path, option: str, *, structure: bool, create_folder: bool = False) -> None:
@@ -99,24 +100,12 @@ def check_parent_elements(parent: Parent, images: Sequence[Atoms], label: Path |
 
 
 def read_images(path: Path) -> list[Atoms]:
-    """Every image of an ASE-readable file; BadInput naming the file when it can't be read."""
-    from ase.io import read
-
-    from pipeline.science.structures import structure_problem
+    """Every image of a structure file given on the command line (`read_structure_file`); BadInput
+    naming the file when it is missing, a folder or can't be read."""
+    from pipeline.storage.structure_file import read_structure_file
 
     if path.is_dir():
         raise BadInput(f"{path}: is a folder, not a structure file")
     if not path.is_file():
         raise BadInput(f"{path}: file not found")
-    try:
-        images = read(str(path), index=":")
-    except Exception as error:  # ASE raises many types for unreadable files
-        reason = str(error).splitlines()[0][:120] if str(error) else error.__class__.__name__
-        raise BadInput(f"{path}: not a readable structure file ({reason})") from None
-    if not images:
-        raise BadInput(f"{path}: contains no structures")
-    for index, atoms in enumerate(images):
-        problem = structure_problem(atoms)
-        if problem:
-            raise BadInput(f"{path}: image {index} {problem}")
-    return images
+    return read_structure_file(path, str(path))

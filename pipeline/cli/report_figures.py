@@ -263,11 +263,13 @@ def write_report(report: CampaignReport, directory: Path) -> list[Path]:
         add(RESIDUAL_PNG, "Residual against δ",
             f"|F_pred − F_ref| against δ_i on the same rows; {100 * labelled.covered_fraction:.0f}% of "
             f"{len(labelled.deltas)} rows lie on or under y = x (δ bounds their error).")
-    for index, target in enumerate(report.targets):
-        file = TARGET_PNG if len(report.targets) == 1 else f"target_{index}_delta.png"
-        write_target_plot(target, int(report.first_iteration), int(report.kept_iteration), directory / file,
-                          f"{name}: target {index} ({len(target.atoms)} atoms) coloured by δ_i")
-        add(file, f"Target {index} coloured by δ", "Per-atom δ_i (eV/Å) of the first and the kept model, one colour scale.")
+    first, kept = report.first_iteration, report.kept_iteration
+    if first is not None and kept is not None:  # both, where the campaign has models
+        for index, target in enumerate(report.targets):
+            file = TARGET_PNG if len(report.targets) == 1 else f"target_{index}_delta.png"
+            write_target_plot(target, first, kept, directory / file,
+                              f"{name}: target {index} ({len(target.atoms)} atoms) coloured by δ_i")
+            add(file, f"Target {index} coloured by δ", "Per-atom δ_i (eV/Å) of the first and the kept model, one colour scale.")
     for index, relaxation in enumerate(report.relaxations):
         file = RELAXATION_PNG if len(report.relaxations) == 1 else f"relaxation_{index}.png"
         rows = relaxation["steps"]

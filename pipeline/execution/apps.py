@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from parsl.app.app import python_app
 from parsl.config import Config
@@ -34,6 +34,7 @@ from parsl.executors.high_throughput.errors import ManagerLost, WorkerLost
 from pipeline.execution.parents import Parent
 from pipeline.execution.payloads import TargetPrediction
 from pipeline.execution.sites import SiteError
+from pipeline.science.initial_sets import CELL_RELAX_FMAX, CELL_RELAX_STEPS
 
 SITE_DEVICE_VARIABLE = "NFT_DEVICE"
 """Set by a site's worker_init to the device its workers train and predict on when asked for "auto"."""
@@ -80,8 +81,8 @@ def cell_relaxation_job(
     payload: Mapping[str, Any],
     job_dir: str | None = None,
     attempt: int = 1,
-    fmax: float = 0.02,
-    steps: int = 200,
+    fmax: float = CELL_RELAX_FMAX,
+    steps: int = CELL_RELAX_STEPS,
     parsl_resource_specification: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`reference_job` for a cell relaxation (`Parent.relax_cell`, to `fmax` eV/Å or `steps` steps):
@@ -242,7 +243,11 @@ def _device_name(device: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Apps: the jobs bound to a site's executors.
 
-def route(config: Config, role: str) -> list[str] | str:
+Executors = list[str] | Literal["all"]
+"""The executor labels an app runs on, or "all" (a single-executor site)."""
+
+
+def route(config: Config, role: str) -> Executors:
     """Executor labels for an app role, or 'all' on a single-executor site."""
     labels = [executor.label for executor in config.executors]
     for label in ROUTES[role]:
@@ -263,9 +268,9 @@ class SiteApps:
     its MPI ranks, a training job its world size, a prediction one rank.
     """
 
-    reference_executors: list[str] | str
-    training_executors: list[str] | str
-    prediction_executors: list[str] | str
+    reference_executors: Executors
+    training_executors: Executors
+    prediction_executors: Executors
     reference_is_mpi: bool = False
     training_is_mpi: bool = False
     prediction_is_mpi: bool = False
@@ -291,7 +296,7 @@ class SiteApps:
 
     def cell_relaxation_app(
         self, parent: Parent, payload: Mapping[str, Any], job_dir: str | None = None, attempt: int = 1,
-        fmax: float = 0.02, steps: int = 200,
+        fmax: float = CELL_RELAX_FMAX, steps: int = CELL_RELAX_STEPS,
     ) -> AppFuture:
         """Attempt `attempt` of a cell relaxation by `parent` (`cell_relaxation_job`), on the reference executors."""
         app = python_app(cell_relaxation_job, executors=self.reference_executors)
@@ -333,7 +338,7 @@ def make_apps(config: Config) -> SiteApps:
     """Bind the jobs to the executors of `config` (which must be the loaded one)."""
     routes = {role: route(config, role) for role in ROUTES}
 
-    def on_mpi(labels: list[str] | str) -> bool:
+    def on_mpi(labels: Executors) -> bool:
         chosen = [e for e in config.executors if labels == "all" or e.label in labels]
         return all(isinstance(executor, MPIExecutor) for executor in chosen)
 

@@ -140,6 +140,7 @@ def _rank_main(spec_file: Path) -> int:
     from pipeline.science.settings import TrainingSettings
     from pipeline.science.training import train_ensemble
     from pipeline.storage.model_file import load_ensemble
+    from pipeline.storage.atomic import write_text_atomically
 
     spec = json.loads(spec_file.read_text())
     backend = spec["backend"]
@@ -161,7 +162,7 @@ def _rank_main(spec_file: Path) -> int:
                          "wall_time_s": time.perf_counter() - started}
         gathered: list[Any] | None = [None] * world_size if rank == 0 else None
         dist.gather_object((state, shard_summary), gathered, dst=0)
-        if rank == 0:
+        if gathered is not None:  # rank 0
             from pipeline.storage.model_file import save_model
 
             merged = EnsembleModel(model.params, hidden=settings.hidden, member_seeds=settings.seeds())
@@ -173,9 +174,7 @@ def _rank_main(spec_file: Path) -> int:
             metrics["epochs_run"] = max(item[1]["epochs_run"] for item in gathered)
             metrics["final_loss"] = float(sum(item[1]["final_loss"] for item in gathered))
             metrics["warm_started"] = all(item[1]["warm_started"] for item in gathered)
-            partial = spec["report_path"] + ".partial"
-            Path(partial).write_text(json.dumps(metrics))
-            os.replace(partial, spec["report_path"])
+            write_text_atomically(spec["report_path"], json.dumps(metrics))
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -74,9 +74,9 @@ class Evaluation:
         labelled = [item for item in self.structures if item.failure is None]
         if not labelled:
             raise ValueError("no structure has parent labels to compare with")
-        errors = np.concatenate([item.force_errors.ravel() for item in labelled])  # type: ignore[union-attr]
-        residuals = np.concatenate([item.residuals for item in labelled])  # type: ignore[misc]
-        covered = np.concatenate([item.covered for item in labelled])  # type: ignore[misc]
+        errors = np.concatenate([found.ravel() for item in labelled if (found := item.force_errors) is not None])
+        residuals = np.concatenate([item.residuals for item in labelled])
+        covered = np.concatenate([item.covered for item in labelled])
         percentiles = np.percentile(residuals, RESIDUAL_PERCENTILES)
         return {
             "n_atoms": sum(item.n_atoms for item in labelled),

@@ -8,7 +8,6 @@ the forces derive from) and forces (eV/Å) (after a cell relaxation also `final_
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 
@@ -44,10 +43,9 @@ def main(argv: list[str]) -> int:
         result = {"error": describe_failure(error, job["params"])}
         exit_code = 3
     if world.rank == 0:
-        partial = result_file + ".partial"
-        with open(partial, "w") as stream:
-            json.dump(result, stream)
-        os.replace(partial, result_file)
+        from pipeline.storage.atomic import write_text_atomically
+
+        write_text_atomically(result_file, json.dumps(result))
     return exit_code
 
 

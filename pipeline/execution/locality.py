@@ -20,7 +20,8 @@ from ase import Atoms
 from pipeline.errors import RunFailed, error_text
 from pipeline.execution.apps import SiteApps, make_apps
 from pipeline.execution.parents import Parent
-from pipeline.execution.sites import PARSL_DIR_NAME, check_site, load_site, parsl_session
+from pipeline.execution.parsl_session import parsl_session
+from pipeline.execution.sites import PARSL_DIR_NAME, check_site, load_site
 from pipeline.science.locality import LocalityChunks, LocalityResult, locality_chunks, locality_from_forces
 from pipeline.science.structures import atoms_to_payload
 
@@ -107,7 +108,7 @@ def _reference_forces(
         for _, folder, _ in jobs
     ]
     attempts = [0] * len(jobs)
-    forces: list[np.ndarray | None] = [None] * len(jobs)
+    forces: dict[int, np.ndarray] = {}  # by job index
     running: dict[Any, int] = {}
 
     def submit(k: int) -> None:
@@ -135,4 +136,4 @@ def _reference_forces(
             done += 1
             if progress:
                 progress(done, len(jobs))
-    return forces  # type: ignore[return-value]
+    return [forces[k] for k in range(len(jobs))]

@@ -1,41 +1,36 @@
-"""Sites: where Parsl runs the apps. A site is a small file defining `make_config(run_dir, options)`.
+"""Sites: where Parsl runs the apps. A site is a small file, data like Parsl's own `configs/*.py`:
+`class Options(SiteOptions)`, its typed options with their defaults, and `make_config(run_dir,
+options)` returning a Parsl `Config`.
 
-`load_site("local", ...)` reads `site_configs/local.py`; a path to a `.py` file reads that file.
-A site file may declare `OPTIONS = {name: default}`; other option names are then an error.
-`parsl_session(config)` loads Parsl for the duration of a `with` block and always cleans up, in
-bounded time, also when a signal to the driver's process group has ended the interchange; the
-interchange ends with the driver, and a run directory whose path the shell would split is reached
-through a private alias.
+`load_site("local", ...)` reads `site_configs/local.py`; a path to a `.py` file reads that file. The
+options (a campaign's `[site.options]`) are checked against the file's `Options` (a site without one
+takes none): an unknown option or a bad value is one `SiteError` line naming it. Loading Parsl for
+a `with` block is `pipeline.execution.parsl_session`.
 """
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import shlex
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import parsl
 from parsl.config import Config
-from parsl.dataflow.dflow import DataFlowKernel
-from parsl.executors import HighThroughputExecutor
-from parsl.providers import LocalProvider
 
-from pipeline.errors import BadInput, RunFailed
+from pipeline.errors import BadInput
+from pipeline.execution.options import BadOption, Options, checked_options
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SITE_DIR = REPO_ROOT / "site_configs"
 PARSL_DIR_NAME = "runinfo"
 """Parsl's run directory inside a campaign's (or a command's) work folder."""
+
+
+class SiteOptions(Options):
+    """A site's options, `[site.options]` of a campaign config: each site file subclasses it as `Options`."""
 
 
 class SiteError(BadInput):
@@ -67,7 +62,6 @@ def site_file(name_or_path: str | os.PathLike) -> Path:
 def load_site(name_or_path: str | os.PathLike, run_dir: Path, options: Mapping[str, Any] | None = None) -> Config:
     """The Parsl `Config` of a site; Parsl's run directory is `run_dir` (inside the campaign workdir)."""
     path = site_file(name_or_path)
-    options = dict(options or {})
     module_name = f"nft_site_{path.stem}_{abs(hash(str(path)))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
@@ -80,16 +74,11 @@ def load_site(name_or_path: str | os.PathLike, run_dir: Path, options: Mapping[s
     make_config = getattr(module, "make_config", None)
     if not callable(make_config):
         raise SiteError(f"{path}: defines no make_config(run_dir, options)")
-    known = getattr(module, "OPTIONS", None)
-    if known is not None:
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise SiteError(f"site option {unknown[0]!r}: not known to {path.name} (known: {', '.join(sorted(known)) or 'none'})")
-        options = {**known, **options}
+    checked = _site_options(getattr(module, "Options", SiteOptions), options, path)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        config = make_config(run_dir, options)
+        config = make_config(run_dir, checked)
     except (ValueError, TypeError, KeyError) as error:
         raise SiteError(f"{path}: bad site options: {type(error).__name__}: {error}") from None
     if not isinstance(config, Config):
@@ -97,14 +86,26 @@ def load_site(name_or_path: str | os.PathLike, run_dir: Path, options: Mapping[s
     return config
 
 
-def worker_environment(options: Mapping[str, Any] | None = None, end_with_driver: bool = False) -> str:
+def _site_options(options_class: Any, options: Mapping[str, Any] | None, path: Path) -> SiteOptions:
+    """`options` checked against the site file's `Options`; `SiteError` names the first bad one."""
+    if not (isinstance(options_class, type) and issubclass(options_class, SiteOptions)):
+        raise SiteError(f"{path}: Options is not a subclass of pipeline.execution.sites.SiteOptions")
+    try:
+        return checked_options(options_class, options)
+    except BadOption as bad:
+        if bad.known is not None:
+            raise SiteError(f"site option {bad.name!r}: not known to {path.name} (known: {', '.join(bad.known) or 'none'})") from None
+        where = f"site option {bad.name!r}" if bad.name else "site options"
+        raise SiteError(f"{path}: {where}: {bad.problem}") from None
+
+
+def worker_environment(worker_init: str | None = None, end_with_driver: bool = False) -> str:
     """Shell lines run before a worker starts: the project's environment, then the site's own.
 
     Sources `scripts/env.sh` when present, puts this interpreter's bin directory on PATH and the
-    repository on PYTHONPATH, then adds `options["worker_init"]` or ``$NFT_WORKER_INIT``.
+    repository on PYTHONPATH, then adds `worker_init` (a site's option) or ``$NFT_WORKER_INIT``.
     `end_with_driver` (workers on this host only) adds `driver_watchdog`.
     """
-    options = options or {}
     env_script = REPO_ROOT / "scripts" / "env.sh"
     lines = []
     if env_script.is_file():
@@ -113,7 +114,7 @@ def worker_environment(options: Mapping[str, Any] | None = None, end_with_driver
     lines.append(f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}")
     if end_with_driver:
         lines.append(driver_watchdog(os.getpid()))
-    extra = options.get("worker_init") or os.environ.get("NFT_WORKER_INIT", "")
+    extra = option_from_environment(worker_init, "NFT_WORKER_INIT")
     if extra:
         lines.append(extra)
     return "\n".join(lines)
@@ -135,10 +136,9 @@ def driver_watchdog(driver_pid: int) -> str:
             f"kill -KILL -- -{group} ) </dev/null >/dev/null 2>&1 &")
 
 
-def option_from_environment(options: Mapping[str, Any], name: str, variable: str) -> Any:
-    """`options[name]` when set, else the environment variable `variable` (None when neither)."""
-    value = options.get(name)
-    return value if value not in (None, "") else os.environ.get(variable) or None
+def option_from_environment(value: str | None, variable: str) -> str | None:
+    """A site option's `value` when set, else the environment variable `variable` (None when neither)."""
+    return value or os.environ.get(variable) or None
 
 
 def check_site(name_or_path: str | os.PathLike, options: Mapping[str, Any] | None = None) -> None:
@@ -146,228 +146,3 @@ def check_site(name_or_path: str | os.PathLike, options: Mapping[str, Any] | Non
     before anything is written."""
     with tempfile.TemporaryDirectory(prefix="nft-site-check-") as scratch:
         load_site(name_or_path, Path(scratch) / PARSL_DIR_NAME, options)
-
-
-# ---------------------------------------------------------------------------------------------
-# A Parsl session: loaded for a `with` block, stopped in bounded time whatever ended first.
-
-CLEANUP_S = 20.0
-"""Longest wait for Parsl's own clean-up; after it the interchanges are killed and the blocks cancelled."""
-INTERCHANGE_POLL_S = 0.5
-"""How often a session checks that its interchanges are alive."""
-INTERCHANGE_ANSWER_S = 2.0
-"""How long an interchange may take to answer before the clean-up gives it up (dying, or stopped)."""
-SAFE_ALIAS_PREFIX = "nft-parsl-"
-"""Name prefix of the private temporary folder that holds a run directory's alias (`_shell_safe_run_dir`)."""
-
-logger = logging.getLogger("parsl.nft")  # a child of Parsl's logger: lines go to runinfo/NNN/parsl.log
-
-
-class InterchangeEnded(RunFailed):
-    """A Parsl interchange ended while its session was open: its executor's jobs fail with this."""
-
-
-@contextmanager
-def parsl_session(config: Config) -> Iterator[DataFlowKernel]:
-    """Load Parsl with `config` for a `with` block; on exit clean up its executors and clear it.
-
-    This interpreter's bin directory goes on PATH first: Parsl starts its interchange and workers
-    by command name, which fails when nft is run by absolute path without its venv on PATH. Each
-    interchange ignores SIGINT and ends with this process (`interchange_command`); one that ends
-    while the session is open fails its executor's jobs (`InterchangeEnded`) instead of leaving
-    them waiting forever. The clean-up takes at most `CLEANUP_S` (`stop_parsl`).
-    """
-    interpreter_bin = str(Path(sys.executable).parent)
-    if interpreter_bin not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = os.pathsep.join(filter(None, [interpreter_bin, os.environ.get("PATH")]))
-    with _shell_safe_run_dir(config), _interchanges_ending_with_driver(config):
-        dfk = parsl.load(config)
-        watch = _InterchangeWatch(_interchange_executors(config.executors))
-        try:
-            yield dfk
-        finally:
-            watch.stop()
-            stop_parsl(dfk)
-
-
-def interchange_command(command: Sequence[str], driver_pid: int) -> list[str]:
-    """`command` (an executor's interchange launch command) run so that the interchange ignores
-    SIGINT and is killed within `WATCHDOG_PERIOD_S` of the driver's death, even by SIGKILL.
-
-    A terminal's Ctrl-C signals the whole process group: the driver then stops Parsl in order, which
-    needs the interchange alive. And Parsl's interchange does not watch its parent: a killed driver
-    would leave it listening, and holding the caller's stdout, for minutes.
-    """
-    script = (
-        "trap '' INT; "
-        f"( while kill -0 $$ 2>/dev/null; do kill -0 {int(driver_pid)} 2>/dev/null || kill -KILL $$; "
-        f"sleep {WATCHDOG_PERIOD_S}; done ) </dev/null >/dev/null 2>&1 & "
-        'exec "$@"'
-    )
-    return ["/bin/sh", "-c", script, "nft-interchange", *command]
-
-
-def stop_parsl(dfk: DataFlowKernel) -> None:
-    """Parsl's clean-up of `dfk`, waited for at most `CLEANUP_S`, then Parsl cleared.
-
-    An executor whose interchange has ended or does not answer within `INTERCHANGE_ANSWER_S` (a
-    signal to the process group) is given up first: Parsl would wait forever for its answer to the
-    scale-in. Should the clean-up still not finish in time, the interchanges are killed and the
-    blocks cancelled directly.
-    """
-    executors = _interchange_executors(dfk.executors.values())
-    for executor in executors:
-        if executor.bad_state_is_set or executor.interchange_proc is None:
-            continue
-        reason = _interchange_ended(executor) or _unanswered(executor)
-        if reason is not None:
-            _give_up(executor, reason)
-    cleaner = threading.Thread(target=dfk.cleanup, name="nft-parsl-cleanup", daemon=True)
-    cleaner.start()
-    try:
-        cleaner.join(CLEANUP_S)
-    finally:
-        if cleaner.is_alive():
-            logger.warning("Parsl's clean-up did not finish in %.0f s: killing interchanges, cancelling blocks", CLEANUP_S)
-            for executor in executors:
-                _kill_interchange_and_blocks(executor)
-        parsl.clear()
-
-
-def _interchange_executors(executors: Any) -> list[HighThroughputExecutor]:
-    """The executors among `executors` that run an interchange (HighThroughputExecutor, MPIExecutor)."""
-    return [executor for executor in executors if isinstance(executor, HighThroughputExecutor)]
-
-
-def _interchange_ended(executor: HighThroughputExecutor) -> str | None:
-    """How the executor's interchange ended ("killed by SIGTERM", "exit code 1"), None while it runs."""
-    process = executor.interchange_proc
-    if process is None or process.poll() is None:
-        return None
-    code = process.returncode
-    return f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-def _unanswered(executor: HighThroughputExecutor) -> str | None:
-    """"no answer in N s" when the executor's interchange does not answer a command in time, else None."""
-    try:
-        executor.command_client.run("WORKER_BINDS", timeout_s=INTERCHANGE_ANSWER_S)
-    except Exception:  # a timeout, or a command channel already broken
-        return f"no answer in {INTERCHANGE_ANSWER_S:g} s"
-    return None
-
-
-def _give_up(executor: HighThroughputExecutor, reason: str) -> None:
-    """Fail the executor's jobs (`InterchangeEnded` with `reason`), kill its interchange, cancel its blocks."""
-    executor.set_bad_state_and_fail_all(InterchangeEnded(f"Parsl's interchange of executor {executor.label!r} ended ({reason})"))
-    _kill_interchange_and_blocks(executor)
-
-
-def _cancel_blocks(executor: HighThroughputExecutor) -> None:
-    """Cancel the executor's blocks through its provider (bounded by the provider's command timeout)."""
-    job_ids = list(executor.blocks_to_job_id.values())
-    if executor.provider is None or not job_ids:
-        return
-    try:
-        executor.provider.cancel(job_ids)
-    except Exception:  # a block already gone, a scheduler that does not answer: logged, not fatal
-        logger.exception("cancelling the blocks of executor %s failed", executor.label)
-
-
-def _kill_interchange_and_blocks(executor: HighThroughputExecutor) -> None:
-    process = executor.interchange_proc
-    if process is not None and process.poll() is None:
-        process.kill()
-        try:
-            process.wait(timeout=WATCHDOG_PERIOD_S)
-        except subprocess.TimeoutExpired:
-            logger.warning("interchange %s did not end after SIGKILL", process.pid)
-    _cancel_blocks(executor)
-
-
-class _InterchangeWatch:
-    """A thread that gives up an executor whose interchange ends while the session is open, so
-    that its jobs fail with the reason instead of being waited for forever.
-
-    It waits one more poll before acting: a signal to the whole process group reaches the driver
-    too, and its own interruption (which stops the watch) is the better report.
-    """
-
-    def __init__(self, executors: list[HighThroughputExecutor]) -> None:
-        self.executors = executors
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="nft-interchange-watch", daemon=True)
-        if executors:
-            self._thread.start()
-
-    def _watch(self) -> None:
-        while not self._stopping.wait(INTERCHANGE_POLL_S):
-            ended = [executor for executor in self.executors if _interchange_ended(executor) is not None]
-            if ended and not self._stopping.wait(INTERCHANGE_POLL_S):
-                for executor in ended:
-                    _give_up(executor, _interchange_ended(executor) or "ended")
-                self.executors = [executor for executor in self.executors if executor not in ended]
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=CLEANUP_S)
-
-
-@contextmanager
-def _interchanges_ending_with_driver(config: Config) -> Iterator[None]:
-    """Each interchange of `config` launched by `interchange_command` for this process; the config's
-    own launch commands are put back afterwards."""
-    executors = _interchange_executors(config.executors)
-    originals = [executor.interchange_launch_cmd for executor in executors]
-    for executor, command in zip(executors, originals):
-        executor.interchange_launch_cmd = interchange_command(command, os.getpid())
-    try:
-        yield
-    finally:
-        for executor, command in zip(executors, originals):
-            executor.interchange_launch_cmd = command
-
-
-@contextmanager
-def _shell_safe_run_dir(config: Config) -> Iterator[None]:
-    """Parsl puts paths under its run directory unquoted into shell commands (a local block's
-    launch line, the worker pool's --logdir and --cert_dir): a path with a space, a quote or any
-    non-ASCII character breaks them. Such a run directory is given to Parsl as an alias, a symlink
-    with a plain name in a fresh private (0700) temporary folder, removed afterwards.
-
-    Blocks off this host could not reach that alias: a site with such blocks is refused (SiteError).
-    """
-    run_dir = os.path.abspath(config.run_dir)
-    if shlex.quote(run_dir) == run_dir:
-        yield
-        return
-    remote = [executor.label for executor in config.executors
-              if getattr(executor, "provider", None) is not None and not isinstance(executor.provider, LocalProvider)]
-    if remote:
-        raise SiteError(f"executor {remote[0]!r} runs off this host, where Parsl's launch commands break on the "
-                        f"spaces or special characters of the workdir path {run_dir!r}: use a plain workdir path")
-    alias_dir = tempfile.mkdtemp(prefix=SAFE_ALIAS_PREFIX, dir=_shell_safe_temp_dir())
-    alias = os.path.join(alias_dir, PARSL_DIR_NAME)
-    os.makedirs(run_dir, exist_ok=True)
-    os.symlink(run_dir, alias)
-    original = config.run_dir
-    config.run_dir = alias
-    try:
-        yield
-    finally:
-        config.run_dir = original
-        shutil.rmtree(alias_dir, ignore_errors=True)  # removes the link, not what it points to
-
-
-def _shell_safe_temp_dir() -> str:
-    """The temporary folder, or /tmp when its path would need quoting too."""
-    temporary = tempfile.gettempdir()
-    return temporary if shlex.quote(temporary) == temporary else "/tmp"

@@ -1,61 +1,67 @@
-"""Building blocks shared by the Slurm sites: a SlurmProvider from site options, the reference executor.
-
-Options (all optional): partition, account, qos (``$NFT_SLURM_PARTITION``, ``$NFT_SLURM_ACCOUNT``
-as fallbacks), walltime, nodes_per_block, max_blocks, ranks_per_node (sbatch ``--ntasks-per-node``),
-exclusive, scheduler_options, worker_init (else ``$NFT_WORKER_INIT``), srun_mpi (``SLURM_MPI_TYPE``
-for every srun, e.g. "pmix"), mpi_launcher ("srun"; Parsl's "mpiexec" prefix uses MPICH/Hydra
-flags that OpenMPI's mpiexec rejects), reference_executor ("mpi": an
-MPIExecutor where GPAW jobs share a block of nodes; "htex": one worker per core, for cheap
-parents), address (the driver's address as workers see it).
-"""
+"""Building blocks shared by the Slurm sites: their options, a SlurmProvider from them, the reference executor."""
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import datetime
+from typing import Annotated, Any, Literal
 
 from parsl.executors import HighThroughputExecutor, MPIExecutor
 from parsl.launchers import SimpleLauncher, SrunLauncher
+from parsl.launchers.base import Launcher
 from parsl.providers import SlurmProvider
+from pydantic import BeforeValidator
 
-from pipeline.execution.sites import option_from_environment, worker_environment
-
-SLURM_OPTIONS: dict[str, Any] = {
-    "partition": None,
-    "account": None,
-    "qos": None,
-    "walltime": "01:00:00",
-    "nodes_per_block": 1,
-    "max_blocks": 1,
-    "ranks_per_node": None,
-    "exclusive": True,
-    "scheduler_options": "",
-    "worker_init": None,
-    "srun_mpi": None,
-    "mpi_launcher": "srun",
-    "reference_executor": "mpi",
-    "address": None,
-}
+from pipeline.execution.options import Flag, PositiveInt, OneOf, String, Text
+from pipeline.execution.sites import SiteOptions, option_from_environment, worker_environment
 
 
-def slurm_provider(options: Mapping[str, Any], *, nodes_per_block: int, launcher, partition=None,
+def _clock(value: Any) -> Any:
+    """An unquoted TOML time (``walltime = 01:00:00``) as the "HH:MM:SS" text Slurm takes."""
+    return value.isoformat() if isinstance(value, datetime.time) else value
+
+
+Walltime = Annotated[Text, BeforeValidator(_clock)]
+
+
+class SlurmOptions(SiteOptions):
+    """The options of every Slurm site (README, "Running on a Slurm cluster"); all optional."""
+
+    partition: Text | None = None  # sbatch -p; else $NFT_SLURM_PARTITION, else Slurm's default
+    account: Text | None = None  # sbatch -A; else $NFT_SLURM_ACCOUNT
+    qos: Text | None = None  # sbatch --qos
+    walltime: Walltime = "01:00:00"  # per block; a block outlives many chunk jobs
+    nodes_per_block: PositiveInt = 1  # nodes per block = chunk jobs running side by side in it
+    max_blocks: PositiveInt = 1  # blocks at once (training's own block not counted)
+    ranks_per_node: PositiveInt | None = None  # sbatch --ntasks-per-node
+    exclusive: Flag = True  # whole nodes
+    scheduler_options: String = ""  # extra #SBATCH lines
+    worker_init: String | None = None  # shell lines run before the workers start; else $NFT_WORKER_INIT
+    srun_mpi: Text | None = None  # exported as SLURM_MPI_TYPE for every srun, e.g. "pmix"
+    # Parsl's MPI launch prefix; its "mpiexec" uses MPICH/Hydra flags that OpenMPI's mpiexec rejects
+    mpi_launcher: Annotated[Literal["srun", "mpiexec", "aprun"], OneOf()] = "srun"
+    # "mpi": an MPIExecutor where GPAW jobs share a block of nodes; "htex": one worker per core, for cheap parents
+    reference_executor: Annotated[Literal["mpi", "htex"], OneOf()] = "mpi"
+    address: Text | None = None  # the driver's address as the workers see it; default: Parsl's guess
+
+
+def slurm_provider(options: SlurmOptions, *, nodes_per_block: int, launcher: Launcher, partition: str | None = None,
                    gpus_per_node: int | None = None, max_blocks: int | None = None) -> SlurmProvider:
     """A SlurmProvider that starts blocks on demand (none at start) and gives them back when idle."""
-    scheduler_options = str(options["scheduler_options"] or "")
-    if options["ranks_per_node"]:
-        scheduler_options += f"\n#SBATCH --ntasks-per-node={int(options['ranks_per_node'])}"
-    worker_init = worker_environment(options)
-    if options["srun_mpi"]:
-        worker_init += f"\nexport SLURM_MPI_TYPE={options['srun_mpi']}"
+    scheduler_options = options.scheduler_options
+    if options.ranks_per_node:
+        scheduler_options += f"\n#SBATCH --ntasks-per-node={options.ranks_per_node}"
+    worker_init = worker_environment(options.worker_init)
+    if options.srun_mpi:
+        worker_init += f"\nexport SLURM_MPI_TYPE={options.srun_mpi}"
     return SlurmProvider(
-        partition=partition or option_from_environment(options, "partition", "NFT_SLURM_PARTITION"),
-        account=option_from_environment(options, "account", "NFT_SLURM_ACCOUNT"),
-        qos=options["qos"],
-        walltime=str(options["walltime"]),
-        nodes_per_block=int(nodes_per_block),
+        partition=partition or option_from_environment(options.partition, "NFT_SLURM_PARTITION"),
+        account=option_from_environment(options.account, "NFT_SLURM_ACCOUNT"),
+        qos=options.qos,
+        walltime=options.walltime,
+        nodes_per_block=nodes_per_block,
         init_blocks=0,
         min_blocks=0,
-        max_blocks=int(max_blocks if max_blocks is not None else options["max_blocks"]),
-        exclusive=bool(options["exclusive"]),
+        max_blocks=max_blocks if max_blocks is not None else options.max_blocks,
+        exclusive=options.exclusive,
         gpus_per_node=gpus_per_node,
         scheduler_options=scheduler_options,
         worker_init=worker_init,
@@ -63,25 +69,22 @@ def slurm_provider(options: Mapping[str, Any], *, nodes_per_block: int, launcher
     )
 
 
-def reference_executor(options: Mapping[str, Any]) -> HighThroughputExecutor:
+def reference_executor(options: SlurmOptions) -> HighThroughputExecutor:
     """The "reference" executor: MPI jobs sharing blocks of nodes, or one worker per core."""
-    kind = options["reference_executor"]
-    nodes = int(options["nodes_per_block"])
-    if kind == "mpi":
+    nodes = options.nodes_per_block
+    if options.reference_executor == "mpi":
         return MPIExecutor(
             label="reference",
-            address=options["address"],
+            address=options.address,
             max_workers_per_block=nodes,
-            mpi_launcher=str(options["mpi_launcher"]),
+            mpi_launcher=options.mpi_launcher,
             encrypted=True,  # workers are on compute nodes
             provider=slurm_provider(options, nodes_per_block=nodes, launcher=SimpleLauncher()),
         )
-    if kind == "htex":
-        return HighThroughputExecutor(
-            label="reference",
-            address=options["address"],
-            cores_per_worker=1,
-            encrypted=True,
-            provider=slurm_provider(options, nodes_per_block=nodes, launcher=SrunLauncher()),
-        )
-    raise ValueError(f"reference_executor must be 'mpi' or 'htex', got {kind!r}")
+    return HighThroughputExecutor(
+        label="reference",
+        address=options.address,
+        cores_per_worker=1,
+        encrypted=True,
+        provider=slurm_provider(options, nodes_per_block=nodes, launcher=SrunLauncher()),
+    )

@@ -7,7 +7,7 @@ time (settings read the kind names here without loading torch).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, get_args
 
 import numpy as np
 
@@ -81,7 +81,7 @@ class SymmetryFunctionParams:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SymmetryFunctionParams":
-        tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        tuples: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**tuples)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from itertools import combinations_with_replacement
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,6 +121,14 @@ class MomentDescriptor(torch.nn.Module):
     and are not saved in model files.
     """
 
+    lowering: torch.Tensor  # (3, channels, lowered channels), buffer
+    quad_weights: torch.Tensor  # buffer
+    diag_weights: torch.Tensor  # buffer
+    radial_centers: torch.Tensor  # Å, buffer
+    radial_etas: torch.Tensor  # Å⁻², buffer
+    angular_etas: torch.Tensor  # Å⁻², buffer
+    monomial_degrees: torch.Tensor  # buffer
+
     def __init__(self, params: SymmetryFunctionParams):
         super().__init__()
         self.params = params
@@ -142,7 +151,7 @@ class MomentDescriptor(torch.nn.Module):
         n_g2, n_eta = len(p.radial_centers), len(p.angular_etas)
         radial_index = list(range(n_g2)) + [n_g2 + e for e in range(n_eta)]
         monomial_index = [0] * (n_g2 + n_eta)
-        moment_channel = {}
+        moment_channel: dict[tuple[int, tuple[int, int, int]], int] = {}
         for e in range(n_eta):
             for m, exps in enumerate(exponents):
                 moment_channel[(e, exps)] = len(radial_index)
@@ -160,7 +169,7 @@ class MomentDescriptor(torch.nn.Module):
                     continue
                 lower = list(exps)
                 lower[axis] -= 1
-                target = moment_channel[(e, tuple(lower))]
+                target = moment_channel[(e, (lower[0], lower[1], lower[2]))]
                 lowering[axis, ch, position_in_lowered[target]] = exps[axis]
         return ChannelLayout(
             radial_index=np.array(radial_index),
@@ -205,7 +214,7 @@ class MomentDescriptor(torch.nn.Module):
     # ----- per-pair basis -----------------------------------------------------------------
     def pair_basis(self, vectors: torch.Tensor) -> PairBasis:
         """Basis values and derivatives for pair vectors (…, 3) in Å."""
-        like = {"dtype": vectors.dtype, "device": vectors.device}
+        like: dict[str, Any] = {"dtype": vectors.dtype, "device": vectors.device}
         r = torch.linalg.vector_norm(vectors, dim=-1)
         unit = vectors / r.clamp_min(1e-12).unsqueeze(-1)
         fc, dfc = cosine_cutoff(r, self.params.cutoff)

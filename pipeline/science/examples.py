@@ -12,6 +12,8 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.cluster import Octahedron
 
+from pipeline.science.structures import LabelledStructure
+
 PT_LATTICE_CONSTANT_ANGSTROM = 3.92
 
 # A normal rattle of 0.085 Å with seed 46 gives EMT forces from 0.106 to 4.86 eV/Å, the paper's
@@ -91,9 +93,10 @@ def fcc_lattice_constant(symbol: str) -> float:
     from ase.data import atomic_numbers, reference_states
 
     state = reference_states[atomic_numbers[symbol]] or {}
-    if state.get("symmetry") != "fcc":
+    lattice_constant = state.get("a")
+    if state.get("symmetry") != "fcc" or not isinstance(lattice_constant, (int, float)):
         raise ValueError(f"{symbol} is not fcc in ASE's reference states")
-    return float(state["a"])
+    return float(lattice_constant)
 
 
 def emt_label(atoms: Atoms) -> Atoms:
@@ -104,3 +107,11 @@ def emt_label(atoms: Atoms) -> Atoms:
     forces = labelled.get_forces()
     labelled.calc = SinglePointCalculator(labelled, energy=energy, forces=forces)
     return labelled
+
+
+def emt_labelled(atoms: Atoms, force_mask: np.ndarray | None = None) -> LabelledStructure:
+    """`atoms` labelled by EMT as a training row (`emt_label`): energy (eV) and forces (eV/Å); with a
+    `force_mask` (a chunk, whose flagged rows alone are trained) the forces only, energy None."""
+    labelled = emt_label(atoms)
+    energy = None if force_mask is not None else labelled.get_potential_energy()
+    return LabelledStructure(labelled, energy, labelled.get_forces(), force_mask)

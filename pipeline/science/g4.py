@@ -30,6 +30,9 @@ class G4Descriptor(torch.nn.Module):
     device and dtype; they derive from `params` and are not saved in model files.
     """
 
+    radial_centers: torch.Tensor  # Å, buffer
+    radial_etas: torch.Tensor  # Å⁻², buffer
+
     def __init__(self, params: SymmetryFunctionParams):
         super().__init__()
         self.params = params

@@ -18,7 +18,9 @@ from ase import Atoms
 from ase.data import atomic_numbers, chemical_symbols, covalent_radii
 from ase.neighborlist import neighbor_list
 from ase.spacegroup import crystal
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
+
+from pipeline.science.settings import StrictSettings
 
 SEPARATION_FRACTION = 0.75
 """Default minimum interatomic separation, as a fraction of the smallest sum of two covalent radii."""
@@ -61,25 +63,27 @@ PROTOTYPES: tuple[Prototype, ...] = (
 
 RANDOM_ALLOY_STREAM = 1
 """Second word of the random alloys' rng seed (seed, 1), apart from the variants' (seed, round)."""
+CELL_RELAX_FMAX = 0.02
+"""Default force limit of a cell relaxation, eV/Å (and the stress × volume in the same units)."""
+CELL_RELAX_STEPS = 200
+"""Default most optimiser steps of a cell relaxation."""
 
 
-class InitialSetSettings(BaseModel):
+class InitialSetSettings(StrictSettings):
     """What `nft initial` and `[data.initial_generate]` take; defaults live here only."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
     elements: tuple[str, ...] | None = None  # chemical symbols; a campaign's default: its targets' elements
     count: int = Field(20, ge=1)  # cells kept
     space_groups: tuple[Annotated[int, Field(ge=1, le=230)], ...] | None = None  # international numbers of the prototypes to use (default: all that fit)
     seed: int = Field(0, ge=0)
-    min_separation: float | None = Field(None, gt=0)  # Å; default: 0.75 × the smallest sum of covalent radii
+    min_separation: float | None = Field(None, gt=0)  # Å, the closest two atoms of a cell may be (`min_distance`); default: 0.75 × the smallest sum of covalent radii
     energy_window: float = Field(0.3, gt=0)  # eV/atom above the relaxed cell the variant came from
     max_strain: float = Field(0.04, ge=0, lt=0.5)  # largest component of the symmetric strain
     rattle: float = Field(0.1, ge=0)  # standard deviation of the displacements, Å
     min_atoms: int = Field(2, ge=1)
     max_atoms: int = Field(16, ge=1)
-    relax_fmax: float = Field(0.02, gt=0)  # eV/Å (and the stress in the same units) where a cell relaxation stops
-    relax_steps: int = Field(200, ge=1)  # optimiser steps of one cell relaxation
+    relax_fmax: float = Field(CELL_RELAX_FMAX, gt=0)  # eV/Å (and the stress in the same units) where a cell relaxation stops
+    relax_steps: int = Field(CELL_RELAX_STEPS, ge=1)  # optimiser steps of one cell relaxation
     max_rounds: int = Field(10, ge=1)  # rounds of candidates before giving up on `count`
     random_alloys: int = Field(6, ge=0)  # randomly decorated supercells of the one-element prototypes (two or more elements)
 
@@ -117,7 +121,7 @@ class InitialSetSettings(BaseModel):
         return self.model_copy(update={"elements": tuple(elements)})
 
 
-def default_min_separation(elements: Sequence[str]) -> float:
+def default_min_distance(elements: Sequence[str]) -> float:
     """`SEPARATION_FRACTION` × the smallest sum of two covalent radii among `elements`, Å."""
     radii = [covalent_radii[atomic_numbers[symbol]] for symbol in elements]
     return SEPARATION_FRACTION * 2.0 * min(radii)
@@ -250,22 +254,22 @@ def min_interatomic_distance(atoms: Atoms, cutoff_angstrom: float) -> float:
 
 def supercell_repeats(n_atoms: int, min_atoms: int, max_atoms: int) -> list[tuple[int, int, int]]:
     """Diagonal repeats (i ≤ 3, j ≤ 3, k ≤ 3) that give a supercell of `min_atoms`–`max_atoms` atoms."""
-    return [r for r in product(range(1, 4), repeat=3) if min_atoms <= n_atoms * r[0] * r[1] * r[2] <= max_atoms]
+    return [(i, j, k) for i, j, k in product(range(1, 4), repeat=3) if min_atoms <= n_atoms * i * j * k <= max_atoms]
 
 
 def propose_variants(
-    relaxed: Sequence[Atoms], settings: InitialSetSettings, round_index: int, min_separation: float
+    relaxed: Sequence[Atoms], settings: InitialSetSettings, round_index: int, min_distance: float
 ) -> list[tuple[int, Atoms]]:
     """Round `round_index` of candidates: `settings.count` (relaxed cell index, variant) pairs, the
     cells taken in turn; each a supercell of 2–16 atoms (`min_atoms`–`max_atoms`), strained by a
     random symmetric strain (components ≤ `max_strain`) and rattled (`rattle` Å), redrawn until no two
-    atoms are closer than `min_separation` Å. Deterministic for (seed, round). `ValueError` when a
+    atoms are closer than `min_distance` Å. Deterministic for (seed, round). `ValueError` when a
     cell has no supercell of an allowed size or no draw keeps the separation."""
     rng = np.random.default_rng([settings.seed, round_index])
     candidates = []
     for k in range(settings.count):
         index = (round_index * settings.count + k) % len(relaxed)
-        candidates.append((index, _variant(relaxed[index], settings, rng, min_separation)))
+        candidates.append((index, _variant(relaxed[index], settings, rng, min_distance)))
     return candidates
 
 
@@ -273,7 +277,7 @@ MAX_DRAWS = 200
 """Draws of one variant before its separation is called impossible."""
 
 
-def _variant(cell: Atoms, settings: InitialSetSettings, rng: np.random.Generator, min_separation: float) -> Atoms:
+def _variant(cell: Atoms, settings: InitialSetSettings, rng: np.random.Generator, min_distance: float) -> Atoms:
     repeats = supercell_repeats(len(cell), settings.min_atoms, settings.max_atoms)
     if not repeats:
         raise ValueError(
@@ -287,11 +291,11 @@ def _variant(cell: Atoms, settings: InitialSetSettings, rng: np.random.Generator
         variant.set_cell(variant.cell.array @ (np.eye(3) + strain), scale_atoms=True)
         variant.positions += rng.normal(0.0, settings.rattle, size=variant.positions.shape)
         variant.wrap()
-        if min_interatomic_distance(variant, min_separation) >= min_separation:
+        if min_interatomic_distance(variant, min_distance) >= min_distance:
             return variant
     raise ValueError(
-        f"no variant of the relaxed {cell.get_chemical_formula()} cell keeps atoms {min_separation:g} Å apart "
-        f"in {MAX_DRAWS} draws (its shortest distance is {min_interatomic_distance(cell, 3 * min_separation):.3g} Å)"
+        f"no variant of the relaxed {cell.get_chemical_formula()} cell keeps atoms {min_distance:g} Å apart "
+        f"in {MAX_DRAWS} draws (its shortest distance is {min_interatomic_distance(cell, 3 * min_distance):.3g} Å)"
     )
 
 
@@ -311,7 +315,8 @@ def relax_cell(atoms: Atoms, calculator: Any, fmax: float, steps: int) -> tuple[
 
     relaxed = atoms.copy()
     relaxed.calc = calculator
-    converged = bool(BFGS(FrechetCellFilter(relaxed), logfile=None).run(fmax=fmax, steps=steps))
+    # ASE's optimizers move a cell filter as they move atoms; their annotation names Atoms only
+    converged = bool(BFGS(FrechetCellFilter(relaxed), logfile=None).run(fmax=fmax, steps=steps))  # type: ignore[arg-type]
     return relaxed, float(relaxed.get_potential_energy()), np.asarray(relaxed.get_forces(), dtype=float), converged
 
 

@@ -18,6 +18,12 @@ from ase.optimize import BFGS, FIRE, LBFGS
 
 OPTIMIZERS = {"BFGS": BFGS, "FIRE": FIRE, "LBFGS": LBFGS}
 """The ASE optimizers a relaxation can use, by name."""
+DEFAULT_FMAX = 0.05
+"""Default force limit of a relaxation, eV/Å (`nft relax --fmax`)."""
+DEFAULT_OPTIMIZER = "BFGS"
+"""Default optimizer of a relaxation (`nft relax --optimizer`)."""
+DEFAULT_MAX_STEPS = 200
+"""Default most optimizer steps of a relaxation (`nft relax --steps`)."""
 
 CONVERGED = "converged"
 STEPS = "steps"
@@ -75,9 +81,9 @@ def relax_with_uncertainty(
     calculator: Calculator,
     threshold: float,
     improve: Improve,
-    fmax: float = 0.05,
-    optimizer: str = "BFGS",
-    max_steps: int = 200,
+    fmax: float = DEFAULT_FMAX,
+    optimizer: str = DEFAULT_OPTIMIZER,
+    max_steps: int = DEFAULT_MAX_STEPS,
     first_step: int = 0,
     model: int | None = None,
     on_frame: Callable[[Atoms, RelaxationStep], None] | None = None,

@@ -26,8 +26,9 @@ ADAM_EPOCHS_BEFORE_LBFGS = 300
 the initial weights (its damped steps need no pre-fit: bench/RESULTS.md, "Optimisers at equal wall
 time"; why it is the default: "Convergence bench: the optimisers over 5 seeds")."""
 
+class StrictSettings(BaseModel):
+    """Base of every validated settings object: unknown keys, type coercion and NaN/inf are errors."""
 
-class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
@@ -36,7 +37,7 @@ def _tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-class DescriptorSettings(_Settings):
+class DescriptorSettings(StrictSettings):
     """Symmetry-function parameters (docs/campaign.md). Unset radial keys are derived from the
     training data's nearest-neighbour distance (`descriptors.radial_shells`); other unset keys keep
     the `SymmetryFunctionParams` defaults."""
@@ -68,7 +69,7 @@ class DescriptorSettings(_Settings):
         return self.radial_centers is None and self.radial_etas is None
 
 
-class TrainingSettings(_Settings):
+class TrainingSettings(StrictSettings):
     """Everything that defines a training run (and the `[model]` section); seeds come from `seed`."""
 
     cutoff: float = Field(6.5, gt=0)  # Å

@@ -2,32 +2,33 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ase import Atoms
+from numpy.typing import ArrayLike
 
 
-@dataclass
+@dataclass(init=False)
 class LabelledStructure:
     """A structure with reference labels.
 
     `energy` (eV) is None when the energy must not be trained (chunks); `force_mask` flags the
-    force rows (eV/Å) that enter the loss (a chunk flags only its central atom).
+    force rows (eV/Å) that enter the loss (a chunk flags only its central atom; None: every row).
     """
 
     atoms: Atoms
     energy: float | None
-    forces: np.ndarray
-    force_mask: np.ndarray = field(default=None)  # type: ignore[assignment]
+    forces: np.ndarray  # eV/Å, (N, 3)
+    force_mask: np.ndarray  # bool, (N,)
 
-    def __post_init__(self) -> None:
-        n_atoms = len(self.atoms)
-        self.forces = np.asarray(self.forces, dtype=float).reshape(n_atoms, 3)
-        if self.force_mask is None:
-            self.force_mask = np.ones(n_atoms, dtype=bool)
-        self.force_mask = np.asarray(self.force_mask, dtype=bool).reshape(n_atoms)
+    def __init__(self, atoms: Atoms, energy: float | None, forces: ArrayLike, force_mask: ArrayLike | None = None) -> None:
+        n_atoms = len(atoms)
+        self.atoms, self.energy = atoms, energy
+        self.forces = np.asarray(forces, dtype=float).reshape(n_atoms, 3)
+        mask = np.ones(n_atoms, dtype=bool) if force_mask is None else force_mask
+        self.force_mask = np.asarray(mask, dtype=bool).reshape(n_atoms)
 
 
 def atoms_to_payload(atoms: Atoms) -> dict[str, Any]:

@@ -18,11 +18,6 @@ def atomic_uncertainty(member_forces: np.ndarray) -> np.ndarray:
     return CONFIDENCE_FACTOR * np.sqrt(variance)
 
 
-def structure_uncertainty(member_forces: np.ndarray) -> float:
-    """δ = max_i δ_i (eV/Å)."""
-    return float(atomic_uncertainty(member_forces).max(initial=0.0))
-
-
 def atomic_energy_uncertainty(member_atomic_energies: np.ndarray) -> np.ndarray:
     """δE_i = 2.58·sqrt(Σ_m (E_i^m − Ē_i)² / (M − 1)) in eV, from atomic energies of shape (M, N):
     the energy-based counterpart of δ_i (same factor, so both read as a 99 % bound)."""

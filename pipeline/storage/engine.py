@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy.exc as sa_exc
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, insert, inspect, select, text, update
+from sqlalchemy.engine import URL, CursorResult, Result, make_url
 from sqlalchemy.pool import NullPool
 
 from pipeline.errors import BadInput
@@ -52,9 +52,10 @@ def resolve_database_url(url: str, workdir: str | os.PathLike[str]) -> str:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or not _is_sqlite_file(parsed):
         return url
-    if Path(parsed.database).is_absolute():
+    database = Path(parsed.database or "")
+    if database.is_absolute():
         return url
-    path = Path(workdir).resolve() / parsed.database
+    path = Path(workdir).resolve() / database
     return parsed.set(database=str(path)).render_as_string(hide_password=False)
 
 
@@ -71,7 +72,7 @@ def open_engine(url: str, *, create: bool) -> tuple[Engine, str, str | None]:
         raise DatabaseError(f"{url}: not a valid database URL") from exc
     name = _display_name(parsed)
     if _is_sqlite(parsed) and _is_sqlite_file(parsed) and not create:
-        if not Path(parsed.database).is_file():
+        if not Path(parsed.database or "").is_file():
             raise NoDatabaseYet(f"{name}: no such database file")
     engine = _make_engine(parsed)
     try:
@@ -99,14 +100,27 @@ def _is_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite"
 
 
+def rows_changed(result: Result[Any]) -> int:
+    """How many rows an UPDATE or DELETE changed (its cursor's row count)."""
+    return int(cast(CursorResult[Any], result).rowcount or 0)
+
+
+def _driver_connection(connection: Connection) -> Any:
+    """The DBAPI driver's own connection under `connection` (for SQLite PRAGMAs outside a transaction)."""
+    raw = connection.connection.driver_connection
+    if raw is None:
+        raise DatabaseError("the database connection is closed")
+    return raw
+
+
 def _is_sqlite_file(url: URL) -> bool:
     database = url.database or ""
     return database not in ("", ":memory:") and not database.startswith("file:")
 
 
 def _display_name(url: URL) -> str:
-    if _is_sqlite(url) and _is_sqlite_file(url):
-        return url.database  # type: ignore[return-value]
+    if _is_sqlite(url) and _is_sqlite_file(url) and url.database:
+        return url.database
     return url.render_as_string(hide_password=True)
 
 
@@ -183,7 +197,7 @@ def _open_schema(engine: Engine, name: str, create: bool) -> str:
                         raise NoDatabaseYet(f"{name}: empty database, no nft campaign in it")
                     Base.metadata.create_all(connection)
                     connection.execute(
-                        MetadataRow.__table__.insert(),
+                        insert(MetadataRow),
                         [
                             {"key": "application", "value": APPLICATION},
                             {"key": "schema_version", "value": str(SCHEMA_VERSION)},
@@ -225,7 +239,7 @@ def _migrate(engine: Engine, name: str) -> str | None:
     try:
         with engine.connect().execution_options(**{BEGIN_OPTION: "IMMEDIATE"}) as connection:
             if connection.dialect.name == "sqlite":  # rebuilding a table needs foreign keys off, outside a transaction
-                connection.connection.driver_connection.execute("PRAGMA foreign_keys = OFF")
+                _driver_connection(connection).execute("PRAGMA foreign_keys = OFF")
             with connection.begin():
                 if connection.dialect.name == "postgresql":
                     connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
@@ -241,7 +255,7 @@ def _migrate(engine: Engine, name: str) -> str | None:
                     if broken:
                         raise DatabaseError(f"{name}: migration would break {len(broken)} reference(s) between tables; left as it was")
                 connection.execute(
-                    MetadataRow.__table__.update()
+                    update(MetadataRow)
                     .where(MetadataRow.key == "schema_version")
                     .values(value=str(SCHEMA_VERSION))
                 )
@@ -312,7 +326,8 @@ def _add_v2_columns_and_tables(connection: Connection) -> None:
     for table, columns in _V2_COLUMNS.items():
         for column in columns:
             connection.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column.format(timestamp=timestamp)}")
-    Base.metadata.create_all(connection, tables=[CampaignStructureRow.__table__, CampaignJobRow.__table__])
+    tables = Base.metadata.tables
+    Base.metadata.create_all(connection, tables=[tables[CampaignStructureRow.__tablename__], tables[CampaignJobRow.__tablename__]])
 
 
 def _join_everything_to(connection: Connection, campaign_id: int) -> None:
@@ -346,7 +361,7 @@ def _use_wal(engine: Engine, name: str, url: URL) -> None:
         return
     try:
         with engine.connect() as connection:
-            raw = connection.connection.driver_connection
+            raw = _driver_connection(connection)
             mode = raw.execute("PRAGMA journal_mode").fetchone()[0]
             if str(mode).lower() != "wal":
                 raw.execute("PRAGMA journal_mode = WAL")

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select, update
 
+from pipeline.storage.engine import rows_changed
 from pipeline.storage.lease import LEASE_STALE_S, lease_live
 from pipeline.storage.records import (
     JobRecord,
@@ -148,7 +149,7 @@ class JobStore(StoreSession):
             row = self._job_row(session, job_id)
             if row.status == "done":
                 raise JobAlreadyDone(f"reference job {job_id} is already done")
-            n_atoms = session.scalar(select(StructureRow.n_atoms).where(StructureRow.id == row.structure_id))
+            n_atoms = session.execute(select(StructureRow.n_atoms).where(StructureRow.id == row.structure_id)).scalar_one()
             forces = np.asarray(forces, dtype=np.float64)
             if forces.shape != (n_atoms, 3):
                 raise ValueError(f"forces of job {job_id} have shape {forces.shape}, expected ({n_atoms}, 3)")
@@ -204,7 +205,7 @@ class JobStore(StoreSession):
             result = session.execute(
                 query.values(status="pending", error=None, started_at=None, external_id=None), execution_options={"synchronize_session": False}
             )
-            return int(result.rowcount or 0)
+            return rows_changed(result)
 
     def result(self, job_id: int) -> ResultRecord | None:
         """Energy and forces of a done job, or None."""

@@ -18,7 +18,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import sqlalchemy.exc as sa_exc
@@ -26,7 +26,8 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from pipeline.errors import BadInput, RunFailed
-from pipeline.storage.schema import CampaignRow, utc_now
+from pipeline.storage.engine import rows_changed
+from pipeline.storage.schema import CampaignRow, as_utc, utc_now
 
 if TYPE_CHECKING:
     from pipeline.storage.store import CampaignStore
@@ -67,13 +68,15 @@ def acquire(
     None. A live lease of another driver raises `CampaignBusy` (naming `database`)."""
     lease_id = secrets.token_hex(16)
     now = utc_now()
-    row = session.get(CampaignRow, campaign_id, with_for_update=True)
+    row = session.get_one(CampaignRow, campaign_id, with_for_update=True)
     previous = row.lease_owner if row.lease_id is not None else None
-    if previous is not None and lease_live(row, now, stale_after_s) and not owner_is_gone(previous):
-        heartbeat = (now - _aware(row.lease_heartbeat)).total_seconds()
+    heartbeat = row.lease_heartbeat
+    if previous is not None and heartbeat is not None and lease_live(row, now, stale_after_s) and not owner_is_gone(previous):
+        age = (now - as_utc(heartbeat)).total_seconds()
+        since = as_utc(row.lease_since or heartbeat)
         raise CampaignBusy(
             f"campaign {row.name!r} in {database} is being run by {previous} since "
-            f"{_aware(row.lease_since):%Y-%m-%d %H:%M:%S} UTC (last heartbeat {heartbeat:.0f} s ago): "
+            f"{since:%Y-%m-%d %H:%M:%S} UTC (last heartbeat {age:.0f} s ago): "
             "one driver per campaign; wait for it to end, or stop it"
         )
     row.lease_id, row.lease_owner, row.lease_since, row.lease_heartbeat = lease_id, owner, now, now
@@ -88,7 +91,7 @@ def renew(session: Session, campaign_id: int, lease_id: str | None) -> bool:
         .values(lease_heartbeat=utc_now()),
         execution_options={"synchronize_session": False},
     )
-    return bool(result.rowcount)
+    return rows_changed(result) > 0
 
 
 def release(session: Session, campaign_id: int, lease_id: str) -> None:
@@ -118,12 +121,7 @@ def lease_live(campaign: CampaignRow, now: datetime, stale_after_s: float) -> bo
     """Whether the campaign's driver lease is held and had a heartbeat within `stale_after_s`."""
     if campaign.lease_id is None or campaign.lease_heartbeat is None:
         return False
-    return (now - _aware(campaign.lease_heartbeat)).total_seconds() < stale_after_s
-
-
-def _aware(moment: datetime) -> datetime:
-    """A timestamp as an aware UTC datetime (SQLite hands them back naive)."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+    return (now - as_utc(campaign.lease_heartbeat)).total_seconds() < stale_after_s
 
 
 # ---------------------------------------------------------------------------------------------

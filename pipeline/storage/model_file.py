@@ -6,6 +6,7 @@ files written before the checksum load unchecked."""
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import BadInput
+from pipeline.storage.atomic import write_atomically
 from pipeline.science.descriptor_types import SymmetryFunctionParams
 from pipeline.science.model import EnsembleModel
 from pipeline.science.device import resolve_device
@@ -32,7 +34,7 @@ class ModelFileError(BadInput):
 
 
 def save_model(model: EnsembleModel, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write the ensemble atomically (temporary file, then rename) and return the path."""
+    """Write the ensemble atomically (`write_atomically`) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
@@ -45,9 +47,8 @@ def save_model(model: EnsembleModel, path: str | Path, extra: dict[str, Any] | N
     }
     tensors = {name: t.detach().to(torch.float64).contiguous().clone() for name, t in model.state_dict().items()}
     metadata[CHECKSUM_KEY] = content_checksum(metadata, tensors)
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    temporary.replace(path)
+    with write_atomically(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
     return path
 
 
@@ -76,7 +77,7 @@ def _raw_metadata(path: Path) -> dict[str, str]:
     return raw
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The JSON metadata of a model file; ModelFileError if it is not an nft model."""
     path = Path(path)
     if path.is_dir():
@@ -102,7 +103,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise ModelFileError(f"{path}: not a readable nft model file ({error.__class__.__name__})") from None
 
 
-def load_ensemble(path: str | Path, dtype: torch.dtype = torch.float64, device: str = "cpu") -> EnsembleModel:
+def load_ensemble(path: str | os.PathLike[str], dtype: torch.dtype = torch.float64, device: str = "cpu") -> EnsembleModel:
     """Rebuild the ensemble from a model file, in `dtype` on `device` ("cpu", "cuda" or "auto": cuda
     when torch sees a GPU); ModelFileError on anything malformed, ValueError for "cuda" without a GPU."""
     meta = read_metadata(path)
@@ -130,7 +131,7 @@ MAX_FEATURES = 100_000
 """Bounds on what a model file's header may ask for, checked before any tensor is allocated."""
 
 
-def _check_checksum(raw: dict[str, str], state: dict[str, torch.Tensor], path: str | Path) -> None:
+def _check_checksum(raw: dict[str, str], state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
     """ModelFileError when the file's content differs from the checksum written with it."""
     recorded = raw.get(CHECKSUM_KEY)
     if recorded is None:
@@ -139,7 +140,7 @@ def _check_checksum(raw: dict[str, str], state: dict[str, torch.Tensor], path: s
         raise ModelFileError(f"{path}: corrupt nft model file (its content does not match the checksum written with it)")
 
 
-def _check_size(params: SymmetryFunctionParams, hidden: Any, member_seeds: Any, path: str | Path) -> None:
+def _check_size(params: SymmetryFunctionParams, hidden: Any, member_seeds: Any, path: str | os.PathLike[str]) -> None:
     """ModelFileError unless the header's network is of a size an nft model can have."""
     widths_ok = (isinstance(hidden, list) and 1 <= len(hidden) <= MAX_LAYERS
                  and all(isinstance(w, int) and 1 <= w <= MAX_LAYER_WIDTH for w in hidden))

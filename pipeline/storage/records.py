@@ -6,7 +6,7 @@ timestamps as aware UTC datetimes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from pipeline.storage.schema import (
     ReferenceJobRow,
     ReferenceResultRow,
     StructureRow,
+    as_utc,
     unpack_array,
 )
 
@@ -49,6 +50,26 @@ class StructureRecord:
     radius: float | None
     vacuum: float | None
     created_at: datetime
+
+    @property
+    def chunk_center(self) -> int:
+        """A chunk's central atom, its index in the chunk (`ValueError` for a structure not carved)."""
+        return self._carved(self.center_in_chunk)
+
+    @property
+    def parent_center(self) -> int:
+        """A chunk's central atom, its index in the parent (`ValueError` for a structure not carved)."""
+        return self._carved(self.center_in_parent)
+
+    @property
+    def chunk_radius(self) -> float:
+        """The radius (Å) a chunk was carved with (`ValueError` for a structure not carved)."""
+        return self._carved(self.radius)
+
+    def _carved(self, value: Any) -> Any:
+        if value is None:
+            raise ValueError(f"structure {self.id} ({self.kind}) was not carved from a parent")
+        return value
 
 
 @dataclass(frozen=True)
@@ -132,7 +153,7 @@ def structure_record(row: StructureRow) -> StructureRecord:
         center_in_chunk=row.center_in_chunk,
         radius=row.radius,
         vacuum=row.vacuum,
-        created_at=_utc(row.created_at),
+        created_at=as_utc(row.created_at),
     )
 
 
@@ -150,9 +171,9 @@ def job_record(row: ReferenceJobRow) -> JobRecord:
         host=row.host,
         wall_time_s=row.wall_time_s,
         external_id=row.external_id,
-        created_at=_utc(row.created_at),
-        started_at=_utc(row.started_at),
-        finished_at=_utc(row.finished_at),
+        created_at=as_utc(row.created_at),
+        started_at=as_utc(row.started_at),
+        finished_at=as_utc(row.finished_at),
         claimed_by=row.claimed_by,
     )
 
@@ -174,7 +195,7 @@ def model_record(row: ModelRow) -> ModelRecord:
         path=row.path,
         sha256=row.sha256,
         metrics=dict(row.metrics),
-        created_at=_utc(row.created_at),
+        created_at=as_utc(row.created_at),
     )
 
 
@@ -187,7 +208,7 @@ def iteration_record(row: IterationRow) -> IterationRecord:
         chunks_added=row.chunks_added,
         train_force_mae=row.train_force_mae,
         wall_time=dict(row.wall_time),
-        created_at=_utc(row.created_at),
+        created_at=as_utc(row.created_at),
         carved=bool(row.carved),
     )
 
@@ -199,10 +220,3 @@ def _atoms(row: StructureRow) -> Atoms:
         cell=unpack_array(row.cell),
         pbc=unpack_array(row.pbc),
     )
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    """Timestamps as aware UTC datetimes (SQLite hands them back naive)."""
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=timezone.utc)

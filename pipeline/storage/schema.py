@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Optional, overload
 
 import numpy as np
 from sqlalchemy import (
@@ -52,6 +52,19 @@ POSITION_DECIMALS = 6
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+@overload
+def as_utc(moment: datetime) -> datetime: ...
+@overload
+def as_utc(moment: None) -> None: ...
+@overload
+def as_utc(moment: datetime | None) -> datetime | None: ...
+def as_utc(moment: datetime | None) -> datetime | None:
+    """A timestamp read back as an aware UTC datetime (SQLite hands them back naive)."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=timezone.utc)
 
 
 def pack_array(array: np.ndarray) -> bytes:

@@ -165,7 +165,7 @@ class StoreSession:
                 if exists is not None:
                     return
                 row = membership(campaign_id=self._campaign_id, **key)
-                if membership is CampaignJobRow:
+                if isinstance(row, CampaignJobRow):
                     job = self._job_row(session, value, lock=False)
                     row.reused = job.status == "done" and job.claimed_by != self._campaign_id
                 session.add(row)

@@ -10,6 +10,7 @@ import numpy as np
 from ase import Atoms
 from sqlalchemy import delete, select
 
+from pipeline.storage.engine import rows_changed
 from pipeline.storage.hashing import atoms_geometry_hash
 from pipeline.storage.records import (
     JobRecord,
@@ -57,22 +58,20 @@ class StructureStore(StoreSession):
         """
         if kind not in STRUCTURE_KINDS:
             raise ValueError(f"structure kind must be one of {STRUCTURE_KINDS}, not {kind!r}")
-        chunk_fields = (parent_id, center_in_parent, center_in_chunk, radius)
-        if kind == "chunk" and any(value is None for value in chunk_fields):
-            raise ValueError("a chunk needs parent_id, center_in_parent, center_in_chunk and radius")
-        if kind != "chunk" and any(value is not None for value in (*chunk_fields, vacuum)):
-            raise ValueError(f"a {kind} structure has no parent, centre, radius or vacuum")
         n_atoms = len(atoms)
-        if kind == "chunk" and not float(radius) > 0:  # type: ignore[arg-type]
-            raise ValueError(f"chunk radius must be positive, not {radius}")
-        if kind == "chunk" and not 0 <= int(center_in_chunk) < n_atoms:  # type: ignore[arg-type]
-            raise ValueError(f"center_in_chunk {center_in_chunk} is outside a chunk of {n_atoms} atoms")
         digest = atoms_geometry_hash(atoms)
+        identity = f"{kind}:{digest}"
         if kind == "chunk":
-            radius = round(float(radius), RADIUS_DECIMALS)  # type: ignore[arg-type]
-            identity = _chunk_identity(int(parent_id), int(center_in_parent), radius)  # type: ignore[arg-type]
-        else:
-            identity = f"{kind}:{digest}"
+            if parent_id is None or center_in_parent is None or center_in_chunk is None or radius is None:
+                raise ValueError("a chunk needs parent_id, center_in_parent, center_in_chunk and radius")
+            if not float(radius) > 0:
+                raise ValueError(f"chunk radius must be positive, not {radius}")
+            if not 0 <= int(center_in_chunk) < n_atoms:
+                raise ValueError(f"center_in_chunk {center_in_chunk} is outside a chunk of {n_atoms} atoms")
+            radius = round(float(radius), RADIUS_DECIMALS)
+            identity = _chunk_identity(int(parent_id), int(center_in_parent), radius)
+        elif any(value is not None for value in (parent_id, center_in_parent, center_in_chunk, radius, vacuum)):
+            raise ValueError(f"a {kind} structure has no parent, centre, radius or vacuum")
         row = StructureRow(
             kind=kind,
             identity=identity,
@@ -182,7 +181,7 @@ class StructureStore(StoreSession):
                 ),
                 execution_options={"synchronize_session": False},
             )
-            return int(result.rowcount or 0)
+            return rows_changed(result)
 
 
 def _chunk_identity(parent_id: int, center_in_parent: int, radius: float) -> str:

@@ -25,7 +25,8 @@ import pytest
 from pydantic import Field, model_validator
 
 from pipeline.execution.parents import PARENTS
-from pipeline.execution.parents.base import NonNegativeInt, PositiveFloat, ReferenceFailed, option_error, rejects
+from pipeline.execution.options import NonNegativeInt, PositiveFloat, option_error, rejects
+from pipeline.execution.parents.base import ReferenceFailed
 from pipeline.execution.parents.emt import EmtParent
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -24,9 +24,9 @@ __all__ = [
 ]
 
 
-def parent_for(name: str, options: Mapping[str, Any] | None = None) -> Parent:
-    """The parent called `name` (case-insensitive) with `options` checked; `ParentConfigError` names
-    the field, ``parent.calculator`` or ``parent.<name>.<option>``."""
+def parent_for(name: str | None, options: Mapping[str, Any] | None = None) -> Parent:
+    """The parent called `name` (case-insensitive; None or an unknown name is an error) with `options`
+    checked; `ParentConfigError` names the field, ``parent.calculator`` or ``parent.<name>.<option>``."""
     if not isinstance(name, str) or name.lower() not in PARENTS:
         raise ParentConfigError("parent.calculator", f"unknown calculator {name!r} (known: {', '.join(PARENTS)})")
     return PARENTS[name.lower()].from_options(options)

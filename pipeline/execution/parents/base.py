@@ -16,16 +16,17 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any, ClassVar, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
+from ase.calculators.calculator import CalculationFailed
 from ase.data import atomic_numbers
 from numpy.typing import ArrayLike
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WrapValidator
-from pydantic_core import PydanticCustomError
 
 from pipeline.errors import BadInput
+from pipeline.execution.options import BadOption, NonNegativeInt, Options, PositiveFloat, checked_options
+from pipeline.science.initial_sets import CELL_RELAX_FMAX, CELL_RELAX_STEPS
 
 DFT_THRESHOLD = 0.3
 """Default `active.threshold` (eV/Å) of a DFT parent (docs/campaign.md, `[active]`)."""
@@ -33,11 +34,10 @@ MAX_FORCE = 50.0
 """Default `max_force`, eV/Å: a result with a larger |F_i| is refused as absurd. Sane structures stay
 far below it (a rattled Pt55 under EMT: 2.9 eV/Å; relaxations and MD up to melting: under ~20 eV/Å);
 EMT reaches it only for two Pt atoms closer than 1.85 Å (2/3 of their bond), which no target holds."""
-_OPTION_ERROR = "parent_option"
 
 
-class ReferenceFailed(RuntimeError):
-    """A reference calculation gave no energy and forces; the message is the reason."""
+class ReferenceFailed(CalculationFailed):
+    """A reference calculation gave no energy and forces (ASE's `CalculationFailed`); the message is the reason."""
 
     @property
     def reason(self) -> str:
@@ -61,64 +61,10 @@ class ParentConfigError(BadInput):
 
 
 # ---------------------------------------------------------------------------------------------
-# Option types: each reports a bad value in one line, "must be …, got VALUE".
-
-def rejects(template: str) -> WrapValidator:
-    """Report any bad value of the annotated type as `template` with ``{value}`` its repr (a message
-    from an inner option type, e.g. a list item, is kept)."""
-
-    def check(value: Any, handler: Callable[[Any], Any]) -> Any:
-        try:
-            return handler(value)
-        except ValidationError as error:
-            inner = error.errors()[0]
-            message = inner["msg"] if inner["type"] == _OPTION_ERROR else template.replace("{value}", repr(value))
-            raise PydanticCustomError(_OPTION_ERROR, message) from None
-
-    return WrapValidator(check)
-
-
-def option_error(message: str) -> PydanticCustomError:
-    """A bad option value reported as `message` (for checks beyond a type, e.g. unknown keys)."""
-    return PydanticCustomError(_OPTION_ERROR, message)
-
-
-def _lower(value: Any) -> Any:
-    return value.lower() if isinstance(value, str) else value
-
-
-def _list(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def one_of(*choices: str) -> Any:
-    """A string among `choices`, case-insensitive, stored lower-case."""
-    return Annotated[
-        Literal[choices], BeforeValidator(_lower), rejects(f"must be one of {', '.join(choices)}; got {{value}}")
-    ]
-
-
-PositiveFloat = Annotated[float, Field(gt=0), rejects("must be a positive number, got {value}")]
-NonNegativeFloat = Annotated[float, Field(ge=0), rejects("must be a number >= 0, got {value}")]
-Number = Annotated[float, rejects("must be a number, got {value}")]
-PositiveInt = Annotated[int, Field(ge=1), rejects("must be an integer >= 1, got {value}")]
-NonNegativeInt = Annotated[int, Field(ge=0), rejects("must be an integer >= 0, got {value}")]
-Text = Annotated[str, Field(min_length=1), rejects("must be a non-empty string, got {value}")]
-Flag = Annotated[bool, rejects("must be true or false, got {value}")]
-Table = Annotated[dict[str, Any], rejects("must be a table, got {value}")]
-Grid = Annotated[
-    list[PositiveInt], BeforeValidator(_list), Field(min_length=3, max_length=3),
-    rejects("must be three positive integers [k1, k2, k3], got {value}"),
-]
-
-
-# ---------------------------------------------------------------------------------------------
 # The base class.
 
-class Parent(BaseModel):
+class Parent(Options):
     """A parent calculator; its fields are its options, defaults filled in."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     name: ClassVar[str]
     physics_fields: ClassVar[tuple[str, ...]] = ()
@@ -145,15 +91,13 @@ class Parent(BaseModel):
         """The parent with `options` (a `[parent.NAME]` table) checked; `ParentConfigError` names
         the first bad one (an unknown option before a bad value)."""
         try:
-            return cls.model_validate(dict(options or {}))
-        except ValidationError as error:
-            problems = error.errors()
-            unknown = sorted(str(problem["loc"][0]) for problem in problems if problem["type"] == "extra_forbidden")
-            if unknown:
-                known = ", ".join(sorted(cls.model_fields)) or "none"
-                raise ParentConfigError(f"parent.{cls.name}.{unknown[0]}", f"unknown option (known: {known})") from None
-            where = "".join(f".{part}" for part in problems[0]["loc"][:1])  # none for a check of the whole table
-            raise ParentConfigError(f"parent.{cls.name}{where}", problems[0]["msg"]) from None
+            return checked_options(cls, options)
+        except BadOption as bad:
+            where = f".{bad.name}" if bad.name else ""  # none for a check of the whole table
+            if bad.known is not None:
+                known = ", ".join(bad.known) or "none"
+                raise ParentConfigError(f"parent.{cls.name}{where}", f"unknown option (known: {known})") from None
+            raise ParentConfigError(f"parent.{cls.name}{where}", bad.problem) from None
 
     def physics(self) -> dict[str, Any]:
         """The `physics_fields` as plain JSON: what identifies a result (the same chunk with other
@@ -200,7 +144,7 @@ class Parent(BaseModel):
 
     def relax_cell(
         self, payload: Mapping[str, Any], job_dir: str | None = None, attempt: int = 1,
-        fmax: float = 0.02, steps: int = 200,
+        fmax: float = CELL_RELAX_FMAX, steps: int = CELL_RELAX_STEPS,
     ) -> dict[str, Any]:
         """Relax positions and cell of one periodic structure (`science.initial_sets.relax_cell`: ASE's
         cell filter and BFGS, to `fmax` eV/Å or `steps` steps): the `run` result of the relaxed cell

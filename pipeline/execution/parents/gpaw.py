@@ -14,26 +14,15 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from ase import Atoms
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_serializer, model_validator
+from pydantic import BeforeValidator, Field, field_serializer, model_validator
 
-from pipeline.execution.parents.base import (
-    Flag,
-    Grid,
-    NonNegativeFloat,
-    Number,
-    Parent,
-    PositiveFloat,
-    PositiveInt,
-    ReferenceFailed,
-    Table,
-    Text,
-    one_of,
-    option_error,
-    rejects,
+from pipeline.execution.options import (
+    Flag, Grid, NonNegativeFloat, Number, Options, PositiveFloat, PositiveInt, Table, Text, OneOf, option_error, rejects,
 )
+from pipeline.execution.parents.base import Parent, ReferenceFailed
 from pipeline.execution.process_group import run_process_group
 from pipeline.science.structures import payload_to_atoms
 
@@ -41,9 +30,9 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 GPAW_LOG_NAME = "gpaw.txt"
 LOG_TAIL_LINES = 25
 
-Mode = one_of("pw", "lcao", "fd")
-Smearing = one_of("fermi-dirac", "marzari-vanderbilt", "methfessel-paxton")
-Launcher = one_of("auto", "mpiexec", "srun")
+Mode = Annotated[Literal["pw", "lcao", "fd"], OneOf()]
+Smearing = Annotated[Literal["fermi-dirac", "marzari-vanderbilt", "methfessel-paxton"], OneOf()]
+Launcher = Annotated[Literal["auto", "mpiexec", "srun"], OneOf()]
 Setups = Annotated[
     str | dict[str, str], Field(min_length=1),
     rejects("must be a setup name ('paw', '10', ...) or a table element = name, got {value}"),
@@ -62,10 +51,8 @@ def _words(value: Any) -> Any:
 Words = Annotated[list[str], BeforeValidator(_words), rejects("must be a list of strings, got {value}")]
 
 
-class ScfConvergence(BaseModel):
+class ScfConvergence(Options):
     """GPAW's SCF `convergence` criteria; unset ones keep GPAW's defaults."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     energy: PositiveFloat | None = None  # eV per valence electron
     density: PositiveFloat | None = None  # electrons per valence electron
@@ -239,12 +226,13 @@ class GpawParent(Parent):
     def kpts_for(self, atoms: Atoms) -> tuple[int, int, int]:
         """The k-point grid: explicit `kpts`, else ceil(kpt_density/|a_i|) on periodic axes, 1 elsewhere."""
         if self.kpts:
-            return tuple(int(k) for k in self.kpts)  # type: ignore[return-value]
-        lengths = atoms.cell.lengths()
-        return tuple(
+            k1, k2, k3 = (int(k) for k in self.kpts)
+            return k1, k2, k3
+        n1, n2, n3 = (
             max(1, math.ceil(self.kpt_density / length)) if periodic and length > 0 else 1
-            for periodic, length in zip(atoms.pbc, lengths)
-        )  # type: ignore[return-value]
+            for periodic, length in zip(atoms.pbc, atoms.cell.lengths())
+        )
+        return n1, n2, n3
 
     def setup(self, payload: Mapping[str, Any], txt: str | None = None) -> tuple[Atoms, dict[str, Any]]:
         """The structure and `gpaw.GPAW` keyword arguments for one job.
