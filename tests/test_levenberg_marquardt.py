@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.science.examples import bulk_training_cells
-from pipeline.science.levenberg_marquardt import minimize_members_lm
+from pipeline.science.levenberg_marquardt import WeightPrior, minimize_members_lm
 from pipeline.science.settings import TrainingSettings
 from pipeline.science.losses import (
     jacobian_terms,
@@ -14,7 +14,7 @@ from pipeline.science.losses import (
     residual_factors,
 )
 from pipeline.science.training import train_ensemble
-from pipeline.science.training_data import predict_labels
+from pipeline.science.training_data import predict_labels, residuals_per_element
 from tests.test_training import chunk_structures, labelled, two_element_problem
 
 pytestmark = pytest.mark.timeout(300)
@@ -50,6 +50,25 @@ def test_residual_jacobian_equals_autograd(hidden, slots_per_block, monkeypatch)
                 assert all(g is None or float(g[other].abs().max()) == 0.0 for g in grads)
 
 
+def test_residuals_per_element_are_the_jacobian_rows_that_touch_its_network():
+    """`residuals_per_element` (what the training log's "fit underdetermined" compares with the
+    weights) counts, per element, the residuals whose Jacobian row is non-zero in its network's
+    weights: the Pt cells' energies and forces touch only Pt, the mixed cluster's rows both."""
+    model, data, weights, settings = two_element_problem((5, 5), n_members=2, seed=7)
+    weights = torch.ones_like(weights)
+    jacobian = member_residual_jacobians(model, data, weights, settings, jacobian_terms(data))[0]
+    networks = model.networks
+    per_parameter = [(index // networks.n_layers, p[0].numel()) for index, p in enumerate(networks.weights)]
+    per_parameter += [(index // networks.n_layers, p[0].numel()) for index, p in enumerate(networks.biases)]
+    column_element = torch.cat([torch.full((size,), element) for element, size in per_parameter])
+    assert len(column_element) == jacobian.shape[1]
+    expected = [int((jacobian[:, column_element == element] != 0).any(1).sum()) for element in range(2)]
+    counts = residuals_per_element(data, 2)
+    assert counts == expected, (counts, expected)
+    assert 0 < counts[0] < counts[1] <= jacobian.shape[0], "Cu (element 0) enters only the cluster's rows"
+    assert networks.weights_per_element == sum(size for element, size in per_parameter if element == 0)
+
+
 def test_solver_fits_independent_problems_each_with_its_own_damping():
     """Three members, each a different curve fit (one badly scaled): each reaches its own minimum."""
     x = torch.linspace(0, 1, 40, dtype=torch.float64)
@@ -68,6 +87,39 @@ def test_solver_fits_independent_problems_each_with_its_own_damping():
     final, final_losses = minimize_members_lm(residuals_and_jacobian, losses, start, 200)
     torch.testing.assert_close(final, truth, rtol=1e-6, atol=1e-6)
     assert float(final_losses.max()) < 1e-12
+
+
+@pytest.mark.parametrize("n_residuals, n_parameters", [(6, 20), (20, 6)])
+def test_linear_least_squares_reach_the_minimum_norm_or_ridge_solution(n_residuals, n_parameters):
+    """On linear problems r = Jθ − b the steps are exact: with fewer residuals than weights (the Gram
+    form of the step) each member reaches the interpolant nearest its start, θ0 + J⁺(b − Jθ0), and with
+    more the least-squares solution; with a prior a‖θ − θa‖² both reach the ridge solution
+    (JᵀJ + aI)⁻¹(Jᵀb + aθa)."""
+    generator = torch.Generator().manual_seed(3)
+    n_members = 3
+    jac = torch.randn(n_members, n_residuals, n_parameters, generator=generator, dtype=torch.float64)
+    targets = torch.randn(n_members, n_residuals, generator=generator, dtype=torch.float64)
+    start = torch.randn(n_members, n_parameters, generator=generator, dtype=torch.float64)
+
+    def residuals_and_jacobian(p):
+        return (jac @ p.unsqueeze(2)).squeeze(2) - targets, jac
+
+    def losses(p):
+        return residuals_and_jacobian(p)[0].pow(2).sum(1)
+
+    final, _ = minimize_members_lm(residuals_and_jacobian, losses, start, 100)
+    pinv = torch.linalg.pinv(jac)
+    expected = start + (pinv @ (targets - (jac @ start.unsqueeze(2)).squeeze(2)).unsqueeze(2)).squeeze(2)
+    torch.testing.assert_close(final, expected, rtol=1e-7, atol=1e-7)
+
+    anchor = torch.randn(n_members, n_parameters, generator=generator, dtype=torch.float64)
+    strength = torch.tensor([1e-3, 0.1, 10.0], dtype=torch.float64)
+    final, data_losses = minimize_members_lm(residuals_and_jacobian, losses, start, 100,
+                                             prior=WeightPrior(anchor, strength))
+    normal = jac.transpose(1, 2) @ jac + strength[:, None, None] * torch.eye(n_parameters, dtype=torch.float64)
+    rhs = (jac.transpose(1, 2) @ targets.unsqueeze(2)).squeeze(2) + strength[:, None] * anchor
+    torch.testing.assert_close(final, torch.linalg.solve(normal, rhs), rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(data_losses, losses(final), msg="the returned losses are the data's, without the prior")
 
 
 def test_levenberg_marquardt_fits_tighter_than_lbfgs_with_a_tenth_of_the_steps():

@@ -9,7 +9,7 @@ from pipeline.science.examples import bulk_training_cells, emt_labelled, rattled
 from pipeline.science.structures import LabelledStructure
 from pipeline.science.settings import TrainingSettings
 from pipeline.science.losses import member_losses, member_losses_with_gradients
-from pipeline.science.training import _split, train_ensemble
+from pipeline.science.training import _split, fitted_loss_floor, train_ensemble
 from pipeline.science.training_data import predict_labels, prepare_training_data
 from tests.core_helpers import rattled_cluster, untrained_model
 
@@ -203,6 +203,23 @@ def test_a_member_with_an_outlier_loss_is_fitted_again_from_fresh_starts():
     pair, pair_report = train_ensemble(grown, settings.with_changes(ensemble=2), start_from=first)
     assert pair_report.reset_members == ()
     assert np.abs(pair.predict(cluster).member_forces[1] - warm.predict(cluster).member_forces[1]).max() > 1e-3
+
+
+def test_members_that_fit_exactly_are_never_refitted():
+    """An exact fit is no outlier: with every member at round-off (≈1e-28) but one a little behind
+    (≈1e-11, a million million times the median, yet far below label noise), no member is refitted."""
+    data = labelled(bulk_training_cells(3, seed=2))
+    settings = TrainingSettings(ensemble=4, seed=1, weight_decay=0.0)  # no ridge: the fits are exact
+    first, _ = train_ensemble(data, settings)
+    with torch.no_grad():
+        first.networks.weights[0][1].mul_(1.001)
+    warm, report = train_ensemble(data, settings.with_changes(lm_steps=1), start_from=first)
+    prepared = prepare_training_data(data, warm.descriptor).scaled_by(warm)
+    weights = torch.ones(warm.n_members, len(data), dtype=torch.float64)
+    losses = member_losses(warm, prepared, weights, settings, create_graph=False).detach()
+    assert losses[1] > 1e6 * losses.median(), "the relative rule alone would refit member 1"
+    assert losses.max() < fitted_loss_floor(prepared, weights, settings).min()
+    assert report.warm_started and report.reset_members == ()
 
 
 def test_a_shard_judges_outliers_against_the_whole_ensemble():

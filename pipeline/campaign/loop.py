@@ -28,7 +28,7 @@ from pipeline.campaign.history import (
 from pipeline.campaign.observer import CampaignObserver
 from pipeline.campaign.reference_jobs import ReferenceJobRunner
 from pipeline.campaign.calibration import CALIBRATION_KEY, calibration, centre_predictions
-from pipeline.campaign.metrics import finite_or_none
+from pipeline.campaign.metrics import finite_or_none, fit_determination
 from pipeline.campaign.training_set import chunk_labels, training_structures
 from pipeline.errors import RunFailed, error_text
 from pipeline.execution.apps import SiteApps, make_apps
@@ -425,6 +425,8 @@ class Driver:
     def iteration(self, number: int, timer: IterationTimer) -> str | None:
         """One NFT iteration; returns the stop reason when the campaign ends with it."""
         model_path, metrics = self.train(number, timer)
+        if determination := fit_determination(metrics):
+            self.observer.message(f"iteration {number}: {determination}")
         predictions, model_metrics = self.measure(number, model_path, metrics, timer)
         draft = history_with_measured(self.store.iterations(), number, model_metrics["max_delta"])
         train_mae = finite_or_none(metrics.get("train_force_mae"))

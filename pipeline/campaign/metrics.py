@@ -11,3 +11,19 @@ def finite_or_none(value: Any) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def fit_determination(metrics: dict[str, Any]) -> str | None:
+    """One line when a training's fit had more weights than residuals for some element (the metrics
+    of `TrainingReport`: `element_residuals`, `element_weights`, `weight_decay`), saying what kept it
+    well-posed; None when every element's network had more residuals than weights."""
+    counts = metrics.get("element_residuals") or {}
+    weights = int(metrics.get("element_weights") or 0)
+    short = {symbol: count for symbol, count in counts.items() if count < weights}
+    if not short:
+        return None
+    listed = ", ".join(f"{symbol} {count}" for symbol, count in short.items())
+    decay = float(metrics.get("weight_decay") or 0.0)
+    remedy = (f"the weight decay {decay:g} keeps it well-posed" if decay > 0
+              else "nothing keeps it well-posed: set [model] weight_decay > 0")
+    return f"fit underdetermined: residuals per element ({listed}) < {weights} weights per network; {remedy}"

@@ -8,6 +8,7 @@ from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.history import CONVERGED, best_iteration, history_entry, stall_diagnosis, stop_reason
 from pipeline.campaign.files import MODEL_NAME
 from pipeline.campaign.calibration import calibration
+from pipeline.campaign.metrics import fit_determination
 from pipeline.campaign.training_set import chunk_labels, training_structures
 from pipeline.errors import BadInput
 from pipeline.storage.engine import DatabaseError
@@ -73,6 +74,7 @@ def campaign_status(config: CampaignConfig) -> dict[str, Any]:
         "history": history_entries,
         "stall": stall_diagnosis(history_entries[-1], reason, config) if finished and history_entries else None,
         "calibration": calibration(metrics, labels),
+        "fit": fit_determination(metrics[max(metrics)]) if metrics else None,
     }
 
 

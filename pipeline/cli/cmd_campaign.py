@@ -161,6 +161,8 @@ def print_status(console: Console, report: Mapping[str, Any]) -> None:
         console.print(_calibration_table(calibration))
     if calibration.get("warning"):
         console.print(f"warning: {calibration['warning']}", highlight=False)
+    if report.get("fit"):
+        console.print(f"latest model: {report['fit']}", highlight=False)
     if report.get("stall"):
         console.print(f"stalled: a {report['stall']['kind']} problem. {report['stall']['advice']}", highlight=False)
     if report["failed_jobs"]:

@@ -174,6 +174,8 @@ def _rank_main(spec_file: Path) -> int:
             metrics["epochs_run"] = max(item[1]["epochs_run"] for item in gathered)
             metrics["final_loss"] = float(sum(item[1]["final_loss"] for item in gathered))
             metrics["warm_started"] = all(item[1]["warm_started"] for item in gathered)
+            metrics.update(element_residuals=report.element_residuals, element_weights=report.element_weights,
+                           weight_decay=report.weight_decay)  # the same data on every rank
             write_text_atomically(spec["report_path"], json.dumps(metrics))
         dist.barrier()
     finally:

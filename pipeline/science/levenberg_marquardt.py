@@ -6,11 +6,16 @@ per-parameter diagonal stalled these networks at a 14× higher loss in the same 
 bench/RESULTS.md). Every member has its own damping λ_m: it falls
 after a step that lowered the loss and rises after one that did not, so a member that is far from
 its minimum takes short gradient-like steps while one near it takes full Gauss–Newton steps. The
-Jacobians and the trial losses are batched over the members; the networks are small enough
-(P of a few hundred) that the P×P normal equations are cheap.
+Jacobians and the trial losses are batched over the members.
+
+Each step is solved in the smaller of two spaces: the P×P normal equations when the residuals
+outnumber the weights, else the N×N Gram system, δ = −Jᵀ(JJᵀ + μI)⁻¹r (the same step, by the
+push-through identity). An alloy's networks have P of 600–2,800 weights against a few hundred
+residuals, where the P×P Cholesky was nearly all of the training time (bench/RESULTS.md).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -24,6 +29,9 @@ INITIAL_DAMPING = 1e-3
 DAMPING_DECREASE = 0.3
 DAMPING_INCREASE = 4.0
 MAX_DAMPING = 1e10
+GRAM_FORM = True
+"""Solve in the N×N Gram form when the residuals are fewer than the weights; False: always the P×P
+normal equations (`bench/bench_elements.py --primal` measures the difference)."""
 
 
 def minimize_members_lm(
@@ -34,6 +42,7 @@ def minimize_members_lm(
     max_retries: int = 8,
     relative_tolerance: float = 1e-12,
     deadline: Callable[[], bool] | None = None,
+    prior: WeightPrior | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise M independent sums of squares from `start` (M, P); return (parameters, losses (M,)).
 
@@ -47,19 +56,18 @@ def minimize_members_lm(
     n_members = x.shape[0]
     damping = torch.full((n_members,), INITIAL_DAMPING, dtype=x.dtype, device=x.device)
     active = torch.ones(n_members, dtype=torch.bool, device=x.device)
-    loss = losses(x)
+    objective = losses if prior is None else (lambda flat: losses(flat) + prior.penalty(flat))
+    loss = objective(x)
     for _ in range(max_iterations):
         if not bool(active.any()) or (deadline is not None and deadline()):
             break
         residual, jacobian = residuals_and_jacobian(x)
-        normal = jacobian.transpose(1, 2) @ jacobian  # (M, P, P)
-        gradient = (jacobian.transpose(1, 2) @ residual.unsqueeze(2)).squeeze(2)  # (M, P), half ∂‖r‖²/∂θ
-        scaling = torch.diagonal(normal, dim1=1, dim2=2).mean(1).clamp_min(1e-300)  # (M,)
+        system = _GaussNewtonSystem(residual, jacobian, prior, x)
         pending = active.clone()
         for _ in range(max_retries):
-            step = _damped_steps(normal, gradient, scaling, damping)
+            step = system.damped_steps(damping)
             trial = x + step * pending[:, None].to(x.dtype)
-            trial_loss = losses(trial)
+            trial_loss = objective(trial)
             better = pending & torch.isfinite(trial_loss) & (trial_loss < loss)
             converged = better & (loss - trial_loss <= relative_tolerance * loss)
             x = torch.where(better[:, None], trial, x)
@@ -71,16 +79,53 @@ def minimize_members_lm(
             pending = worse & active
             if not bool(pending.any()):
                 break
-    return x, loss
+    return x, (loss if prior is None else losses(x))
 
 
-def _damped_steps(normal: torch.Tensor, gradient: torch.Tensor, scaling: torch.Tensor, damping: torch.Tensor) -> torch.Tensor:
-    """δ_m = −(J_mᵀJ_m + λ_m d_m I)⁻¹ J_mᵀr_m for every member, by batched Cholesky."""
-    identity = torch.eye(normal.shape[1], dtype=normal.dtype, device=normal.device)
-    system = normal + (damping * scaling)[:, None, None] * identity
-    factor, info = torch.linalg.cholesky_ex(system)
-    step = -torch.cholesky_solve(gradient.unsqueeze(2), factor).squeeze(2)
-    failed = info != 0  # not positive definite in floating point: a short gradient step instead
-    if bool(failed.any()):
-        step[failed] = -gradient[failed] / (damping[failed] * scaling[failed])[:, None]
-    return step
+@dataclass(frozen=True)
+class WeightPrior:
+    """A Gaussian prior on the weights: the objective gains a_m‖θ_m − θ0_m‖² (a ridge toward θ0)."""
+
+    anchor: torch.Tensor  # (M, P) θ0
+    strength: torch.Tensor  # (M,) a_m, in the loss's units per squared weight
+
+    def penalty(self, x: torch.Tensor) -> torch.Tensor:
+        """a_m‖θ_m − θ0_m‖² per member (M,)."""
+        return self.strength * (x - self.anchor).pow(2).sum(1)
+
+
+class _GaussNewtonSystem:
+    """One iteration's Gauss–Newton system of every member, kept in the smaller of its two forms:
+    the normal matrix JᵀJ (M, P, P) when N ≥ P, else the Gram matrix JJᵀ (M, N, N) with J itself."""
+
+    def __init__(self, residual: torch.Tensor, jacobian: torch.Tensor, prior: "WeightPrior | None" = None,
+                 x: torch.Tensor | None = None):
+        self.residual, self.jacobian = residual, jacobian
+        self.dual = GRAM_FORM and jacobian.shape[1] < jacobian.shape[2]
+        transposed = jacobian.transpose(1, 2)
+        self.matrix = jacobian @ transposed if self.dual else transposed @ jacobian
+        self.gradient = (transposed @ residual.unsqueeze(2)).squeeze(2)  # (M, P), half ∂‖r‖²/∂θ
+        self.prior_strength = torch.zeros_like(residual[:, 0])
+        if prior is not None and x is not None:
+            self.prior_strength = prior.strength
+            self.gradient = self.gradient + prior.strength[:, None] * (x - prior.anchor)
+        # d_m: the mean of diag(JᵀJ) = trace(JJᵀ)/P, either way
+        self.scaling = torch.diagonal(self.matrix, dim1=1, dim2=2).sum(1).div(jacobian.shape[2]).clamp_min(1e-300)
+
+    def damped_steps(self, damping: torch.Tensor) -> torch.Tensor:
+        """δ_m = −(J_mᵀJ_m + λ_m d_m I)⁻¹ J_mᵀr_m for every member, by batched Cholesky; a member whose
+        system is not positive definite in floating point takes a short gradient step instead."""
+        shift = damping * self.scaling + self.prior_strength  # (M,)
+        system = self.matrix.clone()
+        system.diagonal(dim1=1, dim2=2).add_(shift[:, None])
+        factor, info = torch.linalg.cholesky_ex(system)
+        if self.dual:  # (JᵀJ + cI)⁻¹g = (g − Jᵀ(JJᵀ + cI)⁻¹Jg)/c
+            projected = (self.jacobian @ self.gradient.unsqueeze(2))
+            inner = (self.jacobian.transpose(1, 2) @ torch.cholesky_solve(projected, factor)).squeeze(2)
+            step = -(self.gradient - inner) / shift[:, None]
+        else:
+            step = -torch.cholesky_solve(self.gradient.unsqueeze(2), factor).squeeze(2)
+        failed = info != 0
+        if bool(failed.any()):
+            step[failed] = -self.gradient[failed] / shift[failed][:, None]
+        return step

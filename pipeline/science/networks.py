@@ -63,6 +63,7 @@ class EnsembleNetworks(nn.Module):
                 self.weights.append(nn.Parameter(torch.stack([m[element][layer][0] for m in per_member])))
                 self.biases.append(nn.Parameter(torch.stack([m[element][layer][1] for m in per_member])))
         self.n_layers = len(widths) - 1
+        self.weights_per_element = sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(widths[:-1], widths[1:]))
 
     @staticmethod
     def _member_init(widths: list[int], n_elements: int, seed: int) -> list:

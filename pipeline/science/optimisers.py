@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from pipeline.science.batched_lbfgs import minimize_members
-from pipeline.science.levenberg_marquardt import minimize_members_lm
+from pipeline.science.levenberg_marquardt import WeightPrior, minimize_members_lm
 from pipeline.science.losses import jacobian_terms, member_losses, member_losses_with_gradients, member_residual_jacobians, member_residuals
 
 
@@ -29,7 +29,7 @@ def adam(model, data, weights, val_weights, settings, progress) -> tuple[int, fl
     epoch = 0
     for epoch in range(1, epochs + 1):
         optimizer.zero_grad()
-        total = member_losses_with_gradients(model, data, weights, settings).sum()
+        total = with_weight_decay(member_losses_with_gradients(model, data, weights, settings), parameters, settings).sum()
         optimizer.step()
         scheduler.step()
         if val_weights is not None and (epoch % 10 == 0 or epoch == epochs):
@@ -68,7 +68,8 @@ def second_order(model, data, weights, settings, loss: float) -> float:
 
 def lbfgs(model, data, weights, settings, deadline: Callable[[], bool] | None = None) -> float:
     """L-BFGS polish for `settings.lbfgs_steps` steps (or until `deadline()`), with a history and line
-    search of its own per member (batched_lbfgs); returns the summed member loss."""
+    search of its own per member (batched_lbfgs); returns the summed member loss (the data's, without
+    the weight decay)."""
     parameters = list(model.networks.parameters())
     n_members = model.n_members
 
@@ -76,13 +77,13 @@ def lbfgs(model, data, weights, settings, deadline: Callable[[], bool] | None = 
         _assign_flat(parameters, flat)
         for p in parameters:
             p.grad = None
-        losses = member_losses_with_gradients(model, data, weights, settings)
+        losses = with_weight_decay(member_losses_with_gradients(model, data, weights, settings), parameters, settings)
         grad = torch.cat([p.grad.reshape(n_members, -1) for p in parameters], dim=1)
         return losses, grad
 
-    final, losses = minimize_members(objective, _flat(parameters, n_members), settings.lbfgs_steps, deadline=deadline)
+    final, _ = minimize_members(objective, _flat(parameters, n_members), settings.lbfgs_steps, deadline=deadline)
     _assign_flat(parameters, final)
-    return float(losses.sum())
+    return float(member_losses(model, data, weights, settings, create_graph=False).sum())
 
 
 def _flat(parameters: list[torch.Tensor], n_members: int) -> torch.Tensor:
@@ -113,6 +114,27 @@ def levenberg_marquardt(model, data, weights, settings, steps: int, deadline: Ca
         return member_losses(model, data, weights, settings, create_graph=False).detach()
 
     start = _flat(parameters, model.n_members)
-    final, final_losses = minimize_members_lm(residuals_and_jacobian, losses, start, steps, deadline=deadline)
+    prior = _weight_prior(start, settings)
+    final, final_losses = minimize_members_lm(residuals_and_jacobian, losses, start, steps, deadline=deadline, prior=prior)
     _assign_flat(parameters, final)
     return float(final_losses.sum())
+
+
+def _weight_prior(start: torch.Tensor, settings) -> WeightPrior | None:
+    """The settings' ridge as Levenberg–Marquardt's prior: weight_decay·‖θ‖², toward zero."""
+    if not settings.weight_decay:
+        return None
+    strength = torch.full((start.shape[0],), float(settings.weight_decay), dtype=start.dtype, device=start.device)
+    return WeightPrior(torch.zeros_like(start), strength)
+
+
+def with_weight_decay(losses: torch.Tensor, parameters: list[torch.Tensor], settings) -> torch.Tensor:
+    """`losses` (M,) plus weight_decay·‖θ_m‖² per member, its gradient added to every parameter's .grad
+    (Adam and L-BFGS minimise what Levenberg–Marquardt does)."""
+    decay = settings.weight_decay
+    if not decay:
+        return losses
+    with torch.no_grad():
+        for p in parameters:
+            p.grad.add_(p, alpha=2.0 * decay)
+        return losses + decay * sum(p.pow(2).reshape(p.shape[0], -1).sum(1) for p in parameters)

@@ -26,6 +26,14 @@ ADAM_EPOCHS_BEFORE_LBFGS = 300
 the initial weights (its damped steps need no pre-fit: bench/RESULTS.md, "Optimisers at equal wall
 time"; why it is the default: "Convergence bench: the optimisers over 5 seeds")."""
 
+DEFAULT_WEIGHT_DECAY = 1e-4
+"""The ridge on every network weight, in the loss's units ((eV/Å)² per squared weight), applied to a
+fit in which some element's network has fewer residuals than weights (alloys: 290–700 weights per
+network against a few hundred residuals) and to no other: it keeps such a fit well-posed, so the
+members no longer agree on the labels only to disagree by eV/Å everywhere else (bench/RESULTS.md,
+"Alloys: a well-posed fit")."""
+
+
 class StrictSettings(BaseModel):
     """Base of every validated settings object: unknown keys, type coercion and NaN/inf are errors."""
 
@@ -81,6 +89,7 @@ class TrainingSettings(StrictSettings):
     optimizer: OptimizerName = "levenberg-marquardt"  # the second-order fit (after `epochs` of Adam, none by default)
     lbfgs_steps: int = Field(1000, ge=0)  # with optimizer "lbfgs" (set without `optimizer`, it selects "lbfgs")
     lm_steps: int = Field(30, ge=0)  # Levenberg–Marquardt iterations (one Jacobian each), with optimizer "levenberg-marquardt"
+    weight_decay: float = Field(DEFAULT_WEIGHT_DECAY, ge=0)  # (eV/Å)² per squared weight, on underdetermined fits only
     energy_weight: float = Field(1.0, ge=0)
     force_weight: float = Field(1.0, ge=0)
     validation_fraction: float = Field(0.0, ge=0, lt=1)

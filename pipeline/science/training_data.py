@@ -132,6 +132,22 @@ def _csr_like(matrix: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return torch.sparse_csr_tensor(matrix.crow_indices(), matrix.col_indices(), values, matrix.shape)
 
 
+def residuals_per_element(data: TrainingData, n_elements: int) -> list[int]:
+    """For each element (model order), how many residuals its network's weights enter: the energies
+    of structures holding it and the force components whose rows include one of its atoms. Fewer
+    residuals than the network has weights leave that network's fit underdetermined."""
+    counts = []
+    width = data.features.shape[1]
+    components = torch.repeat_interleave(torch.arange(data.force_jacobian.shape[0]), data.force_jacobian.crow_indices().diff())
+    column_element = data.element_index[data.force_jacobian.col_indices() // width]
+    row_element = data.element_index[data.energy_rows]
+    for element in range(n_elements):
+        energies = torch.unique(data.energy_segment[row_element == element]).numel()
+        forces = torch.unique(components[column_element == element]).numel()
+        counts.append(int(energies + forces))
+    return counts
+
+
 def elements_of(structures: Sequence[LabelledStructure]) -> tuple[int, ...]:
     """Sorted atomic numbers present in a data set."""
     return tuple(sorted({int(z) for item in structures for z in item.atoms.numbers}))
