@@ -1,20 +1,28 @@
-"""Convergence benchmark: the default campaign config on the ten targets of the convergence set.
+"""Convergence benchmark: the default campaign config on the targets of the pure-metal or the alloy set.
 
-    .venv/bin/python bench/bench_convergence.py [OUT] [--cases NAME,…] [--seeds 0,1,2] [--threshold 0.1]
-        [--extra variant.toml] [--timeout 900] [--threads N] [--max-iterations N] [--label TEXT]
-    .venv/bin/python bench/bench_convergence.py [OUT] --table-only [--label TEXT] [--cases NAME,…]
+    .venv/bin/python bench/bench_convergence.py [OUT] [--set pure|alloy] [--start cells|initial|cells,initial]
+        [--cases NAME,…] [--seeds 0,1,2] [--threshold T] [--extra variant.toml] [--timeout 900] [--threads N]
+        [--max-iterations N] [--label TEXT]
+    .venv/bin/python bench/bench_convergence.py [OUT] --table-only [--set …] [--start …] [--label TEXT] [--cases NAME,…]
 
-For every case of `bench/convergence_set.py` and every seed S, writes the case's structures
-(`write_case(case, OUT/<case>/seed-S, seed=S)`) and a minimal `config.toml` beside them — only the
-campaign name, the files, the EMT parent, `active.threshold` (and `max_iterations` if given) and
+`--set pure` (the default): the ten targets of `bench/convergence_set.py`, threshold 0.1 eV/Å by
+default; `--set alloy`: the targets of `bench/alloy_set.py` (issue 27), threshold 0.2 eV/Å by default
+(the issue's conditions). `--start` picks the initial set (`convergence_set.STARTS`): `cells` = the
+case's own cells (pure set: `bulk_cells`; alloy set: `random_cells`, 20 cells of 1–16 atoms with
+random occupation), `initial` = `nft initial` for the case's elements with the EMT parent and default
+settings, generated once per case and seed into OUT/<case>/nft-initial-seed-S.traj and reused.
+
+For every case, start and seed S, writes the case's structures (`write_case(case, OUT/<case>/seed-S,
+seed=S, start=…)`; the `initial` start's in OUT/<case>/initial-seed-S) and a minimal `config.toml`
+beside them — only the campaign name, the files, the EMT parent, `active.threshold` (and `max_iterations` if given) and
 `model.seed = S`, so the *default* config is measured; `--extra FILE` deep-merges a TOML fragment
 into every config to compare a variant (e.g. `[model] lbfgs_steps = 500`). Runs `nft run` on it
 in its own session (the whole process group is killed after `--timeout` seconds), then evaluates
 the kept model against EMT on the target and on the larger transfer structure.
 
-Every per-seed row is appended to OUT/results.jsonl (with the label, commit and dirty flag), so
-partial sweeps can be combined; the table shows per case the median over seeds, "converged" as
-k/n seeds and the δ history of the median-δ seed.
+Every per-seed row is appended to OUT/results.jsonl (with the set, start, label, commit and dirty
+flag), so partial sweeps can be combined; the table shows per case and start the median over seeds,
+"converged" as k/n seeds and the δ history of the median-δ seed.
 """
 from __future__ import annotations
 
@@ -36,8 +44,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the repository root on sys.path)
-from convergence_set import CASES, Case, write_case  # noqa: E402
+from alloy_set import ALLOY_CASES  # noqa: E402
+from convergence_set import CASES, STARTS, Case, write_case  # noqa: E402
 
+SETS: dict[str, tuple[Case, ...]] = {"pure": CASES, "alloy": ALLOY_CASES}
+DEFAULT_THRESHOLD = {"pure": 0.1, "alloy": 0.2}
+"""active.threshold (eV/Å) of each set unless --threshold: the pure bench's 0.1 since it began; the
+alloys at issue 27's 0.2."""
 DEFAULT_OUT = Path("/tmp/nft-bench-convergence")
 RESULTS_NAME = "results.jsonl"
 NFT = Path(sys.executable).parent / "nft"
@@ -216,12 +229,18 @@ def measure(case: Case, folder: Path, config: Path, status: str, wall_s: float, 
     return row
 
 
-def bench_one(case: Case, seed: int, args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
-    """Write, run and measure one case and seed from a fresh folder OUT/<case>/seed-S."""
-    folder = args.out / case.name / f"seed-{seed}"
+def case_folder(out: Path, case: Case, start: str, seed: int) -> Path:
+    """OUT/<case>/seed-S for the `cells` start (as before there were starts), else OUT/<case>/<start>-seed-S."""
+    return out / case.name / (f"seed-{seed}" if start == "cells" else f"{start}-seed-{seed}")
+
+
+def bench_one(case: Case, start: str, seed: int, args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    """Write, run and measure one case, start and seed from a fresh folder (`case_folder`); a
+    generated initial set is kept in OUT/<case> and reused."""
+    folder = case_folder(args.out, case, start, seed)
     if folder.exists():
         shutil.rmtree(folder)  # a campaign that finished would only rewrite its summary: start afresh
-    write_case(case, folder, seed=seed)
+    write_case(case, folder, seed=seed, start=start, cache=args.out / case.name)
     config = write_config(folder, deep_merge(base_config(case, seed, args.threshold, args.max_iterations), extra))
     status, wall_s, tail = run_campaign(config, args.timeout, args.threads)
     return measure(case, folder, config, status, wall_s, tail)
@@ -247,8 +266,14 @@ def append_result(path: Path, row: dict[str, Any]) -> None:
         handle.write(json.dumps(row) + "\n")
 
 
-def read_results(path: Path, label: str | None, cases: list[str]) -> list[dict[str, Any]]:
-    """Rows of the results file with this label (any if None), the latest row per (label, case, seed)."""
+def row_start(row: dict[str, Any]) -> str:
+    """The row's start (rows from before there were starts: `cells`)."""
+    return row.get("start") or "cells"
+
+
+def read_results(path: Path, label: str | None, cases: list[str], starts: list[str]) -> list[dict[str, Any]]:
+    """Rows of the results file with this label (any if None) of these cases and starts, the latest
+    row per (label, case, start, seed)."""
     if not path.is_file():
         return []
     latest: dict[tuple, dict[str, Any]] = {}
@@ -256,8 +281,8 @@ def read_results(path: Path, label: str | None, cases: list[str]) -> list[dict[s
         if not line.strip():
             continue
         row = json.loads(line)
-        if (label is None or row.get("label") == label) and row["case"] in cases:
-            latest[(row.get("label"), row["case"], row["seed"])] = row
+        if (label is None or row.get("label") == label) and row["case"] in cases and row_start(row) in starts:
+            latest[(row.get("label"), row["case"], row_start(row), row["seed"])] = row
     return list(latest.values())
 
 
@@ -276,15 +301,17 @@ def median_run(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return ranked[(len(ranked) - 1) // 2]
 
 
-def table(rows: list[dict[str, Any]], case_order: list[str]) -> str:
-    """One markdown row per case (and label, if rows of several labels are shown): medians over its seeds,
-    converged k/n and the median seed's δ history."""
-    headers = ["case", "atoms", "iterations", "chunks", "chunks/atoms", "final δ (eV/Å)", "MAE target (eV/Å)",
+def table(rows: list[dict[str, Any]], case_order: list[str], set_name: str) -> str:
+    """One markdown row per case and start (and label, if rows of several labels are shown): medians
+    over its seeds, converged k/n and the median seed's δ history."""
+    headers = ["case", "set", "start", "atoms", "iterations", "chunks", "chunks/atoms", "final δ (eV/Å)", "MAE target (eV/Å)",
                "MAE transfer (eV/Å)", "wall time (s)", "converged", "δ history of the median seed (eV/Å)"]
     labels = sorted({row.get("label") or "" for row in rows})
     lines = []
-    for label, name in [(label, name) for name in case_order for label in labels]:
-        mine = [row for row in rows if row["case"] == name and (row.get("label") or "") == label]
+    starts = [start for start in STARTS if any(row_start(row) == start for row in rows)]
+    for name, start, label in [(name, start, label) for name in case_order for start in starts for label in labels]:
+        mine = [row for row in rows
+                if row["case"] == name and row_start(row) == start and (row.get("label") or "") == label]
         if not mine:
             continue
         converged = sum(bool(row.get("converged")) for row in mine)
@@ -293,7 +320,8 @@ def table(rows: list[dict[str, Any]], case_order: list[str]) -> str:
         notes = (f", {timeouts} timeout" if timeouts else "") + (f", {failed} failed" if failed else "")
         middle = median_run(mine)
         history = " ".join(f"{value:.2f}" for value in middle.get("history") or [] if value is not None)
-        lines.append([f"{name} [{label}]" if len(labels) > 1 else name, median(mine, "atoms"), median(mine, "iterations"), median(mine, "chunks"),
+        lines.append([f"{name} [{label}]" if len(labels) > 1 else name, mine[0].get("set") or set_name, start,
+                      median(mine, "atoms"), median(mine, "iterations"), median(mine, "chunks"),
                       median(mine, "chunk_fraction"), median(mine, "final_uncertainty"), median(mine, "mae_target"),
                       median(mine, "mae_transfer"), median(mine, "wall_s"), f"{converged}/{len(mine)}{notes}",
                       f"seed {middle['seed']}: {history}" if history else f"seed {middle['seed']}: –"])
@@ -307,16 +335,21 @@ def header(args: argparse.Namespace) -> str:
     threads = args.threads or os.environ.get("OMP_NUM_THREADS") or "default"
     return (f"convergence bench · commit {commit}{' (dirty tree)' if dirty else ''} · "
             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {os.cpu_count()} cores · OMP threads {threads} · "
-            f"options: {options}")
+            f"set {args.set} · start {','.join(args.start_list)} · threshold {args.threshold} eV/Å · options: {options}")
 
 
 # ----- command line ---------------------------------------------------------------------------
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, nargs="?", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument("--cases", default="", help="comma-separated case names (default: all ten)")
+    parser.add_argument("--set", choices=sorted(SETS), default="pure",
+                        help="pure: the pure-metal targets (and the PtAu alloy); alloy: bench/alloy_set.py (default pure)")
+    parser.add_argument("--start", default="cells",
+                        help=f"initial set(s), comma-separated among {', '.join(STARTS)} (default cells)")
+    parser.add_argument("--cases", default="", help="comma-separated case names (default: all of the set)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--threshold", type=float, default=0.1, help="active.threshold, eV/Å (default 0.1)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="active.threshold, eV/Å (default: 0.1 for the pure set, 0.2 for the alloys)")
     parser.add_argument("--max-iterations", type=int, default=None, help="active.max_iterations (default: the config's default)")
     parser.add_argument("--extra", type=Path, default=None, help="TOML fragment deep-merged into every config")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per campaign before its process group is killed (default 900)")
@@ -324,7 +357,13 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--label", default=None, help="tag stored with every row; --table-only filters by it")
     parser.add_argument("--table-only", action="store_true", help="print the table from OUT/results.jsonl, run nothing")
     args = parser.parse_args()
-    names = [case.name for case in CASES]
+    if args.threshold is None:
+        args.threshold = DEFAULT_THRESHOLD[args.set]
+    args.start_list = [start.strip() for start in args.start.split(",") if start.strip()]
+    if not args.start_list or any(start not in STARTS for start in args.start_list):
+        parser.error(f"--start {args.start!r}: give one or more of {', '.join(STARTS)}")
+    args.cases_of_set = SETS[args.set]
+    names = [case.name for case in args.cases_of_set]
     args.case_names = args.cases.split(",") if args.cases else names
     unknown = [name for name in args.case_names if name not in names]
     if unknown:
@@ -339,23 +378,25 @@ def main() -> None:
     print(header(args), flush=True)
     results = args.out / RESULTS_NAME
     if args.table_only:
-        rows = read_results(results, args.label, args.case_names)
+        rows = read_results(results, args.label, args.case_names, args.start_list)
     else:
         rows = []
         extra = tomllib.loads(args.extra.read_text()) if args.extra else {}
         commit, dirty = git_state()
-        for case in [case for case in CASES if case.name in args.case_names]:
+        for case, start in [(case, start) for case in args.cases_of_set if case.name in args.case_names
+                            for start in args.start_list]:
             for seed in args.seed_list:
-                row = {"case": case.name, "seed": seed, "label": args.label, "commit": commit, "dirty": dirty,
+                row = {"case": case.name, "set": args.set, "start": start, "seed": seed, "label": args.label,
+                       "commit": commit, "dirty": dirty,
                        "threshold": args.threshold, "max_iterations": args.max_iterations,
                        "extra": args.extra.read_text() if args.extra else None, "threads": args.threads,
                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-                row.update(bench_one(case, seed, args, extra))
+                row.update(bench_one(case, start, seed, args, extra))
                 append_result(results, row)
                 rows.append(row)
-                print(f"  {case.name} seed {seed}: {row['status']}, {row.get('iterations')} iterations, "
+                print(f"  {case.name} start {start} seed {seed}: {row['status']}, {row.get('iterations')} iterations, "
                       f"δ {row.get('final_uncertainty')}, {row['wall_s']:.0f} s", flush=True)
-    print(table(rows, args.case_names))
+    print(table(rows, args.case_names, args.set))
 
 
 if __name__ == "__main__":

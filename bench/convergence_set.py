@@ -2,13 +2,20 @@
 
 Each case is a target (rattled until its largest EMT force is about 5 eV/Å, the paper's range),
 a larger structure of the same kind for transfer, and a small bulk initial set of its element(s)
-(strained and rattled cells of 2–16 atoms, labelled by EMT). Everything is deterministic for a seed.
+(strained and rattled cells of 2–16 atoms, labelled by EMT; `--start initial`: an `nft initial` set
+of its elements instead). Everything is deterministic for a seed. The alloy set (bench/alloy_set.py)
+builds on the helpers here.
 
-    python bench/convergence_set.py OUTDIR [--cases NAME,…]   # writes OUTDIR/<case>/{target,transfer,initial}.traj
+    python bench/convergence_set.py OUTDIR [--cases NAME,…] [--seed S] [--start cells|initial]
+    # writes OUTDIR/<case>/{target,transfer,initial}.traj
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -58,6 +65,22 @@ def rattle_to_force(atoms: Atoms, seed: int, max_force: float = TARGET_MAX_FORCE
 ALLOY_CELLS = 8
 """Random-alloy initial sets: this many 32-atom cells (instead of `count` cells of 2–16 atoms)."""
 
+FCC_CELLS: tuple[tuple[dict, tuple[int, int, int]], ...] = (
+    ({}, (2, 1, 1)), ({"orthorhombic": True}, (1, 1, 1)), ({}, (3, 1, 1)), ({"cubic": True}, (1, 1, 1)),
+    ({}, (2, 2, 1)), ({"orthorhombic": True}, (2, 1, 1)), ({}, (3, 2, 1)), ({}, (2, 2, 2)),
+    ({"cubic": True}, (2, 1, 1)), ({}, (3, 3, 1)), ({"cubic": True}, (3, 1, 1)),
+    ({"orthorhombic": True}, (3, 2, 1)), ({"cubic": True}, (2, 2, 1)))
+"""Periodic fcc cells of 2–16 atoms: `bulk(…, **keywords).repeat(repeat)` for each (keywords, repeat)."""
+
+
+def _strain_rattle_label(atoms: Atoms, rng: np.random.Generator) -> Atoms:
+    """`atoms` strained (symmetric, ±3 %), rattled (σ drawn from 0.02–0.12 Å), wrapped and EMT-labelled."""
+    strain = rng.uniform(-0.03, 0.03, size=(3, 3))
+    atoms.set_cell(atoms.cell.array @ (np.eye(3) + 0.5 * (strain + strain.T)), scale_atoms=True)
+    atoms.positions += rng.normal(0.0, rng.uniform(0.02, 0.12), size=atoms.positions.shape)
+    atoms.wrap()
+    return emt_label(atoms)
+
 
 def bulk_cells(symbols: tuple[str, ...], count: int, seed: int) -> list[Atoms]:
     """EMT-labelled periodic fcc cells of the elements (Vegard lattice constant), each strained
@@ -67,17 +90,13 @@ def bulk_cells(symbols: tuple[str, ...], count: int, seed: int) -> list[Atoms]:
     A random decoration of a 2–16-atom periodic cell is an ordered compound, whose few environments
     leave most of a random alloy's uncovered: on the PtAu bench target (the same 60 chunks, default
     training; bench/RESULTS.md, "The PtAu alloy") the force MAE against EMT was 0.077 eV/Å with 20
-    small cells (160 atoms) and 0.050 with these (256 atoms)."""
+    small cells (160 atoms) and 0.050 with these (256 atoms). (The alloy bench, bench/alloy_set.py,
+    starts from `random_cells` instead: the paper's kind of start.)"""
     rng = np.random.default_rng(seed)
     if len(symbols) > 1:
         count = ALLOY_CELLS
-    templates = [({}, (2, 1, 1)), ({"orthorhombic": True}, (1, 1, 1)), ({}, (3, 1, 1)), ({"cubic": True}, (1, 1, 1)),
-                 ({}, (2, 2, 1)), ({"orthorhombic": True}, (2, 1, 1)), ({}, (3, 2, 1)), ({}, (2, 2, 2)),
-                 ({"cubic": True}, (2, 1, 1)), ({}, (3, 3, 1)), ({"cubic": True}, (3, 1, 1)),
-                 ({"orthorhombic": True}, (3, 2, 1)), ({"cubic": True}, (2, 2, 1))]
+    templates = FCC_CELLS if len(symbols) == 1 else (({"cubic": True}, (2, 2, 2)),)
     cells = []
-    if len(symbols) > 1:
-        templates = [({"cubic": True}, (2, 2, 2))]
     for k in range(count):
         keywords, repeat = templates[k % len(templates)]
         numbers = np.array([atomic_numbers[s] for s in symbols])
@@ -90,11 +109,27 @@ def bulk_cells(symbols: tuple[str, ...], count: int, seed: int) -> list[Atoms]:
         atoms = Atoms(numbers=template.numbers, positions=template.positions, cell=template.cell, pbc=True)
         if len(symbols) > 1:
             atoms.numbers = rng.choice(numbers, size=len(atoms), p=fraction)
-        strain = rng.uniform(-0.03, 0.03, size=(3, 3))
-        atoms.set_cell(atoms.cell.array @ (np.eye(3) + 0.5 * (strain + strain.T)), scale_atoms=True)
-        atoms.positions += rng.normal(0.0, rng.uniform(0.02, 0.12), size=atoms.positions.shape)
-        atoms.wrap()
-        cells.append(emt_label(atoms))
+        cells.append(_strain_rattle_label(atoms, rng))
+    return cells
+
+
+def random_cells(symbols: tuple[str, ...], count: int, seed: int) -> list[Atoms]:
+    """The paper's kind of start: `count` EMT-labelled periodic fcc cells of 1–16 atoms (the primitive
+    cell, then `FCC_CELLS` in turn), each site occupied at random with a composition drawn per cell
+    (flat Dirichlet over `symbols`), the lattice constant by Vegard's law of the cell's own atoms,
+    strained (±3 %) and rattled (σ 0.02–0.12 Å)."""
+    rng = np.random.default_rng(seed)
+    templates = (({}, (1, 1, 1)), *FCC_CELLS)
+    numbers = np.array([atomic_numbers[s] for s in symbols])
+    constants = {atomic_numbers[s]: lattice_constant(s) for s in symbols}
+    cells = []
+    for k in range(count):
+        keywords, repeat = templates[k % len(templates)]
+        template = bulk("Cu", "fcc", a=1.0, **keywords).repeat(repeat)  # unit lattice constant, scaled below
+        occupation = rng.choice(numbers, size=len(template), p=rng.dirichlet(np.ones(len(symbols))))
+        a = float(np.mean([constants[int(z)] for z in occupation]))
+        atoms = Atoms(numbers=occupation, positions=a * template.positions, cell=a * template.cell.array, pbc=True)
+        cells.append(_strain_rattle_label(atoms, rng))
     return cells
 
 
@@ -115,25 +150,31 @@ def _slab_with_vacancy(symbol: str, size: tuple[int, int, int]) -> Atoms:
     return slab
 
 
-def _alloy(cluster: Atoms, symbols: tuple[str, str], seed: int) -> Atoms:
-    atoms = _cluster(cluster)
+def _alloy(structure: Atoms, symbols: tuple[str, ...], seed: int, fractions: tuple[float, ...] | None = None) -> Atoms:
+    """A random alloy of `symbols` on the sites of `structure` (a cluster, or a periodic structure that
+    keeps its cell): each site drawn independently, with probabilities `fractions` (default equal)."""
+    atoms = structure.copy() if structure.pbc.any() else _cluster(structure)
+    atoms.calc = None
     rng = np.random.default_rng(seed)
-    atoms.numbers = rng.choice([atomic_numbers[s] for s in symbols], size=len(atoms))
+    atoms.numbers = rng.choice([atomic_numbers[s] for s in symbols], size=len(atoms), p=fractions)
     return atoms
 
 
 @dataclass(frozen=True)
 class Case:
-    """A bench target: how to build it and its transfer structure, and the elements of its initial set."""
+    """A bench target: how to build it and its transfer structure, the elements of its initial set and
+    the cells of its `cells` start (`cells(elements, count, seed)`)."""
 
     name: str
     elements: tuple[str, ...]
     target: Callable[[], Atoms]
     transfer: Callable[[], Atoms]
+    cells: Callable[[tuple[str, ...], int, int], list[Atoms]] = bulk_cells
 
 
-def _vegard(symbols: tuple[str, ...]) -> float:
-    return float(np.mean([lattice_constant(s) for s in symbols]))
+def _vegard(symbols: tuple[str, ...], fractions: tuple[float, ...] | None = None) -> float:
+    """Vegard's law: the (weighted) mean fcc lattice constant of the elements, Å."""
+    return float(np.average([lattice_constant(s) for s in symbols], weights=fractions))
 
 
 CASES: tuple[Case, ...] = (
@@ -161,32 +202,73 @@ CASES: tuple[Case, ...] = (
 )
 
 
-def write_case(case: Case, folder: Path, seed: int = 0, initial_count: int = 20) -> dict[str, Path]:
-    """Write the case's target, transfer structure and labelled initial set; returns their paths."""
+STARTS = ("cells", "initial")
+"""Kinds of initial set: `cells` = the case's `cells` (labelled by EMT); `initial` = `nft initial` for
+the case's elements with the EMT parent and default settings (`nft_initial_set`)."""
+NFT = Path(sys.executable).parent / "nft"
+
+
+def nft_initial_set(elements: tuple[str, ...], path: Path, seed: int) -> Path:
+    """`path`, written by `nft initial ELEMENTS --output path --seed seed` (EMT parent, default settings;
+    its database and jobs in PATH.nft, its output in PATH.log) unless it exists already: a cache."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONWARNINGS="ignore", PATH=f"{NFT.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        log = path.parent / f"{path.name}.log"
+        with open(log, "w") as handle:
+            proc = subprocess.run([str(NFT), "initial", ",".join(elements), "--output", str(path), "--seed", str(seed)],
+                                  cwd=path.parent, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        if proc.returncode != 0 or not path.is_file():
+            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+            raise RuntimeError(f"nft initial {','.join(elements)} failed (exit {proc.returncode}, {log}): {tail}")
+    return path
+
+
+def write_case(case: Case, folder: Path, seed: int = 0, initial_count: int = 20, start: str = "cells",
+               cache: Path | None = None) -> dict[str, Path]:
+    """Write the case's target, transfer structure and labelled initial set of kind `start` (`STARTS`);
+    returns their paths. The `initial` start's set is generated once per seed into `cache` (default
+    `folder`) as nft-initial-seed-S.traj and copied."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {name: folder / f"{name}.traj" for name in ("target", "transfer", "initial")}
     write(paths["target"], rattle_to_force(case.target(), seed=1000 + seed))
     write(paths["transfer"], rattle_to_force(case.transfer(), seed=2000 + seed))
-    write(paths["initial"], bulk_cells(case.elements, initial_count, seed=seed))
+    if start == "cells":
+        write(paths["initial"], case.cells(case.elements, initial_count, seed))
+    elif start == "initial":
+        shutil.copyfile(nft_initial_set(case.elements, (cache or folder) / f"nft-initial-seed-{seed}.traj", seed),
+                        paths["initial"])
+    else:
+        raise ValueError(f"unknown start {start!r}; known: {', '.join(STARTS)}")
     return paths
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def describe(case: Case, paths: dict[str, Path]) -> str:
+    """One line: the target's atoms, elements, composition and |F_EMT| range, the transfer size and the
+    initial set's cells and atoms."""
+    from ase.io import read
+
+    target = read(paths["target"])
+    target.calc = EMT()
+    forces = np.linalg.norm(target.get_forces(), axis=1)
+    initial = read(paths["initial"], index=":")
+    sizes = [len(atoms) for atoms in initial]
+    return (f"{case.name}: {len(target)} atoms, elements {','.join(case.elements)}, {target.get_chemical_formula()}, "
+            f"|F| {forces.min():.2f}-{forces.max():.2f} eV/Å, transfer {len(read(paths['transfer']))} atoms, "
+            f"initial {len(initial)} cells of {min(sizes)}-{max(sizes)} atoms ({sum(sizes)} in all)")
+
+
+def main(cases: tuple[Case, ...] = CASES, description: str | None = None) -> None:
+    parser = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start", choices=STARTS, default="cells", help="kind of initial set (default cells)")
     args = parser.parse_args()
-    chosen = [c for c in CASES if not args.cases or c.name in args.cases.split(",")]
+    chosen = [c for c in cases if not args.cases or c.name in args.cases.split(",")]
     for case in chosen:
-        paths = write_case(case, args.outdir / case.name, seed=args.seed)
-        from ase.io import read
-
-        target = read(paths["target"])
-        target.calc = EMT()
-        forces = np.linalg.norm(target.get_forces(), axis=1)
-        print(f"{case.name}: {len(target)} atoms, transfer {len(read(paths['transfer']))}, "
-              f"|F| {forces.min():.2f}-{forces.max():.2f} eV/Å")
+        paths = write_case(case, args.outdir / case.name, seed=args.seed, start=args.start)
+        print(describe(case, paths), flush=True)
 
 
 if __name__ == "__main__":
