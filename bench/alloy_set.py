@@ -13,6 +13,7 @@ elements (see `write_case`). Everything is deterministic for a seed.
 
     python bench/alloy_set.py OUTDIR [--cases NAME,…] [--seed S] [--start cells|initial]
 """
+
 from __future__ import annotations
 
 import sys
@@ -123,28 +124,62 @@ PDAG, CUPDPT, AGCU, CUNI = ("Ag", "Pd"), ("Cu", "Pd", "Pt"), ("Ag", "Cu"), ("Cu"
 CUAU, PTNI, AUPD, CUAGAUPD = ("Au", "Cu"), ("Ni", "Pt"), ("Au", "Pd"), ("Ag", "Au", "Cu", "Pd")
 
 ALLOY_CASES: tuple[Case, ...] = (
-    Case("PdAg-random-cuboctahedron-309", PDAG,
-         lambda: _relaxed(_alloy(_particle("octahedron", PDAG, 9, 4), PDAG, 11)),
-         lambda: _relaxed(_alloy(_particle("octahedron", PDAG, 11, 5), PDAG, 12)), random_cells),
-    Case("CuPdPt-random-icosahedron-147", CUPDPT,
-         lambda: _relaxed(_alloy(_particle("icosahedron", CUPDPT, 4), CUPDPT, 13)),
-         lambda: _relaxed(_alloy(_particle("icosahedron", CUPDPT, 5), CUPDPT, 14)), random_cells),
-    Case("Cu@Ag-core-shell-icosahedron-147", AGCU,
-         lambda: _relaxed(_core_shell(_particle("icosahedron", AGCU, 4), "Cu", "Ag")),
-         lambda: _relaxed(_core_shell(_particle("icosahedron", AGCU, 5), "Cu", "Ag")), random_cells),
-    Case("CuNi-Cu-segregated-decahedron-383", CUNI,
-         lambda: _relaxed(_segregated(_particle("decahedron", CUNI, 5, 2, 1), ("Cu", "Ni"), 0.25, 0.85, 15)),
-         lambda: _relaxed(_segregated(_particle("decahedron", CUNI, 6, 3, 1), ("Cu", "Ni"), 0.25, 0.85, 16)),
-         random_cells),
-    Case("CuAu-L10-crystal-vacancy-255", CUAU, lambda: _relaxed(_l10_crystal_vacancy(("Cu", "Au"), 4)),
-         lambda: _relaxed(_l10_crystal_vacancy(("Cu", "Au"), 5)), random_cells),
-    Case("Pt3Ni-L12-truncated-octahedron-405", PTNI, lambda: _relaxed(_l12_particle("Pt", "Ni", 9, 3)),
-         lambda: _relaxed(_l12_particle("Pt", "Ni", 11, 4)), random_cells),
-    Case("AuPd-random-slab111-216", AUPD, lambda: _relaxed(_random_slab(AUPD, (6, 6, 6), 17)),
-         lambda: _relaxed(_random_slab(AUPD, (8, 8, 6), 18)), random_cells),
-    Case("CuAgAuPd-random-truncated-octahedron-201", CUAGAUPD,
-         lambda: _relaxed(_alloy(_particle("octahedron", CUAGAUPD, 7, 2), CUAGAUPD, 19)),
-         lambda: _relaxed(_alloy(_particle("octahedron", CUAGAUPD, 9, 3), CUAGAUPD, 20)), random_cells),
+    Case(
+        "PdAg-random-cuboctahedron-309",
+        PDAG,
+        lambda: _relaxed(_alloy(_particle("octahedron", PDAG, 9, 4), PDAG, 11)),
+        lambda: _relaxed(_alloy(_particle("octahedron", PDAG, 11, 5), PDAG, 12)),
+        random_cells,
+    ),
+    Case(
+        "CuPdPt-random-icosahedron-147",
+        CUPDPT,
+        lambda: _relaxed(_alloy(_particle("icosahedron", CUPDPT, 4), CUPDPT, 13)),
+        lambda: _relaxed(_alloy(_particle("icosahedron", CUPDPT, 5), CUPDPT, 14)),
+        random_cells,
+    ),
+    Case(
+        "Cu@Ag-core-shell-icosahedron-147",
+        AGCU,
+        lambda: _relaxed(_core_shell(_particle("icosahedron", AGCU, 4), "Cu", "Ag")),
+        lambda: _relaxed(_core_shell(_particle("icosahedron", AGCU, 5), "Cu", "Ag")),
+        random_cells,
+    ),
+    Case(
+        "CuNi-Cu-segregated-decahedron-383",
+        CUNI,
+        lambda: _relaxed(_segregated(_particle("decahedron", CUNI, 5, 2, 1), ("Cu", "Ni"), 0.25, 0.85, 15)),
+        lambda: _relaxed(_segregated(_particle("decahedron", CUNI, 6, 3, 1), ("Cu", "Ni"), 0.25, 0.85, 16)),
+        random_cells,
+    ),
+    Case(
+        "CuAu-L10-crystal-vacancy-255",
+        CUAU,
+        lambda: _relaxed(_l10_crystal_vacancy(("Cu", "Au"), 4)),
+        lambda: _relaxed(_l10_crystal_vacancy(("Cu", "Au"), 5)),
+        random_cells,
+    ),
+    Case(
+        "Pt3Ni-L12-truncated-octahedron-405",
+        PTNI,
+        lambda: _relaxed(_l12_particle("Pt", "Ni", 9, 3)),
+        lambda: _relaxed(_l12_particle("Pt", "Ni", 11, 4)),
+        random_cells,
+    ),
+    Case(
+        "AuPd-random-slab111-216",
+        AUPD,
+        lambda: _relaxed(_random_slab(AUPD, (6, 6, 6), 17)),
+        lambda: _relaxed(_random_slab(AUPD, (8, 8, 6), 18)),
+        random_cells,
+    ),
+    Case(
+        "CuAgAuPd-random-truncated-octahedron-201",
+        CUAGAUPD,
+        lambda: _relaxed(_alloy(_particle("octahedron", CUAGAUPD, 7, 2), CUAGAUPD, 19)),
+        lambda: _relaxed(_alloy(_particle("octahedron", CUAGAUPD, 9, 3), CUAGAUPD, 20)),
+        random_cells,
+    ),
 )
 
 

@@ -9,6 +9,7 @@ Train an ensemble of 10 ([5, 5], 20 features, Rc 6.5 Å) on 30 strained, rattled
 surface-rich cluster that is not in the training set). Same settings and seeds for both kinds.
 G4 rows print "n/a" until `SymmetryFunctionParams(kind="g4")` computes real G4 features.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,16 +32,19 @@ def errors(model, items) -> dict:
         energy_errors.append((prediction.energy - item.energy) / len(item.atoms))
         deltas.append(prediction.max_delta)
     diffs = np.concatenate(diffs)
-    return {"force_mae": float(np.abs(diffs).mean()), "force_max": float(np.abs(diffs).max()),
-            "energy_rmse": float(np.sqrt(np.mean(np.square(energy_errors)))), "max_delta": float(max(deltas))}
+    return {
+        "force_mae": float(np.abs(diffs).mean()),
+        "force_max": float(np.abs(diffs).max()),
+        "energy_rmse": float(np.sqrt(np.mean(np.square(energy_errors)))),
+        "max_delta": float(max(deltas)),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epochs", type=int, default=None, help="Adam epochs (default 1500, quick 300)")
-    parser.add_argument("--seeds", default="0", help="comma-separated training seeds; one row per kind and seed, "
-                        "plus the mean over seeds")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds; one row per kind and seed, plus the mean over seeds")
     common.add_common_arguments(parser)
     args = parser.parse_args()
     common.set_threads(args.threads)
@@ -53,9 +57,11 @@ def main() -> None:
     train = [emt_labelled(atoms) for atoms in bulk_training_cells(30, seed=1)]
     test = [emt_labelled(atoms) for atoms in bulk_training_cells(10, seed=2)]
     pt260 = [emt_labelled(rattled_cuboctahedron())]
-    print(f"# Accuracy: G5-moments vs G4, ensemble of 10, [5,5], 20 features, Rc 6.5 Å, {epochs} Adam epochs;"
-          f" train 30 bulk EMT cells ({sum(len(i.atoms) for i in train)} atoms), test 10 others "
-          f"({sum(len(i.atoms) for i in test)} atoms) + rattled Pt260")
+    print(
+        f"# Accuracy: G5-moments vs G4, ensemble of 10, [5,5], 20 features, Rc 6.5 Å, {epochs} Adam epochs;"
+        f" train 30 bulk EMT cells ({sum(len(i.atoms) for i in train)} atoms), test 10 others "
+        f"({sum(len(i.atoms) for i in test)} atoms) + rattled Pt260"
+    )
     print(common.machine_line(), flush=True)
     g4 = common.g4_status()
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -76,17 +82,37 @@ def main() -> None:
             except Exception as error:  # noqa: BLE001 - report, don't crash the table
                 rows.append([kind, seed, f"error: {type(error).__name__}: {error}", "", "", "", "", "", ""])
                 continue
-            values = [report.train_force_mae, held_out["force_mae"], held_out["force_max"],
-                      held_out["energy_rmse"] * 1e3, held_out["max_delta"], transfer["force_mae"], seconds]
+            values = [
+                report.train_force_mae,
+                held_out["force_mae"],
+                held_out["force_max"],
+                held_out["energy_rmse"] * 1e3,
+                held_out["max_delta"],
+                transfer["force_mae"],
+                seconds,
+            ]
             measured.append(values)
             rows.append([kind, seed, *values])
             print(f"  {kind}, seed {seed}: trained in {seconds:.1f} s", flush=True)
         if len(measured) > 1:
             rows.append([f"**{kind} mean**", f"{len(measured)} seeds", *np.mean(measured, axis=0)])
     print()
-    print(common.markdown_table(
-        ["descriptor", "seed", "train force MAE eV/Å", "test force MAE eV/Å", "test max force error eV/Å",
-         "test energy RMSE meV/atom", "test max δ eV/Å", "Pt260 force MAE eV/Å", "training s"], rows))
+    print(
+        common.markdown_table(
+            [
+                "descriptor",
+                "seed",
+                "train force MAE eV/Å",
+                "test force MAE eV/Å",
+                "test max force error eV/Å",
+                "test energy RMSE meV/atom",
+                "test max δ eV/Å",
+                "Pt260 force MAE eV/Å",
+                "training s",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ campaign's convergence test uses max δ), max |δ_i − δ_i,old| in eV/Å and i
     .venv/bin/python bench/bench_block_size.py            # ~2 min on a quiet machine, ~10 at load 5
     .venv/bin/python bench/bench_block_size.py --quick    # 864 atoms, 1 round
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,16 +70,34 @@ def run_threads(case: dict) -> dict:
     rows = {}
     for key, runs in times.items():
         fastest = min(runs, key=lambda r: r["seconds"])
-        rows[key] = {**fastest, "delta_max_rel": float(abs(deltas[key].max() - old.max()) / old.max()),
-                     "delta_i_max_abs": float(np.abs(deltas[key] - old).max()),
-                     "delta_i_max_rel": float((np.abs(deltas[key] - old) / old).max())}
-    return {"threads": torch.get_num_threads(), "n_atoms": len(atoms), "max_delta": float(old.max()),
-            "min_delta": float(old.min()), "rows": rows}
+        rows[key] = {
+            **fastest,
+            "delta_max_rel": float(abs(deltas[key].max() - old.max()) / old.max()),
+            "delta_i_max_abs": float(np.abs(deltas[key] - old).max()),
+            "delta_i_max_rel": float((np.abs(deltas[key] - old) / old).max()),
+        }
+    return {
+        "threads": torch.get_num_threads(),
+        "n_atoms": len(atoms),
+        "max_delta": float(old.max()),
+        "min_delta": float(old.min()),
+        "rows": rows,
+    }
 
 
 def table(results: list[dict]) -> str:
-    headers = ["threads", "precision", "block", "atoms/s (wall)", "wall s", "CPU s", "vs old default (f64, 2048)",
-               "max δ vs old (rel.)", "max |Δδ_i| eV/Å", "max |Δδ_i|/δ_i"]
+    headers = [
+        "threads",
+        "precision",
+        "block",
+        "atoms/s (wall)",
+        "wall s",
+        "CPU s",
+        "vs old default (f64, 2048)",
+        "max δ vs old (rel.)",
+        "max |Δδ_i| eV/Å",
+        "max |Δδ_i|/δ_i",
+    ]
     lines = []
     for result in results:
         n_atoms = result["n_atoms"]
@@ -86,9 +105,20 @@ def table(results: list[dict]) -> str:
         for name in DTYPES:
             for block in BLOCKS:
                 row = result["rows"][f"{name} {block}"]
-                lines.append([result["threads"], name, block, n_atoms / row["seconds"], row["seconds"],
-                              row["cpu_seconds"], f"{old / row['seconds']:.2f}×", f"{row['delta_max_rel']:.1e}",
-                              f"{row['delta_i_max_abs']:.1e}", f"{row['delta_i_max_rel']:.1e}"])
+                lines.append(
+                    [
+                        result["threads"],
+                        name,
+                        block,
+                        n_atoms / row["seconds"],
+                        row["seconds"],
+                        row["cpu_seconds"],
+                        f"{old / row['seconds']:.2f}×",
+                        f"{row['delta_max_rel']:.1e}",
+                        f"{row['delta_i_max_abs']:.1e}",
+                        f"{row['delta_i_max_rel']:.1e}",
+                    ]
+                )
     return common.markdown_table(headers, lines)
 
 
@@ -106,8 +136,10 @@ def main() -> None:
     repeat = (6, 6, 6) if args.quick else (14, 14, 13)
     rounds = args.rounds or (1 if args.quick else 3)
     threads = [int(t) for t in args.threads.split(",")]
-    print(f"# Prediction block size and precision: 10 trained members, E + F + δ_i, rattled fcc Pt "
-          f"{4 * int(np.prod(repeat)):,} atoms, best of {rounds} interleaved rounds")
+    print(
+        f"# Prediction block size and precision: 10 trained members, E + F + δ_i, rattled fcc Pt "
+        f"{4 * int(np.prod(repeat)):,} atoms, best of {rounds} interleaved rounds"
+    )
     print(common.machine_line(), flush=True)
     start = time.perf_counter()
     results = []
@@ -117,15 +149,18 @@ def main() -> None:
         for n in threads:
             case = {"threads": n, "repeat": repeat, "rounds": rounds, "model": model_path}
             env = {**os.environ, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), "NFT_BENCH_THREADS": str(n)}
-            proc = subprocess.run([sys.executable, SCRIPT, "--case", json.dumps(case)], capture_output=True,
-                                  text=True, env=env, cwd=common.ROOT)
+            proc = subprocess.run(
+                [sys.executable, SCRIPT, "--case", json.dumps(case)], capture_output=True, text=True, env=env, cwd=common.ROOT
+            )
             lines = [line for line in proc.stdout.splitlines() if line.startswith(common.RESULT_PREFIX)]
             if not lines:
                 sys.exit(f"{n} thread(s): exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
-            results.append(json.loads(lines[-1][len(common.RESULT_PREFIX):]))
+            results.append(json.loads(lines[-1][len(common.RESULT_PREFIX) :]))
             print(f"  {n} thread(s) done ({time.perf_counter() - start:.0f} s)", flush=True)
-    print(f"({time.perf_counter() - start:.0f} s in all; old-default max δ {results[0]['max_delta']:.3f} eV/Å, "
-          f"min δ_i {results[0]['min_delta']:.3f} eV/Å)\n")
+    print(
+        f"({time.perf_counter() - start:.0f} s in all; old-default max δ {results[0]['max_delta']:.3f} eV/Å, "
+        f"min δ_i {results[0]['min_delta']:.3f} eV/Å)\n"
+    )
     print(table(results))
 
 

@@ -8,6 +8,7 @@ process) and its split as recorded per iteration in summary.json — training, p
 jobs, overhead (selection, carving, database writes, Parsl start-up and clean-up, process start) —
 then iterations, chunks, the final δ and the force MAE against EMT.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,20 @@ def run(config: Path) -> tuple[float, dict, str]:
     wall = time.perf_counter() - started
     if result.returncode != 0:
         sys.exit(f"nft run failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    workdir = json.loads(subprocess.run(
-        [sys.executable, "-c", "import json,sys; from pipeline.campaign.config import load_config; print(json.dumps(str(load_config(sys.argv[1]).workdir)))", str(config)],
-        capture_output=True, text=True, check=True, env=env,
-    ).stdout)
+    workdir = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import json,sys; from pipeline.campaign.config import load_config; print(json.dumps(str(load_config(sys.argv[1]).workdir)))",
+                str(config),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        ).stdout
+    )
     return wall, json.loads((Path(workdir) / "summary.json").read_text()), result.stdout
 
 

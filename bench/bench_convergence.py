@@ -24,6 +24,7 @@ Every per-seed row is appended to OUT/results.jsonl (with the set, start, label,
 flag), so partial sweeps can be combined; the table shows per case and start the median over seeds,
 "converged" as k/n seeds and the δ history of the median-δ seed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -131,8 +132,9 @@ def run_campaign(config: Path, timeout_s: float, threads: int | None) -> tuple[s
     log = config.parent / "nft-run.log"
     started = time.perf_counter()
     with open(log, "w") as handle:
-        proc = subprocess.Popen([str(NFT), "run", str(config)], cwd=config.parent, env=env, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(NFT), "run", str(config)], cwd=config.parent, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             returncode = proc.wait(timeout=timeout_s)
             status = "ok" if returncode == 0 else "failed"
@@ -161,8 +163,7 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 def campaign_status(config: Path) -> dict[str, Any] | None:
     """`nft status --json` of the campaign (what its database says), or None if it cannot be read."""
-    proc = subprocess.run([str(NFT), "status", str(config), "--json"], capture_output=True, text=True,
-                          cwd=config.parent, timeout=120)
+    proc = subprocess.run([str(NFT), "status", str(config), "--json"], capture_output=True, text=True, cwd=config.parent, timeout=120)
     if proc.returncode != 0:
         return None
     try:
@@ -205,20 +206,30 @@ def measure(case: Case, folder: Path, config: Path, status: str, wall_s: float, 
     summary_path = workdir / "summary.json"
     if status == "ok" and summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        row.update(converged=bool(summary["converged"]), stop_reason=summary.get("stop_reason"),
-                   iterations=summary["iterations"], chunks=summary["chunks"],
-                   final_uncertainty=summary["final_uncertainty"],
-                   history=[entry["uncertainty"] for entry in summary["history"]],
-                   chunks_added=[entry["chunks_added"] for entry in summary["history"]],
-                   train_force_mae=[entry["train_force_mae"] for entry in summary["history"]],
-                   campaign_wall_s=summary.get("wall_time", {}).get("total"))
+        row.update(
+            converged=bool(summary["converged"]),
+            stop_reason=summary.get("stop_reason"),
+            iterations=summary["iterations"],
+            chunks=summary["chunks"],
+            final_uncertainty=summary["final_uncertainty"],
+            history=[entry["uncertainty"] for entry in summary["history"]],
+            chunks_added=[entry["chunks_added"] for entry in summary["history"]],
+            train_force_mae=[entry["train_force_mae"] for entry in summary["history"]],
+            campaign_wall_s=summary.get("wall_time", {}).get("total"),
+        )
         model_value = summary.get("model")
     else:
         state = campaign_status(config) or {}
         history = state.get("history") or []
-        row.update(converged=False, stop_reason=status, iterations=len(history), chunks=state.get("chunks"),
-                   final_uncertainty=state.get("best_uncertainty"),
-                   history=[entry.get("uncertainty") for entry in history], error=tail if status == "failed" else None)
+        row.update(
+            converged=False,
+            stop_reason=status,
+            iterations=len(history),
+            chunks=state.get("chunks"),
+            final_uncertainty=state.get("best_uncertainty"),
+            history=[entry.get("uncertainty") for entry in history],
+            error=tail if status == "failed" else None,
+        )
         model_value = state.get("model")
     if row.get("chunks") is not None:
         row["chunk_fraction"] = row["chunks"] / n_atoms
@@ -250,10 +261,12 @@ def bench_one(case: Case, start: str, seed: int, args: argparse.Namespace, extra
 def git_state() -> tuple[str, bool]:
     """Short commit of HEAD and whether tracked files differ from it."""
     try:
-        commit = subprocess.run(["git", "-C", str(common.ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(common.ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(common.ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(common.ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown", False
     return commit, bool(dirty)
@@ -304,14 +317,26 @@ def median_run(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]], case_order: list[str], set_name: str) -> str:
     """One markdown row per case and start (and label, if rows of several labels are shown): medians
     over its seeds, converged k/n and the median seed's δ history."""
-    headers = ["case", "set", "start", "atoms", "iterations", "chunks", "chunks/atoms", "final δ (eV/Å)", "MAE target (eV/Å)",
-               "MAE transfer (eV/Å)", "wall time (s)", "converged", "δ history of the median seed (eV/Å)"]
+    headers = [
+        "case",
+        "set",
+        "start",
+        "atoms",
+        "iterations",
+        "chunks",
+        "chunks/atoms",
+        "final δ (eV/Å)",
+        "MAE target (eV/Å)",
+        "MAE transfer (eV/Å)",
+        "wall time (s)",
+        "converged",
+        "δ history of the median seed (eV/Å)",
+    ]
     labels = sorted({row.get("label") or "" for row in rows})
     lines = []
     starts = [start for start in STARTS if any(row_start(row) == start for row in rows)]
     for name, start, label in [(name, start, label) for name in case_order for start in starts for label in labels]:
-        mine = [row for row in rows
-                if row["case"] == name and row_start(row) == start and (row.get("label") or "") == label]
+        mine = [row for row in rows if row["case"] == name and row_start(row) == start and (row.get("label") or "") == label]
         if not mine:
             continue
         converged = sum(bool(row.get("converged")) for row in mine)
@@ -320,11 +345,23 @@ def table(rows: list[dict[str, Any]], case_order: list[str], set_name: str) -> s
         notes = (f", {timeouts} timeout" if timeouts else "") + (f", {failed} failed" if failed else "")
         middle = median_run(mine)
         history = " ".join(f"{value:.2f}" for value in middle.get("history") or [] if value is not None)
-        lines.append([f"{name} [{label}]" if len(labels) > 1 else name, mine[0].get("set") or set_name, start,
-                      median(mine, "atoms"), median(mine, "iterations"), median(mine, "chunks"),
-                      median(mine, "chunk_fraction"), median(mine, "final_uncertainty"), median(mine, "mae_target"),
-                      median(mine, "mae_transfer"), median(mine, "wall_s"), f"{converged}/{len(mine)}{notes}",
-                      f"seed {middle['seed']}: {history}" if history else f"seed {middle['seed']}: –"])
+        lines.append(
+            [
+                f"{name} [{label}]" if len(labels) > 1 else name,
+                mine[0].get("set") or set_name,
+                start,
+                median(mine, "atoms"),
+                median(mine, "iterations"),
+                median(mine, "chunks"),
+                median(mine, "chunk_fraction"),
+                median(mine, "final_uncertainty"),
+                median(mine, "mae_target"),
+                median(mine, "mae_transfer"),
+                median(mine, "wall_s"),
+                f"{converged}/{len(mine)}{notes}",
+                f"seed {middle['seed']}: {history}" if history else f"seed {middle['seed']}: –",
+            ]
+        )
     return common.markdown_table(headers, lines)
 
 
@@ -333,23 +370,29 @@ def header(args: argparse.Namespace) -> str:
     commit, dirty = git_state()
     options = " ".join(sys.argv[1:]) or "(defaults)"
     threads = args.threads or os.environ.get("OMP_NUM_THREADS") or "default"
-    return (f"convergence bench · commit {commit}{' (dirty tree)' if dirty else ''} · "
-            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {os.cpu_count()} cores · OMP threads {threads} · "
-            f"set {args.set} · start {','.join(args.start_list)} · threshold {args.threshold} eV/Å · options: {options}")
+    return (
+        f"convergence bench · commit {commit}{' (dirty tree)' if dirty else ''} · "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {os.cpu_count()} cores · OMP threads {threads} · "
+        f"set {args.set} · start {','.join(args.start_list)} · threshold {args.threshold} eV/Å · options: {options}"
+    )
 
 
 # ----- command line ---------------------------------------------------------------------------
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, nargs="?", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument("--set", choices=sorted(SETS), default="pure",
-                        help="pure: the pure-metal targets (and the PtAu alloy); alloy: bench/alloy_set.py (default pure)")
-    parser.add_argument("--start", default="cells",
-                        help=f"initial set(s), comma-separated among {', '.join(STARTS)} (default cells)")
+    parser.add_argument(
+        "--set",
+        choices=sorted(SETS),
+        default="pure",
+        help="pure: the pure-metal targets (and the PtAu alloy); alloy: bench/alloy_set.py (default pure)",
+    )
+    parser.add_argument("--start", default="cells", help=f"initial set(s), comma-separated among {', '.join(STARTS)} (default cells)")
     parser.add_argument("--cases", default="", help="comma-separated case names (default: all of the set)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="active.threshold, eV/Å (default: 0.1 for the pure set, 0.2 for the alloys)")
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="active.threshold, eV/Å (default: 0.1 for the pure set, 0.2 for the alloys)"
+    )
     parser.add_argument("--max-iterations", type=int, default=None, help="active.max_iterations (default: the config's default)")
     parser.add_argument("--extra", type=Path, default=None, help="TOML fragment deep-merged into every config")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per campaign before its process group is killed (default 900)")
@@ -383,19 +426,30 @@ def main() -> None:
         rows = []
         extra = tomllib.loads(args.extra.read_text()) if args.extra else {}
         commit, dirty = git_state()
-        for case, start in [(case, start) for case in args.cases_of_set if case.name in args.case_names
-                            for start in args.start_list]:
+        for case, start in [(case, start) for case in args.cases_of_set if case.name in args.case_names for start in args.start_list]:
             for seed in args.seed_list:
-                row = {"case": case.name, "set": args.set, "start": start, "seed": seed, "label": args.label,
-                       "commit": commit, "dirty": dirty,
-                       "threshold": args.threshold, "max_iterations": args.max_iterations,
-                       "extra": args.extra.read_text() if args.extra else None, "threads": args.threads,
-                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                row = {
+                    "case": case.name,
+                    "set": args.set,
+                    "start": start,
+                    "seed": seed,
+                    "label": args.label,
+                    "commit": commit,
+                    "dirty": dirty,
+                    "threshold": args.threshold,
+                    "max_iterations": args.max_iterations,
+                    "extra": args.extra.read_text() if args.extra else None,
+                    "threads": args.threads,
+                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
                 row.update(bench_one(case, start, seed, args, extra))
                 append_result(results, row)
                 rows.append(row)
-                print(f"  {case.name} start {start} seed {seed}: {row['status']}, {row.get('iterations')} iterations, "
-                      f"δ {row.get('final_uncertainty')}, {row['wall_s']:.0f} s", flush=True)
+                print(
+                    f"  {case.name} start {start} seed {seed}: {row['status']}, {row.get('iterations')} iterations, "
+                    f"δ {row.get('final_uncertainty')}, {row['wall_s']:.0f} s",
+                    flush=True,
+                )
     print(table(rows, args.case_names, args.set))
 
 

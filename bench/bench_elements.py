@@ -14,6 +14,7 @@ coverage (share of atoms whose force error is at most δ_i). Times are wall seco
 run, medians over seeds. `--primal` solves every Levenberg–Marquardt step in the P×P normal
 equations, as before the Gram form (for the before/after comparison).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,14 @@ from pipeline.science.settings import TrainingSettings
 from pipeline.science.structures import LabelledStructure
 from pipeline.science.training import train_ensemble
 
-CELL_TEMPLATES = [({}, (1, 1, 1)), ({}, (2, 1, 1)), ({"cubic": True}, (1, 1, 1)), ({"orthorhombic": True}, (1, 1, 1)),
-                  ({}, (2, 2, 1)), ({"cubic": True}, (2, 1, 1))]
+CELL_TEMPLATES = [
+    ({}, (1, 1, 1)),
+    ({}, (2, 1, 1)),
+    ({"cubic": True}, (1, 1, 1)),
+    ({"orthorhombic": True}, (1, 1, 1)),
+    ({}, (2, 2, 1)),
+    ({"cubic": True}, (2, 1, 1)),
+]
 """1, 2, 4, 2, 4 and 8 atoms: the paper's kind of small bulk cells."""
 CHUNK_RADIUS_ANGSTROM = 6.5
 
@@ -50,8 +57,7 @@ def small_cells(symbols: list[str], count: int, rng: np.random.Generator) -> lis
     for k in range(count):
         keywords, repeat = CELL_TEMPLATES[k % len(CELL_TEMPLATES)]
         template = bulk("Cu", "fcc", a=lattice, **keywords).repeat(repeat)
-        atoms = Atoms(symbols=list(rng.choice(symbols, size=len(template))), positions=template.positions,
-                      cell=template.cell, pbc=True)
+        atoms = Atoms(symbols=list(rng.choice(symbols, size=len(template))), positions=template.positions, cell=template.cell, pbc=True)
         strain = rng.uniform(-0.03, 0.03, (3, 3))
         atoms.set_cell(atoms.cell.array @ (np.eye(3) + 0.5 * (strain + strain.T)), scale_atoms=True)
         atoms.positions += rng.normal(0.0, rng.uniform(0.02, 0.12), atoms.positions.shape)
@@ -90,8 +96,11 @@ def scored(model, particle: Atoms, chunked: np.ndarray) -> dict[str, float]:
     delta = atoms.calc.results["uncertainties"]
     free = np.setdiff1d(np.arange(len(atoms)), chunked)
     error = np.linalg.norm(forces - expected, axis=1)[free]
-    return {"mae": float(np.abs(forces - expected)[free].mean()), "median_delta": float(np.median(delta[free])),
-            "coverage": float(np.mean(error <= delta[free]))}
+    return {
+        "mae": float(np.abs(forces - expected)[free].mean()),
+        "median_delta": float(np.median(delta[free])),
+        "coverage": float(np.mean(error <= delta[free])),
+    }
 
 
 def one_case(symbols: list[str], args, seed: int) -> dict:
@@ -100,7 +109,7 @@ def one_case(symbols: list[str], args, seed: int) -> dict:
     cells = small_cells(symbols, args.cells, rng)
     particle = alloy_particle(symbols, rng)
     order = rng.permutation(len(particle))
-    first, more = order[: args.chunks], order[args.chunks: args.chunks + args.more]
+    first, more = order[: args.chunks], order[args.chunks : args.chunks + args.more]
     settings = TrainingSettings.model_validate({"seed": seed, **json.loads(args.extra)})
     data = cells + chunk_rows(particle, first)
     started = time.perf_counter()
@@ -109,9 +118,15 @@ def one_case(symbols: list[str], args, seed: int) -> dict:
     started = time.perf_counter()
     warm, _ = train_ensemble(data + chunk_rows(particle, more), settings, start_from=cold)
     warm_s = time.perf_counter() - started
-    return {"elements": len(symbols), "cold_s": cold_s, "warm_s": warm_s, "atoms": sum(len(c.atoms) for c in cells),
-            "residuals": min(report.element_residuals.values()), "weights": report.element_weights,
-            **scored(warm, particle, np.concatenate([first, more]))}
+    return {
+        "elements": len(symbols),
+        "cold_s": cold_s,
+        "warm_s": warm_s,
+        "atoms": sum(len(c.atoms) for c in cells),
+        "residuals": min(report.element_residuals.values()),
+        "weights": report.element_weights,
+        **scored(warm, particle, np.concatenate([first, more])),
+    }
 
 
 def main() -> None:
@@ -123,8 +138,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--extra", default="{}", help="JSON object of [model] keys")
-    parser.add_argument("--primal", action="store_true",
-                        help="solve every Levenberg–Marquardt step in the P×P normal equations (as before the Gram form)")
+    parser.add_argument(
+        "--primal", action="store_true", help="solve every Levenberg–Marquardt step in the P×P normal equations (as before the Gram form)"
+    )
     args = parser.parse_args()
     levenberg_marquardt.GRAM_FORM = not args.primal
     torch.set_num_threads(args.threads)
@@ -137,18 +153,23 @@ def main() -> None:
             print(json.dumps({"seed": seed, **row}), flush=True)
     one = {seed_index: rows[1][seed_index] for seed_index in range(len(rows[1]))}
     print(f"\n{args.cells} cells + {args.chunks} chunks, warm + {args.more}; [model] {args.extra}; medians over seeds {args.seeds}\n")
-    print("| elements | weights per network | fewest residuals per element | cold (s) | cold ÷ 1 element | warm (s) | warm ÷ 1 element "
-          "| MAE (eV/Å) | median δ (eV/Å) | coverage |")
+    print(
+        "| elements | weights per network | fewest residuals per element | cold (s) | cold ÷ 1 element | warm (s) | warm ÷ 1 element "
+        "| MAE (eV/Å) | median δ (eV/Å) | coverage |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for k, group in rows.items():
+
         def median(key: str) -> float:
             return statistics.median(row[key] for row in group)
 
         cold_ratio = statistics.median(row["cold_s"] / one[i]["cold_s"] for i, row in enumerate(group))
         warm_ratio = statistics.median(row["warm_s"] / one[i]["warm_s"] for i, row in enumerate(group))
-        print(f"| {','.join(symbols[:k])} | {group[0]['weights']} | {median('residuals'):.0f} | {median('cold_s'):.1f} | "
-              f"{cold_ratio:.2f} | {median('warm_s'):.1f} | {warm_ratio:.2f} | {median('mae'):.3f} | "
-              f"{median('median_delta'):.3f} | {median('coverage'):.2f} |")
+        print(
+            f"| {','.join(symbols[:k])} | {group[0]['weights']} | {median('residuals'):.0f} | {median('cold_s'):.1f} | "
+            f"{cold_ratio:.2f} | {median('warm_s'):.1f} | {warm_ratio:.2f} | {median('mae'):.3f} | "
+            f"{median('median_delta'):.3f} | {median('coverage'):.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ target (the most a campaign could ever label) and scores on the case's transfer 
 the model generalises when coverage is not the limit. `--initial FILE` (labelled) replaces the
 initial set, to compare initial sets on the same chunks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ def stored_training_set(campaign_dir: Path) -> tuple[list[LabelledStructure], li
     """(training structures, centres of the chunks in the first target, the model's elements)."""
     config = load_config(campaign_dir / "config.toml")
     with CampaignStore.open(config.database_url, config.name, create=False) as store:
-        structures = training_structures(store, config.parent.name, config.parent.physics(),
-                                         config.file.chunks.training_environment, config.file.model.cutoff)
+        structures = training_structures(
+            store, config.parent.name, config.parent.physics(), config.file.chunks.training_environment, config.file.model.cutoff
+        )
         centres = [int(s.center_in_parent) for s in store.structures("chunk")]
     return structures, centres, list(config.elements)
 
@@ -64,7 +66,8 @@ def score(structures, elements, variant: dict, target, chunked: list[int]) -> di
     free = np.ones(len(target), bool)
     free[chunked] = False
     return {
-        "variant": variant, "training_s": round(wall, 1),
+        "variant": variant,
+        "training_s": round(wall, 1),
         "force_mae": round(float(np.abs(prediction.forces - reference.forces).mean()), 4),
         "max_delta_without_chunk": round(float(prediction.uncertainties[free].max()), 3),
         "median_delta": round(float(np.median(prediction.uncertainties)), 3),

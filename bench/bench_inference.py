@@ -12,6 +12,7 @@ Cases (each in a fresh subprocess, interleaved round by round, best time of the 
 Peak memory is `ru_maxrss` of the case's own process; "setup" is the RSS before the timed call
 (interpreter + torch + structure + model), so peak − setup is what the evaluation itself adds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,7 @@ def _torch_dtype(name: str):
 
 def _save(path: str | None, energies, forces, deltas) -> None:
     if path:
-        np.savez(path, energies=np.asarray(energies, float), forces=np.asarray(forces, float),
-                 deltas=np.asarray(deltas, float))
+        np.savez(path, energies=np.asarray(energies, float), forces=np.asarray(forces, float), deltas=np.asarray(deltas, float))
 
 
 def case_batched(case: dict) -> dict:
@@ -89,8 +89,7 @@ def one_by_one_forces(model, atoms):
     dtype = model.dtype
     n_atoms = len(atoms)
     calculator = vesin.NeighborList(cutoff=model.params.cutoff, full_list=True)
-    i, j, shifts = calculator.compute(atoms.positions, atoms.cell.array, [bool(p) for p in atoms.pbc],
-                                      quantities="ijS")
+    i, j, shifts = calculator.compute(atoms.positions, atoms.cell.array, [bool(p) for p in atoms.pbc], quantities="ijS")
     i = torch.from_numpy(i.astype(np.int64))
     j = torch.from_numpy(j.astype(np.int64))
     cell = torch.tensor(atoms.cell.array, dtype=dtype)
@@ -144,8 +143,9 @@ def _torchani_model(dtype):
     angular = ANIAngular(cutoff=common.CUTOFF - 1e-4, **ANI_ANGULAR)
     aev = AEVComputer(radial, angular, num_species=1, strategy="pyaev", neighborlist="cell_list")
     generator = torch.Generator().manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(aev.out_dim, 5), torch.nn.Tanh(), torch.nn.Linear(5, 5),
-                              torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(aev.out_dim, 5), torch.nn.Tanh(), torch.nn.Linear(5, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)
+    )
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.rand(p.shape, generator=generator) - 0.5)
@@ -212,25 +212,74 @@ def build_cases(repeat, quick: bool, workdir: str, torchani_repeat=TORCHANI_REPE
     cases = []
     for dtype in ("float64", "float32"):
         for block in blocks:
-            cases.append({"name": "batched", "label": f"nft batched, 10 members, G5-moments, {dtype}, block {block}",
-                          "dtype": dtype, "block": block, "repeat": r, "group": "nft",
-                          "save": f"{workdir}/batched_{dtype}_{block}.npz"})
-    cases.append({"name": "one_by_one", "label": "same 10 members one by one, plain autograd, float64",
-                  "dtype": "float64", "repeat": r, "group": "one_by_one", "save": f"{workdir}/one_by_one.npz"})
-    cases.append({"name": "one_by_one", "label": "same 10 members one by one, plain autograd, float32",
-                  "dtype": "float32", "repeat": r, "group": "one_by_one", "save": f"{workdir}/one_by_one32.npz"})
+            cases.append(
+                {
+                    "name": "batched",
+                    "label": f"nft batched, 10 members, G5-moments, {dtype}, block {block}",
+                    "dtype": dtype,
+                    "block": block,
+                    "repeat": r,
+                    "group": "nft",
+                    "save": f"{workdir}/batched_{dtype}_{block}.npz",
+                }
+            )
+    cases.append(
+        {
+            "name": "one_by_one",
+            "label": "same 10 members one by one, plain autograd, float64",
+            "dtype": "float64",
+            "repeat": r,
+            "group": "one_by_one",
+            "save": f"{workdir}/one_by_one.npz",
+        }
+    )
+    cases.append(
+        {
+            "name": "one_by_one",
+            "label": "same 10 members one by one, plain autograd, float32",
+            "dtype": "float32",
+            "repeat": r,
+            "group": "one_by_one",
+            "save": f"{workdir}/one_by_one32.npz",
+        }
+    )
     t = list(torchani_repeat) if not quick else r
     n_t = 4 * int(np.prod(t))
     if t != r:
-        cases.append({"name": "batched", "label": f"nft batched, 10 members, G5-moments, float64, block 2048, {n_t:,} atoms",
-                      "dtype": "float64", "block": 2048, "repeat": t, "group": "small"})
+        cases.append(
+            {
+                "name": "batched",
+                "label": f"nft batched, 10 members, G5-moments, float64, block 2048, {n_t:,} atoms",
+                "dtype": "float64",
+                "block": 2048,
+                "repeat": t,
+                "group": "small",
+            }
+        )
     for dtype in ("float32", "float64"):
-        cases.append({"name": "torchani", "label": f"TorchANI AEV (pyaev, cell list) + one [5,5] net, {dtype}, {n_t:,} atoms",
-                      "dtype": dtype, "repeat": t, "group": "torchani"})
+        cases.append(
+            {
+                "name": "torchani",
+                "label": f"TorchANI AEV (pyaev, cell list) + one [5,5] net, {dtype}, {n_t:,} atoms",
+                "dtype": dtype,
+                "repeat": t,
+                "group": "torchani",
+            }
+        )
     cases.append({"name": "emt", "label": "ASE EMT", "flavour": "ase", "repeat": r, "group": "emt"})
     cases.append({"name": "emt", "label": "asap3 EMT", "flavour": "asap3", "repeat": r, "group": "emt"})
-    cases.append({"name": "batched", "label": f"nft batched, 10 members, G4 (explicit triplets), float64, {n_t:,} atoms",
-                  "kind": "g4", "dtype": "float64", "block": 2048, "repeat": t, "group": "g4", "once": True})
+    cases.append(
+        {
+            "name": "batched",
+            "label": f"nft batched, 10 members, G4 (explicit triplets), float64, {n_t:,} atoms",
+            "kind": "g4",
+            "dtype": "float64",
+            "block": 2048,
+            "repeat": t,
+            "group": "g4",
+            "once": True,
+        }
+    )
     return cases
 
 
@@ -249,14 +298,18 @@ def force_checks(workdir: str, log) -> list[str]:
         dd = np.abs(peer["deltas"] - ref["deltas"]).max()
         de = np.abs(peer["energies"] - ref["energies"]).max()
         scale = np.abs(ref["forces"]).max()
-        lines.append(f"{dtype}: one-by-one autograd vs batched pass: max |ΔF| = {df:.2e} eV/Å "
-                     f"(max |F| {scale:.2f}), max |Δδ_i| = {dd:.2e} eV/Å, max |ΔE_member| = {de:.2e} eV")
+        lines.append(
+            f"{dtype}: one-by-one autograd vs batched pass: max |ΔF| = {df:.2e} eV/Å "
+            f"(max |F| {scale:.2f}), max |Δδ_i| = {dd:.2e} eV/Å, max |ΔE_member| = {de:.2e} eV"
+        )
     f64 = sorted(path.glob("batched_float64_*.npz"))
     f32 = sorted(path.glob("batched_float32_*.npz"))
     if f64 and f32:
         a, b = np.load(f64[-1]), np.load(f32[-1])
-        lines.append(f"float32 vs float64 batched: max |ΔF| = {np.abs(a['forces'] - b['forces']).max():.2e} eV/Å, "
-                     f"max |Δδ_i| = {np.abs(a['deltas'] - b['deltas']).max():.2e} eV/Å")
+        lines.append(
+            f"float32 vs float64 batched: max |ΔF| = {np.abs(a['forces'] - b['forces']).max():.2e} eV/Å, "
+            f"max |Δδ_i| = {np.abs(a['deltas'] - b['deltas']).max():.2e} eV/Å"
+        )
     for line in lines:
         log(line)
     return lines
@@ -269,25 +322,54 @@ def report(cases, results, n_atoms) -> str:
     reference = None
     for case, runs in zip(cases, results):
         b = common.best(runs)
-        if (case["name"] == "batched" and case.get("kind", "g5-moments") != "g4" and case["dtype"] == "float64"
-                and case["group"] == "nft" and b):
+        if (
+            case["name"] == "batched"
+            and case.get("kind", "g5-moments") != "g4"
+            and case["dtype"] == "float64"
+            and case["group"] == "nft"
+            and b
+        ):
             if reference is None or rate(b) > rate(reference):
                 reference = b
-    headers = ["case", "atoms/s (wall)", "wall s", "CPU s", "atoms per CPU-s", "peak RSS MiB",
-               "peak − setup MiB", "nft batched G5 f64 (same atoms) faster by (wall)"]
+    headers = [
+        "case",
+        "atoms/s (wall)",
+        "wall s",
+        "CPU s",
+        "atoms per CPU-s",
+        "peak RSS MiB",
+        "peak − setup MiB",
+        "nft batched G5 f64 (same atoms) faster by (wall)",
+    ]
     rows = []
     for case, runs in zip(cases, results):
         b = common.best(runs)
         if b is None:
             rows.append([case["label"], common.failure(runs), "", "", "", "", "", ""])
             continue
-        same_size = [common.best(rs) for c, rs in zip(cases, results) if c["repeat"] == case["repeat"]
-                     and c["name"] == "batched" and c.get("kind", "g5-moments") != "g4" and c["dtype"] == "float64"
-                     and common.best(rs)]
+        same_size = [
+            common.best(rs)
+            for c, rs in zip(cases, results)
+            if c["repeat"] == case["repeat"]
+            and c["name"] == "batched"
+            and c.get("kind", "g5-moments") != "g4"
+            and c["dtype"] == "float64"
+            and common.best(rs)
+        ]
         ref = max(same_size, key=rate) if same_size else reference
         ratio = rate(ref) / rate(b) if ref else float("nan")
-        rows.append([case["label"], rate(b), b["seconds"], b["cpu_seconds"], b["n_atoms"] / b["cpu_seconds"],
-                     b["peak_rss_mib"], b["peak_rss_mib"] - b["setup_rss_mib"], f"{ratio:.2f}×"])
+        rows.append(
+            [
+                case["label"],
+                rate(b),
+                b["seconds"],
+                b["cpu_seconds"],
+                b["n_atoms"] / b["cpu_seconds"],
+                b["peak_rss_mib"],
+                b["peak_rss_mib"] - b["setup_rss_mib"],
+                f"{ratio:.2f}×",
+            ]
+        )
     return common.markdown_table(headers, rows)
 
 
@@ -295,9 +377,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="864 atoms, one round")
     parser.add_argument("--repeats", type=int, default=None, help="rounds (default 2, quick 1)")
-    parser.add_argument("--only", default=None, help="comma-separated groups: nft,one_by_one,small,torchani,emt,g4 (small: nft on the TorchANI/G4 size)")
-    parser.add_argument("--torchani-repeat", default=",".join(map(str, TORCHANI_REPEAT)),
-                        help="repeat of the 4-atom cube for TorchANI (14,14,13 = the full crystal; needs ≈12 GiB float32)")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated groups: nft,one_by_one,small,torchani,emt,g4 (small: nft on the TorchANI/G4 size)"
+    )
+    parser.add_argument(
+        "--torchani-repeat",
+        default=",".join(map(str, TORCHANI_REPEAT)),
+        help="repeat of the 4-atom cube for TorchANI (14,14,13 = the full crystal; needs ≈12 GiB float32)",
+    )
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)
     common.add_common_arguments(parser)
     args = parser.parse_args()
@@ -309,8 +396,10 @@ def main() -> None:
     repeat = QUICK_REPEAT if args.quick else FULL_REPEAT
     repeats = args.repeats or (1 if args.quick else 2)
     n_atoms = 4 * int(np.prod(repeat))
-    print(f"# Inference: ensemble of 10, energy + forces + δ_i, rattled fcc Pt {n_atoms} atoms (repeat {repeat},"
-          f" rattle 0.05 Å), Rc 6.5 Å, 20 features, [5,5]")
+    print(
+        f"# Inference: ensemble of 10, energy + forces + δ_i, rattled fcc Pt {n_atoms} atoms (repeat {repeat},"
+        f" rattle 0.05 Å), Rc 6.5 Å, 20 features, [5,5]"
+    )
     print(common.machine_line(), flush=True)
     with tempfile.TemporaryDirectory() as workdir:
         cases = build_cases(repeat, args.quick, workdir, tuple(int(x) for x in args.torchani_repeat.split(",")))
@@ -327,16 +416,20 @@ def main() -> None:
     nft = [(c, v) for c, v in measured if c["group"] == "nft"]
     if nft:
         best_case, best_rate = max(nft, key=lambda cv: cv[1])
-        print(f"\ntarget ≥ {TARGET_ATOMS_PER_S:,} atoms/s: best nft batched {best_rate:,.0f} atoms/s "
-              f"({best_case['dtype']}, block {best_case['block']}) → "
-              f"{'MET' if best_rate >= TARGET_ATOMS_PER_S else 'NOT MET'}")
+        print(
+            f"\ntarget ≥ {TARGET_ATOMS_PER_S:,} atoms/s: best nft batched {best_rate:,.0f} atoms/s "
+            f"({best_case['dtype']}, block {best_case['block']}) → "
+            f"{'MET' if best_rate >= TARGET_ATOMS_PER_S else 'NOT MET'}"
+        )
         for dtype in ("float64", "float32"):
             peer = [v for c, v in measured if c["group"] == "one_by_one" and c["dtype"] == dtype]
             mine = [v for c, v in nft if c["dtype"] == dtype]
             if peer and mine:
                 ratio = max(mine) / peer[0]
-                print(f"target batched ≥ {TARGET_VS_ONE_BY_ONE:.0f}× one-by-one ({dtype}): {ratio:.2f}× → "
-                      f"{'MET' if ratio >= TARGET_VS_ONE_BY_ONE else 'NOT MET'}")
+                print(
+                    f"target batched ≥ {TARGET_VS_ONE_BY_ONE:.0f}× one-by-one ({dtype}): {ratio:.2f}× → "
+                    f"{'MET' if ratio >= TARGET_VS_ONE_BY_ONE else 'NOT MET'}"
+                )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ sets never saw: a rattled periodic fcc cell of 108 atoms and a rattled 147-atom 
 Prints one row per set: force MAE and max error (eV/Å) on each. Usage:
     python bench/bench_initial_disorder.py WORKDIR [--count 40] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,7 @@ def main() -> None:
     for random_alloys in (0, 6):
         labelled = options.workdir / f"set_random{random_alloys}.traj"
         model = options.workdir / f"model_random{random_alloys}.pt"
-        run("initial", "Pt,Au", "-o", labelled, "--count", options.count, "--seed", options.seed,
-            "--random-alloys", random_alloys)
+        run("initial", "Pt,Au", "-o", labelled, "--count", options.count, "--seed", options.seed, "--random-alloys", random_alloys)
         run("train", labelled, "-o", model, "--seed", options.seed)
         rows = json.loads(run("evaluate", model, *evaluated, "--reference", "emt", "--json"))["structures"]
         cells = " | ".join(f"{row['force_mae']:.4f} / {row['force_max_error']:.3f}" for row in rows)

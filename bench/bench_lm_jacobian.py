@@ -10,6 +10,7 @@ cells of 2–16 atoms, or 8 random-alloy cells of 32 atoms) with energies and al
 the per-pair Jacobian). Times are the best of `--rounds`; each side's Jacobian is checked against
 the other's (max relative difference).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,7 @@ def measure(case_name: str, n_chunks: int, rounds: int, jacobian_file: str) -> d
 
     from bench_training_step import prepared
     from pipeline.science import training as T
+
     try:
         from pipeline.science.losses import jacobian_terms, member_residual_jacobians
     except ImportError:  # a commit before the trainer's split
@@ -66,14 +68,21 @@ def measure(case_name: str, n_chunks: int, rounds: int, jacobian_file: str) -> d
         start = time.perf_counter()
         _, report = T.train_ensemble(structures, settings)
         fit_s.append(time.perf_counter() - start)
-    return {"pipeline": T.__file__, "jacobian_s": min(jacobian_s), "fit_s": min(fit_s), "shape": list(jacobian.shape),
-            "final_loss": report.final_loss, "train_mae": report.train_force_mae}
+    return {
+        "pipeline": T.__file__,
+        "jacobian_s": min(jacobian_s),
+        "fit_s": min(fit_s),
+        "shape": list(jacobian.shape),
+        "final_loss": report.final_loss,
+        "train_mae": report.train_force_mae,
+    }
 
 
 def exported(rev: str, folder: Path) -> str:
     """REV's pipeline/ written under `folder`; returns REV's short hash."""
-    short = subprocess.run(["git", "-C", str(common.ROOT), "rev-parse", "--short", rev], capture_output=True, text=True,
-                           check=True).stdout.strip()
+    short = subprocess.run(
+        ["git", "-C", str(common.ROOT), "rev-parse", "--short", rev], capture_output=True, text=True, check=True
+    ).stdout.strip()
     archive = folder / "tree.tar"
     subprocess.run(["git", "-C", str(common.ROOT), "archive", "-o", str(archive), rev, "pipeline"], check=True)
     with tarfile.open(archive) as tar:
@@ -106,27 +115,55 @@ def main() -> None:
         for name in CASES:
             results = {}
             for side, root in (("this", common.ROOT), ("reference", reference_root)):
-                case = {"name": name, "chunks": args.chunks, "rounds": args.rounds, "pipeline_root": str(root),
-                        "jacobian_file": str(Path(scratch) / f"{side}.pt")}
+                case = {
+                    "name": name,
+                    "chunks": args.chunks,
+                    "rounds": args.rounds,
+                    "pipeline_root": str(root),
+                    "jacobian_file": str(Path(scratch) / f"{side}.pt"),
+                }
                 command = [sys.executable, __file__, "--case", json.dumps(case)]
                 proc = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=3600)
                 lines = [line for line in proc.stdout.splitlines() if line.startswith(common.RESULT_PREFIX)]
                 if not lines:
                     raise SystemExit(f"{side} {name}: exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
-                results[side] = json.loads(lines[-1][len(common.RESULT_PREFIX):])
+                results[side] = json.loads(lines[-1][len(common.RESULT_PREFIX) :])
             ours, theirs = (torch.load(Path(scratch) / f"{side}.pt") for side in ("this", "reference"))
             difference = float((ours - theirs).abs().max() / theirs.abs().max())
             this, ref = results["this"], results["reference"]
-            rows.append([name, "×".join(map(str, this["shape"])), f"{ref['jacobian_s']:.3f}", f"{this['jacobian_s']:.3f}",
-                         f"{ref['jacobian_s'] / this['jacobian_s']:.2f}", f"{ref['fit_s']:.1f}", f"{this['fit_s']:.1f}",
-                         f"{ref['fit_s'] / this['fit_s']:.2f}", f"{difference:.1e}",
-                         f"{ref['final_loss']:.4e} / {this['final_loss']:.4e}"])
+            rows.append(
+                [
+                    name,
+                    "×".join(map(str, this["shape"])),
+                    f"{ref['jacobian_s']:.3f}",
+                    f"{this['jacobian_s']:.3f}",
+                    f"{ref['jacobian_s'] / this['jacobian_s']:.2f}",
+                    f"{ref['fit_s']:.1f}",
+                    f"{this['fit_s']:.1f}",
+                    f"{ref['fit_s'] / this['fit_s']:.2f}",
+                    f"{difference:.1e}",
+                    f"{ref['final_loss']:.4e} / {this['final_loss']:.4e}",
+                ]
+            )
             print(f"  {name}: this {this['pipeline']}, reference {ref['pipeline']}", flush=True)
     print(f"\nreference: {reference} (--against {args.against}); this: {common.code_version()}; {args.chunks} chunks\n")
-    print(common.markdown_table(
-        ["case", "Jacobian (M×N×P)", f"Jacobian {reference} (s)", "Jacobian this (s)", "speed-up",
-         f"cold LM fit {reference} (s)", "cold LM fit this (s)", "speed-up", "max rel. Jacobian difference",
-         "final loss reference / this"], rows))
+    print(
+        common.markdown_table(
+            [
+                "case",
+                "Jacobian (M×N×P)",
+                f"Jacobian {reference} (s)",
+                "Jacobian this (s)",
+                "speed-up",
+                f"cold LM fit {reference} (s)",
+                "cold LM fit this (s)",
+                "speed-up",
+                "max rel. Jacobian difference",
+                "final loss reference / this",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ Each row gives the median member loss, the ensemble-mean force MAE on the traini
 whole rattled Pt260 against EMT (generalisation) with its largest δ_i. The last rows run each
 second-order method to its default step count with no budget.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,10 +55,12 @@ def scores(model, data, weights, settings, target, target_forces) -> dict:
 
     losses = member_losses(model, data, weights, settings, create_graph=False).detach()
     prediction = model.predict(target)
-    return {"loss": float(losses.median()),
-            "train MAE": force_mae(model, data, np.ones(weights.shape[1], dtype=bool)),
-            "target MAE": float(np.abs(prediction.forces - target_forces).mean()),
-            "target max δ": prediction.max_delta}
+    return {
+        "loss": float(losses.median()),
+        "train MAE": force_mae(model, data, np.ones(weights.shape[1], dtype=bool)),
+        "target MAE": float(np.abs(prediction.forces - target_forces).mean()),
+        "target max δ": prediction.max_delta,
+    }
 
 
 def run_optimiser(name: str, start, data, weights, settings, warm: bool, budget_s: float | None) -> tuple[object, float]:
@@ -112,8 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = common.set_threads(args.threads)
     budgets = [float(b) for b in args.budgets.split(",")]
-    print(f"# Optimisers at equal wall time: {args.bulk} bulk cells + {args.chunks} Pt260 chunks, seed {args.seed}, "
-          f"{threads} thread(s)")
+    print(f"# Optimisers at equal wall time: {args.bulk} bulk cells + {args.chunks} Pt260 chunks, seed {args.seed}, {threads} thread(s)")
     print(common.machine_line())
     print(common.code_version())
     structures, _ = training_set(args.bulk, args.chunks, seed=args.seed)
@@ -131,11 +133,34 @@ def main() -> None:
                 model, seconds = run_optimiser(name, start, data, weights, settings, start_name == "warm", budget)
                 result = scores(model, data, weights, settings, target, target_forces)
                 label = "default steps" if budget is None else f"{budget:g}"
-                rows.append([start_name, label, name, f"{seconds:.1f}", f"{result['loss']:.2e}",
-                             f"{result['train MAE']:.4f}", f"{result['target MAE']:.4f}", f"{result['target max δ']:.3f}"])
+                rows.append(
+                    [
+                        start_name,
+                        label,
+                        name,
+                        f"{seconds:.1f}",
+                        f"{result['loss']:.2e}",
+                        f"{result['train MAE']:.4f}",
+                        f"{result['target MAE']:.4f}",
+                        f"{result['target max δ']:.3f}",
+                    ]
+                )
                 print("  " + " | ".join(rows[-1]), flush=True)
-    print(common.markdown_table(["start", "budget (s)", "optimiser", "wall (s)", "median member loss",
-                                 "train force MAE (eV/Å)", "Pt260 MAE vs EMT (eV/Å)", "Pt260 max δ (eV/Å)"], rows))
+    print(
+        common.markdown_table(
+            [
+                "start",
+                "budget (s)",
+                "optimiser",
+                "wall (s)",
+                "median member loss",
+                "train force MAE (eV/Å)",
+                "Pt260 MAE vs EMT (eV/Å)",
+                "Pt260 max δ (eV/Å)",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

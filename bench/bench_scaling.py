@@ -7,6 +7,7 @@ Each size runs in a fresh subprocess, so its peak RSS (`ru_maxrss`) is its own. 
 log-log slope of time against atoms is 1.0 ± 0.1, and the peak RSS at 10^5 atoms is ≤ 2 GiB.
 Sizes are interleaved round by round; the largest runs once unless --repeats-large is given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,7 @@ def case_predict(case: dict) -> dict:
     model.predict(common.pt_crystal((2, 2, 2)), block_size=case["block"])  # warm-up
     setup = common.current_rss_mib()
     times, prediction = common.timed(lambda: model.predict(atoms, block_size=case["block"]))
-    return {**times, "n_atoms": len(atoms), "setup_rss_mib": setup,
-            "max_delta": float(prediction.max_delta)}
+    return {**times, "n_atoms": len(atoms), "setup_rss_mib": setup, "max_delta": float(prediction.max_delta)}
 
 
 def main() -> None:
@@ -56,8 +56,10 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 2)
     print(f"# Scaling: ensemble of 10, energy + forces + δ_i, rattled fcc Pt, {args.dtype}, block {args.block}")
     print(common.machine_line(), flush=True)
-    cases = [{"name": "predict", "label": f"{n:,} atoms", "repeat": list(common.repeat_for(n)),
-              "dtype": args.dtype, "block": args.block} for n in sizes]
+    cases = [
+        {"name": "predict", "label": f"{n:,} atoms", "repeat": list(common.repeat_for(n)), "dtype": args.dtype, "block": args.block}
+        for n in sizes
+    ]
     start = time.perf_counter()
     results = [[] for _ in cases]
     for round_ in range(max(repeats, args.repeats_large)):
@@ -67,8 +69,9 @@ def main() -> None:
                 continue
             result = common.run_case(SCRIPT, case, timeout_s=3600)
             results[k].append(result)
-            shown = f"ERROR {result['error']}" if "error" in result else (
-                f"{result['seconds']:.2f} s, peak {result['peak_rss_mib']:.0f} MiB")
+            shown = (
+                f"ERROR {result['error']}" if "error" in result else (f"{result['seconds']:.2f} s, peak {result['peak_rss_mib']:.0f} MiB")
+            )
             print(f"  round {round_ + 1} {case['label']}: {shown}", flush=True)
     print(f"({time.perf_counter() - start:.0f} s in all)\n")
 
@@ -81,22 +84,33 @@ def main() -> None:
         xs.append(b["n_atoms"])
         ys.append(b["seconds"])
         ycpu.append(min(r["cpu_seconds"] for r in runs if "cpu_seconds" in r))
-        rows.append([f"{b['n_atoms']:,}", b["seconds"], ycpu[-1], b["n_atoms"] / b["seconds"],
-                     b["peak_rss_mib"], b["peak_rss_mib"] - b["setup_rss_mib"], len(runs)])
-    print(common.markdown_table(["atoms", "best wall s", "best CPU s", "atoms/s", "peak RSS MiB",
-                                 "peak − setup MiB", "rounds"], rows))
+        rows.append(
+            [
+                f"{b['n_atoms']:,}",
+                b["seconds"],
+                ycpu[-1],
+                b["n_atoms"] / b["seconds"],
+                b["peak_rss_mib"],
+                b["peak_rss_mib"] - b["setup_rss_mib"],
+                len(runs),
+            ]
+        )
+    print(common.markdown_table(["atoms", "best wall s", "best CPU s", "atoms/s", "peak RSS MiB", "peak − setup MiB", "rounds"], rows))
     if len(xs) >= 2:
         slope = np.polyfit(np.log(xs), np.log(ys), 1)[0]
         slope_cpu = np.polyfit(np.log(xs), np.log(ycpu), 1)[0]
         ok = TARGET_SLOPE[0] <= slope <= TARGET_SLOPE[1]
-        print(f"\nlog-log slope of time vs atoms: {slope:.3f} (wall), {slope_cpu:.3f} (CPU); target 1.0 ± 0.1 → "
-              f"{'MET' if ok else 'NOT MET'}")
+        print(
+            f"\nlog-log slope of time vs atoms: {slope:.3f} (wall), {slope_cpu:.3f} (CPU); target 1.0 ± 0.1 → {'MET' if ok else 'NOT MET'}"
+        )
     if not args.quick:
         largest = common.best(results[-1])
         if largest:
             ok = largest["peak_rss_mib"] <= TARGET_PEAK_MIB
-            print(f"peak RSS at {largest['n_atoms']:,} atoms: {largest['peak_rss_mib']:.0f} MiB; target ≤ 2 GiB → "
-                  f"{'MET' if ok else 'NOT MET'}")
+            print(
+                f"peak RSS at {largest['n_atoms']:,} atoms: {largest['peak_rss_mib']:.0f} MiB; target ≤ 2 GiB → "
+                f"{'MET' if ok else 'NOT MET'}"
+            )
 
 
 if __name__ == "__main__":

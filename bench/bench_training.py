@@ -13,6 +13,7 @@ separately as the one-off preparation): the batched side is one `EnsembleModel` 
 initial weights, each with its own Adam, stepped in a Python loop. Epoch times are interleaved
 (batched, one-by-one, batched, …) and the best round is reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,7 +74,8 @@ class PlainAutogradMember:
             atoms = item.atoms
             box = atoms.cell.array if atoms.pbc.any() else np.zeros((3, 3))
             i, j, shifts = vesin.NeighborList(cutoff=cutoff, full_list=True).compute(
-                atoms.positions, box, [bool(p) for p in atoms.pbc], quantities="ijS")
+                atoms.positions, box, [bool(p) for p in atoms.pbc], quantities="ijS"
+            )
             trained = np.flatnonzero(item.force_mask)
             needed = np.arange(len(atoms)) if item.energy is not None else np.union1d(trained, i[np.isin(j, trained)])
             keep = np.isin(i, needed)
@@ -145,8 +147,10 @@ def main() -> None:
     t0 = time.perf_counter()
     structures, chunk_sizes = training_set(n_bulk, n_chunks)
     label_s = time.perf_counter() - t0
-    print(f"# Training epoch: {n_bulk} bulk EMT cells + {len(chunk_sizes)} Pt260 chunks (8 Å, "
-          f"{min(chunk_sizes)}–{max(chunk_sizes)} atoms, central force only); 10 members, [5,5], 20 features")
+    print(
+        f"# Training epoch: {n_bulk} bulk EMT cells + {len(chunk_sizes)} Pt260 chunks (8 Å, "
+        f"{min(chunk_sizes)}–{max(chunk_sizes)} atoms, central force only); 10 members, [5,5], 20 features"
+    )
     print(common.machine_line())
     print(f"(data carved and EMT-labelled in {label_s:.1f} s, not part of any timing)", flush=True)
 
@@ -173,8 +177,7 @@ def main() -> None:
 
     # same losses before any step: the one-by-one models are the batched members
     batched_losses = member_losses(model, data, weights, settings, create_graph=False).detach()
-    single_losses = torch.cat([member_losses(s, data, single_weights, settings, create_graph=False).detach()
-                               for s in singles])
+    single_losses = torch.cat([member_losses(s, data, single_weights, settings, create_graph=False).detach() for s in singles])
     loss_diff = float((batched_losses - single_losses).abs().max() / batched_losses.abs().max())
 
     optimizer = torch.optim.Adam(model.networks.parameters(), lr=settings.learning_rate)
@@ -205,8 +208,7 @@ def main() -> None:
         single.append({k: v / epochs for k, v in times.items()})
     # after identical steps the members must still agree
     after_b = member_losses(model, data, weights, settings, create_graph=False).detach()
-    after_s = torch.cat([member_losses(s, data, single_weights, settings, create_graph=False).detach()
-                         for s in singles])
+    after_s = torch.cat([member_losses(s, data, single_weights, settings, create_graph=False).detach() for s in singles])
     after_diff = float((after_b - after_s).abs().max() / after_b.abs().max())
 
     naive_rows, naive_note = [], ""
@@ -217,8 +219,9 @@ def main() -> None:
             n_model.load_state_dict(model.state_dict())
             n_singles = [common.single_member(n_model, m) for m in range(members)]
             reference = member_losses(n_model, data, weights, settings, create_graph=False).detach()
-            check = max(abs(float(plain.loss(x, settings)) - float(reference[m])) / float(reference.abs().max())
-                        for m, x in enumerate(n_singles))
+            check = max(
+                abs(float(plain.loss(x, settings)) - float(reference[m])) / float(reference.abs().max()) for m, x in enumerate(n_singles)
+            )
             n_opts = [torch.optim.Adam(x.networks.parameters(), lr=settings.learning_rate) for x in n_singles]
 
             def plain_epoch():
@@ -233,11 +236,19 @@ def main() -> None:
                 plain_runs.append(times)
             nb = min(plain_runs, key=lambda t: t["seconds"])
             bb = min(batched, key=lambda t: t["seconds"])
-            naive_rows = [["one epoch, 10 members one by one, plain autograd through the descriptors (no precomputation)",
-                           nb["seconds"] * 1e3, min(t["cpu_seconds"] for t in plain_runs) * 1e3,
-                           np.median([t["seconds"] for t in plain_runs]) * 1e3, f"{nb['seconds'] / bb['seconds']:.2f}×"]]
-            naive_note = (f"plain-autograd peer: {len(plain.i):,} pairs per member-epoch; its losses equal nft's to "
-                          f"{check:.1e} (relative); {args.plain_rounds} epoch(s), interleaved after the nft rounds")
+            naive_rows = [
+                [
+                    "one epoch, 10 members one by one, plain autograd through the descriptors (no precomputation)",
+                    nb["seconds"] * 1e3,
+                    min(t["cpu_seconds"] for t in plain_runs) * 1e3,
+                    np.median([t["seconds"] for t in plain_runs]) * 1e3,
+                    f"{nb['seconds'] / bb['seconds']:.2f}×",
+                ]
+            ]
+            naive_note = (
+                f"plain-autograd peer: {len(plain.i):,} pairs per member-epoch; its losses equal nft's to "
+                f"{check:.1e} (relative); {args.plain_rounds} epoch(s), interleaved after the nft rounds"
+            )
         except Exception as error:  # noqa: BLE001
             naive_note = f"plain-autograd peer failed: {type(error).__name__}: {error}"
 
@@ -246,26 +257,45 @@ def main() -> None:
     b_cpu = min(t["cpu_seconds"] for t in batched)
     s_cpu = min(t["cpu_seconds"] for t in single)
     rows = [
-        ["one epoch, 10 members batched (one EnsembleModel)", b["seconds"] * 1e3, b_cpu * 1e3,
-         np.median([t["seconds"] for t in batched]) * 1e3, "1.00×"],
-        ["one epoch, 10 members one by one (1-member models, 10 Adams)", s["seconds"] * 1e3, s_cpu * 1e3,
-         np.median([t["seconds"] for t in single]) * 1e3, f"{s['seconds'] / b['seconds']:.2f}×"],
+        [
+            "one epoch, 10 members batched (one EnsembleModel)",
+            b["seconds"] * 1e3,
+            b_cpu * 1e3,
+            np.median([t["seconds"] for t in batched]) * 1e3,
+            "1.00×",
+        ],
+        [
+            "one epoch, 10 members one by one (1-member models, 10 Adams)",
+            s["seconds"] * 1e3,
+            s_cpu * 1e3,
+            np.median([t["seconds"] for t in single]) * 1e3,
+            f"{s['seconds'] / b['seconds']:.2f}×",
+        ],
     ]
     print()
-    print(common.markdown_table(["case", "best wall ms/epoch", "best CPU ms/epoch", "median wall ms/epoch",
-                                 "batched faster by"], rows + naive_rows))
+    print(
+        common.markdown_table(
+            ["case", "best wall ms/epoch", "best CPU ms/epoch", "median wall ms/epoch", "batched faster by"], rows + naive_rows
+        )
+    )
     print()
-    print(common.markdown_table(
-        ["one-off preparation (descriptors + Jacobians)", "wall s", "CPU s", "rows", "trained force rows",
-         "Jacobian non-zeros"],
-        [[f"{len(structures)} structures", prep["seconds"], prep["cpu_seconds"], n_rows, n_force_rows, nnz]]))
+    print(
+        common.markdown_table(
+            ["one-off preparation (descriptors + Jacobians)", "wall s", "CPU s", "rows", "trained force rows", "Jacobian non-zeros"],
+            [[f"{len(structures)} structures", prep["seconds"], prep["cpu_seconds"], n_rows, n_force_rows, nnz]],
+        )
+    )
     print()
     ratio = s["seconds"] / b["seconds"]
     print(f"{rounds} rounds × {epochs} epochs per side, interleaved; best round reported.")
-    print(f"batched vs one-by-one member losses: max relative difference {loss_diff:.1e} before training, "
-          f"{after_diff:.1e} after {1 + rounds * epochs} identical Adam steps")
-    print(f"target batched ≥ {TARGET_SPEEDUP:.0f}× one-by-one: {ratio:.2f}× (wall, best), "
-          f"{s_cpu / b_cpu:.2f}× (CPU) → {'MET' if ratio >= TARGET_SPEEDUP else 'NOT MET'}")
+    print(
+        f"batched vs one-by-one member losses: max relative difference {loss_diff:.1e} before training, "
+        f"{after_diff:.1e} after {1 + rounds * epochs} identical Adam steps"
+    )
+    print(
+        f"target batched ≥ {TARGET_SPEEDUP:.0f}× one-by-one: {ratio:.2f}× (wall, best), "
+        f"{s_cpu / b_cpu:.2f}× (CPU) → {'MET' if ratio >= TARGET_SPEEDUP else 'NOT MET'}"
+    )
     if naive_note:
         print(naive_note)
 

@@ -11,6 +11,7 @@ scaled `TrainingData`: autograd is `member_losses(...).sum().backward()`, the ha
 `member_losses_with_gradients` (what `train_ensemble` calls). Evaluations are interleaved, best
 of the rounds; the table also gives the largest relative difference of the gradients.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ def prepared(structures):
     from pipeline.science.model import EnsembleModel
     from pipeline.science.settings import TrainingSettings
     from pipeline.science.training import descriptor_params
+
     try:
         from pipeline.science.training import fit_scaling
         from pipeline.science.training_data import elements_of, prepare_training_data
@@ -73,8 +75,13 @@ def measure(structures, rounds: int, evaluations: int) -> dict:
             for _ in range(evaluations):
                 step()
             best[name] = min(best[name], (time.perf_counter() - start) / evaluations * 1e3)
-    return {"rows": int(data.features.shape[0]), "force rows": int(data.forces.shape[0]),
-            "nnz": int(data.force_jacobian.values().numel()), "difference": difference, **best}
+    return {
+        "rows": int(data.features.shape[0]),
+        "force rows": int(data.forces.shape[0]),
+        "nnz": int(data.force_jacobian.values().numel()),
+        "difference": difference,
+        **best,
+    }
 
 
 def main() -> None:
@@ -91,11 +98,33 @@ def main() -> None:
     for n_bulk, n_chunks in cases:
         structures, _ = training_set(n_bulk, n_chunks)
         result = measure(structures, rounds, evaluations)
-        rows.append([f"{n_bulk} bulk + {n_chunks} chunks", result["rows"], result["force rows"], result["nnz"],
-                     f"{result['autograd']:.1f}", f"{result['hand']:.1f}",
-                     f"{result['autograd'] / result['hand']:.2f}", f"{result['difference']:.1e}"])
-    print(common.markdown_table(["data", "feature rows", "force rows", "Jacobian nnz", "autograd (ms)",
-                                 "hand-written (ms)", "speed-up", "max rel. gradient difference"], rows))
+        rows.append(
+            [
+                f"{n_bulk} bulk + {n_chunks} chunks",
+                result["rows"],
+                result["force rows"],
+                result["nnz"],
+                f"{result['autograd']:.1f}",
+                f"{result['hand']:.1f}",
+                f"{result['autograd'] / result['hand']:.2f}",
+                f"{result['difference']:.1e}",
+            ]
+        )
+    print(
+        common.markdown_table(
+            [
+                "data",
+                "feature rows",
+                "force rows",
+                "Jacobian nnz",
+                "autograd (ms)",
+                "hand-written (ms)",
+                "speed-up",
+                "max rel. gradient difference",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

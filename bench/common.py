@@ -5,6 +5,7 @@ so `ru_maxrss` is that case's own peak resident set (torch allocations included,
 does not see). Cases of one benchmark are interleaved round by round and the best time of the
 rounds is reported, because the machine (2 cores) is shared and timings are noisy.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,7 @@ def set_threads(n: int | None) -> int:
 
 
 def add_common_arguments(parser) -> None:
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's default, one per core)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default, one per core)")
 
 
 # ----- measurement inside a case subprocess -------------------------------------------------
@@ -113,13 +113,14 @@ def run_case(script: str, case: dict, timeout_s: float = 1800) -> dict:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            return json.loads(line[len(RESULT_PREFIX) :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
 
 
-def interleaved(script: str, cases: list[dict], repeats: int, timeout_s: float = 1800,
-                log: Callable[[str], None] | None = None) -> list[list[dict]]:
+def interleaved(
+    script: str, cases: list[dict], repeats: int, timeout_s: float = 1800, log: Callable[[str], None] | None = None
+) -> list[list[dict]]:
     """Run every case once per round, rounds repeated; returns results[case][round]."""
     results: list[list[dict]] = [[] for _ in cases]
     for round_ in range(repeats):
@@ -137,8 +138,10 @@ def interleaved(script: str, cases: list[dict], repeats: int, timeout_s: float =
                 elif result.get("skip"):
                     log(f"  round {round_ + 1} {label}: {result['skip']}")
                 else:
-                    log(f"  round {round_ + 1} {label}: {result.get('seconds', float('nan')):.3f} s,"
-                        f" peak {result.get('peak_rss_mib', float('nan')):.0f} MiB")
+                    log(
+                        f"  round {round_ + 1} {label}: {result.get('seconds', float('nan')):.3f} s,"
+                        f" peak {result.get('peak_rss_mib', float('nan')):.0f} MiB"
+                    )
     return results
 
 
@@ -200,10 +203,12 @@ def code_version() -> str:
     if os.environ.get("NFT_BENCH_COMMIT"):
         return os.environ["NFT_BENCH_COMMIT"]
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "pipeline"], capture_output=True,
-                               text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "pipeline"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + (" + uncommitted pipeline/ changes" if dirty else "")

@@ -9,6 +9,7 @@ builds on the helpers here.
     python bench/convergence_set.py OUTDIR [--cases NAME,…] [--seed S] [--start cells|initial]
     # writes OUTDIR/<case>/{target,transfer,initial}.traj
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,10 +67,20 @@ ALLOY_CELLS = 8
 """Random-alloy initial sets: this many 32-atom cells (instead of `count` cells of 2–16 atoms)."""
 
 FCC_CELLS: tuple[tuple[dict, tuple[int, int, int]], ...] = (
-    ({}, (2, 1, 1)), ({"orthorhombic": True}, (1, 1, 1)), ({}, (3, 1, 1)), ({"cubic": True}, (1, 1, 1)),
-    ({}, (2, 2, 1)), ({"orthorhombic": True}, (2, 1, 1)), ({}, (3, 2, 1)), ({}, (2, 2, 2)),
-    ({"cubic": True}, (2, 1, 1)), ({}, (3, 3, 1)), ({"cubic": True}, (3, 1, 1)),
-    ({"orthorhombic": True}, (3, 2, 1)), ({"cubic": True}, (2, 2, 1)))
+    ({}, (2, 1, 1)),
+    ({"orthorhombic": True}, (1, 1, 1)),
+    ({}, (3, 1, 1)),
+    ({"cubic": True}, (1, 1, 1)),
+    ({}, (2, 2, 1)),
+    ({"orthorhombic": True}, (2, 1, 1)),
+    ({}, (3, 2, 1)),
+    ({}, (2, 2, 2)),
+    ({"cubic": True}, (2, 1, 1)),
+    ({}, (3, 3, 1)),
+    ({"cubic": True}, (3, 1, 1)),
+    ({"orthorhombic": True}, (3, 2, 1)),
+    ({"cubic": True}, (2, 2, 1)),
+)
 """Periodic fcc cells of 2–16 atoms: `bulk(…, **keywords).repeat(repeat)` for each (keywords, repeat)."""
 
 
@@ -178,27 +189,56 @@ def _vegard(symbols: tuple[str, ...], fractions: tuple[float, ...] | None = None
 
 
 CASES: tuple[Case, ...] = (
-    Case("Cu-icosahedron-309", ("Cu",), lambda: _cluster(Icosahedron("Cu", 5, lattice_constant("Cu"))),
-         lambda: _cluster(Icosahedron("Cu", 6, lattice_constant("Cu")))),
-    Case("Au-decahedron-146", ("Au",), lambda: _cluster(Decahedron("Au", 3, 2, 1, lattice_constant("Au"))),
-         lambda: _cluster(Decahedron("Au", 4, 3, 1, lattice_constant("Au")))),
-    Case("Ag-cuboctahedron-309", ("Ag",), lambda: _cluster(Octahedron("Ag", 9, 4, lattice_constant("Ag"))),
-         lambda: _cluster(Octahedron("Ag", 11, 5, lattice_constant("Ag")))),
-    Case("Ni-truncated-octahedron-201", ("Ni",), lambda: _cluster(Octahedron("Ni", 7, 2, lattice_constant("Ni"))),
-         lambda: _cluster(Octahedron("Ni", 9, 3, lattice_constant("Ni")))),
-    Case("Pd-icosahedron-147", ("Pd",), lambda: _cluster(Icosahedron("Pd", 4, lattice_constant("Pd"))),
-         lambda: _cluster(Icosahedron("Pd", 5, lattice_constant("Pd")))),
-    Case("Pt-decahedron-383", ("Pt",), lambda: _cluster(Decahedron("Pt", 5, 2, 1, lattice_constant("Pt"))),
-         lambda: _cluster(Decahedron("Pt", 6, 3, 1, lattice_constant("Pt")))),
-    Case("Al-cuboctahedron-561", ("Al",), lambda: _cluster(Octahedron("Al", 11, 5, lattice_constant("Al"))),
-         lambda: _cluster(Octahedron("Al", 13, 6, lattice_constant("Al")))),
-    Case("Pt111-slab-adatom", ("Pt",), lambda: _slab_with_adatom("Pt", (5, 5, 4)),
-         lambda: _slab_with_adatom("Pt", (7, 7, 4))),
-    Case("Cu100-slab-vacancy", ("Cu",), lambda: _slab_with_vacancy("Cu", (5, 5, 5)),
-         lambda: _slab_with_vacancy("Cu", (7, 7, 5))),
-    Case("PtAu-alloy-cuboctahedron-309", ("Au", "Pt"),
-         lambda: _alloy(Octahedron("Pt", 9, 4, _vegard(("Pt", "Au"))), ("Pt", "Au"), 7),
-         lambda: _alloy(Octahedron("Pt", 11, 5, _vegard(("Pt", "Au"))), ("Pt", "Au"), 8)),
+    Case(
+        "Cu-icosahedron-309",
+        ("Cu",),
+        lambda: _cluster(Icosahedron("Cu", 5, lattice_constant("Cu"))),
+        lambda: _cluster(Icosahedron("Cu", 6, lattice_constant("Cu"))),
+    ),
+    Case(
+        "Au-decahedron-146",
+        ("Au",),
+        lambda: _cluster(Decahedron("Au", 3, 2, 1, lattice_constant("Au"))),
+        lambda: _cluster(Decahedron("Au", 4, 3, 1, lattice_constant("Au"))),
+    ),
+    Case(
+        "Ag-cuboctahedron-309",
+        ("Ag",),
+        lambda: _cluster(Octahedron("Ag", 9, 4, lattice_constant("Ag"))),
+        lambda: _cluster(Octahedron("Ag", 11, 5, lattice_constant("Ag"))),
+    ),
+    Case(
+        "Ni-truncated-octahedron-201",
+        ("Ni",),
+        lambda: _cluster(Octahedron("Ni", 7, 2, lattice_constant("Ni"))),
+        lambda: _cluster(Octahedron("Ni", 9, 3, lattice_constant("Ni"))),
+    ),
+    Case(
+        "Pd-icosahedron-147",
+        ("Pd",),
+        lambda: _cluster(Icosahedron("Pd", 4, lattice_constant("Pd"))),
+        lambda: _cluster(Icosahedron("Pd", 5, lattice_constant("Pd"))),
+    ),
+    Case(
+        "Pt-decahedron-383",
+        ("Pt",),
+        lambda: _cluster(Decahedron("Pt", 5, 2, 1, lattice_constant("Pt"))),
+        lambda: _cluster(Decahedron("Pt", 6, 3, 1, lattice_constant("Pt"))),
+    ),
+    Case(
+        "Al-cuboctahedron-561",
+        ("Al",),
+        lambda: _cluster(Octahedron("Al", 11, 5, lattice_constant("Al"))),
+        lambda: _cluster(Octahedron("Al", 13, 6, lattice_constant("Al"))),
+    ),
+    Case("Pt111-slab-adatom", ("Pt",), lambda: _slab_with_adatom("Pt", (5, 5, 4)), lambda: _slab_with_adatom("Pt", (7, 7, 4))),
+    Case("Cu100-slab-vacancy", ("Cu",), lambda: _slab_with_vacancy("Cu", (5, 5, 5)), lambda: _slab_with_vacancy("Cu", (7, 7, 5))),
+    Case(
+        "PtAu-alloy-cuboctahedron-309",
+        ("Au", "Pt"),
+        lambda: _alloy(Octahedron("Pt", 9, 4, _vegard(("Pt", "Au"))), ("Pt", "Au"), 7),
+        lambda: _alloy(Octahedron("Pt", 11, 5, _vegard(("Pt", "Au"))), ("Pt", "Au"), 8),
+    ),
 )
 
 
@@ -216,16 +256,22 @@ def nft_initial_set(elements: tuple[str, ...], path: Path, seed: int) -> Path:
         env = dict(os.environ, PYTHONWARNINGS="ignore", PATH=f"{NFT.parent}{os.pathsep}{os.environ.get('PATH', '')}")
         log = path.parent / f"{path.name}.log"
         with open(log, "w") as handle:
-            proc = subprocess.run([str(NFT), "initial", ",".join(elements), "--output", str(path), "--seed", str(seed)],
-                                  cwd=path.parent, env=env, stdout=handle, stderr=subprocess.STDOUT)
+            proc = subprocess.run(
+                [str(NFT), "initial", ",".join(elements), "--output", str(path), "--seed", str(seed)],
+                cwd=path.parent,
+                env=env,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+            )
         if proc.returncode != 0 or not path.is_file():
             tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
             raise RuntimeError(f"nft initial {','.join(elements)} failed (exit {proc.returncode}, {log}): {tail}")
     return path
 
 
-def write_case(case: Case, folder: Path, seed: int = 0, initial_count: int = 20, start: str = "cells",
-               cache: Path | None = None) -> dict[str, Path]:
+def write_case(
+    case: Case, folder: Path, seed: int = 0, initial_count: int = 20, start: str = "cells", cache: Path | None = None
+) -> dict[str, Path]:
     """Write the case's target, transfer structure and labelled initial set of kind `start` (`STARTS`);
     returns their paths. The `initial` start's set is generated once per seed into `cache` (default
     `folder`) as nft-initial-seed-S.traj and copied."""
@@ -236,8 +282,7 @@ def write_case(case: Case, folder: Path, seed: int = 0, initial_count: int = 20,
     if start == "cells":
         write(paths["initial"], case.cells(case.elements, initial_count, seed))
     elif start == "initial":
-        shutil.copyfile(nft_initial_set(case.elements, (cache or folder) / f"nft-initial-seed-{seed}.traj", seed),
-                        paths["initial"])
+        shutil.copyfile(nft_initial_set(case.elements, (cache or folder) / f"nft-initial-seed-{seed}.traj", seed), paths["initial"])
     else:
         raise ValueError(f"unknown start {start!r}; known: {', '.join(STARTS)}")
     return paths
@@ -253,9 +298,11 @@ def describe(case: Case, paths: dict[str, Path]) -> str:
     forces = np.linalg.norm(target.get_forces(), axis=1)
     initial = read(paths["initial"], index=":")
     sizes = [len(atoms) for atoms in initial]
-    return (f"{case.name}: {len(target)} atoms, elements {','.join(case.elements)}, {target.get_chemical_formula()}, "
-            f"|F| {forces.min():.2f}-{forces.max():.2f} eV/Å, transfer {len(read(paths['transfer']))} atoms, "
-            f"initial {len(initial)} cells of {min(sizes)}-{max(sizes)} atoms ({sum(sizes)} in all)")
+    return (
+        f"{case.name}: {len(target)} atoms, elements {','.join(case.elements)}, {target.get_chemical_formula()}, "
+        f"|F| {forces.min():.2f}-{forces.max():.2f} eV/Å, transfer {len(read(paths['transfer']))} atoms, "
+        f"initial {len(initial)} cells of {min(sizes)}-{max(sizes)} atoms ({sum(sizes)} in all)"
+    )
 
 
 def main(cases: tuple[Case, ...] = CASES, description: str | None = None) -> None:

@@ -6,6 +6,7 @@
 Prints (1) the pipeline functions by cumulative time (cProfile), (2) torch operators by self CPU
 time, and (3) the same grouped by input shape, which names the tensors that cost the most.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Exceptions that the CLI turns into exit codes: bad input exits 2, a failed run exits 1."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
@@ -16,7 +17,7 @@ class RunFailed(Exception):
 
 
 def error_text(error: BaseException) -> str:
-    """"Type: message" of an exception (its type alone when it has no message), as a job's failure
+    """ "Type: message" of an exception (its type alone when it has no message), as a job's failure
     reason is stored and shown."""
     text = str(error).strip()
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -35,7 +36,10 @@ def first_problem(error: "ValidationError", field_names: Mapping[str, str] | Non
     if kind == "missing":
         return f"{field}: required"
     bounds = {
-        "greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<=",
+        "greater_than": ">",
+        "greater_than_equal": ">=",
+        "less_than": "<",
+        "less_than_equal": "<=",
     }
     if kind in bounds:
         limit = next(iter(context.values()))
@@ -43,8 +47,13 @@ def first_problem(error: "ValidationError", field_names: Mapping[str, str] | Non
     if kind in ("too_short", "string_too_short"):
         return f"{field}: must not be empty"
     types = {
-        "float_type": "a number", "int_type": "an integer", "bool_type": "true or false",
-        "string_type": "a string", "list_type": "a list", "tuple_type": "a list", "dict_type": "a table",
+        "float_type": "a number",
+        "int_type": "an integer",
+        "bool_type": "true or false",
+        "string_type": "a string",
+        "list_type": "a list",
+        "tuple_type": "a list",
+        "dict_type": "a table",
         "model_type": "a table",
     }
     if kind == "finite_number":

@@ -13,6 +13,7 @@ bash scripts/setup.sh || { echo "run-tests.sh: set-up failed" >&2; exit 1; }
 
 # Lint first (pyproject.toml [tool.ruff]): an unused or undefined name fails CI in seconds.
 ruff check --quiet . || { echo "run-tests.sh: ruff check failed" >&2; exit 1; }
+ruff format --check --quiet . || { echo "run-tests.sh: ruff format --check failed (run: ruff format .)" >&2; exit 1; }
 # Type check (pyproject.toml [tool.mypy]: pipeline/, lenient): a wrong type fails CI before the tests run.
 mypy || { echo "run-tests.sh: mypy failed" >&2; exit 1; }
 

@@ -3,6 +3,7 @@
 GPAW jobs started here use `mpiexec` directly (no batch scheduler to share nodes); with R ranks per
 job, `workers` ≈ cores / R keeps the machine from being oversubscribed.
 """
+
 import os
 
 from parsl.config import Config

@@ -4,6 +4,7 @@ training on a node of its own.
 Options: those of every Slurm site (`pipeline.execution.slurm_blocks.SlurmOptions`: partition,
 account, walltime, nodes_per_block, max_blocks, worker_init, ...), plus `training_executor`.
 """
+
 from typing import Annotated, Literal
 
 from parsl.config import Config

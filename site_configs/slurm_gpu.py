@@ -4,6 +4,7 @@ prediction on a GPU node (``--gpus-per-node``; torch.distributed over its GPUs w
 Options: those of every Slurm site (`pipeline.execution.slurm_blocks.SlurmOptions`), plus the GPU
 node's below.
 """
+
 import os
 from typing import Annotated, Literal
 
@@ -14,6 +15,7 @@ from parsl.launchers import SimpleLauncher
 from pipeline.execution.apps import SITE_DEVICE_VARIABLE
 from pipeline.execution.options import OneOf, PositiveInt, Text
 from pipeline.execution.slurm_blocks import SlurmOptions, reference_executor, slurm_provider
+
 
 class Options(SlurmOptions):
     gpu_partition: Text | None = None  # the training block's partition; else $NFT_SLURM_GPU_PARTITION, else `partition`

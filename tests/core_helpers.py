@@ -1,4 +1,5 @@
 """Small builders shared by the ML-core tests: rattled Pt/Cu structures and untrained ensembles."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,6 +1,7 @@
 """Every bad input is refused before anything is written: exit 2, one line on stderr naming the file
 and the field, and the disk as it was. One row per case, across the commands (README: "Bad input").
 """
+
 from __future__ import annotations
 
 import json
@@ -39,18 +40,22 @@ def disk_state(root: Path) -> dict[str, tuple[int, int]]:
 
 # ----- the cases: each writes what it needs under `here` and returns the nft arguments ----------
 
+
 def campaign(changes=None, **options) -> Callable[[Path], list[str]]:
     def make(here: Path) -> list[str]:
         return ["run", str(write_campaign(here / "campaign", changes, **options))]
+
     return make
 
 
 def campaign_text(edit: Callable[[str], str]) -> Callable[[Path], list[str]]:
     """A valid small campaign whose config text is then edited."""
+
     def make(here: Path) -> list[str]:
         config = write_campaign(here / "campaign")
         config.write_text(edit(config.read_text()))
         return ["run", str(config)]
+
     return make
 
 
@@ -63,6 +68,7 @@ def campaign_initial(images: list[Atoms]) -> Callable[[Path], list[str]]:
         config = write_campaign(here / "campaign")
         write(config.parent / "initial.traj", images)
         return ["run", str(config)]
+
     return make
 
 
@@ -103,6 +109,7 @@ def training_file(images: list[Atoms], *options: str) -> Callable[[Path], list[s
         path = here / "train.extxyz"
         write(path, images)
         return ["train", str(path), "-o", str(here / "model.nft"), *options]
+
     return make
 
 
@@ -112,6 +119,7 @@ def good_training_file(*options: str) -> Callable[[Path], list[str]]:
 
 def model_file(header_hidden: list[int] | None = None, junk: bool = False, *options: str) -> Callable[[Path], list[str]]:
     """`nft evaluate` of a model whose file is junk or whose header asks for a huge network."""
+
     def make(here: Path) -> list[str]:
         path = here / "model.nft"
         if junk:
@@ -120,12 +128,18 @@ def model_file(header_hidden: list[int] | None = None, junk: bool = False, *opti
             from safetensors.torch import save_file
             import torch
 
-            metadata = {"format": "nft-ensemble", "version": "1", "hidden": json.dumps(header_hidden),
-                        "descriptor": json.dumps({"elements": [78]}), "member_seeds": json.dumps([0, 1])}
+            metadata = {
+                "format": "nft-ensemble",
+                "version": "1",
+                "hidden": json.dumps(header_hidden),
+                "descriptor": json.dumps({"elements": [78]}),
+                "member_seeds": json.dumps([0, 1]),
+            }
             save_file({"feature_mean": torch.zeros(1, 20, dtype=torch.float64)}, str(path), metadata=metadata)
         structure = here / "probe.traj"
         write(structure, rattled_cluster())
         return ["evaluate", str(path), str(structure), "--reference", "emt", *options]
+
     return make
 
 
@@ -137,8 +151,10 @@ def diverged_model(here: Path) -> list[str]:
     from pipeline.science.training import train_ensemble
     from pipeline.storage.model_file import save_model
 
-    model, _ = train_ensemble([emt_labelled(cell) for cell in bulk_training_cells(count=2, seed=3)],
-                              TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0))
+    model, _ = train_ensemble(
+        [emt_labelled(cell) for cell in bulk_training_cells(count=2, seed=3)],
+        TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0),
+    )
     with torch.no_grad():
         model.networks.weights[0][0, 0, 0] = float("nan")
     save_model(model, here / "model.nft")
@@ -154,6 +170,7 @@ def evaluate_structure(atoms: Atoms, reference: str = "emt") -> Callable[[Path],
 def evaluate_files(*files: list[Atoms] | None, reference: str = "emt") -> Callable[[Path], list[str]]:
     """`nft evaluate` of a real (briefly trained) model on several files: probe0.traj, probe1.traj, …
     holding the given images (None: the file is not written, so it is missing)."""
+
     def make(here: Path) -> list[str]:
         from pipeline.science.settings import TrainingSettings
         from pipeline.science.training import train_ensemble
@@ -167,6 +184,7 @@ def evaluate_files(*files: list[Atoms] | None, reference: str = "emt") -> Callab
             if images is not None:
                 write(path, images)
         return ["evaluate", str(here / "model.nft"), *map(str, paths), "--reference", reference]
+
     return make
 
 
@@ -187,6 +205,7 @@ def locality(*options: str, structure: str = "cluster", config: str | dict | Non
     file ("junk"), an Fe cluster ("iron"), a periodic Pt cell ("bulk"), a folder ("folder") or a missing one ("missing"), with valid arguments that `options` then override (typer keeps an option's last
     value). The parent is `--calculator emt`; with `config`, `--config` instead: a small campaign
     with these changes (a dict), a missing file ("missing"), or nothing at all ("neither")."""
+
     def make(here: Path) -> list[str]:
         path = here / "structure.traj"
         if structure == "cluster":
@@ -210,6 +229,7 @@ def locality(*options: str, structure: str = "cluster", config: str | dict | Non
         else:
             parent = ["--config", str(write_campaign(here / "campaign", config))]
         return ["locality", str(path), *parent, "--radii", "4,6", *options]
+
     return make
 
 
@@ -224,6 +244,7 @@ def report_of_missing_database(here: Path) -> list[str]:
 def relax(*options: str, structure: str = "cluster", output: str = "relaxed.traj") -> Callable[[Path], list[str]]:
     """`nft relax` of a never-run small campaign with a Pt cluster ("cluster"), a Cu dimer ("copper":
     an element the campaign lacks), an Fe cluster ("iron": one EMT lacks) or a missing file ("missing"), with `options` after the valid ones."""
+
     def make(here: Path) -> list[str]:
         config = write_campaign(here / "campaign")
         path = here / "structure.traj"
@@ -234,6 +255,7 @@ def relax(*options: str, structure: str = "cluster", output: str = "relaxed.traj
         elif structure == "iron":
             write(path, iron_cluster())
         return ["relax", str(config), str(path), "-o", str(here / output), *options]
+
     return make
 
 
@@ -276,8 +298,10 @@ def relax_with_a_changed_model(here: Path) -> list[str]:
 
     arguments = relax()(here)
     campaign = load_config(arguments[1])
-    model, _ = train_ensemble([emt_labelled(cell) for cell in bulk_training_cells(count=2, seed=3)],
-                              TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0))
+    model, _ = train_ensemble(
+        [emt_labelled(cell) for cell in bulk_training_cells(count=2, seed=3)],
+        TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0),
+    )
     path = save_model(model, campaign.workdir / "models" / "iteration-001.nft")
     with CampaignStore.open(campaign.database_url, campaign.name, campaign.as_dict(), files_root=campaign.workdir) as store:
         store.record_model(1, path, {})
@@ -300,34 +324,47 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "one member": (campaign({"model": {"ensemble": 1}}), ("model.ensemble", "must be >= 2")),
     "no hidden layers": (campaign({"model": {"hidden": []}}), ("model.hidden", "must not be empty")),
     "unknown descriptor": (campaign({"model": {"descriptor": {"kind": "g7"}}}), ("model.descriptor.kind", "g5-moments")),
-    "radial lengths differ": (campaign({"model": {"descriptor": {"radial_centers": [0.0, 2.0], "radial_etas": [0.1]}}}),
-                              ("model.descriptor", "same length")),
+    "radial lengths differ": (
+        campaign({"model": {"descriptor": {"radial_centers": [0.0, 2.0], "radial_etas": [0.1]}}}),
+        ("model.descriptor", "same length"),
+    ),
     "unknown device": (campaign({"model": {"device": "gpu"}}), ("model.device", "'auto', 'cpu' or 'cuda'")),
     "zero threshold": (campaign({"active": {"threshold": 0.0}}), ("active.threshold", "must be > 0")),
     "empty name": (campaign({"campaign": {"name": ""}}), ("campaign.name", "must not be empty")),
     "not a database URL": (campaign({"campaign": {"database": "not a url"}}), ("campaign.database",)),
-    "database driver not installed": (campaign({"campaign": {"database": "mysql+mysqldb://me:secret@127.0.0.1/nft"}}),
-                                      ("campaign.database", "driver is not installed", "me:***@")),
-    "unreachable PostgreSQL server": (campaign({"campaign": {"database": "postgresql://me:secret@127.0.0.1:1/nft"}}),
-                                      ("cannot open as a database", "me:***@127.0.0.1:1")),
+    "database driver not installed": (
+        campaign({"campaign": {"database": "mysql+mysqldb://me:secret@127.0.0.1/nft"}}),
+        ("campaign.database", "driver is not installed", "me:***@"),
+    ),
+    "unreachable PostgreSQL server": (
+        campaign({"campaign": {"database": "postgresql://me:secret@127.0.0.1:1/nft"}}),
+        ("cannot open as a database", "me:***@127.0.0.1:1"),
+    ),
     "unknown parent": (campaign({"parent": {"calculator": "vasp"}}), ("parent.calculator", "vasp")),
     "options of another parent": (campaign({"parent": {"gpaw": {"xc": "PBE"}}}), ("parent.gpaw", "emt")),
     "negative retries": (campaign({"parent": {"emt": {"retries": -1}}}), ("parent.emt.retries", "integer >= 0")),
     "zero walltime": (campaign({"parent": {"emt": {"walltime_s": 0.0}}}), ("parent.emt.walltime_s", "positive")),
     "zero max_force": (campaign({"parent": {"emt": {"max_force": 0.0}}}), ("parent.emt.max_force", "positive")),
-    "zero lm_steps": (campaign({"model": {"optimizer": "levenberg-marquardt", "lm_steps": 0, "epochs": 0, "lbfgs_steps": None}}),
-                      ("model.lm_steps", "trains nothing")),
+    "zero lm_steps": (
+        campaign({"model": {"optimizer": "levenberg-marquardt", "lm_steps": 0, "epochs": 0, "lbfgs_steps": None}}),
+        ("model.lm_steps", "trains nothing"),
+    ),
     "zero lbfgs_steps and epochs": (campaign({"model": {"lbfgs_steps": 0, "epochs": 0}}), ("model.lbfgs_steps", "trains nothing")),
-    "both loss weights zero": (campaign({"model": {"energy_weight": 0.0, "force_weight": 0.0}}),
-                               ("model.force_weight", "energy_weight = 0", "nothing is trained")),
+    "both loss weights zero": (
+        campaign({"model": {"energy_weight": 0.0, "force_weight": 0.0}}),
+        ("model.force_weight", "energy_weight = 0", "nothing is trained"),
+    ),
     "cutoff 0.5": (campaign({"model": {"cutoff": 0.5}}), ("model.cutoff", "> 0.5 Å", "no neighbour")),
     "cutoff short of the nearest neighbours": (campaign({"model": {"cutoff": 1.0}}), ("model.cutoff", "nearest neighbours")),
     "chunk radius holding no neighbour": (campaign({"chunks": {"radius": 1.0}}), ("chunks.radius", "no neighbour", "lone atoms")),
     "chunk radius below the cutoff, trained on the chunk": (
         campaign({"chunks": {"radius": 4.0, "training_environment": "chunk"}, "model": {"cutoff": 5.0}}),
-        ("chunks.radius", "below model.cutoff", "training_environment")),
-    "chunk radius huge on a periodic target": (campaign({"chunks": {"radius": 1e6}}, target=periodic_platinum()),
-                                               ("chunks.radius", "1e+06 Å sphere", "at most 100,000")),
+        ("chunks.radius", "below model.cutoff", "training_environment"),
+    ),
+    "chunk radius huge on a periodic target": (
+        campaign({"chunks": {"radius": 1e6}}, target=periodic_platinum()),
+        ("chunks.radius", "1e+06 Å sphere", "at most 100,000"),
+    ),
     "workdir the filesystem root": (campaign({"campaign": {"workdir": "/"}}), ("campaign.workdir", "filesystem root")),
     "workdir above the config": (campaign({"campaign": {"workdir": "../.."}}), ("campaign.workdir", "contains the config's folder")),
     "workdir the home folder": (campaign({"campaign": {"workdir": str(Path.home())}}), ("campaign.workdir", "home folder")),
@@ -340,8 +377,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "inf positions": (campaign_target(inf_positions()), ("data.targets[0]", "not finite")),
     "atoms 0.1 Å apart": (campaign_target(two_atoms_too_close()), ("data.targets[0]", "0.1 Å apart")),
     "periodic without a cell": (campaign_target(periodic_without_cell()), ("data.targets[0]", "no volume")),
-    "element the initial set lacks": (campaign_target(Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]])),
-                                      ("data.targets", "Cu")),
+    "element the initial set lacks": (campaign_target(Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]])), ("data.targets", "Cu")),
     "NaN force in the initial set": (campaign_initial(labelled_with(-1.0, np.nan)), ("data.initial[0]", "forces")),
     "inf energy in the initial set": (campaign_initial(labelled_with(np.inf, 0.0)), ("data.initial[0]", "energy")),
     # nft run: the site
@@ -354,8 +390,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "one member to train": (good_training_file("--ensemble", "1"), ("--ensemble", ">= 2")),
     "cutoff inf to train": (good_training_file("--cutoff", "inf"), ("--cutoff", "finite")),
     "unknown device to train": (good_training_file("--device", "tpu"), ("--device",)),
-    "output folder missing": (lambda here: good_training_file()(here)[:2] + ["-o", str(here / "no" / "m.nft")],
-                              ("does not exist",)),
+    "output folder missing": (lambda here: good_training_file()(here)[:2] + ["-o", str(here / "no" / "m.nft")], ("does not exist",)),
     "output not writable to train": (lambda here: good_training_file()(here)[:2] + ["-o", "/proc/m.nft"], ("-o", "/proc", "not writable")),
     "cutoff 1 Å to train": (good_training_file("--cutoff", "1.0"), ("--cutoff", "nearest neighbours", "2.69 Å")),
     "cutoff 0.5 Å to train": (good_training_file("--cutoff", "0.5"), ("--cutoff", "> 0.5 Å")),
@@ -370,11 +405,14 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "NaN positions to evaluate": (evaluate_structure(nan_positions()), ("probe.traj", "not finite")),
     "second file missing to evaluate": (evaluate_files([rattled_cluster()], None), ("probe1.traj", "not found")),
     "second file unreadable to evaluate": (junk_file_second, ("probe1.traj", "not a readable structure file")),
-    "NaN positions in a second file's image 1": (evaluate_files([rattled_cluster()], [rattled_cluster(), nan_positions()]),
-                                                 ("probe1.traj", "image 1", "not finite")),
+    "NaN positions in a second file's image 1": (
+        evaluate_files([rattled_cluster()], [rattled_cluster(), nan_positions()]),
+        ("probe1.traj", "image 1", "not finite"),
+    ),
     "element the model lacks in a second file's image 2": (
         evaluate_files([rattled_cluster()], [rattled_cluster(), rattled_cluster(), copper_atom(rattled_cluster())]),
-        ("probe1.traj", "image 2", "Cu", "not in the model")),
+        ("probe1.traj", "image 2", "Cu", "not in the model"),
+    ),
     # nft locality
     "locality structure missing": (locality(structure="missing"), ("structure.traj", "file not found")),
     "locality structure unreadable": (locality(structure="junk"), ("structure.traj", "not a readable structure file")),
@@ -389,8 +427,10 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "locality no calculator": (locality(config="neither"), ("--calculator", "required", "--config")),
     "locality calculator and config": (locality("--calculator", "emt", config={}), ("--calculator", "not with --config")),
     "locality config missing": (locality(config="missing"), ("nope.toml", "no such config file")),
-    "locality config with a bad parent option": (locality(config={"parent": {"emt": {"retries": -1}}}),
-                                                 ("config.toml", "parent.emt.retries")),
+    "locality config with a bad parent option": (
+        locality(config={"parent": {"emt": {"retries": -1}}}),
+        ("config.toml", "parent.emt.retries"),
+    ),
     "locality radii empty": (locality("--radii", ""), ("--radii", "comma-separated chunk radii in Å")),
     "locality radii not numbers": (locality("--radii", "4,x"), ("--radii", "'4,x'")),
     "locality radius zero": (locality("--radii", "4,0"), ("--radii", "positive number of Å")),
@@ -402,22 +442,26 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "locality tolerance nan": (locality("--tolerance", "nan"), ("--tolerance", "> 0")),
     "locality negative vacuum": (locality("--vacuum", "-1"), ("--vacuum", ">= 0")),
     "locality plot not a PNG": (lambda here: locality("--plot", str(here / "plot.pdf"))(here), ("--plot", ".png")),
-    "locality plot folder missing": (lambda here: locality("--plot", str(here / "no" / "plot.png"))(here),
-                                     ("--plot", "does not exist")),
+    "locality plot folder missing": (lambda here: locality("--plot", str(here / "no" / "plot.png"))(here), ("--plot", "does not exist")),
     "locality unknown site": (locality("--site", "nowhere"), ("--site", "nowhere")),
-    "locality workdir is a file": (lambda here: locality("--workdir", str(here / "structure.traj"))(here),
-                                   ("--workdir", "is a file")),
+    "locality workdir is a file": (lambda here: locality("--workdir", str(here / "structure.traj"))(here), ("--workdir", "is a file")),
     # nft initial, and [data.initial_generate]
     "initial element EMT lacks": (initial("Fe"), ("ELEMENTS", "emt", "no parameters for Fe")),
     "initial not an element": (initial("Pt,Xx"), ("ELEMENTS", "'Xx' is not a chemical symbol")),
     "initial three elements in two-atom cells": (initial("Cu,Au,Pt", "--max-atoms", "2"), ("ELEMENTS", "3 elements", "at most 2 atoms")),
-    "initial three elements, a two-element space group": (initial("Cu,Au,Pt", "--space-groups", "123"),
-                                                          ("--space-groups", "123", "3 element(s)")),
+    "initial three elements, a two-element space group": (
+        initial("Cu,Au,Pt", "--space-groups", "123"),
+        ("--space-groups", "123", "3 element(s)"),
+    ),
     "initial negative random alloys": (initial("Cu,Au", "--random-alloys", "-1"), ("--random-alloys", ">= 0")),
-    "initial parent option without a value": (initial("Pt", "--calculator", "gpaw", "--parent-option", "ecut"),
-                                              ("--parent-option", "KEY=VALUE")),
-    "initial unknown parent option": (initial("Pt", "--calculator", "gpaw", "--parent-option", "encut=300"),
-                                      ("--parent-option encut", "unknown option")),
+    "initial parent option without a value": (
+        initial("Pt", "--calculator", "gpaw", "--parent-option", "ecut"),
+        ("--parent-option", "KEY=VALUE"),
+    ),
+    "initial unknown parent option": (
+        initial("Pt", "--calculator", "gpaw", "--parent-option", "encut=300"),
+        ("--parent-option encut", "unknown option"),
+    ),
     "initial space group of two elements only": (initial("Pt", "--space-groups", "123"), ("--space-groups", "123")),
     "initial space group number": (initial("Pt", "--space-groups", "fcc"), ("--space-groups", "numbers")),
     "initial impossible separation": (initial("Pt", "--min-separation", "3.5"), ("--min-separation", "3.5 Å")),
@@ -456,10 +500,11 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "report without a database": (report_of_missing_database, ("config.toml", "campaign.database", "nft.db")),
     "report config missing": (lambda here: ["report", str(here / "nope.toml")], ("nope.toml", "no such config file")),
     "report output is a file": (report_into_a_file, ("-o", "taken", "is a file")),
-    "export into a missing folder": (lambda here: ["export", str(write_campaign(here / "campaign")), "-o",
-                                                   str(here / "missing" / "set.extxyz")], ("-o", "missing", "does not exist")),
-    "export into a folder": (lambda here: ["export", str(write_campaign(here / "campaign")), "-o", str(here)],
-                             ("-o", "is a folder")),
+    "export into a missing folder": (
+        lambda here: ["export", str(write_campaign(here / "campaign")), "-o", str(here / "missing" / "set.extxyz")],
+        ("-o", "missing", "does not exist"),
+    ),
+    "export into a folder": (lambda here: ["export", str(write_campaign(here / "campaign")), "-o", str(here)], ("-o", "is a folder")),
 }
 
 

@@ -1,4 +1,5 @@
 """The per-member L-BFGS: independent problems of very different scales, one batched evaluation."""
+
 import pytest
 import torch
 

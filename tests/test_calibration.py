@@ -6,6 +6,7 @@ coverage significantly below the promised 99 % is warned about.
 The per-iteration numbers are recomputed here from the iteration's saved model (through the ASE
 calculator) and the stored reference results, independently of the campaign code.
 """
+
 import io
 import json
 import math

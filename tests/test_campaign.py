@@ -4,6 +4,7 @@ A rattled Pt55 learned from six bulk cells, with a small ensemble trained briefl
 such a model reaches in a few iterations (not the paper's 0.1 eV/Å: see bench/bench_campaign.py
 for the Pt260 campaign); summary.json must agree with the database.
 """
+
 import json
 
 import numpy as np
@@ -212,8 +213,9 @@ def test_export_trains_with_nft_train_to_the_model_the_campaign_rows_train(conve
     config, _, _ = converged_campaign
     campaign = load_config(config)
     with CampaignStore.open(campaign.database_url, campaign.name, create=False) as store:
-        rows = training_structures(store, campaign.parent.name, campaign.parent.physics(),
-                                   campaign.file.chunks.training_environment, campaign.file.model.cutoff)
+        rows = training_structures(
+            store, campaign.parent.name, campaign.parent.physics(), campaign.file.chunks.training_environment, campaign.file.model.cutoff
+        )
     exported = tmp_path / "training.extxyz"
     assert run_nft("export", config, "-o", exported).returncode == 0
     images = read(exported, ":")
@@ -226,10 +228,19 @@ def test_export_trains_with_nft_train_to_the_model_the_campaign_rows_train(conve
         assert atoms.calc.results.get("energy") == row.energy
 
     settings = campaign.file.model
-    options = {"ensemble": settings.ensemble, "cutoff": settings.cutoff, "hidden": ",".join(map(str, settings.hidden)),
-               "epochs": settings.epochs, "optimizer": settings.optimizer, "lbfgs": settings.lbfgs_steps, "lm": settings.lm_steps,
-               "validation": settings.validation_fraction,
-               "descriptor": settings.descriptor.kind, "seed": settings.seed, "device": settings.device}
+    options = {
+        "ensemble": settings.ensemble,
+        "cutoff": settings.cutoff,
+        "hidden": ",".join(map(str, settings.hidden)),
+        "epochs": settings.epochs,
+        "optimizer": settings.optimizer,
+        "lbfgs": settings.lbfgs_steps,
+        "lm": settings.lm_steps,
+        "validation": settings.validation_fraction,
+        "descriptor": settings.descriptor.kind,
+        "seed": settings.seed,
+        "device": settings.device,
+    }
     untrainable = {"learning_rate", "final_learning_rate", "energy_weight", "force_weight", "patience_epochs"}
     assert all(getattr(settings, key) == getattr(TrainingSettings(), key) for key in untrainable), "not an nft train option"
     assert settings.descriptor.explicit() == {"kind": settings.descriptor.kind}

@@ -1,4 +1,5 @@
 """Chunk carving: the neighbourhood a chunk reproduces, periodic images, the box, the central force."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,9 +42,7 @@ def _reference_displacements(parent: Atoms, center: int, radius: float) -> np.nd
         normal = np.cross(cell[(axis + 1) % 3], cell[(axis + 2) % 3])
         spacing = abs(np.dot(cell[axis], normal)) / np.linalg.norm(normal)
         reach.append(int(np.ceil(radius / spacing)) + 1)
-    grid = np.array(
-        np.meshgrid(*[np.arange(-n, n + 1) for n in reach], indexing="ij")
-    ).reshape(3, -1).T
+    grid = np.array(np.meshgrid(*[np.arange(-n, n + 1) for n in reach], indexing="ij")).reshape(3, -1).T
     images = (parent.positions[None, :, :] + (grid @ cell)[:, None, :]).reshape(-1, 3)
     displacements = images - parent.positions[center]
     distances = np.linalg.norm(displacements, axis=1)
@@ -55,9 +54,7 @@ def _assert_same_neighbourhood(parent: Atoms, center: int, radius: float) -> Non
     relative = chunk.atoms.positions[1:] - chunk.atoms.positions[0]
     expected = _reference_displacements(parent, center, radius)
     assert len(chunk.atoms) == len(expected) + 1
-    np.testing.assert_allclose(
-        np.sort(np.linalg.norm(relative, axis=1)), np.sort(np.linalg.norm(expected, axis=1)), atol=1e-9
-    )
+    np.testing.assert_allclose(np.sort(np.linalg.norm(relative, axis=1)), np.sort(np.linalg.norm(expected, axis=1)), atol=1e-9)
     # Same vectors, not only the same distances: sort both sets lexicographically and compare.
     by_rows = lambda v: v[np.lexsort(np.round(v, 6).T[::-1])]  # noqa: E731
     np.testing.assert_allclose(by_rows(relative), by_rows(expected), atol=1e-9)
@@ -101,8 +98,7 @@ def test_periodic_parent_smaller_than_the_chunk_with_centre_at_a_face():
 
 def test_triclinic_parent_uses_every_periodic_image():
     parent = bulk("Pt", "fcc", a=3.92).repeat((2, 1, 1))  # primitive fcc: 60° cell angles
-    parent.set_cell(parent.cell.array @ np.array([[1.0, 0.05, 0.0], [0.0, 0.97, 0.08], [0.02, 0.0, 1.03]]),
-                    scale_atoms=True)
+    parent.set_cell(parent.cell.array @ np.array([[1.0, 0.05, 0.0], [0.0, 0.97, 0.08], [0.02, 0.0, 1.03]]), scale_atoms=True)
     parent = _rattled(parent, 0.05, seed=7)
     parent.positions[1] = parent.cell.array[0] * 0.999 + parent.cell.array[1] * 0.5
     assert parent.cell.angles().min() < 70

@@ -1,5 +1,6 @@
 """`nft run` / `nft status` / `nft export` on bad input: exit 2, one line naming the file and field,
 and nothing written (no workdir, no database)."""
+
 import pytest
 from ase.build import bulk
 from ase.io import write

@@ -4,6 +4,7 @@ EMT's force on an atom depends on the atoms within twice its neighbour cutoff (`
 for Pt: the atoms within it, and their neighbours within it), so a chunk of radius > 11.75 Å must
 give the whole structure's central force to round-off, and a 4 Å chunk must not.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,9 +46,23 @@ def cluster_file(tmp_path_factory) -> Path:
 def emt_json(cluster_file, tmp_path_factory):
     """`nft locality --json --plot` on the rattled Pt260 and what it left in its --workdir."""
     here = tmp_path_factory.mktemp("emt-json")
-    result = nft("locality", cluster_file, "--calculator", "emt", "--radii", ",".join(map(str, RADII)),
-                 "--atoms", SAMPLE_ATOMS, "--tolerance", TOLERANCE, "--json", "--plot", here / "locality.png",
-                 "--workdir", here / "work")
+    result = nft(
+        "locality",
+        cluster_file,
+        "--calculator",
+        "emt",
+        "--radii",
+        ",".join(map(str, RADII)),
+        "--atoms",
+        SAMPLE_ATOMS,
+        "--tolerance",
+        TOLERANCE,
+        "--json",
+        "--plot",
+        here / "locality.png",
+        "--workdir",
+        here / "work",
+    )
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout), here
 
@@ -94,9 +109,7 @@ def test_plot_is_a_png_and_parsl_ran_in_the_workdir(emt_json):
     assert not (here / "work" / "jobs").exists()  # EMT keeps no job folders
 
 
-def test_a_campaign_config_gives_parent_vacuum_and_site_and_no_temporary_folder_is_left(
-    cluster_file, tmp_path, monkeypatch
-):
+def test_a_campaign_config_gives_parent_vacuum_and_site_and_no_temporary_folder_is_left(cluster_file, tmp_path, monkeypatch):
     """--config: the campaign's chunks.vacuum (4 Å) and [site.options]; the table says when no radius
     qualifies; the default Parsl folder, a temporary one in the current folder, is gone afterwards."""
     config = write_campaign(tmp_path / "campaign")
@@ -119,8 +132,7 @@ def test_a_parent_that_fails_every_attempt_fails_the_run_in_one_line(tmp_path):
     every EMT result as invalid (an element EMT lacks is refused before any job: test_bad_input.py)."""
     config = write_campaign(tmp_path / "campaign", {"parent": {"emt": {"retries": 0, "max_force": 0.001}}})
     write(tmp_path / "cluster.traj", rattled_cuboctahedron()[:20])
-    result = nft("locality", tmp_path / "cluster.traj", "--config", config, "--radii", "3", "--atoms", 1,
-                 "--workdir", tmp_path / "work")
+    result = nft("locality", tmp_path / "cluster.traj", "--config", config, "--radii", "3", "--atoms", 1, "--workdir", tmp_path / "work")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 1, result.output
     assert len(lines) == 1 and lines[0].startswith("failed: emt on the ")
@@ -133,6 +145,8 @@ def test_help_by_absolute_path_and_the_science_stays_free_of_parsl():
     assert result.returncode == 0 and "STRUCTURE" in result.stdout and "--radii" in result.stdout
     imported = subprocess.run(
         [sys.executable, "-c", "import sys, pipeline.science.locality; print('parsl' in sys.modules)"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert imported.stdout.strip() == "False", imported.stderr

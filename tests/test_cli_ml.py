@@ -1,4 +1,5 @@
 """`nft train` / `nft evaluate` from the command line: happy path and one-line bad-input errors."""
+
 import json
 import os
 import subprocess
@@ -34,8 +35,12 @@ def data_files(tmp_path_factory):
 def trained_model(data_files):
     folder, train, _ = data_files
     model = folder / "model.nft"
-    result = subprocess.run(NFT + ["train", str(train), "-o", str(model), "--ensemble", "3", "--epochs", "30", "--optimizer", "lbfgs", "--lbfgs", "50"],
-                            capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        NFT + ["train", str(train), "-o", str(model), "--ensemble", "3", "--epochs", "30", "--optimizer", "lbfgs", "--lbfgs", "50"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr
     assert "train force MAE" in result.stdout
     return model
@@ -45,8 +50,18 @@ def run(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-AGGREGATE_KEYS = {"n_atoms", "force_mae", "force_max_error", "max_uncertainty", "energy_error_per_atom", "coverage",
-                  "residual_p50", "residual_p90", "residual_p99", "residual_max"}
+AGGREGATE_KEYS = {
+    "n_atoms",
+    "force_mae",
+    "force_max_error",
+    "max_uncertainty",
+    "energy_error_per_atom",
+    "coverage",
+    "residual_p50",
+    "residual_p90",
+    "residual_p99",
+    "residual_max",
+}
 
 
 def test_evaluate_prints_spec_json(trained_model, data_files):
@@ -199,8 +214,9 @@ def test_evaluate_against_a_campaign_configs_gpaw_parent(trained_model, tmp_path
 
     boxed = dimer.copy()
     boxed.center(vacuum=3.0)
-    boxed.calc = GPAW(mode="lcao", basis="sz(dzp)", setups={"Pt": "10"}, h=0.3, xc="PBE",
-                      occupations={"name": "fermi-dirac", "width": 0.1}, txt=None)
+    boxed.calc = GPAW(
+        mode="lcao", basis="sz(dzp)", setups={"Pt": "10"}, h=0.3, xc="PBE", occupations={"name": "fermi-dirac", "width": 0.1}, txt=None
+    )
     prediction = load_ensemble(trained_model, dtype=PREDICTION_DTYPE).predict(dimer, block_size=PREDICTION_BLOCK_SIZE)
     residuals = np.linalg.norm(prediction.forces - boxed.get_forces(), axis=1)
     assert report["residual_max"] == pytest.approx(residuals.max(), abs=1e-4)

@@ -3,6 +3,7 @@ server â€” as two `nft run` processes: each trains on its own chunks only (its Î
 it has alone), `nft status` counts each its own, a reference geometry both need is computed once
 (the EMT call log of campaign_fixtures counts every calculation) and reused by the other, and a
 second driver on a running campaign refuses in one line."""
+
 from __future__ import annotations
 
 import json
@@ -128,7 +129,9 @@ def test_two_campaigns_at_once_on_one_database(backend, tmp_path, request, emt_c
     for name, report in reports.items():
         summary = alone[name][1]
         assert (report["chunks"], report["reference_atoms"], report["jobs"]) == (
-            summary["chunks"], summary["reference_atoms"], summary["jobs"]
+            summary["chunks"],
+            summary["reference_atoms"],
+            summary["jobs"],
         ), name
 
     # Every reference geometry computed once, the other campaign reusing it (targets aside: the

@@ -1,4 +1,5 @@
 """The campaign config loader: defaults, path resolution, and one-line errors naming file and field."""
+
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,7 @@ def test_the_example_config_loads_with_spec_defaults():
 
 def test_defaults_fill_everything_but_name_and_data(small_campaign, tmp_path):
     config_path = small_campaign()
-    config_path.write_text(
-        '[campaign]\nname = "minimal"\n[data]\ntargets = "target.traj"\ninitial = ["initial.traj"]\n'
-    )
+    config_path.write_text('[campaign]\nname = "minimal"\n[data]\ntargets = "target.traj"\ninitial = ["initial.traj"]\n')
     config = load_config(config_path)
     assert config.workdir == config_path.parent / "runs" / "minimal"
     assert config.file.model.ensemble == 10 and config.file.model.hidden == (5, 5)
@@ -42,7 +41,9 @@ def test_defaults_fill_everything_but_name_and_data(small_campaign, tmp_path):
     nearest = []
     for atoms in config.initial:
         first, distance = neighbor_list("id", atoms, 5.0)
-        nearest.extend(np.minimum.reduceat(distance[np.argsort(first, kind="stable")], np.searchsorted(np.sort(first), np.arange(len(atoms)))))
+        nearest.extend(
+            np.minimum.reduceat(distance[np.argsort(first, kind="stable")], np.searchsorted(np.sort(first), np.arange(len(atoms))))
+        )
     assert 2.4 < np.median(nearest) < 2.8  # rattled Pt: 3.92/√2 = 2.77 Å unrattled
     assert config.min_separation == pytest.approx(1.1 * np.median(nearest), abs=0.01)
     assert config.file.chunks.radius == 8.0 and config.file.chunks.max_per_iteration == 20
@@ -75,7 +76,9 @@ def test_absolute_database_paths_and_other_urls_are_kept(small_campaign, tmp_pat
 
 
 def test_a_gpaw_parent_gets_complete_options_and_the_dft_threshold(small_campaign):
-    config = load_config(small_campaign({"parent": {"calculator": "gpaw", "gpaw": {"ecut": 350.0, "ranks": 2}}, "active": {"threshold": None}}))
+    config = load_config(
+        small_campaign({"parent": {"calculator": "gpaw", "gpaw": {"ecut": 350.0, "ranks": 2}}, "active": {"threshold": None}})
+    )
     assert config.parent.name == "gpaw" and config.parent.ecut == 350.0 and config.parent.xc == "PBE"
     assert config.parent.ranks == 2 and "ranks" not in config.parent.physics()  # execution options do not identify a job
     assert config.threshold == 0.3
@@ -105,16 +108,12 @@ BAD_CONFIGS = {
     "zero threshold": (lambda path, s: s["active"].update(threshold=0.0), "active.threshold: must be > 0"),
     "negative threshold": (lambda path, s: s["active"].update(threshold=-0.1), "active.threshold: must be > 0"),
     "unknown calculator": (lambda path, s: s["parent"].update(calculator="vasp"), "parent.calculator: unknown calculator"),
-    "bad parent option": (
-        lambda path, s: s["parent"].update(calculator="gpaw", gpaw={"ecut": -5.0}), "parent.gpaw.ecut"
-    ),
+    "bad parent option": (lambda path, s: s["parent"].update(calculator="gpaw", gpaw={"ecut": -5.0}), "parent.gpaw.ecut"),
     "options for another parent": (
         lambda path, s: s["parent"].update(calculator="emt", gpaw={"ecut": 400.0}),
         "parent.gpaw: options for gpaw, but parent.calculator is 'emt'",
     ),
-    "parent options not a table": (
-        lambda path, s: s["parent"].update(calculator="gpaw", gpaw=5), "parent.gpaw: must be a table (got 5)"
-    ),
+    "parent options not a table": (lambda path, s: s["parent"].update(calculator="gpaw", gpaw=5), "parent.gpaw: must be a table (got 5)"),
     "element the initial set lacks": (
         lambda path, s: (write(path.parent / "copper.traj", bulk("Cu", cubic=True)), s["data"].update(targets=["copper.traj"])),
         "data.targets: target structure 0 has element(s) Cu",
@@ -122,9 +121,7 @@ BAD_CONFIGS = {
     "workdir not writable": (lambda path, s: s["campaign"].update(workdir="target.traj/run"), "campaign.workdir"),
     "ensemble of one": (lambda path, s: s["model"].update(ensemble=1), "model.ensemble: must be >= 2"),
     "select_fraction above one": (lambda path, s: s["active"].update(select_fraction=1.5), "active.select_fraction"),
-    "unknown selection uncertainty": (
-        lambda path, s: s["active"].update(selection_uncertainty="spin"), "active.selection_uncertainty"
-    ),
+    "unknown selection uncertainty": (lambda path, s: s["active"].update(selection_uncertainty="spin"), "active.selection_uncertainty"),
     "unknown selection rule": (lambda path, s: s["active"].update(selection_rule="random"), "active.selection_rule"),
     "descriptor centres without etas": (
         lambda path, s: s["model"].update(descriptor={"radial_centers": [0.0, 3.0], "radial_etas": [1.0]}),

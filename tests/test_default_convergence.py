@@ -1,6 +1,7 @@
 """The default config converges on a target nobody tuned for (issue 10): a rattled Ag55 icosahedron
 (forces 0.2–4 eV/Å, the paper's range) from ten generated bulk Ag cells, with nothing but the
 campaign, the files and the EMT parent in the config, to δ < 0.15 eV/Å."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,7 @@ def test_the_default_config_converges_on_an_untuned_target(tmp_path: Path):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     history = " ".join(f"{entry['uncertainty']:.3f}" for entry in summary["history"])
-    print(f"Ag55 default config: δ per iteration {history}, {summary['chunks']} chunks, "
-          f"{summary['wall_time']['total']:.0f} s")
+    print(f"Ag55 default config: δ per iteration {history}, {summary['chunks']} chunks, {summary['wall_time']['total']:.0f} s")
     assert summary["converged"], f"did not converge: δ {history}"
     assert summary["final_uncertainty"] < THRESHOLD
     assert summary["chunks"] < len(target), "NFT should not need a chunk on every atom"

@@ -1,4 +1,5 @@
 """Descriptor correctness: G5 from moment tensors equals the explicit triplet sum; layout sizes."""
+
 import math
 
 import numpy as np
@@ -17,13 +18,17 @@ def explicit_features(atoms, params, center, with_r_jk=False):
     index = {z: k for k, z in enumerate(params.elements)}
     fc = lambda r: 0.5 * (math.cos(math.pi * r / params.cutoff) + 1) if r < params.cutoff else 0.0  # noqa: E731
     R = atoms.positions
-    neighbours = [(j, R[j] - R[center]) for j in range(len(atoms))
-                  if j != center and np.linalg.norm(R[j] - R[center]) < params.cutoff]
+    neighbours = [(j, R[j] - R[center]) for j in range(len(atoms)) if j != center and np.linalg.norm(R[j] - R[center]) < params.cutoff]
     features = []
     for s in range(params.n_elements):
         for rs, eta in zip(params.radial_centers, params.radial_etas):
-            features.append(sum(math.exp(-eta * (np.linalg.norm(v) - rs) ** 2) * fc(np.linalg.norm(v))
-                                for j, v in neighbours if index[atoms.numbers[j]] == s))
+            features.append(
+                sum(
+                    math.exp(-eta * (np.linalg.norm(v) - rs) ** 2) * fc(np.linalg.norm(v))
+                    for j, v in neighbours
+                    if index[atoms.numbers[j]] == s
+                )
+            )
     for s1 in range(params.n_elements):
         for s2 in range(s1, params.n_elements):
             for eta in params.angular_etas:
@@ -39,8 +44,9 @@ def explicit_features(atoms, params, center, with_r_jk=False):
                                 cos = vj @ vk / (rj * rk)
                                 r_jk = np.linalg.norm(vk - vj)
                                 jk_term = math.exp(-eta * r_jk**2) * fc(r_jk) if with_r_jk else 1.0
-                                total += (2 ** (1 - zeta) * (1 + lam * cos) ** zeta
-                                          * math.exp(-eta * (rj**2 + rk**2)) * fc(rj) * fc(rk) * jk_term)
+                                total += (
+                                    2 ** (1 - zeta) * (1 + lam * cos) ** zeta * math.exp(-eta * (rj**2 + rk**2)) * fc(rj) * fc(rk) * jk_term
+                                )
                         features.append(total)
     return np.array(features)
 
@@ -77,8 +83,9 @@ def test_monomials_cover_every_degree():
     assert len(set(exps)) == len(exps)
 
 
-@pytest.mark.parametrize("bad", [dict(cutoff=-1.0), dict(angular_zetas=(1.5,)), dict(angular_lambdas=(2,)),
-                                 dict(kind="g9"), dict(radial_etas=(1.0,))])
+@pytest.mark.parametrize(
+    "bad", [dict(cutoff=-1.0), dict(angular_zetas=(1.5,)), dict(angular_lambdas=(2,)), dict(kind="g9"), dict(radial_etas=(1.0,))]
+)
 def test_invalid_parameters_are_rejected(bad):
     with pytest.raises(ValueError):
         SymmetryFunctionParams(elements=(78,), **bad)

@@ -4,6 +4,7 @@ float32 prediction in blocks of 1024 atoms with the campaign's δ within 1e-4 of
 Every check runs everywhere but those marked `without_a_gpu`: on a machine without a GPU "auto"
 must resolve to the CPU and an explicit "cuda" must be a one-line bad input.
 """
+
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,7 @@ def rattled_crystal(repeat=(3, 3, 3)):
 
 # ----- resolving the device -----------------------------------------------------------------
 
+
 def test_auto_is_the_default_and_unknown_devices_are_errors():
     assert TrainingSettings().device == "auto"
     assert resolve_device("cpu") == torch.device("cpu")
@@ -79,6 +81,7 @@ def test_cuda_without_a_gpu_is_an_error():
 
 # ----- the campaign config ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("device", ["auto", "cpu"])
 def test_config_device_reaches_the_training_settings(small_campaign, device):
     config = load_config(small_campaign({"model": {"device": device}}))
@@ -90,9 +93,13 @@ def test_config_device_defaults_to_auto(small_campaign):
     assert load_config(small_campaign()).file.model.device == "auto"
 
 
-@pytest.mark.parametrize("device, needle", [
-    ("gpu", "'auto', 'cpu' or 'cuda'"), pytest.param("cuda", "no CUDA GPU", marks=without_a_gpu),
-])
+@pytest.mark.parametrize(
+    "device, needle",
+    [
+        ("gpu", "'auto', 'cpu' or 'cuda'"),
+        pytest.param("cuda", "no CUDA GPU", marks=without_a_gpu),
+    ],
+)
 def test_config_device_errors_are_one_line_naming_the_field(small_campaign, device, needle):
     with pytest.raises(BadInput) as raised:
         load_config(small_campaign({"model": {"device": device}}))
@@ -101,6 +108,7 @@ def test_config_device_errors_are_one_line_naming_the_field(small_campaign, devi
 
 
 # ----- nft train / nft evaluate -------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def training_file(tmp_path_factory) -> Path:
@@ -115,7 +123,9 @@ def run(*args):
 
 def test_nft_train_on_the_cpu(training_file, tmp_path):
     model = tmp_path / "m.nft"
-    result = run("train", training_file, "-o", model, "--ensemble", "2", "--epochs", "5", "--optimizer", "lbfgs", "--lbfgs", "0", "--device", "cpu")
+    result = run(
+        "train", training_file, "-o", model, "--ensemble", "2", "--epochs", "5", "--optimizer", "lbfgs", "--lbfgs", "0", "--device", "cpu"
+    )
     assert result.exit_code == 0, result.output
     assert model.exists() and "train force MAE" in result.stdout
     evaluated = run("evaluate", model, training_file, "--reference", "emt", "--json", "--device", "auto")
@@ -127,7 +137,22 @@ def test_nft_train_on_the_cpu(training_file, tmp_path):
 def test_device_cuda_without_a_gpu_is_one_line_exit_2(training_file, tmp_path, command):
     model = tmp_path / "m.nft"
     if command == "train":
-        result = run("train", training_file, "-o", model, "--ensemble", "2", "--epochs", "5", "--optimizer", "lbfgs", "--lbfgs", "0", "--device", "cuda")
+        result = run(
+            "train",
+            training_file,
+            "-o",
+            model,
+            "--ensemble",
+            "2",
+            "--epochs",
+            "5",
+            "--optimizer",
+            "lbfgs",
+            "--lbfgs",
+            "0",
+            "--device",
+            "cuda",
+        )
     else:
         save_model(train_ensemble(labelled(2, seed=3), TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0))[0], model)
         result = run("evaluate", model, training_file, "--reference", "emt", "--device", "cuda")
@@ -144,6 +169,7 @@ def test_unknown_device_option_is_one_line_exit_2(training_file, tmp_path):
 
 
 # ----- the apps and the sites ---------------------------------------------------------------
+
 
 def test_a_site_device_decides_what_auto_means_on_its_workers(monkeypatch):
     monkeypatch.delenv(SITE_DEVICE_VARIABLE, raising=False)
@@ -174,7 +200,9 @@ def test_the_gpu_site_exports_its_device_to_the_training_node_only(tmp_path):
 def test_training_job_reports_the_device_it_trained_on(monkeypatch, tmp_path):
     monkeypatch.delenv(SITE_DEVICE_VARIABLE, raising=False)
     payload = [labelled_to_payload(s) for s in labelled(2, seed=3)]
-    metrics = training_job(payload, {"ensemble": 2, "epochs": 1, "optimizer": "lbfgs", "lbfgs_steps": 0, "device": "auto"}, str(tmp_path / "m.nft"))
+    metrics = training_job(
+        payload, {"ensemble": 2, "epochs": 1, "optimizer": "lbfgs", "lbfgs_steps": 0, "device": "auto"}, str(tmp_path / "m.nft")
+    )
     assert metrics["device"] == "cpu" and metrics["world_size"] == 1  # no GPU: one process
 
 
@@ -192,6 +220,7 @@ def test_distributed_training_refuses_cuda_without_a_gpu(tmp_path):
 
 
 # ----- prediction defaults: fast, and δ as float64's ---------------------------------------
+
 
 def test_prediction_defaults_are_float32_in_blocks_of_1024():
     assert PREDICTION_DTYPE == torch.float32 and PREDICTION_BLOCK_SIZE == 1024

@@ -1,5 +1,6 @@
 """Distributed ensemble training: two gloo processes give the model one process gives with the same
 seeds; members are sharded in order; the training app writes a model file the driver can load."""
+
 import os
 import sys
 from pathlib import Path
@@ -23,8 +24,16 @@ from pipeline.storage.model_file import load_ensemble
 pytestmark = pytest.mark.timeout(300)
 
 # explicit shells: derived ones follow the data, and the warm-start test trains on two different sets
-SETTINGS = {"ensemble": 4, "hidden": [5, 5], "cutoff": 5.0, "epochs": 40, "optimizer": "lbfgs", "lbfgs_steps": 0, "seed": 11,
-            "descriptor": {"radial_centers": [0.0, 2.4, 3.2, 4.0], "radial_etas": [0.1, 2.0, 2.0, 2.0]}}
+SETTINGS = {
+    "ensemble": 4,
+    "hidden": [5, 5],
+    "cutoff": 5.0,
+    "epochs": 40,
+    "optimizer": "lbfgs",
+    "lbfgs_steps": 0,
+    "seed": 11,
+    "descriptor": {"radial_centers": [0.0, 2.4, 3.2, 4.0], "radial_etas": [0.1, 2.0, 2.0, 2.0]},
+}
 
 
 def labelled_platinum_cells():
@@ -70,8 +79,12 @@ def test_a_warm_start_sharded_over_two_processes_equals_one_process(tmp_path):
     settings = {**SETTINGS, "epochs": 10, "optimizer": "lbfgs", "lbfgs_steps": 5}
     single, report = train_ensemble(structures, TrainingSettings(**settings), start_from=load_ensemble(tmp_path / "previous.nft"))
     metrics = train_distributed(
-        [labelled_to_payload(s) for s in structures], TrainingSettings(**settings), tmp_path / "ddp.nft", world_size=2,
-        backend="gloo", start_model_path=tmp_path / "previous.nft",
+        [labelled_to_payload(s) for s in structures],
+        TrainingSettings(**settings),
+        tmp_path / "ddp.nft",
+        world_size=2,
+        backend="gloo",
+        start_model_path=tmp_path / "previous.nft",
     )
     assert report.warm_started and metrics["warm_started"]
     distributed = load_ensemble(tmp_path / "ddp.nft")
@@ -84,8 +97,7 @@ def test_two_gloo_processes_give_the_single_process_model(tmp_path):
     structures = labelled_platinum_cells()
     single, _ = train_ensemble(structures, TrainingSettings(**SETTINGS))
     metrics = train_distributed(
-        [labelled_to_payload(s) for s in structures], TrainingSettings(**SETTINGS), tmp_path / "ddp.nft", world_size=2,
-        backend="gloo"
+        [labelled_to_payload(s) for s in structures], TrainingSettings(**SETTINGS), tmp_path / "ddp.nft", world_size=2, backend="gloo"
     )
     assert metrics["world_size"] == 2 and metrics["backend"] == "gloo"
     assert [shard["members"] for shard in metrics["shards"]] == [2, 2]
@@ -104,8 +116,14 @@ def test_two_gloo_processes_give_the_single_process_model(tmp_path):
 def test_a_failing_rank_reports_its_output(tmp_path):
     structures = labelled_platinum_cells()[:2]  # Pt, for a model that knows only Cu: every rank refuses
     with pytest.raises(RuntimeError, match="distributed training .* exited with code") as raised:
-        train_distributed([labelled_to_payload(s) for s in structures], TrainingSettings(**SETTINGS), tmp_path / "bad.nft",
-                          2, backend="gloo", elements=[29])
+        train_distributed(
+            [labelled_to_payload(s) for s in structures],
+            TrainingSettings(**SETTINGS),
+            tmp_path / "bad.nft",
+            2,
+            backend="gloo",
+            elements=[29],
+        )
     assert "outside the model's elements" in str(raised.value)
 
 

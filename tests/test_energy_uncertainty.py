@@ -3,6 +3,7 @@ real small campaign (local Parsl, SQLite, EMT): `active.selection_uncertainty = 
 chunk centres by δE_i among the atoms whose δ_i is above the threshold, `nft status` reports max δE_i
 per iteration, and summary.json names the best and the last model. Every number is recomputed here
 from the iteration's saved model through the ASE calculator."""
+
 import json
 
 import numpy as np

@@ -1,4 +1,5 @@
 """evaluate_model: a model's force and energy errors against a parent, per structure and in total."""
+
 import numpy as np
 import pytest
 from ase.build import bulk

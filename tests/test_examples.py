@@ -1,4 +1,5 @@
 """The example structures: the paper's Pt260 target and bulk initial set, made deterministically."""
+
 from __future__ import annotations
 
 from pathlib import Path

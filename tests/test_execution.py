@@ -1,5 +1,6 @@
 """Sites and Parsl apps with real executors: site loading, routing by label, EMT jobs through a local
 HighThroughputExecutor, and failures that come back as exceptions carrying their reason."""
+
 import os
 import sys
 from pathlib import Path
@@ -119,10 +120,21 @@ def test_slurm_settings_come_from_options_or_the_environment(tmp_path, monkeypat
     by_env = {e.label: e for e in load_site("slurm", tmp_path / "a", {}).executors}["reference"].provider
     assert "--partition=from-env" in by_env.scheduler_options and "--account=project42" in by_env.scheduler_options
     assert "module load gpaw/26" in by_env.worker_init and "PYTHONPATH=" in by_env.worker_init
-    by_option = {e.label: e for e in load_site("slurm", tmp_path / "b", {
-        "partition": "big", "worker_init": "source /opt/site.sh", "walltime": "02:00:00", "max_blocks": 4,
-        "srun_mpi": "pmix", "ranks_per_node": 64,
-    }).executors}["reference"].provider
+    by_option = {
+        e.label: e
+        for e in load_site(
+            "slurm",
+            tmp_path / "b",
+            {
+                "partition": "big",
+                "worker_init": "source /opt/site.sh",
+                "walltime": "02:00:00",
+                "max_blocks": 4,
+                "srun_mpi": "pmix",
+                "ranks_per_node": 64,
+            },
+        ).executors
+    }["reference"].provider
     assert "--partition=big" in by_option.scheduler_options and "--ntasks-per-node=64" in by_option.scheduler_options
     assert "source /opt/site.sh" in by_option.worker_init and "module load" not in by_option.worker_init
     assert "export SLURM_MPI_TYPE=pmix" in by_option.worker_init

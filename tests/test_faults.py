@@ -6,6 +6,7 @@ Every job ends done or failed with its reason, within 1 + retries attempts; noth
 absurd is stored; a hang is cut at its walltime; `nft run --retry-failed` makes failed jobs done and
 a finished campaign trains on them.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,7 @@ FAILED_LINE = re.compile(r"reference job (\d+) failed after (\d+) attempt\(s\): 
 
 def faulty_campaign(directory: Path, faults: dict, active: dict, chunks: dict) -> Path:
     """A small campaign whose parent is EMT behind the fault injector with `faults` as its options."""
-    return write_campaign(
-        directory, {"parent": {"calculator": FAULTY, FAULTY: faults}, "active": active, "chunks": chunks}
-    )
+    return write_campaign(directory, {"parent": {"calculator": FAULTY, FAULTY: faults}, "active": active, "chunks": chunks})
 
 
 def stored_jobs(config: Path):
@@ -73,9 +72,17 @@ def test_the_store_refuses_a_non_finite_result(tmp_path, energy, poison):
 def test_a_campaign_with_faults_finishes_with_every_job_done_or_failed_and_only_sane_data(tmp_path, fault_injecting_env, capsys):
     retries, walltime_s, hang_s = 2, 3.0, 60.0
     faults = {  # the schedule makes every kind happen whichever chunks the model picks; then random draws
-        "raise_probability": 0.15, "exit_probability": 0.1, "hang_probability": 0.1, "nan_probability": 0.1,
-        "absurd_probability": 0.1, "seed": 6, "retries": retries, "walltime_s": walltime_s, "hang_s": hang_s,
-        "schedule": list(FAULTS), "schedule_file": str(tmp_path / "fault-schedule"),
+        "raise_probability": 0.15,
+        "exit_probability": 0.1,
+        "hang_probability": 0.1,
+        "nan_probability": 0.1,
+        "absurd_probability": 0.1,
+        "seed": 6,
+        "retries": retries,
+        "walltime_s": walltime_s,
+        "hang_s": hang_s,
+        "schedule": list(FAULTS),
+        "schedule_file": str(tmp_path / "fault-schedule"),
     }
     config = faulty_campaign(tmp_path / "campaign", faults, {"max_iterations": 3}, {"max_per_iteration": 6})
     started = time.monotonic()
@@ -108,12 +115,12 @@ def test_a_campaign_with_faults_finishes_with_every_job_done_or_failed_and_only_
     assert elapsed < hang_s * kinds["hang"] + 120, "hangs must be cut at walltime_s, not slept out"
     with capsys.disabled():  # the figures show in the CI log
         print(
-        f"\nfaulty campaign: {len(computed)} reference jobs computed ({sum(j.status == 'done' for j in computed)} done, "
-        f"{len(failed)} failed), {sum(j.attempts for j in computed)} attempts, {retried} retries used; "
-        f"failed attempts by kind {dict(sorted(kinds.items()))}; final failures by kind "
-        f"{dict(Counter(fault_kind(job.error) for job in failed))}; {summary['iterations']} iterations, "
-        f"stop reason {summary['stop_reason']}, {elapsed:.0f} s"
-    )
+            f"\nfaulty campaign: {len(computed)} reference jobs computed ({sum(j.status == 'done' for j in computed)} done, "
+            f"{len(failed)} failed), {sum(j.attempts for j in computed)} attempts, {retried} retries used; "
+            f"failed attempts by kind {dict(sorted(kinds.items()))}; final failures by kind "
+            f"{dict(Counter(fault_kind(job.error) for job in failed))}; {summary['iterations']} iterations, "
+            f"stop reason {summary['stop_reason']}, {elapsed:.0f} s"
+        )
 
 
 def test_a_job_failing_every_attempt_is_recorded_failed_and_retry_failed_makes_it_done(tmp_path, fault_injecting_env, capsys):
@@ -161,7 +168,6 @@ def test_a_job_failing_every_attempt_is_recorded_failed_and_retry_failed_makes_i
     assert summary["chunks"] == 3 and summary["stop_reason"] == "max_iterations"
     with capsys.disabled():  # the figures show in the CI log
         print(
-        f"\nevery attempt hangs: 3 jobs failed after {1 + retries} attempts each in {elapsed:.0f} s "
-        f"(walltime {walltime_s:g} s, hang {hang_s:g} s); --retry-failed: 3 done, iterations 2 -> 3"
-    )
-
+            f"\nevery attempt hangs: 3 jobs failed after {1 + retries} attempts each in {elapsed:.0f} s "
+            f"(walltime {walltime_s:g} s, hang {hang_s:g} s); --retry-failed: 3 done, iterations 2 -> 3"
+        )

@@ -5,6 +5,7 @@ while the campaign goes on with the others.
 The physics is the cheapest that still runs GPAW: LCAO with a single-zeta basis, coarse grid, Al
 clusters of a few atoms (3 valence electrons each) and H2.
 """
+
 import json
 import os
 import re
@@ -137,17 +138,18 @@ def assert_result_is_what_gpaw_printed(store: CampaignStore, job, directory: Pat
 # ---------------------------------------------------------------------------------------------
 # On the Slurm cluster.
 
+
 def slurm_jobs_under(cluster, directory: Path) -> list[str]:
     """Ids of the cluster's queued or running jobs whose batch script lies inside `directory` (Parsl blocks)."""
-    out = subprocess.run(["squeue", "-h", "-o", "%i %o"], env=cluster.env(), capture_output=True, text=True,
-                         timeout=30, check=False).stdout
+    out = subprocess.run(["squeue", "-h", "-o", "%i %o"], env=cluster.env(), capture_output=True, text=True, timeout=30, check=False).stdout
     return [line.split()[0] for line in out.splitlines() if len(line.split()) > 1 and str(directory) in line.split(None, 1)[1]]
 
 
 def completion_records(cluster) -> dict[str, tuple[str, str]]:
     """Ended jobs in the cluster's job-completion log (`sacct -c`): job id -> (job name, state)."""
-    out = subprocess.run(["sacct", "-c", "-n", "-P", "-o", "jobid,jobname,state"], env=cluster.env(),
-                         capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        ["sacct", "-c", "-n", "-P", "-o", "jobid,jobname,state"], env=cluster.env(), capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     return {job_id: (name, state) for job_id, name, state in (line.split("|") for line in out.splitlines() if line)}
 
 
@@ -164,8 +166,10 @@ def test_a_gpaw_campaign_on_the_slurm_cluster_runs_its_chunk_jobs_as_slurm_jobs(
             "parent": {"calculator": "gpaw", "gpaw": {**TINY_LCAO, "ranks": 2}},
             "chunks": {"radius": 3.2, "vacuum": 3.0, "max_per_iteration": 2, "min_separation": 0.0},
             "model": TINY_MODEL,
-            "site": {"name": "slurm", "options": {"partition": slurm_cluster.partition, "walltime": "00:10:00",
-                                                  "training_executor": "shared"}},
+            "site": {
+                "name": "slurm",
+                "options": {"partition": slurm_cluster.partition, "walltime": "00:10:00", "training_executor": "shared"},
+            },
         },
     )
     try:
@@ -208,6 +212,7 @@ def test_a_gpaw_campaign_on_the_slurm_cluster_runs_its_chunk_jobs_as_slurm_jobs(
 
 # ---------------------------------------------------------------------------------------------
 # A failure inside a campaign (this machine; no Slurm needed).
+
 
 def test_a_chunk_whose_scf_cannot_converge_is_recorded_failed_and_the_campaign_goes_on(tmp_path):
     """maxiter = 7: the closed-shell H2 chunks converge (GPAW needs 5 SCF steps), the metallic Al3

@@ -1,5 +1,6 @@
 """GPAW as scripts/setup.sh builds it: MPI, ScaLAPACK and FFTW enabled, and a 2-rank run that
 agrees with the serial one."""
+
 from __future__ import annotations
 
 import json
@@ -43,10 +44,14 @@ if world.rank == 0:
 
 def gpaw_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1",
-               OMPI_MCA_btl_vader_single_copy_mechanism="none")
+    env.update(
+        OMP_NUM_THREADS="1",
+        OPENBLAS_NUM_THREADS="1",
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        OMPI_MCA_rmaps_base_oversubscribe="1",
+        OMPI_MCA_btl_vader_single_copy_mechanism="none",
+    )
     if "GPAW_SETUP_PATH" not in env and Path("/usr/share/gpaw-setups").is_dir():
         env["GPAW_SETUP_PATH"] = "/usr/share/gpaw-setups"
     return env
@@ -64,8 +69,7 @@ def gpaw_executable() -> Path:
 
 @pytest.mark.timeout(120)
 def test_gpaw_info_shows_mpi_scalapack_and_fftw(gpaw_executable):
-    info = subprocess.run([str(gpaw_executable), "info"], env=gpaw_env(), capture_output=True,
-                          text=True, timeout=100, check=True).stdout
+    info = subprocess.run([str(gpaw_executable), "info"], env=gpaw_env(), capture_output=True, text=True, timeout=100, check=True).stdout
     features = {}
     for line in info.splitlines():
         words = line.split()
@@ -85,8 +89,7 @@ def run_water(tmp_path: Path, mode: str, ranks: int) -> dict:
         mpiexec = shutil.which("mpiexec")
         assert mpiexec, "mpiexec not found (openmpi-bin, installed by scripts/setup.sh)"
         command = [mpiexec, "-n", str(ranks), *command]
-    result = subprocess.run(command, cwd=tmp_path, env=gpaw_env(), capture_output=True, text=True,
-                            timeout=280, check=False)
+    result = subprocess.run(command, cwd=tmp_path, env=gpaw_env(), capture_output=True, text=True, timeout=280, check=False)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
     return json.loads(out.read_text())
 

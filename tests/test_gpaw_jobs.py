@@ -1,6 +1,7 @@
 """GPAW chunk jobs as MPI runs: 2 ranks through Parsl equal 1 rank run directly; SCF failure and a
 crashed launch come back as `ReferenceFailed` with the reason; GPAW's text output stays in the job
 directory."""
+
 import importlib.util
 import re
 import os
@@ -21,7 +22,6 @@ from pipeline.science.structures import atoms_to_payload
 
 HAVE_GPAW = importlib.util.find_spec("gpaw") is not None
 HAVE_MPIEXEC = shutil.which("mpiexec") is not None
-
 
 
 def _require(present: bool, reason: str) -> None:
@@ -86,7 +86,9 @@ def test_two_ranks_through_parsl_equal_one_rank_run_directly(tmp_path, mode):
     config = load_site("local", tmp_path / "runinfo", {"workers": 1})
     with parsl_session(config):
         apps = make_apps(config)
-        parallel = apps.reference_app(parent_for("gpaw", {**TINY_JOBS[mode], "ranks": 2}), payload, str(tmp_path / "parallel")).result(timeout=240)
+        parallel = apps.reference_app(parent_for("gpaw", {**TINY_JOBS[mode], "ranks": 2}), payload, str(tmp_path / "parallel")).result(
+            timeout=240
+        )
     assert abs(parallel["energy"] - serial["energy"]) < 1e-3
     np.testing.assert_allclose(parallel["forces"], serial["forces"], atol=1e-3)
     assert np.abs(serial["forces"]).max() > 0.5  # a real test: the forces are not all zero
@@ -154,7 +156,9 @@ def test_two_rank_job_through_the_slurm_site_runs_under_srun(slurm_cluster, tmp_
     config = load_site("slurm", tmp_path / "runinfo", {"partition": slurm_cluster.partition, "walltime": "00:10:00"})
     with parsl_session(config):
         apps = make_apps(config)
-        parallel = apps.reference_app(parent_for("gpaw", {**TINY_JOBS["pw"], "ranks": 2}), payload, str(tmp_path / "slurm")).result(timeout=240)
+        parallel = apps.reference_app(parent_for("gpaw", {**TINY_JOBS["pw"], "ranks": 2}), payload, str(tmp_path / "slurm")).result(
+            timeout=240
+        )
     assert abs(parallel["energy"] - serial["energy"]) < 1e-3
     np.testing.assert_allclose(parallel["forces"], serial["forces"], atol=1e-3)
     assert slurm_cluster.job_state(parallel["external_id"])["JobName"].startswith("parsl.reference")

@@ -1,6 +1,7 @@
 """Initial sets generated from space groups (issue 13 items 1 and 4): real EMT, the real local Parsl
 site, a real SQLite work database. The set holds what was asked (count, sizes, separations, energy
 window), two elements give mixed cells, and a killed `nft initial` resumes computing nothing twice."""
+
 from __future__ import annotations
 
 import json
@@ -24,12 +25,25 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.science.examples import fcc_lattice_constant
 from pipeline.science.initial_sets import (
-    InitialSetSettings, composition_counts, default_min_distance, initial_crystals, min_interatomic_distance,
-    propose_variants, prototype_crystals, random_alloy_crystals, relax_cell, within_energy_window,
+    InitialSetSettings,
+    composition_counts,
+    default_min_distance,
+    initial_crystals,
+    min_interatomic_distance,
+    propose_variants,
+    prototype_crystals,
+    random_alloy_crystals,
+    relax_cell,
+    within_energy_window,
 )
 from pipeline.storage.store import CampaignStore
 from tests.plugins.campaign_fixtures import (
-    EMT_BULK_DELAY_VARIABLE, NFT, logged_emt_calls, positions_digest, rattled_cluster, run_nft,
+    EMT_BULK_DELAY_VARIABLE,
+    NFT,
+    logged_emt_calls,
+    positions_digest,
+    rattled_cluster,
+    run_nft,
 )
 from tests.test_gpaw_jobs import gpaw_installed  # noqa: F401  (fixture: skip, or fail in CI, without GPAW)
 
@@ -117,8 +131,9 @@ def test_a_three_element_set_has_the_count_sizes_separations_window_and_every_el
     alloys; the kept cells are those the science functions give, so the window was applied."""
     output = tmp_path / "cuagau.traj"
     options = dict(elements=("Cu", "Ag", "Au"), count=8, seed=2, space_groups=(225, 229), random_alloys=2)
-    result = CliRunner().invoke(app, ["initial", "Cu,Ag,Au", "-o", str(output), "--count", "8", "--seed", "2",
-                                      "--space-groups", "225,229", "--random-alloys", "2"])
+    result = CliRunner().invoke(
+        app, ["initial", "Cu,Ag,Au", "-o", str(output), "--count", "8", "--seed", "2", "--space-groups", "225,229", "--random-alloys", "2"]
+    )
     assert result.exit_code == 0, result.output
     cells = read(output, ":")
     assert len(cells) == 8
@@ -155,16 +170,14 @@ def test_random_alloys_hold_every_element_with_compositions_spread_over_the_simp
     assert fractions.max(axis=0).min() >= 0.5 and fractions.min(axis=0).max() <= 0.2  # corners of the simplex reached
     assert len({tuple(row) for row in fractions}) >= 8
     again = random_alloy_crystals(settings.elements, settings)
-    assert all(np.array_equal(a.numbers, b.numbers) and np.allclose(a.positions, b.positions)
-               for (_, a), (_, b) in zip(alloys, again))
+    assert all(np.array_equal(a.numbers, b.numbers) and np.allclose(a.positions, b.positions) for (_, a), (_, b) in zip(alloys, again))
     other = random_alloy_crystals(settings.elements, settings.model_copy(update={"seed": 5}))
     assert any(not np.array_equal(a.numbers, b.numbers) for (_, a), (_, b) in zip(alloys, other))
     # Two elements: the ordered prototypes and random binary alloys interleaved; one: no alloys.
     binary = [name for name, _ in initial_crystals(InitialSetSettings(elements=("Pt", "Au")))]
     assert binary[:4] == ["Pt fcc", "Au fcc", "Pt-Au L1_2 A3B", binary[3]] and "random fcc" in binary[3]
     assert sum("random" in name for name in binary) == 6 and len(binary) == 5 + 5 + 5 + 6
-    assert [name for name, _ in initial_crystals(InitialSetSettings(elements=("Pt",)))] == [
-        name for name, _ in prototype_crystals(["Pt"])]
+    assert [name for name, _ in initial_crystals(InitialSetSettings(elements=("Pt",)))] == [name for name, _ in prototype_crystals(["Pt"])]
     for fractions_in, n_atoms in (([0.05, 0.05, 0.9], 4), ([0.5, 0.5], 7), ([1 / 3] * 3, 12)):
         counts = composition_counts(np.array(fractions_in), n_atoms)
         assert counts.sum() == n_atoms and counts.min() >= 1
@@ -177,8 +190,15 @@ def done_jobs(database: Path) -> dict[int, tuple[int, float, str, str]]:
         return {}
     try:
         with CampaignStore.open(f"sqlite:///{database}", "initial", create=False) as store:
-            return {job.id: (job.attempts, store.result(job.id).energy, store.structure(job.structure_id).kind,
-                             positions_digest(store.atoms(job.structure_id))) for job in store.jobs(status="done")}
+            return {
+                job.id: (
+                    job.attempts,
+                    store.result(job.id).energy,
+                    store.structure(job.structure_id).kind,
+                    positions_digest(store.atoms(job.structure_id)),
+                )
+                for job in store.jobs(status="done")
+            }
     except Exception:  # not created yet, or mid-write
         return {}
 
@@ -188,8 +208,13 @@ def test_a_killed_generation_resumes_without_recomputing_finished_jobs(tmp_path,
     output = tmp_path / "init.traj"
     database = tmp_path / "init.traj.nft" / "nft.db"
     slow = dict(env, **{EMT_BULK_DELAY_VARIABLE: "0.5"})  # every EMT call on a cell 0.5 s: kill mid-run
-    process = subprocess.Popen(NFT + ["initial", "Pt", "-o", str(output), "--count", "10"], env=slow,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen(
+        NFT + ["initial", "Pt", "-o", str(output), "--count", "10"],
+        env=slow,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 180
     try:  # until the relaxations and a first label are done
         while not any(kind == "initial" for *_, kind, _ in done_jobs(database).values()):
@@ -244,8 +269,10 @@ def converged_generated_alloy_campaign(tmp_path: Path, target: Atoms, name: str,
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     history = " ".join(f"{entry['uncertainty']:.3f}" for entry in summary["history"])
-    print(f"{name}: δ per iteration {history}, {summary['chunks']} chunks, "
-          f"{summary['wall_time']['total']:.0f} s, MAE {summary['force_mae_vs_parent']['target 0']:.4f} eV/Å")
+    print(
+        f"{name}: δ per iteration {history}, {summary['chunks']} chunks, "
+        f"{summary['wall_time']['total']:.0f} s, MAE {summary['force_mae_vs_parent']['target 0']:.4f} eV/Å"
+    )
     assert summary["converged"] and summary["final_uncertainty"] < 0.15, history
     assert summary["force_mae_vs_parent"]["target 0"] < 0.02
     return summary, result.stdout
@@ -300,10 +327,27 @@ def test_nft_initial_with_gpaw_labels_cells_with_k_points_from_the_density(tmp_p
     rank, cells of 2-4 atoms. Every job (the cell relaxation and the labels) ran GPAW with
     k_i = ceil(kpt_density / |a_i|), kpt_density = 6 Å, read back from GPAW's own text output."""
     output = tmp_path / "al.traj"
-    result = CliRunner().invoke(app, [
-        "initial", "Al", "-o", str(output), "--calculator", "gpaw", "--parent-option", "ecut=200",
-        "--parent-option", "kpt_density=6", "--space-groups", "225", "--count", "2", "--max-atoms", "4",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "initial",
+            "Al",
+            "-o",
+            str(output),
+            "--calculator",
+            "gpaw",
+            "--parent-option",
+            "ecut=200",
+            "--parent-option",
+            "kpt_density=6",
+            "--space-groups",
+            "225",
+            "--count",
+            "2",
+            "--max-atoms",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     cells = read(output, ":")
     assert len(cells) == 2 and all(2 <= len(atoms) <= 4 and set(atoms.get_chemical_symbols()) == {"Al"} for atoms in cells)

@@ -3,6 +3,7 @@ resumed run repairs an older nft's orphans; one workdir per campaign; model file
 against their recorded sha256 and against corruption; a reused campaign name with another target
 or initial set is refused; nothing nft writes is group- or world-writable; a copied campaign reads
 its own model files. Real `nft` subprocesses on tiny EMT campaigns, real SQLite files."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,15 @@ from pipeline.science.model import EnsembleModel
 from pipeline.storage.model_file import ModelFileError, load_ensemble, save_model
 from pipeline.storage.store import CampaignStore
 from tests.plugins.campaign_fixtures import (
-    NFT, REPO_ROOT, orphaned_chunks, rattled_cluster, run_nft, toml_text, merged, SMALL_CAMPAIGN, write_campaign,
+    NFT,
+    REPO_ROOT,
+    orphaned_chunks,
+    rattled_cluster,
+    run_nft,
+    toml_text,
+    merged,
+    SMALL_CAMPAIGN,
+    write_campaign,
 )
 from tests.test_resume import WORKERS_END_WITHIN_S, campaign_processes, kill_workers_of
 
@@ -119,8 +128,15 @@ def add_older_orphans(campaign) -> None:
         free = [atom for atom in range(len(target)) if atom not in taken][:2]
         for k, centre in enumerate(free):
             chunk = carve_chunk(target, centre, campaign.file.chunks.radius, campaign.file.chunks.vacuum)
-            chunk_id = store.add_structure("chunk", chunk.atoms, parent_id=target_id, center_in_parent=centre,
-                                           center_in_chunk=chunk.center_in_chunk, radius=chunk.radius, vacuum=chunk.vacuum)
+            chunk_id = store.add_structure(
+                "chunk",
+                chunk.atoms,
+                parent_id=target_id,
+                center_in_parent=centre,
+                center_in_chunk=chunk.center_in_chunk,
+                radius=chunk.radius,
+                vacuum=chunk.vacuum,
+            )
             if k == 0:
                 store.add_job(chunk_id, campaign.parent.name, campaign.parent.physics())
         [job] = [job for job in store.jobs(kind="chunk") if job.structure_id == first.id]
@@ -154,6 +170,7 @@ def test_a_kill_while_carving_leaves_no_orphan_and_the_resumed_run_repeats_the_h
 # Items 7 and 17: one workdir per campaign, model files checked, nothing group/world-writable,
 # model paths that travel with a copied campaign.
 
+
 def _umask_000() -> None:
     os.umask(0)
 
@@ -162,8 +179,9 @@ def _umask_000() -> None:
 def finished(tmp_path_factory):
     """A finished one-iteration campaign (config path), run under umask 000 (as a careless login shell has it)."""
     config = write_campaign(tmp_path_factory.mktemp("finished") / "campaign", ONE_ITERATION)
-    process = subprocess.run(NFT + ["run", str(config)], capture_output=True, text=True, timeout=300,
-                             preexec_fn=_umask_000, start_new_session=True)
+    process = subprocess.run(
+        NFT + ["run", str(config)], capture_output=True, text=True, timeout=300, preexec_fn=_umask_000, start_new_session=True
+    )
     assert process.returncode == 0, process.stderr
     end_processes_of(config.parent / "run")
     return config
@@ -203,8 +221,7 @@ def test_a_model_file_another_campaign_overwrote_is_refused_by_report_relax_and_
     models = config.parent / "run" / "models"
     stranger = load_ensemble(models / "iteration-001.nft")
     save_model(stranger, models / "iteration-001.nft", extra={"campaign": "someone else's"})  # valid, other bytes
-    for command in (["report", config], ["relax", config, config.parent / "target.traj", "-o", tmp_path / "out.traj"],
-                    ["run", config]):
+    for command in (["report", config], ["relax", config, config.parent / "target.traj", "-o", tmp_path / "out.traj"], ["run", config]):
         result = run_nft(*command, timeout=120)
         assert result.returncode == 2, (command, result.stdout + result.stderr)
         line = result.stderr.strip()
@@ -254,6 +271,7 @@ def test_a_crafted_one_member_ensemble_is_refused_on_load_not_by_a_crash_later(f
 
 # ---------------------------------------------------------------------------------------------
 # Item 8: a campaign name already in the database with another target or initial set is refused.
+
 
 def test_a_reused_campaign_name_with_another_target_is_refused_and_nothing_is_written(finished, tmp_path):
     original = copy_of(finished, tmp_path / "shared")

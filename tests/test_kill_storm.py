@@ -11,6 +11,7 @@ changed, no chunk is stored twice, no chunk is orphaned (without its reference j
 recorded iteration). At the end: no job was computed again after its result was stored, and the δ
 history is the one of an uninterrupted run. The test prints its figures.
 """
+
 import json
 import os
 import random
@@ -26,7 +27,13 @@ import pytest
 from pipeline.campaign.config import load_config
 from pipeline.storage.store import CampaignStore
 from tests.plugins.campaign_fixtures import (
-    EMT_DELAY_VARIABLE, NFT, default_stop_signals, logged_emt_calls, orphaned_chunks, positions_digest, run_nft,
+    EMT_DELAY_VARIABLE,
+    NFT,
+    default_stop_signals,
+    logged_emt_calls,
+    orphaned_chunks,
+    positions_digest,
+    run_nft,
     write_campaign,
 )
 from tests.test_resume import WORKERS_END_WITHIN_S, campaign_processes, kill_workers_of
@@ -63,8 +70,15 @@ INTERPRETER_START_S = 0.2
 interpreter and its site packages load first): death by the signal is then all that can happen."""
 INTERRUPTED_BEFORE_NFT = -1000
 """The exit `run_and_kill` reports for a run killed by the signal within `INTERPRETER_START_S`."""
-MARKERS = {"initial set": "set-up", "training": "training", "prediction": "prediction", "selection": "selection",
-           "reference jobs": "reference jobs", "final model": "summary", "pt55-test:": "summary"}
+MARKERS = {
+    "initial set": "set-up",
+    "training": "training",
+    "prediction": "prediction",
+    "selection": "selection",
+    "reference jobs": "reference jobs",
+    "final model": "summary",
+    "pt55-test:": "summary",
+}
 
 
 _SLOW_CARVING = f'''
@@ -88,8 +102,9 @@ if os.environ.get("{CARVE_DELAY_VARIABLE}"):
 
 def with_slow_carving(env: dict[str, str], hook_dir: Path) -> dict[str, str]:
     """`env` (with the EMT call log's sitecustomize) whose sitecustomize also slows carving down."""
-    logging_hook = next(Path(entry) / "sitecustomize.py" for entry in env["PYTHONPATH"].split(os.pathsep)
-                        if (Path(entry) / "sitecustomize.py").is_file())
+    logging_hook = next(
+        Path(entry) / "sitecustomize.py" for entry in env["PYTHONPATH"].split(os.pathsep) if (Path(entry) / "sitecustomize.py").is_file()
+    )
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_text(logging_hook.read_text() + "\nimport os\n" + _SLOW_CARVING)
     slowed = dict(env)
@@ -129,8 +144,15 @@ def run_and_kill(config, env, target: str, rng: random.Random, signum: int = sig
     (finished before the signal, phase, exit code). A group SIGINT/SIGTERM that does not end the run
     within `GROUP_SIGNAL_STOPS_WITHIN_S` is followed by SIGKILL, and the exit code is None (hung)."""
     started = time.monotonic()
-    process = subprocess.Popen(NFT + ["run", str(config)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True, preexec_fn=default_stop_signals)
+    process = subprocess.Popen(
+        NFT + ["run", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=default_stop_signals,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()
@@ -213,15 +235,19 @@ def test_kill_storm_loses_nothing_duplicates_nothing_and_repeats_the_history(tmp
     summary = json.loads((campaign.workdir / "summary.json").read_text())
     calls = logged_emt_calls(call_log)
     recomputed = sum(
-        1 for (start, digests), (end, _) in zip(stored_before_call, stored_before_call[1:] + [(len(calls), set())])
-        for _, _, digest in calls[start:end] if digest in digests
+        1
+        for (start, digests), (end, _) in zip(stored_before_call, stored_before_call[1:] + [(len(calls), set())])
+        for _, _, digest in calls[start:end]
+        if digest in digests
     )
     with capsys.disabled():  # the figures show in the CI log
-        print(f"\nkill storm: {kills} stops in {runs} runs, by phase {dict(phases)}; group signals {dict(group_signals)}, "
-          f"exit codes {dict(exits)}, hung {hung}, unexpected exit codes {wrong_exit}; results lost {lost}, changed {changed}, "
-          f"chunks duplicated {duplicated}, chunks without a job {jobless}, chunks of no iteration {unrecorded}, "
-          f"jobs recomputed after stored {recomputed}, stops leaving processes alive {alive_after}; "
-          f"δ history {history(summary)} (uninterrupted {history(expected)})")
+        print(
+            f"\nkill storm: {kills} stops in {runs} runs, by phase {dict(phases)}; group signals {dict(group_signals)}, "
+            f"exit codes {dict(exits)}, hung {hung}, unexpected exit codes {wrong_exit}; results lost {lost}, changed {changed}, "
+            f"chunks duplicated {duplicated}, chunks without a job {jobless}, chunks of no iteration {unrecorded}, "
+            f"jobs recomputed after stored {recomputed}, stops leaving processes alive {alive_after}; "
+            f"δ history {history(summary)} (uninterrupted {history(expected)})"
+        )
     assert kills >= MIN_STOPS and sum(group_signals.values()) > 0
     assert (lost, changed, duplicated, jobless, unrecorded, recomputed, alive_after) == (0, 0, 0, 0, 0, 0, 0)
     assert (hung, wrong_exit) == (0, [])

@@ -29,20 +29,22 @@ def test_residual_jacobian_equals_autograd(hidden, slots_per_block, monkeypatch)
         monkeypatch.setattr("pipeline.science.losses.JACOBIAN_SLOTS_PER_BLOCK", slots_per_block)
     model, data, weights, settings = two_element_problem(hidden, n_members=3, seed=7)
     residuals = member_residuals(model, data, weights, settings)
-    torch.testing.assert_close((residuals**2).sum(1), member_losses(model, data, weights, settings, create_graph=False).detach(),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        (residuals**2).sum(1), member_losses(model, data, weights, settings, create_graph=False).detach(), rtol=1e-12, atol=1e-12
+    )
     jacobian = member_residual_jacobians(model, data, weights, settings, jacobian_terms(data))
     parameters = list(model.networks.parameters())
     energies, forces = predict_labels(model, data, create_graph=True)
     energy_factor, force_factor = residual_factors(data, weights, settings)
-    graph = torch.cat([(energies - data.energies) * energy_factor,
-                       ((forces - data.forces) * force_factor.unsqueeze(2)).reshape(forces.shape[0], -1)], dim=1)
+    graph = torch.cat(
+        [(energies - data.energies) * energy_factor, ((forces - data.forces) * force_factor.unsqueeze(2)).reshape(forces.shape[0], -1)],
+        dim=1,
+    )
     assert jacobian.shape == (*graph.shape, sum(p[0].numel() for p in parameters))
     for member in range(graph.shape[0]):
         for row in range(graph.shape[1]):
             grads = torch.autograd.grad(graph[member, row], parameters, retain_graph=True, allow_unused=True)
-            expected = torch.cat([g[member].reshape(-1) if g is not None else p[member].reshape(-1) * 0
-                                  for g, p in zip(grads, parameters)])
+            expected = torch.cat([g[member].reshape(-1) if g is not None else p[member].reshape(-1) * 0 for g, p in zip(grads, parameters)])
             torch.testing.assert_close(jacobian[member, row], expected, rtol=1e-9, atol=1e-11)
         for other in range(graph.shape[0]):  # a member's residuals do not depend on another member's weights
             if other != member:
@@ -114,8 +116,7 @@ def test_linear_least_squares_reach_the_minimum_norm_or_ridge_solution(n_residua
 
     anchor = torch.randn(n_members, n_parameters, generator=generator, dtype=torch.float64)
     strength = torch.tensor([1e-3, 0.1, 10.0], dtype=torch.float64)
-    final, data_losses = minimize_members_lm(residuals_and_jacobian, losses, start, 100,
-                                             prior=WeightPrior(anchor, strength))
+    final, data_losses = minimize_members_lm(residuals_and_jacobian, losses, start, 100, prior=WeightPrior(anchor, strength))
     normal = jac.transpose(1, 2) @ jac + strength[:, None, None] * torch.eye(n_parameters, dtype=torch.float64)
     rhs = (jac.transpose(1, 2) @ targets.unsqueeze(2)).squeeze(2) + strength[:, None] * anchor
     torch.testing.assert_close(final, torch.linalg.solve(normal, rhs), rtol=1e-7, atol=1e-7)

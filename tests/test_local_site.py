@@ -1,5 +1,6 @@
 """The local site end to end: a workdir path with spaces, quotes and non-ASCII characters, the
 encrypted channel between driver, interchange and workers, and a block that cannot start."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ def test_a_campaign_in_a_path_with_spaces_quotes_and_unicode_runs_to_its_end(tmp
     temporary.mkdir()
     env = {**os.environ, "TMPDIR": str(temporary)}
     command = [str(Path(sys.executable).parent / "nft"), "run", str(config)]
-    with subprocess.Popen(command, cwd=elsewhere, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as process:
+    with subprocess.Popen(
+        command, cwd=elsewhere, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
         try:
             stdout, stderr = process.communicate(timeout=150)
         except subprocess.TimeoutExpired:

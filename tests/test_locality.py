@@ -1,4 +1,5 @@
 """Locality analysis: central-atom forces of chunks of growing radius against the whole structure."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,10 @@ from ase.calculators.emt import EMT
 
 from pipeline.science.examples import rattled_cuboctahedron
 from pipeline.science.locality import (
-    central_force_locality, locality_chunks, locality_from_forces, locality_sample_atoms,
+    central_force_locality,
+    locality_chunks,
+    locality_from_forces,
+    locality_sample_atoms,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,9 +46,7 @@ def test_whole_forces_are_the_structures_own_and_chunk_forces_are_central():
     whole = parent.copy()
     whole.calc = EMT()
     np.testing.assert_allclose(result.whole_forces, whole.get_forces()[[3, 50]], atol=1e-12)
-    np.testing.assert_allclose(
-        result.force_differences, np.linalg.norm(result.chunk_forces - result.whole_forces, axis=2)
-    )
+    np.testing.assert_allclose(result.force_differences, np.linalg.norm(result.chunk_forces - result.whole_forces, axis=2))
     assert result.max_difference[1] < 1e-5  # a 9 Å chunk captures EMT's reach in bulk too
 
 
@@ -67,7 +69,12 @@ def test_result_as_plain_data():
     assert [row["radius"] for row in summary["radii"]] == [5.0, 6.0]
     assert summary["radii"][0]["max_force_difference"] == pytest.approx(result.max_difference[0])
     assert set(summary["radii"][0]) == {
-        "radius", "max_force_difference", "mean_force_difference", "mean_chunk_atoms", "min_chunk_atoms", "max_chunk_atoms"
+        "radius",
+        "max_force_difference",
+        "mean_force_difference",
+        "mean_chunk_atoms",
+        "min_chunk_atoms",
+        "max_chunk_atoms",
     }
     assert summary["radii"][0]["min_chunk_atoms"] == result.chunk_sizes[0].min()
     assert summary["radii"][0]["max_chunk_atoms"] == result.chunk_sizes[0].max()
@@ -99,9 +106,7 @@ def test_forces_computed_elsewhere_give_the_same_comparison():
         atoms.calc = EMT()
         return atoms.get_forces()
 
-    from_forces = locality_from_forces(
-        plan, emt_forces(plan.whole), [[emt_forces(chunk.atoms) for chunk in row] for row in plan.chunks]
-    )
+    from_forces = locality_from_forces(plan, emt_forces(plan.whole), [[emt_forces(chunk.atoms) for chunk in row] for row in plan.chunks])
     direct = central_force_locality(cluster, EMT, [5.0, 6.0], [10, 200], vacuum=4.0)
     np.testing.assert_allclose(from_forces.force_differences, direct.force_differences, atol=1e-12)
     np.testing.assert_array_equal(from_forces.chunk_sizes, direct.chunk_sizes)

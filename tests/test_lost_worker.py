@@ -3,6 +3,7 @@ submitted again, runs on the fresh block Parsl starts in its place, and the camp
 
 Fault injected on purpose: the test SIGKILLs the worker pool of a real `nft run` while it trains.
 """
+
 from __future__ import annotations
 
 import json

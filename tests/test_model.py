@@ -1,4 +1,5 @@
 """The batched ensemble: exact forces, symmetry, periodic consistency, uncertainty, model files."""
+
 import numpy as np
 import pytest
 import torch
@@ -70,9 +71,7 @@ def test_batched_ensemble_equals_members_evaluated_one_by_one():
     batched = ensemble.predict(atoms)
     for m, seed in enumerate((4, 5, 6)):
         single = EnsembleModel(ensemble.params, member_seeds=[seed])
-        single.load_state_dict(
-            {name: (t[m : m + 1] if name.startswith("networks.") else t) for name, t in ensemble.state_dict().items()}
-        )
+        single.load_state_dict({name: (t[m : m + 1] if name.startswith("networks.") else t) for name, t in ensemble.state_dict().items()})
         energy, forces = single.member_energies_and_forces(atoms)
         assert float(energy[0]) == pytest.approx(batched.member_energies[m], abs=1e-10)
         np.testing.assert_allclose(forces[0].numpy(), batched.member_forces[m], atol=1e-10)
@@ -86,9 +85,7 @@ def test_energy_uncertainty_is_the_spread_of_each_members_own_atomic_energies():
     per_member = []
     for m, seed in enumerate(seeds):  # each member alone, as a one-member model
         single = EnsembleModel(ensemble.params, member_seeds=[seed])
-        single.load_state_dict(
-            {name: (t[m : m + 1] if name.startswith("networks.") else t) for name, t in ensemble.state_dict().items()}
-        )
+        single.load_state_dict({name: (t[m : m + 1] if name.startswith("networks.") else t) for name, t in ensemble.state_dict().items()})
         atomic, _ = single.member_atomic_energies_and_forces(atoms, 2048)
         per_member.append(atomic[0].numpy())
     expected = [

@@ -1,4 +1,5 @@
 """Parent calculators: option validation, paper defaults, k-point density, EMT in-process, failures."""
+
 import json
 import math
 import signal
@@ -12,7 +13,14 @@ from ase.calculators.emt import EMT
 from pipeline.errors import BadInput
 from pipeline.execution.apps import within_walltime
 from pipeline.execution.parents import (
-    MAX_FORCE, PARENTS, EmtParent, GpawParent, ParentConfigError, ReferenceFailed, WalltimeExceeded, parent_for,
+    MAX_FORCE,
+    PARENTS,
+    EmtParent,
+    GpawParent,
+    ParentConfigError,
+    ReferenceFailed,
+    WalltimeExceeded,
+    parent_for,
     result_problem,
 )
 from pipeline.science.structures import atoms_to_payload
@@ -42,9 +50,20 @@ def test_gpaw_defaults_are_the_papers():
 
 def test_every_gpaw_option_can_be_overridden():
     overrides = {
-        "mode": "lcao", "basis": "szp(dzp)", "ecut": 300, "h": 0.25, "smearing_width": 0.05,
-        "convergence": {"energy": 1e-4, "density": 1e-3}, "maxiter": 50, "spinpol": True, "magmom": 0.5,
-        "ranks": 4, "launcher": "srun", "launcher_args": "--mpi=pmix", "kpts": [2, 2, 1], "setups": {"Pt": "10"},
+        "mode": "lcao",
+        "basis": "szp(dzp)",
+        "ecut": 300,
+        "h": 0.25,
+        "smearing_width": 0.05,
+        "convergence": {"energy": 1e-4, "density": 1e-3},
+        "maxiter": 50,
+        "spinpol": True,
+        "magmom": 0.5,
+        "ranks": 4,
+        "launcher": "srun",
+        "launcher_args": "--mpi=pmix",
+        "kpts": [2, 2, 1],
+        "setups": {"Pt": "10"},
     }
     params = parent_for("gpaw", overrides).model_dump()
     assert params["mode"] == "lcao" and params["basis"] == "szp(dzp)" and params["ecut"] == 300.0

@@ -11,6 +11,7 @@ environment it was made in. Everywhere the campaign runs and its discrete histor
 chunks added, the stop reason) must equal the recording; the floats are compared where the
 environment is the recording's, and elsewhere the test says so in its output.
 """
+
 import json
 import os
 import platform
@@ -76,9 +77,7 @@ def test_a_small_campaign_repeats_the_recorded_history(tmp_path):
         RECORDED.write_text(json.dumps(history, indent=1) + "\n")
         pytest.skip(f"recorded {RECORDED}")
     assert [entry["iteration"] for entry in history["iterations"]] == [entry["iteration"] for entry in recorded["iterations"]]
-    assert [entry["chunks_added"] for entry in history["iterations"]] == [
-        entry["chunks_added"] for entry in recorded["iterations"]
-    ]
+    assert [entry["chunks_added"] for entry in history["iterations"]] == [entry["chunks_added"] for entry in recorded["iterations"]]
     assert (history["chunks"], history["stop_reason"]) == (recorded["chunks"], recorded["stop_reason"])
     if recorded.get("environment") != environment():
         print(f"\nδ floats not compared: recorded in {recorded.get('environment')}, this is {environment()}")

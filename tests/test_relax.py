@@ -2,6 +2,7 @@
 real SQLite). The campaign is trained once per module on a mildly rattled Pt55; each test relaxes a
 copy of it from a strained and more strongly rattled start, away from the training data.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,13 @@ from ase.optimize import BFGS
 from pipeline.campaign.config import load_config
 from pipeline.storage.store import CampaignStore
 from tests.plugins.campaign_fixtures import (
-    EMT_DELAY_VARIABLE, NFT, logged_emt_calls, positions_digest, rattled_cluster, run_nft, write_campaign,
+    EMT_DELAY_VARIABLE,
+    NFT,
+    logged_emt_calls,
+    positions_digest,
+    rattled_cluster,
+    run_nft,
+    write_campaign,
 )
 from tests.test_bad_input import disk_state
 from tests.test_resume import WORKERS_END_WITHIN_S, campaign_processes
@@ -114,9 +121,7 @@ def test_relaxation_adds_chunks_and_ends_where_emt_relaxes(campaign_copy, tmp_pa
     assert len(chunks) == summary["chunks_added"]
     assert all(after["jobs"][job_id].status == "done" for job_id in after["jobs"] if job_id not in before["jobs"])
     retrained = sum(1 for previous, row in zip(table, table[1:]) if row["model"] != previous["model"])
-    assert after["iterations"] == after["models"] == before["iterations"] + [
-        before["iterations"][-1] + k for k in range(1, retrained + 1)
-    ]
+    assert after["iterations"] == after["models"] == before["iterations"] + [before["iterations"][-1] + k for k in range(1, retrained + 1)]
 
     # Outputs: the relaxed structure, one trajectory frame per evaluation with per-atom δ_i, the table.
     relaxed = read(out)
@@ -164,10 +169,7 @@ def done_snapshot_chunk_jobs(config: Path) -> list:
     except Exception:  # not readable yet
         return []
     snapshots = {sid for sid, record in state["structures"].items() if record.kind == "snapshot"}
-    return [
-        job for job in state["jobs"].values()
-        if job.status == "done" and state["structures"][job.structure_id].parent_id in snapshots
-    ]
+    return [job for job in state["jobs"].values() if job.status == "done" and state["structures"][job.structure_id].parent_id in snapshots]
 
 
 @pytest.mark.slow
@@ -178,8 +180,12 @@ def test_a_killed_relaxation_resumes_without_recomputing(campaign_copy, tmp_path
     out = tmp_path / "relaxed.traj"
     trained_last = stored(config)["iterations"][-1]
     process = subprocess.Popen(
-        NFT + ["relax", str(config), str(start), "-o", str(out)], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        NFT + ["relax", str(config), str(start), "-o", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 180
@@ -213,8 +219,7 @@ def test_a_killed_relaxation_resumes_without_recomputing(campaign_copy, tmp_path
         assert after["jobs"][job.id].status == "done"
         assert calls[positions_digest(after["structures"][job.structure_id].atoms)] == 1
     chunk_keys = Counter(
-        (record.parent_id, record.center_in_parent, record.radius)
-        for record in after["structures"].values() if record.kind == "chunk"
+        (record.parent_id, record.center_in_parent, record.radius) for record in after["structures"].values() if record.kind == "chunk"
     )
     assert max(chunk_keys.values()) == 1
     # The rerun trained on the killed run's chunks before its first step.
@@ -244,7 +249,10 @@ def test_a_relaxation_killed_between_steps_goes_on_from_its_last_geometry(campai
     steps_json = tmp_path / "relaxed-steps.json"
     process = subprocess.Popen(
         NFT + ["relax", str(config), str(start), "-o", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 180

@@ -1,6 +1,7 @@
 """The pure relaxation-with-uncertainty logic (science/relaxation.py): when it asks for a better
 model, what it does with the answer, and why it stops. Real ensembles (random weights) as the
 calculators; the callback is a plain function, as a notebook would pass."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,7 @@ from tests.core_helpers import rattled_cluster, untrained_model
 
 
 def ensemble(first_seed: int) -> EnsembleCalculator:
-    return EnsembleCalculator(untrained_model(members=(first_seed, first_seed + 1, first_seed + 2)),
-                              dtype=torch.float64, device="cpu")
+    return EnsembleCalculator(untrained_model(members=(first_seed, first_seed + 1, first_seed + 2)), dtype=torch.float64, device="cpu")
 
 
 def test_an_uncertain_geometry_gets_a_new_model_and_is_evaluated_again_at_the_same_step():
@@ -29,8 +29,9 @@ def test_an_uncertain_geometry_gets_a_new_model_and_is_evaluated_again_at_the_sa
         return Improvement(ensemble(10 * len(asked)), chunks_added=len(asked), model=len(asked))
 
     frames = []
-    result = relax_with_uncertainty(atoms, ensemble(0), 0.0, improve, fmax=1e-9, max_steps=3, model=0,
-                                    on_frame=lambda frame, row: frames.append((frame, row)))
+    result = relax_with_uncertainty(
+        atoms, ensemble(0), 0.0, improve, fmax=1e-9, max_steps=3, model=0, on_frame=lambda frame, row: frames.append((frame, row))
+    )
     rows = [(row.step, row.model, row.chunks_added) for row in result.steps]
     # Step 0: model 0 asks (2 chunks' worth of improvement, two new models), model 2 gets None and goes on.
     assert rows == [(0, 0, 1), (0, 1, 2), (0, 2, 0), (1, 2, 0), (2, 2, 0), (3, 2, 0)]
@@ -56,8 +57,9 @@ def test_an_uncertain_geometry_gets_a_new_model_and_is_evaluated_again_at_the_sa
 )
 def test_it_stops_at_the_force_target_and_says_whether_delta_was_below_the_threshold(threshold, answer, reason, evaluations):
     asked = []
-    result = relax_with_uncertainty(rattled_cluster(), ensemble(0), threshold, lambda *args: asked.append(args) or answer,
-                                    fmax=1e6, max_steps=5)
+    result = relax_with_uncertainty(
+        rattled_cluster(), ensemble(0), threshold, lambda *args: asked.append(args) or answer, fmax=1e6, max_steps=5
+    )
     assert result.reason == reason and len(result.steps) == evaluations and result.steps[0].step == 0
     assert len(asked) == (0 if threshold == np.inf else 1)
 

@@ -1,5 +1,6 @@
 """Reliability of `nft run` on a user's machine: it runs however it is started, and nothing of a
 campaign outlives its driver (the kill test is in test_resume.py)."""
+
 import json
 import os
 import signal
@@ -16,8 +17,9 @@ def test_nft_by_absolute_path_runs_without_its_venv_on_path(small_campaign):
     """Parsl starts its interchange and workers by command name; the venv's bin may not be on PATH."""
     config = small_campaign({"active": {"max_iterations": 1}})
     env = {**os.environ, "PATH": "/usr/bin:/bin"}
-    with subprocess.Popen(NFT + ["run", str(config)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as process:
+    with subprocess.Popen(
+        NFT + ["run", str(config)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
         try:
             stdout, stderr = process.communicate(timeout=240)
         except subprocess.TimeoutExpired:
@@ -58,11 +60,18 @@ def test_a_parent_job_dies_with_the_worker_that_started_it(tmp_path):
     import time
 
     marker = tmp_path / "job.pid"
-    worker = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         from pathlib import Path
         from pipeline.execution.process_group import run_process_group
         run_process_group(["bash", "-c", "echo $$ > {marker}; exec sleep 120"], Path("{tmp_path}"), {{"PATH": "/usr/bin:/bin"}}, None)
-    """)], start_new_session=True)
+    """),
+        ],
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not (marker.exists() and marker.read_text().strip()) and time.monotonic() < deadline:

@@ -1,5 +1,6 @@
 """`nft report` on a small real campaign (EMT): report.md, the PNGs it links, its δ figures equal to
 `nft status --json`, and a report that reads the database and model files only (no Parsl)."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIN_FIGURE_BYTES = 10_000
 """A figure with axes, labels and data is tens of kB; an empty canvas is a few."""
 EXPECTED_FIGURES = {
-    "delta_per_iteration.png", "chunks_per_iteration.png", "force_parity.png", "residual_vs_delta.png", "target_delta.png",
+    "delta_per_iteration.png",
+    "chunks_per_iteration.png",
+    "force_parity.png",
+    "residual_vs_delta.png",
+    "target_delta.png",
     "calibration_per_iteration.png",
 }
 
@@ -58,8 +63,9 @@ def test_the_report_draws_the_locality_curve_that_nft_locality_config_recorded(f
 
     target = read(finished_campaign.parent / "target.traj")
     write(tmp_path / "target.traj", target)
-    locality = run_nft("locality", tmp_path / "target.traj", "--config", finished_campaign, "--radii", "3,4",
-                       "--atoms", "2", "--json", timeout=180)
+    locality = run_nft(
+        "locality", tmp_path / "target.traj", "--config", finished_campaign, "--radii", "3,4", "--atoms", "2", "--json", timeout=180
+    )
     assert locality.returncode == 0, locality.stderr
     recorded = json.loads((finished_campaign.parent / "run" / "locality.json").read_text())
     assert recorded == json.loads(locality.stdout)
@@ -85,8 +91,12 @@ def test_report_delta_figures_equal_the_database(finished_campaign, default_repo
     assert len(rows) == status["iterations"] == 2
     for row, entry in zip(rows, status["history"]):
         assert row == (
-            str(entry["iteration"]), cell(entry["uncertainty"]), cell(entry["delta_chunked_max"]),
-            cell(entry["delta_unchunked_max"]), str(entry["chunks_added"]), cell(entry["train_force_mae"]),
+            str(entry["iteration"]),
+            cell(entry["uncertainty"]),
+            cell(entry["delta_chunked_max"]),
+            cell(entry["delta_unchunked_max"]),
+            str(entry["chunks_added"]),
+            cell(entry["train_force_mae"]),
         )
     assert rows[1][2] != "-"  # the second iteration has chunks: δ there is recorded and reported
     assert f"| final δ (eV/Å) | {cell(status['latest_uncertainty'])} |" in text
@@ -133,7 +143,10 @@ def test_a_report_without_model_files_keeps_the_history_and_says_why(finished_ca
     without_models = CampaignReport(full.status, 1, 2, None, None, [], "model file models/iteration-001.nft is missing")
     written = write_report(without_models, tmp_path)
     assert [path.name for path in written] == [
-        "delta_per_iteration.png", "chunks_per_iteration.png", "calibration_per_iteration.png", "report.md"
+        "delta_per_iteration.png",
+        "chunks_per_iteration.png",
+        "calibration_per_iteration.png",
+        "report.md",
     ]
     assert "left out: model file models/iteration-001.nft is missing" in (tmp_path / "report.md").read_text()
 

@@ -5,6 +5,7 @@ hooks of campaign_fixtures: every EMT calculation is logged with the digest of i
 chunk calculations are slowed down (fault injection) so that the SIGKILL lands while jobs are in
 flight. The database is polled until some chunk results are stored; then the whole group is killed.
 """
+
 import json
 import os
 import signal
@@ -94,7 +95,11 @@ def test_a_killed_campaign_resumes_without_recomputing_or_duplicating(small_camp
     campaign = load_config(config)
 
     process = subprocess.Popen(
-        NFT + ["run", str(config)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        NFT + ["run", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     try:

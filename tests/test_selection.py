@@ -1,4 +1,5 @@
 """Selection of chunk centres (docs/campaign.md, "The loop"): threshold, fraction, separation, exclusion, order, limit."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -131,6 +132,7 @@ def test_bad_arguments_are_value_errors(kwargs, message):
 
 # -- the selection report: why selectable atoms were not picked -----------------------------------
 
+
 def test_the_report_counts_every_skip_reason_exactly():
     x = [0, 2, 20, 40, 60, 62, 80, 83, 100, 21, 22]  # Å along a line
     atoms = Atoms("Pt11", positions=[[value, 0.0, 0.0] for value in x])
@@ -142,7 +144,12 @@ def test_the_report_counts_every_skip_reason_exactly():
     # picked with a larger limit), 8 free (over), 10 free (over: chunked atom 2 blocks no neighbour).
     assert report.picked == [0, 4]
     assert report.counts() == {
-        "selectable": 10, "selected": 2, "already_chunked": 1, "reference_failed": 1, "too_close": 3, "over_limit": 3,
+        "selectable": 10,
+        "selected": 2,
+        "already_chunked": 1,
+        "reference_failed": 1,
+        "too_close": 3,
+        "over_limit": 3,
     }
     assert select_chunk_centers(delta, atoms, 0.1, 2, 5.0, exclude=[2, 3]) == [0, 4]
     unlimited = selection_report(delta, atoms, 0.1, 100, 5.0, exclude=[2, 3], failed=[3])
@@ -154,7 +161,12 @@ def test_the_report_by_fraction_counts_only_the_fraction():
     report = selection_report(delta, _line(10), None, 2, 6.5, exclude=[1], select_fraction=0.5)
     assert report.picked == [0, 2]
     assert report.counts() == {
-        "selectable": 5, "selected": 2, "already_chunked": 1, "reference_failed": 0, "too_close": 0, "over_limit": 2,
+        "selectable": 5,
+        "selected": 2,
+        "already_chunked": 1,
+        "reference_failed": 0,
+        "too_close": 0,
+        "over_limit": 2,
     }
 
 
@@ -167,7 +179,10 @@ def test_the_report_picks_what_select_chunk_centers_picks_and_accounts_for_every
     assert report.picked == select_chunk_centers(delta, cluster, 0.3, max_count, 4.0, exclude=exclude)
     counts = report.counts()
     assert counts["selectable"] == int(np.sum(delta > 0.3))
-    assert counts["selected"] + sum(counts[key] for key in ("already_chunked", "reference_failed", "too_close", "over_limit")) == counts["selectable"]
+    assert (
+        counts["selected"] + sum(counts[key] for key in ("already_chunked", "reference_failed", "too_close", "over_limit"))
+        == counts["selectable"]
+    )
     assert counts["reference_failed"] == int(np.sum(delta[exclude[:7]] > 0.3))
     assert counts["already_chunked"] == int(np.sum(delta[exclude[7:]] > 0.3))
     free = selection_report(delta, cluster, 0.3, 10_000, 4.0, exclude=exclude).picked
@@ -185,6 +200,7 @@ def test_a_ranking_orders_the_picks_and_the_fraction_while_the_threshold_stays_o
 
 
 # -- farthest-point selection in descriptor space --------------------------------------------------
+
 
 def _pool(delta, atoms=None, exclude=(), threshold=0.1):
     delta = np.asarray(delta, dtype=float)
@@ -210,9 +226,7 @@ def test_farthest_point_avoids_environments_already_trained_in_any_parent():
     features_first = np.array([[0.0], [1.0], [3.0]])
     features_second = np.array([[3.0], [9.0]])  # atom 1 has a chunk; atom 0 looks like first's atom 2
     pools = [_pool([0.5, 0.4, 0.9], first), _pool([0.2, 0.95], second, exclude=[1])]
-    picks, reports = farthest_point_reports(
-        pools, [features_first, features_second], [first.numbers, second.numbers], [(), [1]], 10, 0.0
-    )
+    picks, reports = farthest_point_reports(pools, [features_first, features_second], [first.numbers, second.numbers], [(), [1]], 10, 0.0)
     assert picks[0] == (0, 0)  # 9 away from the trained environment: the farthest
     assert picks[-1] in {(0, 2), (1, 0)}  # the two copies of the same environment come last
     assert reports[1].already_chunked == 1 and len(picks) == 4

@@ -1,6 +1,7 @@
 """One database, many campaigns, on real SQLite files and a real PostgreSQL server: each campaign
 reads only its own structures and jobs, shares results of the same geometry and parent physics,
 claims a job by compare-and-set, and holds a driver lease; version-1 and version-2 databases are migrated."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -111,7 +112,9 @@ def test_a_job_is_claimed_once_and_a_dead_drivers_job_is_taken_over(database_url
             thread.join()
         assert sorted(claims).count(CLAIMED) == 1 and claims.count(ELSEWHERE) == len(threads) - 1
         assert stores[0].job(job_id).attempts == 1
-        holder = next(store for store in stores if store.job(job_id).claimed_by == store.campaign_id(store.campaigns()[stores.index(store)]))
+        holder = next(
+            store for store in stores if store.job(job_id).claimed_by == store.campaign_id(store.campaigns()[stores.index(store)])
+        )
         other = next(store for store in stores if store is not holder)
         assert other.claim_job(job_id, stale_after_s=0.0) == CLAIMED, "the holder's lease is stale: taken over"
         assert other.job(job_id).attempts == 2
@@ -169,8 +172,10 @@ def version_1_database(path: Path, campaigns: tuple[str, ...]) -> None:
     """A version-1 file as nft 8057728 wrote it: one target, two chunks (one done, one running),
     an initial structure with a done job, and an iteration of the first campaign."""
     blobs = lambda atoms: (  # noqa: E731
-        pack_array(np.asarray(atoms.numbers, dtype=np.int64)), pack_array(atoms.positions),
-        pack_array(atoms.cell.array), pack_array(np.asarray(atoms.pbc, dtype=bool)),
+        pack_array(np.asarray(atoms.numbers, dtype=np.int64)),
+        pack_array(atoms.positions),
+        pack_array(atoms.cell.array),
+        pack_array(np.asarray(atoms.pbc, dtype=bool)),
     )
     target, cell = particle(), bulk("Pt", "fcc", 3.92)
     with sqlite3.connect(path) as raw:
@@ -185,7 +190,22 @@ def version_1_database(path: Path, campaigns: tuple[str, ...]) -> None:
         raw.execute(insert, (1, "target", "target:t", "t", len(target), *blobs(target), None, None, None, None, None))
         raw.execute(insert, (2, "initial", "initial:i", "i", 1, *blobs(cell), None, None, None, None, None))
         for structure_id, center in ((3, 7), (4, 9)):
-            raw.execute(insert, (structure_id, "chunk", f"chunk:1:{center}:4.000000", f"c{center}", len(target), *blobs(target), 1, center, center, 4.0, 4.0))
+            raw.execute(
+                insert,
+                (
+                    structure_id,
+                    "chunk",
+                    f"chunk:1:{center}:4.000000",
+                    f"c{center}",
+                    len(target),
+                    *blobs(target),
+                    1,
+                    center,
+                    center,
+                    4.0,
+                    4.0,
+                ),
+            )
         jobs = [(1, 2, "done"), (2, 3, "done"), (3, 4, "running")]
         for job_id, structure_id, status in jobs:
             raw.execute(
@@ -261,7 +281,9 @@ def downgrade_to_version_2(url: str) -> None:
             connection.execute(text("ALTER TABLE reference_results DROP COLUMN final_positions"))
             connection.execute(text("ALTER TABLE reference_results DROP COLUMN final_cell"))
             connection.execute(text("ALTER TABLE structures DROP CONSTRAINT ck_structure_kind"))
-            connection.execute(text("ALTER TABLE structures ADD CONSTRAINT ck_structure_kind CHECK (kind IN ('target', 'initial', 'chunk'))"))
+            connection.execute(
+                text("ALTER TABLE structures ADD CONSTRAINT ck_structure_kind CHECK (kind IN ('target', 'initial', 'chunk'))")
+            )
             connection.execute(text("UPDATE nft_metadata SET value = '2' WHERE key = 'schema_version'"))
     finally:
         engine.dispose()
@@ -277,8 +299,12 @@ def version_2_database(database_url: str, tmp_path: Path) -> str:
             raw.executemany("INSERT INTO nft_metadata VALUES (?, ?)", [("application", "nft"), ("schema_version", "2")])
         with sqlite3.connect(path) as raw:  # what a version-2 nft wrote: write_version_2_content's rows
             target = particle()
-            blobs = (pack_array(np.asarray(target.numbers, dtype=np.int64)), pack_array(target.positions),
-                     pack_array(target.cell.array), pack_array(np.asarray(target.pbc, dtype=bool)))
+            blobs = (
+                pack_array(np.asarray(target.numbers, dtype=np.int64)),
+                pack_array(target.positions),
+                pack_array(target.cell.array),
+                pack_array(np.asarray(target.pbc, dtype=bool)),
+            )
             insert = (
                 "INSERT INTO structures (id, kind, identity, geometry_hash, n_atoms, numbers, positions, cell, pbc, parent_id,"
                 " center_in_parent, center_in_chunk, radius, vacuum, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,'2026-01-01')"
@@ -286,7 +312,9 @@ def version_2_database(database_url: str, tmp_path: Path) -> str:
             raw.execute("INSERT INTO campaigns (id, name, config, created_at) VALUES (1, 'old', '{}', '2026-01-01')")
             raw.execute(insert, (1, "target", "target:t", "t", len(target), *blobs, None, None, None, None, None))
             raw.execute(insert, (2, "chunk", "chunk:1:3:4.000000", "c", len(target), *blobs, 1, 3, 3, 4.0, 4.0))
-            raw.execute("INSERT INTO campaign_structures (campaign_id, structure_id, created_at) VALUES (1, 1, '2026-01-01'), (1, 2, '2026-01-01')")
+            raw.execute(
+                "INSERT INTO campaign_structures (campaign_id, structure_id, created_at) VALUES (1, 1, '2026-01-01'), (1, 2, '2026-01-01')"
+            )
             raw.execute(
                 "INSERT INTO reference_jobs (id, structure_id, calculator, params, params_hash, status, attempts, created_at, claimed_by)"
                 " VALUES (1, 2, 'emt', '{}', '44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a', 'done', 1, '2026-01-01', 1)"

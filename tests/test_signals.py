@@ -5,6 +5,7 @@ holds Parsl's interchange too; a SIGKILL of the driver alone must not orphan the
 runs a real `nft run` on a tiny EMT campaign (its own session, as `setsid nft run` would) and signals
 it while training is in flight.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,12 @@ ONE_ITERATION = {"active": {"max_iterations": 1}}
 def start_nft_run(config: Path) -> subprocess.Popen:
     """`nft run CONFIG` in a session of its own (the group a terminal would signal)."""
     return subprocess.Popen(
-        NFT + ["run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=default_stop_signals
+        NFT + ["run", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=default_stop_signals,
     )
 
 
@@ -166,8 +172,12 @@ def test_a_signal_while_nft_starts_exits_130_with_the_message(tmp_path, signum, 
     """A signal while nft is still importing (before any command runs) exits 130 with the message,
     not a traceback or a silent death by the signal; `nft status` of a missing config would exit 2."""
     process = subprocess.Popen(
-        NFT + ["status", str(tmp_path / "missing.toml")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, preexec_fn=default_stop_signals,
+        NFT + ["status", str(tmp_path / "missing.toml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=default_stop_signals,
     )
     time.sleep(delay_s)
     os.killpg(process.pid, signum)

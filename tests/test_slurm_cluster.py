@@ -1,5 +1,6 @@
 """The single-node Slurm cluster runs real batch jobs, MPI under srun and mpiexec, and the driver
 template."""
+
 from __future__ import annotations
 
 import shutil
@@ -25,16 +26,17 @@ MPI_HELLO = (
 
 def submit(cluster, *args: str, cwd: Path, **env: str) -> str:
     """sbatch with --parsable (the job gets this environment plus `env`); returns the job id."""
-    result = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=cluster.env(**env),
-                            capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        ["sbatch", "--parsable", *args], cwd=cwd, env=cluster.env(**env), capture_output=True, text=True, timeout=60, check=True
+    )
     return result.stdout.strip().split(";")[0]
 
 
 def completion_records(cluster) -> dict[str, tuple[str, str]]:
     """Ended jobs from the job-completion log (`sacct -c`): job id -> (state, exit code)."""
-    out = subprocess.run(["sacct", "-c", "-n", "-P", "-o", "jobid,state,exitcode"],
-                         env=cluster.env(), capture_output=True, text=True, timeout=60,
-                         check=True).stdout
+    out = subprocess.run(
+        ["sacct", "-c", "-n", "-P", "-o", "jobid,state,exitcode"], env=cluster.env(), capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     records = {}
     for line in out.splitlines():
         job_id, state, exit_code = line.split("|")
@@ -47,8 +49,9 @@ def require_mpi4py():
 
 
 def test_cluster_is_up_with_the_node_idle_or_in_use(slurm_cluster):
-    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %P %T %c"], env=slurm_cluster.env(),
-                         capture_output=True, text=True, timeout=30, check=True).stdout
+    out = subprocess.run(
+        ["sinfo", "-h", "-N", "-o", "%N %P %T %c"], env=slurm_cluster.env(), capture_output=True, text=True, timeout=30, check=True
+    ).stdout
     node, partition, state, cpus = out.split()
     assert node == slurm_cluster.node
     assert partition.rstrip("*") == slurm_cluster.partition
@@ -59,8 +62,7 @@ def test_cluster_is_up_with_the_node_idle_or_in_use(slurm_cluster):
 def test_batch_job_runs_and_is_recorded(slurm_cluster, tmp_path):
     script = tmp_path / "job.sh"
     script.write_text("#!/bin/bash\necho \"job $SLURM_JOB_ID on $(hostname -s) ntasks $SLURM_NTASKS\"\n")
-    job_id = submit(slurm_cluster, "-n", "1", "-o", str(tmp_path / "out-%j.txt"), str(script),
-                    cwd=tmp_path)
+    job_id = submit(slurm_cluster, "-n", "1", "-o", str(tmp_path / "out-%j.txt"), str(script), cwd=tmp_path)
     state = slurm_cluster.wait_for_job(job_id)
     assert state["JobState"] == "COMPLETED", state
     assert state["ExitCode"] == "0:0"
@@ -87,8 +89,13 @@ def test_srun_starts_two_mpi_ranks(slurm_cluster, tmp_path):
         pytest.skip("this Slurm has no PMIx plugin; use mpiexec inside an allocation")
     result = subprocess.run(
         ["srun", "--mpi=pmix", "-n", "2", str(VENV_BIN / "python"), "-c", MPI_HELLO],
-        cwd=tmp_path, env=slurm_cluster.env(OMP_NUM_THREADS="1"),
-        capture_output=True, text=True, timeout=120, check=False)
+        cwd=tmp_path,
+        env=slurm_cluster.env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank"))
     assert lines == ["rank 0 of 2 sum 3", "rank 1 of 2 sum 3"]
@@ -101,8 +108,7 @@ def test_mpiexec_inside_a_batch_allocation(slurm_cluster, tmp_path):
     if mpiexec is None:
         pytest.fail("mpiexec not found (openmpi-bin, installed by scripts/setup.sh)")
     command = f"{mpiexec} -n 2 {VENV_BIN / 'python'} -c \"{MPI_HELLO}\""
-    job_id = submit(slurm_cluster, "-n", "2", "-o", str(tmp_path / "mpi-%j.txt"), "--wrap", command,
-                    cwd=tmp_path)
+    job_id = submit(slurm_cluster, "-n", "2", "-o", str(tmp_path / "mpi-%j.txt"), "--wrap", command, cwd=tmp_path)
     state = slurm_cluster.wait_for_job(job_id)
     output = (tmp_path / f"mpi-{job_id}.txt").read_text()
     assert state["JobState"] == "COMPLETED", output
@@ -116,9 +122,15 @@ def test_driver_template_runs_nft_as_a_job(slurm_cluster, tmp_path):
     help_run = subprocess.run([str(nft), "run", "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert help_run.returncode == 0, f"`nft run --help` is broken: {help_run.stdout}{help_run.stderr}"
     missing = tmp_path / "no-such-campaign.toml"
-    job_id = submit(slurm_cluster, "-o", str(tmp_path / "driver-%j.txt"),
-                    str(REPO / "slurm" / "nft-driver.sbatch"), str(missing), cwd=tmp_path,
-                    NFT_ROOT=str(REPO))
+    job_id = submit(
+        slurm_cluster,
+        "-o",
+        str(tmp_path / "driver-%j.txt"),
+        str(REPO / "slurm" / "nft-driver.sbatch"),
+        str(missing),
+        cwd=tmp_path,
+        NFT_ROOT=str(REPO),
+    )
     state = slurm_cluster.wait_for_job(job_id)
     output = (tmp_path / f"driver-{job_id}.txt").read_text()
     assert state["JobState"] == "FAILED", output
@@ -145,13 +157,23 @@ def test_the_driver_stops_before_its_walltime_requeues_and_resumes(slurm_cluster
     config = write_campaign(tmp_path / "campaign", {"active": {"threshold": 0.01, "max_iterations": 5}})
     output = tmp_path / "driver.txt"
     second_model = config.parent / "run" / "models" / "iteration-002.nft"
-    job_id = submit(slurm_cluster, "--time=15", "-o", str(output),
-                    str(REPO / "slurm" / "nft-driver.sbatch"), str(config), cwd=tmp_path,
-                    NFT_ROOT=str(REPO), NFT_SITE="local", NFT_MAX_REQUEUES="8")
+    job_id = submit(
+        slurm_cluster,
+        "--time=15",
+        "-o",
+        str(output),
+        str(REPO / "slurm" / "nft-driver.sbatch"),
+        str(config),
+        cwd=tmp_path,
+        NFT_ROOT=str(REPO),
+        NFT_SITE="local",
+        NFT_MAX_REQUEUES="8",
+    )
 
     def warn() -> None:
-        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm_cluster.env(),
-                       capture_output=True, timeout=30, check=True)
+        subprocess.run(
+            ["scancel", "--batch", "--signal=USR1", job_id], env=slurm_cluster.env(), capture_output=True, timeout=30, check=True
+        )
 
     warned = 0
     skipped_delay_for = 0
@@ -168,8 +190,13 @@ def test_the_driver_stops_before_its_walltime_requeues_and_resumes(slurm_cluster
             warned = 2
         if state.get("JobState") == "PENDING" and restarts > skipped_delay_for:  # as the admin, skip the ≈ 2 min delay
             time.sleep(10)  # until the last run is cleaned up: starting sooner revokes the new run's credential
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_cluster.env(),
-                           capture_output=True, timeout=30, check=False)
+            subprocess.run(
+                ["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                env=slurm_cluster.env(),
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
             skipped_delay_for = restarts
         if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
             break

@@ -5,6 +5,7 @@ that stopped without converging, whether it is a fit or a coverage problem and w
 Small real campaigns (local Parsl, SQLite, EMT); every reported number is recomputed here from the
 database and the saved model of its iteration.
 """
+
 import io
 import json
 import shutil
@@ -110,7 +111,7 @@ def test_each_iteration_says_where_delta_lives_as_the_saved_model_and_the_databa
             "carved": record.iteration < 2,
         }
         assert selection["selected"] + sum(selection[key] for key in SKIP_REASONS) == selection["selectable"]
-        carved = [chunk.center_in_parent for chunk in chunks[carved_before:carved_before + record.chunks_added]]
+        carved = [chunk.center_in_parent for chunk in chunks[carved_before : carved_before + record.chunks_added]]
         assert carved == (picked if selection["carved"] else [])
         carved_before += record.chunks_added
     assert carved_before == len(chunks) > 0
@@ -169,7 +170,11 @@ def test_atoms_whose_chunk_failed_are_counted_apart(small_campaign):
     squeeze_to_neighbour(target, 0, 1.4)
     threshold = 0.05
     config = small_campaign(
-        {"active": {"threshold": threshold, "max_iterations": 2}, "chunks": {"max_per_iteration": 6, "min_separation": 2.0}, "model": CHEAP_TRAINING},
+        {
+            "active": {"threshold": threshold, "max_iterations": 2},
+            "chunks": {"max_per_iteration": 6, "min_separation": 2.0},
+            "model": CHEAP_TRAINING,
+        },
         target=target,
     )
     result = run_nft("run", config)
@@ -219,17 +224,32 @@ def _config(small_campaign, **active):
 
 def test_the_fit_or_coverage_rule_on_hand_made_entries(small_campaign):
     config = _config(small_campaign)
-    selection = {"selectable": 9, "selected": 2, "already_chunked": 1, "reference_failed": 1, "too_close": 2, "over_limit": 3, "carved": True}
+    selection = {
+        "selectable": 9,
+        "selected": 2,
+        "already_chunked": 1,
+        "reference_failed": 1,
+        "too_close": 2,
+        "over_limit": 3,
+        "carved": True,
+    }
 
     def entry(chunked, unchunked):
-        return {"iteration": 4, "delta_chunked_max": chunked, "delta_unchunked_max": unchunked,
-                "chunk_force_error_max": 0.2, "chunk_force_error_median": 0.05, "selection": selection}
+        return {
+            "iteration": 4,
+            "delta_chunked_max": chunked,
+            "delta_unchunked_max": unchunked,
+            "chunk_force_error_max": 0.2,
+            "chunk_force_error_median": 0.05,
+            "selection": selection,
+        }
 
     fit = stall_diagnosis(entry(0.5, 0.3), "patience", config)
     assert fit["kind"] == "fit" and fit["settings"] == ["model.lbfgs_steps", "model.descriptor"]
     assert "0.2 max, 0.05 median" in fit["advice"]
-    lm_config = load_config(small_campaign({"active": {"threshold": 0.1, "max_iterations": 5},
-                                            "model": {"optimizer": "levenberg-marquardt"}}))
+    lm_config = load_config(
+        small_campaign({"active": {"threshold": 0.1, "max_iterations": 5}, "model": {"optimizer": "levenberg-marquardt"}})
+    )
     lm_fit = stall_diagnosis(entry(0.5, 0.3), "patience", lm_config)
     assert lm_fit["settings"] == ["model.lm_steps", "model.descriptor"] and "model.lm_steps" in lm_fit["advice"]
     assert stall_diagnosis(entry(0.5, 0.5), "patience", config)["kind"] == "fit"  # ties: fit
@@ -239,7 +259,10 @@ def test_the_fit_or_coverage_rule_on_hand_made_entries(small_campaign):
     for part in ("3 beyond chunks.max_per_iteration", "2 closer than chunks.min_separation", "1 whose chunk's reference job failed"):
         assert part in coverage["advice"]
     assert stall_diagnosis(entry(0.05, 0.5), "patience", config)["settings"] == [
-        "chunks.max_per_iteration", "chunks.min_separation", "active.patience", "active.max_iterations",
+        "chunks.max_per_iteration",
+        "chunks.min_separation",
+        "active.patience",
+        "active.max_iterations",
     ]
     assert stall_diagnosis(entry(None, 0.5), "no_new_chunks", config)["kind"] == "coverage"
     assert stall_diagnosis(entry(0.05, 0.09), "converged", config) is None
@@ -264,6 +287,9 @@ def test_delta_location_on_hand_made_numbers():
         "chunk_force_error_median": 1.0,
     }
     assert delta_location(predictions[:1], [{}]) == {
-        "chunked_atoms": 0, "delta_chunked_max": None, "delta_unchunked_max": 0.7,
-        "chunk_force_error_max": None, "chunk_force_error_median": None,
+        "chunked_atoms": 0,
+        "delta_chunked_max": None,
+        "delta_unchunked_max": 0.7,
+        "chunk_force_error_max": None,
+        "chunk_force_error_median": None,
     }

@@ -1,4 +1,5 @@
 """When a campaign stops (docs/campaign.md, "The loop", step 4), on histories written by hand."""
+
 from datetime import datetime, timezone
 
 import pytest
@@ -13,9 +14,7 @@ pytestmark = pytest.mark.timeout(60)
 def history(*rows):
     """IterationRecords from (max δ eV/Å, chunks added) pairs, iterations 1, 2, …"""
     now = datetime.now(timezone.utc)
-    return [
-        IterationRecord(k, {1: delta}, delta, chunks, 0.01, {}, now) for k, (delta, chunks) in enumerate(rows, start=1)
-    ]
+    return [IterationRecord(k, {1: delta}, delta, chunks, 0.01, {}, now) for k, (delta, chunks) in enumerate(rows, start=1)]
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The campaign database on real SQLite files: round trips, idempotence, chunk uniqueness, resume,
 schema checks, and a second process reading while the driver writes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -134,9 +135,7 @@ def test_same_chunk_cannot_be_stored_twice(store: CampaignStore, db_path: Path):
     # The same key with a (slightly) different geometry is still the same chunk.
     chunk, center_in_chunk = chunk_of(parent, 7)
     chunk.positions += 0.01
-    again = store.add_structure(
-        "chunk", chunk, parent_id=parent_id, center_in_parent=7, center_in_chunk=center_in_chunk, radius=8.0
-    )
+    again = store.add_structure("chunk", chunk, parent_id=parent_id, center_in_parent=7, center_in_chunk=center_in_chunk, radius=8.0)
     assert again == chunk_id
     assert add_chunk(store, parent_id, parent, center=7, radius=6.0) != chunk_id
     assert add_chunk(store, parent_id, parent, center=8) != chunk_id
@@ -154,10 +153,18 @@ def test_same_chunk_cannot_be_stored_twice(store: CampaignStore, db_path: Path):
     with Session(store.engine) as session, pytest.raises(sa_exc.IntegrityError):
         session.add(
             StructureRow(
-                kind="chunk", identity="bypassing-the-api", geometry_hash="x", n_atoms=1,
-                numbers=pack_array(np.array([78])), positions=pack_array(np.zeros((1, 3))),
-                cell=pack_array(np.zeros((3, 3))), pbc=pack_array(np.zeros(3, dtype=bool)),
-                parent_id=parent_id, center_in_parent=7, center_in_chunk=0, radius=8.0,
+                kind="chunk",
+                identity="bypassing-the-api",
+                geometry_hash="x",
+                n_atoms=1,
+                numbers=pack_array(np.array([78])),
+                positions=pack_array(np.zeros((1, 3))),
+                cell=pack_array(np.zeros((3, 3))),
+                pbc=pack_array(np.zeros(3, dtype=bool)),
+                parent_id=parent_id,
+                center_in_parent=7,
+                center_in_chunk=0,
+                radius=8.0,
             )
         )
         session.commit()
@@ -213,9 +220,7 @@ def test_labelled_structures_are_done_initial_and_chunk_results(store: CampaignS
     initial = triclinic_cell()
     initial_job = store.add_job(store.add_structure("initial", initial), *EMT)
     chunk, center_in_chunk = chunk_of(parent, 5)
-    chunk_id = store.add_structure(
-        "chunk", chunk, parent_id=parent_id, center_in_parent=5, center_in_chunk=center_in_chunk, radius=8.0
-    )
+    chunk_id = store.add_structure("chunk", chunk, parent_id=parent_id, center_in_parent=5, center_in_chunk=center_in_chunk, radius=8.0)
     chunk_job = store.add_job(chunk_id, *EMT)
     pending_chunk_job = store.add_job(add_chunk(store, parent_id, parent, center=9), *EMT)
     target_job = store.add_job(parent_id, *EMT)
@@ -285,7 +290,10 @@ def test_models_and_iterations(store: CampaignStore, tmp_path: Path):
         model.write_bytes(os.urandom(1000))
         store.record_model(iteration, model, {"train_force_mae": 0.1 / (iteration + 1)})
         store.record_iteration(
-            iteration, dict(zip(targets, deltas)), chunks_added=3, train_force_mae=0.05,
+            iteration,
+            dict(zip(targets, deltas)),
+            chunks_added=3,
+            train_force_mae=0.05,
             wall_time={"training": 2.0, "prediction": 0.5, "reference": 4.0, "overhead": 0.1},
         )
     history = store.iterations()
@@ -391,7 +399,12 @@ def run_reader(url: str, seconds: float) -> list[int]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     completed = subprocess.run(
         [sys.executable, "-c", READER, url, str(seconds)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr
     return json.loads(completed.stdout)
@@ -444,6 +457,7 @@ def test_a_result_records_the_batch_job_id_known_only_after_the_run(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # One transaction for what only makes sense together (issue 25, item 6), model files recorded
 # relative to the campaign's folder and checked against their sha256 (items 7 and 17).
+
 
 def _chunk_of(store: CampaignStore, target: int, centre: int) -> int:
     atoms = rattled_particle()

@@ -121,8 +121,17 @@ def test_early_stopping_stops_and_restores_each_members_best_weights():
     """A large constant learning rate makes the validation loss stall: training stops early and hands
     back every member at its lowest validation loss, not at its last epoch."""
     data = labelled(bulk_training_cells(10, seed=6))
-    settings = TrainingSettings(ensemble=2, epochs=2000, validation_fraction=0.2, patience_epochs=30,
-                                learning_rate=0.05, final_learning_rate=0.05, optimizer="lbfgs", lbfgs_steps=0, seed=0)
+    settings = TrainingSettings(
+        ensemble=2,
+        epochs=2000,
+        validation_fraction=0.2,
+        patience_epochs=30,
+        learning_rate=0.05,
+        final_learning_rate=0.05,
+        optimizer="lbfgs",
+        lbfgs_steps=0,
+        seed=0,
+    )
     model, report = train_ensemble(data, settings)
     assert report.validation_force_mae is not None
     assert report.epochs_run < settings.epochs, "early stopping never stopped"
@@ -156,14 +165,18 @@ def test_warm_start_continues_from_the_previous_members():
     assert warm_report.epochs_run == 0, "with L-BFGS on, a warm start skips Adam"
 
     # no steps at all: the warm model is the first model, rescaled to the grown set's statistics
-    frozen, frozen_report = train_ensemble(grown, TrainingSettings(ensemble=3, epochs=0, optimizer="lbfgs", lbfgs_steps=0, seed=2), start_from=first)
+    frozen, frozen_report = train_ensemble(
+        grown, TrainingSettings(ensemble=3, epochs=0, optimizer="lbfgs", lbfgs_steps=0, seed=2), start_from=first
+    )
     assert warm_report.train_force_mae < frozen_report.train_force_mae
     cluster = grown[-1].atoms
     np.testing.assert_allclose(frozen.predict(cluster).member_forces, first.predict(cluster).member_forces, atol=1e-9)
     assert not torch.equal(frozen.feature_mean, first.feature_mean)
 
     # a shard of the members (distributed training) picks its own members by seed
-    shard, _ = train_ensemble(grown, TrainingSettings(ensemble=3, epochs=0, optimizer="lbfgs", lbfgs_steps=0, seed=2), start_from=first, member_seeds=(2001,))
+    shard, _ = train_ensemble(
+        grown, TrainingSettings(ensemble=3, epochs=0, optimizer="lbfgs", lbfgs_steps=0, seed=2), start_from=first, member_seeds=(2001,)
+    )
     _, shard_forces = shard.member_energies_and_forces(cluster)
     np.testing.assert_allclose(shard_forces[0].numpy(), first.predict(cluster).member_forces[1], atol=1e-9)
 
@@ -247,8 +260,7 @@ def test_a_shard_judges_outliers_against_the_whole_ensemble():
         gathered.append(losses)
         return torch.cat([losses, healthy_losses[0]])
 
-    shard, shard_report = train_ensemble(grown, settings, start_from=first, member_seeds=seeds[:2],
-                                         ensemble_losses=whole_ensemble)
+    shard, shard_report = train_ensemble(grown, settings, start_from=first, member_seeds=seeds[:2], ensemble_losses=whole_ensemble)
     assert len(gathered) == 1, "one gather per training, at the outlier check"
     assert shard_report.reset_members == whole_report.reset_members == (seeds[1],)
     assert healthy_report.reset_members == ()

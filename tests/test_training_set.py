@@ -1,4 +1,5 @@
 """The NFT training rule (campaign/training_set.py): what each stored result trains, in which environment."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,8 +37,13 @@ def store_chunk(store: CampaignStore, parent, parent_id: int, centre: int) -> tu
     """Carve, store and label (EMT) one chunk; returns its job id and the chunk's EMT forces."""
     chunk = carve_chunk(parent, centre, 6.0, 4.0)
     structure_id = store.add_structure(
-        "chunk", chunk.atoms, parent_id=parent_id, center_in_parent=centre,
-        center_in_chunk=chunk.center_in_chunk, radius=6.0, vacuum=4.0,
+        "chunk",
+        chunk.atoms,
+        parent_id=parent_id,
+        center_in_parent=centre,
+        center_in_chunk=chunk.center_in_chunk,
+        radius=6.0,
+        vacuum=4.0,
     )
     job = store.add_job(structure_id, *PARENT)
     atoms = chunk.atoms.copy()
@@ -74,8 +80,7 @@ def test_a_chunk_trains_only_its_central_force_in_either_environment(tmp_path: P
     # The target environment holds every parent atom (periodic images included) within 2·Rc of the
     # centre, so an untrained model's force on the centre is the same there as in the parent itself.
     environment = in_target[1]
-    model = EnsembleModel(SymmetryFunctionParams(elements=tuple(sorted(set(parent.numbers))), cutoff=CUTOFF),
-                          member_seeds=[0, 1])
+    model = EnsembleModel(SymmetryFunctionParams(elements=tuple(sorted(set(parent.numbers))), cutoff=CUTOFF), member_seeds=[0, 1])
     in_parent = model.predict(parent).member_forces[:, centre]
     in_environment = model.predict(environment.atoms).member_forces[:, np.flatnonzero(environment.force_mask)[0]]
     assert np.allclose(in_environment, in_parent, atol=1e-10)
@@ -101,8 +106,7 @@ def test_rows_of_one_target_share_an_environment_and_train_the_same_forces(tmp_p
     shared = rows[0]
     trained = np.flatnonzero(shared.force_mask)
     assert shared.energy is None and len(trained) == len(centres) and not shared.atoms.pbc.any()
-    model = EnsembleModel(SymmetryFunctionParams(elements=tuple(sorted(set(parent.numbers))), cutoff=CUTOFF),
-                          member_seeds=[0, 1])
+    model = EnsembleModel(SymmetryFunctionParams(elements=tuple(sorted(set(parent.numbers))), cutoff=CUTOFF), member_seeds=[0, 1])
     in_parent = model.predict(parent).member_forces[:, centres]
     in_shared = model.predict(shared.atoms).member_forces[:, trained]
     assert np.allclose(in_shared, in_parent, atol=1e-10)

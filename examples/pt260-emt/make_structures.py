@@ -6,6 +6,7 @@
 20 small strained and rattled bulk Pt cells labelled by EMT. The output is the same on every run.
 The campaign itself, `config.toml`, is a hand-tuned file kept beside them (not written here).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +17,7 @@ from ase.io import write
 from pipeline.science.examples import bulk_training_cells, emt_label, rattled_cuboctahedron
 
 HERE = Path(__file__).resolve().parent
+
 
 def main() -> None:
     target = rattled_cuboctahedron()

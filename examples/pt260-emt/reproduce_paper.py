@@ -18,6 +18,7 @@ prints its max δ and EMT's largest force on the result (`--compare-emt`: and it
 BFGS relaxation from the same start, to fmax 0.01 eV/Å). Outputs go where you say
 (put them under /tmp); nothing in the repository is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,17 @@ def cmd_particles(args: argparse.Namespace) -> None:
         atoms, seed, forces = rattled_particle(size)
         path = args.out_dir / f"pt{size}_rattled.traj"
         write(path, atoms)
-        print(json.dumps({"file": str(path), "atoms": size, "seed": seed,
-                          "force_min": round(float(forces.min()), 3), "force_max": round(float(forces.max()), 3)}))
+        print(
+            json.dumps(
+                {
+                    "file": str(path),
+                    "atoms": size,
+                    "seed": seed,
+                    "force_min": round(float(forces.min()), 3),
+                    "force_max": round(float(forces.max()), 3),
+                }
+            )
+        )
 
 
 def cmd_campaign(args: argparse.Namespace) -> None:
@@ -94,8 +104,11 @@ def campaign_figures(run_dir: Path, wall: float | None = None) -> dict:
     with CampaignStore.open(config.database_url, config.name, create=False) as store:
         centres = {int(s.center_in_parent) for s in store.structures("chunk")}
     return {
-        "atoms": len(target), "converged": summary["converged"], "iterations": summary["iterations"],
-        "final_delta": summary["final_uncertainty"], "chunks": summary["chunks"],
+        "atoms": len(target),
+        "converged": summary["converged"],
+        "iterations": summary["iterations"],
+        "final_delta": summary["final_uncertainty"],
+        "chunks": summary["chunks"],
         "atoms_with_chunk_fraction": round(len(centres) / len(target), 4),
         "force_mae_vs_emt": summary.get("force_mae_vs_parent"),
         "campaign_wall_s": round(summary["wall_time"]["total"], 1),
@@ -114,14 +127,14 @@ def cmd_cutoff_scan(args: argparse.Namespace) -> None:
     rows = []
     for cutoff in args.cutoffs:
         with CampaignStore.open(config.database_url, config.name, create=False) as store:
-            structures = training_structures(store, config.parent.name, config.parent.physics(),
-                                             config.file.chunks.training_environment, cutoff)
+            structures = training_structures(
+                store, config.parent.name, config.parent.physics(), config.file.chunks.training_environment, cutoff
+            )
         for seed in args.seeds:
             settings = TrainingSettings.model_validate({**_training_keys(base), "cutoff": cutoff, "seed": seed})
             started = time.perf_counter()
             model, _ = train_ensemble(structures, settings, elements=list(config.elements))
-            row = {"cutoff": cutoff, "seed": seed, "training_rows": len(structures),
-                   "training_s": round(time.perf_counter() - started, 1)}
+            row = {"cutoff": cutoff, "seed": seed, "training_rows": len(structures), "training_s": round(time.perf_counter() - started, 1)}
             for name, atoms in scored:
                 prediction = model.predict(atoms)
                 row[f"mae {name}"] = round(float(np.abs(prediction.forces - references[name]).mean()), 4)
@@ -149,7 +162,7 @@ def plot_cutoff_scan(rows: list[dict], names: list[str], path: Path) -> None:
     cutoffs = sorted({row["cutoff"] for row in rows})
     for name in names:
         medians = [np.median([row[f"mae {name}"] for row in rows if row["cutoff"] == rc]) for rc in cutoffs]
-        line, = axis.plot(cutoffs, medians, "o-", label=f"{name} (median over seeds)")
+        (line,) = axis.plot(cutoffs, medians, "o-", label=f"{name} (median over seeds)")
         axis.plot([row["cutoff"] for row in rows], [row[f"mae {name}"] for row in rows], ".", color=line.get_color(), alpha=0.5)
     axis.axvspan(6, 7, color="0.9", label="paper's best (DFT)")
     axis.set_xlabel("model cutoff (Å)")
@@ -176,8 +189,12 @@ def cmd_ml_relax(args: argparse.Namespace) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     relaxed = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     write(args.output, relaxed)
-    row = {"output": str(args.output), "converged": bool(converged), "max_delta": round(delta, 3),
-           "emt_max_force": round(float(np.linalg.norm(emt_label(relaxed).get_forces(), axis=1).max()), 4)}
+    row = {
+        "output": str(args.output),
+        "converged": bool(converged),
+        "max_delta": round(delta, 3),
+        "emt_max_force": round(float(np.linalg.norm(emt_label(relaxed).get_forces(), axis=1).max()), 4),
+    }
     if args.compare_emt:
         from ase.calculators.emt import EMT
 
@@ -212,8 +229,12 @@ def main(argv: list[str] | None = None) -> None:
     scan.add_argument("run_dir", type=Path)
     scan.add_argument("--score", type=Path, nargs="+", required=True)
     scan.add_argument("--cutoffs", type=_floats, default=[4, 5, 6, 6.5, 7, 8])
-    scan.add_argument("--seeds", type=lambda text: [int(v) for v in _floats(text)], default=[0],
-                      help="ensemble seeds (model.seed) trained at every cutoff")
+    scan.add_argument(
+        "--seeds",
+        type=lambda text: [int(v) for v in _floats(text)],
+        default=[0],
+        help="ensemble seeds (model.seed) trained at every cutoff",
+    )
     scan.add_argument("--plot", type=Path, default=None)
     relax = commands.add_parser("ml-relax", help="relax a structure with a model's ensemble mean (BFGS)")
     relax.add_argument("model", type=Path)
@@ -221,8 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     relax.add_argument("-o", "--output", type=Path, required=True)
     relax.add_argument("--fmax", type=float, default=0.05)
     relax.add_argument("--steps", type=int, default=300)
-    relax.add_argument("--compare-emt", action="store_true",
-                       help="also relax the start with EMT (BFGS, fmax 0.01) and print the RMSD between the two")
+    relax.add_argument(
+        "--compare-emt", action="store_true", help="also relax the start with EMT (BFGS, fmax 0.01) and print the RMSD between the two"
+    )
     args = parser.parse_args(argv)
     if args.command == "particles" and any(size not in OCTAHEDRA for size in args.sizes):
         parser.error(f"--sizes: each size must be one of {sorted(OCTAHEDRA)}")

@@ -7,6 +7,7 @@ rattled like the paper's Pt260 (normal, 0.085 Å); `bulk_cells.traj` holds 8 sma
 rattled bulk Pt cells of 2–8 atoms, unlabelled: the campaign computes them with its GPAW parent,
 so every label of the campaign comes from the same DFT settings. The output is the same on every run.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -7,6 +7,7 @@ gives an out-of-sample test of δ_i: the coverage is the fraction of those atoms
 which δ_i = 2.58·σ promises to be about 99 %. Chunk centres are the most uncertain atoms, so this is
 where δ matters most.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,9 +47,7 @@ def centre_predictions(
     return recorded
 
 
-def calibration(
-    metrics_by_iteration: Mapping[int, Mapping[str, Any]], labels: Mapping[int, Mapping[int, np.ndarray]]
-) -> dict[str, Any]:
+def calibration(metrics_by_iteration: Mapping[int, Mapping[str, Any]], labels: Mapping[int, Mapping[int, np.ndarray]]) -> dict[str, Any]:
     """Per iteration and over all, the realised error at the chunk centres it carved against their
     labels (`labels[target id][atom]`, the parent's force, eV/Å) and the coverage; and a one-line
     `warning` when the coverage so far is significantly below the promised 99 % (else None)."""
@@ -87,8 +86,7 @@ def binomial_lower_tail(successes: int, trials: int, rate: float) -> float:
     if successes >= trials:
         return 1.0
     log_terms = [
-        math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1)
-        + k * math.log(rate) + (trials - k) * math.log1p(-rate)
+        math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1) + k * math.log(rate) + (trials - k) * math.log1p(-rate)
         for k in range(successes + 1)
     ]
     peak = max(log_terms)

@@ -6,6 +6,7 @@ inside the workdir), reads the structure files with ASE and checks that the init
 targets' elements and that the workdir can be written. Every problem is one `BadInput` line naming
 the file and the field, e.g. ``config.toml: chunks.radius: must be > 0``.
 """
+
 from __future__ import annotations
 
 import os
@@ -203,8 +204,12 @@ def load_config(path: str | os.PathLike[str]) -> CampaignConfig:
         raise BadInput(f"{label}: campaign.database: {error}") from None
     target_files = tuple(_existing(here, name, f"data.targets[{k}]", label) for k, name in enumerate(file.data.targets))
     initial_files = tuple(_existing(here, name, f"data.initial[{k}]", label) for k, name in enumerate(file.data.initial or ()))
-    targets = tuple(atoms for k, item in enumerate(target_files) for atoms in read_structure_file(item, f"{label}: data.targets[{k}]: {item.name}"))
-    initial = tuple(atoms for k, item in enumerate(initial_files) for atoms in read_structure_file(item, f"{label}: data.initial[{k}]: {item.name}"))
+    targets = tuple(
+        atoms for k, item in enumerate(target_files) for atoms in read_structure_file(item, f"{label}: data.targets[{k}]: {item.name}")
+    )
+    initial = tuple(
+        atoms for k, item in enumerate(initial_files) for atoms in read_structure_file(item, f"{label}: data.initial[{k}]: {item.name}")
+    )
     known = {int(z) for atoms in initial for z in atoms.numbers}
     generate = file.data.initial_generate
     if generate is not None:
@@ -304,11 +309,15 @@ def _check_workdir_place(workdir: Path, config_folder: Path, label: str) -> None
     would land among unrelated files (and another campaign's config beside them could share them)."""
     home = Path.home().resolve()
     if workdir == Path(workdir.anchor) or workdir == home:
-        raise BadInput(f"{label}: campaign.workdir: {workdir} is {'the home folder' if workdir == home else 'the filesystem root'}; "
-                       "give a folder of its own for the campaign (default runs/NAME beside the config)")
+        raise BadInput(
+            f"{label}: campaign.workdir: {workdir} is {'the home folder' if workdir == home else 'the filesystem root'}; "
+            "give a folder of its own for the campaign (default runs/NAME beside the config)"
+        )
     if workdir in config_folder.parents:
-        raise BadInput(f"{label}: campaign.workdir: {workdir} contains the config's folder {config_folder}; "
-                       "give a folder of its own for the campaign (default runs/NAME beside the config)")
+        raise BadInput(
+            f"{label}: campaign.workdir: {workdir} contains the config's folder {config_folder}; "
+            "give a folder of its own for the campaign (default runs/NAME beside the config)"
+        )
 
 
 def _check_parent_elements(parent: Parent, targets: tuple[Atoms, ...], initial: tuple[Atoms, ...], label: str) -> None:
@@ -355,8 +364,10 @@ def chunk_radius_problem(file: ConfigFile, target: Atoms) -> str | None:
 
     radius, cutoff = file.chunks.radius, file.model.cutoff
     if file.chunks.training_environment == "chunk" and radius < cutoff:
-        return (f"{radius:g} Å is below model.cutoff = {cutoff:g} Å, and chunks.training_environment = \"chunk\" "
-                "trains the model on the chunk: it must hold its centre's whole cutoff sphere")
+        return (
+            f"{radius:g} Å is below model.cutoff = {cutoff:g} Å, and chunks.training_environment = \"chunk\" "
+            "trains the model on the chunk: it must hold its centre's whole cutoff sphere"
+        )
     if len(target) < 2:
         return None
     near = min(radius, NEAR_NEIGHBOUR_SEARCH_ANGSTROM)  # a short search settles almost every atom at once
@@ -364,8 +375,10 @@ def chunk_radius_problem(file: ConfigFile, target: Atoms) -> str | None:
     if alone and near < radius:
         alone = len(target) - len(np.unique(neighbour_pairs(target, radius).centers))
     if alone:
-        return (f"{radius:g} Å holds no neighbour of {alone} atom(s): their chunks would be lone atoms whose "
-                "force is 0 whatever the target's (use a radius beyond several neighbour shells, see nft locality)")
+        return (
+            f"{radius:g} Å holds no neighbour of {alone} atom(s): their chunks would be lone atoms whose "
+            "force is 0 whatever the target's (use a radius beyond several neighbour shells, see nft locality)"
+        )
     return None
 
 
@@ -376,8 +389,10 @@ def radius_warning(file: ConfigFile) -> str | None:
     radius, cutoff = file.chunks.radius, file.model.cutoff
     if radius >= cutoff:
         return None
-    return (f"chunks.radius = {radius:g} Å is below model.cutoff = {cutoff:g} Å: each label differs from the "
-            "parent's force in the target by the parent's locality error at that radius (measure it with nft locality)")
+    return (
+        f"chunks.radius = {radius:g} Å is below model.cutoff = {cutoff:g} Å: each label differs from the "
+        "parent's force in the target by the parent's locality error at that radius (measure it with nft locality)"
+    )
 
 
 def _check_training(model: TrainingSettings, initial: tuple[Atoms, ...], label: str) -> None:

@@ -1,6 +1,7 @@
 """Names of the files a campaign writes in its workdir (kept apart from the loop, so that readers
 of a campaign such as `nft status` and `nft report` need not import the Parsl-driven loop), and the
 marker that gives each campaign a workdir of its own."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ history entries, where δ lives and why a campaign that stopped without convergi
 Shared by the driver (`loop.py`) and `nft status` (`status.py`); decided from the history alone, so
 a resumed run and a status read decide the same way.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,14 +25,13 @@ NO_NEW_CHUNKS = "no_new_chunks"
 
 FIT = "fit"
 COVERAGE = "coverage"
-DELTA_LOCATION_KEYS = (
-    "chunked_atoms", "delta_chunked_max", "delta_unchunked_max", "chunk_force_error_max", "chunk_force_error_median"
-)
+DELTA_LOCATION_KEYS = ("chunked_atoms", "delta_chunked_max", "delta_unchunked_max", "chunk_force_error_max", "chunk_force_error_median")
 SELECTION_KEYS = ("selectable", "selected", "already_chunked", "reference_failed", "too_close", "over_limit", "carved")
 
 
 # ---------------------------------------------------------------------------------------------
 # Stopping rules (docs/campaign.md, "The loop"), from the history alone: a resumed run decides the same.
+
 
 @dataclass(frozen=True)
 class MeasuredIteration:
@@ -86,8 +86,13 @@ def trains_from_scratch(history: Sequence[Iteration], number: int) -> bool:
     restarts = False  # iterations 1 and 2: from scratch anyway, and warm
     for k in range(3, number + 1):
         previous, before = recorded.get(k - 1), recorded.get(k - 2)
-        stuck = (previous is not None and before is not None and previous.carved and previous.chunks_added == 0
-                 and previous.max_delta >= before.max_delta)
+        stuck = (
+            previous is not None
+            and before is not None
+            and previous.carved
+            and previous.chunks_added == 0
+            and previous.max_delta >= before.max_delta
+        )
         restarts = stuck and not restarts  # a restart itself stuck does not restart again
     return restarts
 
@@ -136,9 +141,8 @@ def history_entry(record: IterationRecord, metrics: Mapping[str, Any] | None = N
 # ---------------------------------------------------------------------------------------------
 # Where δ lives, and why a campaign that stops without converging stalled (docs/campaign.md).
 
-def delta_location(
-    predictions: Sequence[TargetPrediction], labels: Sequence[Mapping[int, np.ndarray]]
-) -> dict[str, Any]:
+
+def delta_location(predictions: Sequence[TargetPrediction], labels: Sequence[Mapping[int, np.ndarray]]) -> dict[str, Any]:
     """δ at target atoms with a labelled chunk and without one, and the model's error at the chunk
     centres, over all targets (eV/Å; None where a group is empty).
 

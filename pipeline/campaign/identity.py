@@ -4,6 +4,7 @@ attach new work to the old campaign (a new target evaluated with the old model, 
 physics mixed), so it is refused; what only steers the loop (threshold, max_iterations, patience,
 chunks per iteration, training settings, the site) may change when a campaign is resumed.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -43,15 +44,15 @@ def check_same_campaign(store: CampaignStore, config: CampaignConfig) -> None:
         stored = ((store.campaign_config(config.name) or {}).get("data") or {}).get("initial_generate")
         ours = config.as_dict()["data"]["initial_generate"]
         if stored is not None and stored != ours:
-            raise BadInput(f"{label}: data.initial_generate.{_first_difference(stored, ours)} differs from the campaign's "
-                           "(the initial set defines the campaign: use another campaign.name)")
+            raise BadInput(
+                f"{label}: data.initial_generate.{_first_difference(stored, ours)} differs from the campaign's "
+                "(the initial set defines the campaign: use another campaign.name)"
+            )
     if config.initial:
         _check_structures(label, "data.initial", store, "initial", config.initial, started)
 
 
-def _check_structures(
-    label: str, field: str, store: CampaignStore, kind: str, atoms: Sequence[Atoms], started: bool
-) -> None:
+def _check_structures(label: str, field: str, store: CampaignStore, kind: str, atoms: Sequence[Atoms], started: bool) -> None:
     """BadInput when the campaign's structures of `kind` are not those of `atoms` (by geometry);
     before its first iteration a subset is fine (a set-up cut short)."""
     stored = {record.geometry_hash for record in store.structures(kind)}
@@ -70,11 +71,15 @@ def _check_parent(label: str, store: CampaignStore, config: CampaignConfig) -> N
     calculator, physics = config.parent.name, config.parent.physics()
     for job in store.jobs():
         if job.calculator != calculator:
-            raise BadInput(f"{label}: parent.calculator is {calculator!r}, the campaign's is {job.calculator!r} "
-                           "(the parent defines the campaign: use another campaign.name)")
+            raise BadInput(
+                f"{label}: parent.calculator is {calculator!r}, the campaign's is {job.calculator!r} "
+                "(the parent defines the campaign: use another campaign.name)"
+            )
         if job.params != physics:
-            raise BadInput(f"{label}: parent.{calculator}.{_first_difference(job.params, physics)} differs from the "
-                           "campaign's (the parent's physics defines the campaign: use another campaign.name)")
+            raise BadInput(
+                f"{label}: parent.{calculator}.{_first_difference(job.params, physics)} differs from the "
+                "campaign's (the parent's physics defines the campaign: use another campaign.name)"
+            )
 
 
 def _first_difference(stored: Mapping[str, Any], ours: Mapping[str, Any]) -> str:

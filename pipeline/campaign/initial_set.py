@@ -4,6 +4,7 @@ job; variants drawn from the relaxed cells are stored as `initial` structures wi
 job each; those within the energy window are kept, labelled. Jobs run through `ReferenceJobRunner`,
 so a killed generation run again recomputes nothing that finished.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,11 @@ from pipeline.execution.parents import Parent
 from pipeline.execution.parsl_session import parsl_session
 from pipeline.execution.sites import PARSL_DIR_NAME, load_site
 from pipeline.science.initial_sets import (
-    InitialSetSettings, default_min_distance, initial_crystals, min_interatomic_distance, propose_variants,
+    InitialSetSettings,
+    default_min_distance,
+    initial_crystals,
+    min_interatomic_distance,
+    propose_variants,
     within_energy_window,
 )
 from pipeline.storage.atomic import write_atomically
@@ -78,8 +83,13 @@ class InitialSetGenerator:
     run again starts no Parsl)."""
 
     def __init__(
-        self, store: CampaignStore, parent: Parent, settings: InitialSetSettings, workdir: Path,
-        observer: CampaignObserver, apps: Callable[[], SiteApps],
+        self,
+        store: CampaignStore,
+        parent: Parent,
+        settings: InitialSetSettings,
+        workdir: Path,
+        observer: CampaignObserver,
+        apps: Callable[[], SiteApps],
     ) -> None:
         self.store, self.parent, self.settings, self.workdir = store, parent, settings, workdir
         self.observer, self.apps = observer, apps
@@ -99,13 +109,17 @@ class InitialSetGenerator:
                 candidates = propose_variants([atoms for atoms, _ in relaxed], settings, round_index, separation)
             except ValueError as error:
                 raise RunFailed(f"initial set: {error}") from None
-            jobs = [(index, atoms, store.add_job(store.add_structure("initial", atoms), self.parent.name, self.label_params))
-                    for index, atoms in candidates]
+            jobs = [
+                (index, atoms, store.add_job(store.add_structure("initial", atoms), self.parent.name, self.label_params))
+                for index, atoms in candidates
+            ]
             self.compute([job_id for _, _, job_id in jobs], self._submit_label)
             for index, atoms, job_id in jobs:
                 result = store.result(job_id)
                 reference = relaxed[index][1]
-                if result is None or not within_energy_window(result.energy, len(atoms), reference, len(relaxed[index][0]), settings.energy_window):
+                if result is None or not within_energy_window(
+                    result.energy, len(atoms), reference, len(relaxed[index][0]), settings.energy_window
+                ):
                     continue
                 atoms = atoms.copy()
                 atoms.calc = SinglePointCalculator(atoms, energy=result.energy, forces=result.forces)
@@ -168,15 +182,24 @@ def lazy_site_apps(site: str, run_dir: Path, options: Mapping[str, Any] | None) 
 
 
 def generate_initial_set(
-    database_url: str, campaign: str, parent: Parent, settings: InitialSetSettings, workdir: Path,
-    site: str, site_options: Mapping[str, Any] | None = None, observer: CampaignObserver | None = None,
+    database_url: str,
+    campaign: str,
+    parent: Parent,
+    settings: InitialSetSettings,
+    workdir: Path,
+    site: str,
+    site_options: Mapping[str, Any] | None = None,
+    observer: CampaignObserver | None = None,
 ) -> list[Atoms]:
     """Generate (or resume generating) an initial set as campaign `campaign` of the database, its jobs'
     folders and Parsl's run directory under `workdir`; returns the kept labelled cells."""
     observer = observer or CampaignObserver()
     workdir.mkdir(parents=True, exist_ok=True)
-    with CampaignStore.open(database_url, campaign, {"initial_generate": settings.model_dump(mode="json")}) as store, \
-            held_lease(store), lazy_site_apps(site, workdir / PARSL_DIR_NAME, site_options) as apps:
+    with (
+        CampaignStore.open(database_url, campaign, {"initial_generate": settings.model_dump(mode="json")}) as store,
+        held_lease(store),
+        lazy_site_apps(site, workdir / PARSL_DIR_NAME, site_options) as apps,
+    ):
         return InitialSetGenerator(store, parent, settings, workdir, observer, apps).generate()
 
 
@@ -189,8 +212,14 @@ def with_generated_initial_set(
     settings = config.initial_generate
     assert settings is not None
     cells = generate_initial_set(
-        config.database_url, f"{config.name}{GENERATION_SUFFIX}", config.parent, settings, config.workdir, site,
-        site_options, observer,
+        config.database_url,
+        f"{config.name}{GENERATION_SUFFIX}",
+        config.parent,
+        settings,
+        config.workdir,
+        site,
+        site_options,
+        observer,
     )
     write_labelled_set(config.generated_initial_file, cells)
     return dataclasses.replace(config, initial=tuple(cells))
@@ -205,4 +234,3 @@ def write_labelled_set(path: Path, cells: list[Atoms]) -> None:
             write(str(temporary), cells)
     except Exception as error:
         raise RunFailed(f"{path}: cannot write the initial set ({error})") from None
-

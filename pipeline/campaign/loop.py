@@ -3,6 +3,7 @@ select → carve → reference jobs → store → repeat. The driver is the only
 writes every reference result as its future completes, so a kill loses at most the jobs in flight,
 and running the same config again resumes from the database.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,17 @@ from pipeline.campaign.config import CampaignConfig, radius_warning
 from pipeline.campaign.files import MODEL_NAME, SUMMARY_NAME, claim_workdir
 from pipeline.campaign.identity import check_same_campaign, check_stored_campaign
 from pipeline.campaign.history import (
-    CONVERGED, SELECTION_KEYS, Iteration, MeasuredIteration, delta_location, history_entry, history_with_measured,
-    no_new_chunks_reason, stall_diagnosis, stop_reason, trains_from_scratch,
+    CONVERGED,
+    SELECTION_KEYS,
+    Iteration,
+    MeasuredIteration,
+    delta_location,
+    history_entry,
+    history_with_measured,
+    no_new_chunks_reason,
+    stall_diagnosis,
+    stop_reason,
+    trains_from_scratch,
 )
 from pipeline.campaign.observer import CampaignObserver
 from pipeline.campaign.reference_jobs import ReferenceJobRunner
@@ -94,9 +104,10 @@ def run_campaign(
         from pipeline.campaign.initial_set import with_generated_initial_set
 
         config = with_generated_initial_set(config, site_name, site_options, observer)
-    with CampaignStore.open(
-        config.database_url, config.name, config.as_dict(), files_root=config.workdir
-    ) as store, held_lease(store) as stale:
+    with (
+        CampaignStore.open(config.database_url, config.name, config.as_dict(), files_root=config.workdir) as store,
+        held_lease(store) as stale,
+    ):
         check_same_campaign(store, config)  # again under the lease: a driver may have created it meanwhile
         if store.migration_note:
             observer.message(store.migration_note)
@@ -156,8 +167,7 @@ class Campaign:
         if history or reset:
             done = sum(1 for job in store.jobs() if job.status == "done")
             self.observer.message(
-                f"resuming: {len(history)} iteration(s) recorded, {done} reference job(s) done, "
-                f"{reset} interrupted job(s) back to pending"
+                f"resuming: {len(history)} iteration(s) recorded, {done} reference job(s) done, {reset} interrupted job(s) back to pending"
             )
         if labelled:
             self.observer.message(f"initial set: {labelled} structure(s) labelled in the input file")
@@ -174,10 +184,12 @@ class Campaign:
         unrecorded = chunks[counted:]
         if unrecorded:
             store.forget_structures([chunk.id for chunk in unrecorded])
-            self.observer.message(f"{len(unrecorded)} chunk(s) carved by an interrupted selection whose iteration "
-                                  "was not recorded: it runs again")
-        with_job = {job.structure_id for job in store.jobs(kind="chunk")
-                    if job.calculator == self.calculator and job.params == self.job_params}
+            self.observer.message(
+                f"{len(unrecorded)} chunk(s) carved by an interrupted selection whose iteration was not recorded: it runs again"
+            )
+        with_job = {
+            job.structure_id for job in store.jobs(kind="chunk") if job.calculator == self.calculator and job.params == self.job_params
+        }
         jobless = [chunk for chunk in chunks[:counted] if chunk.id not in with_job]
         if jobless:
             with store.transaction():
@@ -213,9 +225,7 @@ class Campaign:
         """Record iteration `number`: its model (file and metrics) and its row (δ per target from
         `predictions`, chunks added, train force MAE eV/Å, the wall time so far, whether it carved)."""
         self.store.record_model(number, model_path, model_metrics)
-        self.store.record_iteration(
-            number, self.target_deltas(predictions), chunks_added, train_force_mae, timer.split(), carved=carved
-        )
+        self.store.record_iteration(number, self.target_deltas(predictions), chunks_added, train_force_mae, timer.split(), carved=carved)
 
     def select(
         self, predictions: Sequence[TargetPrediction], parents: Mapping[int, Atoms] | None = None
@@ -257,7 +267,8 @@ class Campaign:
             reports = [most_uncertain_report(pool, limit, config.min_separation) for pool in pools]
             candidates = [
                 (float(pool.priority[centre]), target_id, centre)
-                for target_id, pool, report in zip(parent_ids, pools, reports) for centre in report.picked
+                for target_id, pool, report in zip(parent_ids, pools, reports)
+                for centre in report.picked
             ]
             candidates.sort(key=lambda item: (-item[0], item[1], item[2]))
             centres = [(target_id, centre) for _, target_id, centre in candidates[:limit]]
@@ -273,8 +284,7 @@ class Campaign:
         them or none: never a chunk without its job); returns how many were added."""
         settings = self.config.file.chunks
         parents = self.target_atoms if parents is None else parents
-        carved = [(target_id, carve_chunk(parents[target_id], centre, settings.radius, settings.vacuum))
-                  for target_id, centre in centres]
+        carved = [(target_id, carve_chunk(parents[target_id], centre, settings.radius, settings.vacuum)) for target_id, centre in centres]
         with self.store.transaction():
             for target_id, chunk in carved:
                 structure_id = self.store.add_structure(
@@ -366,9 +376,7 @@ class Campaign:
                 self.observer.message(f"no force MAE for target {k}: {item.failure}")
                 continue
             errors[f"target {k}"] = mae
-            self.observer.message(
-                f"final model vs {self.parent.name.upper()} on target {k} ({len(atoms)} atoms): force MAE {mae:.4f} eV/Å"
-            )
+            self.observer.message(f"final model vs {self.parent.name.upper()} on target {k} ({len(atoms)} atoms): force MAE {mae:.4f} eV/Å")
         return errors
 
     def _model_path(self, iteration: int) -> str | None:
@@ -391,6 +399,7 @@ class Campaign:
         """The number of the last recorded iteration (0: none yet)."""
         history = self.store.iterations()
         return history[-1].iteration if history else 0
+
 
 class Driver:
     """One run of the loop: a campaign (`Campaign`, which records everything) and its site's apps,
@@ -545,8 +554,9 @@ class Driver:
         if not self.config.file.model.warm_start:
             return None
         if trains_from_scratch(self.store.iterations(), number):
-            self.observer.message(f"iteration {number}: the last warm start found no new chunk and did not lower δ; "
-                                  "training from fresh weights")
+            self.observer.message(
+                f"iteration {number}: the last warm start found no new chunk and did not lower δ; training from fresh weights"
+            )
             return None
         earlier = [record for record in self.store.models() if record.iteration < number and Path(record.path).is_file()]
         return str(self.store.model_file(earlier[-1])) if earlier else None
@@ -556,15 +566,11 @@ class Driver:
         payloads = [atoms_to_payload(self.campaign.target_atoms[target_id]) for target_id in self.campaign.target_ids]
         with_features = self.config.file.active.selection_rule == "farthest-point"
         device = self.config.file.model.device
-        return self._result(
-            lambda: self.apps.prediction_app(str(model_path), payloads, device, with_features), "prediction"
-        )
+        return self._result(lambda: self.apps.prediction_app(str(model_path), payloads, device, with_features), "prediction")
 
     def run_reference_jobs(self, jobs: Sequence[JobRecord]) -> int:
         """Compute the jobs through the DAG into the store (`ReferenceJobRunner`); how many are done."""
-        runner = ReferenceJobRunner(
-            self.store, self.campaign.parent, self.observer, self.config.workdir, self.apps.reference_app
-        )
+        runner = ReferenceJobRunner(self.store, self.campaign.parent, self.observer, self.config.workdir, self.apps.reference_app)
         return runner.run(jobs)
 
     def _result(self, submit: Callable[[], Any], what: str) -> Any:
@@ -590,9 +596,9 @@ class Driver:
                 )
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Small helpers.
+
 
 def _selection_ranking(prediction: TargetPrediction, measure: str) -> np.ndarray:
     """What orders a target's atoms for selection: δ_i (eV/Å) for "force", δE_i (eV) for "energy"."""

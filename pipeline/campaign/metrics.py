@@ -1,4 +1,5 @@
 """Small helpers for the numbers a campaign records with its models and iterations."""
+
 from __future__ import annotations
 
 import math
@@ -24,6 +25,5 @@ def fit_determination(metrics: dict[str, Any]) -> str | None:
         return None
     listed = ", ".join(f"{symbol} {count}" for symbol, count in short.items())
     decay = float(metrics.get("weight_decay") or 0.0)
-    remedy = (f"the weight decay {decay:g} keeps it well-posed" if decay > 0
-              else "nothing keeps it well-posed: set [model] weight_decay > 0")
+    remedy = f"the weight decay {decay:g} keeps it well-posed" if decay > 0 else "nothing keeps it well-posed: set [model] weight_decay > 0"
     return f"fit underdetermined: residuals per element ({listed}) < {weights} weights per network; {remedy}"

@@ -1,4 +1,5 @@
 """How the NFT loop reports progress: events a display can show (the loop itself never prints)."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping

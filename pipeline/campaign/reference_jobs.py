@@ -2,6 +2,7 @@
 failed. Shared by everything in the campaign layer that asks the parent for labels (the NFT loop,
 and any command whose expensive steps are reference jobs), so they resume and fail the same way.
 """
+
 from __future__ import annotations
 
 import time
@@ -32,9 +33,7 @@ class ReferenceJobRunner:
     completes (a kill loses only the jobs in flight); a failed attempt is retried `parent.retries`
     times in this run, then the job is recorded failed with the last attempt's reason."""
 
-    def __init__(
-        self, store: CampaignStore, parent: Parent, observer: CampaignObserver, workdir: Path, submit: Submit
-    ) -> None:
+    def __init__(self, store: CampaignStore, parent: Parent, observer: CampaignObserver, workdir: Path, submit: Submit) -> None:
         self.store = store
         self.parent = parent
         self.observer = observer
@@ -86,9 +85,7 @@ class ReferenceJobRunner:
                 else:
                     store.mark_failed(job.id, reason)
                     failed += 1
-                    observer.message(
-                        f"reference job {job.id} failed after {tries[job.id]} attempt(s): {reason.splitlines()[0]}"
-                    )
+                    observer.message(f"reference job {job.id} failed after {tries[job.id]} attempt(s): {reason.splitlines()[0]}")
                 observer.jobs(done, len(jobs) - done - failed, failed, len(jobs))
         return done
 
@@ -112,8 +109,12 @@ class ReferenceJobRunner:
             final_positions = result.get("final_positions")
             final_cell = result.get("final_cell")
             self.store.store_result(
-                job.id, result["energy"], np.asarray(result["forces"]), result.get("wall_time_s"),
-                result.get("host"), external_id=result.get("external_id"),
+                job.id,
+                result["energy"],
+                np.asarray(result["forces"]),
+                result.get("wall_time_s"),
+                result.get("host"),
+                external_id=result.get("external_id"),
                 final_positions=None if final_positions is None else np.asarray(final_positions),
                 final_cell=None if final_cell is None else np.asarray(final_cell),
             )

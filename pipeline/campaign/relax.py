@@ -5,6 +5,7 @@ selection, computes them through the campaign's DAG and database (`ReferenceJobR
 the next iteration of the campaign. Outputs are written as the relaxation goes, so a killed run
 resumes: the database holds snapshots, chunk jobs and models, `OUT-steps.json` the last geometry.
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,7 +37,13 @@ from pipeline.execution.sites import PARSL_DIR_NAME, check_site, load_site
 from pipeline.science.calculator import EnsembleCalculator
 from pipeline.science.structures import ase_can_write
 from pipeline.science.relaxation import (
-    DEFAULT_FMAX, DEFAULT_MAX_STEPS, DEFAULT_OPTIMIZER, OPTIMIZERS, Improvement, RelaxationStep, relax_with_uncertainty,
+    DEFAULT_FMAX,
+    DEFAULT_MAX_STEPS,
+    DEFAULT_OPTIMIZER,
+    OPTIMIZERS,
+    Improvement,
+    RelaxationStep,
+    relax_with_uncertainty,
 )
 from pipeline.storage.lease import held_lease
 from pipeline.storage.model_file import load_ensemble
@@ -129,9 +136,7 @@ class _Relaxation:
     """One run of `nft relax` over one campaign driver: the callback the science asks for a better
     model, and the outputs written as it goes."""
 
-    def __init__(
-        self, driver: Driver, outputs: RelaxOutputs, start: Atoms, fmax: float, optimizer: str, max_steps: int
-    ) -> None:
+    def __init__(self, driver: Driver, outputs: RelaxOutputs, start: Atoms, fmax: float, optimizer: str, max_steps: int) -> None:
         self.driver = driver
         self.campaign = driver.campaign
         self.store = driver.store
@@ -242,9 +247,7 @@ class _Relaxation:
         model_path, metrics = driver.train(number, timer)
         predictions, model_metrics = driver.measure(number, model_path, metrics, timer)
         model_metrics[RELAXATION_KEY] = {"snapshot": snapshot_id, "step": step, "structure": str(self.outputs.structure)}
-        campaign.record_iteration(
-            number, model_path, model_metrics, predictions, finite_or_none(metrics.get("train_force_mae")), timer
-        )
+        campaign.record_iteration(number, model_path, model_metrics, predictions, finite_or_none(metrics.get("train_force_mae")), timer)
         campaign.keep_best_model()
         self.trained_on = int(metrics[TRAINING_STRUCTURES_KEY])
         self.observer.iteration_done(history_entry(store.iterations()[-1], model_metrics))
@@ -254,8 +257,13 @@ class _Relaxation:
         """Count chunks carved with the latest model in its iteration's record, as the loop does."""
         last = self.store.iterations()[-1]
         self.store.record_iteration(
-            last.iteration, last.delta_per_target, last.chunks_added + added, last.train_force_mae, last.wall_time,
-            max_delta=last.max_delta, carved=last.carved,
+            last.iteration,
+            last.delta_per_target,
+            last.chunks_added + added,
+            last.train_force_mae,
+            last.wall_time,
+            max_delta=last.max_delta,
+            carved=last.carved,
         )
 
     def _labelled_count(self) -> int:

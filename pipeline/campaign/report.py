@@ -1,6 +1,7 @@
 """What `nft report` shows, gathered from the campaign database and its stored model files only: no
 reference calculation runs and no Parsl is needed (the first and the kept model predict in-process).
 """
+
 from __future__ import annotations
 
 import json
@@ -92,8 +93,9 @@ def campaign_report(config: CampaignConfig) -> CampaignReport:
     first = models[0]
     missing = [record.path for record in (first, kept) if not Path(record.path).is_file()]
     if missing:
-        return CampaignReport(status, first.iteration, kept.iteration, None, None, [],
-                              f"model file {missing[0]} is missing", relaxations, locality)
+        return CampaignReport(
+            status, first.iteration, kept.iteration, None, None, [], f"model file {missing[0]} is missing", relaxations, locality
+        )
     kept_model = load_ensemble(files[kept.id], dtype=PREDICTION_DTYPE)
     first_model = kept_model if first.id == kept.id else load_ensemble(files[first.id], dtype=PREDICTION_DTYPE)
     kept_on_target = {record.id: _predict(kept_model, record.atoms) for record in targets}

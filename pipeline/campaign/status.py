@@ -1,4 +1,5 @@
 """What `nft status` reports and `nft export` writes: read from the campaign database only."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -13,6 +13,7 @@ The loss is the same as with one structure per row (the model's force on a centr
 atoms), but an atom near many centres is featurised once instead of once per centre, which makes a
 campaign's training several times cheaper once chunks cover much of a target.
 """
+
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
@@ -86,9 +87,7 @@ def central_force_row(atoms: Atoms, center: int, force: np.ndarray) -> LabelledS
     return LabelledStructure(atoms, None, forces, mask)
 
 
-def target_environment_rows(
-    parent: Atoms, labels: Mapping[int, np.ndarray], cutoff_angstrom: float
-) -> list[LabelledStructure]:
+def target_environment_rows(parent: Atoms, labels: Mapping[int, np.ndarray], cutoff_angstrom: float) -> list[LabelledStructure]:
     """The central forces `labels` (parent atom index → force, eV/Å) as rows of the parent's own
     atoms within 2·Rc of them, nearby centres grouped into one structure (`SHARED_ROWS_BUDGET`)."""
     radius = 2.0 * cutoff_angstrom + ENVIRONMENT_SLACK_ANGSTROM

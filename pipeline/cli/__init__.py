@@ -1,4 +1,5 @@
 """The `nft` command: argument parsing, printing and exit codes only."""
+
 from __future__ import annotations
 
 import atexit
@@ -9,8 +10,7 @@ from typing import Any
 
 INTERRUPTED_EXIT_CODE = 130
 INTERRUPTED_MESSAGE = "interrupted: run the same command again to resume"
-STOP_SIGNALS = tuple(stop for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-                     if signal.getsignal(stop) is not signal.SIG_IGN)
+STOP_SIGNALS = tuple(stop for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(stop) is not signal.SIG_IGN)
 """Signals that stop any command the way Ctrl-C does: a terminal's Ctrl-C or a closed session, and
 `kill` or `timeout`, often sent to the whole process group. A signal the caller ignores stays
 ignored (`nohup nft run …` must outlive the session; a shell's background job ignores Ctrl-C)."""

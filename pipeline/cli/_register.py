@@ -1,4 +1,5 @@
 """Imports every command module so that each attaches its subcommands to `app`."""
+
 import importlib
 import pkgutil
 

@@ -1,4 +1,5 @@
 """`nft run`, `nft status`, `nft export` and `nft report`: the NFT campaign from the command line."""
+
 from __future__ import annotations
 
 import json
@@ -179,7 +180,10 @@ def _failed_jobs_table(failed: list[Mapping[str, Any]], total: int) -> Table:
     """The failed reference jobs shown: id, structure, attempts and the last attempt's reason."""
     shown = f"{len(failed)} of {total}" if total > len(failed) else str(len(failed))
     table = Table(
-        "job", "structure", "attempts", "reason (last attempt)",
+        "job",
+        "structure",
+        "attempts",
+        "reason (last attempt)",
         title=f"failed reference jobs ({shown}; `nft run --retry-failed` runs them again)",
     )
     for job in failed:
@@ -191,7 +195,12 @@ def _calibration_table(calibration: Mapping[str, Any]) -> Table:
     """Per iteration: the chunk centres it carved, their realised error against the parent and the
     coverage (error ≤ δ_i predicted before the reference ran)."""
     table = Table(
-        "iteration", "centres labelled", "error ≤ δ_i", "median error", "max error", "median δ_i",
+        "iteration",
+        "centres labelled",
+        "error ≤ δ_i",
+        "median error",
+        "max error",
+        "median δ_i",
         title="calibration at the chunk centres (eV/Å; predicted before their reference ran)",
     )
     for row in [*calibration["iterations"], {"iteration": "all", **calibration["overall"]}]:
@@ -210,7 +219,12 @@ def _calibration_table(calibration: Mapping[str, Any]) -> Table:
 def _where_delta_lives(history: list[Mapping[str, Any]]) -> Table:
     """Per iteration: max δ at target atoms with and without a chunk, the model's error at the chunk centres."""
     table = Table(
-        "iteration", "atoms with a chunk", "max δ there", "max δ elsewhere", "error there: max", "median",
+        "iteration",
+        "atoms with a chunk",
+        "max δ there",
+        "max δ elsewhere",
+        "error there: max",
+        "median",
         title="where δ lives (eV/Å; error |F_model − F_label| at the chunk centres)",
     )
     for entry in history:
@@ -229,7 +243,13 @@ def _where_delta_lives(history: list[Mapping[str, Any]]) -> Table:
 def _selection_table(history: list[Mapping[str, Any]]) -> Table:
     """Per iteration: selectable atoms, how many were picked, and the others by why they were skipped."""
     table = Table(
-        "iteration", "selectable", "picked", "chunked", "failed", "too close", "over limit",
+        "iteration",
+        "selectable",
+        "picked",
+        "chunked",
+        "failed",
+        "too close",
+        "over limit",
         title="selection: selectable atoms, picked or skipped (already chunked, reference job failed, closer than "
         "min_separation, over max_per_iteration); a stopped campaign's last iteration carves nothing",
     )
@@ -242,6 +262,7 @@ def _selection_table(history: list[Mapping[str, Any]]) -> Table:
 
 # ---------------------------------------------------------------------------------------------
 # Progress displays: a live table on a terminal, plain lines otherwise.
+
 
 class PlainDisplay(CampaignObserver):
     """One line per event, for logs and pipes."""
@@ -300,13 +321,13 @@ class LiveDisplay(CampaignObserver):
         self.live.__enter__()
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None) -> None:
         self.live.__exit__(exc_type, exc, traceback)
 
     def _render(self) -> Group:
-        table = Table("iteration", "δ (eV/Å)", "chunks added", "train MAE", "wall (s)", title=f"NFT campaign (δ threshold {self.threshold:g} eV/Å)")
+        table = Table(
+            "iteration", "δ (eV/Å)", "chunks added", "train MAE", "wall (s)", title=f"NFT campaign (δ threshold {self.threshold:g} eV/Å)"
+        )
         for entry in self.history:
             delta = entry["uncertainty"]
             style = "green" if delta < self.threshold else ""

@@ -1,4 +1,5 @@
 """`nft initial`: an initial training set of small bulk cells generated from space groups."""
+
 from __future__ import annotations
 
 import time
@@ -14,9 +15,15 @@ from pipeline.cli.common import check_output_file, exit_codes
 from pipeline.errors import BadInput, first_problem
 
 OPTION_NAMES = {
-    "elements": "ELEMENTS", "count": "--count", "space_groups": "--space-groups", "seed": "--seed",
-    "min_separation": "--min-separation", "energy_window": "--energy-window", "random_alloys": "--random-alloys",
-    "min_atoms": "--min-atoms", "max_atoms": "--max-atoms",
+    "elements": "ELEMENTS",
+    "count": "--count",
+    "space_groups": "--space-groups",
+    "seed": "--seed",
+    "min_separation": "--min-separation",
+    "energy_window": "--energy-window",
+    "random_alloys": "--random-alloys",
+    "min_atoms": "--min-atoms",
+    "max_atoms": "--max-atoms",
 }
 WORKDIR_SUFFIX = ".nft"
 
@@ -26,18 +33,38 @@ WORKDIR_SUFFIX = ".nft"
 def initial(
     elements: str = typer.Argument(..., metavar="ELEMENTS", help="Chemical symbols, comma-separated: Pt, Cu,Au or Cu,Ag,Au (any number)."),
     output: Path = typer.Option(..., "-o", "--output", help="Labelled set to write (any ASE format by its name: .traj, .extxyz)."),
-    calculator: str = typer.Option("emt", "--calculator", help="Parent calculator: emt or gpaw (its default options unless --parent-option)."),
-    parent_options: Optional[list[str]] = typer.Option(None, "--parent-option", help="KEY=VALUE, repeatable: an option of the parent as in [parent.NAME] (value in TOML, e.g. ecut=300, mode=pw, kpts=[2,2,2])."),
+    calculator: str = typer.Option(
+        "emt", "--calculator", help="Parent calculator: emt or gpaw (its default options unless --parent-option)."
+    ),
+    parent_options: Optional[list[str]] = typer.Option(
+        None,
+        "--parent-option",
+        help="KEY=VALUE, repeatable: an option of the parent as in [parent.NAME] (value in TOML, e.g. ecut=300, mode=pw, kpts=[2,2,2]).",
+    ),
     count: int = typer.Option(20, "--count", help="Cells to keep."),
-    space_groups: Optional[str] = typer.Option(None, "--space-groups", help="Space-group numbers of the prototypes to use, comma-separated (default: all that fit the elements)."),
+    space_groups: Optional[str] = typer.Option(
+        None, "--space-groups", help="Space-group numbers of the prototypes to use, comma-separated (default: all that fit the elements)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the strains and rattles."),
-    min_separation: Optional[float] = typer.Option(None, "--min-separation", help="Smallest interatomic distance a cell may have, Å (default 0.75 × the smallest sum of covalent radii)."),
+    min_separation: Optional[float] = typer.Option(
+        None,
+        "--min-separation",
+        help="Smallest interatomic distance a cell may have, Å (default 0.75 × the smallest sum of covalent radii).",
+    ),
     energy_window: float = typer.Option(0.3, "--energy-window", help="Largest energy above the relaxed cell, eV/atom."),
-    random_alloys: int = typer.Option(6, "--random-alloys", help="Random substitutional alloys of the one-element prototypes to relax and draw from (two or more elements)."),
+    random_alloys: int = typer.Option(
+        6,
+        "--random-alloys",
+        help="Random substitutional alloys of the one-element prototypes to relax and draw from (two or more elements).",
+    ),
     min_atoms: int = typer.Option(2, "--min-atoms", help="Fewest atoms of a kept cell."),
     max_atoms: int = typer.Option(16, "--max-atoms", help="Most atoms of a kept cell (and of a random alloy)."),
     site: str = typer.Option("local", "--site", help="A site in site_configs/ (local, slurm, …) or a path to a site file."),
-    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder of the generation's database and job files (default FILE.nft beside the output); run again to resume."),
+    workdir: Optional[Path] = typer.Option(
+        None,
+        "--workdir",
+        help="Folder of the generation's database and job files (default FILE.nft beside the output); run again to resume.",
+    ),
 ) -> None:
     """Relax a prototype crystal per space group (and random alloys of two or more elements) with the
     parent (cell and positions), draw strained and rattled supercells of 2-16 atoms that keep the
@@ -52,11 +79,19 @@ def initial(
 
     started = time.perf_counter()
     try:
-        settings = InitialSetSettings.model_validate(dict(
-            elements=elements, count=count, space_groups=_numbers(space_groups), seed=seed,
-            min_separation=min_separation, energy_window=energy_window, random_alloys=random_alloys,
-            min_atoms=min_atoms, max_atoms=max_atoms,
-        ))
+        settings = InitialSetSettings.model_validate(
+            dict(
+                elements=elements,
+                count=count,
+                space_groups=_numbers(space_groups),
+                seed=seed,
+                min_separation=min_separation,
+                energy_window=energy_window,
+                random_alloys=random_alloys,
+                min_atoms=min_atoms,
+                max_atoms=max_atoms,
+            )
+        )
     except ValidationError as error:
         raise BadInput(first_problem(error, OPTION_NAMES)) from None
     parent = checked_parent(calculator, _parent_options(parent_options or []))
@@ -75,8 +110,7 @@ def initial(
     write_labelled_set(output, cells)
     sizes = sorted(len(atoms) for atoms in cells)
     print(
-        f"{len(cells)} cells of {sizes[0]}-{sizes[-1]} atoms written to {output} "
-        f"({time.perf_counter() - started:.1f} s; jobs in {workdir})"
+        f"{len(cells)} cells of {sizes[0]}-{sizes[-1]} atoms written to {output} ({time.perf_counter() - started:.1f} s; jobs in {workdir})"
     )
 
 

@@ -1,4 +1,5 @@
 """`nft locality`: how large a chunk the parent calculator needs, from central-force differences."""
+
 from __future__ import annotations
 
 import json
@@ -29,16 +30,33 @@ CHUNK_DEFAULTS = ChunksSection()
 def locality(
     structure: Path = typer.Argument(..., metavar="STRUCTURE", help="ASE-readable structure file (its last image is used)."),
     calculator: Optional[str] = typer.Option(None, "--calculator", help="Parent calculator with its default options: emt or gpaw."),
-    config: Optional[Path] = typer.Option(None, "--config", metavar="CONFIG.toml", help="Instead of --calculator: a campaign config, whose parent (with its options), chunks.vacuum and site are used."),
+    config: Optional[Path] = typer.Option(
+        None,
+        "--config",
+        metavar="CONFIG.toml",
+        help="Instead of --calculator: a campaign config, whose parent (with its options), chunks.vacuum and site are used.",
+    ),
     radii: str = typer.Option(..., "--radii", help="Chunk radii in Å, comma-separated, e.g. 4,5,6,7,8."),
-    sample_atoms: int = typer.Option(DEFAULT_SAMPLE_ATOMS, "--atoms", help="Sample atoms, half surface, half core (all atoms when the structure has fewer)."),
+    sample_atoms: int = typer.Option(
+        DEFAULT_SAMPLE_ATOMS, "--atoms", help="Sample atoms, half surface, half core (all atoms when the structure has fewer)."
+    ),
     tolerance: float = typer.Option(DEFAULT_TOLERANCE, "--tolerance", help="Largest max |ΔF| (eV/Å) the suggested chunks.radius may have."),
-    vacuum: Optional[float] = typer.Option(None, "--vacuum", help=f"Vacuum around each chunk, Å (default: the config's chunks.vacuum, else {CHUNK_DEFAULTS.vacuum:g})."),
+    vacuum: Optional[float] = typer.Option(
+        None, "--vacuum", help=f"Vacuum around each chunk, Å (default: the config's chunks.vacuum, else {CHUNK_DEFAULTS.vacuum:g})."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample-atom draw."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows and the suggestion as JSON."),
-    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Also write max and mean |ΔF| against the radius as a PNG."),
-    site: Optional[str] = typer.Option(None, "--site", help="A site in site_configs/ (local, slurm, …) or a path to a site file (default: the config's site, else local)."),
-    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for Parsl's run files and GPAW's job folders (kept); default: a temporary one in the current folder."),
+    plot: Optional[Path] = typer.Option(
+        None, "--plot", metavar="FILE.png", help="Also write max and mean |ΔF| against the radius as a PNG."
+    ),
+    site: Optional[str] = typer.Option(
+        None, "--site", help="A site in site_configs/ (local, slurm, …) or a path to a site file (default: the config's site, else local)."
+    ),
+    workdir: Optional[Path] = typer.Option(
+        None,
+        "--workdir",
+        help="Folder for Parsl's run files and GPAW's job folders (kept); default: a temporary one in the current folder.",
+    ),
 ) -> None:
     """Central-atom force of chunks of each radius against the same atom's force in the whole
     structure, for sample atoms; every force is a reference job of the parent, run through Parsl on
@@ -74,12 +92,24 @@ def locality(
     from pipeline.execution.locality import site_locality  # Parsl: loaded once the input is known good
 
     console = Console(stderr=True)
-    with Progress(TextColumn("reference jobs"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  console=console, disable=not console.is_terminal) as progress:
+    with Progress(
+        TextColumn("reference jobs"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        console=console,
+        disable=not console.is_terminal,
+    ) as progress:
         task = progress.add_task("jobs", total=None)
         result = site_locality(
-            atoms, parent, radii_angstrom, samples, site=site, site_options=site_options, vacuum=vacuum,
-            workdir=workdir, progress=lambda done, total: progress.update(task, completed=done, total=total),
+            atoms,
+            parent,
+            radii_angstrom,
+            samples,
+            site=site,
+            site_options=site_options,
+            vacuum=vacuum,
+            workdir=workdir,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     report = locality_report(result, tolerance, structure, len(atoms), parent.name, parent.physics(), vacuum)
     if campaign is not None:  # the campaign's report draws the curve (docs/campaign.md, nft report)
@@ -141,14 +171,20 @@ def parse_radii(text: str) -> list[float]:
 
 
 def locality_report(
-    result: LocalityResult, tolerance: float, structure: Path, n_atoms: int, calculator: str,
-    parent_options: dict[str, Any], vacuum: float,
+    result: LocalityResult,
+    tolerance: float,
+    structure: Path,
+    n_atoms: int,
+    calculator: str,
+    parent_options: dict[str, Any],
+    vacuum: float,
 ) -> dict[str, Any]:
     """What `nft locality --json` prints: the rows (Å, atoms, eV/Å) and the suggested chunks.radius
     (Å; None when no radius has max |ΔF| below `tolerance`, eV/Å)."""
     suggested = result.suggested_radius(tolerance)
     above_again = [
-        float(radius) for radius, largest in zip(result.radii, result.max_difference)
+        float(radius)
+        for radius, largest in zip(result.radii, result.max_difference)
         if suggested is not None and radius > suggested and largest >= tolerance
     ]
     return {
@@ -170,7 +206,8 @@ def print_locality(console: Console, report: dict[str, Any]) -> None:
     console.print(
         f"{report['calculator']} locality of {report['structure']} ({report['n_atoms']} atoms): "
         f"{len(report['sample_indices'])} sample atoms, chunks with {report['vacuum']:g} Å vacuum",
-        highlight=False, soft_wrap=True,
+        highlight=False,
+        soft_wrap=True,
     )
     table = Table("radius (Å)", "chunk atoms", "max |ΔF| (eV/Å)", "mean |ΔF| (eV/Å)")
     for row in report["radii"]:
@@ -189,17 +226,20 @@ def print_locality(console: Console, report: dict[str, Any]) -> None:
         console.print(
             f"no radius qualifies: max |ΔF| is not below the tolerance {tolerance:g} eV/Å at any radius "
             f"(at the largest, {largest['radius']:g} Å: {largest['max_force_difference']:.3g} eV/Å); try larger radii",
-            highlight=False, soft_wrap=True,
+            highlight=False,
+            soft_wrap=True,
         )
         return
     console.print(
-        f"suggested chunks.radius = {suggested:g} Å: the smallest radius whose max |ΔF| is below the "
-        f"tolerance {tolerance:g} eV/Å",
-        highlight=False, soft_wrap=True,
+        f"suggested chunks.radius = {suggested:g} Å: the smallest radius whose max |ΔF| is below the tolerance {tolerance:g} eV/Å",
+        highlight=False,
+        soft_wrap=True,
     )
     if report["larger_radii_above_tolerance"]:
         console.print(
             "but max |ΔF| is at or above the tolerance again at "
-            + ", ".join(f"{radius:g}" for radius in report["larger_radii_above_tolerance"]) + " Å",
-            highlight=False, soft_wrap=True,
+            + ", ".join(f"{radius:g}" for radius in report["larger_radii_above_tolerance"])
+            + " Å",
+            highlight=False,
+            soft_wrap=True,
         )

@@ -1,4 +1,5 @@
 """`nft train` and `nft evaluate`: the ML core from the command line."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,9 @@ def labelled_structures(path: Path) -> list[LabelledStructure]:
     for index, atoms in enumerate(read_images(path)):
         labels = stored_labels(atoms)
         if labels is None:
-            raise BadInput(f"{path}: image {index} has no forces, or forces that are not finite and N×3 "
-                           "(a labelled file with forces is expected)")
+            raise BadInput(
+                f"{path}: image {index} has no forces, or forces that are not finite and N×3 (a labelled file with forces is expected)"
+            )
         structures.append(LabelledStructure(atoms.copy(), labels.energy, labels.forces, atoms.arrays.get("force_mask")))
     return structures
 
@@ -60,9 +62,18 @@ def parse_hidden(text: str) -> tuple[int, ...]:
 DEFAULTS = TrainingSettings()
 """`nft train`'s option defaults: the settings schema's own."""
 TRAIN_OPTIONS = {
-    "ensemble": "--ensemble", "cutoff": "--cutoff", "hidden": "--hidden", "epochs": "--epochs",
-    "lbfgs_steps": "--lbfgs", "optimizer": "--optimizer", "lm_steps": "--lm", "validation_fraction": "--validation", "bootstrap": "--bootstrap",
-    "descriptor.kind": "--descriptor", "seed": "--seed", "device": "--device",
+    "ensemble": "--ensemble",
+    "cutoff": "--cutoff",
+    "hidden": "--hidden",
+    "epochs": "--epochs",
+    "lbfgs_steps": "--lbfgs",
+    "optimizer": "--optimizer",
+    "lm_steps": "--lm",
+    "validation_fraction": "--validation",
+    "bootstrap": "--bootstrap",
+    "descriptor.kind": "--descriptor",
+    "seed": "--seed",
+    "device": "--device",
 }
 """The settings field behind each option, to name the option in a one-line error."""
 
@@ -75,10 +86,18 @@ def train(
     ensemble: int = typer.Option(DEFAULTS.ensemble, help="Number of ensemble members."),
     cutoff: float = typer.Option(DEFAULTS.cutoff, help="Descriptor cutoff radius in Å."),
     hidden: str = typer.Option(",".join(map(str, DEFAULTS.hidden)), help="Hidden layer widths, comma-separated."),
-    epochs: Optional[int] = typer.Option(None, help="Adam epochs before the second-order fit (default: the settings' default for the optimizer)."),
-    optimizer: Optional[str] = typer.Option(None, help=f"Second-order fit: levenberg-marquardt or lbfgs (default {DEFAULTS.optimizer}; lbfgs when only --lbfgs is given)."),
-    lbfgs: Optional[int] = typer.Option(None, help=f"L-BFGS iterations after Adam (with --optimizer lbfgs; default {DEFAULTS.lbfgs_steps})."),
-    lm: Optional[int] = typer.Option(None, help=f"Levenberg–Marquardt iterations (with --optimizer levenberg-marquardt; default {DEFAULTS.lm_steps})."),
+    epochs: Optional[int] = typer.Option(
+        None, help="Adam epochs before the second-order fit (default: the settings' default for the optimizer)."
+    ),
+    optimizer: Optional[str] = typer.Option(
+        None, help=f"Second-order fit: levenberg-marquardt or lbfgs (default {DEFAULTS.optimizer}; lbfgs when only --lbfgs is given)."
+    ),
+    lbfgs: Optional[int] = typer.Option(
+        None, help=f"L-BFGS iterations after Adam (with --optimizer lbfgs; default {DEFAULTS.lbfgs_steps})."
+    ),
+    lm: Optional[int] = typer.Option(
+        None, help=f"Levenberg–Marquardt iterations (with --optimizer levenberg-marquardt; default {DEFAULTS.lm_steps})."
+    ),
     validation: float = typer.Option(DEFAULTS.validation_fraction, help="Fraction of structures held out for early stopping."),
     bootstrap: bool = typer.Option(DEFAULTS.bootstrap, help="Bootstrap-resample the data per member."),
     descriptor: str = typer.Option(DEFAULTS.descriptor.kind, help="Angular terms: g5-moments or g4."),
@@ -91,8 +110,14 @@ def train(
 
     checked_device(device)
     options: dict = dict(
-        ensemble=ensemble, hidden=parse_hidden(hidden), cutoff=cutoff,
-        validation_fraction=validation, bootstrap=bootstrap, seed=seed, descriptor={"kind": descriptor}, device=device,
+        ensemble=ensemble,
+        hidden=parse_hidden(hidden),
+        cutoff=cutoff,
+        validation_fraction=validation,
+        bootstrap=bootstrap,
+        seed=seed,
+        descriptor={"kind": descriptor},
+        device=device,
     )
     given = {"epochs": epochs, "optimizer": optimizer, "lbfgs_steps": lbfgs, "lm_steps": lm}
     options.update({key: value for key, value in given.items() if value is not None})  # unset: the settings decide
@@ -108,9 +133,15 @@ def train(
     cutoff_problem = settings.cutoff_problem([item.atoms for item in structures])
     if cutoff_problem:
         raise BadInput(f"--cutoff: {cutoff_problem}")
-    with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} epochs"),
-                  TextColumn("loss {task.fields[loss]:.4g}"), TimeRemainingColumn(), console=console,
-                  disable=not console.is_terminal) as progress:
+    with Progress(
+        TextColumn("training"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} epochs"),
+        TextColumn("loss {task.fields[loss]:.4g}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    ) as progress:
         task = progress.add_task("train", total=settings.epochs, loss=float("nan"))
         model, report = train_ensemble(
             structures, settings, progress=lambda epoch, total, loss: progress.update(task, completed=epoch, loss=loss)
@@ -128,10 +159,23 @@ def train(
 @exit_codes
 def evaluate(
     model_path: Path = typer.Argument(..., metavar="MODEL", help="Model file written by nft train / nft run."),
-    structures: list[Path] = typer.Argument(..., metavar="FILES...", help="ASE-readable structure files (every image of each is evaluated)."),
-    parent: Optional[str] = typer.Option(None, "--reference", help="Parent calculator to compare with, with its default options, e.g. emt."),
-    config: Optional[Path] = typer.Option(None, "--config", metavar="CONFIG.toml", help="Instead of --reference: a campaign config, whose parent (with its options) and chunks.vacuum are used."),
-    vacuum: Optional[float] = typer.Option(None, "--vacuum", help="Vacuum (Å) of the box a non-periodic structure without a cell gets for the parent (default: the config's chunks.vacuum, else 6)."),
+    structures: list[Path] = typer.Argument(
+        ..., metavar="FILES...", help="ASE-readable structure files (every image of each is evaluated)."
+    ),
+    parent: Optional[str] = typer.Option(
+        None, "--reference", help="Parent calculator to compare with, with its default options, e.g. emt."
+    ),
+    config: Optional[Path] = typer.Option(
+        None,
+        "--config",
+        metavar="CONFIG.toml",
+        help="Instead of --reference: a campaign config, whose parent (with its options) and chunks.vacuum are used.",
+    ),
+    vacuum: Optional[float] = typer.Option(
+        None,
+        "--vacuum",
+        help="Vacuum (Å) of the box a non-periodic structure without a cell gets for the parent (default: the config's chunks.vacuum, else 6).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the aggregate and per-structure metrics as JSON."),
     device: str = typer.Option("auto", help="auto (cuda when torch sees a GPU, else cpu), cpu or cuda."),
 ):
@@ -177,8 +221,10 @@ def evaluate(
     width = max(len(row["file"]) for row in rows)
     typer.echo(f"{'file':<{width}}  image   atoms  MAE eV/Å  max eV/Å  max δ eV/Å  coverage")
     for row in rows:
-        typer.echo(f"{row['file']:<{width}}  {row['image']:>5}  {row['n_atoms']:>6}  {row['force_mae']:>8.4f}  "
-                   f"{row['force_max_error']:>8.4f}  {row['max_uncertainty']:>10.4f}  {row['coverage']:>8.3f}")
+        typer.echo(
+            f"{row['file']:<{width}}  {row['image']:>5}  {row['n_atoms']:>6}  {row['force_mae']:>8.4f}  "
+            f"{row['force_max_error']:>8.4f}  {row['max_uncertainty']:>10.4f}  {row['coverage']:>8.3f}"
+        )
     typer.echo(f"structures             {len(rows)} in {len(files)} file(s)")
     typer.echo(f"atoms                  {aggregate['n_atoms']}")
     typer.echo(f"force MAE              {aggregate['force_mae']:.4f} eV/Å")
@@ -186,5 +232,7 @@ def evaluate(
     typer.echo(f"max uncertainty δ      {aggregate['max_uncertainty']:.4f} eV/Å")
     typer.echo(f"energy error per atom  {aggregate['energy_error_per_atom']:.4f} eV")
     typer.echo(f"coverage (residual≤δ)  {aggregate['coverage']:.3f} of atoms")
-    typer.echo(f"residual p50/p90/p99   {aggregate['residual_p50']:.4f} / {aggregate['residual_p90']:.4f} / "
-               f"{aggregate['residual_p99']:.4f} eV/Å (max {aggregate['residual_max']:.4f})")
+    typer.echo(
+        f"residual p50/p90/p99   {aggregate['residual_p50']:.4f} / {aggregate['residual_p90']:.4f} / "
+        f"{aggregate['residual_p99']:.4f} eV/Å (max {aggregate['residual_max']:.4f})"
+    )

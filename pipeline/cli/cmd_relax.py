@@ -1,4 +1,5 @@
 """`nft relax`: relaxation with uncertainty in a campaign (chunks added where δ exceeds the threshold)."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,12 @@ if TYPE_CHECKING:
 def relax(
     config: Path = typer.Argument(..., metavar="CONFIG.toml", help="Campaign config (TOML) with a trained model."),
     structure: Path = typer.Argument(..., metavar="STRUCTURE", help="ASE-readable file; its last image is relaxed."),
-    output: Path = typer.Option(..., "-o", "--output", help="Relaxed structure to write (e.g. relaxed.traj); "
-                                "OUT-trajectory.extxyz and OUT-steps.csv/json go beside it."),
+    output: Path = typer.Option(
+        ...,
+        "-o",
+        "--output",
+        help="Relaxed structure to write (e.g. relaxed.traj); OUT-trajectory.extxyz and OUT-steps.csv/json go beside it.",
+    ),
     fmax: float = typer.Option(DEFAULT_FMAX, "--fmax", help="Stop when the largest force is below this (eV/Å)."),
     optimizer: str = typer.Option(DEFAULT_OPTIMIZER, "--optimizer", help="ASE optimizer: BFGS, FIRE or LBFGS."),
     steps: int = typer.Option(DEFAULT_MAX_STEPS, "--steps", help="At most this many optimizer steps."),
@@ -50,8 +55,9 @@ def relax(
     check_parent_elements(campaign.parent, [atoms], structure)
     verify_latest_model(campaign)
     console = Console()
-    summary = relax_structure(campaign, atoms, str(structure), output, fmax, optimizer, steps, site,
-                              observer=PlainDisplay(Console(stderr=True)))
+    summary = relax_structure(
+        campaign, atoms, str(structure), output, fmax, optimizer, steps, site, observer=PlainDisplay(Console(stderr=True))
+    )
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
@@ -88,7 +94,11 @@ def steps_table(summary: Mapping[str, Any]) -> Table:
     table = Table("step", "model", "energy (eV)", "fmax (eV/Å)", "δ (eV/Å)", "chunks added", title="relaxation")
     for row in summary["table"]:
         table.add_row(
-            str(row["step"]), "-" if row["model"] is None else str(row["model"]), f"{row['energy']:.4f}",
-            f"{row['fmax']:.4f}", f"{row['delta']:.4f}", str(row["chunks_added"]),
+            str(row["step"]),
+            "-" if row["model"] is None else str(row["model"]),
+            f"{row['energy']:.4f}",
+            f"{row['fmax']:.4f}",
+            f"{row['delta']:.4f}",
+            str(row["chunks_added"]),
         )
     return table

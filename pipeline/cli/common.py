@@ -1,4 +1,5 @@
 """Shared CLI plumbing: one-line messages and exit codes for our exceptions, and reading structure files."""
+
 from __future__ import annotations
 
 import functools
@@ -49,9 +50,7 @@ def exit_codes(command: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def parent_and_vacuum(
-    calculator: str | None, config: Path | None, vacuum: float | None
-) -> tuple[Parent, float, CampaignConfig | None]:
+def parent_and_vacuum(calculator: str | None, config: Path | None, vacuum: float | None) -> tuple[Parent, float, CampaignConfig | None]:
     """The parent a command computes with and the vacuum (Å) its boxes get: a campaign config's
     parent (with its options) and `chunks.vacuum`, else `calculator` with its default options and
     the default `chunks.vacuum`; `vacuum` overrides either. Returns the loaded config too (None

@@ -1,4 +1,5 @@
 """PNG figures the commands write (matplotlib's Agg canvas: no display, no global backend switch)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,23 +11,33 @@ from pipeline.science.locality import LocalityResult
 
 def write_locality_plot(result: LocalityResult, tolerance: float, path: Path, title: str) -> None:
     """`write_locality_curve` of a locality analysis (its suggested radius for `tolerance`)."""
-    write_locality_curve(result.radii, result.max_difference, result.mean_difference, tolerance,
-                         result.suggested_radius(tolerance), path, title)
+    write_locality_curve(
+        result.radii, result.max_difference, result.mean_difference, tolerance, result.suggested_radius(tolerance), path, title
+    )
 
 
 def write_locality_report_plot(report: dict, path: Path, title: str) -> None:
     """`write_locality_curve` of a stored `nft locality --json` report (its rows and suggestion)."""
     rows = report["radii"]
     write_locality_curve(
-        np.array([row["radius"] for row in rows]), np.array([row["max_force_difference"] for row in rows]),
-        np.array([row["mean_force_difference"] for row in rows]), float(report["tolerance"]),
-        report.get("suggested_radius"), path, title,
+        np.array([row["radius"] for row in rows]),
+        np.array([row["max_force_difference"] for row in rows]),
+        np.array([row["mean_force_difference"] for row in rows]),
+        float(report["tolerance"]),
+        report.get("suggested_radius"),
+        path,
+        title,
     )
 
 
 def write_locality_curve(
-    radii: np.ndarray, max_difference: np.ndarray, mean_difference: np.ndarray, tolerance: float,
-    suggested: float | None, path: Path, title: str,
+    radii: np.ndarray,
+    max_difference: np.ndarray,
+    mean_difference: np.ndarray,
+    tolerance: float,
+    suggested: float | None,
+    path: Path,
+    title: str,
 ) -> None:
     """Max and mean |ΔF| (eV/Å, log axis) against the chunk radius (Å), with the tolerance line and
     the suggested radius (Å, or None), written to `path` as PNG.
@@ -46,11 +57,18 @@ def write_locality_curve(
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for (label, values), style in zip(series.items(), ("o-", "s--")):
-        line, = axes.plot(radii, np.where(values > 0, values, floor), style, label=label)
+        (line,) = axes.plot(radii, np.where(values > 0, values, floor), style, label=label)
         zero = values <= 0
         if zero.any():
-            axes.plot(radii[zero], np.full(zero.sum(), floor), "o", markersize=11, markerfacecolor="none",
-                      color=line.get_color(), label=f"{label} = 0 (on the floor)")
+            axes.plot(
+                radii[zero],
+                np.full(zero.sum(), floor),
+                "o",
+                markersize=11,
+                markerfacecolor="none",
+                color=line.get_color(),
+                label=f"{label} = 0 (on the floor)",
+            )
     axes.axhline(tolerance, color="black", linestyle=":", label=f"tolerance {tolerance:g} eV/Å")
     if suggested is not None:
         axes.axvline(suggested, color="grey", linestyle="-.", label=f"suggested chunks.radius {suggested:g} Å")

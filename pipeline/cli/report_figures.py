@@ -1,4 +1,5 @@
 """`nft report`: the PNG figures (matplotlib's Agg canvas, as plots.py) and report.md linking them."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -44,10 +45,20 @@ def write_delta_history_plot(history: Sequence[Mapping[str, Any]], threshold: fl
     figure = _figure()
     axes = figure.add_subplot()
     iterations = [entry["iteration"] for entry in history]
-    axes.plot(iterations, [entry["uncertainty"] for entry in history], "o-", markersize=10, markerfacecolor="none",
-              linewidth=2.5, alpha=0.6, label="max δ (all target atoms)")
-    for key, label, style in (("delta_chunked_max", "max δ at atoms with a chunk", "s--"),
-                              ("delta_unchunked_max", "max δ at atoms without a chunk", "^:")):
+    axes.plot(
+        iterations,
+        [entry["uncertainty"] for entry in history],
+        "o-",
+        markersize=10,
+        markerfacecolor="none",
+        linewidth=2.5,
+        alpha=0.6,
+        label="max δ (all target atoms)",
+    )
+    for key, label, style in (
+        ("delta_chunked_max", "max δ at atoms with a chunk", "s--"),
+        ("delta_unchunked_max", "max δ at atoms without a chunk", "^:"),
+    ):
         points = [(entry["iteration"], entry[key]) for entry in history if entry.get(key) is not None]
         if points:
             axes.plot(*zip(*points), style, label=label)
@@ -75,7 +86,7 @@ def write_chunks_plot(history: Sequence[Mapping[str, Any]], path: Path, title: s
     axes.set_ylabel("chunks added")
     axes.set_xticks(iterations)
     total_axes = axes.twinx()
-    line, = total_axes.plot(iterations, np.cumsum(added), "o-", color="tab:orange", label="cumulative chunks")
+    (line,) = total_axes.plot(iterations, np.cumsum(added), "o-", color="tab:orange", label="cumulative chunks")
     total_axes.set_ylabel("cumulative chunks")
     total_axes.set_ylim(bottom=0)
     axes.set_title(title)
@@ -90,8 +101,15 @@ def write_parity_plot(labelled: LabelledForces, path: Path, title: str) -> None:
     groups = (("initial-set atoms", ~labelled.is_chunk_centre, "o"), ("chunk centres", labelled.is_chunk_centre, "^"))
     for label, rows, marker in groups:
         if rows.any():
-            axes.plot(labelled.reference[rows].ravel(), labelled.predicted[rows].ravel(), marker, linestyle="none",
-                      markersize=4, alpha=0.6, label=f"{label} ({rows.sum()} atoms × 3)")
+            axes.plot(
+                labelled.reference[rows].ravel(),
+                labelled.predicted[rows].ravel(),
+                marker,
+                linestyle="none",
+                markersize=4,
+                alpha=0.6,
+                label=f"{label} ({rows.sum()} atoms × 3)",
+            )
     low = float(min(labelled.reference.min(), labelled.predicted.min()))
     high = float(max(labelled.reference.max(), labelled.predicted.max()))
     margin = 0.05 * (high - low or 1.0)
@@ -117,13 +135,24 @@ def write_residual_plot(labelled: LabelledForces, path: Path, title: str) -> Non
     positive = np.concatenate([residuals[residuals > 0], deltas[deltas > 0]])
     floor = 10.0 ** np.floor(np.log10(positive.min())) if positive.size else 1e-6
     top = 10.0 ** np.ceil(np.log10(positive.max())) if positive.size else 1.0
-    for label, rows, marker in (("initial-set atoms", ~labelled.is_chunk_centre, "o"),
-                                ("chunk centres", labelled.is_chunk_centre, "^")):
+    for label, rows, marker in (("initial-set atoms", ~labelled.is_chunk_centre, "o"), ("chunk centres", labelled.is_chunk_centre, "^")):
         if rows.any():
-            axes.plot(np.maximum(deltas[rows], floor), np.maximum(residuals[rows], floor), marker, linestyle="none",
-                      markersize=4, alpha=0.6, label=f"{label} ({rows.sum()})")
-    axes.plot((floor, top), (floor, top), color="black", linewidth=0.8,
-              label=f"residual = δ ({100 * labelled.covered_fraction:.0f}% of rows on or under it)")
+            axes.plot(
+                np.maximum(deltas[rows], floor),
+                np.maximum(residuals[rows], floor),
+                marker,
+                linestyle="none",
+                markersize=4,
+                alpha=0.6,
+                label=f"{label} ({rows.sum()})",
+            )
+    axes.plot(
+        (floor, top),
+        (floor, top),
+        color="black",
+        linewidth=0.8,
+        label=f"residual = δ ({100 * labelled.covered_fraction:.0f}% of rows on or under it)",
+    )
     axes.set_xscale("log")
     axes.set_yscale("log")
     axes.set_xlim(floor, top)
@@ -150,10 +179,16 @@ def write_target_plot(target: TargetDeltas, first_iteration: int, kept_iteration
     norm = LogNorm(vmin=low, vmax=max(float(values.max()), low * 10))
     colour_map = colormaps["viridis"]
     panels = figure.subplots(1, 2)
-    for axes, deltas, label in zip(panels, (target.first, target.kept),
-                                   (f"first model (iteration {first_iteration})", f"kept model (iteration {kept_iteration})")):
-        plot_atoms(target.atoms, axes, colors=[colour_map(norm(max(value, low))) for value in deltas],
-                   radii=TARGET_ATOM_RADIUS_SCALE, rotation=TARGET_VIEW_ROTATION)
+    for axes, deltas, label in zip(
+        panels, (target.first, target.kept), (f"first model (iteration {first_iteration})", f"kept model (iteration {kept_iteration})")
+    ):
+        plot_atoms(
+            target.atoms,
+            axes,
+            colors=[colour_map(norm(max(value, low))) for value in deltas],
+            radii=TARGET_ATOM_RADIUS_SCALE,
+            rotation=TARGET_VIEW_ROTATION,
+        )
         axes.set_title(f"{label}: max δ {deltas.max():.3f} eV/Å", fontsize=10)
     figure.colorbar(ScalarMappable(norm=norm, cmap=colour_map), ax=list(panels), label="δ_i (eV/Å)", shrink=0.9)
     figure.suptitle(title)
@@ -172,11 +207,13 @@ def write_calibration_plot(calibration: Mapping[str, Any], path: Path, title: st
     iterations = [row["iteration"] for row in rows]
     figure = _figure(10.0, 4.0)
     coverage_axes, error_axes = figure.subplots(1, 2)
-    coverage_axes.bar(iterations, [100 * row["coverage"] for row in rows], color="tab:green", alpha=0.7,
-                      label="error ≤ δ_i at the chunk centres")
+    coverage_axes.bar(
+        iterations, [100 * row["coverage"] for row in rows], color="tab:green", alpha=0.7, label="error ≤ δ_i at the chunk centres"
+    )
     for iteration, row in zip(iterations, rows):
-        coverage_axes.annotate(f"{row['covered']}/{row['labelled']}", (iteration, 100 * row["coverage"]),
-                               ha="center", va="bottom", fontsize=8)
+        coverage_axes.annotate(
+            f"{row['covered']}/{row['labelled']}", (iteration, 100 * row["coverage"]), ha="center", va="bottom", fontsize=8
+        )
     coverage_axes.axhline(100 * PROMISED_COVERAGE, color="black", linestyle="-.", label=f"promised {PROMISED_COVERAGE:.0%}")
     coverage_axes.set_ylim(0, 105)
     coverage_axes.set_xlabel("iteration")
@@ -238,59 +275,81 @@ def write_report(report: CampaignReport, directory: Path) -> list[Path]:
 
     if history:
         write_delta_history_plot(history, status["threshold"], directory / DELTA_HISTORY_PNG, f"{name}: δ per iteration")
-        add(DELTA_HISTORY_PNG, "δ per iteration",
+        add(
+            DELTA_HISTORY_PNG,
+            "δ per iteration",
             "Max δ over the targets (eV/Å, log axis) against the threshold; where recorded, max δ at target atoms "
-            "with a chunk and without one.")
+            "with a chunk and without one.",
+        )
         write_chunks_plot(history, directory / CHUNKS_PNG, f"{name}: chunks")
         add(CHUNKS_PNG, "Chunks", "Chunks added per iteration (bars) and their cumulative count (line).")
     calibration = status.get("calibration") or {}
     if any(row["labelled"] for row in calibration.get("iterations", [])):
         write_calibration_plot(calibration, directory / CALIBRATION_PNG, f"{name}: is δ honest?")
         overall = calibration["overall"]
-        add(CALIBRATION_PNG, "Calibration per iteration",
+        add(
+            CALIBRATION_PNG,
+            "Calibration per iteration",
             f"At the chunk centres each iteration carved, the model's force error against the parent's label, with "
             f"the force and δ_i predicted before the reference ran: the coverage (error ≤ δ_i; 2.58σ promises 99%) "
             f"and the median error beside the median δ_i. Over all: {overall['covered']} of {overall['labelled']} "
-            f"({100 * overall['coverage']:.0f}%).")
+            f"({100 * overall['coverage']:.0f}%).",
+        )
     labelled = report.labelled
     if labelled is not None:
         write_parity_plot(labelled, directory / PARITY_PNG, f"{name}: kept model (iteration {report.kept_iteration})")
-        add(PARITY_PNG, "Force parity",
+        add(
+            PARITY_PNG,
+            "Force parity",
             f"Force components of the kept model (ensemble mean, iteration {report.kept_iteration}) against the stored "
             f"reference forces on the labelled rows: every initial-set atom and each chunk's central atom (predicted "
-            f"in the whole target). MAE {labelled.force_mae:.4f} eV/Å over {labelled.reference.size} components.")
+            f"in the whole target). MAE {labelled.force_mae:.4f} eV/Å over {labelled.reference.size} components.",
+        )
         write_residual_plot(labelled, directory / RESIDUAL_PNG, f"{name}: residual ≤ δ?")
-        add(RESIDUAL_PNG, "Residual against δ",
+        add(
+            RESIDUAL_PNG,
+            "Residual against δ",
             f"|F_pred − F_ref| against δ_i on the same rows; {100 * labelled.covered_fraction:.0f}% of "
-            f"{len(labelled.deltas)} rows lie on or under y = x (δ bounds their error).")
+            f"{len(labelled.deltas)} rows lie on or under y = x (δ bounds their error).",
+        )
     first, kept = report.first_iteration, report.kept_iteration
     if first is not None and kept is not None:  # both, where the campaign has models
         for index, target in enumerate(report.targets):
             file = TARGET_PNG if len(report.targets) == 1 else f"target_{index}_delta.png"
-            write_target_plot(target, first, kept, directory / file,
-                              f"{name}: target {index} ({len(target.atoms)} atoms) coloured by δ_i")
+            write_target_plot(target, first, kept, directory / file, f"{name}: target {index} ({len(target.atoms)} atoms) coloured by δ_i")
             add(file, f"Target {index} coloured by δ", "Per-atom δ_i (eV/Å) of the first and the kept model, one colour scale.")
     for index, relaxation in enumerate(report.relaxations):
         file = RELAXATION_PNG if len(report.relaxations) == 1 else f"relaxation_{index}.png"
         rows = relaxation["steps"]
         write_relaxation_plot(relaxation, directory / file, f"{name}: nft relax → {Path(relaxation['file']).name}")
-        add(file, f"Relaxation {index}" if len(report.relaxations) > 1 else "Relaxation",
+        add(
+            file,
+            f"Relaxation {index}" if len(report.relaxations) > 1 else "Relaxation",
             f"`nft relax` ({relaxation['optimizer']}, steps in {relaxation['file']}): fmax and δ at each of "
             f"{len(rows)} evaluations over {rows[-1]['step']} steps; {sum(row['chunks_added'] for row in rows)} chunks "
             f"added at {sum(1 for row in rows if row['chunks_added'])} geometries; ended with fmax "
-            f"{rows[-1]['fmax']:.4f} eV/Å and δ {rows[-1]['delta']:.4f} eV/Å ({relaxation.get('reason', 'in progress')}).")
+            f"{rows[-1]['fmax']:.4f} eV/Å and δ {rows[-1]['delta']:.4f} eV/Å ({relaxation.get('reason', 'in progress')}).",
+        )
     if report.locality is not None:
         from pipeline.cli.plots import write_locality_report_plot
 
         locality = report.locality
-        write_locality_report_plot(locality, directory / LOCALITY_PNG,
-                                   f"{name}: {locality['calculator']} locality, {Path(locality['structure']).name}")
+        write_locality_report_plot(
+            locality, directory / LOCALITY_PNG, f"{name}: {locality['calculator']} locality, {Path(locality['structure']).name}"
+        )
         suggested = locality.get("suggested_radius")
-        add(LOCALITY_PNG, "Locality of the parent",
+        add(
+            LOCALITY_PNG,
+            "Locality of the parent",
             f"`nft locality --config` on {locality['structure']} ({locality['n_atoms']} atoms, "
             f"{len(locality['sample_indices'])} sample atoms): max and mean |ΔF| of the central force against the chunk "
-            f"radius; " + (f"suggested chunks.radius {suggested:g} Å (max |ΔF| < {locality['tolerance']:g} eV/Å)."
-                           if suggested is not None else f"no radius reached max |ΔF| < {locality['tolerance']:g} eV/Å."))
+            f"radius; "
+            + (
+                f"suggested chunks.radius {suggested:g} Å (max |ΔF| < {locality['tolerance']:g} eV/Å)."
+                if suggested is not None
+                else f"no radius reached max |ΔF| < {locality['tolerance']:g} eV/Å."
+            ),
+        )
     report_path = directory / REPORT_MD
     report_path.write_text(report_markdown(report, figures))
     written.append(report_path)

@@ -14,6 +14,7 @@ A site with one executor runs everything there. On an `MPIExecutor` every app pa
 Training and prediction run on the `device` they are given ("auto", "cpu", "cuda"); "auto" is the
 worker's ``$NFT_DEVICE`` when its site sets one (slurm_gpu: cuda), else cuda when torch sees a GPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,6 +54,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
 
 # ---------------------------------------------------------------------------------------------
 # Jobs: what runs on a worker.
+
 
 def reference_job(
     calculator: str,
@@ -154,13 +156,13 @@ def training_job(
     start = time.perf_counter()
     settings = TrainingSettings.model_validate(dict(settings_dump))
     settings = settings.with_changes(device=worker_device(settings.device))
-    world_size = (world_size or int((parsl_resource_specification or {}).get("num_ranks") or 0)
-                  or _default_world_size(settings.device))
+    world_size = world_size or int((parsl_resource_specification or {}).get("num_ranks") or 0) or _default_world_size(settings.device)
     if world_size > 1:
         from pipeline.execution.distributed_training import train_distributed
 
-        metrics = train_distributed(structures_payload, settings, model_path, world_size,
-                                    start_model_path=start_model_path, elements=elements)
+        metrics = train_distributed(
+            structures_payload, settings, model_path, world_size, start_model_path=start_model_path, elements=elements
+        )
     else:
         from pipeline.execution.payloads import payload_to_labelled
         from pipeline.science.training import train_ensemble
@@ -255,9 +257,7 @@ def route(config: Config, role: str) -> Executors:
             return [label]
     if len(labels) == 1:
         return "all"
-    raise SiteError(
-        f"site has executors {labels} but none for {role} jobs (label one of them {' or '.join(map(repr, ROUTES[role]))})"
-    )
+    raise SiteError(f"site has executors {labels} but none for {role} jobs (label one of them {' or '.join(map(repr, ROUTES[role]))})")
 
 
 @dataclass(frozen=True)
@@ -283,26 +283,33 @@ class SiteApps:
         executor's next block (started once the lost one is seen gone) runs."""
         return isinstance(error, (ManagerLost, WorkerLost))
 
-    def reference_app(
-        self, parent: Parent, payload: Mapping[str, Any], job_dir: str | None = None, attempt: int = 1
-    ) -> AppFuture:
+    def reference_app(self, parent: Parent, payload: Mapping[str, Any], job_dir: str | None = None, attempt: int = 1) -> AppFuture:
         """Attempt `attempt` of a reference calculation by `parent` (sent as its name and options,
         plain data); on an MPIExecutor it reserves the job's ranks (and nodes)."""
         app = python_app(reference_job, executors=self.reference_executors)
         resources = parent.mpi_resources() if self.reference_is_mpi else None
-        return app(
-            parent.name, parent.model_dump(mode="json"), dict(payload), job_dir, attempt, **_resource_kwargs(resources)
-        )
+        return app(parent.name, parent.model_dump(mode="json"), dict(payload), job_dir, attempt, **_resource_kwargs(resources))
 
     def cell_relaxation_app(
-        self, parent: Parent, payload: Mapping[str, Any], job_dir: str | None = None, attempt: int = 1,
-        fmax: float = CELL_RELAX_FMAX, steps: int = CELL_RELAX_STEPS,
+        self,
+        parent: Parent,
+        payload: Mapping[str, Any],
+        job_dir: str | None = None,
+        attempt: int = 1,
+        fmax: float = CELL_RELAX_FMAX,
+        steps: int = CELL_RELAX_STEPS,
     ) -> AppFuture:
         """Attempt `attempt` of a cell relaxation by `parent` (`cell_relaxation_job`), on the reference executors."""
         app = python_app(cell_relaxation_job, executors=self.reference_executors)
         resources = parent.mpi_resources() if self.reference_is_mpi else None
         return app(
-            parent.name, parent.model_dump(mode="json"), dict(payload), job_dir, attempt, fmax, steps,
+            parent.name,
+            parent.model_dump(mode="json"),
+            dict(payload),
+            job_dir,
+            attempt,
+            fmax,
+            steps,
             **_resource_kwargs(resources),
         )
 
@@ -319,8 +326,13 @@ class SiteApps:
         app = python_app(training_job, executors=self.training_executors)
         resources = _node_resources(world_size or 1) if self.training_is_mpi else None
         return app(
-            list(structures_payload), dict(settings_dump), str(model_path), world_size, start_model_path,
-            list(elements) if elements else None, **_resource_kwargs(resources),
+            list(structures_payload),
+            dict(settings_dump),
+            str(model_path),
+            world_size,
+            start_model_path,
+            list(elements) if elements else None,
+            **_resource_kwargs(resources),
         )
 
     def prediction_app(

@@ -11,6 +11,7 @@ searches L-BFGS over all members together; the sharded ensemble is then as valid
 the ranks run `main` here. The settings' device decides the backend: on cuda NCCL, each rank on its
 local GPU (``LOCAL_RANK``; at most one rank per visible GPU); on cpu gloo.
 """
+
 from __future__ import annotations
 
 import json
@@ -94,8 +95,17 @@ def train_distributed(
             )
         )
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-            "--nproc-per-node", str(world_size), "-m", "pipeline.execution.distributed_training", str(spec_file),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(world_size),
+            "-m",
+            "pipeline.execution.distributed_training",
+            str(spec_file),
         ]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -112,8 +122,7 @@ def train_distributed(
                 + ("\n".join(rank_errors) if rank_errors else "\n".join(output[-30:]))
             )
         metrics = json.loads(report_file.read_text())
-    metrics.update(world_size=world_size, backend=backend, device=device,
-                   launch_wall_time_s=time.perf_counter() - start)
+    metrics.update(world_size=world_size, backend=backend, device=device, launch_wall_time_s=time.perf_counter() - start)
     return metrics
 
 
@@ -154,12 +163,18 @@ def _rank_main(spec_file: Path) -> int:
         shard = member_shards(settings.seeds(), world_size)[rank]
         started = time.perf_counter()
         start = load_ensemble(spec["start_model_path"]) if spec.get("start_model_path") else None
-        model, report = train_ensemble(structures, settings, start_from=start, elements=spec.get("elements"),
-                                       member_seeds=shard, ensemble_losses=_gathered_losses)
+        model, report = train_ensemble(
+            structures, settings, start_from=start, elements=spec.get("elements"), member_seeds=shard, ensemble_losses=_gathered_losses
+        )
         state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-        shard_summary = {"rank": rank, "members": len(shard), "epochs_run": report.epochs_run,
-                         "final_loss": report.final_loss, "warm_started": report.warm_started,
-                         "wall_time_s": time.perf_counter() - started}
+        shard_summary = {
+            "rank": rank,
+            "members": len(shard),
+            "epochs_run": report.epochs_run,
+            "final_loss": report.final_loss,
+            "warm_started": report.warm_started,
+            "wall_time_s": time.perf_counter() - started,
+        }
         gathered: list[Any] | None = [None] * world_size if rank == 0 else None
         dist.gather_object((state, shard_summary), gathered, dst=0)
         if gathered is not None:  # rank 0
@@ -174,8 +189,9 @@ def _rank_main(spec_file: Path) -> int:
             metrics["epochs_run"] = max(item[1]["epochs_run"] for item in gathered)
             metrics["final_loss"] = float(sum(item[1]["final_loss"] for item in gathered))
             metrics["warm_started"] = all(item[1]["warm_started"] for item in gathered)
-            metrics.update(element_residuals=report.element_residuals, element_weights=report.element_weights,
-                           weight_decay=report.weight_decay)  # the same data on every rank
+            metrics.update(
+                element_residuals=report.element_residuals, element_weights=report.element_weights, weight_decay=report.weight_decay
+            )  # the same data on every rank
             write_text_atomically(spec["report_path"], json.dumps(metrics))
         dist.barrier()
     finally:
@@ -204,8 +220,7 @@ def ensemble_metrics(model: Any, structures: Sequence[Any]) -> dict[str, Any]:
     rmse = float("nan")
     if len(data.energies):
         rmse = float((((energies.mean(0) - data.energies) / data.energy_atoms) ** 2).mean().sqrt())
-    return {"train_force_mae": force_mae(model, data, every), "train_energy_rmse_per_atom": rmse,
-            "validation_force_mae": None}
+    return {"train_force_mae": force_mae(model, data, every), "train_energy_rmse_per_atom": rmse, "validation_force_mae": None}
 
 
 def _default_backend(device: str) -> str:

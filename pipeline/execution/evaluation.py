@@ -1,6 +1,7 @@
 """A model's errors against a parent calculator: what `nft evaluate` prints and the campaign's final
 force MAE (summary.json `force_mae_vs_parent`) come from here.
 """
+
 from __future__ import annotations
 
 import os

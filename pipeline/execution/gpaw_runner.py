@@ -5,6 +5,7 @@ relaxation its `relax_cell` = {fmax, steps}); rank 0 writes OUT with energy (eV,
 the forces derive from) and forces (eV/Å) (after a cell relaxation also `final_positions` and
 `final_cell`, Å), or ``{"error": reason}`` and exit code 3 when GPAW raised (SCF not converged, bad input).
 """
+
 from __future__ import annotations
 
 import json

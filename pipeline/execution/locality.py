@@ -5,6 +5,7 @@ MPI job with the parent's ranks), all submitted at once; a failed attempt is tri
 parent's `retries`, as in the campaign. Carving and the comparison are the science module's
 (`pipeline.science.locality`); only where the forces are computed differs.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,7 +50,7 @@ def parent_locality(
     jobs = _locality_jobs(plan)
     forces = _reference_forces(jobs, parent, apps, workdir, progress)
     whole, *chunks = forces
-    per_radius = [chunks[r * plan.sample_indices.size:(r + 1) * plan.sample_indices.size] for r in range(plan.radii.size)]
+    per_radius = [chunks[r * plan.sample_indices.size : (r + 1) * plan.sample_indices.size] for r in range(plan.radii.size)]
     return locality_from_forces(plan, whole, per_radius)
 
 
@@ -88,25 +89,27 @@ def _locality_jobs(plan: LocalityChunks) -> list[tuple[str, str, Atoms]]:
     jobs = [("the whole structure", "whole", plan.whole)]
     for radius, row in zip(plan.radii, plan.chunks):
         for chunk in row:
-            jobs.append((
-                f"the {radius:g} Å chunk around atom {chunk.center_in_parent}",
-                f"chunk-r{radius:g}-atom{chunk.center_in_parent}",
-                chunk.atoms,
-            ))
+            jobs.append(
+                (
+                    f"the {radius:g} Å chunk around atom {chunk.center_in_parent}",
+                    f"chunk-r{radius:g}-atom{chunk.center_in_parent}",
+                    chunk.atoms,
+                )
+            )
     return jobs
 
 
 def _reference_forces(
-    jobs: Sequence[tuple[str, str, Atoms]], parent: Parent, apps: SiteApps, workdir: Path | None,
+    jobs: Sequence[tuple[str, str, Atoms]],
+    parent: Parent,
+    apps: SiteApps,
+    workdir: Path | None,
     progress: JobProgress | None,
 ) -> list[np.ndarray]:
     """Forces (eV/Å) of every job's structure, in the order of `jobs`; each job gets 1 + `parent.retries`
     attempts, and one that fails them all raises `RunFailed` (the Parsl session's end stops the rest)."""
     payloads = [atoms_to_payload(structure) for _, _, structure in jobs]
-    job_dirs = [
-        str(workdir / JOBS_DIR_NAME / folder) if parent.needs_job_dir and workdir is not None else None
-        for _, folder, _ in jobs
-    ]
+    job_dirs = [str(workdir / JOBS_DIR_NAME / folder) if parent.needs_job_dir and workdir is not None else None for _, folder, _ in jobs]
     attempts = [0] * len(jobs)
     forces: dict[int, np.ndarray] = {}  # by job index
     running: dict[Any, int] = {}

@@ -5,6 +5,7 @@ their defaults; `checked_options` validates a table and reports the first proble
 (the option's name and one line, "must be …, got VALUE"), which each caller turns into its own
 `BadInput` line (``parent.gpaw.ecut: …``, ``site option 'workers': …``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -87,9 +88,7 @@ class OneOf:
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
         choices = ", ".join(get_args(source))
-        return handler.generate_schema(
-            Annotated[source, BeforeValidator(_lower), rejects(f"must be one of {choices}; got {{value}}")]
-        )
+        return handler.generate_schema(Annotated[source, BeforeValidator(_lower), rejects(f"must be one of {choices}; got {{value}}")])
 
 
 PositiveFloat = Annotated[float, Field(gt=0), rejects("must be a positive number, got {value}")]
@@ -102,6 +101,8 @@ String = Annotated[str, rejects("must be a string, got {value}")]
 Flag = Annotated[bool, rejects("must be true or false, got {value}")]
 Table = Annotated[dict[str, Any], rejects("must be a table, got {value}")]
 Grid = Annotated[
-    list[PositiveInt], BeforeValidator(_list), Field(min_length=3, max_length=3),
+    list[PositiveInt],
+    BeforeValidator(_list),
+    Field(min_length=3, max_length=3),
     rejects("must be three positive integers [k1, k2, k3], got {value}"),
 ]

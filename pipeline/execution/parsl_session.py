@@ -4,6 +4,7 @@
 an interchange; each interchange ends with the driver, and a run directory whose path the shell
 would split is reached through a private alias.
 """
+
 from __future__ import annotations
 
 import logging
@@ -135,7 +136,7 @@ def _signal_name(number: int) -> str:
 
 
 def _unanswered(executor: HighThroughputExecutor) -> str | None:
-    """"no answer in N s" when the executor's interchange does not answer a command in time, else None."""
+    """ "no answer in N s" when the executor's interchange does not answer a command in time, else None."""
     try:
         executor.command_client.run("WORKER_BINDS", timeout_s=INTERCHANGE_ANSWER_S)
     except Exception:  # a timeout, or a command channel already broken
@@ -228,11 +229,16 @@ def _shell_safe_run_dir(config: Config) -> Iterator[None]:
     if shlex.quote(run_dir) == run_dir:
         yield
         return
-    remote = [executor.label for executor in config.executors
-              if (provider := getattr(executor, "provider", None)) is not None and not isinstance(provider, LocalProvider)]
+    remote = [
+        executor.label
+        for executor in config.executors
+        if (provider := getattr(executor, "provider", None)) is not None and not isinstance(provider, LocalProvider)
+    ]
     if remote:
-        raise SiteError(f"executor {remote[0]!r} runs off this host, where Parsl's launch commands break on the "
-                        f"spaces or special characters of the workdir path {run_dir!r}: use a plain workdir path")
+        raise SiteError(
+            f"executor {remote[0]!r} runs off this host, where Parsl's launch commands break on the "
+            f"spaces or special characters of the workdir path {run_dir!r}: use a plain workdir path"
+        )
     alias_dir = tempfile.mkdtemp(prefix=SAFE_ALIAS_PREFIX, dir=_shell_safe_temp_dir())
     alias = os.path.join(alias_dir, PARSL_DIR_NAME)
     os.makedirs(run_dir, exist_ok=True)

@@ -1,4 +1,5 @@
 """Plain-data forms of what crosses into Parsl apps and back: labelled structures in, predictions out."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,5 +1,6 @@
 """Run an external command (an MPI launcher and its ranks) as one process group that can be stopped
 whole: at a walltime, or when the calling worker dies. Not tied to any one parent code."""
+
 from __future__ import annotations
 
 import os
@@ -8,17 +9,20 @@ import subprocess
 from pathlib import Path
 
 
-def run_process_group(
-    command: list[str], cwd: Path, env: dict[str, str], timeout_s: float | None
-) -> tuple[int | None, str, str]:
+def run_process_group(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float | None) -> tuple[int | None, str, str]:
     """Run `command` in its own process group; past `timeout_s` stop the whole group (launcher and
     ranks: SIGTERM, then SIGKILL). Returns (exit code or None on timeout, stdout, stderr).
 
     A sidecar in the group (`caller_watchdog`) kills the group when this process dies, so a worker
     killed with its driver leaves no MPI job computing."""
     process = subprocess.Popen(
-        caller_watchdog(command, os.getpid()), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
+        caller_watchdog(command, os.getpid()),
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
@@ -41,8 +45,10 @@ def caller_watchdog(command: list[str], caller_pid: int, period_s: int = 1) -> l
     """`command` behind a shell that first starts a sidecar in the job's process group: every
     `period_s` it checks that `caller_pid` lives, and when it is gone it SIGKILLs the whole group
     (the launcher and its ranks). The shell then execs `command`, which keeps the group's pid."""
-    sidecar = (f"( while kill -0 {int(caller_pid)} 2>/dev/null; do sleep {int(period_s)}; done; "
-               "kill -KILL -- -$$ ) </dev/null >/dev/null 2>&1 & exec \"$@\"")
+    sidecar = (
+        f"( while kill -0 {int(caller_pid)} 2>/dev/null; do sleep {int(period_s)}; done; "
+        "kill -KILL -- -$$ ) </dev/null >/dev/null 2>&1 & exec \"$@\""
+    )
     return ["bash", "-c", sidecar, "nft-job", *command]
 
 

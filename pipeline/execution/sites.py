@@ -7,6 +7,7 @@ options (a campaign's `[site.options]`) are checked against the file's `Options`
 takes none): an unknown option or a bad value is one `SiteError` line naming it. Loading Parsl for
 a `with` block is `pipeline.execution.parsl_session`.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -132,8 +133,10 @@ def driver_watchdog(driver_pid: int) -> str:
     leaves its workers computing (and writing files) until their heartbeat runs out.
     """
     group = "$(cut -d' ' -f5 /proc/$$/stat)"
-    return (f"( while kill -0 {int(driver_pid)} 2>/dev/null; do sleep {WATCHDOG_PERIOD_S}; done; "
-            f"kill -KILL -- -{group} ) </dev/null >/dev/null 2>&1 &")
+    return (
+        f"( while kill -0 {int(driver_pid)} 2>/dev/null; do sleep {WATCHDOG_PERIOD_S}; done; "
+        f"kill -KILL -- -{group} ) </dev/null >/dev/null 2>&1 &"
+    )
 
 
 def option_from_environment(value: str | None, variable: str) -> str | None:

@@ -1,4 +1,5 @@
 """Building blocks shared by the Slurm sites: their options, a SlurmProvider from them, the reference executor."""
+
 from __future__ import annotations
 
 import datetime
@@ -43,8 +44,15 @@ class SlurmOptions(SiteOptions):
     address: Text | None = None  # the driver's address as the workers see it; default: Parsl's guess
 
 
-def slurm_provider(options: SlurmOptions, *, nodes_per_block: int, launcher: Launcher, partition: str | None = None,
-                   gpus_per_node: int | None = None, max_blocks: int | None = None) -> SlurmProvider:
+def slurm_provider(
+    options: SlurmOptions,
+    *,
+    nodes_per_block: int,
+    launcher: Launcher,
+    partition: str | None = None,
+    gpus_per_node: int | None = None,
+    max_blocks: int | None = None,
+) -> SlurmProvider:
     """A SlurmProvider that starts blocks on demand (none at start) and gives them back when idle."""
     scheduler_options = options.scheduler_options
     if options.ranks_per_node:

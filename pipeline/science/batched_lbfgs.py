@@ -6,6 +6,7 @@ members with different scales stall each other. Here each member has its own his
 initial scaling and its own backtracking (Armijo) step, while every loss evaluation is still one
 batched forward/backward pass for all members.
 """
+
 from __future__ import annotations
 
 from typing import Callable

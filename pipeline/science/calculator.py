@@ -1,4 +1,5 @@
 """The ensemble as an ASE calculator: energy (eV), forces (eV/Å) and per-atom δ_i (eV/Å)."""
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,7 @@ PREDICTION_DTYPE = torch.float32
 "Prediction defaults"); model files store float64, training stays float64."""
 
 
-def prediction_model(model: EnsembleModel, dtype: torch.dtype | None = PREDICTION_DTYPE,
-                     device: str = "auto") -> EnsembleModel:
+def prediction_model(model: EnsembleModel, dtype: torch.dtype | None = PREDICTION_DTYPE, device: str = "auto") -> EnsembleModel:
     """`model` in `dtype` (None: its own) on `device` ("auto", "cpu", "cuda"): `model` itself when it
     is so already, else a copy in eval mode, so the caller's model is left as it was."""
     target = resolve_device(device)
@@ -39,8 +39,14 @@ class EnsembleCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces", "uncertainties", "energy_uncertainties", "energies_members"]
 
-    def __init__(self, model: EnsembleModel, block_size: int = PREDICTION_BLOCK_SIZE,
-                 dtype: torch.dtype | None = PREDICTION_DTYPE, device: str = "auto", **kwargs):
+    def __init__(
+        self,
+        model: EnsembleModel,
+        block_size: int = PREDICTION_BLOCK_SIZE,
+        dtype: torch.dtype | None = PREDICTION_DTYPE,
+        device: str = "auto",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.model = prediction_model(model, dtype, device)
         self.block_size = block_size

@@ -4,6 +4,7 @@ A chunk holds every atom within `radius` (Å) of a central atom, with periodic i
 account, placed non-periodic in a box with `vacuum` (Å) on every side. Only the force on the central
 atom is trained, so the chunk only has to reproduce that atom's surroundings.
 """
+
 from __future__ import annotations
 
 import operator
@@ -89,10 +90,12 @@ def shared_environment(parent: Atoms, center_indices, radius_angstrom: float) ->
         raise ValueError("shared_environment: a centre is given twice")
     radius = _positive_finite(radius_angstrom, "radius_angstrom")
     _, neighbours, shifts, _ = _images_near(parent, centers, radius)
-    keys = np.concatenate([
-        np.column_stack([centers, np.zeros((len(centers), 3), dtype=np.int64)]),
-        np.column_stack([neighbours, shifts]),
-    ])
+    keys = np.concatenate(
+        [
+            np.column_stack([centers, np.zeros((len(centers), 3), dtype=np.int64)]),
+            np.column_stack([neighbours, shifts]),
+        ]
+    )
     _, first_seen = np.unique(keys, axis=0, return_index=True)
     first_seen = np.sort(first_seen)  # the centres first, then the neighbours in search order
     indices, image_shifts = keys[first_seen, 0], keys[first_seen, 1:]
@@ -106,9 +109,7 @@ def _neighbours_of(parent: Atoms, center: int, radius: float) -> tuple[np.ndarra
     return neighbours, shifts, displacements
 
 
-def _images_near(
-    parent: Atoms, centers: np.ndarray, radius: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _images_near(parent: Atoms, centers: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For every image within `radius` of one of `centers`: that centre, the image's parent index,
     its cell shift and its displacement (Å) from the centre. One neighbour search for all centres."""
     pbc = np.asarray(parent.pbc, dtype=bool)

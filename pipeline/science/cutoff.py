@@ -1,4 +1,5 @@
 """The smooth cosine cutoff every descriptor kind multiplies its radial terms by."""
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ Both kinds (`descriptors.MomentDescriptor`, `g4.G4Descriptor`) import this modul
 the other; `model.make_descriptor` picks one by `SymmetryFunctionParams.kind`. Torch-free at import
 time (settings read the kind names here without loading torch).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -109,7 +110,11 @@ class Descriptor(Protocol):
         ...
 
     def atomic_energies_and_forces(
-        self, atoms: Atoms, element_index: torch.Tensor, energies_and_gradients: PairSumEnergies, n_members: int,
+        self,
+        atoms: Atoms,
+        element_index: torch.Tensor,
+        energies_and_gradients: PairSumEnergies,
+        n_members: int,
         block_size: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Atomic energies (M, N) eV and forces (M, N, 3) eV/Å of every member, in blocks of centre atoms."""

@@ -10,6 +10,7 @@ Angular G5 features with integer ζ follow from the moments because
 which costs O(k) per atom instead of O(k²) over neighbour pairs. Since S is linear in the pair
 basis, forces need only ∂E/∂S (cheap, per atom) pushed through the per-pair basis derivatives.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,12 +78,7 @@ def median_nearest_neighbour_distance(structures) -> float:
 
 def monomial_exponents(max_degree: int) -> list[tuple[int, int, int]]:
     """Exponents (a, b, c) of x^a y^b z^c with a + b + c ≤ max_degree, ordered by degree."""
-    return [
-        (a, b, degree - a - b)
-        for degree in range(max_degree + 1)
-        for a in range(degree, -1, -1)
-        for b in range(degree - a, -1, -1)
-    ]
+    return [(a, b, degree - a - b) for degree in range(max_degree + 1) for a in range(degree, -1, -1) for b in range(degree - a, -1, -1)]
 
 
 @dataclass
@@ -158,9 +154,7 @@ class MomentDescriptor(torch.nn.Module):
                 radial_index.append(n_g2 + n_eta + e)
                 monomial_index.append(m)
         n_channels = len(radial_index)
-        lowered = sorted(
-            ch for (e, exps), ch in moment_channel.items() if sum(exps) < self.max_degree
-        )
+        lowered = sorted(ch for (e, exps), ch in moment_channel.items() if sum(exps) < self.max_degree)
         position_in_lowered = {ch: k for k, ch in enumerate(lowered)}
         lowering = np.zeros((3, n_channels, len(lowered)))
         for (e, exps), ch in moment_channel.items():
@@ -250,10 +244,7 @@ class MomentDescriptor(torch.nn.Module):
         powers = [torch.ones_like(unit)]
         for _ in range(self.max_degree):
             powers.append(powers[-1] * unit)
-        columns = [
-            powers[a][..., 0] * powers[b][..., 1] * powers[c][..., 2]
-            for a, b, c in self.layout.exponents
-        ]
+        columns = [powers[a][..., 0] * powers[b][..., 1] * powers[c][..., 2] for a, b, c in self.layout.exponents]
         return torch.stack(columns, dim=-1)
 
     # ----- features -----------------------------------------------------------------------
@@ -306,9 +297,7 @@ class MomentDescriptor(torch.nn.Module):
         basis = self.pair_basis(vectors)
         neighbour_el = params.element_lookup()[atoms.numbers[neighbours]]
         pair_sums = torch.zeros(len(rows), n_el, n_ch, dtype=dtype)
-        pair_sums.index_put_(
-            (torch.from_numpy(row_of[centers]), torch.from_numpy(neighbour_el)), basis.values, accumulate=True
-        )
+        pair_sums.index_put_((torch.from_numpy(row_of[centers]), torch.from_numpy(neighbour_el)), basis.values, accumulate=True)
         force_of = np.full(len(atoms), -1, dtype=np.int64)
         force_of[force_atoms] = np.arange(len(force_atoms))
         jacobian = torch.zeros(len(force_atoms), 3, len(rows), n_el * n_ch, dtype=dtype)
@@ -327,9 +316,7 @@ class MomentDescriptor(torch.nn.Module):
                 target = jacobian.view(len(force_atoms), 3, -1)
                 flat_cols = row_idx[hit][:, None] * (n_el * n_ch) + columns[hit]  # (P', C)
                 for axis in range(3):
-                    target[:, axis].index_put_(
-                        (f_t[:, None].expand_as(flat_cols), flat_cols), sign * grads[hit, axis], accumulate=True
-                    )
+                    target[:, axis].index_put_((f_t[:, None].expand_as(flat_cols), flat_cols), sign * grads[hit, axis], accumulate=True)
         return rows, pair_sums, force_atoms, jacobian
 
     def _pair_basis_gradients(self, basis: PairBasis, selection: torch.Tensor) -> torch.Tensor:
@@ -340,7 +327,11 @@ class MomentDescriptor(torch.nn.Module):
         return basis.along[selection].unsqueeze(-1) * unit.unsqueeze(1) + tangential / r
 
     def atomic_energies_and_forces(
-        self, atoms: Atoms, element_index: torch.Tensor, energies_and_gradients: PairSumEnergies, n_members: int,
+        self,
+        atoms: Atoms,
+        element_index: torch.Tensor,
+        energies_and_gradients: PairSumEnergies,
+        n_members: int,
         block_size: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Atomic energies (M, N) eV and forces (M, N, 3) eV/Å of every member, in blocks of centre
@@ -367,7 +358,10 @@ class MomentDescriptor(torch.nn.Module):
         return energies, forces
 
     def _block_pair_gradients(
-        self, vectors: torch.Tensor, center_elements: torch.Tensor, neighbour_elements: torch.Tensor,
+        self,
+        vectors: torch.Tensor,
+        center_elements: torch.Tensor,
+        neighbour_elements: torch.Tensor,
         energies_and_gradients: PairSumEnergies,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Atomic energies (M, B) and ∂E^m/∂r_ij (M, B, K, 3) for padded pair vectors (B, K, 3)."""

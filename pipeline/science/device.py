@@ -1,4 +1,5 @@
 """The training and prediction device: the one place that asks whether torch sees a CUDA GPU."""
+
 from __future__ import annotations
 
 from typing import get_args

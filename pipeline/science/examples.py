@@ -3,6 +3,7 @@
 Everything here is deterministic for a given seed, so the example campaign and the tests see the
 same atoms on every machine.
 """
+
 from __future__ import annotations
 
 import numpy as np

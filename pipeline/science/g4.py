@@ -5,6 +5,7 @@ summed per unordered pair of neighbour elements. It costs O(k²) per atom; force
 The features play the role of the moment descriptor's pair sums, with an identity feature map, so
 the model and the trainer treat both kinds alike: `features(S)` just flattens S of shape (…, 1, F).
 """
+
 from __future__ import annotations
 
 from itertools import combinations_with_replacement
@@ -102,9 +103,7 @@ class G4Descriptor(torch.nn.Module):
         row_of = np.full(len(atoms), -1, dtype=np.int64)
         row_of[centers] = np.arange(len(centers))
         sub_centers = row_of[pairs.centers[keep]]
-        padded = pad_pairs(
-            NeighbourPairs(sub_centers, pairs.neighbours[keep], pairs.vectors[keep]), len(centers), self.params.cutoff + 1
-        )
+        padded = pad_pairs(NeighbourPairs(sub_centers, pairs.neighbours[keep], pairs.vectors[keep]), len(centers), self.params.cutoff + 1)
         slot_pairs = np.flatnonzero(padded.valid.ravel())
         order = np.argsort(sub_centers, kind="stable")
         far = torch.zeros(len(centers) * padded.valid.shape[1], 3, dtype=positions.dtype, device=positions.device)
@@ -147,7 +146,11 @@ class G4Descriptor(torch.nn.Module):
         return rows, features.unsqueeze(1), force_atoms, jacobian
 
     def atomic_energies_and_forces(
-        self, atoms: Atoms, element_index: torch.Tensor, energies_and_gradients: PairSumEnergies, n_members: int,
+        self,
+        atoms: Atoms,
+        element_index: torch.Tensor,
+        energies_and_gradients: PairSumEnergies,
+        n_members: int,
         block_size: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Atomic energies (M, N) eV and forces (M, N, 3) eV/Å: features with autograd, all members'
@@ -165,9 +168,7 @@ class G4Descriptor(torch.nn.Module):
             with torch.enable_grad():
                 features = self.structure_features(atoms, positions, centers, lookup, pairs)
             block_energies, grads = energies_and_gradients(features.detach().unsqueeze(1), element_index[start : start + len(centers)])
-            (position_grads,) = torch.autograd.grad(
-                features, positions, grad_outputs=grads.flatten(-2), is_grads_batched=True
-            )
+            (position_grads,) = torch.autograd.grad(features, positions, grad_outputs=grads.flatten(-2), is_grads_batched=True)
             energies[:, start : start + len(centers)] = block_energies.detach()
             forces -= position_grads
         return energies, forces

@@ -5,6 +5,7 @@ Pure functions of `ase.Atoms` and a seed. The energy filter needs the parent's e
 split: `prototype_crystals` → (the caller relaxes each cell) → `propose_variants` (separation checked
 here) → (the caller labels them) → `within_energy_window`. Everything is deterministic for a seed.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,9 +75,13 @@ class InitialSetSettings(StrictSettings):
 
     elements: tuple[str, ...] | None = None  # chemical symbols; a campaign's default: its targets' elements
     count: int = Field(20, ge=1)  # cells kept
-    space_groups: tuple[Annotated[int, Field(ge=1, le=230)], ...] | None = None  # international numbers of the prototypes to use (default: all that fit)
+    space_groups: tuple[Annotated[int, Field(ge=1, le=230)], ...] | None = (
+        None  # international numbers of the prototypes to use (default: all that fit)
+    )
     seed: int = Field(0, ge=0)
-    min_separation: float | None = Field(None, gt=0)  # Å, the closest two atoms of a cell may be (`min_distance`); default: 0.75 × the smallest sum of covalent radii
+    min_separation: float | None = Field(
+        None, gt=0
+    )  # Å, the closest two atoms of a cell may be (`min_distance`); default: 0.75 × the smallest sum of covalent radii
     energy_window: float = Field(0.3, gt=0)  # eV/atom above the relaxed cell the variant came from
     max_strain: float = Field(0.04, ge=0, lt=0.5)  # largest component of the symmetric strain
     rattle: float = Field(0.1, ge=0)  # standard deviation of the displacements, Å
@@ -281,8 +286,7 @@ def _variant(cell: Atoms, settings: InitialSetSettings, rng: np.random.Generator
     repeats = supercell_repeats(len(cell), settings.min_atoms, settings.max_atoms)
     if not repeats:
         raise ValueError(
-            f"a {cell.get_chemical_formula()} cell of {len(cell)} atoms has no supercell of "
-            f"{settings.min_atoms}-{settings.max_atoms} atoms"
+            f"a {cell.get_chemical_formula()} cell of {len(cell)} atoms has no supercell of {settings.min_atoms}-{settings.max_atoms} atoms"
         )
     for _ in range(MAX_DRAWS):
         variant = cell.repeat(repeats[rng.integers(len(repeats))])
@@ -299,9 +303,7 @@ def _variant(cell: Atoms, settings: InitialSetSettings, rng: np.random.Generator
     )
 
 
-def within_energy_window(
-    energy_ev: float, n_atoms: int, relaxed_energy_ev: float, relaxed_n_atoms: int, window_ev_per_atom: float
-) -> bool:
+def within_energy_window(energy_ev: float, n_atoms: int, relaxed_energy_ev: float, relaxed_n_atoms: int, window_ev_per_atom: float) -> bool:
     """Whether a variant's energy per atom is at most `window_ev_per_atom` above its relaxed cell's."""
     return energy_ev / n_atoms - relaxed_energy_ev / relaxed_n_atoms <= window_ev_per_atom
 

@@ -13,6 +13,7 @@ outnumber the weights, else the N×N Gram system, δ = −Jᵀ(JJᵀ + μI)⁻¹
 push-through identity). An alloy's networks have P of 600–2,800 weights against a few hundred
 residuals, where the P×P Cholesky was nearly all of the training time (bench/RESULTS.md).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -98,8 +99,7 @@ class _GaussNewtonSystem:
     """One iteration's Gauss–Newton system of every member, kept in the smaller of its two forms:
     the normal matrix JᵀJ (M, P, P) when N ≥ P, else the Gram matrix JJᵀ (M, N, N) with J itself."""
 
-    def __init__(self, residual: torch.Tensor, jacobian: torch.Tensor, prior: "WeightPrior | None" = None,
-                 x: torch.Tensor | None = None):
+    def __init__(self, residual: torch.Tensor, jacobian: torch.Tensor, prior: "WeightPrior | None" = None, x: torch.Tensor | None = None):
         self.residual, self.jacobian = residual, jacobian
         self.dual = GRAM_FORM and jacobian.shape[1] < jacobian.shape[2]
         transposed = jacobian.transpose(1, 2)
@@ -120,7 +120,7 @@ class _GaussNewtonSystem:
         system.diagonal(dim1=1, dim2=2).add_(shift[:, None])
         factor, info = torch.linalg.cholesky_ex(system)
         if self.dual:  # (JᵀJ + cI)⁻¹g = (g − Jᵀ(JJᵀ + cI)⁻¹Jg)/c
-            projected = (self.jacobian @ self.gradient.unsqueeze(2))
+            projected = self.jacobian @ self.gradient.unsqueeze(2)
             inner = (self.jacobian.transpose(1, 2) @ torch.cholesky_solve(projected, factor)).squeeze(2)
             step = -(self.gradient - inner) / shift[:, None]
         else:

@@ -7,6 +7,7 @@ chunk radius the parent calculator needs.
 `locality_chunks` carves what is to be computed and `locality_from_forces` compares the forces the
 parent gave, wherever it ran; `central_force_locality` does both around an in-process calculator.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -78,9 +79,7 @@ class LocalityChunks:
     chunks: list[list[Chunk]]
 
 
-def locality_chunks(
-    atoms: Atoms, radii: Sequence[float], sample_indices: Sequence[int], vacuum: float = 6.0
-) -> LocalityChunks:
+def locality_chunks(atoms: Atoms, radii: Sequence[float], sample_indices: Sequence[int], vacuum: float = 6.0) -> LocalityChunks:
     """Carve the chunk of every radius (Å) around every sample atom, with `vacuum` (Å) as in the
     campaign; `ValueError` for no radius or sample atom, a radius that is not a positive number, or
     a sample atom outside the structure."""
@@ -171,9 +170,7 @@ def locality_sample_atoms(atoms: Atoms, count: int, seed: int = 0) -> list[int]:
     rng = np.random.default_rng(seed)
     n_surface = min(len(surface), max(count - len(core), count // 2))
     n_core = count - n_surface
-    chosen = np.concatenate(
-        [rng.choice(surface, size=n_surface, replace=False), rng.choice(core, size=n_core, replace=False)]
-    )
+    chosen = np.concatenate([rng.choice(surface, size=n_surface, replace=False), rng.choice(core, size=n_core, replace=False)])
     return sorted(int(i) for i in chosen)
 
 

@@ -1,5 +1,6 @@
 """The training loss per member, its hand-written gradient, and the residuals and residual
 Jacobians that Levenberg–Marquardt works on (their squares sum to the loss)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -156,8 +157,7 @@ def _pair_blocks(residual: torch.Tensor, row_element: torch.Tensor) -> list[_Pai
             position = torch.full((len(residuals),), -1, dtype=torch.int64, device=residual.device)
             position[chosen] = torch.arange(len(chosen), device=residual.device)
             in_block = position[local] >= 0
-            blocks.append(_PairBlock(element, element_pairs[in_block], residuals[chosen],
-                                     ResidualPairs.of(position[local[in_block]])))
+            blocks.append(_PairBlock(element, element_pairs[in_block], residuals[chosen], ResidualPairs.of(position[local[in_block]])))
             start = end
     return blocks
 
@@ -176,7 +176,7 @@ def member_residual_jacobians(
     for block in terms.blocks:
         pairs = block.pairs
         sums, columns = model.networks.residual_parameter_jacobian(
-            data.features[terms.row[pairs]], block.element, terms.output_weight[pairs], terms.input_weight[pairs],
-            block.layout)
+            data.features[terms.row[pairs]], block.element, terms.output_weight[pairs], terms.input_weight[pairs], block.layout
+        )
         jacobians[:, block.residuals.unsqueeze(1), columns.unsqueeze(0)] = sums
     return jacobians * factors.unsqueeze(2)

@@ -3,6 +3,7 @@
 Energy E^m = Σ_i e^m(G_i); forces −∂E^m/∂R for all members at once by pushing each member's
 ∂E^m/∂S (per atom, cheap) through the shared per-pair basis derivatives (see descriptors.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -154,9 +155,7 @@ class EnsembleModel(nn.Module):
             (gradients,) = torch.autograd.grad(energies.sum(), per_member, create_graph=create_graph)
         return energies, gradients
 
-    def energies_and_pair_sum_gradients(
-        self, pair_sums: torch.Tensor, element_index: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def energies_and_pair_sum_gradients(self, pair_sums: torch.Tensor, element_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Atomic energies (M, B) and ∂E^m/∂S_i (M, B, n_elements, C) from pair sums (B, n_elements, C)."""
         shape = (self.n_members, *pair_sums.shape)
         per_member = pair_sums.detach().unsqueeze(0).expand(shape).clone().requires_grad_(True)

@@ -5,6 +5,7 @@ than any structure nft computes is refused up front (a C search over ~10¹⁸ im
 and, holding the interpreter, never sees a signal), and a non-periodic structure is searched no
 further than its own extent (vesin's cost grows as (cutoff / extent)³; no pair lies beyond it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,8 +45,10 @@ def sphere_problem(atoms: Atoms, radius_angstrom: float) -> str | None:
     estimate = sphere_atoms(atoms, radius_angstrom)
     if estimate <= MAX_SPHERE_ATOMS:
         return None
-    return (f"a {radius_angstrom:g} Å sphere in this periodic structure holds ~{estimate:.3g} atoms "
-            f"(at most {MAX_SPHERE_ATOMS:,} make sense: more than any parent labels as one structure)")
+    return (
+        f"a {radius_angstrom:g} Å sphere in this periodic structure holds ~{estimate:.3g} atoms "
+        f"(at most {MAX_SPHERE_ATOMS:,} make sense: more than any parent labels as one structure)"
+    )
 
 
 def checked_search_cutoff(atoms: Atoms, cutoff_angstrom: float) -> float:

@@ -4,6 +4,7 @@ Every forward pass runs one layer loop (`hidden_layers`) and one activation (`ac
 `activation_slope`); the training passes keep hand-written reverse sweeps (`pre_activation_adjoints`
 is their one step) because on these tiny networks autograd's graph costs more than the products.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -100,9 +101,7 @@ class EnsembleNetworks(nn.Module):
         layers, _ = hidden_layers(features, self.n_layers - 1, affine, with_slopes=False)
         return affine(self.n_layers - 1, layers[-1]).squeeze(-1)
 
-    def outputs_and_input_gradients(
-        self, features: torch.Tensor, element_index: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def outputs_and_input_gradients(self, features: torch.Tensor, element_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Atomic outputs (M, B) and their gradients w.r.t. the inputs (M, B, F) from inputs (B, F)
         shared by all members, by an explicit backward pass: differentiable w.r.t. the weights with
         one ordinary backward (no double backward), which makes a force-trained step about twice as cheap."""
@@ -244,12 +243,18 @@ class EnsembleNetworks(nn.Module):
             gradients_b[layer] = z_bar.sum(0).reshape(n_members, 1, n_out)
         first = p.element * self.n_layers
         for layer in range(self.n_layers):
-            for parameter, gradient in ((self.weights[first + layer], gradients_w[layer]),
-                                        (self.biases[first + layer], gradients_b[layer])):
+            for parameter, gradient in (
+                (self.weights[first + layer], gradients_w[layer]),
+                (self.biases[first + layer], gradients_b[layer]),
+            ):
                 parameter.grad = gradient if parameter.grad is None else parameter.grad + gradient
 
     def residual_parameter_jacobian(
-        self, features: torch.Tensor, element: int, output_weights: torch.Tensor, input_weights: torch.Tensor,
+        self,
+        features: torch.Tensor,
+        element: int,
+        output_weights: torch.Tensor,
+        input_weights: torch.Tensor,
         pairs: "ResidualPairs",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """∂r/∂θ (M, R, P_e) of R residuals r = Σ_k (a_k·out_k + u_k·∂out_k/∂x) over their pairs k
@@ -281,7 +286,7 @@ class EnsembleNetworks(nn.Module):
         sizes = [int(offsets[k + 1] - offsets[k]) for k in indices]
         jacobian = features.new_zeros(n_members, n_residuals, sum(sizes))
         blocks = list(jacobian.split(sizes, dim=2))  # views: each parameter's columns
-        grad_w, grad_b = blocks[: self.n_layers], blocks[self.n_layers:]
+        grad_w, grad_b = blocks[: self.n_layers], blocks[self.n_layers :]
 
         def add_pairs(block: torch.Tensor, per_pair: torch.Tensor) -> None:  # (M, K, n) summed per residual
             block.index_add_(1, pairs.residual, per_pair.reshape(n_members, per_pair.shape[1], -1))
@@ -340,8 +345,10 @@ class ResidualPairs:
         inputs = x.new_zeros(n_residuals, 2 * n_slots, n_members, n_in)
         inputs[self.residual, slots] = x.transpose(0, 1)
         inputs[self.residual, tangent_slots] = u.transpose(0, 1)
-        sums = torch.bmm(inputs.permute(2, 0, 3, 1).reshape(n_members * n_residuals, n_in, 2 * n_slots),
-                         adjoints.permute(2, 0, 1, 3).reshape(n_members * n_residuals, 2 * n_slots, width))
+        sums = torch.bmm(
+            inputs.permute(2, 0, 3, 1).reshape(n_members * n_residuals, n_in, 2 * n_slots),
+            adjoints.permute(2, 0, 1, 3).reshape(n_members * n_residuals, 2 * n_slots, width),
+        )
         return sums.reshape(n_members, n_residuals, n_in * width)
 
 

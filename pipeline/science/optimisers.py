@@ -1,5 +1,6 @@
 """The optimisers that fit the members on scaled training data: Adam with per-member early
 stopping, then the settings' second-order polish (L-BFGS or Levenberg–Marquardt)."""
+
 from __future__ import annotations
 
 import copy

@@ -4,6 +4,7 @@ and, whenever δ of the current geometry exceeds the threshold, ask for a better
 Pure logic: the caller supplies the calculator and the callback that improves it (the campaign
 layer carves chunks, computes them and retrains); a notebook can pass any function.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -149,9 +150,7 @@ def _evaluate(atoms: Atoms, step: int, model: int | None) -> tuple[Atoms, Relaxa
     return frame, row
 
 
-def _emit(
-    frame: Atoms, row: RelaxationStep, steps: list[RelaxationStep], on_frame: Callable[[Atoms, RelaxationStep], None] | None
-) -> None:
+def _emit(frame: Atoms, row: RelaxationStep, steps: list[RelaxationStep], on_frame: Callable[[Atoms, RelaxationStep], None] | None) -> None:
     steps.append(row)
     if on_frame is not None:
         on_frame(frame, row)

@@ -1,4 +1,5 @@
 """Which atoms get a chunk this iteration, by threshold or by fraction (docs/campaign.md, "The loop")."""
+
 from __future__ import annotations
 
 import math
@@ -58,9 +59,7 @@ def select_chunk_centers(
     is any atom closer than `min_separation_angstrom` (minimum image when periodic) to one already
     picked; at most `max_count` are returned. Equal δ_i are taken in increasing atom index.
     """
-    return selection_report(
-        uncertainties, atoms, threshold, max_count, min_separation_angstrom, exclude, select_fraction
-    ).picked
+    return selection_report(uncertainties, atoms, threshold, max_count, min_separation_angstrom, exclude, select_fraction).picked
 
 
 def selection_report(
@@ -261,9 +260,7 @@ def _validated_count(max_count: int) -> int:
 def _validated_threshold(threshold: float) -> float:
     value = float(threshold)
     if not np.isfinite(value) or value < 0.0:
-        raise ValueError(
-            f"threshold must be a non-negative number of eV/Å, got {value} (use select_fraction to select by fraction)"
-        )
+        raise ValueError(f"threshold must be a non-negative number of eV/Å, got {value} (use select_fraction to select by fraction)")
     return value
 
 

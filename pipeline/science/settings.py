@@ -5,6 +5,7 @@ option defaults from it, and it crosses process boundaries as `model_dump(mode="
 `model_validate`. Frozen and strict: unknown keys and wrong types are errors, so a typo in a
 config never trains a different model silently.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -57,8 +58,9 @@ class DescriptorSettings(StrictSettings):
     angular_zetas: tuple[int, ...] | None = None
     angular_lambdas: tuple[int, ...] | None = None
 
-    _lists = field_validator("radial_centers", "radial_etas", "angular_etas", "angular_zetas", "angular_lambdas",
-                             mode="before")(lambda cls, value: _tuple(value))
+    _lists = field_validator("radial_centers", "radial_etas", "angular_etas", "angular_zetas", "angular_lambdas", mode="before")(
+        lambda cls, value: _tuple(value)
+    )
 
     @model_validator(mode="after")
     def _valid_set(self) -> "DescriptorSettings":
@@ -121,8 +123,10 @@ class TrainingSettings(StrictSettings):
         """No structure nft accepts has atoms closer than 0.5 Å (`structure_problem`), so a cutoff at
         or below that sees no neighbour anywhere: every descriptor is zero."""
         if value <= MIN_INTERATOMIC_DISTANCE_ANGSTROM:
-            raise ValueError(f"must be > {MIN_INTERATOMIC_DISTANCE_ANGSTROM:g} Å (got {value!r}): no structure has atoms "
-                             "that close, so the model would see no neighbour")
+            raise ValueError(
+                f"must be > {MIN_INTERATOMIC_DISTANCE_ANGSTROM:g} Å (got {value!r}): no structure has atoms "
+                "that close, so the model would see no neighbour"
+            )
         return value
 
     @field_validator("hidden")
@@ -174,8 +178,10 @@ class TrainingSettings(StrictSettings):
         except ValueError:
             return None  # no neighbours within 5 Å: nothing to compare with (training says why)
         if self.cutoff <= nearest:
-            return (f"{self.cutoff:g} Å does not reach the nearest neighbours of the data ({nearest:g} Å, median): "
-                    "the model would see no neighbour")
+            return (
+                f"{self.cutoff:g} Å does not reach the nearest neighbours of the data ({nearest:g} Å, median): "
+                "the model would see no neighbour"
+            )
         if self.descriptor.derives_radial_shells:
             try:
                 radial_shells(nearest, self.cutoff)

@@ -1,4 +1,5 @@
 """Plain-data forms of atomic structures: what the science core trains on and what crosses process boundaries."""
+
 from __future__ import annotations
 
 import os
@@ -76,8 +77,10 @@ def structure_problem(atoms: Atoms, min_distance_angstrom: float = MIN_INTERATOM
     if len(pairs.centers):
         distances = np.linalg.norm(pairs.vectors, axis=1)
         k = int(np.argmin(distances))
-        return (f"has atoms {int(pairs.centers[k])} and {int(pairs.neighbours[k])} {distances[k]:.3g} Å apart "
-                f"(closer than {min_distance_angstrom} Å)")
+        return (
+            f"has atoms {int(pairs.centers[k])} and {int(pairs.neighbours[k])} {distances[k]:.3g} Å apart "
+            f"(closer than {min_distance_angstrom} Å)"
+        )
     return None
 
 

@@ -5,6 +5,7 @@ fit of members whose loss ends as an outlier.
 The data live in `training_data`, the loss and residuals in `losses`, the optimisers in
 `optimisers`, the device in `device`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -22,8 +23,14 @@ from pipeline.science.model import EnsembleModel
 from pipeline.science.optimisers import adam, second_order
 from pipeline.science.settings import TrainingSettings
 from pipeline.science.structures import LabelledStructure
-from pipeline.science.training_data import (TrainingData, elements_of, force_mae, predict_labels, prepare_training_data,
-                                            residuals_per_element)
+from pipeline.science.training_data import (
+    TrainingData,
+    elements_of,
+    force_mae,
+    predict_labels,
+    prepare_training_data,
+    residuals_per_element,
+)
 
 ProgressCallback = Callable[[int, int, float], None]
 EnsembleLosses = Callable[[torch.Tensor], torch.Tensor]
@@ -128,9 +135,11 @@ def train_ensemble(
     shard passes `ensemble_losses` (this shard's member losses → every member's, gathered from all
     shards) so that outliers are judged against the whole ensemble, as in one process.
     """
-    run = _Run(tuple(int(z) for z in elements) if elements else None,
-               tuple(int(s) for s in member_seeds) if member_seeds is not None else tuple(settings.seeds()),
-               ensemble_losses)
+    run = _Run(
+        tuple(int(z) for z in elements) if elements else None,
+        tuple(int(s) for s in member_seeds) if member_seeds is not None else tuple(settings.seeds()),
+        ensemble_losses,
+    )
     return _train(structures, settings, run, progress, start_from, refit_outliers=True)
 
 
@@ -177,11 +186,10 @@ def _train(
     val_weights = torch.from_numpy(np.tile(validation.astype(float), (model.n_members, 1))).to(device)
     adam_settings = settings
     if warm:
-        adam_settings = settings.model_copy(update={"epochs": 0 if settings.second_order_steps else settings.epochs,
-                                                    "learning_rate": settings.final_learning_rate})
-    epochs_run, loss, best_validation = adam(
-        model, data, weights, val_weights if validation.any() else None, adam_settings, progress
-    )
+        adam_settings = settings.model_copy(
+            update={"epochs": 0 if settings.second_order_steps else settings.epochs, "learning_rate": settings.final_learning_rate}
+        )
+    epochs_run, loss, best_validation = adam(model, data, weights, val_weights if validation.any() else None, adam_settings, progress)
     loss = second_order(model, data, weights, settings, loss)
     reset: tuple[int, ...] = ()
     if refit_outliers and (adam_settings.epochs or settings.second_order_steps):
@@ -263,8 +271,9 @@ def _refit_outlier_members(
         return ()
     seeds = [int(model.member_seeds[m]) for m in outliers]
     restart_seeds = [seed + k * RESTART_SEED_STRIDE for seed in seeds for k in range(1, RESTARTS_PER_OUTLIER + 1)]
-    fresh, _ = _train(structures, settings, replace(run, member_seeds=tuple(restart_seeds)), None, None,
-                      refit_outliers=False)  # `run` carries the prepared data: same descriptor, same rows
+    fresh, _ = _train(
+        structures, settings, replace(run, member_seeds=tuple(restart_seeds)), None, None, refit_outliers=False
+    )  # `run` carries the prepared data: same descriptor, same rows
     fresh = fresh.to(losses.device)
     rows = torch.from_numpy(np.repeat(outliers, RESTARTS_PER_OUTLIER)).to(losses.device)
     fresh_losses = member_losses(fresh, data, weights[rows], settings, create_graph=False).detach()

@@ -4,6 +4,7 @@ Pair sums S and their Jacobians ∂S/∂R do not depend on the weights, so they 
 per structure; every epoch then costs one pass through the small networks plus one sparse
 product F^m = −(∂S/∂R)ᵀ ∂E^m/∂S. A chunk keeps only the rows its central atom's force needs.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -63,9 +64,7 @@ class TrainingData:
         return TrainingData(**fields)
 
 
-def prepare_training_data(
-    structures: Sequence[LabelledStructure], descriptor, dtype: torch.dtype = torch.float64
-) -> TrainingData:
+def prepare_training_data(structures: Sequence[LabelledStructure], descriptor, dtype: torch.dtype = torch.float64) -> TrainingData:
     """Pair sums and force Jacobians of every structure, computed once and concatenated."""
     params = descriptor.params
     width = params.n_features
@@ -155,9 +154,7 @@ def elements_of(structures: Sequence[LabelledStructure]) -> tuple[int, ...]:
 
 def predict_labels(model: EnsembleModel, data: TrainingData, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Member energies (M, S_E) eV and trained force rows (M, F, 3) eV/Å for prepared data."""
-    atomic, grads = model.energies_and_feature_gradients(
-        data.features, data.element_index, create_graph, scaled=data.scaled
-    )
+    atomic, grads = model.energies_and_feature_gradients(data.features, data.element_index, create_graph, scaled=data.scaled)
     n_members = atomic.shape[0]
     energies = atomic.new_zeros(n_members, len(data.energies))
     energies = energies.index_add(1, data.energy_segment, atomic[:, data.energy_rows])

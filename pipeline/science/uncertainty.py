@@ -1,5 +1,6 @@
 """Ensemble uncertainty (Zeng, Chen & Peterson 2022): δ_i = 2.58·σ of the members' force vectors;
 and, as the reference NFT code also offers, the spread of the members' atomic energies."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """One atomic write: a file appears whole or not at all, whatever stops its writer."""
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ nft's, of this schema version, or creates the schema in an empty one; a version-
 version-1 database of one campaign, is migrated in place (a version-1 campaign's structures and jobs
 join it).
 """
+
 from __future__ import annotations
 
 import os
@@ -254,11 +255,7 @@ def _migrate(engine: Engine, name: str) -> str | None:
                     broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
                     if broken:
                         raise DatabaseError(f"{name}: migration would break {len(broken)} reference(s) between tables; left as it was")
-                connection.execute(
-                    update(MetadataRow)
-                    .where(MetadataRow.key == "schema_version")
-                    .values(value=str(SCHEMA_VERSION))
-                )
+                connection.execute(update(MetadataRow).where(MetadataRow.key == "schema_version").values(value=str(SCHEMA_VERSION)))
     except sa_exc.SQLAlchemyError as exc:
         raise DatabaseError(f"{name}: cannot migrate from schema version {version} ({error_reason(exc)})") from exc
     if version == "1":
@@ -348,9 +345,7 @@ def _join_everything_to(connection: Connection, campaign_id: int) -> None:
         ),
         campaign,
     )
-    connection.execute(
-        text("UPDATE reference_jobs SET claimed_by = CAST(:campaign AS INTEGER) WHERE status <> 'pending'"), campaign
-    )
+    connection.execute(text("UPDATE reference_jobs SET claimed_by = CAST(:campaign AS INTEGER) WHERE status <> 'pending'"), campaign)
 
 
 def _use_wal(engine: Engine, name: str, url: URL) -> None:

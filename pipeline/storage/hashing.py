@@ -1,4 +1,5 @@
 """The hashes the database identifies things by: a file's bytes (model files) and an `ase.Atoms` geometry."""
+
 from __future__ import annotations
 
 import hashlib

@@ -2,6 +2,7 @@
 relative to the campaign's folder, so a copied campaign reads its own copy), and each iteration's δ
 per target, chunks added and wall-time split. Which model is the best is the campaign's rule
 (`campaign.history.best_model`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,9 +45,7 @@ class IterationStore(StoreSession):
         digest = file_sha256(Path(path))
         campaign = self._campaign()
         with self._write() as session:
-            row = session.scalar(
-                select(ModelRow).where(ModelRow.campaign_id == campaign, ModelRow.iteration == int(iteration))
-            )
+            row = session.scalar(select(ModelRow).where(ModelRow.campaign_id == campaign, ModelRow.iteration == int(iteration)))
             if row is None:
                 row = ModelRow(campaign_id=campaign, iteration=int(iteration))
                 session.add(row)
@@ -105,11 +104,7 @@ class IterationStore(StoreSession):
             max_delta = max(deltas.values())
         campaign = self._campaign()
         with self._write() as session:
-            row = session.scalar(
-                select(IterationRow).where(
-                    IterationRow.campaign_id == campaign, IterationRow.iteration == int(iteration)
-                )
-            )
+            row = session.scalar(select(IterationRow).where(IterationRow.campaign_id == campaign, IterationRow.iteration == int(iteration)))
             if row is None:
                 row = IterationRow(campaign_id=campaign, iteration=int(iteration))
                 session.add(row)

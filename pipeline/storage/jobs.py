@@ -1,6 +1,7 @@
 """The reference-job state machine: pending → running → done or failed, claimed by one driver at a
 time across the campaigns sharing a database, a result final once stored and reused by every
 campaign that needs it."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -83,9 +84,7 @@ class JobStore(StoreSession):
         if status is not None:
             query = query.where(ReferenceJobRow.status == status)
         if kind is not None:
-            query = query.join(StructureRow, ReferenceJobRow.structure_id == StructureRow.id).where(
-                StructureRow.kind == kind
-            )
+            query = query.join(StructureRow, ReferenceJobRow.structure_id == StructureRow.id).where(StructureRow.kind == kind)
         with self._read() as session:
             return [job_record(row) for row in session.scalars(query)]
 
@@ -203,7 +202,8 @@ class JobStore(StoreSession):
             )
         with self._write() as session:
             result = session.execute(
-                query.values(status="pending", error=None, started_at=None, external_id=None), execution_options={"synchronize_session": False}
+                query.values(status="pending", error=None, started_at=None, external_id=None),
+                execution_options={"synchronize_session": False},
             )
             return rows_changed(result)
 
@@ -232,15 +232,10 @@ class JobStore(StoreSession):
         if params is not None:
             query = query.where(ReferenceJobRow.params_hash == params_hash(plain_json(params)))
         with self._read() as session:
-            return [
-                (structure_record(structure), result_record(result))
-                for structure, result in session.execute(query)
-            ]
+            return [(structure_record(structure), result_record(result)) for structure, result in session.execute(query)]
 
 
-def _final_geometry(
-    job_id: int, n_atoms: int, positions: np.ndarray | None, cell: np.ndarray | None
-) -> dict[str, bytes | None]:
+def _final_geometry(job_id: int, n_atoms: int, positions: np.ndarray | None, cell: np.ndarray | None) -> dict[str, bytes | None]:
     """The packed end geometry of a relaxation job (both or neither; finite; shapes (n, 3) and (3, 3))."""
     if positions is None and cell is None:
         return {"final_positions": None, "final_cell": None}

@@ -10,6 +10,7 @@ The lease itself is three columns of the campaign's row, taken by compare-and-se
 kept alive (`renew`) and given back (`release`) inside a store's write transaction; `check_fence`
 refuses the writes of a driver whose lease was taken over (`LeaseLost`).
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,17 @@ if TYPE_CHECKING:
     from pipeline.storage.store import CampaignStore
 
 __all__ = [
-    "HEARTBEAT_S", "LEASE_STALE_S", "CampaignBusy", "LeaseLost", "acquire", "check_fence", "held_lease", "lease_live",
-    "release", "renew", "this_process",
+    "HEARTBEAT_S",
+    "LEASE_STALE_S",
+    "CampaignBusy",
+    "LeaseLost",
+    "acquire",
+    "check_fence",
+    "held_lease",
+    "lease_live",
+    "release",
+    "renew",
+    "this_process",
 ]
 
 LEASE_STALE_S = 60.0
@@ -54,6 +64,7 @@ class LeaseLost(RunFailed):
 
 # ---------------------------------------------------------------------------------------------
 # The lease in the database: each function runs inside the caller's write transaction.
+
 
 def acquire(
     session: Session,
@@ -86,9 +97,7 @@ def acquire(
 def renew(session: Session, campaign_id: int, lease_id: str | None) -> bool:
     """Refresh the heartbeat of lease `lease_id`; False when it is no longer the campaign's."""
     result = session.execute(
-        update(CampaignRow)
-        .where(CampaignRow.id == campaign_id, CampaignRow.lease_id == lease_id)
-        .values(lease_heartbeat=utc_now()),
+        update(CampaignRow).where(CampaignRow.id == campaign_id, CampaignRow.lease_id == lease_id).values(lease_heartbeat=utc_now()),
         execution_options={"synchronize_session": False},
     )
     return rows_changed(result) > 0

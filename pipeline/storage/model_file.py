@@ -3,6 +3,7 @@
 The header also holds a sha256 over the metadata and every tensor (`checksum`), so a file with one
 flipped byte is refused on load instead of predicting with a silently changed weight or setting;
 files written before the checksum load unchecked."""
+
 from __future__ import annotations
 
 import hashlib
@@ -142,16 +143,26 @@ def _check_checksum(raw: dict[str, str], state: dict[str, torch.Tensor], path: s
 
 def _check_size(params: SymmetryFunctionParams, hidden: Any, member_seeds: Any, path: str | os.PathLike[str]) -> None:
     """ModelFileError unless the header's network is of a size an nft model can have."""
-    widths_ok = (isinstance(hidden, list) and 1 <= len(hidden) <= MAX_LAYERS
-                 and all(isinstance(w, int) and 1 <= w <= MAX_LAYER_WIDTH for w in hidden))
-    seeds_ok = isinstance(member_seeds, list) and MIN_MEMBERS <= len(member_seeds) <= MAX_MEMBERS and all(
-        isinstance(seed, int) for seed in member_seeds)
+    widths_ok = (
+        isinstance(hidden, list)
+        and 1 <= len(hidden) <= MAX_LAYERS
+        and all(isinstance(w, int) and 1 <= w <= MAX_LAYER_WIDTH for w in hidden)
+    )
+    seeds_ok = (
+        isinstance(member_seeds, list)
+        and MIN_MEMBERS <= len(member_seeds) <= MAX_MEMBERS
+        and all(isinstance(seed, int) for seed in member_seeds)
+    )
     if not widths_ok:
-        raise ModelFileError(f"{path}: hidden layer widths {str(hidden)[:60]} are out of bounds "
-                             f"(1–{MAX_LAYERS} layers of 1–{MAX_LAYER_WIDTH})")
+        raise ModelFileError(
+            f"{path}: hidden layer widths {str(hidden)[:60]} are out of bounds (1–{MAX_LAYERS} layers of 1–{MAX_LAYER_WIDTH})"
+        )
     if not seeds_ok:
-        raise ModelFileError(f"{path}: an ensemble of {MIN_MEMBERS}–{MAX_MEMBERS} members is needed (δ is their spread), "
-                             f"the file gives member seeds {str(member_seeds)[:60]}")
+        raise ModelFileError(
+            f"{path}: an ensemble of {MIN_MEMBERS}–{MAX_MEMBERS} members is needed (δ is their spread), "
+            f"the file gives member seeds {str(member_seeds)[:60]}"
+        )
     if params.n_elements > 118 or params.n_features > MAX_FEATURES:
-        raise ModelFileError(f"{path}: descriptor of {params.n_features} features for {params.n_elements} elements "
-                             f"is out of bounds (at most {MAX_FEATURES})")
+        raise ModelFileError(
+            f"{path}: descriptor of {params.n_features} features for {params.n_elements} elements is out of bounds (at most {MAX_FEATURES})"
+        )

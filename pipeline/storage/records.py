@@ -3,6 +3,7 @@
 A structure's geometry comes back as `ase.Atoms` (bit-exact), forces as float64 arrays (eV/Å),
 timestamps as aware UTC datetimes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -181,7 +182,9 @@ def job_record(row: ReferenceJobRow) -> JobRecord:
 def result_record(row: ReferenceResultRow) -> ResultRecord:
     """The record of a reference-result row: energy (eV), forces (eV/Å), a relaxation's end geometry."""
     return ResultRecord(
-        row.job_id, row.energy, unpack_array(row.forces),
+        row.job_id,
+        row.energy,
+        unpack_array(row.forces),
         None if row.final_positions is None else unpack_array(row.final_positions),
         None if row.final_cell is None else unpack_array(row.final_cell),
     )

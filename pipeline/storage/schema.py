@@ -8,6 +8,7 @@ Structures, reference jobs and their results are content-addressed and shared by
 database; `campaign_structures` and `campaign_jobs` say which campaign registered which, so every
 query of a campaign reads only its own. Models, iterations and the driver lease are a campaign's.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,6 +1,7 @@
 """The plumbing every part of `CampaignStore` stands on: the engine, short read and write
 transactions (fenced by the driver lease), `transaction()` for writes that go together, and the
 campaign's view of the shared rows (which structures and jobs it registered)."""
+
 from __future__ import annotations
 
 import os
@@ -144,8 +145,7 @@ class StoreSession:
             return query.order_by(StructureRow.id) if ordered else query
         query = query.join(
             CampaignStructureRow,
-            (CampaignStructureRow.structure_id == StructureRow.id)
-            & (CampaignStructureRow.campaign_id == self._campaign_id),
+            (CampaignStructureRow.structure_id == StructureRow.id) & (CampaignStructureRow.campaign_id == self._campaign_id),
         )
         return query.order_by(CampaignStructureRow.id) if ordered else query
 
@@ -158,9 +158,7 @@ class StoreSession:
         try:
             with self._write() as session:
                 exists = session.scalar(
-                    select(membership.id).where(
-                        membership.campaign_id == self._campaign_id, getattr(membership, column) == value
-                    )
+                    select(membership.id).where(membership.campaign_id == self._campaign_id, getattr(membership, column) == value)
                 )
                 if exists is not None:
                     return

@@ -15,6 +15,7 @@ structures and chunk identity (`structures`), the reference-job state machine (`
 iterations (`iterations`), the counts (`summary`), the driver lease and write fencing (`lease`) and
 the hashes (`hashing`). This module composes them and holds the campaigns themselves.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """Structure files: reading one (every image checked, with the labels it stores), and writing
 labelled extxyz that reads back bit for bit, so an exported training set trains exactly the model
 its rows train (ASE's own extxyz writer rounds per-atom floats to 8 decimals)."""
+
 from __future__ import annotations
 
 import io
@@ -86,8 +87,9 @@ def _frame(item: LabelledStructure) -> str:
     write(header, atoms, format="extxyz", columns=columns, write_results=False)
     count, comment = header.getvalue().splitlines()[:2]
     lines = [count, comment]
-    for symbol, position, flag, force in zip(atoms.get_chemical_symbols(), atoms.positions, atoms.arrays["force_mask"],
-                                             atoms.arrays["forces"]):
+    for symbol, position, flag, force in zip(
+        atoms.get_chemical_symbols(), atoms.positions, atoms.arrays["force_mask"], atoms.arrays["forces"]
+    ):
         values = [symbol, *map(_exact, position), "T" if flag else "F", *map(_exact, force)]
         lines.append(" ".join(values))
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """Structures in the campaign database and the identity of a chunk: targets, initial structures and
 snapshots are the same when their geometry hash matches; a chunk is the same as one carved from the
 same parent around the same atom at the same radius, whatever its geometry."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -130,9 +131,9 @@ class StructureStore(StoreSession):
             StructureRow.radius == round(float(radius), RADIUS_DECIMALS),
         )
         if calculator is not None:
-            query = self._own_jobs(
-                query.join(ReferenceJobRow, ReferenceJobRow.structure_id == StructureRow.id), ordered=False
-            ).where(ReferenceJobRow.calculator == calculator)
+            query = self._own_jobs(query.join(ReferenceJobRow, ReferenceJobRow.structure_id == StructureRow.id), ordered=False).where(
+                ReferenceJobRow.calculator == calculator
+            )
             if params is not None:
                 query = query.where(ReferenceJobRow.params_hash == params_hash(plain_json(params)))
         with self._read() as session:
@@ -151,8 +152,7 @@ class StructureStore(StoreSession):
             self._own_jobs(select(ReferenceJobRow), ordered=False)
             .join(StructureRow, ReferenceJobRow.structure_id == StructureRow.id)
             .where(
-                StructureRow.identity
-                == _chunk_identity(int(parent_id), int(center_in_parent), round(float(radius), RADIUS_DECIMALS)),
+                StructureRow.identity == _chunk_identity(int(parent_id), int(center_in_parent), round(float(radius), RADIUS_DECIMALS)),
                 ReferenceJobRow.calculator == calculator,
                 ReferenceJobRow.params_hash == params_hash(plain_json(params)),
             )

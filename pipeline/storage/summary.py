@@ -1,5 +1,6 @@
 """The counts `nft status` shows: a campaign's structures by kind, jobs by status, reference atoms,
 reused results, iterations and models."""
+
 from __future__ import annotations
 
 from sqlalchemy import func, select

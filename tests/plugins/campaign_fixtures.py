@@ -1,5 +1,6 @@
 """Small real campaigns for tests: a rattled Pt cluster target, a few bulk Pt cells, a config writer,
 and an observation hook that logs every EMT calculation (to count parent calls across processes)."""
+
 from __future__ import annotations
 
 import copy
@@ -29,8 +30,7 @@ SMALL_CAMPAIGN: dict[str, dict[str, Any]] = {
     "data": {"targets": ["target.traj"], "initial": "initial.traj"},
     "parent": {"calculator": "emt"},
     "chunks": {"radius": 6.0, "vacuum": 4.0, "max_per_iteration": 8, "min_separation": 2.0},
-    "model": {"cutoff": 5.0, "hidden": [5, 5], "ensemble": 4, "epochs": 100, "optimizer": "lbfgs", "lbfgs_steps": 300,
-              "seed": 1},
+    "model": {"cutoff": 5.0, "hidden": [5, 5], "ensemble": 4, "epochs": 100, "optimizer": "lbfgs", "lbfgs_steps": 300, "seed": 1},
     "active": {"threshold": 1.2, "max_iterations": 8},
     "site": {"options": {"workers": 2, "worker_init": "export OMP_NUM_THREADS=1"}},
 }

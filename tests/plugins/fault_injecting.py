@@ -9,6 +9,7 @@ the first attempts of the run, in the order the workers start them (a locked cou
 its faults one by one whatever the geometry, so a test sees every kind however the model chose its
 chunks.
 """
+
 from __future__ import annotations
 
 import fcntl

@@ -1,6 +1,7 @@
 """A real PostgreSQL server for the tests: Debian's initdb and pg_ctl in a temporary directory, on
 127.0.0.1 and a free port, run as an unprivileged user (the server refuses root), stopped and removed
 at the end of the session. Tests that need it skip, saying why, only where no server binaries exist."""
+
 from __future__ import annotations
 
 import glob
@@ -62,13 +63,23 @@ def postgresql_server() -> Iterator[PostgresServer]:
     pg_ctl = str(binaries / "pg_ctl")
     try:
         subprocess.run(
-            _as_server_user([str(binaries / "initdb"), "-D", str(data), "-U", DATABASE_USER, "--auth=trust", "-E", "UTF8", "--no-instructions"]),
-            check=True, capture_output=True, text=True, timeout=120,
+            _as_server_user(
+                [str(binaries / "initdb"), "-D", str(data), "-U", DATABASE_USER, "--auth=trust", "-E", "UTF8", "--no-instructions"]
+            ),
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         options = f"-h 127.0.0.1 -p {port} -k {directory} -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         subprocess.run(
-            _as_server_user([pg_ctl, "-D", str(data), "-o", options, "-l", str(directory / "server.log"), "-w", "-t", str(START_TIMEOUT_S), "start"]),
-            check=True, capture_output=True, text=True, timeout=START_TIMEOUT_S + 30,
+            _as_server_user(
+                [pg_ctl, "-D", str(data), "-o", options, "-l", str(directory / "server.log"), "-w", "-t", str(START_TIMEOUT_S), "start"]
+            ),
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT_S + 30,
         )
     except subprocess.CalledProcessError as error:
         log = directory / "server.log"
@@ -90,6 +101,8 @@ def postgresql_url(postgresql_server: PostgresServer) -> str:
     import psycopg
 
     name = f"nft_test_{os.getpid()}_{next(_database_numbers)}"
-    with psycopg.connect(f"host=127.0.0.1 port={postgresql_server.port} user={DATABASE_USER} dbname=postgres", autocommit=True) as connection:
+    with psycopg.connect(
+        f"host=127.0.0.1 port={postgresql_server.port} user={DATABASE_USER} dbname=postgres", autocommit=True
+    ) as connection:
         connection.execute(f'CREATE DATABASE "{name}"')
     return postgresql_server.url(name)

@@ -4,6 +4,7 @@
 already up, and then leaves it running), exports SLURM_CONF for the session so that sbatch, srun
 and Parsl's SlurmProvider reach it, and stops what it started at the end of the session.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,7 @@ class SlurmCluster:
 
     def job_state(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, ExitCode, ...); empty if Slurm forgot the job."""
-        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=self.env(),
-                             capture_output=True, text=True, check=False).stdout
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=self.env(), capture_output=True, text=True, check=False).stdout
         fields = {}
         for token in out.split():
             key, sep, value = token.partition("=")
@@ -57,8 +57,7 @@ class SlurmCluster:
 
     def wait_for_job(self, job_id: str, timeout_s: float = 120.0) -> dict[str, str]:
         """Wait until the job has ended and return its final state; cancel it on timeout."""
-        ended = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+        ended = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             state = self.job_state(job_id)
@@ -101,26 +100,24 @@ def slurm_cluster():
     """A running single-node Slurm cluster for the whole test session (see slurm/README.md)."""
     missing = _missing_binaries()
     if missing:
-        reason = (f"Slurm binaries not found ({', '.join(missing)}); "
-                  "scripts/setup.sh installs slurm-wlm and munge")
+        reason = f"Slurm binaries not found ({', '.join(missing)}); scripts/setup.sh installs slurm-wlm and munge"
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
 
     state_dir = Path(os.environ.get("NFT_SLURM_DIR", "/tmp/nft-slurm"))
-    env = dict(os.environ, NFT_SLURM_DIR=str(state_dir),
-               PATH=f"{os.environ.get('PATH', '')}:{SYSTEM_SBIN}")
+    env = dict(os.environ, NFT_SLURM_DIR=str(state_dir), PATH=f"{os.environ.get('PATH', '')}:{SYSTEM_SBIN}")
     already_up = _daemons_alive(state_dir)
-    started = subprocess.run(["bash", str(REPO / "slurm" / "start-cluster.sh")], env=env,
-                             capture_output=True, text=True, timeout=120, check=False)
+    started = subprocess.run(
+        ["bash", str(REPO / "slurm" / "start-cluster.sh")], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     if started.returncode != 0:
         pytest.fail(f"slurm/start-cluster.sh failed:\n{started.stdout}\n{started.stderr}")
 
     conf = state_dir / "slurm.conf"
     node_line = next(line for line in conf.read_text().splitlines() if line.startswith("NodeName="))
     node_fields = dict(token.split("=", 1) for token in node_line.split())
-    partition_line = next(line for line in conf.read_text().splitlines()
-                          if line.startswith("PartitionName="))
+    partition_line = next(line for line in conf.read_text().splitlines() if line.startswith("PartitionName="))
     cluster = SlurmCluster(
         partition=partition_line.split()[0].split("=", 1)[1],
         node=node_fields["NodeName"],
@@ -136,5 +133,4 @@ def slurm_cluster():
             yield cluster
         finally:
             if cluster.started_here:
-                subprocess.run(["bash", str(REPO / "slurm" / "stop-cluster.sh")], env=env,
-                               capture_output=True, timeout=120, check=False)
+                subprocess.run(["bash", str(REPO / "slurm" / "stop-cluster.sh")], env=env, capture_output=True, timeout=120, check=False)

@@ -4,13 +4,20 @@ One small class each (`base.Parent`): `emt` runs in-process (ASE EMT); `gpaw` ru
 structure in a job directory that keeps GPAW's text output. `parent_for(name, options)` is what the
 config loader and a Parsl app call; an app receives the name and `model_dump()`, plain data.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
 from pipeline.execution.parents.base import (
-    DFT_THRESHOLD, MAX_FORCE, Parent, ParentConfigError, ReferenceFailed, WalltimeExceeded, result_problem,
+    DFT_THRESHOLD,
+    MAX_FORCE,
+    Parent,
+    ParentConfigError,
+    ReferenceFailed,
+    WalltimeExceeded,
+    result_problem,
 )
 from pipeline.execution.parents.emt import EmtParent
 from pipeline.execution.parents.gpaw import GPAW_LOG_NAME, GpawParent
@@ -19,8 +26,18 @@ PARENTS: dict[str, type[Parent]] = {parent.name: parent for parent in (EmtParent
 """The parents by `[parent] calculator` name."""
 
 __all__ = [
-    "DFT_THRESHOLD", "GPAW_LOG_NAME", "MAX_FORCE", "PARENTS", "EmtParent", "GpawParent", "Parent", "ParentConfigError",
-    "ReferenceFailed", "WalltimeExceeded", "parent_for", "result_problem",
+    "DFT_THRESHOLD",
+    "GPAW_LOG_NAME",
+    "MAX_FORCE",
+    "PARENTS",
+    "EmtParent",
+    "GpawParent",
+    "Parent",
+    "ParentConfigError",
+    "ReferenceFailed",
+    "WalltimeExceeded",
+    "parent_for",
+    "result_problem",
 ]
 
 

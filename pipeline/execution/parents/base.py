@@ -10,6 +10,7 @@ Every parent also has the execution options `retries`, `walltime_s` and `max_for
 driver retries a failed job, how long one attempt may run, and the largest force a result may hold
 (`result_problem`: a non-finite or absurd result is a failure, never data). They are not physics.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,6 +63,7 @@ class ParentConfigError(BadInput):
 
 # ---------------------------------------------------------------------------------------------
 # The base class.
+
 
 class Parent(Options):
     """A parent calculator; its fields are its options, defaults filled in."""
@@ -143,8 +145,12 @@ class Parent(Options):
         raise NotImplementedError
 
     def relax_cell(
-        self, payload: Mapping[str, Any], job_dir: str | None = None, attempt: int = 1,
-        fmax: float = CELL_RELAX_FMAX, steps: int = CELL_RELAX_STEPS,
+        self,
+        payload: Mapping[str, Any],
+        job_dir: str | None = None,
+        attempt: int = 1,
+        fmax: float = CELL_RELAX_FMAX,
+        steps: int = CELL_RELAX_STEPS,
     ) -> dict[str, Any]:
         """Relax positions and cell of one periodic structure (`science.initial_sets.relax_cell`: ASE's
         cell filter and BFGS, to `fmax` eV/Å or `steps` steps): the `run` result of the relaxed cell

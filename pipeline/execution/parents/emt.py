@@ -1,4 +1,5 @@
 """ASE's EMT as a parent: in-process, no options, cheap enough to label whole targets."""
+
 from __future__ import annotations
 
 from typing import Any, ClassVar

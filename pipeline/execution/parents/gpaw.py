@@ -3,6 +3,7 @@
 A job runs ``LAUNCHER gpaw python -m pipeline.execution.gpaw_runner IN.json OUT.json``; the options
 default to the paper's settings (plane waves 450 eV, PBE, Fermi-Dirac 0.1 eV, k_i = ⌈30 Å/|a_i|⌉).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,18 @@ from ase import Atoms
 from pydantic import BeforeValidator, Field, field_serializer, model_validator
 
 from pipeline.execution.options import (
-    Flag, Grid, NonNegativeFloat, Number, Options, PositiveFloat, PositiveInt, Table, Text, OneOf, option_error, rejects,
+    Flag,
+    Grid,
+    NonNegativeFloat,
+    Number,
+    Options,
+    PositiveFloat,
+    PositiveInt,
+    Table,
+    Text,
+    OneOf,
+    option_error,
+    rejects,
 )
 from pipeline.execution.parents.base import Parent, ReferenceFailed
 from pipeline.execution.process_group import run_process_group
@@ -34,7 +46,8 @@ Mode = Annotated[Literal["pw", "lcao", "fd"], OneOf()]
 Smearing = Annotated[Literal["fermi-dirac", "marzari-vanderbilt", "methfessel-paxton"], OneOf()]
 Launcher = Annotated[Literal["auto", "mpiexec", "srun"], OneOf()]
 Setups = Annotated[
-    str | dict[str, str], Field(min_length=1),
+    str | dict[str, str],
+    Field(min_length=1),
     rejects("must be a setup name ('paw', '10', ...) or a table element = name, got {value}"),
 ]
 DEFAULT_SETUPS = "paw"
@@ -79,8 +92,21 @@ class GpawParent(Parent):
 
     name: ClassVar[str] = "gpaw"
     physics_fields: ClassVar[tuple[str, ...]] = (
-        "mode", "ecut", "h", "basis", "xc", "smearing", "smearing_width", "kpt_density", "kpts",
-        "convergence", "maxiter", "spinpol", "magmom", "charge", "setups",
+        "mode",
+        "ecut",
+        "h",
+        "basis",
+        "xc",
+        "smearing",
+        "smearing_width",
+        "kpt_density",
+        "kpts",
+        "convergence",
+        "maxiter",
+        "spinpol",
+        "magmom",
+        "charge",
+        "setups",
     )
     needs_job_dir: ClassVar[bool] = True
     stops_at_walltime: ClassVar[bool] = True  # past walltime_s its process group is killed (run_process_group)
@@ -157,9 +183,7 @@ class GpawParent(Parent):
         result, log_file = self._job(payload, job_dir, {"fmax": fmax, "steps": steps})
         return result["energy"], result["forces"], result["final_positions"], result["final_cell"], log_file
 
-    def _job(
-        self, payload: dict[str, Any], job_dir: str | None, relax_cell: dict[str, Any] | None
-    ) -> tuple[dict[str, Any], str | None]:
+    def _job(self, payload: dict[str, Any], job_dir: str | None, relax_cell: dict[str, Any] | None) -> tuple[dict[str, Any], str | None]:
         """The runner's result dict of one MPI job (a single point, or a cell relaxation with
         `relax_cell` = {fmax, steps}) and the log kept; without `job_dir` in a scratch folder."""
         if payload_to_atoms(payload).cell.rank < 3:
@@ -169,17 +193,20 @@ class GpawParent(Parent):
                 return self._run_in(payload, Path(scratch), relax_cell)[0], None
         return self._run_in(payload, Path(job_dir), relax_cell)
 
-    def _run_in(
-        self, payload: dict[str, Any], job_dir: Path, relax_cell: dict[str, Any] | None = None
-    ) -> tuple[dict[str, Any], str]:
+    def _run_in(self, payload: dict[str, Any], job_dir: Path, relax_cell: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
         job_dir.mkdir(parents=True, exist_ok=True)
         input_file, result_file, log_file = job_dir / "gpaw-input.json", job_dir / "gpaw-result.json", job_dir / GPAW_LOG_NAME
         result_file.unlink(missing_ok=True)
-        input_file.write_text(json.dumps(
-            {"payload": payload, "params": self.model_dump(mode="json"), "txt": GPAW_LOG_NAME, "relax_cell": relax_cell}
-        ))
+        input_file.write_text(
+            json.dumps({"payload": payload, "params": self.model_dump(mode="json"), "txt": GPAW_LOG_NAME, "relax_cell": relax_cell})
+        )
         command = self.launch_prefix() + [
-            gpaw_command(), "python", "-m", "pipeline.execution.gpaw_runner", input_file.name, result_file.name
+            gpaw_command(),
+            "python",
+            "-m",
+            "pipeline.execution.gpaw_runner",
+            input_file.name,
+            result_file.name,
         ]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
