@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+DISTRIBUTION = "nft"
+"""The distribution's name in pyproject.toml, under which the installed package's metadata is found."""
+
+try:
+    __version__ = version(DISTRIBUTION)
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 
 def load_model(path, dtype=None):

@@ -62,6 +62,21 @@ app = typer.Typer(
 )
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from pipeline import __version__
+
+        print(f"nft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
+) -> None:
+    """Nearsighted Force Training of machine-learned interatomic potentials."""
+
+
 def main() -> None:
     """The `nft` entry point: the command runs with stopping signals unwinding it (exit 130); then
     the exit handlers run and the process ends at once with the command's exit code. Python's own

@@ -2,10 +2,12 @@
 `class Options(SiteOptions)`, its typed options with their defaults, and `make_config(run_dir,
 options)` returning a Parsl `Config`.
 
-`load_site("local", ...)` reads `site_configs/local.py`; a path to a `.py` file reads that file. The
-options (a campaign's `[site.options]`) are checked against the file's `Options` (a site without one
-takes none): an unknown option or a bad value is one `SiteError` line naming it. Loading Parsl for
-a `with` block is `pipeline.execution.parsl_session`.
+`load_site("local", ...)` reads the built-in `local.py`, package data in
+`pipeline/execution/site_configs/` (`site_configs/` at the repository root is a link to it, for users
+who give a site by path); a path to a `.py` file reads that file. The options (a campaign's
+`[site.options]`) are checked against the file's `Options` (a site without one takes none): an
+unknown option or a bad value is one `SiteError` line naming it. Loading Parsl for a `with` block is
+`pipeline.execution.parsl_session`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import shlex
 import sys
 import tempfile
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,8 @@ from pipeline.errors import BadInput
 from pipeline.execution.options import BadOption, Options, checked_options
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SITE_DIR = REPO_ROOT / "site_configs"
+SITE_DIR = Path(str(resources.files("pipeline.execution") / "site_configs"))
+"""The built-in sites, installed with the package (a wheel carries them; the repository is not needed)."""
 PARSL_DIR_NAME = "runinfo"
 """Parsl's run directory inside a campaign's (or a command's) work folder."""
 
@@ -39,7 +43,7 @@ class SiteError(BadInput):
 
 
 def site_names() -> list[str]:
-    """Names of the sites shipped in `site_configs/`."""
+    """Names of the built-in sites (`SITE_DIR`)."""
     return sorted(path.stem for path in SITE_DIR.glob("*.py") if not path.stem.startswith("_"))
 
 

@@ -26,22 +26,23 @@ class Options(SlurmOptions):
 
 
 def make_config(run_dir, options: Options) -> Config:
+    gpu_nodes = slurm_provider(
+        options,
+        nodes_per_block=1,
+        launcher=SimpleLauncher(),
+        partition=options.gpu_partition or os.environ.get("NFT_SLURM_GPU_PARTITION"),
+        gpus_per_node=options.gpus_per_node,
+        max_blocks=1,
+    )
+    # the GPU node's workers train and predict on `device` when the campaign says "auto"
+    gpu_nodes.worker_init += f"\nexport {SITE_DEVICE_VARIABLE}={options.device}"
     training = HighThroughputExecutor(
         label="training",  # also runs prediction (no "prediction" executor)
         address=options.address,
         max_workers_per_node=1,  # the training job spreads itself over the node's GPUs
         encrypted=True,
-        provider=slurm_provider(
-            options,
-            nodes_per_block=1,
-            launcher=SimpleLauncher(),
-            partition=options.gpu_partition or os.environ.get("NFT_SLURM_GPU_PARTITION"),
-            gpus_per_node=options.gpus_per_node,
-            max_blocks=1,
-        ),
+        provider=gpu_nodes,
     )
-    # the GPU node's workers train and predict on `device` when the campaign says "auto"
-    training.provider.worker_init += f"\nexport {SITE_DEVICE_VARIABLE}={options.device}"
     return Config(
         executors=[reference_executor(options), training],
         run_dir=str(run_dir),
