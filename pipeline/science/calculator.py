@@ -7,12 +7,9 @@ import copy
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from pipeline.science.model import EnsembleModel
+from pipeline.science.model import PREDICTION_BLOCK_SIZE, EnsembleModel
 from pipeline.science.device import resolve_device
 
-PREDICTION_BLOCK_SIZE = 1024
-"""Centre atoms per block of a prediction: the fastest float32 block of 256–2048 in bench/bench_block_size.py
-(bench/RESULTS.md, "Prediction defaults")."""
 PREDICTION_DTYPE = torch.float32
 """Precision of a prediction: faster than float64, with δ as float64's within round-off (bench/RESULTS.md,
 "Prediction defaults"); model files store float64, training stays float64."""

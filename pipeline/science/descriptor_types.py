@@ -27,6 +27,8 @@ TrainingTerms = tuple[np.ndarray, "torch.Tensor", np.ndarray, "torch.Tensor"]
 PairSumEnergies = Callable[["torch.Tensor", "torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]]
 """Atomic energies (M, B) eV and ∂E^m/∂S (M, B, n_el, C) from pair sums (B, n_el, C) and centre elements (B,)."""
 
+DEFAULT_CUTOFF_ANGSTROM = 6.5
+"""The descriptor's cutoff Rc (Å), the `[model] cutoff` default (`TrainingSettings` takes it from here)."""
 DEFAULT_RADIAL_CENTERS = (0.0, 2.4, 3.0, 3.6, 4.2, 4.8, 5.4, 6.0)
 DEFAULT_RADIAL_ETAS = (0.1, 1.4, 1.4, 1.4, 1.4, 1.4, 1.4, 1.4)
 DEFAULT_ANGULAR_ETAS = (0.005, 0.03, 0.1)
@@ -40,7 +42,7 @@ class SymmetryFunctionParams:
     """
 
     elements: tuple[int, ...]
-    cutoff: float = 6.5
+    cutoff: float = DEFAULT_CUTOFF_ANGSTROM
     radial_centers: tuple[float, ...] = DEFAULT_RADIAL_CENTERS
     radial_etas: tuple[float, ...] = DEFAULT_RADIAL_ETAS
     angular_etas: tuple[float, ...] = DEFAULT_ANGULAR_ETAS

@@ -17,10 +17,14 @@ from pipeline.science.descriptor_types import Descriptor, DescriptorKind, Symmet
 from pipeline.science.descriptors import MomentDescriptor
 from pipeline.science.g4 import G4Descriptor
 from pipeline.science.networks import EnsembleNetworks
+from pipeline.science.settings import TrainingSettings
 from pipeline.science.networks import ResidualPairs as ResidualPairs  # the trainer's Jacobian layout, imported from here
 from pipeline.science.uncertainty import atomic_energy_uncertainty, atomic_uncertainty
 
 
+PREDICTION_BLOCK_SIZE = 1024
+"""Centre atoms per block of a prediction: the fastest float32 block of 256–2048 in bench/bench_block_size.py
+(bench/RESULTS.md, "Prediction defaults")."""
 DESCRIPTORS: dict[DescriptorKind, type[MomentDescriptor] | type[G4Descriptor]] = {
     "g5-moments": MomentDescriptor,
     "g4": G4Descriptor,
@@ -58,7 +62,7 @@ class EnsembleModel(nn.Module):
     def __init__(
         self,
         params: SymmetryFunctionParams,
-        hidden: tuple[int, ...] = (5, 5),
+        hidden: tuple[int, ...] = TrainingSettings.model_fields["hidden"].default,
         member_seeds: list[int] | None = None,
     ):
         super().__init__()
@@ -165,7 +169,7 @@ class EnsembleModel(nn.Module):
         return energies, gradients
 
     # ----- inference ----------------------------------------------------------------------
-    def predict(self, atoms: Atoms, block_size: int = 2048, with_features: bool = False) -> Prediction:
+    def predict(self, atoms: Atoms, block_size: int = PREDICTION_BLOCK_SIZE, with_features: bool = False) -> Prediction:
         """Energy, forces and per-atom uncertainty δ_i for a structure, in blocks of centre atoms;
         `with_features` also keeps each atom's scaled features (the model's input), from the same pass."""
         kept: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if with_features else None
@@ -188,13 +192,13 @@ class EnsembleModel(nn.Module):
             features=features,
         )
 
-    def member_energies_and_forces(self, atoms: Atoms, block_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    def member_energies_and_forces(self, atoms: Atoms, block_size: int = PREDICTION_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
         """Energies (M,) eV and forces (M, N, 3) eV/Å of every member."""
         atomic, forces = self.member_atomic_energies_and_forces(atoms, block_size)
         return atomic.sum(dim=1), forces
 
     def member_atomic_energies_and_forces(
-        self, atoms: Atoms, block_size: int = 2048, kept_pair_sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self, atoms: Atoms, block_size: int = PREDICTION_BLOCK_SIZE, kept_pair_sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Atomic energies (M, N) eV and forces (M, N, 3) eV/Å of every member; each block's pair
         sums and centre elements are appended to `kept_pair_sums` when one is given (in atom order)."""

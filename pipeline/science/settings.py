@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.science.descriptor_types import DescriptorKind
+from pipeline.science.descriptor_types import DEFAULT_CUTOFF_ANGSTROM, DescriptorKind
 from pipeline.science.structures import MIN_INTERATOMIC_DISTANCE_ANGSTROM
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class DescriptorSettings(StrictSettings):
 class TrainingSettings(StrictSettings):
     """Everything that defines a training run (and the `[model]` section); seeds come from `seed`."""
 
-    cutoff: float = Field(6.5, gt=0)  # Å
+    cutoff: float = Field(DEFAULT_CUTOFF_ANGSTROM, gt=0)  # Å
     hidden: tuple[int, ...] = Field((5, 5), min_length=1)  # neurons per hidden layer
     ensemble: int = Field(10, ge=2)  # members
     epochs: int = Field(ADAM_EPOCHS_BEFORE_LBFGS, ge=0)  # Adam epochs before the second-order fit; default by optimizer
