@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 DISTRIBUTION = "nft"
 """The distribution's name in pyproject.toml, under which the installed package's metadata is found."""
 
-try:
-    __version__ = version(DISTRIBUTION)
-except PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0+unknown"
+
+def __getattr__(name: str) -> str:
+    """`pipeline.__version__`, read from the installed metadata when asked: importing
+    importlib.metadata at package import would delay `nft`'s signal handlers by tens of ms (a Ctrl-C
+    in that window ended it with a traceback instead of exit 130)."""
+    if name != "__version__":
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
 
 
 def load_model(path, dtype=None):
