@@ -215,8 +215,8 @@ class EnsembleNetworks(nn.Module):
         for layer in range(1, last):
             tangents.append(tangent_activations[-1] @ layers.blocks[layer - 1])
             tangent_activations.append(p.slopes[layer] * tangents[-1])
-        gradients_w: list[torch.Tensor] = [None] * self.n_layers  # type: ignore[list-item]
-        gradients_b: list[torch.Tensor] = [None] * self.n_layers  # type: ignore[list-item]
+        gradients_w: list[torch.Tensor] = [None] * self.n_layers  # type: ignore[list-item]  # every slot is filled (last layer down) before use
+        gradients_b: list[torch.Tensor] = [None] * self.n_layers  # type: ignore[list-item]  # likewise
         width = p.activations[-1].shape[1] // n_members
         output_row = layers.blocks[-1].sum(1)  # (M·H,): member m's output weights at m·H..
         a_wide = a.repeat_interleave(width, dim=1)  # (B, M·H)
