@@ -29,7 +29,7 @@ from ase.cluster import Decahedron, Icosahedron, Octahedron
 from ase.data import atomic_numbers
 from ase.io import write
 
-from pipeline.science.examples import emt_label
+from pipeline.science.examples import FCC_CELL_TEMPLATES, emt_label
 from pipeline.science.examples import fcc_lattice_constant as lattice_constant
 
 TARGET_MAX_FORCE_EV_PER_ANGSTROM = 5.0
@@ -66,23 +66,6 @@ def rattle_to_force(atoms: Atoms, seed: int, max_force: float = TARGET_MAX_FORCE
 ALLOY_CELLS = 8
 """Random-alloy initial sets: this many 32-atom cells (instead of `count` cells of 2–16 atoms)."""
 
-FCC_CELLS: tuple[tuple[dict, tuple[int, int, int]], ...] = (
-    ({}, (2, 1, 1)),
-    ({"orthorhombic": True}, (1, 1, 1)),
-    ({}, (3, 1, 1)),
-    ({"cubic": True}, (1, 1, 1)),
-    ({}, (2, 2, 1)),
-    ({"orthorhombic": True}, (2, 1, 1)),
-    ({}, (3, 2, 1)),
-    ({}, (2, 2, 2)),
-    ({"cubic": True}, (2, 1, 1)),
-    ({}, (3, 3, 1)),
-    ({"cubic": True}, (3, 1, 1)),
-    ({"orthorhombic": True}, (3, 2, 1)),
-    ({"cubic": True}, (2, 2, 1)),
-)
-"""Periodic fcc cells of 2–16 atoms: `bulk(…, **keywords).repeat(repeat)` for each (keywords, repeat)."""
-
 
 def _strain_rattle_label(atoms: Atoms, rng: np.random.Generator) -> Atoms:
     """`atoms` strained (symmetric, ±3 %), rattled (σ drawn from 0.02–0.12 Å), wrapped and EMT-labelled."""
@@ -106,7 +89,7 @@ def bulk_cells(symbols: tuple[str, ...], count: int, seed: int) -> list[Atoms]:
     rng = np.random.default_rng(seed)
     if len(symbols) > 1:
         count = ALLOY_CELLS
-    templates = FCC_CELLS if len(symbols) == 1 else (({"cubic": True}, (2, 2, 2)),)
+    templates = FCC_CELL_TEMPLATES if len(symbols) == 1 else (({"cubic": True}, (2, 2, 2)),)
     cells = []
     for k in range(count):
         keywords, repeat = templates[k % len(templates)]
@@ -126,11 +109,11 @@ def bulk_cells(symbols: tuple[str, ...], count: int, seed: int) -> list[Atoms]:
 
 def random_cells(symbols: tuple[str, ...], count: int, seed: int) -> list[Atoms]:
     """The paper's kind of start: `count` EMT-labelled periodic fcc cells of 1–16 atoms (the primitive
-    cell, then `FCC_CELLS` in turn), each site occupied at random with a composition drawn per cell
+    cell, then `FCC_CELL_TEMPLATES` in turn), each site occupied at random with a composition drawn per cell
     (flat Dirichlet over `symbols`), the lattice constant by Vegard's law of the cell's own atoms,
     strained (±3 %) and rattled (σ 0.02–0.12 Å)."""
     rng = np.random.default_rng(seed)
-    templates = (({}, (1, 1, 1)), *FCC_CELLS)
+    templates = (({}, (1, 1, 1)), *FCC_CELL_TEMPLATES)
     numbers = np.array([atomic_numbers[s] for s in symbols])
     constants = {atomic_numbers[s]: lattice_constant(s) for s in symbols}
     cells = []

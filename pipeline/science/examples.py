@@ -22,8 +22,7 @@ PT_LATTICE_CONSTANT_ANGSTROM = 3.92
 PT260_RATTLE_ANGSTROM = 0.085
 PT260_SEED = 46
 
-# (builder keywords, repeat): fcc Pt cells of 2–16 atoms (primitive, conventional, orthorhombic).
-_BULK_TEMPLATES: tuple[tuple[dict, tuple[int, int, int]], ...] = (
+FCC_CELL_TEMPLATES: tuple[tuple[dict, tuple[int, int, int]], ...] = (
     ({}, (2, 1, 1)),
     ({"orthorhombic": True}, (1, 1, 1)),
     ({}, (3, 1, 1)),
@@ -38,6 +37,8 @@ _BULK_TEMPLATES: tuple[tuple[dict, tuple[int, int, int]], ...] = (
     ({"orthorhombic": True}, (3, 2, 1)),
     ({"cubic": True}, (2, 2, 1)),
 )
+"""Periodic fcc cells of 2–16 atoms (primitive, conventional, orthorhombic): `bulk(…, **keywords)
+.repeat(repeat)` for each (keywords, repeat)."""
 
 
 def rattled_cuboctahedron(
@@ -77,7 +78,7 @@ def bulk_training_cells(
     rng = np.random.default_rng(seed)
     cells = []
     for k in range(count):
-        keywords, repeat = _BULK_TEMPLATES[k % len(_BULK_TEMPLATES)]
+        keywords, repeat = FCC_CELL_TEMPLATES[k % len(FCC_CELL_TEMPLATES)]
         template = bulk(symbol, "fcc", a=lattice_constant_angstrom, **keywords).repeat(repeat)
         strain = rng.uniform(-max_strain, max_strain, size=(3, 3))
         deformation = np.eye(3) + 0.5 * (strain + strain.T)
