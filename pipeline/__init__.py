@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-DISTRIBUTION = "nft"
+DISTRIBUTION = "nearsighted-force-training"
 """The distribution's name in pyproject.toml, under which the installed package's metadata is found."""
 
 

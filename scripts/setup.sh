@@ -32,6 +32,7 @@ APT_PACKAGES=(
     libxc-dev libopenblas-dev libopenmpi-dev openmpi-bin libscalapack-openmpi-dev libfftw3-dev
     gpaw-data
     slurm-wlm munge libpmix-dev
+    postgresql  # the server binaries (initdb, pg_ctl) the PostgreSQL tests start in a temporary folder
 )
 # A system Python needs its venv module and headers from Debian.
 if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
