@@ -233,11 +233,9 @@ def with_this_interpreter(command: Sequence[str]) -> list[str]:
     return list(command)
 
 
-def with_this_interpreter_for_workers(command: str | None) -> str | None:
+def with_this_interpreter_for_workers(command: str) -> str:
     """A worker launch line (a shell string) whose leading Parsl script runs as a module of this
     interpreter, for the same reason; blocks on other nodes see the same path on a shared filesystem."""
-    if command is None:
-        return None
     script, _, rest = command.partition(" ")
     if script not in PARSL_SCRIPTS:
         return command
