@@ -1,5 +1,7 @@
 """`nft report` on a small real campaign (EMT): report.md, the PNGs it links, its δ figures equal to
-`nft status --json`, and a report that reads the database and model files only (no Parsl)."""
+`nft status --json`, and a report that reads the database and model files only (no Parsl); figures
+that do not overstate: coverage with n and Wilson intervals against the 3-D expectation, training
+rows labelled as such beside the target's error against the parent, one axis for chunk counts."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.plugins.campaign_fixtures import REPO_ROOT, run_nft, write_campaign
@@ -156,3 +159,79 @@ def test_a_report_without_model_files_keeps_the_history_and_says_why(finished_ca
     (tmp_path / "two").mkdir()
     names = [path.name for path in write_report(two_targets, tmp_path / "two")]
     assert "target_0_delta.png" in names and "target_1_delta.png" in names and "target_delta.png" not in names
+
+
+def test_the_calibration_shows_n_and_a_wilson_interval_per_bar_against_the_3d_expectation(finished_campaign, default_report):
+    from pipeline.campaign.calibration import expected_coverage, wilson_interval
+    from pipeline.cli.report_figures import calibration_figure, coverage_bars
+
+    status = json.loads(run_nft("status", finished_campaign, "--json", timeout=60).stdout)
+    calibration = status["calibration"]
+    assert calibration["members"] in (None, 4), "σ taken as exact, or the campaign's ensemble of 4"
+    assert calibration["expected_coverage"] == pytest.approx(expected_coverage(calibration["members"]))
+    assert abs(calibration["expected_coverage"] - 0.99) > 0.005, "not the one-dimensional 99 %"
+    bars = coverage_bars(calibration)
+    assert bars and all(bar.labelled > 0 for bar in bars)
+    for bar in bars:
+        assert (bar.low, bar.high) == pytest.approx(wilson_interval(bar.covered, bar.labelled))
+        assert bar.low < bar.coverage or bar.covered == 0
+    assert bars[0].high - bars[0].low > 0.1, "a handful of centres cannot pin the coverage down"
+
+    axes = calibration_figure(calibration, "test").axes[0]
+    [errorbars] = [container for container in axes.containers if type(container).__name__ == "ErrorbarContainer"]
+    segments = np.array([segment for collection in errorbars.lines[2] for segment in collection.get_segments()])
+    assert segments[:, :, 1] == pytest.approx(np.array([(100 * bar.low, 100 * bar.high) for bar in bars]))
+    texts = [text.get_text() for text in axes.texts]
+    assert all(f"n = {bar.labelled}" in text for bar, text in zip(bars, texts))
+    [expected_line] = [line for line in axes.lines if "expected" in str(line.get_label())]
+    assert np.asarray(expected_line.get_ydata()) == pytest.approx(100 * calibration["expected_coverage"])
+    assert "not a random sample" in axes.get_title()
+
+    text = (default_report / "report.md").read_text()
+    overall = calibration["overall"]
+    low, high = overall["interval"]
+    assert (
+        f"| all | {overall['labelled']} | {overall['covered']} ({100 * overall['coverage']:.0f}%) | {100 * low:.0f}–{100 * high:.0f}% |"
+        in text
+    )
+    assert f"expected {100 * calibration['expected_coverage']:.2f}%" in text and "not a random sample" in text
+    assert "promises 99%" not in text
+
+
+def test_report_md_gives_the_targets_error_against_the_parent_and_labels_training_rows(finished_campaign, default_report):
+    from pipeline.campaign.config import load_config
+    from pipeline.campaign.report import campaign_report, carved_after
+    from pipeline.campaign.status import open_existing_store
+
+    summary = json.loads((finished_campaign.parent / "run" / "summary.json").read_text())
+    text = (default_report / "report.md").read_text()
+    [(name, mae)] = summary["force_mae_vs_parent"].items()
+    assert summary["best_iteration"] == 2
+    assert f"| force MAE vs EMT, {name}, every atom (eV/Å; kept model, summary.json) | {mae:.4f} |" in text
+    assert "## Force parity (training rows)" in text and "its training data" in text
+    assert f"Held out: {name}, every atom, kept model vs EMT: force MAE {mae:.4f} eV/Å." in text
+    assert "## Residual against δ (training rows)" in text
+
+    config = load_config(finished_campaign)
+    report = campaign_report(config)
+    assert report.held_out is not None and report.held_out.target_mae == pytest.approx(summary["force_mae_vs_parent"])
+    assert report.labelled is not None and report.labelled.trained.all(), "the kept model (2) trained on the chunks 1 carved"
+    with open_existing_store(config) as store:
+        models, chunks = store.models(), store.structures("chunk")
+    assert carved_after(models, 1) == {(chunk.parent_id, chunk.center_in_parent) for chunk in chunks}
+    assert carved_after(models, 2) == set(), "the last iteration carves nothing"
+
+
+def test_the_chunks_figure_has_one_count_axis(finished_campaign):
+    from pipeline.cli.report_figures import chunks_figure
+
+    history = json.loads(run_nft("status", finished_campaign, "--json", timeout=60).stdout)["history"]
+    figure = chunks_figure(history, "test")
+    [axes] = figure.axes
+    earlier, added = axes.containers
+    added_counts = [entry["chunks_added"] for entry in history]
+    assert [patch.get_height() for patch in added] == added_counts
+    totals = [patch.get_y() + patch.get_height() for patch in added]
+    assert totals == list(np.cumsum(added_counts))
+    assert [patch.get_height() for patch in earlier] == [total - count for total, count in zip(totals, added_counts)]
+    assert axes.get_ylabel() == "chunks"
