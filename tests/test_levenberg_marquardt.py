@@ -20,14 +20,18 @@ from tests.test_training import chunk_structures, labelled, two_element_problem
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.mark.parametrize("hidden, slots_per_block", [((5, 5), None), ((7,), None), ((4, 3, 2), None), ((5, 5), 7)])
-def test_residual_jacobian_equals_autograd(hidden, slots_per_block, monkeypatch):
+@pytest.mark.parametrize(
+    "hidden, slots_per_block, element_networks",
+    [((5, 5), None, "per-element"), ((7,), None, "per-element"), ((4, 3, 2), None, "per-element"), ((5, 5), 7, "per-element")]
+    + [((5, 5), None, "shared"), ((4, 3, 2), 7, "shared")],
+)
+def test_residual_jacobian_equals_autograd(hidden, slots_per_block, element_networks, monkeypatch):
     """Every row of the hand-built Jacobian equals autograd's gradient of that residual, for every
     member and both elements (also when its residuals are summed in many small blocks, down to one
     residual a block), and the residuals' squares sum to the training loss."""
     if slots_per_block is not None:
         monkeypatch.setattr("pipeline.science.losses.JACOBIAN_SLOTS_PER_BLOCK", slots_per_block)
-    model, data, weights, settings = two_element_problem(hidden, n_members=3, seed=7)
+    model, data, weights, settings = two_element_problem(hidden, n_members=3, seed=7, element_networks=element_networks)
     residuals = member_residuals(model, data, weights, settings)
     torch.testing.assert_close(
         (residuals**2).sum(1), member_losses(model, data, weights, settings, create_graph=False).detach(), rtol=1e-12, atol=1e-12

@@ -45,7 +45,7 @@ def test_prepared_labels_equal_direct_prediction():
     np.testing.assert_allclose(forces.detach().numpy(), direct.numpy()[:, [2, 9, 30]], atol=1e-10)
 
 
-def two_element_problem(hidden, n_members, seed):
+def two_element_problem(hidden, n_members, seed, element_networks="per-element"):
     """A Cu/Pt model and its scaled data with energies, full forces and chunk rows of a mixed
     cluster, bootstrap-like weights per member and unequal loss weights: (model, data, weights, settings)."""
     from pipeline.science.model import EnsembleModel
@@ -58,7 +58,7 @@ def two_element_problem(hidden, n_members, seed):
     items = cells + [LabelledStructure(cluster, None, rng.normal(size=(len(cluster), 3)), mask)]
     members = tuple(range(n_members))
     reference = untrained_model(elements=(29, 78), members=members)
-    model = EnsembleModel(reference.params, hidden=hidden, member_seeds=list(members))
+    model = EnsembleModel(reference.params, hidden=hidden, member_seeds=list(members), element_networks=element_networks)
     model.load_state_dict({k: v for k, v in reference.state_dict().items() if not k.startswith("networks.")}, strict=False)
     with torch.no_grad():
         model.energy_scale.fill_(0.7)
@@ -68,12 +68,13 @@ def two_element_problem(hidden, n_members, seed):
     return model, data, weights, TrainingSettings(energy_weight=2.0, force_weight=3.0)
 
 
+@pytest.mark.parametrize("element_networks", ["per-element", "shared"])
 @pytest.mark.parametrize("hidden", [(5, 5), (7,), (4, 3, 2)])
-def test_hand_written_loss_gradient_equals_autograd(hidden):
+def test_hand_written_loss_gradient_equals_autograd(hidden, element_networks):
     """The training step's hand-written chain rule (energies, masked force rows through the sparse
     Jacobian, the networks' tangent and reverse sweeps) gives autograd's loss and gradient, for a
     two-element data set with energies, full forces and chunk rows, bootstrap weights per member."""
-    model, data, weights, settings = two_element_problem(hidden, n_members=4, seed=4)
+    model, data, weights, settings = two_element_problem(hidden, n_members=4, seed=4, element_networks=element_networks)
     parameters = list(model.networks.parameters())
     losses = member_losses(model, data, weights, settings)
     expected = torch.autograd.grad(losses.sum(), parameters)
@@ -278,3 +279,33 @@ def test_lbfgs_after_adam_reaches_a_lower_loss_than_adam_alone_in_as_many_steps(
     _, lbfgs = train_ensemble(data, TrainingSettings(ensemble=3, epochs=adam_steps, optimizer="lbfgs", lbfgs_steps=lbfgs_steps, seed=5))
     assert lbfgs.final_loss < 0.5 * adam.final_loss, (lbfgs.final_loss, adam.final_loss)
     assert lbfgs.train_force_mae < adam.train_force_mae
+
+
+def test_a_shared_network_serves_every_element_and_warm_starts_unchanged(tmp_path):
+    """`element_networks = "shared"`: one network per member whatever the number of elements (its
+    weights fewer than two per-element networks'), every residual counted against it, a model file
+    that reloads as shared with the same forces, and a warm start with no steps that keeps every
+    member's forces (the start's scaling is kept: one network cannot absorb a per-element change)."""
+    from pipeline.storage.model_file import load_ensemble, save_model
+
+    cells = labelled(bulk_training_cells(4, seed=3, symbol="Cu")) + labelled(bulk_training_cells(4, seed=5, symbol="Pt"))
+    mixed = rattled_cluster(mixed=True)
+    settings = TrainingSettings(ensemble=3, lm_steps=5, seed=1, element_networks="shared")
+    shared, report = train_ensemble(cells, settings)
+    per_element, per_report = train_ensemble(cells, settings.model_copy(update={"element_networks": "per-element"}))
+    assert shared.networks.shared and not per_element.networks.shared
+    assert len(list(shared.networks.parameters())) == len(list(per_element.networks.parameters())) // 2
+    assert report.element_weights < 2 * per_report.element_weights
+    assert list(report.element_residuals) == ["Cu+Pt"]
+    assert report.element_residuals["Cu+Pt"] == sum(per_report.element_residuals.values())  # cells hold one element each
+    path = save_model(shared, tmp_path / "shared.nft")
+    reloaded = load_ensemble(path)
+    assert reloaded.element_networks == "shared"
+    np.testing.assert_allclose(reloaded.predict(mixed).member_forces, shared.predict(mixed).member_forces, atol=1e-10)
+    grown = cells + chunk_structures(2, seed=4)
+    frozen, frozen_report = train_ensemble(grown, settings.model_copy(update={"lm_steps": 0}), start_from=shared)
+    assert frozen_report.warm_started
+    np.testing.assert_allclose(frozen.predict(mixed).member_forces, shared.predict(mixed).member_forces, atol=1e-9)
+    # and a per-element model is no start for a shared one
+    _, cold = train_ensemble(grown, settings.model_copy(update={"lm_steps": 0}), start_from=per_element)
+    assert not cold.warm_started

@@ -180,7 +180,9 @@ def _rank_main(spec_file: Path) -> int:
         if gathered is not None:  # rank 0
             from pipeline.storage.model_file import save_model
 
-            merged = EnsembleModel(model.params, hidden=settings.hidden, member_seeds=settings.seeds())
+            merged = EnsembleModel(
+                model.params, hidden=settings.hidden, member_seeds=settings.seeds(), element_networks=settings.element_networks
+            )
             merged.load_state_dict(merge_member_states([item[0] for item in gathered]))
             merged.eval()
             save_model(merged, spec["model_path"])

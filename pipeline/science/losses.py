@@ -178,5 +178,7 @@ def member_residual_jacobians(
         sums, columns = model.networks.residual_parameter_jacobian(
             data.features[terms.row[pairs]], block.element, terms.output_weight[pairs], terms.input_weight[pairs], block.layout
         )
-        jacobians[:, block.residuals.unsqueeze(1), columns.unsqueeze(0)] = sums
+        jacobians[:, block.residuals.unsqueeze(1), columns.unsqueeze(0)] += (
+            sums  # a shared network: every element's block adds to its columns
+        )
     return jacobians * factors.unsqueeze(2)

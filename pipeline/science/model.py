@@ -16,8 +16,8 @@ from torch import nn
 from pipeline.science.descriptor_types import Descriptor, DescriptorKind, SymmetryFunctionParams
 from pipeline.science.descriptors import MomentDescriptor
 from pipeline.science.g4 import G4Descriptor
-from pipeline.science.networks import EnsembleNetworks
-from pipeline.science.settings import TrainingSettings
+from pipeline.science.networks import ELEMENT_NETWORKS
+from pipeline.science.settings import ElementNetworks, TrainingSettings
 from pipeline.science.networks import ResidualPairs as ResidualPairs  # the trainer's Jacobian layout, imported from here
 from pipeline.science.uncertainty import atomic_energy_uncertainty, atomic_uncertainty
 
@@ -64,14 +64,17 @@ class EnsembleModel(nn.Module):
         params: SymmetryFunctionParams,
         hidden: tuple[int, ...] = TrainingSettings.model_fields["hidden"].default,
         member_seeds: list[int] | None = None,
+        element_networks: ElementNetworks = TrainingSettings.model_fields["element_networks"].default,
     ):
         super().__init__()
         self.params = params
+        self.element_networks = element_networks
         self.descriptor: Descriptor = make_descriptor(params)
         member_seeds = list(member_seeds) if member_seeds is not None else list(range(10))
         self.member_seeds = member_seeds
         n_el, n_feat = params.n_elements, params.n_features
-        self.networks = EnsembleNetworks(n_el, n_feat, tuple(hidden), member_seeds)
+        networks = element_networks if n_el > 1 else "per-element"  # for one element the two are the same network
+        self.networks = ELEMENT_NETWORKS[networks](n_el, n_feat, tuple(hidden), member_seeds)
         self.register_buffer("feature_mean", torch.zeros(n_el, n_feat, dtype=torch.float64))
         self.register_buffer("feature_std", torch.ones(n_el, n_feat, dtype=torch.float64))
         self.register_buffer("energy_offset", torch.zeros(n_el, dtype=torch.float64))

@@ -51,6 +51,9 @@ def pre_activation_adjoints(
 class EnsembleNetworks(nn.Module):
     """Per-element tanh MLPs for M members; weights of a layer stacked as (M, fan_in, fan_out)."""
 
+    shared = False
+    """Whether one network serves every element (`SharedEnsembleNetworks`)."""
+
     def __init__(self, n_elements: int, n_features: int, hidden: tuple[int, ...], member_seeds: list[int]):
         super().__init__()
         self.n_members = len(member_seeds)
@@ -304,6 +307,69 @@ class EnsembleNetworks(nn.Module):
                 tangent_bar = z_tangent_bar @ weights[layer].transpose(1, 2)
         columns = torch.cat([torch.arange(int(offsets[k]), int(offsets[k + 1])) for k in indices])
         return jacobian, columns.to(features.device)
+
+
+class SharedEnsembleNetworks(EnsembleNetworks):
+    """One tanh MLP per member for every element: its inputs are the scaled features and the centre
+    atom's element as one-hot columns (an element-specific first-layer bias). A member then has
+    (F + n)·H₀ + … weights instead of n·(F·H₀ + …): every residual constrains all of them, whichever
+    element it comes from, and the training cost does not grow with the number of networks.
+
+    Wraps the per-element machinery with one network (element 0): the one-hot columns are appended
+    to the inputs, their input gradients dropped (they do not depend on positions), and their input
+    tangents are zero."""
+
+    shared = True
+
+    def __init__(self, n_elements: int, n_features: int, hidden: tuple[int, ...], member_seeds: list[int]):
+        super().__init__(1, n_features + n_elements, hidden, member_seeds)
+        self.n_elements = n_elements
+        self.n_features = n_features
+
+    def _with_elements(self, features: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
+        """Inputs (…, B, F + n): the features and the one-hot element columns."""
+        one_hot = nn.functional.one_hot(element_index, self.n_elements).to(features.dtype)
+        return torch.cat([features, one_hot.expand(*features.shape[:-1], self.n_elements)], dim=-1)
+
+    def _with_zero_tangents(self, input_weights: torch.Tensor, feature_axis: int) -> torch.Tensor:
+        """Input tangents with zeros in the one-hot columns."""
+        shape = list(input_weights.shape)
+        shape[feature_axis] = self.n_elements
+        return torch.cat([input_weights, input_weights.new_zeros(shape)], dim=feature_axis)
+
+    def forward(self, features: torch.Tensor, element_index: torch.Tensor) -> torch.Tensor:
+        return super().forward(self._with_elements(features, element_index), torch.zeros_like(element_index))
+
+    def outputs_and_input_gradients(self, features: torch.Tensor, element_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = self._with_elements(features, element_index)
+        out, grads = super().outputs_and_input_gradients(inputs, torch.zeros_like(element_index))
+        return out, grads[..., : self.n_features]
+
+    def training_pass(self, features: torch.Tensor, element_index: torch.Tensor) -> "TrainingPass":
+        inputs = self._with_elements(features, element_index)
+        full = super().training_pass(inputs, torch.zeros_like(element_index))
+        return TrainingPass(full.outputs, full.input_gradients[:, : self.n_features].contiguous(), full.elements)
+
+    def accumulate_parameter_gradients(
+        self, training_pass: "TrainingPass", output_weights: torch.Tensor, input_weights: torch.Tensor
+    ) -> None:
+        super().accumulate_parameter_gradients(training_pass, output_weights, self._with_zero_tangents(input_weights, 1))
+
+    def residual_parameter_jacobian(
+        self,
+        features: torch.Tensor,
+        element: int,
+        output_weights: torch.Tensor,
+        input_weights: torch.Tensor,
+        pairs: "ResidualPairs",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        elements = torch.full((features.shape[0],), element, dtype=torch.long, device=features.device)
+        inputs = self._with_elements(features, elements)
+        return super().residual_parameter_jacobian(inputs, 0, output_weights, self._with_zero_tangents(input_weights, 1), pairs)
+
+
+ELEMENT_NETWORKS = {"per-element": EnsembleNetworks, "shared": SharedEnsembleNetworks}
+"""`[model] element_networks`: a network per element, or one for all elements."""
 
 
 @dataclass

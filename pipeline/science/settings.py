@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 DeviceName = Literal["auto", "cpu", "cuda"]
 """Training and prediction device: "auto" (cuda when torch sees a GPU, else cpu), "cpu" or "cuda"."""
 OptimizerName = Literal["lbfgs", "levenberg-marquardt"]
+ElementNetworks = Literal["per-element", "shared"]
+"""A network per element, or one network for every element with the centre's element as input
+(`networks.ELEMENT_NETWORKS`)."""
 ADAM_EPOCHS_BEFORE_LBFGS = 300
 """`epochs` left unset: L-BFGS starts from 300 Adam epochs, Levenberg–Marquardt (the default) from
 the initial weights (its damped steps need no pre-fit: bench/RESULTS.md, "Optimisers at equal wall
@@ -51,12 +54,18 @@ class DescriptorSettings(StrictSettings):
     training data's nearest-neighbour distance (`descriptors.radial_shells`); other unset keys keep
     the `SymmetryFunctionParams` defaults."""
 
-    kind: DescriptorKind = "g5-moments"
-    radial_centers: tuple[float, ...] | None = None  # Å
-    radial_etas: tuple[float, ...] | None = None  # Å⁻², one per centre
-    angular_etas: tuple[float, ...] | None = None  # Å⁻²
-    angular_zetas: tuple[int, ...] | None = None
-    angular_lambdas: tuple[int, ...] | None = None
+    kind: DescriptorKind = Field(
+        "g5-moments", description='"g5-moments" (G5 angular terms through per-atom moments) or "g4" (the paper\'s explicit triplets).'
+    )
+    radial_centers: tuple[float, ...] | None = Field(
+        None, description="Radial centres Rs (Å); default: shells from the training data's nearest-neighbour distance."
+    )
+    radial_etas: tuple[float, ...] | None = Field(
+        None, description="Radial widths η (Å⁻²), one per centre; default: from the data, as the centres."
+    )
+    angular_etas: tuple[float, ...] | None = Field(None, description="Angular widths η (Å⁻²); default (0.005, 0.03, 0.1).")
+    angular_zetas: tuple[int, ...] | None = Field(None, description="Angular exponents ζ (positive integers); default (1, 2).")
+    angular_lambdas: tuple[int, ...] | None = Field(None, description="Angular signs λ (+1, −1); default (1, −1).")
 
     _lists = field_validator("radial_centers", "radial_etas", "angular_etas", "angular_zetas", "angular_lambdas", mode="before")(
         lambda cls, value: _tuple(value)
@@ -82,26 +91,39 @@ class DescriptorSettings(StrictSettings):
 class TrainingSettings(StrictSettings):
     """Everything that defines a training run (and the `[model]` section); seeds come from `seed`."""
 
-    cutoff: float = Field(DEFAULT_CUTOFF_ANGSTROM, gt=0)  # Å
-    hidden: tuple[int, ...] = Field((5, 5), min_length=1)  # neurons per hidden layer
-    ensemble: int = Field(10, ge=2)  # members
-    epochs: int = Field(ADAM_EPOCHS_BEFORE_LBFGS, ge=0)  # Adam epochs before the second-order fit; default by optimizer
-    learning_rate: float = Field(1e-2, gt=0)
-    final_learning_rate: float = Field(5e-4, gt=0)
-    optimizer: OptimizerName = "levenberg-marquardt"  # the second-order fit (after `epochs` of Adam, none by default)
-    lbfgs_steps: int = Field(1000, ge=0)  # with optimizer "lbfgs" (set without `optimizer`, it selects "lbfgs")
-    lm_steps: int = Field(30, ge=0)  # Levenberg–Marquardt iterations (one Jacobian each), with optimizer "levenberg-marquardt"
-    weight_decay: float = Field(DEFAULT_WEIGHT_DECAY, ge=0)  # (eV/Å)² per squared weight, on underdetermined fits only
-    energy_weight: float = Field(1.0, ge=0)
-    force_weight: float = Field(1.0, ge=0)
-    validation_fraction: float = Field(0.0, ge=0, lt=1)
-    patience_epochs: int = Field(300, ge=1)
-    bootstrap: bool = False
-    seed: int = Field(0, ge=0)
-    training_processes: int | None = Field(None, ge=1)  # members sharded over processes; default: the site decides
-    warm_start: bool = True  # a campaign starts each iteration from the previous iteration's members
-    device: DeviceName = "auto"
-    descriptor: DescriptorSettings = DescriptorSettings()
+    cutoff: float = Field(
+        DEFAULT_CUTOFF_ANGSTROM, gt=0, description="The descriptor's cutoff Rc (Å): an atom's energy sees neighbours within it."
+    )
+    hidden: tuple[int, ...] = Field((5, 5), min_length=1, description="Neurons per hidden layer of each network.")
+    ensemble: int = Field(10, ge=2, description="Members of the ensemble, whose force spread gives δ_i.")
+    epochs: int = Field(
+        ADAM_EPOCHS_BEFORE_LBFGS,
+        ge=0,
+        description="Adam epochs before the second-order fit; default 0 with Levenberg–Marquardt, 300 with L-BFGS.",
+    )
+    learning_rate: float = Field(1e-2, gt=0, description="Adam's first learning rate.")
+    final_learning_rate: float = Field(5e-4, gt=0, description="Adam's last learning rate (and its only one in a warm start).")
+    optimizer: OptimizerName = Field(
+        "levenberg-marquardt", description='The second-order fit: "levenberg-marquardt" or "lbfgs" (after `epochs` of Adam).'
+    )
+    lbfgs_steps: int = Field(1000, ge=0, description='L-BFGS steps with optimizer "lbfgs" (set without `optimizer`, it selects "lbfgs").')
+    lm_steps: int = Field(30, ge=0, description="Levenberg–Marquardt iterations, one Jacobian each.")
+    element_networks: ElementNetworks = Field(
+        "per-element", description='"per-element": a network per element; "shared": one network for all, the element an input.'
+    )
+    weight_decay: float = Field(
+        DEFAULT_WEIGHT_DECAY, ge=0, description="Ridge on the weights ((eV/Å)² per squared weight), applied to underdetermined fits only."
+    )
+    energy_weight: float = Field(1.0, ge=0, description="Weight of the energy terms (per atom, eV²) in the loss.")
+    force_weight: float = Field(1.0, ge=0, description="Weight of the force terms ((eV/Å)²) in the loss.")
+    validation_fraction: float = Field(0.0, ge=0, lt=1, description="Share of structures held out for early stopping (Adam only).")
+    patience_epochs: int = Field(300, ge=1, description="Adam epochs without a lower validation loss before it stops.")
+    bootstrap: bool = Field(False, description="Train each member on its own bootstrap resample of the structures.")
+    seed: int = Field(0, ge=0, description="Seed of the members' initial weights (member m gets seed + 1000·m) and of the splits.")
+    training_processes: int | None = Field(None, ge=1, description="Processes the members are sharded over; default: the site decides.")
+    warm_start: bool = Field(True, description="A campaign starts each iteration's training from the previous iteration's members.")
+    device: DeviceName = Field("auto", description='Training device: "auto" (cuda when torch sees a GPU), "cpu" or "cuda".')
+    descriptor: DescriptorSettings = Field(DescriptorSettings(), description="Symmetry-function parameters (`[model.descriptor]`).")
 
     _hidden = field_validator("hidden", mode="before")(lambda cls, value: _tuple(value))
 

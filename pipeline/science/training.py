@@ -169,12 +169,15 @@ def _train(
     elements = run.elements or elements_of(structures)
     missing = sorted(set(elements_of(structures)) - set(elements))
     if missing:
-        raise ValueError(f"training data has atomic numbers {missing} outside the model's elements {tuple(elements)}")
+        raise ValueError(
+            f"training data has element(s) {' '.join(chemical_symbols[z] for z in missing)} outside the model's elements "
+            f"{' '.join(chemical_symbols[int(z)] for z in elements)}"
+        )
     params = descriptor_params(structures, tuple(elements), settings)
-    model = EnsembleModel(params, hidden=settings.hidden, member_seeds=list(run.member_seeds))
+    model = EnsembleModel(params, hidden=settings.hidden, member_seeds=list(run.member_seeds), element_networks=settings.element_networks)
     data = run.prepared if run.prepared is not None else prepare_training_data(structures, model.descriptor)
     run = replace(run, prepared=data)
-    element_residuals = {chemical_symbols[z]: n for z, n in zip(elements, residuals_per_element(data, len(elements)))}
+    element_residuals = network_residuals(data, elements, model.networks.shared)
     settings = _with_weight_decay_if_underdetermined(settings, element_residuals, model.networks.weights_per_element)
     fit_scaling(model, data, structures)
     warm = start_from is not None and warm_start(model, start_from)
@@ -220,6 +223,14 @@ def _train(
         weight_decay=settings.weight_decay,
     )
     return model, report
+
+
+def network_residuals(data: TrainingData, elements: Sequence[int], shared: bool) -> dict[str, int]:
+    """Residuals each network's weights enter, by the elements it serves: one entry per element, or
+    one for all of them ("Cu+Au+Pd") when a shared network serves every element."""
+    if not shared or len(elements) == 1:
+        return {chemical_symbols[z]: n for z, n in zip(elements, residuals_per_element(data, len(elements)))}
+    return {"+".join(chemical_symbols[z] for z in elements): len(data.energies) + data.force_jacobian.shape[0]}
 
 
 def _with_weight_decay_if_underdetermined(
@@ -303,7 +314,7 @@ def fitted_loss_floor(data: TrainingData, weights: torch.Tensor, settings: Train
 def warm_start(model: EnsembleModel, start: EnsembleModel) -> bool:
     """Copy `start`'s members into `model` (matched by seed), keeping `model`'s freshly fitted
     scaling; False (nothing changed) when descriptor, network shape or seeds do not match."""
-    if start.params != model.params or start.networks.hidden != model.networks.hidden:
+    if start.params != model.params or start.networks.hidden != model.networks.hidden or start.element_networks != model.element_networks:
         return False
     start_seeds = list(start.member_seeds)
     if not set(model.member_seeds) <= set(start_seeds):
@@ -315,5 +326,7 @@ def warm_start(model: EnsembleModel, start: EnsembleModel) -> bool:
             target.copy_(source.detach().to(target.dtype)[members])
         for name in ("feature_mean", "feature_std", "energy_offset", "energy_scale"):
             getattr(model, name).copy_(getattr(start, name))
+    if model.networks.shared:  # one network cannot absorb a per-element change of scaling: keep the start's
+        return True
     model.renormalise_(*fitted)
     return True

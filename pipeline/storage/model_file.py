@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.errors import BadInput
 from pipeline.storage.atomic import write_atomically
 from pipeline.science.descriptor_types import SymmetryFunctionParams
+from pipeline.science.networks import ELEMENT_NETWORKS
 from pipeline.science.model import EnsembleModel
 from pipeline.science.device import resolve_device
 
@@ -43,6 +44,7 @@ def save_model(model: EnsembleModel, path: str | Path, extra: dict[str, Any] | N
         "version": str(FORMAT_VERSION),
         "descriptor": json.dumps(model.params.to_dict()),
         "hidden": json.dumps(list(model.networks.hidden)),
+        "element_networks": model.element_networks,
         "member_seeds": json.dumps(model.member_seeds),
         "extra": json.dumps(extra or {}),
     }
@@ -94,6 +96,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         return {
             "descriptor": json.loads(raw["descriptor"]),
             "hidden": json.loads(raw["hidden"]),
+            "element_networks": raw.get("element_networks", "per-element"),  # files before the shared network had none
             "member_seeds": json.loads(raw["member_seeds"]),
             "extra": json.loads(raw.get("extra", "{}")),
             "raw": raw,
@@ -111,7 +114,13 @@ def load_ensemble(path: str | os.PathLike[str], dtype: torch.dtype = torch.float
     try:
         params = SymmetryFunctionParams.from_dict(meta["descriptor"])
         _check_size(params, meta["hidden"], meta["member_seeds"], path)
-        model = EnsembleModel(params, hidden=tuple(meta["hidden"]), member_seeds=meta["member_seeds"])
+        if meta["element_networks"] not in ELEMENT_NETWORKS:
+            raise ModelFileError(
+                f"{path}: unknown element_networks {str(meta['element_networks'])[:40]!r} (known: {', '.join(ELEMENT_NETWORKS)})"
+            )
+        model = EnsembleModel(
+            params, hidden=tuple(meta["hidden"]), member_seeds=meta["member_seeds"], element_networks=meta["element_networks"]
+        )
         state = load_file(str(path))
         _check_checksum(meta["raw"], state, path)
         state.pop("lowering", None)  # files before the descriptor registered its own constants held a copy
