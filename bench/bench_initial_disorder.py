@@ -70,7 +70,7 @@ def main() -> None:
         model = options.workdir / f"model_random{random_alloys}.pt"
         run("initial", "Pt,Au", "-o", labelled, "--count", options.count, "--seed", options.seed, "--random-alloys", random_alloys)
         run("train", labelled, "-o", model, "--seed", options.seed)
-        rows = json.loads(run("evaluate", model, *evaluated, "--reference", "emt", "--json"))["structures"]
+        rows = json.loads(run("evaluate", model, *evaluated, "--parent", "emt", "--json"))["structures"]
         cells = " | ".join(f"{row['force_mae']:.4f} / {row['force_max_error']:.3f}" for row in rows)
         print(f"| {random_alloys} | {options.count} | {cells} |", flush=True)
 

@@ -138,7 +138,7 @@ def model_file(header_hidden: list[int] | None = None, junk: bool = False, *opti
             save_file({"feature_mean": torch.zeros(1, 20, dtype=torch.float64)}, str(path), metadata=metadata)
         structure = here / "probe.traj"
         write(structure, rattled_cluster())
-        return ["evaluate", str(path), str(structure), "--reference", "emt", *options]
+        return ["evaluate", str(path), str(structure), "--parent", "emt", *options]
 
     return make
 
@@ -159,7 +159,7 @@ def diverged_model(here: Path) -> list[str]:
         model.networks.weights[0][0, 0, 0] = float("nan")
     save_model(model, here / "model.nft")
     write(here / "probe.traj", rattled_cluster())
-    return ["evaluate", str(here / "model.nft"), str(here / "probe.traj"), "--reference", "emt", "--json"]
+    return ["evaluate", str(here / "model.nft"), str(here / "probe.traj"), "--parent", "emt", "--json"]
 
 
 def evaluate_structure(atoms: Atoms, reference: str = "emt") -> Callable[[Path], list[str]]:
@@ -183,7 +183,7 @@ def evaluate_files(*files: list[Atoms] | None, reference: str = "emt") -> Callab
         for path, images in zip(paths, files):
             if images is not None:
                 write(path, images)
-        return ["evaluate", str(here / "model.nft"), *map(str, paths), "--reference", reference]
+        return ["evaluate", str(here / "model.nft"), *map(str, paths), "--parent", reference]
 
     return make
 
@@ -203,7 +203,7 @@ def copper_atom(atoms: Atoms) -> Atoms:
 def locality(*options: str, structure: str = "cluster", config: str | dict | None = None) -> Callable[[Path], list[str]]:
     """`nft locality` of a small cluster file ("cluster"), one with a NaN position ("nan"), a junk
     file ("junk"), an Fe cluster ("iron"), a periodic Pt cell ("bulk"), a folder ("folder") or a missing one ("missing"), with valid arguments that `options` then override (typer keeps an option's last
-    value). The parent is `--calculator emt`; with `config`, `--config` instead: a small campaign
+    value). The parent is `--parent emt`; with `config`, `--config` instead: a small campaign
     with these changes (a dict), a missing file ("missing"), or nothing at all ("neither")."""
 
     def make(here: Path) -> list[str]:
@@ -221,7 +221,7 @@ def locality(*options: str, structure: str = "cluster", config: str | dict | Non
         elif structure == "folder":
             path.mkdir()
         if config is None:
-            parent = ["--calculator", "emt"]
+            parent = ["--parent", "emt"]
         elif config == "missing":
             parent = ["--config", str(here / "nope.toml")]
         elif config == "neither":
@@ -286,6 +286,26 @@ def periodic_platinum() -> Atoms:
     from ase.build import bulk
 
     return bulk("Pt", "fcc", a=3.92, cubic=True)
+
+
+def init_config(*options: str, target: str = "cluster", existing: bool = False) -> Callable[[Path], list[str]]:
+    """`nft init HERE/target.traj -o HERE/campaign.toml OPTIONS` with a Pt cluster ("cluster"), an Fe
+    one ("iron"), a Pt dimer 9 Å apart whose atoms the default 8 Å chunks would leave alone
+    ("dimer"), or no file ("missing"); with `existing`, campaign.toml is there already."""
+
+    def make(here: Path) -> list[str]:
+        path = here / "target.traj"
+        if target == "cluster":
+            write(path, rattled_cluster())
+        elif target == "iron":
+            write(path, iron_cluster())
+        elif target == "dimer":
+            write(path, Atoms("Pt2", positions=[(0, 0, 0), (0, 0, 9.0)]))
+        if existing:
+            (here / "campaign.toml").write_text("# mine\n")
+        return ["init", str(path), "-o", str(here / "campaign.toml"), *options]
+
+    return make
 
 
 def relax_with_a_changed_model(here: Path) -> list[str]:
@@ -395,12 +415,18 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "cutoff 1 Å to train": (good_training_file("--cutoff", "1.0"), ("--cutoff", "nearest neighbours", "2.69 Å")),
     "cutoff 0.5 Å to train": (good_training_file("--cutoff", "0.5"), ("--cutoff", "> 0.5 Å")),
     "cutoff 1e6 Å to train": (good_training_file("--cutoff", "1e6"), ("--cutoff", "sphere", "at most 100,000")),
-    "no LM steps to train": (good_training_file("--lm", "0"), ("--lm", "trains nothing")),
+    "no LM steps to train": (good_training_file("--lm-steps", "0"), ("--lm-steps", "trains nothing")),
+    "no LM steps to train, by the former name": (good_training_file("--lm", "0"), ("--lm-steps", "trains nothing")),
+    "LM steps by both names": (good_training_file("--lm-steps", "3", "--lm", "4"), ("--lm-steps", "given twice", "--lm")),
     # nft evaluate
     "junk model file": (model_file(junk=True), ("model.nft",)),
     "model with NaN weights": (diverged_model, ("model.nft", "not finite")),
     "model header asks for a huge network": (model_file(header_hidden=[100_000_000]), ("model.nft", "out of bounds")),
-    "unknown reference": (evaluate_structure(rattled_cluster(), reference="vasp"), ("--reference", "vasp")),
+    "unknown reference": (evaluate_structure(rattled_cluster(), reference="vasp"), ("--parent", "vasp")),
+    "bad parent option to evaluate": (
+        lambda here: evaluate_structure(rattled_cluster())(here) + ["--parent-option", "retries=-1"],
+        ("--parent-option retries", "integer >= 0"),
+    ),
     "element the reference lacks to evaluate": (evaluate_structure(iron_cluster()), ("probe.traj", "emt parent has no parameters for Fe")),
     "NaN positions to evaluate": (evaluate_structure(nan_positions()), ("probe.traj", "not finite")),
     "second file missing to evaluate": (evaluate_files([rattled_cluster()], None), ("probe1.traj", "not found")),
@@ -423,9 +449,9 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "locality radius huge on a periodic structure": (locality("--radii", "4,1e6", structure="bulk"), ("--radii", "1e+06 Å sphere")),
     "locality plot not writable": (locality("--plot", "/proc/plot.png"), ("--plot", "/proc", "not writable")),
     "locality workdir not writable": (locality("--workdir", "/proc/work"), ("--workdir", "not writable")),
-    "locality unknown calculator": (locality("--calculator", "vasp"), ("--calculator", "vasp", "emt, gpaw")),
-    "locality no calculator": (locality(config="neither"), ("--calculator", "required", "--config")),
-    "locality calculator and config": (locality("--calculator", "emt", config={}), ("--calculator", "not with --config")),
+    "locality unknown calculator": (locality("--parent", "vasp"), ("--parent", "vasp", "emt, gpaw")),
+    "locality no calculator": (locality(config="neither"), ("--parent", "required", "--config")),
+    "locality calculator and config": (locality("--parent", "emt", config={}), ("--parent", "not with --config")),
     "locality config missing": (locality(config="missing"), ("nope.toml", "no such config file")),
     "locality config with a bad parent option": (
         locality(config={"parent": {"emt": {"retries": -1}}}),
@@ -445,6 +471,11 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "locality plot folder missing": (lambda here: locality("--plot", str(here / "no" / "plot.png"))(here), ("--plot", "does not exist")),
     "locality unknown site": (locality("--site", "nowhere"), ("--site", "nowhere")),
     "locality workdir is a file": (lambda here: locality("--workdir", str(here / "structure.traj"))(here), ("--workdir", "is a file")),
+    "locality unknown parent option": (locality("--parent-option", "encut=300"), ("--parent-option encut", "unknown option")),
+    "locality parent option with a config": (
+        locality("--parent-option", "retries=1", config={}),
+        ("--parent-option", "not with --config", "[parent.NAME]"),
+    ),
     # nft initial, and [data.initial_generate]
     "initial element EMT lacks": (initial("Fe"), ("ELEMENTS", "emt", "no parameters for Fe")),
     "initial not an element": (initial("Pt,Xx"), ("ELEMENTS", "'Xx' is not a chemical symbol")),
@@ -455,11 +486,11 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     ),
     "initial negative random alloys": (initial("Cu,Au", "--random-alloys", "-1"), ("--random-alloys", ">= 0")),
     "initial parent option without a value": (
-        initial("Pt", "--calculator", "gpaw", "--parent-option", "ecut"),
+        initial("Pt", "--parent", "gpaw", "--parent-option", "ecut"),
         ("--parent-option", "KEY=VALUE"),
     ),
     "initial unknown parent option": (
-        initial("Pt", "--calculator", "gpaw", "--parent-option", "encut=300"),
+        initial("Pt", "--parent", "gpaw", "--parent-option", "encut=300"),
         ("--parent-option encut", "unknown option"),
     ),
     "initial space group of two elements only": (initial("Pt", "--space-groups", "123"), ("--space-groups", "123")),
@@ -471,6 +502,15 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "initial output not writable": (initial("Pt", "-o", "/proc/x.traj"), ("-o", "/proc", "not writable")),
     "initial output format unknown": (lambda here: initial("Pt", "-o", str(here / "x.foo"))(here), ("-o", "x.foo", "no writer")),
     "initial output is a folder": (lambda here: initial("Pt", "-o", str(here))(here), ("-o", "is a folder")),
+    "initial output format of one structure": (
+        lambda here: initial("Pt", "-o", str(here / "init.poscar"))(here),
+        ("-o", "init.poscar", "several structures", ".traj"),
+    ),
+    "initial output format without forces": (
+        lambda here: initial("Pt", "-o", str(here / "init.cif"))(here),
+        ("-o", "init.cif", "energies and forces"),
+    ),
+    "initial parent given twice": (initial("Pt", "--parent", "emt", "--calculator", "gpaw"), ("--parent", "given twice", "--calculator")),
     "initial fewer atoms allowed than required": (initial("Pt", "--min-atoms", "20"), ("--max-atoms", "min_atoms 20")),
     "initial space group 0 in a list": (initial("Pt", "--space-groups", "225,0"), ("--space-groups: must be >= 1",)),
     "initial unknown site": (initial("Pt", "--site", "nowhere"), ("--site", "nowhere")),
@@ -483,12 +523,12 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
     "generate impossible separation": (generated_campaign(min_separation=9.0), ("data.initial_generate.min_separation", "9 Å")),
     # nft relax (a trained campaign without a model: tests/test_relax.py)
     "relax structure missing": (relax(structure="missing"), ("structure.traj", "file not found")),
-    "relax unknown optimizer": (relax("--optimizer", "SD"), ("--optimizer", "BFGS, FIRE, LBFGS", "'SD'")),
+    "relax unknown optimizer": (relax("--relax-optimizer", "SD"), ("--relax-optimizer", "BFGS, FIRE, LBFGS", "'SD'")),
     "relax fmax zero": (relax("--fmax", "0"), ("--fmax", "positive")),
     "relax fmax negative": (relax("--fmax", "-0.1"), ("--fmax", "positive")),
     "relax fmax nan": (relax("--fmax", "nan"), ("--fmax", "positive")),
     "relax steps negative": (relax("--steps", "-1"), ("--steps", "0 or more")),
-    "relax element not in the campaign": (relax(structure="copper"), ("structure.traj", "elements [29]")),
+    "relax element not in the campaign": (relax(structure="copper"), ("structure.traj", "element(s) Cu not in", "initial set (Pt)")),
     "relax output format unknown": (relax(output="relaxed.unknownformat"), ("-o", "relaxed.unknownformat", "no writer")),
     "relax campaign never run": (relax(), ("config.toml", "campaign.database", "nft run")),
     "relax element EMT lacks": (relax(structure="iron"), ("structure.traj", "emt parent has no parameters for Fe")),
@@ -505,6 +545,23 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], tuple[str, ...]]] = {
         ("-o", "missing", "does not exist"),
     ),
     "export into a folder": (lambda here: ["export", str(write_campaign(here / "campaign")), "-o", str(here)], ("-o", "is a folder")),
+    "export into a file not named extxyz": (
+        lambda here: ["export", str(write_campaign(here / "campaign")), "-o", str(here / "set.traj")],
+        ("-o", "set.traj", "extxyz"),
+    ),
+    # nft init and nft check
+    "init over an existing config": (init_config(existing=True), ("-o", "campaign.toml", "exists")),
+    "init a config not named .toml": (init_config("-o", "campaign.yaml"), ("-o", "campaign.yaml", "TOML")),
+    "init a missing target": (init_config(target="missing"), ("target.traj", "not found")),
+    "init a target EMT lacks": (init_config(target="iron"), ("target.traj", "no parameters for Fe")),
+    "init an unknown parent": (init_config("--parent", "vasp"), ("--parent", "vasp", "emt, gpaw")),
+    "init a target too small for the chunk radius": (init_config(target="dimer"), ("campaign.toml", "chunks.radius")),
+    "check a missing config": (lambda here: ["check", str(here / "nope.toml")], ("nope.toml", "no such config file")),
+    "check an unknown key": (
+        lambda here: ["check", str(write_campaign(here / "campaign", {"model": {"epoch": 3}}))],
+        ("model.epoch", "unknown key"),
+    ),
+    "check an unknown site": (lambda here: ["check", str(write_campaign(here / "campaign", {"site": {"name": "nowhere"}}))], ("nowhere",)),
 }
 
 

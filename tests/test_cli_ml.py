@@ -36,7 +36,7 @@ def trained_model(data_files):
     folder, train, _ = data_files
     model = folder / "model.nft"
     result = subprocess.run(
-        NFT + ["train", str(train), "-o", str(model), "--ensemble", "3", "--epochs", "30", "--optimizer", "lbfgs", "--lbfgs", "50"],
+        NFT + ["train", str(train), "-o", str(model), "--ensemble", "3", "--epochs", "30", "--optimizer", "lbfgs", "--lbfgs-steps", "50"],
         capture_output=True,
         text=True,
         timeout=240,
@@ -67,7 +67,7 @@ AGGREGATE_KEYS = {
 def test_evaluate_prints_spec_json(trained_model, data_files):
     """One file: the aggregate, and (for scripts written before the per-structure form) the same keys at the top."""
     _, _, test = data_files
-    result = run("evaluate", trained_model, test, "--reference", "emt", "--json")
+    result = run("evaluate", trained_model, test, "--parent", "emt", "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert set(metrics) == AGGREGATE_KEYS | {"aggregate", "structures"}
@@ -89,7 +89,7 @@ def test_evaluate_many_files_matches_an_independent_computation(trained_model, t
     first, second = tmp_path / "bulk.extxyz", tmp_path / "mixed.traj"
     write(first, bulk_training_cells(3, seed=11))
     write(second, [rattled_cluster(seed=4), rattled_bulk(seed=5, repeat=(2, 1, 1)), rattled_cluster(seed=6)])
-    result = run("evaluate", trained_model, first, second, "--reference", "emt", "--json")
+    result = run("evaluate", trained_model, first, second, "--parent", "emt", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
 
@@ -130,7 +130,7 @@ def test_evaluate_many_files_matches_an_independent_computation(trained_model, t
     assert aggregate["max_uncertainty"] == pytest.approx(deltas.max(), abs=1e-9)
     assert {key: report[key] for key in AGGREGATE_KEYS} == aggregate
 
-    table = run("evaluate", trained_model, first, second, "--reference", "emt")
+    table = run("evaluate", trained_model, first, second, "--parent", "emt")
     assert table.exit_code == 0, table.output
     assert sum(str(second) in line for line in table.stdout.splitlines()) == 3 and "coverage" in table.stdout
 
@@ -225,9 +225,9 @@ def test_evaluate_against_a_campaign_configs_gpaw_parent(trained_model, tmp_path
 
 def test_evaluate_takes_one_reference(trained_model, data_files, tmp_path):
     _, _, test = data_files
-    one_line_error(run("evaluate", trained_model, test), "--reference")
-    one_line_error(run("evaluate", trained_model, test, "--reference", "emt", "--config", tmp_path / "c.toml"), "--config")
-    one_line_error(run("evaluate", trained_model, test, "--reference", "emt", "--vacuum", "-1"), "--vacuum")
+    one_line_error(run("evaluate", trained_model, test), "--parent")
+    one_line_error(run("evaluate", trained_model, test, "--parent", "emt", "--config", tmp_path / "c.toml"), "--config")
+    one_line_error(run("evaluate", trained_model, test, "--parent", "emt", "--vacuum", "-1"), "--vacuum")
 
 
 def test_bad_hidden_option(data_files, tmp_path):
@@ -238,28 +238,28 @@ def test_bad_hidden_option(data_files, tmp_path):
 def test_unknown_element_at_evaluate(trained_model, tmp_path):
     path = tmp_path / "cupt.xyz"
     write(path, rattled_cluster(mixed=True))
-    one_line_error(run("evaluate", trained_model, path, "--reference", "emt"), "Cu")
+    one_line_error(run("evaluate", trained_model, path, "--parent", "emt"), "Cu")
 
 
 def test_corrupt_model(data_files, tmp_path):
     _, _, test = data_files
     bad = tmp_path / "corrupt.nft"
     bad.write_bytes(os.urandom(200))
-    one_line_error(run("evaluate", bad, test, "--reference", "emt"), "corrupt.nft")
+    one_line_error(run("evaluate", bad, test, "--parent", "emt"), "corrupt.nft")
 
 
 def test_unknown_reference(trained_model, data_files):
     _, _, test = data_files
-    one_line_error(run("evaluate", trained_model, test, "--reference", "vasp"), "--reference")
+    one_line_error(run("evaluate", trained_model, test, "--parent", "vasp"), "--parent")
 
 
 def test_train_with_levenberg_marquardt_records_the_optimizer_and_no_adam(data_files, tmp_path):
-    """`--optimizer levenberg-marquardt --lm N` trains without Adam epochs by default and says so in the file."""
+    """`--optimizer levenberg-marquardt --lm-steps N` trains without Adam epochs by default and says so in the file."""
     from pipeline.storage.model_file import read_metadata
 
     _, train, _ = data_files
     model = tmp_path / "lm.nft"
-    result = run("train", train, "-o", model, "--ensemble", "3", "--optimizer", "levenberg-marquardt", "--lm", "10")
+    result = run("train", train, "-o", model, "--ensemble", "3", "--optimizer", "levenberg-marquardt", "--lm-steps", "10")
     assert result.exit_code == 0, result.output
     extra = read_metadata(model)["extra"]
     assert extra["training"]["optimizer"] == "levenberg-marquardt" and extra["training"]["lm_steps"] == 10
@@ -269,15 +269,15 @@ def test_train_with_levenberg_marquardt_records_the_optimizer_and_no_adam(data_f
 
 
 def test_train_defaults_to_levenberg_marquardt_and_lbfgs_alone_selects_lbfgs(data_files, tmp_path):
-    """No optimizer option: the settings' default (LM, no Adam); `--lbfgs N` alone: L-BFGS after Adam."""
+    """No optimizer option: the settings' default (LM, no Adam); `--lbfgs-steps N` alone: L-BFGS after Adam."""
     from pipeline.storage.model_file import read_metadata
 
     _, train, _ = data_files
-    default = run("train", train, "-o", tmp_path / "d.nft", "--ensemble", "2", "--lm", "3")
+    default = run("train", train, "-o", tmp_path / "d.nft", "--ensemble", "2", "--lm-steps", "3")
     assert default.exit_code == 0, default.output
     training = read_metadata(tmp_path / "d.nft")["extra"]["training"]
     assert (training["optimizer"], training["epochs"], training["lm_steps"]) == ("levenberg-marquardt", 0, 3)
-    lbfgs = run("train", train, "-o", tmp_path / "l.nft", "--ensemble", "2", "--epochs", "5", "--lbfgs", "4")
+    lbfgs = run("train", train, "-o", tmp_path / "l.nft", "--ensemble", "2", "--epochs", "5", "--lbfgs-steps", "4")
     assert lbfgs.exit_code == 0, lbfgs.output
     training = read_metadata(tmp_path / "l.nft")["extra"]["training"]
     assert (training["optimizer"], training["epochs"], training["lbfgs_steps"]) == ("lbfgs", 5, 4)

@@ -123,12 +123,10 @@ def run(*args):
 
 def test_nft_train_on_the_cpu(training_file, tmp_path):
     model = tmp_path / "m.nft"
-    result = run(
-        "train", training_file, "-o", model, "--ensemble", "2", "--epochs", "5", "--optimizer", "lbfgs", "--lbfgs", "0", "--device", "cpu"
-    )
+    result = run("train", training_file, "-o", model, "--ensemble", "2", "--epochs", "5", "--lbfgs-steps", "0", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert model.exists() and "train force MAE" in result.stdout
-    evaluated = run("evaluate", model, training_file, "--reference", "emt", "--json", "--device", "auto")
+    evaluated = run("evaluate", model, training_file, "--parent", "emt", "--json", "--device", "auto")
     assert evaluated.exit_code == 0, evaluated.output
 
 
@@ -148,14 +146,14 @@ def test_device_cuda_without_a_gpu_is_one_line_exit_2(training_file, tmp_path, c
             "5",
             "--optimizer",
             "lbfgs",
-            "--lbfgs",
+            "--lbfgs-steps",
             "0",
             "--device",
             "cuda",
         )
     else:
         save_model(train_ensemble(labelled(2, seed=3), TrainingSettings(ensemble=2, epochs=1, optimizer="lbfgs", lbfgs_steps=0))[0], model)
-        result = run("evaluate", model, training_file, "--reference", "emt", "--device", "cuda")
+        result = run("evaluate", model, training_file, "--parent", "emt", "--device", "cuda")
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--device" in lines[0] and "no CUDA GPU" in lines[0], result.stderr

@@ -323,7 +323,7 @@ def test_gpaw_relaxes_a_cell_in_plane_wave_mode_and_refuses_other_modes(gpaw_ins
 @pytest.mark.gpaw
 @pytest.mark.slow
 def test_nft_initial_with_gpaw_labels_cells_with_k_points_from_the_density(tmp_path, gpaw_installed):
-    """`nft initial --calculator gpaw` end to end, tiny: fcc Al only, plane waves 200 eV, one MPI
+    """`nft initial --parent gpaw` end to end, tiny: fcc Al only, plane waves 200 eV, one MPI
     rank, cells of 2-4 atoms. Every job (the cell relaxation and the labels) ran GPAW with
     k_i = ceil(kpt_density / |a_i|), kpt_density = 6 Å, read back from GPAW's own text output."""
     output = tmp_path / "al.traj"
@@ -334,7 +334,7 @@ def test_nft_initial_with_gpaw_labels_cells_with_k_points_from_the_density(tmp_p
             "Al",
             "-o",
             str(output),
-            "--calculator",
+            "--parent",
             "gpaw",
             "--parent-option",
             "ecut=200",

@@ -253,7 +253,7 @@ def test_a_model_file_with_one_flipped_byte_is_refused_naming_the_file(finished,
     with pytest.raises(ModelFileError, match="corrupt nft model file") as refused:
         load_ensemble(model)
     assert str(model) in str(refused.value) and "\n" not in str(refused.value)
-    result = run_nft("evaluate", model, finished.parent / "target.traj", "--reference", "emt", timeout=120)
+    result = run_nft("evaluate", model, finished.parent / "target.traj", "--parent", "emt", timeout=120)
     assert result.returncode == 2 and "corrupt nft model file" in result.stderr and str(model) in result.stderr
 
 
@@ -264,7 +264,7 @@ def test_a_crafted_one_member_ensemble_is_refused_on_load_not_by_a_crash_later(f
     with pytest.raises(ModelFileError, match="ensemble of 2") as refused:
         load_ensemble(model)
     assert str(model) in str(refused.value)
-    result = run_nft("evaluate", model, finished.parent / "target.traj", "--reference", "emt", timeout=120)
+    result = run_nft("evaluate", model, finished.parent / "target.traj", "--parent", "emt", timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr and "ensemble of 2" in result.stderr and str(model) in result.stderr
 

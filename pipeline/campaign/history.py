@@ -16,7 +16,9 @@ import numpy as np
 
 from pipeline.campaign.config import CampaignConfig
 from pipeline.execution.payloads import TargetPrediction
+from pipeline.storage.hashing import atoms_geometry_hash
 from pipeline.storage.records import IterationRecord, ModelRecord
+from pipeline.storage.store import CampaignStore
 
 CONVERGED = "converged"
 MAX_ITERATIONS = "max_iterations"
@@ -230,3 +232,19 @@ def _settings_text(settings: Sequence[str]) -> str:
     """'raise a, raise b, lower c' for the coverage settings (min_separation is lowered, others raised)."""
     text = ", ".join(("lower " if key == "chunks.min_separation" else "raise ") + key for key in settings)
     return text[:1].upper() + text[1:]
+
+
+def target_numbers(store: CampaignStore, config: CampaignConfig) -> dict[int, int]:
+    """The number of each target in the database (by structure id): its place among the config's
+    targets (each geometry once), from 0, as the run log counts them ("target 0")."""
+    places: dict[str, int] = {}
+    for atoms in config.targets:
+        places.setdefault(atoms_geometry_hash(atoms), len(places))
+    return {record.id: places[record.geometry_hash] for record in store.structures("target") if record.geometry_hash in places}
+
+
+def numbered_targets(entry: dict[str, Any], numbers: Mapping[int, int]) -> dict[str, Any]:
+    """A history entry with δ per target keyed by the target's number (`target_numbers`), not its
+    database id."""
+    per_target = {str(numbers.get(int(key), key)): value for key, value in entry["uncertainty_per_target"].items()}
+    return {**entry, "uncertainty_per_target": per_target}

@@ -17,6 +17,7 @@ from typing import Any
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from pipeline.campaign.campaign_log import campaign_log, log, logging_observer
 from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.observer import CampaignObserver
 from pipeline.campaign.reference_jobs import ReferenceJobRunner, Submit
@@ -114,6 +115,7 @@ class InitialSetGenerator:
                 for index, atoms in candidates
             ]
             self.compute([job_id for _, _, job_id in jobs], self._submit_label)
+            before = len(kept)
             for index, atoms, job_id in jobs:
                 result = store.result(job_id)
                 reference = relaxed[index][1]
@@ -125,8 +127,18 @@ class InitialSetGenerator:
                 atoms.calc = SinglePointCalculator(atoms, energy=result.energy, forces=result.forces)
                 kept.append(atoms)
                 if len(kept) == settings.count:
+                    log.info("initial set: round %d: %d cell(s) kept of %d candidate(s)", round_index + 1, len(kept) - before, len(jobs))
                     self.observer.message(f"initial set: {len(kept)} cells kept from {round_index + 1} round(s) of candidates")
                     return kept
+            log.info(
+                "initial set: round %d: %d cell(s) kept of %d candidate(s) (within %g eV/atom of their relaxed cell), %d of %d so far",
+                round_index + 1,
+                len(kept) - before,
+                len(jobs),
+                settings.energy_window,
+                len(kept),
+                settings.count,
+            )
         raise RunFailed(
             f"initial set: only {len(kept)} of {settings.count} candidate cells within energy_window = "
             f"{settings.energy_window:g} eV/atom of their relaxed cell after max_rounds = {settings.max_rounds} rounds"
@@ -193,9 +205,11 @@ def generate_initial_set(
 ) -> list[Atoms]:
     """Generate (or resume generating) an initial set as campaign `campaign` of the database, its jobs'
     folders and Parsl's run directory under `workdir`; returns the kept labelled cells."""
-    observer = observer or CampaignObserver()
+    observer = logging_observer(observer)
     workdir.mkdir(parents=True, exist_ok=True)
+    heading = f"initial set of {', '.join(settings.elements or ())}: campaign {campaign}, parent {parent.name}, site {site}"
     with (
+        campaign_log(workdir, heading),
         CampaignStore.open(database_url, campaign, {"initial_generate": settings.model_dump(mode="json")}) as store,
         held_lease(store),
         lazy_site_apps(site, workdir / PARSL_DIR_NAME, site_options) as apps,

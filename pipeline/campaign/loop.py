@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import numpy as np
 from ase import Atoms
 
 from pipeline.campaign import history as campaign_history
+from pipeline.campaign.campaign_log import METRICS_NAME, campaign_log, log, logging_observer, write_metrics_csv
 from pipeline.campaign.config import CampaignConfig, radius_warning
 from pipeline.campaign.files import MODEL_NAME, SUMMARY_NAME, claim_workdir
 from pipeline.campaign.identity import check_same_campaign, check_stored_campaign
@@ -45,6 +48,7 @@ from pipeline.execution.apps import SiteApps, make_apps
 from pipeline.execution.payloads import TargetPrediction, labelled_to_payload
 from pipeline.execution.parsl_session import parsl_session
 from pipeline.execution.sites import PARSL_DIR_NAME, check_site, load_site
+from pipeline.execution.training_progress import ProgressReader, progress_path
 from pipeline.science.chunks import carve_chunk
 from pipeline.science.selection import candidate_pool, farthest_point_reports, most_uncertain_report
 from pipeline.science.structures import atoms_to_payload
@@ -58,6 +62,8 @@ from pipeline.storage.structure_file import stored_labels
 WALL_TIME_PARTS = ("training", "prediction", "reference", "overhead")
 TRAINING_STRUCTURES_KEY = "training_structures"
 """Model metric: how many labelled reference results (initial cells and chunks) the model was trained on."""
+PROGRESS_POLL_S = 1.0
+"""Seconds between two looks at a running training job's progress file."""
 
 
 @dataclass
@@ -91,15 +97,32 @@ def run_campaign(
     that succeed). Bad input raises `BadInput` before anything is written; a run that cannot go on
     raises `RunFailed`.
     """
-    observer = observer or CampaignObserver()
+    observer = logging_observer(observer)
     warning = radius_warning(config.file)
-    if warning:
-        observer.message(f"warning: {warning}")
     site_name = site or config.site
     site_options = dict(config.file.site.options)
+    if warning:
+        observer.display.message(f"warning: {warning}")  # the log has it once the workdir is the campaign's
     check_site(site_name, site_options)  # bad site or options: BadInput now
     stored = check_stored_campaign(config)  # another campaign under this name: BadInput now
     claim_workdir(config.workdir, config.name, new_campaign=not stored)  # another campaign's workdir: BadInput now
+    with campaign_log(config.workdir, run_heading("nft run", config, site_name)):
+        if warning:
+            log.warning("warning: %s", warning)
+        return _run_claimed(config, site_name, site_options, observer, retry_failed)
+
+
+def run_heading(command: str, config: CampaignConfig, site_name: str) -> str:
+    """The log's first line of a run: what runs which campaign where, and with which nft."""
+    from pipeline import __version__
+
+    return f"{command}: campaign {config.name} from {config.path}, site {site_name}, nft {__version__}, pid {os.getpid()}"
+
+
+def _run_claimed(
+    config: CampaignConfig, site_name: str, site_options: dict[str, Any], observer: CampaignObserver, retry_failed: bool
+) -> dict[str, Any]:
+    """`run_campaign` once the input is checked and the workdir is the campaign's."""
     if config.initial_generate is not None:
         from pipeline.campaign.initial_set import with_generated_initial_set
 
@@ -320,6 +343,12 @@ class Campaign:
         """The recorded model metrics per iteration."""
         return {record.iteration: record.metrics for record in self.store.models()}
 
+    def write_metrics(self) -> None:
+        """Write WORKDIR/metrics.csv from the database: one row per recorded iteration (`campaign_log`)."""
+        metrics = self.recorded_metrics()
+        entries = [history_entry(record, metrics.get(record.iteration)) for record in self.store.iterations()]
+        write_metrics_csv(self.config.workdir / METRICS_NAME, entries, metrics)
+
     # -- the end -------------------------------------------------------------------------------
 
     def finish(self, reason: str | None = None) -> dict[str, Any]:
@@ -333,7 +362,8 @@ class Campaign:
         summary_counts = store.summary()
         best_iteration = campaign_history.best_iteration(history)
         metrics = self.recorded_metrics()
-        entries = [history_entry(record, metrics.get(record.iteration)) for record in history]
+        numbers = campaign_history.target_numbers(store, config)
+        entries = [campaign_history.numbered_targets(history_entry(record, metrics.get(record.iteration)), numbers) for record in history]
         wall = {part: sum(entry["wall_time"].get(part, 0.0) for entry in entries) for part in (*WALL_TIME_PARTS, "total")}
         summary: dict[str, Any] = {
             "converged": reason == CONVERGED,
@@ -352,7 +382,7 @@ class Campaign:
             "jobs": summary_counts.jobs,
             "wall_time": wall,
             "stall": stall_diagnosis(entries[-1], reason, config) if entries else None,
-            "calibration": calibration(metrics, self.chunk_centre_labels()),
+            "calibration": calibration(metrics, self.chunk_centre_labels(), members=self.config.file.model.ensemble),
         }
         if summary["calibration"]["warning"]:
             self.observer.message(summary["calibration"]["warning"])
@@ -361,6 +391,18 @@ class Campaign:
         if summary["stall"] is not None:
             self.observer.message(f"not converged ({reason}): a {summary['stall']['kind']} problem. {summary['stall']['advice']}")
         _write_json(config.workdir / SUMMARY_NAME, summary)
+        self.write_metrics()
+        log.info(
+            "campaign %s: %s after %d iteration(s); best δ %s eV/Å (threshold %g) at iteration %s; %d chunk(s); model %s",
+            config.name,
+            "converged" if summary["converged"] else f"not converged ({reason})",
+            summary["iterations"],
+            "-" if summary["final_uncertainty"] is None else f"{summary['final_uncertainty']:.4f}",
+            config.threshold,
+            summary["best_iteration"],
+            summary["chunks"],
+            summary["model"],
+        )
         return summary
 
     def _force_mae_vs_parent(self, model_path: Path) -> dict[str, float]:
@@ -476,17 +518,61 @@ class Driver:
         self.observer.phase(number, "training")
         model_path = config.workdir / "models" / f"iteration-{number:03d}.nft"
         started = time.perf_counter()
+        warm_start = self._warm_start_model(number)
+        model = config.file.model
+        log.info(
+            "iteration %d: training %d member(s) on %d structure(s) (%d reference result(s)) with %s, from %s",
+            number,
+            model.ensemble,
+            len(training_set),
+            results,
+            model.optimizer,
+            f"the weights of {Path(warm_start).name} (warm start)" if warm_start else "fresh weights",
+        )
         arguments = (
             [labelled_to_payload(item) for item in training_set],
-            config.file.model.model_dump(mode="json"),
+            model.model_dump(mode="json"),
             str(model_path),
-            config.file.model.training_processes,
-            self._warm_start_model(number),
+            model.training_processes,
+            warm_start,
             list(config.elements),
         )
-        metrics = self._result(lambda: self.apps.training_app(*arguments), "training")
+        progress = ProgressReader(progress_path(model_path))
+
+        def submit() -> Any:
+            progress.restart()  # a submission after a lost worker starts a fresh file
+            return self.apps.training_app(*arguments, progress_path=str(progress.path))
+
+        def forward_progress() -> None:
+            for report in progress.new_reports():
+                self.observer.training_progress(number, report)
+
+        metrics = self._result(submit, "training", while_waiting=forward_progress)
+        progress.restart()  # the log holds what it said
         timer.add("training", time.perf_counter() - started)
+        self._log_training(number, metrics, time.perf_counter() - started)
         return model_path, {**metrics, TRAINING_STRUCTURES_KEY: results}
+
+    def _log_training(self, number: int, metrics: Mapping[str, Any], seconds: float) -> None:
+        """The end of iteration `number`'s training in the log; its outlier refits also on the display."""
+        validation = finite_or_none(metrics.get("validation_force_mae"))
+        log.info(
+            "iteration %d: trained in %.1f s (%s, world size %s): %s epoch(s), final loss %s, train force MAE %s eV/Å%s%s",
+            number,
+            seconds,
+            metrics.get("device", "?"),
+            metrics.get("world_size", 1),
+            metrics.get("epochs_run", "?"),
+            _float_text(metrics.get("final_loss")),
+            _float_text(metrics.get("train_force_mae")),
+            "" if validation is None else f", validation {validation:.4f} eV/Å",
+            ", warm-started" if metrics.get("warm_started") else "",
+        )
+        refitted = list(metrics.get("reset_members") or ())
+        if refitted:
+            self.observer.message(
+                f"iteration {number}: {len(refitted)} outlier member(s) refitted from fresh starts (seeds {', '.join(map(str, refitted))})"
+            )
 
     def select_and_compute(
         self,
@@ -508,6 +594,14 @@ class Driver:
         if carved:
             observer.phase(number, "selection")
         centres, selection = campaign.select(predictions)  # also when stopping: the report says what was left
+        if reason is not None:
+            log.info(
+                "iteration %d: the campaign stops: %s (max δ %.4f eV/Å, threshold %g)",
+                number,
+                reason,
+                max(deltas.values()),
+                config.threshold,
+            )
         with store.transaction():  # the chunks, their jobs, the model and the iteration: all or none
             if carved:
                 chunks_added = campaign.add_chunks(centres)
@@ -518,6 +612,14 @@ class Driver:
             campaign.record_iteration(
                 number, model_path, model_metrics, predictions, train_mae, timer, chunks_added=chunks_added, carved=carved
             )
+        if carved:
+            log.info(
+                "iteration %d: selection: %d chunk(s) carved (%s)%s",
+                number,
+                chunks_added,
+                ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in selection.items()),
+                f"; the campaign stops: {reason}" if reason is not None else "",
+            )
         campaign.keep_best_model()
         if reason is None:
             observer.phase(number, "reference jobs")
@@ -525,6 +627,7 @@ class Driver:
             self.run_reference_jobs(campaign.pending_jobs())
             timer.add("reference", time.perf_counter() - started)
             store.record_iteration(number, deltas, chunks_added, train_mae, timer.split(), carved=carved)
+        campaign.write_metrics()
         observer.iteration_done(history_entry(store.iterations()[-1], campaign.recorded_metrics().get(number)))
         return reason
 
@@ -573,16 +676,22 @@ class Driver:
         runner = ReferenceJobRunner(self.store, self.campaign.parent, self.observer, self.config.workdir, self.apps.reference_app)
         return runner.run(jobs)
 
-    def _result(self, submit: Callable[[], Any], what: str) -> Any:
+    def _result(self, submit: Callable[[], Any], what: str, while_waiting: Callable[[], None] | None = None) -> Any:
         """The result of a training or prediction job, `submit()` returning its future. A job whose
         worker was lost (its worker pool or node gone) is submitted again, to run on the executor's
         fresh block, at most `lost_worker_retries` times, each with the reason shown; any other
-        failure, or one loss too many, fails the run (RunFailed)."""
+        failure, or one loss too many, fails the run (RunFailed). `while_waiting()` is called every
+        `PROGRESS_POLL_S` while the job runs, and once when it has ended."""
         apps = self.apps
         lost = 0
         while True:
             try:
-                return submit().result()
+                future = submit()
+                if while_waiting is not None:
+                    while not wait([future], timeout=PROGRESS_POLL_S).done:
+                        while_waiting()
+                    while_waiting()
+                return future.result()
             except Exception as error:
                 lines = [line for line in error_text(error).splitlines() if line.strip()]
                 detail = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1].strip()}"
@@ -598,6 +707,12 @@ class Driver:
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers.
+
+
+def _float_text(value: Any) -> str:
+    """A metric in the log: 4 significant digits, "-" when missing or not finite."""
+    number = finite_or_none(value)
+    return "-" if number is None else f"{number:.4g}"
 
 
 def _selection_ranking(prediction: TargetPrediction, measure: str) -> np.ndarray:

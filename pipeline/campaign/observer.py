@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.science.optimisers import TrainingProgress
 
 
 class CampaignObserver:
@@ -17,6 +20,11 @@ class CampaignObserver:
 
     def jobs(self, done: int, running: int, failed: int, total: int) -> None:
         """Progress of the reference jobs of the current batch."""
+
+    def training_progress(self, iteration: int, progress: TrainingProgress) -> None:
+        """Where iteration `iteration`'s training is (stage, step, each member's loss): about once a
+        second while it trains, and at the end of every stage (`progress.done`). A distributed
+        training reports its first rank's members."""
 
     def iteration_done(self, entry: Mapping[str, Any]) -> None:
         """One iteration finished (an entry of summary.json's history)."""

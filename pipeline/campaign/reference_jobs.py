@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.campaign.campaign_log import log
 from pipeline.campaign.observer import CampaignObserver
 from pipeline.errors import error_text
 from pipeline.execution.parents.base import Parent
@@ -39,6 +40,7 @@ class ReferenceJobRunner:
         self.observer = observer
         self.workdir = workdir
         self.submit = submit
+        self._submitted: dict[int, float] = {}  # job id → when its current attempt was submitted (perf_counter)
 
     def run(self, jobs: Sequence[JobRecord]) -> int:
         """Submit the jobs this driver claims at once; a job another campaign's live driver computes
@@ -61,6 +63,7 @@ class ReferenceJobRunner:
                     continue
                 if claim != CLAIMED:  # settled meanwhile by another campaign's driver: reused
                     done, failed = done + (claim == "done"), failed + (claim == "failed")
+                    log.info("reference job %d: %s by another campaign's driver (reused)", job.id, claim)
                     continue
                 futures[self._submit(job, tries)] = job
             unclaimed = elsewhere
@@ -72,9 +75,14 @@ class ReferenceJobRunner:
             for future in completed:
                 job = futures.pop(future)
                 reason = self._store_outcome(job, future)
+                seconds = time.perf_counter() - self._submitted.pop(job.id, time.perf_counter())
                 if reason is None:
                     done += 1
-                elif tries[job.id] <= self.parent.retries:
+                    log.info("reference job %d: done after %.1f s", job.id, seconds)
+                    observer.jobs(done, len(jobs) - done - failed, failed, len(jobs))
+                    continue
+                log.info("reference job %d: attempt %d ended without a result after %.1f s", job.id, tries[job.id], seconds)
+                if tries[job.id] <= self.parent.retries:
                     observer.message(f"reference job {job.id} attempt {tries[job.id]} failed, retrying: {reason.splitlines()[0]}")
                     try:
                         store.mark_running(job.id)  # one more attempt
@@ -92,10 +100,22 @@ class ReferenceJobRunner:
     def _submit(self, job: JobRecord, tries: dict[int, int]) -> Any:
         """Submit the next attempt of a job this driver has started (claimed or marked running)."""
         tries[job.id] = tries.get(job.id, 0) + 1
-        structure = self.store.atoms(job.structure_id)
+        record = self.store.structure(job.structure_id)
+        structure = record.atoms
         job_dir = str(self.workdir / "jobs" / f"job-{job.id:06d}") if self.parent.needs_job_dir else None
         attempt = self.store.job(job.id).attempts  # over the job's life, so a retry differs from the try before
-        return self.submit(self.parent, atoms_to_payload(structure), job_dir, attempt)
+        future = self.submit(self.parent, atoms_to_payload(structure), job_dir, attempt)
+        self._submitted[job.id] = time.perf_counter()
+        log.info(
+            "reference job %d: submitted: %s structure %d (%d atom(s)), parent %s, attempt %d",
+            job.id,
+            record.kind,
+            record.id,
+            len(structure),
+            self.parent.name,
+            attempt,
+        )
+        return future
 
     def _store_outcome(self, job: JobRecord, future: Any) -> str | None:
         """Store the result of a completed attempt (with the end geometry of a relaxation job where

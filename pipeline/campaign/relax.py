@@ -21,11 +21,12 @@ import torch
 from ase import Atoms
 from ase.io import iread, read, write
 
+from pipeline.campaign.campaign_log import campaign_log, logging_observer
 from pipeline.campaign.config import CampaignConfig
 from pipeline.campaign.files import RELAXATIONS_NAME, check_workdir_owner
 from pipeline.campaign.identity import check_same_campaign
 from pipeline.campaign.history import history_entry
-from pipeline.campaign.loop import TRAINING_STRUCTURES_KEY, Campaign, Driver, IterationTimer
+from pipeline.campaign.loop import TRAINING_STRUCTURES_KEY, Campaign, Driver, IterationTimer, run_heading
 from pipeline.campaign.metrics import finite_or_none
 from pipeline.campaign.observer import CampaignObserver
 from pipeline.campaign.status import open_existing_store
@@ -35,6 +36,7 @@ from pipeline.execution.payloads import TargetPrediction
 from pipeline.execution.parsl_session import parsl_session
 from pipeline.execution.sites import PARSL_DIR_NAME, check_site, load_site
 from pipeline.science.calculator import EnsembleCalculator
+from pipeline.science.initial_sets import element_symbols
 from pipeline.science.structures import ase_can_write
 from pipeline.science.relaxation import (
     DEFAULT_FMAX,
@@ -45,7 +47,7 @@ from pipeline.science.relaxation import (
     RelaxationStep,
     relax_with_uncertainty,
 )
-from pipeline.storage.lease import held_lease
+from pipeline.storage.lease import held_lease, this_process
 from pipeline.storage.model_file import load_ensemble
 from pipeline.storage.atomic import write_atomically, write_text_atomically
 from pipeline.storage.hashing import atoms_geometry_hash
@@ -81,7 +83,7 @@ def check_relax_options(fmax: float, optimizer: str, steps: int) -> None:
     if not (np.isfinite(fmax) and fmax > 0):
         raise BadInput(f"--fmax: must be a positive force in eV/Å, not {fmax}")
     if optimizer not in OPTIMIZERS:
-        raise BadInput(f"--optimizer: must be one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
+        raise BadInput(f"--relax-optimizer: must be one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
     if steps < 0:
         raise BadInput(f"--steps: must be 0 or more, not {steps}")
 
@@ -104,11 +106,14 @@ def relax_structure(
     model in the campaign) raises `BadInput` before anything is written. Run again with the same
     structure and OUT, it resumes from the last geometry written.
     """
-    observer = observer or CampaignObserver()
+    observer = logging_observer(observer)
     check_relax_options(fmax, optimizer, max_steps)
     unknown = sorted(set(int(z) for z in atoms.numbers) - set(config.elements))
     if unknown:
-        raise BadInput(f"{structure_label}: elements {unknown} are not in the campaign's initial set {list(config.elements)}")
+        raise BadInput(
+            f"{structure_label}: element(s) {' '.join(element_symbols(unknown))} not in the campaign's initial set "
+            f"({' '.join(element_symbols(config.elements))})"
+        )
     if not ase_can_write(output):
         raise BadInput(f"-o: {output.name}: ASE has no writer for this file name (use e.g. .traj, .extxyz, .xyz)")
     site_name = site or config.site
@@ -121,7 +126,10 @@ def relax_structure(
             raise BadInput(f"{config.path.name}: campaign {config.name} has no trained model yet (run `nft run {config.path.name}` first)")
         check_same_campaign(store, config)
         store.model_file(store.models()[-1])  # the model it starts from is the one recorded: BadInput now
-        with held_lease(store):  # one driver at a time: nft run and nft relax take turns
+        with (
+            held_lease(store),  # one driver at a time: nft run and nft relax take turns
+            campaign_log(config.workdir, run_heading(f"nft relax {structure_label} -o {output}", config, site_name)),
+        ):
             output.parent.mkdir(parents=True, exist_ok=True)
             _register_relaxation(config, outputs.steps_json)
             campaign = Campaign(config, store, observer)
@@ -249,6 +257,7 @@ class _Relaxation:
         model_metrics[RELAXATION_KEY] = {"snapshot": snapshot_id, "step": step, "structure": str(self.outputs.structure)}
         campaign.record_iteration(number, model_path, model_metrics, predictions, finite_or_none(metrics.get("train_force_mae")), timer)
         campaign.keep_best_model()
+        campaign.write_metrics()
         self.trained_on = int(metrics[TRAINING_STRUCTURES_KEY])
         self.observer.iteration_done(history_entry(store.iterations()[-1], model_metrics))
         return number
@@ -287,6 +296,8 @@ class _Relaxation:
             "fmax": self.fmax,
             "optimizer": self.optimizer,
             "threshold": self.config.threshold,
+            "output": str(self.outputs.structure),
+            "driver": this_process(),  # host:pid of the run, for `nft status` (`relaxation_state`)
             "steps": [],
         }
         try:
@@ -299,7 +310,7 @@ class _Relaxation:
         if earlier.get("finished") and earlier.get("converged") and earlier.get("fmax") == self.fmax:
             return earlier  # done before with these options: nothing to run
         earlier.pop("finished", None)
-        return {**earlier, "fmax": self.fmax}
+        return {**earlier, "fmax": self.fmax, "driver": fresh["driver"]}
 
     def _trim_trajectory(self, frames: int) -> None:
         """Keep the first `frames` frames of the trajectory (those the steps JSON knows)."""

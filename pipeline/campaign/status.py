@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
 from pipeline.campaign.config import CampaignConfig
-from pipeline.campaign.history import CONVERGED, best_iteration, history_entry, stall_diagnosis, stop_reason
+from pipeline.campaign.history import (
+    CONVERGED,
+    best_iteration,
+    history_entry,
+    numbered_targets,
+    stall_diagnosis,
+    stop_reason,
+    target_numbers,
+)
 from pipeline.campaign.files import MODEL_NAME
 from pipeline.campaign.calibration import calibration
 from pipeline.campaign.metrics import fit_determination
 from pipeline.campaign.training_set import chunk_labels, training_structures
 from pipeline.errors import BadInput
 from pipeline.storage.engine import DatabaseError
+from pipeline.storage.lease import owner_is_gone
 from pipeline.storage.store import CampaignStore, UnknownCampaign
 
 FAILED_JOBS_SHOWN = 20
@@ -39,7 +49,8 @@ def campaign_status(config: CampaignConfig) -> dict[str, Any]:
         failed = store.jobs(status="failed")
         metrics = {record.iteration: record.metrics for record in store.models()}
         labels = chunk_labels(store, config.parent.name, config.parent.physics())
-    history_entries = [history_entry(record, metrics.get(record.iteration)) for record in history]
+        numbers = target_numbers(store, config)
+    history_entries = [numbered_targets(history_entry(record, metrics.get(record.iteration)), numbers) for record in history]
     best = best_iteration(history)
     reason = stop_reason(history, config)
     pending = counts.jobs.get("pending", 0) + counts.jobs.get("running", 0)
@@ -74,9 +85,45 @@ def campaign_status(config: CampaignConfig) -> dict[str, Any]:
         ],
         "history": history_entries,
         "stall": stall_diagnosis(history_entries[-1], reason, config) if finished and history_entries else None,
-        "calibration": calibration(metrics, labels),
+        "calibration": calibration(metrics, labels, members=config.file.model.ensemble),
         "fit": fit_determination(metrics[max(metrics)]) if metrics else None,
+        "relaxations": unfinished_relaxations(config),
     }
+
+
+def unfinished_relaxations(config: CampaignConfig) -> list[dict[str, Any]]:
+    """The campaign's `nft relax` runs that have not finished, each with its `state`: "running" (its
+    process lives), "interrupted" (it is gone: run it again to resume), or "running or interrupted"
+    (it ran on another host, or before nft recorded its process); the step, fmax and δ (eV/Å) it
+    last wrote and its target fmax. While one runs, `nft relax` drives the campaign: it adds chunks
+    and trains new iterations."""
+    from pipeline.campaign.report import recorded_relaxations  # report reads this module's status
+
+    unfinished = []
+    for relaxation in recorded_relaxations(config):
+        if relaxation.get("finished"):
+            continue
+        driver = relaxation.get("driver")
+        if not driver:
+            state = "running or interrupted"
+        elif owner_is_gone(driver):
+            state = "interrupted"
+        else:
+            state = "running" if driver.rpartition(":")[0] == socket.gethostname() else "running or interrupted"
+        last = relaxation["steps"][-1]
+        unfinished.append(
+            {
+                "state": state,
+                "driver": driver,
+                "output": relaxation.get("output"),
+                "steps_file": relaxation["file"],
+                "step": last["step"],
+                "fmax": last["fmax"],
+                "delta": last["delta"],
+                "fmax_target": relaxation.get("fmax"),
+            }
+        )
+    return unfinished
 
 
 def export_training_set(config: CampaignConfig, output: Path) -> int:

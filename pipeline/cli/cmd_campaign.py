@@ -8,11 +8,12 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console, Group
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
@@ -20,6 +21,9 @@ from pipeline.campaign.observer import CampaignObserver
 from pipeline.cli import app
 from pipeline.cli.common import check_output_file, exit_codes
 from pipeline.errors import BadInput
+
+if TYPE_CHECKING:
+    from pipeline.science.optimisers import TrainingProgress
 
 
 @app.command()
@@ -30,6 +34,7 @@ def run(
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="Put the campaign's failed reference jobs back to pending and run them again."
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print summary.json when the campaign ends (the progress goes to stderr)."),
 ) -> None:
     """Run or resume a campaign; writes WORKDIR/summary.json and WORKDIR/model.nft.
 
@@ -42,10 +47,13 @@ def run(
     from pipeline.campaign.loop import run_campaign
 
     campaign = load_config(config)
-    console = Console()
+    console = Console(stderr=as_json)
     display = LiveDisplay(console, campaign.threshold) if console.is_terminal else PlainDisplay(console)
     with display:
         summary = run_campaign(campaign, site=site, observer=display, retry_failed=retry_failed)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
     state = "converged" if summary["converged"] else f"not converged ({summary['stop_reason']})"
     console.print(
         f"{campaign.name}: {state} after {summary['iterations']} iteration(s); "
@@ -76,14 +84,18 @@ def status(
 @exit_codes
 def export(
     config: Path = typer.Argument(..., metavar="CONFIG.toml", help="Campaign config (TOML)."),
-    output: Path = typer.Option(..., "-o", "--output", help="extxyz file to write."),
+    output: Path = typer.Option(..., "-o", "--output", help="extxyz file to write (.extxyz or .xyz)."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
     """Write the campaign's training set as extxyz (chunks carry a per-atom force_mask)."""
     from pipeline.campaign.config import load_config
     from pipeline.campaign.status import export_training_set
 
-    check_output_file(output, "-o", structure=False)
+    check_output_file(output, "-o", holds="extxyz")
     count = export_training_set(load_config(config), output)
+    if as_json:
+        print(json.dumps({"output": str(output), "structures": count}, indent=2))
+        return
     print(f"{count} structures written to {output}")
 
 
@@ -92,6 +104,7 @@ def export(
 def report(
     config: Path = typer.Argument(..., metavar="CONFIG.toml", help="Campaign config (TOML)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Folder to write (default WORKDIR/report)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the folder and the files written as JSON."),
 ) -> None:
     """Figures (PNG) and report.md of a campaign: δ and chunks per iteration, force parity, residual
     against δ and the target coloured by δ; from its database and stored models only."""
@@ -110,6 +123,9 @@ def report(
     except OSError as error:
         raise BadInput(f"-o: cannot create {directory} ({error.strerror or error})") from None
     written = write_report(gathered, directory)
+    if as_json:
+        print(json.dumps({"directory": str(directory), "files": [str(path) for path in written]}, indent=2))
+        return
     print(f"{len(written)} files written to {directory}: " + ", ".join(path.name for path in written))
 
 
@@ -128,10 +144,22 @@ def print_status(console: Console, report: Mapping[str, Any]) -> None:
         state = "in progress or interrupted (run again to resume)"
     else:
         state = "not started"
+    relaxations = report.get("relaxations") or []
+    driving = next((item for item in relaxations if item["state"] != "interrupted"), None)
+    if driving is not None:  # converged or not, the campaign goes on while nft relax adds chunks to it
+        state = f"relaxation {driving['state']} (nft relax drives the campaign); targets {state}"
     jobs = report["jobs"]
     if report.get("database_note"):
         console.print(report["database_note"], highlight=False)
-    console.print(f"campaign {report['campaign']}: {state}", highlight=False)
+    console.print(f"campaign {report['campaign']}: {state}", highlight=False, soft_wrap=True)
+    for relaxation in relaxations:
+        console.print(
+            f"relaxation {relaxation['state']}: {relaxation['output'] or relaxation['steps_file']} at step {relaxation['step']}, "
+            f"fmax {relaxation['fmax']:.4f} eV/Å (target {relaxation['fmax_target']:g}), δ {relaxation['delta']:.4f} eV/Å"
+            + ("; run the same nft relax again to resume" if relaxation["state"] == "interrupted" else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(
         f"iterations {report['iterations']}, best δ {_number(report['best_uncertainty'])} eV/Å "
         f"(threshold {report['threshold']:g}), chunks {report['chunks']}, reference atoms {report['reference_atoms']}",
@@ -271,6 +299,7 @@ class PlainDisplay(CampaignObserver):
         self.console = console
         self.started = time.perf_counter()
         self._last_jobs_line = 0.0
+        self._last_training_line = -float("inf")
 
     def __enter__(self) -> PlainDisplay:
         return self
@@ -279,7 +308,7 @@ class PlainDisplay(CampaignObserver):
         return None
 
     def _line(self, text: str) -> None:
-        self.console.print(f"[{time.perf_counter() - self.started:7.1f}s] {text}", highlight=False, markup=False)
+        self.console.print(f"[{time.perf_counter() - self.started:7.1f}s] {text}", highlight=False, markup=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
         self._line(text)
@@ -292,6 +321,15 @@ class PlainDisplay(CampaignObserver):
         if running == 0 or now - self._last_jobs_line > 5.0:
             self._last_jobs_line = now
             self._line(f"reference jobs: {done} done, {running} running, {failed} failed of {total}")
+
+    def training_progress(self, iteration: int, progress: TrainingProgress) -> None:
+        from pipeline.campaign.campaign_log import progress_text
+        from pipeline.cli.progress import PLAIN_INTERVAL_S
+
+        now = time.perf_counter()
+        if progress.done or now - self._last_training_line >= PLAIN_INTERVAL_S:
+            self._last_training_line = now
+            self._line(f"iteration {iteration}: training: {progress_text(progress)}")
 
     def iteration_done(self, entry: Mapping[str, Any]) -> None:
         wall = entry["wall_time"]
@@ -314,6 +352,7 @@ class LiveDisplay(CampaignObserver):
         self.history: list[Mapping[str, Any]] = []
         self.status = "starting"
         self.job_counts = (0, 0, 0, 0)
+        self.training: tuple[str, int, int] | None = None  # the latest training report: text, step, steps
         self.messages: list[str] = []
         self.live = Live(console=console, refresh_per_second=4, get_renderable=self._render, transient=False)
 
@@ -343,15 +382,24 @@ class LiveDisplay(CampaignObserver):
         lines.append(Text(f"{self.status}   [{time.perf_counter() - self.started:.0f} s]", style="bold"))
         if total:
             lines.append(Text(f"reference jobs: {done} done, {running} running, {failed} failed of {total}"))
-        return Group(table, *lines)
+        if self.training is None:
+            return Group(table, *lines)
+        text, step, steps = self.training
+        return Group(table, *lines, ProgressBar(total=max(steps, 1), completed=step, width=40), Text(f"training: {text}"))
 
     def message(self, text: str) -> None:
         self.messages.append(text)
 
     def phase(self, iteration: int, name: str) -> None:
         self.status = f"iteration {iteration}: {name}"
+        self.training = None
         if name != "reference jobs":
             self.job_counts = (0, 0, 0, 0)
+
+    def training_progress(self, iteration: int, progress: TrainingProgress) -> None:
+        from pipeline.campaign.campaign_log import progress_text
+
+        self.training = (progress_text(progress), progress.step, progress.steps)
 
     def jobs(self, done: int, running: int, failed: int, total: int) -> None:
         self.job_counts = (done, running, failed, total)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import time
-import tomllib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,7 +11,7 @@ import typer
 from pydantic import ValidationError
 
 from pipeline.cli import app
-from pipeline.cli.common import check_output_file, exit_codes
+from pipeline.cli.common import PARENT_HELP, PARENT_OPTION_HELP, check_output_file, checked_parent, exit_codes, former_name
 from pipeline.errors import BadInput, first_problem
 
 OPTION_NAMES = {
@@ -32,15 +32,10 @@ WORKDIR_SUFFIX = ".nft"
 @exit_codes
 def initial(
     elements: str = typer.Argument(..., metavar="ELEMENTS", help="Chemical symbols, comma-separated: Pt, Cu,Au or Cu,Ag,Au (any number)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Labelled set to write (any ASE format by its name: .traj, .extxyz)."),
-    calculator: str = typer.Option(
-        "emt", "--calculator", help="Parent calculator: emt or gpaw (its default options unless --parent-option)."
-    ),
-    parent_options: Optional[list[str]] = typer.Option(
-        None,
-        "--parent-option",
-        help="KEY=VALUE, repeatable: an option of the parent as in [parent.NAME] (value in TOML, e.g. ecut=300, mode=pw, kpts=[2,2,2]).",
-    ),
+    output: Path = typer.Option(..., "-o", "--output", help="Labelled set to write, format by its name: .traj, .extxyz or .xyz."),
+    parent: Optional[str] = typer.Option(None, "--parent", help=PARENT_HELP + " Default emt."),
+    parent_options: Optional[list[str]] = typer.Option(None, "--parent-option", metavar="KEY=VALUE", help=PARENT_OPTION_HELP),
+    former_calculator: Optional[str] = typer.Option(None, "--calculator", hidden=True, help="Former name of --parent."),
     count: int = typer.Option(20, "--count", help="Cells to keep."),
     space_groups: Optional[str] = typer.Option(
         None, "--space-groups", help="Space-group numbers of the prototypes to use, comma-separated (default: all that fit the elements)."
@@ -65,6 +60,7 @@ def initial(
         "--workdir",
         help="Folder of the generation's database and job files (default FILE.nft beside the output); run again to resume.",
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
     """Relax a prototype crystal per space group (and random alloys of two or more elements) with the
     parent (cell and positions), draw strained and rattled supercells of 2-16 atoms that keep the
@@ -94,11 +90,11 @@ def initial(
         )
     except ValidationError as error:
         raise BadInput(first_problem(error, OPTION_NAMES)) from None
-    parent = checked_parent(calculator, _parent_options(parent_options or []))
-    problem = settings_problem(settings, parent)
+    chosen = checked_parent(former_name(parent, former_calculator, None, "--parent", "--calculator") or "emt", parent_options or [])
+    problem = settings_problem(settings, chosen)
     if problem:
         raise BadInput(f"{OPTION_NAMES[problem[0]]}: {problem[1]}")
-    check_output_file(output, "-o", structure=True)
+    check_output_file(output, "-o", holds="labelled set")
     workdir = workdir if workdir is not None else output.with_name(output.name + WORKDIR_SUFFIX)
     if workdir.exists() and not workdir.is_dir():
         raise BadInput(f"--workdir: {workdir} is a file, not a folder")
@@ -106,38 +102,18 @@ def initial(
     if workdir_problem:
         raise BadInput(f"--workdir: {workdir_problem}")
     check_site(site, {})
-    cells = generate_initial_set(f"sqlite:///{workdir.resolve() / 'nft.db'}", "initial", parent, settings, workdir.resolve(), site)
+    cells = generate_initial_set(
+        f"sqlite:///{workdir.resolve() / 'nft.db'}", "initial", chosen, settings, workdir.resolve(), site, observer=_display()
+    )
     write_labelled_set(output, cells)
     sizes = sorted(len(atoms) for atoms in cells)
+    if as_json:
+        report = {"output": str(output), "cells": len(cells), "atoms_per_cell": sizes, "workdir": str(workdir)}
+        print(json.dumps({**report, "wall_time_s": time.perf_counter() - started}, indent=2))
+        return
     print(
         f"{len(cells)} cells of {sizes[0]}-{sizes[-1]} atoms written to {output} ({time.perf_counter() - started:.1f} s; jobs in {workdir})"
     )
-
-
-def checked_parent(calculator: str, options: dict[str, Any]) -> Any:
-    """The parent with `options`; a wrong one is `BadInput` naming --calculator or --parent-option."""
-    from pipeline.execution.parents import ParentConfigError, parent_for
-
-    try:
-        return parent_for(calculator, options)
-    except ParentConfigError as error:
-        option = "--calculator" if error.field == "parent.calculator" else f"--parent-option {error.field.split('.', 2)[-1]}"
-        raise BadInput(f"{option}: {error.problem}") from None
-
-
-def _parent_options(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs, each VALUE read as a TOML value (a bare word as a string); `BadInput` naming
-    --parent-option for an item without "="."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, equals, value = item.partition("=")
-        if not equals or not key.strip():
-            raise BadInput(f"--parent-option: expected KEY=VALUE, e.g. ecut=300, got {item!r}")
-        try:
-            options[key.strip()] = tomllib.loads(f"value = {value}")["value"]
-        except tomllib.TOMLDecodeError:
-            options[key.strip()] = value.strip()
-    return options
 
 
 def _numbers(text: Optional[str]) -> Optional[list[int]]:
@@ -148,3 +124,13 @@ def _numbers(text: Optional[str]) -> Optional[list[int]]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise BadInput(f"--space-groups: expected space-group numbers separated by commas, e.g. 225,229, got {text!r}") from None
+
+
+def _display() -> Any:
+    """Progress on stderr as `nft run` prints it without a terminal: a timestamped line per event
+    (reference jobs counted every few seconds), in a terminal too."""
+    from rich.console import Console
+
+    from pipeline.cli.cmd_campaign import PlainDisplay
+
+    return PlainDisplay(Console(stderr=True))

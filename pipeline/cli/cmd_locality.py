@@ -9,12 +9,21 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from pipeline.campaign.config import ChunksSection
 from pipeline.cli import app
-from pipeline.cli.common import check_output_file, check_parent_elements, exit_codes, parent_and_vacuum, read_images
+from pipeline.cli.progress import JobsBar
+from pipeline.cli.common import (
+    PARENT_HELP,
+    PARENT_OPTION_HELP,
+    check_output_file,
+    check_parent_elements,
+    exit_codes,
+    former_name,
+    parent_and_vacuum,
+    read_images,
+)
 from pipeline.errors import BadInput
 from pipeline.science.locality import LocalityResult
 
@@ -29,12 +38,14 @@ CHUNK_DEFAULTS = ChunksSection()
 @exit_codes
 def locality(
     structure: Path = typer.Argument(..., metavar="STRUCTURE", help="ASE-readable structure file (its last image is used)."),
-    calculator: Optional[str] = typer.Option(None, "--calculator", help="Parent calculator with its default options: emt or gpaw."),
+    parent_name: Optional[str] = typer.Option(None, "--parent", help=PARENT_HELP),
+    parent_options: Optional[list[str]] = typer.Option(None, "--parent-option", metavar="KEY=VALUE", help=PARENT_OPTION_HELP),
+    former_calculator: Optional[str] = typer.Option(None, "--calculator", hidden=True, help="Former name of --parent."),
     config: Optional[Path] = typer.Option(
         None,
         "--config",
         metavar="CONFIG.toml",
-        help="Instead of --calculator: a campaign config, whose parent (with its options), chunks.vacuum and site are used.",
+        help="Instead of --parent: a campaign config, whose parent (with its options), chunks.vacuum and site are used.",
     ),
     radii: str = typer.Option(..., "--radii", help="Chunk radii in Å, comma-separated, e.g. 4,5,6,7,8."),
     sample_atoms: int = typer.Option(
@@ -62,15 +73,9 @@ def locality(
     structure, for sample atoms; every force is a reference job of the parent, run through Parsl on
     the site as `nft run` runs its chunks. Prints max and mean |ΔF| (eV/Å) per radius and the
     smallest radius whose max |ΔF| is below the tolerance, the chunks.radius to use."""
-    from pipeline.execution.parents import PARENTS
     from pipeline.science.locality import locality_sample_atoms
 
-    if calculator is None and config is None:
-        raise BadInput(f"--calculator: required (a parent calculator: {', '.join(PARENTS)}), unless --config CONFIG.toml gives [parent]")
-    if calculator is not None and config is not None:
-        raise BadInput("--calculator: not with --config (the config's [parent] is the calculator)")
-    if calculator is not None and calculator.lower() not in PARENTS:
-        raise BadInput(f"--calculator: unknown parent calculator {calculator!r} (known: {', '.join(PARENTS)})")
+    parent_name = former_name(parent_name, former_calculator, None, "--parent", "--calculator")
     radii_angstrom = parse_radii(radii)
     if sample_atoms < 1:
         raise BadInput(f"--atoms: expected a number of sample atoms >= 1, got {sample_atoms}")
@@ -79,10 +84,10 @@ def locality(
     if plot is not None:
         if plot.suffix.lower() != ".png":
             raise BadInput(f"--plot: expected a .png file name, got {str(plot)!r}")
-        check_output_file(plot, "--plot", structure=False)
+        check_output_file(plot, "--plot", holds=None)
     if workdir is not None:
         _check_workdir(workdir)
-    parent, vacuum, campaign = parent_and_vacuum(calculator, config, vacuum)
+    parent, vacuum, campaign = parent_and_vacuum(parent_name, parent_options or [], config, vacuum)
     site_options = dict(campaign.file.site.options) if campaign is not None else {}
     site = site or (campaign.site if campaign is not None else "local")
     atoms = read_images(structure)[-1]
@@ -92,14 +97,8 @@ def locality(
     from pipeline.execution.locality import site_locality  # Parsl: loaded once the input is known good
 
     console = Console(stderr=True)
-    with Progress(
-        TextColumn("reference jobs"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        console=console,
-        disable=not console.is_terminal,
-    ) as progress:
-        task = progress.add_task("jobs", total=None)
+    jobs = 1 + len(radii_angstrom) * len(samples)  # the whole structure, a chunk per radius and atom
+    with JobsBar(console, "reference jobs", total=jobs) as progress:
         result = site_locality(
             atoms,
             parent,
@@ -109,7 +108,7 @@ def locality(
             site_options=site_options,
             vacuum=vacuum,
             workdir=workdir,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            progress=progress,
         )
     report = locality_report(result, tolerance, structure, len(atoms), parent.name, parent.physics(), vacuum)
     if campaign is not None:  # the campaign's report draws the curve (docs/campaign.md, nft report)

@@ -9,10 +9,19 @@ from typing import Any, Optional
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.cli import app
-from pipeline.cli.common import check_output_file, check_parent_elements, exit_codes, parent_and_vacuum, read_images
+from pipeline.cli.progress import TrainingBar
+from pipeline.cli.common import (
+    PARENT_HELP,
+    PARENT_OPTION_HELP,
+    check_output_file,
+    check_parent_elements,
+    exit_codes,
+    former_name,
+    parent_and_vacuum,
+    read_images,
+)
 from pipeline.errors import BadInput, first_problem
 from pipeline.science.settings import TrainingSettings
 from pipeline.science.structures import LabelledStructure
@@ -66,10 +75,10 @@ TRAIN_OPTIONS = {
     "cutoff": "--cutoff",
     "hidden": "--hidden",
     "epochs": "--epochs",
-    "lbfgs_steps": "--lbfgs",
+    "lbfgs_steps": "--lbfgs-steps",
     "optimizer": "--optimizer",
-    "lm_steps": "--lm",
-    "validation_fraction": "--validation",
+    "lm_steps": "--lm-steps",
+    "validation_fraction": "--validation-fraction",
     "bootstrap": "--bootstrap",
     "descriptor.kind": "--descriptor",
     "seed": "--seed",
@@ -90,19 +99,28 @@ def train(
         None, help="Adam epochs before the second-order fit (default: the settings' default for the optimizer)."
     ),
     optimizer: Optional[str] = typer.Option(
-        None, help=f"Second-order fit: levenberg-marquardt or lbfgs (default {DEFAULTS.optimizer}; lbfgs when only --lbfgs is given)."
+        None,
+        help=f"Second-order fit: levenberg-marquardt or lbfgs (default {DEFAULTS.optimizer}; lbfgs when only --lbfgs-steps is given).",
     ),
-    lbfgs: Optional[int] = typer.Option(
-        None, help=f"L-BFGS iterations after Adam (with --optimizer lbfgs; default {DEFAULTS.lbfgs_steps})."
+    lbfgs_steps: Optional[int] = typer.Option(
+        None, "--lbfgs-steps", help=f"L-BFGS iterations after Adam (with --optimizer lbfgs; default {DEFAULTS.lbfgs_steps})."
     ),
-    lm: Optional[int] = typer.Option(
-        None, help=f"Levenberg–Marquardt iterations (with --optimizer levenberg-marquardt; default {DEFAULTS.lm_steps})."
+    lm_steps: Optional[int] = typer.Option(
+        None, "--lm-steps", help=f"Levenberg–Marquardt iterations (with --optimizer levenberg-marquardt; default {DEFAULTS.lm_steps})."
     ),
-    validation: float = typer.Option(DEFAULTS.validation_fraction, help="Fraction of structures held out for early stopping."),
+    validation_fraction: Optional[float] = typer.Option(
+        None,
+        "--validation-fraction",
+        help=f"Fraction of structures held out for early stopping (default {DEFAULTS.validation_fraction:g}).",
+    ),
+    former_lbfgs: Optional[int] = typer.Option(None, "--lbfgs", hidden=True, help="Former name of --lbfgs-steps."),
+    former_lm: Optional[int] = typer.Option(None, "--lm", hidden=True, help="Former name of --lm-steps."),
+    former_validation: Optional[float] = typer.Option(None, "--validation", hidden=True, help="Former name of --validation-fraction."),
     bootstrap: bool = typer.Option(DEFAULTS.bootstrap, help="Bootstrap-resample the data per member."),
     descriptor: str = typer.Option(DEFAULTS.descriptor.kind, help="Angular terms: g5-moments or g4."),
     seed: int = typer.Option(DEFAULTS.seed, help="Random seed (initialisation, splits, bootstrap)."),
     device: str = typer.Option(DEFAULTS.device, help="auto (cuda when torch sees a GPU, else cpu), cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the training's report as JSON."),
 ):
     """Train an ensemble on a labelled structure file."""
     from pipeline.science.training import train_ensemble
@@ -113,13 +131,18 @@ def train(
         ensemble=ensemble,
         hidden=parse_hidden(hidden),
         cutoff=cutoff,
-        validation_fraction=validation,
         bootstrap=bootstrap,
         seed=seed,
         descriptor={"kind": descriptor},
         device=device,
     )
-    given = {"epochs": epochs, "optimizer": optimizer, "lbfgs_steps": lbfgs, "lm_steps": lm}
+    given = {
+        "epochs": epochs,
+        "optimizer": optimizer,
+        "lbfgs_steps": former_name(lbfgs_steps, former_lbfgs, None, "--lbfgs-steps", "--lbfgs"),
+        "lm_steps": former_name(lm_steps, former_lm, None, "--lm-steps", "--lm"),
+        "validation_fraction": former_name(validation_fraction, former_validation, None, "--validation-fraction", "--validation"),
+    }
     options.update({key: value for key, value in given.items() if value is not None})  # unset: the settings decide
     try:
         settings = TrainingSettings.model_validate(options)
@@ -128,25 +151,19 @@ def train(
     problem = settings.fit_problem()
     if problem:
         raise BadInput(f"{TRAIN_OPTIONS.get(problem[0], problem[0])}: {problem[1]}")
-    check_output_file(output, "-o", structure=False)
+    check_output_file(output, "-o", holds=None)
     structures = labelled_structures(data)
     cutoff_problem = settings.cutoff_problem([item.atoms for item in structures])
     if cutoff_problem:
         raise BadInput(f"--cutoff: {cutoff_problem}")
-    with Progress(
-        TextColumn("training"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} epochs"),
-        TextColumn("loss {task.fields[loss]:.4g}"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not console.is_terminal,
-    ) as progress:
-        task = progress.add_task("train", total=settings.epochs, loss=float("nan"))
-        model, report = train_ensemble(
-            structures, settings, progress=lambda epoch, total, loss: progress.update(task, completed=epoch, loss=loss)
-        )
+    with TrainingBar(console) as progress:
+        model, report = train_ensemble(structures, settings, progress=progress)
     save_model(model, output, extra={"training": settings.model_dump(mode="json"), "report": report.__dict__, "data": str(data)})
+    if as_json:
+        typer.echo(
+            json.dumps({"model": str(output), "members": model.n_members, "structures": len(structures), **report.__dict__}, indent=2)
+        )
+        return
     typer.echo(
         f"trained {model.n_members} members on {len(structures)} structures: "
         f"train force MAE {report.train_force_mae:.4f} eV/Å"
@@ -162,14 +179,14 @@ def evaluate(
     structures: list[Path] = typer.Argument(
         ..., metavar="FILES...", help="ASE-readable structure files (every image of each is evaluated)."
     ),
-    parent: Optional[str] = typer.Option(
-        None, "--reference", help="Parent calculator to compare with, with its default options, e.g. emt."
-    ),
+    parent: Optional[str] = typer.Option(None, "--parent", help=PARENT_HELP),
+    parent_options: Optional[list[str]] = typer.Option(None, "--parent-option", metavar="KEY=VALUE", help=PARENT_OPTION_HELP),
+    former_reference: Optional[str] = typer.Option(None, "--reference", hidden=True, help="Former name of --parent."),
     config: Optional[Path] = typer.Option(
         None,
         "--config",
         metavar="CONFIG.toml",
-        help="Instead of --reference: a campaign config, whose parent (with its options) and chunks.vacuum are used.",
+        help="Instead of --parent: a campaign config, whose parent (with its options) and chunks.vacuum are used.",
     ),
     vacuum: Optional[float] = typer.Option(
         None,
@@ -184,17 +201,12 @@ def evaluate(
     block size); coverage is the fraction of atoms whose force residual norm is ≤ their δ_i."""
     from pipeline.errors import RunFailed
     from pipeline.execution.evaluation import Evaluation, evaluate_model
-    from pipeline.execution.parents import PARENTS, ReferenceFailed
+    from pipeline.execution.parents import ReferenceFailed
     from pipeline.science.calculator import PREDICTION_DTYPE
     from pipeline.storage.model_file import load_ensemble
 
-    if parent is None and config is None:
-        raise BadInput(f"--reference: required (a parent calculator: {', '.join(PARENTS)}), unless --config CONFIG.toml gives [parent]")
-    if parent is not None and config is not None:
-        raise BadInput("--reference: not with --config (the config's [parent] is the reference)")
-    if parent is not None and parent not in PARENTS:
-        raise BadInput(f"--reference: unknown parent calculator {parent!r} (known: {', '.join(PARENTS)})")
-    reference, vacuum, _ = parent_and_vacuum(parent, config, vacuum)
+    parent = former_name(parent, former_reference, None, "--parent", "--reference")
+    reference, vacuum, _ = parent_and_vacuum(parent, parent_options or [], config, vacuum)
     model = load_ensemble(model_path, dtype=PREDICTION_DTYPE, device=checked_device(device))
     files = [(path, read_images(path)) for path in structures]
     for path, images in files:

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from pipeline.cli import app
 from pipeline.cli.cmd_campaign import PlainDisplay
-from pipeline.cli.common import check_output_file, check_parent_elements, exit_codes, read_images
+from pipeline.cli.common import check_output_file, check_parent_elements, exit_codes, former_name, read_images
 from pipeline.errors import BadInput, RunFailed
 from pipeline.science.relaxation import DEFAULT_FMAX, DEFAULT_MAX_STEPS, DEFAULT_OPTIMIZER
 
@@ -33,7 +33,12 @@ def relax(
         help="Relaxed structure to write (e.g. relaxed.traj); OUT-trajectory.extxyz and OUT-steps.csv/json go beside it.",
     ),
     fmax: float = typer.Option(DEFAULT_FMAX, "--fmax", help="Stop when the largest force is below this (eV/Å)."),
-    optimizer: str = typer.Option(DEFAULT_OPTIMIZER, "--optimizer", help="ASE optimizer: BFGS, FIRE or LBFGS."),
+    optimizer: Optional[str] = typer.Option(
+        None,
+        "--relax-optimizer",
+        help=f"ASE optimizer of the relaxation: BFGS, FIRE or LBFGS (not the training's); default {DEFAULT_OPTIMIZER}.",
+    ),
+    former_optimizer: Optional[str] = typer.Option(None, "--optimizer", hidden=True, help="Former name of --relax-optimizer."),
     steps: int = typer.Option(DEFAULT_MAX_STEPS, "--steps", help="At most this many optimizer steps."),
     site: Optional[str] = typer.Option(None, "--site", help="A site in site_configs/ or a path (default: the config's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
@@ -48,15 +53,16 @@ def relax(
     from pipeline.campaign.config import load_config
     from pipeline.campaign.relax import check_relax_options, relax_structure
 
-    check_relax_options(fmax, optimizer, steps)
-    check_output_file(output, "-o", structure=True, create_folder=True)
+    ase_optimizer = former_name(optimizer, former_optimizer, None, "--relax-optimizer", "--optimizer") or DEFAULT_OPTIMIZER
+    check_relax_options(fmax, ase_optimizer, steps)
+    check_output_file(output, "-o", holds="structure", create_folder=True)
     campaign = load_config(config)
     atoms = read_images(structure)[-1]
     check_parent_elements(campaign.parent, [atoms], structure)
     verify_latest_model(campaign)
     console = Console()
     summary = relax_structure(
-        campaign, atoms, str(structure), output, fmax, optimizer, steps, site, observer=PlainDisplay(Console(stderr=True))
+        campaign, atoms, str(structure), output, fmax, ase_optimizer, steps, site, observer=PlainDisplay(Console(stderr=True))
     )
     if as_json:
         print(json.dumps(summary, indent=2))

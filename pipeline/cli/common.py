@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import sys
+import tomllib
 from pathlib import Path
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Callable, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Literal, ParamSpec, TypeVar
 
 import typer
 
@@ -21,6 +22,22 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
+
+PARENT_HELP = "Parent calculator: emt or gpaw, with its default options unless --parent-option."
+PARENT_OPTION_HELP = (
+    "KEY=VALUE, repeatable: an option of the parent as in its \\[parent.NAME] table of a campaign config "
+    "(value in TOML, e.g. ecut=300, mode=pw, kpts=\\[2,2,2])."
+)
+"""The help of `--parent` and `--parent-option`, the same on every command that runs the parent
+(a bracket that rich would read as markup is escaped: `[parent.NAME]` must show as written)."""
+
+OutputFormat = Literal["structure", "labelled set", "extxyz", "toml"]
+"""What an output file holds, which decides the names it may have: one structure (any format ASE
+writes), a labelled set (several structures with energies and forces), extxyz, or a TOML config."""
+LABELLED_SET_FORMATS = ("traj", "extxyz", "json")
+"""ASE formats that hold several structures with their energies and forces (.traj, .extxyz or
+.xyz, ASE's .json database): any other loses the labels or holds one structure only."""
 
 
 def exit_codes(command: Callable[P, R]) -> Callable[P, R]:
@@ -50,30 +67,76 @@ def exit_codes(command: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def parent_and_vacuum(calculator: str | None, config: Path | None, vacuum: float | None) -> tuple[Parent, float, CampaignConfig | None]:
+def former_name(value: T, former: T | None, default: T, name: str, old: str) -> T:
+    """An option's value, given by its name or by its former name `old` (a hidden option, kept so
+    that scripts written for an earlier nft still run). BadInput when both are given."""
+    if former is None:
+        return value
+    if value != default:
+        raise BadInput(f"{name}: given twice, also as {old} (its former name)")
+    return former
+
+
+def parent_options(items: Sequence[str]) -> dict[str, Any]:
+    """--parent-option KEY=VALUE items, each VALUE read as a TOML value (a bare word as a string);
+    `BadInput` naming --parent-option for an item without "="."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise BadInput(f"--parent-option: expected KEY=VALUE, e.g. ecut=300, got {item!r}")
+        try:
+            options[key.strip()] = tomllib.loads(f"value = {value}")["value"]
+        except tomllib.TOMLDecodeError:
+            options[key.strip()] = value.strip()
+    return options
+
+
+def checked_parent(name: str, items: Sequence[str] = ()) -> Parent:
+    """The parent called `name` with the --parent-option `items`; a wrong one is `BadInput` naming
+    --parent or the --parent-option."""
+    from pipeline.execution.parents import ParentConfigError, parent_for
+
+    try:
+        return parent_for(name, parent_options(items))
+    except ParentConfigError as error:
+        option = "--parent" if error.field == "parent.calculator" else f"--parent-option {error.field.split('.', 2)[-1]}"
+        raise BadInput(f"{option}: {error.problem}") from None
+
+
+def parent_and_vacuum(
+    parent: str | None, items: Sequence[str], config: Path | None, vacuum: float | None
+) -> tuple[Parent, float, CampaignConfig | None]:
     """The parent a command computes with and the vacuum (Å) its boxes get: a campaign config's
-    parent (with its options) and `chunks.vacuum`, else `calculator` with its default options and
-    the default `chunks.vacuum`; `vacuum` overrides either. Returns the loaded config too (None
-    without one). BadInput for a negative or non-finite `vacuum`."""
+    parent (with its options) and `chunks.vacuum`, else `parent` with the --parent-option `items`
+    and the default `chunks.vacuum`; `vacuum` overrides either. Returns the loaded config too (None
+    without one). BadInput for neither or both of `parent` and `config`, options with `config`, or
+    a negative or non-finite `vacuum`."""
     import math
 
     from pipeline.campaign.config import ChunksSection, load_config
-    from pipeline.execution.parents import parent_for
+    from pipeline.execution.parents import PARENTS
 
+    if parent is None and config is None:
+        raise BadInput(f"--parent: required (a parent calculator: {', '.join(PARENTS)}), unless --config CONFIG.toml gives [parent]")
+    if parent is not None and config is not None:
+        raise BadInput("--parent: not with --config (the config's [parent] is the parent)")
+    if items and config is not None:
+        raise BadInput("--parent-option: not with --config (the config's [parent.NAME] table holds the parent's options)")
     if vacuum is not None and (not math.isfinite(vacuum) or vacuum < 0):
         raise BadInput(f"--vacuum: expected a vacuum in Å >= 0, got {vacuum:g}")
     if config is not None:
         campaign = load_config(config)
         return campaign.parent, campaign.file.chunks.vacuum if vacuum is None else vacuum, campaign
-    return parent_for(calculator), ChunksSection().vacuum if vacuum is None else vacuum, None
+    assert parent is not None
+    return checked_parent(parent, items), ChunksSection().vacuum if vacuum is None else vacuum, None
 
 
-def check_output_file(path: Path, option: str, *, structure: bool, create_folder: bool = False) -> None:
+def check_output_file(path: Path, option: str, *, holds: OutputFormat | None, create_folder: bool = False) -> None:
     """An output file a command will write, checked before any work: not a folder, in a folder that
-    exists (with `create_folder`: in one that can be made) and can be written, and with `structure`
-    a name whose format ASE can write. BadInput naming `option` (e.g. ``-o``) otherwise."""
+    exists (with `create_folder`: in one that can be made) and can be written, and named for what
+    it `holds` (`output_format_problem`). BadInput naming `option` (e.g. ``-o``) otherwise."""
     from pipeline.campaign.config import writable_problem
-    from pipeline.science.structures import ase_can_write
 
     if path.is_dir():
         raise BadInput(f"{option}: {path} is a folder, not a file")
@@ -82,8 +145,33 @@ def check_output_file(path: Path, option: str, *, structure: bool, create_folder
     problem = writable_problem(path.parent)
     if problem:
         raise BadInput(f"{option}: {problem}")
-    if structure and not ase_can_write(path):
-        raise BadInput(f"{option}: {path.name}: ASE has no writer for this file name (use e.g. .traj, .extxyz, .xyz)")
+    problem = output_format_problem(path, holds) if holds is not None else None
+    if problem:
+        raise BadInput(f"{option}: {path.name}: {problem}")
+
+
+def output_format_problem(path: Path, holds: OutputFormat) -> str | None:
+    """Why a file named `path` cannot hold what a command writes (`OutputFormat`), or None: known
+    from the name alone, before any work, so that no command computes for an hour to fail on the write."""
+    from ase.io.formats import filetype
+
+    from pipeline.science.structures import ase_can_write
+
+    if holds == "toml":
+        return None if path.suffix == ".toml" else "a campaign config is TOML: name it e.g. campaign.toml"
+    if holds == "structure":
+        return None if ase_can_write(path) else "ASE has no writer for this file name (use e.g. .traj, .extxyz, .xyz)"
+    try:
+        format_name = filetype(str(path), read=False)
+    except Exception:  # ASE raises several types for names it cannot place
+        format_name = None
+    if holds == "extxyz":
+        return None if format_name == "extxyz" else "the training set is written as extxyz: name it .extxyz or .xyz"
+    if format_name in LABELLED_SET_FORMATS:
+        return None
+    if not ase_can_write(path):
+        return "ASE has no writer for this file name (use .traj, .extxyz or .xyz)"
+    return "this format cannot hold several structures with their energies and forces (use .traj, .extxyz or .xyz)"
 
 
 def check_parent_elements(parent: Parent, images: Sequence[Atoms], label: Path | str) -> None:

@@ -137,6 +137,7 @@ def training_job(
     world_size: int | None = None,
     start_model_path: str | None = None,
     elements: Sequence[int] | None = None,
+    progress_path: str | None = None,
     parsl_resource_specification: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train an ensemble on labelled structures (`payloads.labelled_to_payload` form), write `model_path`.
@@ -148,7 +149,8 @@ def training_job(
     `world_size` > 1 shards the members over that many torch.distributed processes; None takes
     `num_ranks` of the Parsl resource specification where an MPIExecutor runs the job, else the
     number of visible GPUs when training on cuda, else 1. The settings' device "auto" becomes the
-    worker's device (`worker_device`).
+    worker's device (`worker_device`). `progress_path` (optional) receives the training's progress
+    as JSON lines (`training_progress.ProgressWriter`; rank 0's members when distributed).
     Returns the training metrics (force MAE eV/Å, energy RMSE eV/atom, epochs), device and wall time.
     """
     from pipeline.science.settings import TrainingSettings
@@ -161,16 +163,24 @@ def training_job(
         from pipeline.execution.distributed_training import train_distributed
 
         metrics = train_distributed(
-            structures_payload, settings, model_path, world_size, start_model_path=start_model_path, elements=elements
+            structures_payload,
+            settings,
+            model_path,
+            world_size,
+            start_model_path=start_model_path,
+            elements=elements,
+            progress_path=progress_path,
         )
     else:
         from pipeline.execution.payloads import payload_to_labelled
+        from pipeline.execution.training_progress import ProgressWriter
         from pipeline.science.training import train_ensemble
         from pipeline.storage.model_file import load_ensemble, save_model
 
         structures = [payload_to_labelled(dict(item)) for item in structures_payload]
         start_model = load_ensemble(start_model_path) if start_model_path else None
-        model, report = train_ensemble(structures, settings, start_from=start_model, elements=elements)
+        progress = ProgressWriter(progress_path) if progress_path else None
+        model, report = train_ensemble(structures, settings, progress=progress, start_from=start_model, elements=elements)
         save_model(model, model_path)
         metrics = asdict(report)
     metrics.update(
@@ -321,8 +331,10 @@ class SiteApps:
         world_size: int | None = None,
         start_model_path: str | None = None,
         elements: Sequence[int] | None = None,
+        progress_path: str | None = None,
     ) -> AppFuture:
-        """Ensemble training; `world_size` processes (None: the site's choice, see `training_job`)."""
+        """Ensemble training; `world_size` processes (None: the site's choice, see `training_job`);
+        its progress as JSON lines in `progress_path` when given."""
         app = python_app(training_job, executors=self.training_executors)
         resources = _node_resources(world_size or 1) if self.training_is_mpi else None
         return app(
@@ -332,6 +344,7 @@ class SiteApps:
             world_size,
             start_model_path,
             list(elements) if elements else None,
+            progress_path,
             **_resource_kwargs(resources),
         )
 

@@ -60,9 +60,11 @@ def train_distributed(
     timeout_s: float | None = None,
     start_model_path: str | os.PathLike | None = None,
     elements: Sequence[int] | None = None,
+    progress_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train with `world_size` processes (at most one per member, and one per GPU on cuda); write
     `model_path`; return metrics. `backend` "auto" is NCCL when the device is cuda, else gloo.
+    Rank 0 writes its members' progress to `progress_path` when given (`training_progress`).
 
     Raises RuntimeError with the tail of the ranks' output when the launch fails, ValueError for the
     device "cuda" without a GPU.
@@ -91,6 +93,7 @@ def train_distributed(
                     "backend": backend,
                     "report_path": str(report_file),
                     "start_model_path": str(Path(start_model_path).resolve()) if start_model_path else None,
+                    "progress_path": str(Path(progress_path).resolve()) if progress_path else None,
                 }
             )
         )
@@ -145,6 +148,7 @@ def _rank_main(spec_file: Path) -> int:
     import torch.distributed as dist
 
     from pipeline.execution.payloads import payload_to_labelled
+    from pipeline.execution.training_progress import ProgressWriter
     from pipeline.science.model import EnsembleModel
     from pipeline.science.settings import TrainingSettings
     from pipeline.science.training import train_ensemble
@@ -163,8 +167,15 @@ def _rank_main(spec_file: Path) -> int:
         shard = member_shards(settings.seeds(), world_size)[rank]
         started = time.perf_counter()
         start = load_ensemble(spec["start_model_path"]) if spec.get("start_model_path") else None
+        progress = ProgressWriter(spec["progress_path"]) if rank == 0 and spec.get("progress_path") else None
         model, report = train_ensemble(
-            structures, settings, start_from=start, elements=spec.get("elements"), member_seeds=shard, ensemble_losses=_gathered_losses
+            structures,
+            settings,
+            progress=progress,
+            start_from=start,
+            elements=spec.get("elements"),
+            member_seeds=shard,
+            ensemble_losses=_gathered_losses,
         )
         state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
         shard_summary = {

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 
 LossAndGradient = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+StepReport = Callable[[int, torch.Tensor], None]
+"""(iteration, 1-based; the members' losses (M,) after it) — called once per iteration."""
 
 
 def minimize_members(
@@ -24,6 +26,7 @@ def minimize_members(
     max_backtracks: int = 12,
     gradient_tolerance: float = 1e-9,
     deadline: Callable[[], bool] | None = None,
+    on_step: StepReport | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise M independent objectives; return (parameters (M, P), losses (M,)).
 
@@ -31,13 +34,14 @@ def minimize_members(
     A member whose line search fails keeps its point and drops its history (steepest descent next).
     A long history pays on ensemble training (bench/RESULTS.md, "Campaign"). The inverse Hessian is
     applied in its compact form (`CurvatureHistory`), a few batched matrix products instead of a loop
-    over the pairs. `deadline()` True ends the run early (a wall-time budget).
+    over the pairs. `deadline()` True ends the run early (a wall-time budget). `on_step` receives
+    each iteration's number and losses (on the device, not read: that is its choice).
     """
     x = start.detach().clone()
     loss, grad = objective(x)
     history = CurvatureHistory(x.shape[0], x.shape[1], history_size, x.dtype, x.device)
     gamma = 1.0 / grad.norm(dim=1).clamp_min(1.0)  # first step no longer than 1 in parameter space
-    for _ in range(max_iterations):
+    for iteration in range(1, max_iterations + 1):
         if bool((grad.norm(dim=1) <= gradient_tolerance).all()) or (deadline is not None and deadline()):
             break
         direction = -history.apply_inverse_hessian(grad, gamma)
@@ -58,6 +62,8 @@ def minimize_members(
             history.forget(~moved)
             gamma = torch.where(moved, gamma, 1.0 / new_grad.norm(dim=1).clamp_min(1.0))
         x, loss, grad = new_x, new_loss, new_grad
+        if on_step is not None:
+            on_step(iteration, loss)
         if not bool(moved.any()):
             break
     return x, loss

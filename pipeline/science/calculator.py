@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
 from pipeline.science.model import PREDICTION_BLOCK_SIZE, EnsembleModel
 from pipeline.science.device import resolve_device
@@ -59,3 +59,15 @@ class EnsembleCalculator(Calculator):
             "energy_uncertainties": prediction.energy_uncertainties,
             "energies_members": prediction.member_energies,
         }
+
+    def calculate_properties(self, atoms, properties):
+        """`atoms.get_properties(names)`: the results by name, for any of `implemented_properties`.
+        ASE's own accepts only the properties ASE defines, so it refused δ_i ("uncertainties") and
+        every other name of ours, and any request at all once `results` held one of them."""
+        unknown = [name for name in properties if name not in self.implemented_properties]
+        if unknown:
+            raise PropertyNotImplementedError(
+                f"{', '.join(unknown)}: not computed by {type(self).__name__} ({', '.join(self.implemented_properties)})"
+            )
+        self.calculate(atoms, properties, all_changes)
+        return dict(self.results)

@@ -25,6 +25,8 @@ ResidualsAndJacobian = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor
 """Parameters (M, P) → residuals (M, N) and their Jacobian (M, N, P)."""
 Losses = Callable[[torch.Tensor], torch.Tensor]
 """Parameters (M, P) → the members' losses ‖r_m‖² (M,)."""
+StepReport = Callable[[int, torch.Tensor], None]
+"""(iteration, 1-based; the members' objective (M,) after it) — called once per iteration."""
 
 INITIAL_DAMPING = 1e-3
 DAMPING_DECREASE = 0.3
@@ -44,6 +46,7 @@ def minimize_members_lm(
     relative_tolerance: float = 1e-12,
     deadline: Callable[[], bool] | None = None,
     prior: WeightPrior | None = None,
+    on_step: StepReport | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise M independent sums of squares from `start` (M, P); return (parameters, losses (M,)).
 
@@ -51,7 +54,8 @@ def minimize_members_lm(
     member whose trial did not lower its loss raises its damping and solves again with the same
     Jacobian, while the members that improved wait. A member stops when its damping exceeds
     `MAX_DAMPING` (no step lowers the loss) or its loss stops falling by more than
-    `relative_tolerance`; `deadline()` True ends the run early (a wall-time budget).
+    `relative_tolerance`; `deadline()` True ends the run early (a wall-time budget). `on_step`
+    receives each iteration's number and objective (on the device, not read: that is its choice).
     """
     x = start.detach().clone()
     n_members = x.shape[0]
@@ -59,7 +63,7 @@ def minimize_members_lm(
     active = torch.ones(n_members, dtype=torch.bool, device=x.device)
     objective = losses if prior is None else (lambda flat: losses(flat) + prior.penalty(flat))
     loss = objective(x)
-    for _ in range(max_iterations):
+    for iteration in range(1, max_iterations + 1):
         if not bool(active.any()) or (deadline is not None and deadline()):
             break
         residual, jacobian = residuals_and_jacobian(x)
@@ -80,6 +84,8 @@ def minimize_members_lm(
             pending = worse & active
             if not bool(pending.any()):
                 break
+        if on_step is not None:
+            on_step(iteration, loss)
     return x, (loss if prior is None else losses(x))
 
 

@@ -20,7 +20,8 @@ from pipeline.science.descriptors import DATA_ANGULAR_ETAS, median_nearest_neigh
 from pipeline.science.device import resolve_device
 from pipeline.science.losses import member_losses
 from pipeline.science.model import EnsembleModel
-from pipeline.science.optimisers import adam, second_order
+from pipeline.science.optimisers import ProgressCallback, adam, second_order
+from pipeline.science.optimisers import TrainingProgress as TrainingProgress  # re-exported: what `progress` receives
 from pipeline.science.settings import TrainingSettings
 from pipeline.science.structures import LabelledStructure
 from pipeline.science.training_data import (
@@ -32,7 +33,6 @@ from pipeline.science.training_data import (
     residuals_per_element,
 )
 
-ProgressCallback = Callable[[int, int, float], None]
 EnsembleLosses = Callable[[torch.Tensor], torch.Tensor]
 """A shard's member losses (M_shard,) → the losses of every member of the ensemble (M,)."""
 
@@ -130,6 +130,7 @@ def train_ensemble(
     second-order fit has steps (or runs at `final_learning_rate`), so a grown data set costs a
     polish, not a fresh fit.
     A member whose loss ends as an outlier is fitted again from fresh starts (`_refit_outlier_members`).
+    `progress` (optional) receives a `TrainingProgress` after every optimiser step, the refit's too.
     `elements` (atomic numbers; default: those in the data) may name more than the data hold;
     `member_seeds` (default: `settings.seeds()`) trains a subset of members, e.g. one shard; a
     shard passes `ensemble_losses` (this shard's member losses → every member's, gathered from all
@@ -193,10 +194,10 @@ def _train(
             update={"epochs": 0 if settings.second_order_steps else settings.epochs, "learning_rate": settings.final_learning_rate}
         )
     epochs_run, loss, best_validation = adam(model, data, weights, val_weights if validation.any() else None, adam_settings, progress)
-    loss = second_order(model, data, weights, settings, loss)
+    loss = second_order(model, data, weights, settings, loss, progress)
     reset: tuple[int, ...] = ()
     if refit_outliers and (adam_settings.epochs or settings.second_order_steps):
-        reset = _refit_outlier_members(model, data, weights, structures, settings, run)
+        reset = _refit_outlier_members(model, data, weights, structures, settings, run, progress)
         if reset:
             loss = float(member_losses(model, data, weights, settings, create_graph=False).sum())
     model.eval()
@@ -265,6 +266,7 @@ def _refit_outlier_members(
     structures: Sequence[LabelledStructure],
     settings: TrainingSettings,
     run: _Run,
+    progress: ProgressCallback | None = None,
 ) -> tuple[int, ...]:
     """Fit every member whose loss is an outlier again from fresh initialisations; returns their seeds.
 
@@ -282,8 +284,9 @@ def _refit_outlier_members(
         return ()
     seeds = [int(model.member_seeds[m]) for m in outliers]
     restart_seeds = [seed + k * RESTART_SEED_STRIDE for seed in seeds for k in range(1, RESTARTS_PER_OUTLIER + 1)]
+    refit_progress = None if progress is None else (lambda report: progress(replace(report, refit=True)))
     fresh, _ = _train(
-        structures, settings, replace(run, member_seeds=tuple(restart_seeds)), None, None, refit_outliers=False
+        structures, settings, replace(run, member_seeds=tuple(restart_seeds)), refit_progress, None, refit_outliers=False
     )  # `run` carries the prepared data: same descriptor, same rows
     fresh = fresh.to(losses.device)
     rows = torch.from_numpy(np.repeat(outliers, RESTARTS_PER_OUTLIER)).to(losses.device)
