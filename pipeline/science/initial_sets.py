@@ -73,24 +73,28 @@ CELL_RELAX_STEPS = 200
 class InitialSetSettings(StrictSettings):
     """What `nft initial` and `[data.initial_generate]` take; defaults live here only."""
 
-    elements: tuple[str, ...] | None = None  # chemical symbols; a campaign's default: its targets' elements
-    count: int = Field(20, ge=1)  # cells kept
-    space_groups: tuple[Annotated[int, Field(ge=1, le=230)], ...] | None = (
-        None  # international numbers of the prototypes to use (default: all that fit)
+    elements: tuple[str, ...] | None = Field(
+        None, description="Chemical symbols of the cells; a campaign's default: its targets' elements."
     )
-    seed: int = Field(0, ge=0)
+    count: int = Field(20, ge=1, description="Cells kept.")
+    space_groups: tuple[Annotated[int, Field(ge=1, le=230)], ...] | None = Field(
+        None, description="International numbers of the prototype crystals to use; default: every one that fits the elements."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the strains, rattles and random occupations.")
     min_separation: float | None = Field(
-        None, gt=0
-    )  # Å, the closest two atoms of a cell may be (`min_distance`); default: 0.75 × the smallest sum of covalent radii
-    energy_window: float = Field(0.3, gt=0)  # eV/atom above the relaxed cell the variant came from
-    max_strain: float = Field(0.04, ge=0, lt=0.5)  # largest component of the symmetric strain
-    rattle: float = Field(0.1, ge=0)  # standard deviation of the displacements, Å
-    min_atoms: int = Field(2, ge=1)
-    max_atoms: int = Field(16, ge=1)
-    relax_fmax: float = Field(CELL_RELAX_FMAX, gt=0)  # eV/Å (and the stress in the same units) where a cell relaxation stops
-    relax_steps: int = Field(CELL_RELAX_STEPS, ge=1)  # optimiser steps of one cell relaxation
-    max_rounds: int = Field(10, ge=1)  # rounds of candidates before giving up on `count`
-    random_alloys: int = Field(6, ge=0)  # randomly decorated supercells of the one-element prototypes (two or more elements)
+        None, gt=0, description="Closest two atoms of a cell may be (Å); default: 0.75 × the smallest sum of covalent radii."
+    )
+    energy_window: float = Field(0.3, gt=0, description="Largest energy above the relaxed cell a variant came from (eV/atom).")
+    max_strain: float = Field(0.04, ge=0, lt=0.5, description="Largest component of the symmetric strain.")
+    rattle: float = Field(0.1, ge=0, description="Standard deviation of the atoms' displacements (Å).")
+    min_atoms: int = Field(2, ge=1, description="Fewest atoms of a cell.")
+    max_atoms: int = Field(16, ge=1, description="Most atoms of a cell.")
+    relax_fmax: float = Field(
+        CELL_RELAX_FMAX, gt=0, description="Force (eV/Å, and stress in the same units) where a cell relaxation stops."
+    )
+    relax_steps: int = Field(CELL_RELAX_STEPS, ge=1, description="Optimiser steps of one cell relaxation.")
+    max_rounds: int = Field(10, ge=1, description="Rounds of candidates before giving up on `count`.")
+    random_alloys: int = Field(6, ge=0, description="Randomly occupied supercells of the one-element prototypes (two or more elements).")
 
     @field_validator("elements", "space_groups", mode="before")
     @classmethod

@@ -24,6 +24,7 @@ import numpy as np
 from ase.calculators.calculator import CalculationFailed
 from ase.data import atomic_numbers
 from numpy.typing import ArrayLike
+from pydantic import Field
 
 from pipeline.errors import BadInput
 from pipeline.execution.options import BadOption, NonNegativeInt, Options, PositiveFloat, checked_options
@@ -84,9 +85,11 @@ class Parent(Options):
     """The chemical symbols the parent has parameters for; None: any element."""
 
     # execution, shared by all parents (not physics: a job's identity and result do not depend on them)
-    retries: NonNegativeInt = 2  # a failed job is tried again up to this many times: 1 + retries attempts per run
-    walltime_s: PositiveFloat | None = None  # seconds one attempt may run; None: no limit
-    max_force: PositiveFloat = MAX_FORCE  # eV/Å; a result with a larger |F_i| is refused (see MAX_FORCE)
+    retries: NonNegativeInt = Field(2, description="A failed job is tried again up to this many times: 1 + retries attempts per run")
+    walltime_s: PositiveFloat | None = Field(None, description="Seconds one attempt may run; None: no limit")
+    max_force: PositiveFloat = Field(
+        MAX_FORCE, description="Largest |F_i| (eV/Å) a result may hold; a larger one is refused as a failed calculation"
+    )
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None) -> "Parent":

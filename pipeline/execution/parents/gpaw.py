@@ -67,11 +67,15 @@ Words = Annotated[list[str], BeforeValidator(_words), rejects("must be a list of
 class ScfConvergence(Options):
     """GPAW's SCF `convergence` criteria; unset ones keep GPAW's defaults."""
 
-    energy: PositiveFloat | None = None  # eV per valence electron
-    density: PositiveFloat | None = None  # electrons per valence electron
-    eigenstates: PositiveFloat | None = None  # eV² per valence electron
-    forces: PositiveFloat | None = None  # eV/Å
-    bands: Bands | None = None  # an integer, "occupied" or "all"
+    energy: PositiveFloat | None = Field(None, description="SCF convergence of the energy (eV per valence electron); default: GPAW's")
+    density: PositiveFloat | None = Field(
+        None, description="SCF convergence of the density (electrons per valence electron); default: GPAW's"
+    )
+    eigenstates: PositiveFloat | None = Field(
+        None, description="SCF convergence of the eigenstates (eV² per valence electron); default: GPAW's"
+    )
+    forces: PositiveFloat | None = Field(None, description="SCF convergence of the forces (eV/Å); default: GPAW's")
+    bands: Bands | None = Field(None, description="An integer, \"occupied\" or \"all\"")
 
     @model_validator(mode="before")
     @classmethod
@@ -113,26 +117,26 @@ class GpawParent(Parent):
 
     # physics (the paper's defaults)
     mode: Mode = "pw"
-    ecut: PositiveFloat = 450.0  # plane-wave cutoff, eV (mode pw)
-    h: PositiveFloat = 0.2  # grid spacing, Å (modes fd and lcao)
-    basis: Text = "dzp"  # LCAO basis (mode lcao)
+    ecut: PositiveFloat = Field(450.0, description="Plane-wave cutoff, eV (mode pw)")
+    h: PositiveFloat = Field(0.2, description="Grid spacing, Å (modes fd and lcao)")
+    basis: Text = Field("dzp", description="LCAO basis (mode lcao)")
     xc: Text = "PBE"
     smearing: Smearing = "fermi-dirac"
-    smearing_width: NonNegativeFloat = 0.1  # eV
-    kpt_density: PositiveFloat = 30.0  # k_i = ceil(kpt_density / |a_i|) on periodic axes, Å
-    kpts: Grid | None = None  # explicit k-point grid, overrides kpt_density
+    smearing_width: NonNegativeFloat = Field(0.1, description="Fermi-Dirac smearing width (eV)")
+    kpt_density: PositiveFloat = Field(30.0, description="k-points: k_i = ceil(kpt_density / |a_i|) on periodic axes, Å")
+    kpts: Grid | None = Field(None, description="Explicit k-point grid, overrides kpt_density")
     convergence: Convergence = ScfConvergence()
-    maxiter: PositiveInt = 333  # SCF iterations before the job fails
+    maxiter: PositiveInt = Field(333, description="SCF iterations before the job fails")
     spinpol: Flag = False
-    magmom: Number = 0.0  # initial moment per atom, μB (spinpol)
-    charge: Number = 0.0  # total charge, e
-    setups: Setups = DEFAULT_SETUPS  # PAW datasets: GPAW's `setups`, e.g. "10" or {Pt = "10"} (10-electron Pt)
+    magmom: Number = Field(0.0, description="Initial moment per atom, μB (spinpol)")
+    charge: Number = Field(0.0, description="Total charge, e")
+    setups: Setups = Field(DEFAULT_SETUPS, description="PAW datasets: GPAW's `setups`, e.g. \"10\" or {Pt = \"10\"} (10-electron Pt)")
     # execution (do not change the result)
-    ranks: PositiveInt = 1  # MPI ranks of one job
-    ranks_per_node: PositiveInt | None = None  # defaults to ranks (one node per job)
+    ranks: PositiveInt = Field(1, description="MPI ranks of one job")
+    ranks_per_node: PositiveInt | None = Field(None, description="MPI ranks per node; default: ranks (one node per job)")
     launcher: Launcher = "auto"
-    launcher_args: Words = []  # extra launcher arguments, e.g. ["--mpi=pmix"]
-    parallel: Table = {}  # GPAW's `parallel` keyword, passed through
+    launcher_args: Words = Field([], description="Extra launcher arguments, e.g. [\"--mpi=pmix\"]")
+    parallel: Table = Field({}, description="GPAW's `parallel` keyword, passed through")
 
     @model_validator(mode="before")
     @classmethod
