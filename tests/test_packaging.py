@@ -48,6 +48,9 @@ def test_the_licence_and_the_citation_name_mit_and_the_paper():
         "  type: article",
         '  journal: "J. Chem. Phys."',
         "  year: 2022",
+        "  volume: 156",
+        '  start: "064104"',
+        '  doi: "10.1063/5.0079314"',
     ):
         assert f"\n{line}\n" in citation, line
     for given, family in (("Cheng", "Zeng"), ("Xi", "Chen"), ("Andrew A.", "Peterson")):
