@@ -16,6 +16,11 @@ ruff check --quiet . || { echo "run-tests.sh: ruff check failed" >&2; exit 1; }
 ruff format --check --quiet . || { echo "run-tests.sh: ruff format --check failed (run: ruff format .)" >&2; exit 1; }
 # Type check (pyproject.toml [tool.mypy]: pipeline/, lenient): a wrong type fails CI before the tests run.
 mypy || { echo "run-tests.sh: mypy failed" >&2; exit 1; }
+# The docs site (mkdocs.yml, strict: a broken link or a warning fails), its CLI and config references
+# generated from the code; built into a temporary folder, nothing left in the checkout.
+DOCS_SITE="$(mktemp -d)"
+mkdocs build --strict -d "$DOCS_SITE" || { rm -rf "$DOCS_SITE"; echo "run-tests.sh: mkdocs build --strict failed" >&2; exit 1; }
+rm -rf "$DOCS_SITE"
 
 python -m pytest "$@"
 status=$?

@@ -94,11 +94,11 @@ if ! "$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2
     pip_install "$TORCH_SPEC"
 fi
 
-# The project with its dev and PostgreSQL extras (editable).
+# The project with its dev, docs and PostgreSQL extras (editable).
 KEY="$(fingerprint pyproject.toml)"
-if ! stamp_ok project "$KEY" || ! "$PY" -c 'import pipeline, mypy' >/dev/null 2>&1; then
-    log "pip: -e .[dev,postgresql]"
-    pip_install "$TORCH_SPEC" -e ".[dev,postgresql]"
+if ! stamp_ok project "$KEY" || ! "$PY" -c 'import pipeline, mypy, mkdocs' >/dev/null 2>&1; then
+    log "pip: -e .[dev,docs,postgresql]"
+    pip_install "$TORCH_SPEC" -e ".[dev,docs,postgresql]"
     stamp_set project "$KEY"
 fi
 

@@ -1,5 +1,5 @@
 """Every bad input is refused before anything is written: exit 2, one line on stderr naming the file
-and the field, and the disk as it was. One row per case, across the commands (README: "Bad input").
+and the field, and the disk as it was. One row per case, across the commands (docs/bad-input.md).
 """
 
 from __future__ import annotations

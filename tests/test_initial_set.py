@@ -283,7 +283,7 @@ def converged_generated_alloy_campaign(tmp_path: Path, target: Atoms, name: str,
 def test_an_alloy_campaign_from_a_generated_set_alone_converges(tmp_path):
     """Nothing but a PtAu alloy target, `[data.initial_generate]` (both elements, mixed cells) and the
     default model: the campaign converges to δ < 0.15 eV/Å and is accurate against EMT on the target
-    (issue 13 items 2 and 4; README, "Generated initial sets")."""
+    (issue 13 items 2 and 4; docs/tutorials/initial.md)."""
     converged_generated_alloy_campaign(tmp_path, random_alloy_cluster(), "ptau38-generated", timeout=840)
     generated = read(tmp_path / "run" / "initial.traj", ":")
     assert len(generated) == 20

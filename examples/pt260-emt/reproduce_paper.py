@@ -1,4 +1,4 @@
-"""Reproduce the paper's EMT figures (README, "Reproducing the paper"), one subcommand per figure.
+"""Reproduce the paper's EMT figures (docs/paper.md), one subcommand per figure.
 
     python examples/pt260-emt/reproduce_paper.py particles OUT_DIR [--sizes 405,561,711,1415]
     python examples/pt260-emt/reproduce_paper.py campaign RUN_DIR [--target FILE]

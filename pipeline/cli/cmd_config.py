@@ -27,7 +27,7 @@ def init(
 ) -> None:
     """Write a campaign config for TARGET...: every section and key with its description, type and
     default (commented out), the targets filled in and an initial set the parent generates
-    ([data.initial_generate], as `nft initial` does). The config is checked as `nft check` checks
+    (the `data.initial_generate` section, as `nft initial` does). The config is checked as `nft check` checks
     it before it is written; exits 2, writing nothing, when it would not run."""
     from pipeline.campaign.config import load_config
     from pipeline.campaign.config_text import config_template

@@ -69,7 +69,7 @@ class Evaluation:
     structures: list[StructureErrors]
 
     def metrics(self) -> dict[str, float | int]:
-        """The `nft evaluate` metrics (README) over the labelled structures: atoms, force MAE and max error
+        """The `nft evaluate` metrics (docs/commands.md) over the labelled structures: atoms, force MAE and max error
         (eV/Å, over all components), max δ (eV/Å), mean energy error per atom (eV), coverage (the
         fraction of atoms whose residual norm is ≤ δ_i) and residual-norm percentiles (eV/Å)."""
         labelled = [item for item in self.structures if item.failure is None]

@@ -24,7 +24,7 @@ Walltime = Annotated[Text, BeforeValidator(_clock)]
 
 
 class SlurmOptions(SiteOptions):
-    """The options of every Slurm site (README, "Running on a Slurm cluster"); all optional."""
+    """The options of every Slurm site (docs/tutorials/slurm.md); all optional."""
 
     partition: Text | None = None  # sbatch -p; else $NFT_SLURM_PARTITION, else Slurm's default
     account: Text | None = None  # sbatch -A; else $NFT_SLURM_ACCOUNT

@@ -116,25 +116,27 @@ class GpawParent(Parent):
     stops_at_walltime: ClassVar[bool] = True  # past walltime_s its process group is killed (run_process_group)
 
     # physics (the paper's defaults)
-    mode: Mode = "pw"
+    mode: Mode = Field("pw", description='GPAW mode: "pw" (plane waves), "lcao" (atomic orbitals) or "fd" (real-space grid)')
     ecut: PositiveFloat = Field(450.0, description="Plane-wave cutoff, eV (mode pw)")
     h: PositiveFloat = Field(0.2, description="Grid spacing, Å (modes fd and lcao)")
     basis: Text = Field("dzp", description="LCAO basis (mode lcao)")
-    xc: Text = "PBE"
-    smearing: Smearing = "fermi-dirac"
+    xc: Text = Field("PBE", description="Exchange-correlation functional, as GPAW names it")
+    smearing: Smearing = Field("fermi-dirac", description="Occupation smearing: fermi-dirac, marzari-vanderbilt or methfessel-paxton")
     smearing_width: NonNegativeFloat = Field(0.1, description="Fermi-Dirac smearing width (eV)")
     kpt_density: PositiveFloat = Field(30.0, description="k-points: k_i = ceil(kpt_density / |a_i|) on periodic axes, Å")
     kpts: Grid | None = Field(None, description="Explicit k-point grid, overrides kpt_density")
     convergence: Convergence = ScfConvergence()
     maxiter: PositiveInt = Field(333, description="SCF iterations before the job fails")
-    spinpol: Flag = False
+    spinpol: Flag = Field(False, description="Spin-polarised calculation (initial moments from magmom)")
     magmom: Number = Field(0.0, description="Initial moment per atom, μB (spinpol)")
     charge: Number = Field(0.0, description="Total charge, e")
     setups: Setups = Field(DEFAULT_SETUPS, description="PAW datasets: GPAW's `setups`, e.g. \"10\" or {Pt = \"10\"} (10-electron Pt)")
     # execution (do not change the result)
     ranks: PositiveInt = Field(1, description="MPI ranks of one job")
     ranks_per_node: PositiveInt | None = Field(None, description="MPI ranks per node; default: ranks (one node per job)")
-    launcher: Launcher = "auto"
+    launcher: Launcher = Field(
+        "auto", description="How MPI ranks start: auto (Parsl's prefix in an MPIExecutor, srun in Slurm, else mpiexec), srun or mpiexec"
+    )
     launcher_args: Words = Field([], description="Extra launcher arguments, e.g. [\"--mpi=pmix\"]")
     parallel: Table = Field({}, description="GPAW's `parallel` keyword, passed through")
 
