@@ -31,6 +31,7 @@ APT_PACKAGES=(
     build-essential pkg-config procps
     libxc-dev libopenblas-dev libopenmpi-dev openmpi-bin libscalapack-openmpi-dev libfftw3-dev
     gpaw-data
+    cp2k  # CP2K 2023.1 with its basis sets and GTH potentials (cp2k-data): the cp2k parent and its tests
     slurm-wlm munge libpmix-dev
     postgresql  # the server binaries (initdb, pg_ctl) the PostgreSQL tests start in a temporary folder
 )

@@ -28,8 +28,8 @@ from pipeline.science.structures import atoms_to_payload
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_known_calculators_are_emt_and_gpaw():
-    assert set(PARENTS) == {"emt", "gpaw"}
+def test_known_calculators_are_emt_gpaw_cp2k_and_any_ase_calculator():
+    assert set(PARENTS) == {"emt", "gpaw", "cp2k", "ase"}
     assert isinstance(parent_for("GPAW"), GpawParent) and isinstance(parent_for("emt"), EmtParent)
 
 
@@ -124,8 +124,9 @@ def test_execution_options_do_not_change_the_physics():
 
 
 def test_every_parent_has_the_retry_options_with_their_defaults():
+    required = {"ase": {"class": "ase.calculators.lj:LennardJones"}}  # the generic parent needs its class
     for name in PARENTS:
-        parent = parent_for(name)
+        parent = parent_for(name, required.get(name))
         assert (parent.retries, parent.walltime_s, parent.max_force) == (2, None, MAX_FORCE) == (2, None, 50.0)
     assert parent_for("emt", {"retries": 0, "walltime_s": 1, "max_force": 100}).walltime_s == 1.0
 

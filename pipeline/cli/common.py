@@ -24,7 +24,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
-PARENT_HELP = "Parent calculator: emt or gpaw, with its default options unless --parent-option."
+PARENT_HELP = (
+    "Parent calculator: emt, gpaw, cp2k, or ase (any ASE calculator by import path), with its default options unless --parent-option."
+)
 PARENT_OPTION_HELP = (
     "KEY=VALUE, repeatable: an option of the parent as in its \\[parent.NAME] table of a campaign config "
     "(value in TOML, e.g. ecut=300, mode=pw, kpts=\\[2,2,2])."
