@@ -22,6 +22,8 @@ pytestmark = pytest.mark.timeout(300)
 
 ROOT = Path(__file__).resolve().parents[1]
 PURELIB = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+PARSL_SCRIPTS = ("interchange.py", "process_worker_pool.py")
+"""Parsl's console scripts, which it starts by name from PATH (nft puts its interpreter's bin first)."""
 
 
 def test_nft_version_prints_the_installed_distributions_version():
@@ -91,6 +93,10 @@ def _venv_with_the_wheel(wheel: Path, tmp_path: Path) -> Path:
     (installed / "nft-dependencies.pth").write_text(dependencies + "\n")  # a path line: this venv's editable nft is not loaded
     install = [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)]
     subprocess.run(install, check=True, capture_output=True, timeout=120)
+    for script in PARSL_SCRIPTS:  # what installing parsl into that venv would put in its bin, for its interpreter
+        source = (Path(sys.executable).parent / script).read_text().split("\n", 1)[1]
+        (venv / "bin" / script).write_text(f"#!{python}\n{source}")
+        (venv / "bin" / script).chmod(0o755)
     return venv
 
 

@@ -206,40 +206,14 @@ def _interchanges_ending_with_driver(config: Config) -> Iterator[None]:
     """Each interchange of `config` launched by `interchange_command` for this process; the config's
     own launch commands are put back afterwards."""
     executors = _interchange_executors(config.executors)
-    originals = [(executor.interchange_launch_cmd, executor.launch_cmd) for executor in executors]
-    for executor, (interchange, workers) in zip(executors, originals):
-        executor.interchange_launch_cmd = interchange_command(with_this_interpreter(interchange), os.getpid())
-        executor.launch_cmd = with_this_interpreter_for_workers(workers)
+    originals = [executor.interchange_launch_cmd for executor in executors]
+    for executor, command in zip(executors, originals):
+        executor.interchange_launch_cmd = interchange_command(command, os.getpid())
     try:
         yield
     finally:
-        for executor, (interchange, workers) in zip(executors, originals):
-            executor.interchange_launch_cmd, executor.launch_cmd = interchange, workers
-
-
-PARSL_SCRIPTS = {
-    "interchange.py": "parsl.executors.high_throughput.interchange",
-    "process_worker_pool.py": "parsl.executors.high_throughput.process_worker_pool",
-}
-"""Parsl's console scripts, which its default launch commands find on PATH, and their modules."""
-
-
-def with_this_interpreter(command: Sequence[str]) -> list[str]:
-    """An interchange launch command whose Parsl script runs as a module of this interpreter: a
-    venv's `nft` called by its path, with the venv not activated, would not find the script on PATH
-    ("Interchange failed to start"). A site's own command (not Parsl's script) is kept."""
-    if command and command[0] in PARSL_SCRIPTS:
-        return [sys.executable, "-m", PARSL_SCRIPTS[command[0]], *command[1:]]
-    return list(command)
-
-
-def with_this_interpreter_for_workers(command: str) -> str:
-    """A worker launch line (a shell string) whose leading Parsl script runs as a module of this
-    interpreter, for the same reason; blocks on other nodes see the same path on a shared filesystem."""
-    script, _, rest = command.partition(" ")
-    if script not in PARSL_SCRIPTS:
-        return command
-    return f"{shlex.quote(sys.executable)} -m {PARSL_SCRIPTS[script]} {rest}"
+        for executor, command in zip(executors, originals):
+            executor.interchange_launch_cmd = command
 
 
 @contextmanager
