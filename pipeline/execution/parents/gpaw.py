@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from ase import Atoms
-from pydantic import BeforeValidator, Field, field_serializer, model_validator
+from pydantic import Field, field_serializer, model_validator
 
 from pipeline.execution.options import (
     Flag,
@@ -35,6 +35,7 @@ from pipeline.execution.options import (
     rejects,
 )
 from pipeline.execution.parents.base import Parent, ReferenceFailed
+from pipeline.execution.parents.mpi_launch import MpiLaunch
 from pipeline.execution.process_group import run_process_group
 from pipeline.science.structures import payload_to_atoms
 
@@ -44,7 +45,6 @@ LOG_TAIL_LINES = 25
 
 Mode = Annotated[Literal["pw", "lcao", "fd"], OneOf()]
 Smearing = Annotated[Literal["fermi-dirac", "marzari-vanderbilt", "methfessel-paxton"], OneOf()]
-Launcher = Annotated[Literal["auto", "mpiexec", "srun"], OneOf()]
 Setups = Annotated[
     str | dict[str, str],
     Field(min_length=1),
@@ -52,16 +52,6 @@ Setups = Annotated[
 ]
 DEFAULT_SETUPS = "paw"
 Bands = Annotated[int | str, rejects("bands must be an integer or 'occupied'/'all', got {value}")]
-
-
-def _words(value: Any) -> Any:
-    """Launcher arguments given as one string are split as a shell would."""
-    if isinstance(value, str):
-        return shlex.split(value)
-    return list(value) if isinstance(value, tuple) else value
-
-
-Words = Annotated[list[str], BeforeValidator(_words), rejects("must be a list of strings, got {value}")]
 
 
 class ScfConvergence(Options):
@@ -91,7 +81,7 @@ class ScfConvergence(Options):
 Convergence = Annotated[ScfConvergence, rejects("must be a table of SCF criteria, got {value}")]
 
 
-class GpawParent(Parent):
+class GpawParent(MpiLaunch, Parent):
     """DFT with GPAW under MPI: the physics options, then how a job runs (which leaves the result as it is)."""
 
     name: ClassVar[str] = "gpaw"
@@ -132,12 +122,7 @@ class GpawParent(Parent):
     charge: Number = Field(0.0, description="Total charge, e")
     setups: Setups = Field(DEFAULT_SETUPS, description="PAW datasets: GPAW's `setups`, e.g. \"10\" or {Pt = \"10\"} (10-electron Pt)")
     # execution (do not change the result)
-    ranks: PositiveInt = Field(1, description="MPI ranks of one job")
-    ranks_per_node: PositiveInt | None = Field(None, description="MPI ranks per node; default: ranks (one node per job)")
-    launcher: Launcher = Field(
-        "auto", description="How MPI ranks start: auto (Parsl's prefix in an MPIExecutor, srun in Slurm, else mpiexec), srun or mpiexec"
-    )
-    launcher_args: Words = Field([], description="Extra launcher arguments, e.g. [\"--mpi=pmix\"]")
+    # ranks, ranks_per_node, launcher, launcher_args: MpiLaunch
     parallel: Table = Field({}, description="GPAW's `parallel` keyword, passed through")
 
     @model_validator(mode="before")
@@ -161,16 +146,6 @@ class GpawParent(Parent):
     @field_serializer("convergence")
     def _set_criteria(self, convergence: ScfConvergence) -> dict[str, Any]:
         return convergence.model_dump(exclude_none=True)
-
-    def mpi_resources(self) -> dict[str, Any]:
-        """Parsl MPI resource specification of one job: its ranks, on whole nodes."""
-        ranks_per_node = self.ranks_per_node or self.ranks
-        return {
-            "num_nodes": max(1, math.ceil(self.ranks / ranks_per_node)),
-            "num_ranks": self.ranks,
-            "ranks_per_node": min(self.ranks, ranks_per_node),
-            "launcher_options": " ".join(self.launcher_args),
-        }
 
     # -- running one job -----------------------------------------------------------------------
 
@@ -234,25 +209,6 @@ class GpawParent(Parent):
         else:
             reason = f"gpaw: {shlex.join(command)} exited with code {returncode} and no result"
         raise ReferenceFailed(_with_tails(reason, log_file, stderr))
-
-    def launch_prefix(self) -> list[str]:
-        """The command words that start `ranks` MPI ranks of one job.
-
-        `launcher = "auto"`: Parsl's ``$PARSL_MPI_PREFIX`` when an MPIExecutor placed the job; else
-        ``srun`` inside a Slurm allocation; else ``mpiexec``; a one-rank job outside an MPIExecutor
-        runs without a launcher.
-        """
-        launcher = self.launcher
-        if launcher == "auto":
-            parsl_prefix = os.environ.get("PARSL_MPI_PREFIX")
-            if parsl_prefix:
-                return shlex.split(parsl_prefix)
-            if self.ranks == 1:
-                return []
-            launcher = "srun" if os.environ.get("SLURM_JOB_ID") and shutil.which("srun") else "mpiexec"
-        if launcher == "srun":
-            return ["srun", "--ntasks", str(self.ranks), *self.launcher_args]
-        return ["mpiexec", "-n", str(self.ranks), *self.launcher_args]
 
     # -- GPAW set-up, inside the MPI job (gpaw_runner) -----------------------------------------
 

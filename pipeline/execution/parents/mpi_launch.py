@@ -1,6 +1,6 @@
 """The MPI launch of one job, as options: ranks, ranks per node, the launcher and its arguments.
 
-`MpiLaunch` is mixed into a parent whose job starts an MPI program (CP2K's `cp2k_shell.psmp`); the
+`MpiLaunch` is mixed into a parent whose job starts an MPI program (GPAW's Python, CP2K's `cp2k_shell.psmp`); the
 options are execution, never physics (the same structure on other ranks is the same job).
 """
 
