@@ -23,14 +23,13 @@ from ase.calculators.calculator import BaseCalculator
 from pydantic import Field
 
 from pipeline.execution.options import PositiveInt, rejects
-from pipeline.execution.parents.base import Parent, ReferenceFailed
+from pipeline.execution.parents.base import Parent, ReferenceFailed, with_log_tails
 from pipeline.execution.process_group import run_process_group
 from pipeline.science.structures import payload_to_atoms
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 LAUNCHER_LOG_NAME = "launcher.log"
 INPUT_NAME, RESULT_NAME = "nft-input.json", "nft-result.json"
-LOG_TAIL_LINES = 25
 
 Threads = Annotated[int, Field(ge=1), rejects("must be an integer >= 1, got {value}")]
 
@@ -82,7 +81,7 @@ class AseProcessParent(Parent):
             reason = f"{self.name}: {result['error']}"
         else:
             reason = f"{self.name}: {shlex.join(command)} exited with code {returncode} and no result"
-        raise ReferenceFailed(_with_tails(reason, job_dir / self.log_name if self.log_name else None, stderr))
+        raise ReferenceFailed(with_log_tails(reason, job_dir / self.log_name if self.log_name else None, stderr))
 
     # -- in the runner process (pipeline.execution.ase_runner) ---------------------------------
 
@@ -116,17 +115,3 @@ class AseProcessParent(Parent):
         if failure is not None:
             raise ReferenceFailed(failure)
         return float(energy), forces
-
-
-def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-def _with_tails(reason: str, log_file: Path | None, stderr: str) -> str:
-    """`reason`, then the last lines of the calculator's output and of the runner's stderr."""
-    parts = [reason]
-    if log_file is not None and log_file.exists() and log_file.read_text(errors="replace").strip():
-        parts.append(f"--- last lines of {log_file}:\n{_tail(log_file.read_text(errors='replace'))}")
-    if stderr.strip():
-        parts.append(f"--- stderr:\n{_tail(stderr)}")
-    return "\n".join(parts)

@@ -14,6 +14,7 @@ driver retries a failed job, how long one attempt may run, and the largest force
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import os
 import socket
 import time
@@ -200,3 +201,21 @@ def result_problem(energy: Any, forces: ArrayLike, n_atoms: int, max_force: floa
     if largest > max_force:
         return f"|F| = {largest:.3g} eV/Å on atom {int(np.linalg.norm(forces, axis=1).argmax())} exceeds max_force = {max_force:g} eV/Å"
     return None
+
+
+LOG_TAIL_LINES = 25
+"""Lines of a failed job's calculator output and stderr quoted in its failure reason."""
+
+
+def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def with_log_tails(reason: str, log_file: Path | None, stderr: str) -> str:
+    """`reason`, then the last lines of the calculator's output and of the runner's stderr."""
+    parts = [reason]
+    if log_file is not None and log_file.exists() and log_file.read_text(errors="replace").strip():
+        parts.append(f"--- last lines of {log_file}:\n{_tail(log_file.read_text(errors='replace'))}")
+    if stderr.strip():
+        parts.append(f"--- stderr:\n{_tail(stderr)}")
+    return "\n".join(parts)

@@ -34,14 +34,13 @@ from pipeline.execution.options import (
     option_error,
     rejects,
 )
-from pipeline.execution.parents.base import Parent, ReferenceFailed
+from pipeline.execution.parents.base import Parent, ReferenceFailed, with_log_tails
 from pipeline.execution.parents.mpi_launch import MpiLaunch
 from pipeline.execution.process_group import run_process_group
 from pipeline.science.structures import payload_to_atoms
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 GPAW_LOG_NAME = "gpaw.txt"
-LOG_TAIL_LINES = 25
 
 Mode = Annotated[Literal["pw", "lcao", "fd"], OneOf()]
 Smearing = Annotated[Literal["fermi-dirac", "marzari-vanderbilt", "methfessel-paxton"], OneOf()]
@@ -208,7 +207,7 @@ class GpawParent(MpiLaunch, Parent):
             reason = f"gpaw: {result['error']}"
         else:
             reason = f"gpaw: {shlex.join(command)} exited with code {returncode} and no result"
-        raise ReferenceFailed(_with_tails(reason, log_file, stderr))
+        raise ReferenceFailed(with_log_tails(reason, log_file, stderr))
 
     # -- GPAW set-up, inside the MPI job (gpaw_runner) -----------------------------------------
 
@@ -263,16 +262,3 @@ def gpaw_command() -> str:
     """GPAW's launcher (`gpaw python` turns on its MPI), beside this interpreter if installed there."""
     beside = Path(sys.executable).parent / "gpaw"
     return str(beside) if beside.exists() else shutil.which("gpaw") or "gpaw"
-
-
-def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-def _with_tails(reason: str, log_file: Path, stderr: str) -> str:
-    parts = [reason]
-    if log_file.exists() and log_file.read_text(errors="replace").strip():
-        parts.append(f"--- last lines of {log_file}:\n{_tail(log_file.read_text(errors='replace'))}")
-    if stderr.strip():
-        parts.append(f"--- stderr:\n{_tail(stderr)}")
-    return "\n".join(parts)
